@@ -1,0 +1,10 @@
+//! tailgate: a userspace WireGuard node with an identity-aware SSH server.
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod netstack;
+pub mod node;
+pub mod policy;
+pub mod serve;
+pub mod ssh;
+pub mod wg;

@@ -1,0 +1,632 @@
+//! WireGuard peers: a sans-IO core over boringtun's noise layer.
+//!
+//! [`Wg`] owns every peer's `Tunn`, the cryptokey routing table and the
+//! per-peer endpoint. It is fed datagrams, IP packets and time, and emits what
+//! to send through a caller-supplied sink; it never touches a socket. The tokio
+//! driver in `node` moves bytes in and out.
+//!
+//! Two security properties live here and nowhere else:
+//! - inbound, a decapsulated packet whose inner source address is not inside
+//!   the sending peer's AllowedIPs is dropped and counted (`spoofed`);
+//! - a peer's endpoint only moves to the source of a packet that authenticated.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Largest IP packet we carry (WireGuard's usual MTU is 1420; allow jumbo-ish).
+pub const MAX_PACKET: usize = 65535;
+/// Room for the WireGuard header and tag around an IP packet.
+const OVERHEAD: usize = 32;
+/// boringtun's timers have one-second resolution; 250 ms keeps them honest.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake initiations accepted per second before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// A 32-byte WireGuard (x25519) key.
+pub type Key = [u8; 32];
+
+/// Static configuration of one peer.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    pub allowed_ips: Vec<IpNet>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Index of a peer inside a [`Wg`]; stable for the life of the peer.
+pub type PeerId = usize;
+
+/// Something the core wants done.
+pub enum Output<'a> {
+    /// Send this datagram to this UDP endpoint.
+    Network(SocketAddr, &'a [u8]),
+    /// An authenticated IP packet from this peer, inner source verified.
+    Tunnel(PeerId, &'a [u8]),
+}
+
+/// Per-peer counters, also shown by `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeerStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Decapsulated packets dropped because their inner source address is
+    /// outside this peer's AllowedIPs.
+    pub spoofed: u64,
+    pub handshakes: u64,
+    #[serde(skip)]
+    pub last_handshake: Option<Instant>,
+}
+
+/// Counters for traffic that could not be tied to a peer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GlobalStats {
+    /// Datagrams that failed to parse or authenticate.
+    pub invalid: u64,
+    /// IP packets to an address no peer routes.
+    pub no_route: u64,
+    /// Handshake initiations from keys we do not know.
+    pub unknown_peer: u64,
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    stats: PeerStats,
+}
+
+/// The WireGuard device core: all peers behind one UDP socket.
+pub struct Wg {
+    private: StaticSecret,
+    public: PublicKey,
+    peers: Vec<Option<Peer>>,
+    by_key: HashMap<Key, PeerId>,
+    routes: Routes,
+    limiter: Arc<RateLimiter>,
+    next_tick: Instant,
+    next_limiter_reset: Instant,
+    buf: Box<[u8]>,
+    stats: GlobalStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("peer {0} is configured twice; each public key may appear once")]
+    DuplicatePeer(String),
+    #[error("allowed IP {net} of peer {peer} is already routed to peer {other}; give each prefix to one peer only")]
+    DuplicateAllowedIp { net: IpNet, peer: String, other: String },
+    #[error("a peer cannot have this node's own public key")]
+    SelfPeer,
+}
+
+impl Wg {
+    pub fn new(private_key: Key, now: Instant) -> Self {
+        let private = StaticSecret::from(private_key);
+        let public = PublicKey::from(&private);
+        Wg {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            routes: Routes::default(),
+            next_tick: now,
+            next_limiter_reset: now + Duration::from_secs(1),
+            buf: vec![0u8; MAX_PACKET + OVERHEAD + 148].into_boxed_slice(),
+            stats: GlobalStats::default(),
+        }
+    }
+
+    pub fn public_key(&self) -> Key {
+        *self.public.as_bytes()
+    }
+
+    /// Add a peer. Overlapping AllowedIPs resolve by longest prefix as in
+    /// WireGuard, but the exact same prefix on two peers is refused: which peer
+    /// owns an address (and so who a caller is) must never be ambiguous.
+    pub fn add_peer(&mut self, config: PeerConfig) -> Result<PeerId, WgError> {
+        if config.public_key == self.public_key() {
+            return Err(WgError::SelfPeer);
+        }
+        if self.by_key.contains_key(&config.public_key) {
+            return Err(WgError::DuplicatePeer(key_to_base64(&config.public_key)));
+        }
+        for net in &config.allowed_ips {
+            if let Some(other) = self.routes.exact(net) {
+                let other_key = self.peers[other].as_ref().map(|p| p.config.public_key).unwrap_or_default();
+                return Err(WgError::DuplicateAllowedIp {
+                    net: *net,
+                    peer: key_to_base64(&config.public_key),
+                    other: key_to_base64(&other_key),
+                });
+            }
+        }
+        let id = self.peers.iter().position(Option::is_none).unwrap_or(self.peers.len());
+        // boringtun shifts the index left by 8 and uses the low bits per
+        // session; 24 bits of peer index is plenty.
+        let tunn = Tunn::new(
+            self.private.clone(),
+            PublicKey::from(config.public_key),
+            config.preshared_key,
+            config.persistent_keepalive,
+            id as u32,
+            Some(self.limiter.clone()),
+        );
+        for net in &config.allowed_ips {
+            self.routes.insert(*net, id);
+        }
+        self.by_key.insert(config.public_key, id);
+        let peer = Peer { endpoint: config.endpoint, config, tunn, stats: PeerStats::default() };
+        if id == self.peers.len() {
+            self.peers.push(Some(peer));
+        } else {
+            self.peers[id] = Some(peer);
+        }
+        Ok(id)
+    }
+
+    /// Remove a peer; packets from it are no longer accepted.
+    pub fn remove_peer(&mut self, key: &Key) -> bool {
+        let Some(id) = self.by_key.remove(key) else { return false };
+        self.routes.remove_peer(id);
+        self.peers[id] = None;
+        true
+    }
+
+    pub fn peer_id(&self, key: &Key) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    pub fn peer_key(&self, id: PeerId) -> Option<Key> {
+        self.peers.get(id)?.as_ref().map(|p| p.config.public_key)
+    }
+
+    /// The peer that AllowedIPs route this address to.
+    pub fn route(&self, ip: IpAddr) -> Option<PeerId> {
+        self.routes.lookup(ip)
+    }
+
+    pub fn peer_config(&self, id: PeerId) -> Option<&PeerConfig> {
+        self.peers.get(id)?.as_ref().map(|p| &p.config)
+    }
+
+    pub fn peer_stats(&self, id: PeerId) -> Option<&PeerStats> {
+        self.peers.get(id)?.as_ref().map(|p| &p.stats)
+    }
+
+    pub fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+        self.peers.get(id)?.as_ref()?.endpoint
+    }
+
+    pub fn stats(&self) -> &GlobalStats {
+        &self.stats
+    }
+
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i)
+    }
+
+    /// Encrypt an IP packet from the local stack toward the peer that routes
+    /// its destination. Without a session the packet is queued and a handshake
+    /// starts.
+    pub fn send_ip(&mut self, packet: &[u8], out: &mut impl FnMut(Output<'_>)) {
+        let Some(dst) = ip_dst(packet) else {
+            self.stats.invalid += 1;
+            return;
+        };
+        let Some(id) = self.routes.lookup(dst) else {
+            self.stats.no_route += 1;
+            return;
+        };
+        let Some(peer) = self.peers[id].as_mut() else { return };
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(b) => {
+                peer.stats.tx_packets += 1;
+                peer.stats.tx_bytes += packet.len() as u64;
+                if let Some(ep) = peer.endpoint {
+                    out(Output::Network(ep, b));
+                }
+            }
+            TunnResult::Err(e) => tracing::debug!(peer = id, error = ?e, "encapsulate failed"),
+            _ => {}
+        }
+    }
+
+    /// Process one UDP datagram from `from`.
+    pub fn recv_datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut impl FnMut(Output<'_>)) {
+        let id = match self.classify(from, datagram, out) {
+            Some(id) => id,
+            None => return,
+        };
+        let Some(peer) = self.peers[id].as_mut() else { return };
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { datagram } else { &[] };
+            first = false;
+            match peer.tunn.decapsulate(Some(from.ip()), input, &mut self.buf) {
+                TunnResult::Done => break,
+                TunnResult::Err(WireGuardError::DuplicateCounter) => break,
+                TunnResult::Err(e) => {
+                    tracing::debug!(peer = id, %from, error = ?e, "dropping datagram");
+                    self.stats.invalid += 1;
+                    break;
+                }
+                TunnResult::WriteToNetwork(b) => {
+                    // Handshake traffic authenticated: this is where the peer is now.
+                    peer.endpoint = Some(from);
+                    if matches!(Tunn::parse_incoming_packet(datagram), Ok(Packet::HandshakeResponse(_) | Packet::HandshakeInit(_))) {
+                        peer.stats.handshakes += 1;
+                        peer.stats.last_handshake = Some(Instant::now());
+                    }
+                    out(Output::Network(from, b));
+                    // Queued packets (sent before the handshake finished) follow.
+                }
+                TunnResult::WriteToTunnelV4(p, src) => {
+                    peer.endpoint = Some(from);
+                    Self::deliver(&self.routes, &mut self.stats, peer, id, IpAddr::V4(src), p, out);
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(p, src) => {
+                    peer.endpoint = Some(from);
+                    Self::deliver(&self.routes, &mut self.stats, peer, id, IpAddr::V6(src), p, out);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn deliver(
+        routes: &Routes,
+        _stats: &mut GlobalStats,
+        peer: &mut Peer,
+        id: PeerId,
+        src: IpAddr,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>),
+    ) {
+        peer.stats.rx_packets += 1;
+        peer.stats.rx_bytes += packet.len() as u64;
+        if packet.is_empty() {
+            return; // keepalive
+        }
+        if routes.lookup(src) != Some(id) {
+            peer.stats.spoofed += 1;
+            tracing::debug!(peer = id, %src, "dropping packet with inner source outside the peer's AllowedIPs");
+            return;
+        }
+        out(Output::Tunnel(id, packet));
+    }
+
+    /// Find which peer a datagram belongs to, answering cookie replies for
+    /// handshakes when under load.
+    fn classify(&mut self, from: SocketAddr, datagram: &[u8], out: &mut impl FnMut(Output<'_>)) -> Option<PeerId> {
+        let mut cookie = [0u8; 64];
+        let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => {
+                out(Output::Network(from, c));
+                return None;
+            }
+            Err(_) => {
+                self.stats.invalid += 1;
+                return None;
+            }
+        };
+        let idx = match packet {
+            Packet::HandshakeInit(ref init) => match parse_handshake_anon(&self.private, &self.public, init) {
+                Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                    Some(id) => return Some(*id),
+                    None => {
+                        self.stats.unknown_peer += 1;
+                        return None;
+                    }
+                },
+                Err(_) => {
+                    self.stats.invalid += 1;
+                    return None;
+                }
+            },
+            Packet::HandshakeResponse(ref r) => r.receiver_idx,
+            Packet::PacketCookieReply(ref r) => r.receiver_idx,
+            Packet::PacketData(ref d) => d.receiver_idx,
+        };
+        let id = (idx >> 8) as usize;
+        match self.peers.get(id) {
+            Some(Some(_)) => Some(id),
+            _ => {
+                self.stats.invalid += 1;
+                None
+            }
+        }
+    }
+
+    /// When the core next needs [`Wg::poll_timers`].
+    pub fn next_deadline(&self) -> Instant {
+        self.next_tick.min(self.next_limiter_reset)
+    }
+
+    /// Run handshake retries, keepalives, rekeys and session expiry.
+    pub fn poll_timers(&mut self, now: Instant, out: &mut impl FnMut(Output<'_>)) {
+        if now >= self.next_limiter_reset {
+            self.limiter.reset_count();
+            self.next_limiter_reset = now + Duration::from_secs(1);
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        for (id, slot) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = slot else { continue };
+            match peer.tunn.update_timers(&mut self.buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    if let Some(ep) = peer.endpoint {
+                        out(Output::Network(ep, b));
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    tracing::debug!(peer = id, "session expired");
+                }
+                TunnResult::Err(e) => tracing::trace!(peer = id, error = ?e, "timer"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Start a handshake with every peer that has an endpoint, so a static
+    /// configuration comes up without waiting for traffic.
+    pub fn initiate_all(&mut self, out: &mut impl FnMut(Output<'_>)) {
+        for slot in self.peers.iter_mut() {
+            let Some(peer) = slot else { continue };
+            let Some(ep) = peer.endpoint else { continue };
+            if let TunnResult::WriteToNetwork(b) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
+                out(Output::Network(ep, b));
+            }
+        }
+    }
+}
+
+/// Destination address of an IPv4/IPv6 packet.
+pub fn ip_dst(packet: &[u8]) -> Option<IpAddr> {
+    Tunn::dst_address(packet)
+}
+
+pub fn key_to_base64(key: &Key) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not valid base64 ({0})")]
+    Base64(String),
+    #[error("decodes to {0} bytes, a WireGuard key is 32 bytes (44 base64 characters)")]
+    Length(usize),
+}
+
+pub fn key_from_base64(s: &str) -> Result<Key, KeyError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| KeyError::Base64(e.to_string()))?;
+    bytes.as_slice().try_into().map_err(|_| KeyError::Length(bytes.len()))
+}
+
+/// Generate a new private key.
+pub fn generate_private_key() -> Key {
+    StaticSecret::random().to_bytes()
+}
+
+pub fn public_key_of(private: &Key) -> Key {
+    *PublicKey::from(&StaticSecret::from(*private)).as_bytes()
+}
+
+/// Longest-prefix match from address to peer. Linear per prefix length, which
+/// is fine for the hundreds of peers a tailnet node sees; a hash per prefix
+/// length keeps lookups O(prefix lengths) regardless of peer count.
+#[derive(Default)]
+struct Routes {
+    /// (prefix length, is_v6) -> network address -> peer; kept sorted longest first.
+    tables: Vec<((u8, bool), HashMap<IpAddr, PeerId>)>,
+}
+
+impl Routes {
+    fn insert(&mut self, net: IpNet, id: PeerId) {
+        let key = (net.prefix_len(), matches!(net, IpNet::V6(_)));
+        let net = net.trunc();
+        match self.tables.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, t)) => {
+                t.insert(net.network(), id);
+            }
+            None => {
+                self.tables.push((key, HashMap::from([(net.network(), id)])));
+                self.tables.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+            }
+        }
+    }
+
+    fn lookup(&self, ip: IpAddr) -> Option<PeerId> {
+        for ((len, v6), table) in &self.tables {
+            if *v6 != ip.is_ipv6() {
+                continue;
+            }
+            let net = IpNet::new(ip, *len).ok()?.trunc();
+            if let Some(id) = table.get(&net.network()) {
+                return Some(*id);
+            }
+        }
+        None
+    }
+
+    /// The peer already routing exactly this prefix.
+    fn exact(&self, net: &IpNet) -> Option<PeerId> {
+        let key = (net.prefix_len(), matches!(net, IpNet::V6(_)));
+        let (_, t) = self.tables.iter().find(|(k, _)| *k == key)?;
+        t.get(&net.trunc().network()).copied()
+    }
+
+    fn remove_peer(&mut self, id: PeerId) {
+        for (_, t) in &mut self.tables {
+            t.retain(|_, p| *p != id);
+        }
+        self.tables.retain(|(_, t)| !t.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Wg, Wg, SocketAddr, SocketAddr) {
+        let now = Instant::now();
+        let ka = generate_private_key();
+        let kb = generate_private_key();
+        let ea: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let eb: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let mut a = Wg::new(ka, now);
+        let mut b = Wg::new(kb, now);
+        a.add_peer(PeerConfig {
+            public_key: public_key_of(&kb),
+            preshared_key: None,
+            allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
+            endpoint: Some(eb),
+            persistent_keepalive: None,
+        })
+        .unwrap();
+        b.add_peer(PeerConfig {
+            public_key: public_key_of(&ka),
+            preshared_key: None,
+            allowed_ips: vec!["100.64.0.1/32".parse().unwrap()],
+            endpoint: None,
+            persistent_keepalive: None,
+        })
+        .unwrap();
+        (a, b, ea, eb)
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let len = 20 + payload.len();
+        let mut p = vec![0x45, 0, (len >> 8) as u8, len as u8, 0, 0, 0, 0, 64, 17, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// Shuttle datagrams between two cores until quiet; return what reached each tunnel.
+    fn run(a: &mut Wg, b: &mut Wg, ea: SocketAddr, eb: SocketAddr, mut to_b: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut got_a, mut got_b) = (vec![], vec![]);
+        let mut to_a: Vec<Vec<u8>> = vec![];
+        for _ in 0..10 {
+            let mut next_a = vec![];
+            let mut next_b = vec![];
+            for d in to_b.drain(..) {
+                b.recv_datagram(ea, &d, &mut |o| match o {
+                    Output::Network(_, x) => next_a.push(x.to_vec()),
+                    Output::Tunnel(_, p) => got_b.push(p.to_vec()),
+                });
+            }
+            for d in to_a.drain(..) {
+                a.recv_datagram(eb, &d, &mut |o| match o {
+                    Output::Network(_, x) => next_b.push(x.to_vec()),
+                    Output::Tunnel(_, p) => got_a.push(p.to_vec()),
+                });
+            }
+            if next_a.is_empty() && next_b.is_empty() {
+                break;
+            }
+            to_a = next_a;
+            to_b = next_b;
+        }
+        (got_a, got_b)
+    }
+
+    #[test]
+    fn handshake_then_data_and_queued_packet_delivered() {
+        let (mut a, mut b, ea, eb) = pair();
+        let pkt = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"hello");
+        let mut sent = vec![];
+        a.send_ip(&pkt, &mut |o| if let Output::Network(to, d) = o {
+            assert_eq!(to, eb);
+            sent.push(d.to_vec())
+        });
+        assert_eq!(sent.len(), 1, "handshake initiation");
+        let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
+        assert_eq!(got_b, vec![pkt.clone()], "queued packet arrives after handshake");
+        // b learned a's endpoint from the authenticated handshake (roaming).
+        assert_eq!(b.peer_endpoint(0), Some(ea));
+        assert_eq!(b.peer_stats(0).unwrap().rx_packets, 1);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped_and_counted() {
+        let (mut a, mut b, ea, eb) = pair();
+        let good = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"x");
+        let mut sent = vec![];
+        a.send_ip(&good, &mut |o| if let Output::Network(_, d) = o { sent.push(d.to_vec()) });
+        run(&mut a, &mut b, ea, eb, sent);
+        let spoof = ipv4([100, 64, 0, 99], [100, 64, 0, 2], b"evil");
+        let mut sent = vec![];
+        a.send_ip(&spoof, &mut |o| if let Output::Network(_, d) = o { sent.push(d.to_vec()) });
+        let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
+        assert!(got_b.is_empty());
+        assert_eq!(b.peer_stats(0).unwrap().spoofed, 1);
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        let (_, mut b, ea, _) = pair();
+        for len in [0usize, 1, 4, 32, 148, 1500] {
+            let junk: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            b.recv_datagram(ea, &junk, &mut |_| panic!("no output for garbage"));
+        }
+        for t in 1u8..=4 {
+            let mut m = vec![t, 0, 0, 0];
+            m.resize(200, 0xAA);
+            b.recv_datagram(ea, &m, &mut |_| panic!("no output for forged message"));
+        }
+        assert!(b.stats().invalid >= 8);
+    }
+
+    #[test]
+    fn duplicate_allowed_ip_refused() {
+        let (mut a, _, _, _) = pair();
+        let err = a
+            .add_peer(PeerConfig {
+                public_key: public_key_of(&generate_private_key()),
+                preshared_key: None,
+                allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
+                endpoint: None,
+                persistent_keepalive: None,
+            })
+            .unwrap_err();
+        assert!(matches!(err, WgError::DuplicateAllowedIp { .. }));
+    }
+
+    #[test]
+    fn longest_prefix_routes() {
+        let mut r = Routes::default();
+        r.insert("10.0.0.0/8".parse().unwrap(), 1);
+        r.insert("10.1.0.0/16".parse().unwrap(), 2);
+        r.insert("fd00::/8".parse().unwrap(), 3);
+        assert_eq!(r.lookup("10.1.2.3".parse().unwrap()), Some(2));
+        assert_eq!(r.lookup("10.2.2.3".parse().unwrap()), Some(1));
+        assert_eq!(r.lookup("fd00::1".parse().unwrap()), Some(3));
+        assert_eq!(r.lookup("11.0.0.1".parse().unwrap()), None);
+        r.remove_peer(2);
+        assert_eq!(r.lookup("10.1.2.3".parse().unwrap()), Some(1));
+    }
+}
