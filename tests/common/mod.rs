@@ -1,0 +1,213 @@
+//! Shared helpers for tests that build network namespaces and run processes.
+//! Everything made here is torn down by `Drop`, even when a test panics.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const TAILGATE: &str = env!("CARGO_BIN_EXE_tailgate");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique tag, so parallel tests never collide on namespace names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh")
+}
+
+/// Run a shell command, panic with its output if it fails.
+pub fn must(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "command failed: {cmd}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run with a time bound; returns (exit code, stdout, stderr).
+pub fn run_timeout(cmd: &str, secs: u64) -> (i32, String, String) {
+    let o = Command::new("timeout")
+        .arg("-k")
+        .arg("2")
+        .arg(secs.to_string())
+        .arg("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn timeout");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Skip (with a loud message) when the machine cannot run namespace tests.
+/// CI runs as root with the packages installed, so there these always run.
+pub fn require(tools: &[&str]) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for network namespaces");
+        return false;
+    }
+    for t in tools {
+        if sh(&format!("command -v {t}")).status.code() != Some(0) {
+            panic!("{t} is not installed; .ci/run installs it (apt)");
+        }
+    }
+    true
+}
+
+/// A network namespace, deleted (with every process in it) on drop.
+pub struct Netns {
+    pub name: String,
+    wg_devs: std::sync::Mutex<Vec<String>>,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        must(&format!("ip netns add {name}"));
+        must(&format!("ip -n {name} link set lo up"));
+        Netns { name, wg_devs: Default::default() }
+    }
+
+    /// `ip netns exec NAME CMD` as a shell string.
+    pub fn wrap(&self, cmd: &str) -> String {
+        format!("ip netns exec {} sh -c {}", self.name, shell_quote(cmd))
+    }
+
+    pub fn exec(&self, cmd: &str) -> String {
+        must(&self.wrap(cmd))
+    }
+
+    pub fn run(&self, cmd: &str, secs: u64) -> (i32, String, String) {
+        run_timeout(&self.wrap(cmd), secs)
+    }
+
+    /// Start a long-running process inside the namespace.
+    pub fn spawn(&self, cmd: &str, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", &format!("exec {cmd}")])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn in netns");
+        Proc { child: Some(child), log: log.to_path_buf() }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&format!("for p in $(ip netns pids {0} 2>/dev/null); do kill -9 $p; done; ip netns del {0}", self.name));
+        for d in self.wg_devs.lock().unwrap().iter() {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{d}.sock"));
+        }
+    }
+}
+
+/// Join two namespaces with a veth pair and give each end an address.
+pub fn veth(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) {
+    let ia = unique("va");
+    let ib = unique("vb");
+    must(&format!("ip link add {ia} type veth peer name {ib}"));
+    must(&format!("ip link set {ia} netns {}", a.name));
+    must(&format!("ip link set {ib} netns {}", b.name));
+    must(&format!("ip -n {} addr add {a_ip}/24 dev {ia} && ip -n {} link set {ia} up", a.name, a.name));
+    must(&format!("ip -n {} addr add {b_ip}/24 dev {ib} && ip -n {} link set {ib} up", b.name, b.name));
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log contains `needle`, or panic with the log.
+    pub fn wait_log(&mut self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("process exited ({st}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {needle:?} in log:\n{}", self.log_text());
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Poll `f` until it returns true or `secs` pass.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// A WireGuard key pair from our own binary (same format as `wg genkey`).
+pub fn keypair() -> (String, String) {
+    let private = must(&format!("{TAILGATE} genkey")).trim().to_string();
+    let public = must(&format!("echo {private} | {TAILGATE} pubkey")).trim().to_string();
+    (private, public)
+}
+
+/// A wireguard-go interface inside `ns` with one address, configured by `wg`.
+pub fn wireguard_go(ns: &Netns, dev: &str, dir: &Path, private: &str, addr: &str, port: u16) {
+    let keyfile = dir.join(format!("{dev}.key"));
+    std::fs::write(&keyfile, private).unwrap();
+    ns.wg_devs.lock().unwrap().push(dev.to_string());
+    ns.exec(&format!("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go {dev} >/dev/null 2>&1"));
+    ns.exec(&format!("wg set {dev} private-key {} listen-port {port}", keyfile.display()));
+    ns.exec(&format!("ip addr add {addr} dev {dev} && ip link set {dev} up"));
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("tailgate-test").tempdir().unwrap()
+}
