@@ -56,6 +56,10 @@ struct UpArgs {
     /// Forward tailnet TCP PORT to a local TARGET, e.g. 8080=127.0.0.1:80 (repeatable).
     #[arg(long, value_name = "PORT=HOST:PORT")]
     forward: Vec<String>,
+    /// Listen on a local TCP address and connect each client through the
+    /// tailnet, like `ssh -L`: 127.0.0.1:2222=100.64.0.2:22 (repeatable).
+    #[arg(long, value_name = "LOCAL=HOST:PORT")]
+    local_forward: Vec<String>,
     /// Policy file for the SSH server; without it the embedded default applies.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -194,8 +198,18 @@ fn parse_forward(s: &str) -> Result<(u16, String)> {
     Ok((port, target.to_string()))
 }
 
+fn parse_local_forward(s: &str) -> Result<(SocketAddr, SocketAddr)> {
+    let (local, remote) = s
+        .split_once('=')
+        .with_context(|| format!("--local-forward {s:?}: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:2222=100.64.0.2:22"))?;
+    let local = local.parse().with_context(|| format!("--local-forward {s:?}: {local:?} is not IP:PORT"))?;
+    let remote = remote.parse().with_context(|| format!("--local-forward {s:?}: {remote:?} is not a tailnet IP:PORT"))?;
+    Ok((local, remote))
+}
+
 async fn up(args: UpArgs) -> Result<()> {
     let forwards = args.forward.iter().map(|f| parse_forward(f)).collect::<Result<Vec<_>>>()?;
+    let local_forwards = args.local_forward.iter().map(|f| parse_local_forward(f)).collect::<Result<Vec<_>>>()?;
     let c = load_config(&args.wg_config)?;
     let policy = match &args.policy {
         Some(p) => Some(crate::policy::Policy::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
@@ -224,6 +238,25 @@ async fn up(args: UpArgs) -> Result<()> {
                             let mut stream = stream;
                             stream.abort();
                         }
+                    }
+                });
+            }
+        });
+    }
+    for (local, remote) in local_forwards {
+        let listener = tokio::net::TcpListener::bind(local).await.with_context(|| format!("--local-forward: cannot listen on {local}"))?;
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, from)) = listener.accept().await else { continue };
+                let _ = client.set_nodelay(true);
+                let node = node.clone();
+                tokio::spawn(async move {
+                    match node.connect(remote).await {
+                        Ok(mut stream) => {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                        }
+                        Err(e) => tracing::warn!(%from, %remote, error = %e, "local forward could not connect"),
                     }
                 });
             }

@@ -1,0 +1,89 @@
+//! A small parser for session limits such as `30m`, `8h` or `1h30m`.
+
+use std::time::Duration;
+
+/// Parses `<number><unit>` groups, units `s`, `m`, `h`, `d` (e.g. `90s`,
+/// `30m`, `8h`, `1h30m`, `2d`). The total must be positive.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration; write e.g. \"30m\", \"8h\" or \"1h30m\"".into());
+    }
+    let mut total: u64 = 0;
+    let mut num: Option<u64> = None;
+    for c in t.chars() {
+        if let Some(d) = c.to_digit(10) {
+            let n = num.unwrap_or(0);
+            num = Some(
+                n.checked_mul(10)
+                    .and_then(|n| n.checked_add(d as u64))
+                    .ok_or_else(too_big)?,
+            );
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => {
+                return Err(format!(
+                    "bad duration \"{s}\": unexpected '{c}' (units are s, m, h, d; e.g. \"1h30m\")"
+                ));
+            }
+        };
+        let n = num.take().ok_or_else(|| {
+            format!("bad duration \"{s}\": unit '{c}' without a number before it")
+        })?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(too_big)?;
+    }
+    if num.is_some() {
+        return Err(format!(
+            "bad duration \"{s}\": number without a unit at the end (units are s, m, h, d)"
+        ));
+    }
+    if total == 0 {
+        return Err(format!("bad duration \"{s}\": must be longer than zero"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn too_big() -> String {
+    "duration too large".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_sums() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("8h").unwrap(), Duration::from_secs(8 * 3600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_duration("2d").unwrap(),
+            Duration::from_secs(2 * 86400)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [
+            "",
+            "10",
+            "h",
+            "1x",
+            "0m",
+            "1 h",
+            "-1h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Decisions. Pure functions of (policy, caller, target, login/port).
+//!
+//! SSH order: a matching `reject` rule decides, wherever it is in the file
+//! (the first matching reject names the rule); otherwise the first matching
+//! `accept` or `check` rule in file order; otherwise default deny.
+
+use super::compile::SshRule;
+use super::{Action, Policy, SSH_PORT, SshDecision};
+use crate::identity::Identity;
+
+impl SshRule {
+    /// Does this rule apply to `caller` logging in to `target` as `login`?
+    pub(crate) fn matches(&self, caller: &Identity, target: &Identity, login: &str) -> bool {
+        self.matches_nodes(caller, target) && self.users.iter().any(|u| u.matches(login, caller))
+    }
+
+    /// The (caller, target) part of the match, ignoring the login.
+    pub(crate) fn matches_nodes(&self, caller: &Identity, target: &Identity) -> bool {
+        self.src.iter().any(|p| p.matches(caller, caller))
+            && self.dst.iter().any(|p| p.matches(target, caller))
+    }
+}
+
+impl Policy {
+    /// The rule that decides an SSH login, if any (see module docs for order).
+    pub(crate) fn deciding_ssh_rule(
+        &self,
+        caller: &Identity,
+        target: &Identity,
+        login: &str,
+    ) -> Option<&SshRule> {
+        let mut first_allow = None;
+        for r in &self.ssh {
+            if r.matches(caller, target, login) {
+                if r.action == Action::Reject {
+                    return Some(r);
+                }
+                first_allow.get_or_insert(r);
+            }
+        }
+        first_allow
+    }
+
+    pub(crate) fn eval_ssh(
+        &self,
+        caller: &Identity,
+        target: &Identity,
+        login: &str,
+    ) -> SshDecision {
+        let who = caller.who();
+        let host = &target.node_name;
+        let Some(r) = self.deciding_ssh_rule(caller, target, login) else {
+            return SshDecision {
+                action: Action::Reject,
+                rule: None,
+                reason: format!(
+                    "no ssh rule in the policy allows {who} to log in to {host} as {login}"
+                ),
+                record: false,
+                max_duration: None,
+                accept_env: Vec::new(),
+            };
+        };
+        let reason = match r.action {
+            Action::Accept => format!("{} allows {who} to log in to {host} as {login}", r.label),
+            Action::Check => {
+                format!(
+                    "{} requires a check before {who} may log in to {host} as {login}",
+                    r.label
+                )
+            }
+            Action::Reject => format!("{} rejects {who} logging in to {host} as {login}", r.label),
+        };
+        let allowed = r.action != Action::Reject;
+        SshDecision {
+            action: r.action,
+            rule: Some(r.label.clone()),
+            reason,
+            record: allowed && r.record,
+            max_duration: if allowed { r.max_duration } else { None },
+            accept_env: if allowed {
+                r.accept_env.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The rule that lets `src` reach `dst:port`: the first matching `[[acl]]`
+    /// rule, or for the SSH port the first accept/check `[[ssh]]` rule whose
+    /// src and dst match.
+    pub(crate) fn network_rule(&self, src: &Identity, dst: &Identity, port: u16) -> Option<String> {
+        for a in &self.acls {
+            if a.src.iter().any(|p| p.matches(src, src))
+                && a.dst
+                    .iter()
+                    .any(|(p, ports)| ports.contains(port) && p.matches(dst, src))
+            {
+                return Some(a.label.clone());
+            }
+        }
+        if port == SSH_PORT {
+            for r in &self.ssh {
+                if r.action != Action::Reject && r.matches_nodes(src, dst) {
+                    return Some(format!("{} (ssh port)", r.label));
+                }
+            }
+        }
+        None
+    }
+}

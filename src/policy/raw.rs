@@ -1,0 +1,74 @@
+//! The policy file as TOML gives it to us, with byte spans for diagnostics.
+//! Every table denies unknown keys so typos are errors, not silent no-ops.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type SStr = Spanned<String>;
+pub type SList = Spanned<Vec<SStr>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub groups: BTreeMap<SStr, Vec<SStr>>,
+    #[serde(default)]
+    pub tag_owners: BTreeMap<SStr, Vec<SStr>>,
+    #[serde(default)]
+    pub hosts: BTreeMap<SStr, SStr>,
+    /// `None` when the file has no `acl` key at all (see README: only the
+    /// SSH port implied by `[[ssh]]` rules is reachable then).
+    #[serde(default)]
+    pub acl: Option<Vec<Spanned<RawAcl>>>,
+    #[serde(default)]
+    pub ssh: Vec<Spanned<RawSsh>>,
+    #[serde(default)]
+    pub tests: Vec<Spanned<RawTest>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcl {
+    #[serde(default)]
+    pub action: Option<SStr>,
+    pub src: SList,
+    pub dst: SList,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSsh {
+    pub action: SStr,
+    pub src: SList,
+    pub dst: SList,
+    pub users: SList,
+    #[serde(default)]
+    pub record: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub max_duration: Option<SStr>,
+    #[serde(default)]
+    pub accept_env: Option<SList>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    pub src: SStr,
+    #[serde(default)]
+    pub src_ip: Option<SStr>,
+    pub dst: SStr,
+    #[serde(default)]
+    pub dst_tags: Option<SList>,
+    #[serde(default)]
+    pub accept: Vec<SStr>,
+    #[serde(default)]
+    pub check: Vec<SStr>,
+    #[serde(default)]
+    pub deny: Vec<SStr>,
+    #[serde(default)]
+    pub reach: Vec<Spanned<i64>>,
+    #[serde(default)]
+    pub no_reach: Vec<Spanned<i64>>,
+}
