@@ -19,7 +19,6 @@ cleanup() {
   rm -f /var/run/wireguard/wgba.sock /var/run/wireguard/wgbb.sock; rm -rf "$D"
 }
 trap cleanup EXIT
-exec 3>&2 2>/dev/null  # keep job-kill chatter out of the report; errors still stop the script (set -e)
 cleanup 2>/dev/null || true; D=$(mktemp -d /tmp/tgbench.XXXX)
 ip netns add $A; ip netns add $B
 ip link add tgbva type veth peer name tgbvb
@@ -40,7 +39,7 @@ ip netns exec $A wg set wgba private-key $D/wa.key listen-port 51820 peer $(cat 
 ip netns exec $B wg set wgbb private-key $D/wb.key listen-port 51820 peer $(cat $D/wa.pub) allowed-ips 100.64.0.1/32 endpoint 10.202.0.1:51820
 ip -n $A addr add 100.64.0.1/32 dev wgba; ip -n $A link set wgba up; ip -n $A route add 100.64.0.2/32 dev wgba
 ip -n $B addr add 100.64.0.2/32 dev wgbb; ip -n $B link set wgbb up; ip -n $B route add 100.64.0.1/32 dev wgbb
-ip netns exec $B iperf3 -s -D -B 100.64.0.2 -p 5201; ip netns exec $B socat TCP-LISTEN:7001,bind=100.64.0.2,fork,reuseaddr EXEC:cat & sleep 0.5
+ip netns exec $B iperf3 -s -D -B 100.64.0.2 -p 5201; (ip netns exec $B socat TCP-LISTEN:7001,bind=100.64.0.2,fork,reuseaddr EXEC:cat &); sleep 0.5
 ip netns exec $A ping -c 1 -W 2 100.64.0.2 >/dev/null
 WG=$(ip netns exec $A iperf3 -c 100.64.0.2 -p 5201 -t $SECS | mbps)
 WGLAT=$(latency $A 100.64.0.2 7001)
@@ -68,10 +67,10 @@ PublicKey = $(cat $D/ta.pub)
 AllowedIPs = 100.64.0.1/32
 CONF
 ip netns exec $B iperf3 -s -D -B 127.0.0.1 -p 5201
-ip netns exec $B socat TCP-LISTEN:7001,bind=127.0.0.1,fork,reuseaddr EXEC:cat &
-ip netns exec $B $BIN up --wg-config $D/tb.conf --no-ssh --forward 5201=127.0.0.1:5201 --forward 7001=127.0.0.1:7001 > $D/tb.log 2>&1 &
+(ip netns exec $B socat TCP-LISTEN:7001,bind=127.0.0.1,fork,reuseaddr EXEC:cat &)
+(ip netns exec $B $BIN up --wg-config $D/tb.conf --no-ssh --forward 5201=127.0.0.1:5201 --forward 7001=127.0.0.1:7001 > $D/tb.log 2>&1 &)
 sleep 0.5
-ip netns exec $A $BIN up --wg-config $D/ta.conf --no-ssh --local-forward 127.0.0.1:15201=100.64.0.2:5201 --local-forward 127.0.0.1:17001=100.64.0.2:7001 > $D/ta.log 2>&1 &
+(ip netns exec $A $BIN up --wg-config $D/ta.conf --no-ssh --local-forward 127.0.0.1:15201=100.64.0.2:5201 --local-forward 127.0.0.1:17001=100.64.0.2:7001 > $D/ta.log 2>&1 &)
 sleep 1
 TG=$(ip netns exec $A iperf3 -c 127.0.0.1 -p 15201 -t $SECS | mbps)
 TGLAT=$(latency $A 127.0.0.1 17001)

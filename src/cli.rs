@@ -211,9 +211,10 @@ async fn up(args: UpArgs) -> Result<()> {
     let forwards = args.forward.iter().map(|f| parse_forward(f)).collect::<Result<Vec<_>>>()?;
     let local_forwards = args.local_forward.iter().map(|f| parse_local_forward(f)).collect::<Result<Vec<_>>>()?;
     let c = load_config(&args.wg_config)?;
+    // A policy that fails its own tests never goes into force.
     let policy = match &args.policy {
-        Some(p) => Some(crate::policy::Policy::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
-        None => None,
+        Some(p) => crate::policy::Policy::load_and_test(p).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => crate::policy::Policy::default_static(),
     };
     let node = Arc::new(Node::start(node_config(&c, c.listen_port.unwrap_or(0))).await?);
     tracing::info!(udp = %node.udp_addr(), addresses = ?node.addresses(), "node up");
@@ -267,7 +268,8 @@ async fn up(args: UpArgs) -> Result<()> {
             Some(d) => d,
             None => default_state_dir()?,
         };
-        crate::serve::serve_ssh(node.clone(), static_resolver(&c), policy, &state_dir, args.ssh_port).await?;
+        let svc = crate::serve::serve_ssh(&node, Arc::new(static_resolver(&c)), policy, &state_dir, args.ssh_port)?;
+        tracing::info!(host_key = %svc.server.host_public_key_openssh(), port = args.ssh_port, "ssh server up");
     }
     println!("tailgate: up at {} (UDP {})", node.addresses()[0], node.udp_addr());
     wait_for_signal().await;

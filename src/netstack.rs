@@ -176,7 +176,7 @@ impl Stack {
         s.set_nagle_enabled(false);
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(IDLE_TIMEOUT.as_secs())));
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(KEEPALIVE.as_secs())));
-        s.set_congestion_control(tcp::CongestionControl::None);
+        s.set_congestion_control(tcp::CongestionControl::Reno);
         s
     }
 

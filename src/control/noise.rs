@@ -1,0 +1,254 @@
+//! Noise IK over `snow`, sans-IO.
+//!
+//! `Noise_IK_25519_ChaChaPoly_BLAKE2s`, prologue `tailgate-control/1`. The
+//! node is the initiator; its static key is its WireGuard x25519 key, so the
+//! server learns (and authenticates) the node key from the handshake itself.
+//! The server's static public key is pinned by the node (it comes in the auth
+//! key token): a wrong key makes the very first message undecryptable for the
+//! real server, which drops the connection; nothing else is revealed.
+//!
+//! After the handshake a [`SecureChannel`] turns frames into wire bytes and
+//! back (see [`super::frame`] for the layout). Handshake payloads are empty:
+//! the protocol version rides in every frame.
+
+use super::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
+use crate::wg::Key;
+
+pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+pub const PROLOGUE: &[u8] = b"tailgate-control/1";
+const TAG_LEN: usize = 16;
+/// Largest plaintext that fits one Noise transport message.
+pub const MAX_CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("noise handshake failed: {0}")]
+    Handshake(String),
+    #[error("cannot decrypt a message from the peer (corrupted, replayed or not Noise)")]
+    Decrypt,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+fn params() -> snow::params::NoiseParams {
+    NOISE_PATTERN.parse().expect("valid noise pattern")
+}
+
+/// The node side of the handshake, between sending message 1 and reading 2.
+pub struct Initiator {
+    hs: snow::HandshakeState,
+}
+
+impl Initiator {
+    /// Starts a handshake; returns the state and message 1, wire-framed.
+    pub fn start(local_private: &Key, server_public: &Key) -> Result<(Initiator, Vec<u8>), ChannelError> {
+        let hs_err = |e: snow::Error| ChannelError::Handshake(e.to_string());
+        let mut hs = snow::Builder::new(params())
+            .local_private_key(local_private)
+            .map_err(hs_err)?
+            .remote_public_key(server_public)
+            .map_err(hs_err)?
+            .prologue(PROLOGUE)
+            .map_err(hs_err)?
+            .build_initiator()
+            .map_err(hs_err)?;
+        let mut buf = vec![0u8; MAX_WIRE_MESSAGE];
+        let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
+        let mut out = Vec::with_capacity(n + 2);
+        encode_wire(&buf[..n], &mut out);
+        Ok((Initiator { hs }, out))
+    }
+
+    /// Reads message 2 (without its length prefix). `wire` is the decoder the
+    /// message came from: bytes after it belong to the channel.
+    pub fn finish(mut self, msg2: &[u8], wire: WireDecoder, max_frame: usize) -> Result<SecureChannel, ChannelError> {
+        let mut payload = vec![0u8; MAX_WIRE_MESSAGE];
+        self.hs
+            .read_message(msg2, &mut payload)
+            .map_err(|e| ChannelError::Handshake(format!("reading the server's reply: {e}")))?;
+        let ts = self.hs.into_transport_mode().map_err(|e| ChannelError::Handshake(e.to_string()))?;
+        Ok(SecureChannel::new(ts, wire, max_frame))
+    }
+}
+
+/// The server side: reads message 1 (without length prefix), returns the
+/// channel, the node's static key (its node key) and message 2 wire-framed.
+pub fn respond(
+    server_private: &Key,
+    msg1: &[u8],
+    wire: WireDecoder,
+    max_frame: usize,
+) -> Result<(SecureChannel, Key, Vec<u8>), ChannelError> {
+    let hs_err = |e: snow::Error| ChannelError::Handshake(e.to_string());
+    let mut hs = snow::Builder::new(params())
+        .local_private_key(server_private)
+        .map_err(hs_err)?
+        .prologue(PROLOGUE)
+        .map_err(hs_err)?
+        .build_responder()
+        .map_err(hs_err)?;
+    let mut payload = vec![0u8; MAX_WIRE_MESSAGE];
+    hs.read_message(msg1, &mut payload).map_err(|e| {
+        ChannelError::Handshake(format!(
+            "cannot read the node's first message ({e}); it was not made for this server's key, or is not Noise"
+        ))
+    })?;
+    let remote: Key = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
+    let mut buf = vec![0u8; MAX_WIRE_MESSAGE];
+    let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
+    let mut out = Vec::with_capacity(n + 2);
+    encode_wire(&buf[..n], &mut out);
+    let ts = hs.into_transport_mode().map_err(hs_err)?;
+    Ok((SecureChannel::new(ts, wire, max_frame), remote, out))
+}
+
+/// An established, encrypted, framed channel. Feed it received bytes with
+/// [`push_wire`](Self::push_wire), take frames with
+/// [`next_frame`](Self::next_frame), and seal outgoing frames with
+/// [`seal_frame`](Self::seal_frame).
+pub struct SecureChannel {
+    ts: snow::TransportState,
+    wire: WireDecoder,
+    frames: FrameDecoder,
+    scratch: Vec<u8>,
+}
+
+impl SecureChannel {
+    fn new(ts: snow::TransportState, wire: WireDecoder, max_frame: usize) -> Self {
+        SecureChannel { ts, wire, frames: FrameDecoder::new(max_frame), scratch: vec![0u8; MAX_WIRE_MESSAGE] }
+    }
+
+    /// Encrypts one frame (header + payload) into `out` as wire messages.
+    pub fn seal_frame(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ChannelError> {
+        self.seal_raw(&encode_frame(payload), out)
+    }
+
+    /// Encrypts arbitrary plaintext bytes (normally a frame; tests use it to
+    /// inject malformed frames inside a valid channel).
+    pub fn seal_raw(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), ChannelError> {
+        for chunk in plaintext.chunks(MAX_CHUNK) {
+            let n = self
+                .ts
+                .write_message(chunk, &mut self.scratch)
+                .map_err(|e| ChannelError::Handshake(format!("encrypt: {e}")))?;
+            encode_wire(&self.scratch[..n], out);
+        }
+        Ok(())
+    }
+
+    /// Takes received bytes; decrypts every complete wire message.
+    pub fn push_wire(&mut self, bytes: &[u8]) -> Result<(), ChannelError> {
+        self.wire.push(bytes);
+        self.drain_wire()
+    }
+
+    fn drain_wire(&mut self) -> Result<(), ChannelError> {
+        while let Some(msg) = self.wire.next()? {
+            let n = self.ts.read_message(&msg, &mut self.scratch).map_err(|_| ChannelError::Decrypt)?;
+            self.frames.push(&self.scratch[..n]);
+        }
+        Ok(())
+    }
+
+    /// The next complete frame payload, if any.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
+        // Bytes that arrived with the last handshake message.
+        if self.wire.buffered() > 0 {
+            self.drain_wire()?;
+        }
+        Ok(self.frames.next()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::{generate_private_key, public_key_of};
+
+    fn handshake(client: &Key, server: &Key, pinned: &Key) -> Result<(SecureChannel, SecureChannel, Key), ChannelError> {
+        let (init, m1) = Initiator::start(client, pinned)?;
+        let mut sw = WireDecoder::new();
+        sw.push(&m1);
+        let msg1 = sw.next()?.unwrap();
+        let (schan, remote, m2) = respond(server, &msg1, sw, 1 << 20)?;
+        let mut cw = WireDecoder::new();
+        cw.push(&m2);
+        let msg2 = cw.next()?.unwrap();
+        let cchan = init.finish(&msg2, cw, 1 << 20)?;
+        Ok((cchan, schan, remote))
+    }
+
+    #[test]
+    fn handshake_authenticates_node_key_and_carries_frames() {
+        let (c, s) = (generate_private_key(), generate_private_key());
+        let (mut cc, mut sc, remote) = handshake(&c, &s, &public_key_of(&s)).unwrap();
+        assert_eq!(remote, public_key_of(&c), "server learns the node's WireGuard public key");
+        let big = vec![42u8; 200_000];
+        let mut wire = Vec::new();
+        cc.seal_frame(b"first", &mut wire).unwrap();
+        cc.seal_frame(&big, &mut wire).unwrap();
+        // Deliver in odd-sized pieces.
+        let mut got = Vec::new();
+        for piece in wire.chunks(999) {
+            sc.push_wire(piece).unwrap();
+            while let Some(f) = sc.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], b"first");
+        assert_eq!(got[1], big);
+        let mut back = Vec::new();
+        sc.seal_frame(b"reply", &mut back).unwrap();
+        cc.push_wire(&back).unwrap();
+        assert_eq!(cc.next_frame().unwrap().unwrap(), b"reply");
+    }
+
+    #[test]
+    fn wrong_pinned_server_key_fails_on_the_server() {
+        let (c, s, other) = (generate_private_key(), generate_private_key(), generate_private_key());
+        let err = handshake(&c, &s, &public_key_of(&other)).err().expect("must fail");
+        assert!(matches!(err, ChannelError::Handshake(_)), "{err}");
+    }
+
+    #[test]
+    fn garbage_first_message_is_an_error_not_a_panic() {
+        let s = generate_private_key();
+        for len in [0usize, 1, 31, 32, 48, 95, 96, 200] {
+            let junk = vec![0xA5u8; len];
+            assert!(respond(&s, &junk, WireDecoder::new(), 1024).is_err());
+        }
+    }
+
+    #[test]
+    fn tampered_transport_message_is_refused() {
+        let (c, s) = (generate_private_key(), generate_private_key());
+        let (mut cc, mut sc, _) = handshake(&c, &s, &public_key_of(&s)).unwrap();
+        let mut wire = Vec::new();
+        cc.seal_frame(b"hello", &mut wire).unwrap();
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        assert!(matches!(sc.push_wire(&wire), Err(ChannelError::Decrypt)));
+    }
+
+    #[test]
+    fn oversized_frame_inside_channel_is_refused() {
+        let (c, s) = (generate_private_key(), generate_private_key());
+        let (init, m1) = Initiator::start(&c, &public_key_of(&s)).unwrap();
+        let mut sw = WireDecoder::new();
+        sw.push(&m1);
+        let msg1 = sw.next().unwrap().unwrap();
+        let (mut sc, _, m2) = respond(&s, &msg1, sw, 1000).unwrap();
+        let mut cw = WireDecoder::new();
+        cw.push(&m2);
+        let msg2 = cw.next().unwrap().unwrap();
+        let mut cc = init.finish(&msg2, cw, 1 << 20).unwrap();
+        let mut wire = Vec::new();
+        cc.seal_frame(&[0u8; 1001], &mut wire).unwrap();
+        sc.push_wire(&wire).unwrap();
+        assert!(matches!(sc.next_frame(), Err(ChannelError::Frame(FrameError::TooLarge { len: 1001, max: 1000 }))));
+    }
+}

@@ -1,0 +1,506 @@
+//! Control protocol messages (JSON in frames) and the node's view of them.
+//!
+//! Encoding: `serde_json`, one message per frame, internally tagged by a
+//! `type` field (`{"type":"login", ...}`). Keys are standard base64 (as in
+//! wg-quick files). Unknown fields are ignored so either side can add
+//! optional fields without a version bump; removing or retyping one needs a
+//! new [`super::PROTOCOL_VERSION`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::identity::Identity;
+use crate::policy::{Policy, PolicyErrors};
+use crate::wg::{self, Key, PeerConfig};
+
+/// serde for [`Key`] as standard base64.
+pub mod b64key {
+    use super::*;
+    pub fn serialize<S: Serializer>(k: &Key, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&wg::key_to_base64(k))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        let s = String::deserialize(d)?;
+        wg::key_from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Node → server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message of a node that joins with an auth key. If the node key
+    /// (from the Noise handshake) is already registered and not expired, this
+    /// is treated as a [`ClientMsg::Login`] and the auth key is not used.
+    Register {
+        /// The secret part of the auth key token.
+        auth_key: String,
+        hostname: String,
+        #[serde(default)]
+        ssh_host_key: Option<String>,
+        #[serde(default)]
+        endpoints: Vec<SocketAddr>,
+        /// Re-login with a new node key: the node's previous key. The node
+        /// record (IP, name) moves to the new key if the auth key has the same
+        /// owner (user, or tags) as that node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_node_key: Option<String>,
+    },
+    /// First message of a node whose key is already registered.
+    Login {
+        #[serde(default)]
+        hostname: Option<String>,
+        #[serde(default)]
+        ssh_host_key: Option<String>,
+        #[serde(default)]
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Replace the node's reported endpoints (peers get a delta).
+    ReportEndpoints { endpoints: Vec<SocketAddr> },
+    /// Leave the tailnet: an ephemeral node is deleted, any other node's key
+    /// expires (it needs a new auth key to come back).
+    Logout,
+    KeepAlive,
+}
+
+/// Why the server refused something; the `message` is for humans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Auth key unknown, revoked, expired, used, or its user is gone.
+    AuthKey,
+    /// The node key is not registered (send Register with an auth key).
+    NotRegistered,
+    /// The node key expired (or the node was expired by an admin).
+    NodeKeyExpired,
+    /// The request was malformed or out of order.
+    Protocol,
+    /// Something failed on the server.
+    Internal,
+    /// Another connection with the same node key replaced this one.
+    Replaced,
+    /// The node was removed by an admin (or its user was).
+    Removed,
+    #[serde(other)]
+    Other,
+}
+
+/// Server → node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// Answer to Register/Login; a [`ServerMsg::MapFull`] follows.
+    LoginOk {
+        /// True when this connection created the node.
+        new_node: bool,
+        node: SelfInfo,
+        domain: String,
+        /// The node should send something at least this often (seconds).
+        keepalive_secs: u32,
+    },
+    Error { code: ErrorCode, message: String },
+    MapFull(MapFull),
+    MapDelta(MapDelta),
+    KeepAlive,
+    /// Answer to Logout; the server closes the connection after it.
+    LoggedOut,
+}
+
+/// This node, as the control server sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfInfo {
+    pub node_id: u64,
+    #[serde(with = "b64key")]
+    pub node_key: Key,
+    /// Short name, unique in the tailnet (`web1`).
+    pub name: String,
+    /// `name.domain`.
+    pub fqdn: String,
+    pub ips: Vec<IpAddr>,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    /// Unix seconds when the node key expires; `None` = never (tagged nodes).
+    pub key_expiry: Option<i64>,
+    pub ephemeral: bool,
+}
+
+/// A peer in the map: everything needed for WireGuard, identity and SSH.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub node_id: u64,
+    #[serde(with = "b64key")]
+    pub node_key: Key,
+    pub name: String,
+    pub fqdn: String,
+    /// Tailnet addresses; WireGuard allowed IPs are these as /32 (/128).
+    pub ips: Vec<IpAddr>,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    /// Endpoints the peer reported (candidates for direct UDP).
+    pub endpoints: Vec<SocketAddr>,
+    /// The peer's SSH host public key, OpenSSH format, for pinning.
+    pub ssh_host_key: Option<String>,
+    /// Connected to the control server right now.
+    pub online: bool,
+}
+
+/// The policy in force. Nodes evaluate it with [`Policy`] (as destination of
+/// SSH and for inbound network checks). The server only sends policies that
+/// passed `Policy::parse_and_test`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// Increases with every change; equal version = equal text.
+    pub version: u64,
+    /// File name used in diagnostics and rule labels.
+    pub name: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MapFull {
+    pub self_node: SelfInfo,
+    pub domain: String,
+    pub peers: Vec<PeerInfo>,
+    pub policy: PolicyInfo,
+}
+
+/// Changes since the previous map. Apply in field order: removed, added,
+/// changed (a re-keyed peer is removed under its old key and added under
+/// the new one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapDelta {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers_removed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers_added: Vec<PeerInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers_changed: Vec<PeerInfo>,
+    /// A new policy (full text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyInfo>,
+    /// This node's own info changed (renamed, retagged, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_node: Option<SelfInfo>,
+    /// The node key expired (or was expired, or the node removed): the node
+    /// must stop using this map's peers and log in again with an auth key.
+    /// The server closes the connection after sending this.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key_expired: bool,
+}
+
+impl MapDelta {
+    pub fn is_empty(&self) -> bool {
+        self.peers_removed.is_empty()
+            && self.peers_added.is_empty()
+            && self.peers_changed.is_empty()
+            && self.policy.is_none()
+            && self.self_node.is_none()
+            && !self.key_expired
+    }
+}
+
+impl SelfInfo {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            node_key: wg::key_to_base64(&self.node_key),
+            node_name: self.name.clone(),
+            user: self.user.clone(),
+            tags: self.tags.clone(),
+            ip: self.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        }
+    }
+}
+
+impl PeerInfo {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            node_key: wg::key_to_base64(&self.node_key),
+            node_name: self.name.clone(),
+            user: self.user.clone(),
+            tags: self.tags.clone(),
+            ip: self.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        }
+    }
+
+    /// WireGuard config: allowed IPs = the peer's addresses as host routes,
+    /// endpoint = the first reported endpoint (direct path candidate).
+    pub fn peer_config(&self) -> PeerConfig {
+        PeerConfig {
+            public_key: self.node_key,
+            preshared_key: None,
+            allowed_ips: self.ips.iter().map(|ip| ipnet::IpNet::from(*ip)).collect(),
+            endpoint: self.endpoints.first().copied(),
+            persistent_keepalive: None,
+        }
+    }
+}
+
+/// A node's current map: what `ControlClient` keeps up to date.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetMap {
+    pub self_node: SelfInfo,
+    pub domain: String,
+    /// Peers by node key.
+    pub peers: BTreeMap<Key, PeerInfo>,
+    pub policy: PolicyInfo,
+}
+
+impl NetMap {
+    pub fn from_full(m: MapFull) -> NetMap {
+        NetMap {
+            self_node: m.self_node,
+            domain: m.domain,
+            peers: m.peers.into_iter().map(|p| (p.node_key, p)).collect(),
+            policy: m.policy,
+        }
+    }
+
+    /// Applies a delta (removed, then added, then changed).
+    pub fn apply(&mut self, d: &MapDelta) {
+        for k in &d.peers_removed {
+            if let Ok(k) = wg::key_from_base64(k) {
+                self.peers.remove(&k);
+            }
+        }
+        for p in d.peers_added.iter().chain(&d.peers_changed) {
+            self.peers.insert(p.node_key, p.clone());
+        }
+        if let Some(p) = &d.policy {
+            self.policy = p.clone();
+        }
+        if let Some(s) = &d.self_node {
+            self.self_node = s.clone();
+        }
+        if d.key_expired {
+            self.peers.clear();
+        }
+    }
+
+    /// WireGuard peer configs for every peer.
+    pub fn peer_configs(&self) -> Vec<PeerConfig> {
+        self.peers.values().map(PeerInfo::peer_config).collect()
+    }
+
+    /// (key, identity) pairs for [`crate::identity::TableResolver`].
+    pub fn identities(&self) -> Vec<(Key, Identity)> {
+        self.peers.values().map(|p| (p.node_key, p.identity())).collect()
+    }
+
+    /// The peer with this name (short or fully qualified, case-insensitive).
+    pub fn peer_by_name(&self, name: &str) -> Option<&PeerInfo> {
+        self.peers
+            .values()
+            .find(|p| p.name.eq_ignore_ascii_case(name) || p.fqdn.eq_ignore_ascii_case(name))
+    }
+
+    /// Compiles the map's policy (already validated by the server).
+    pub fn compile_policy(&self) -> Result<Policy, PolicyErrors> {
+        Policy::parse(&self.policy.text, &self.policy.name)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server-side outbound messages: same JSON as `ServerMsg`, but holding the
+// shared (`Arc`) peer infos and policy so one change fanned out to thousands
+// of nodes is not cloned per node. Serialized in the connection tasks.
+
+fn ser_arcs<S: Serializer, T: Serialize>(v: &[Arc<T>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|a| &**a))
+}
+
+fn ser_opt_arc<S: Serializer, T: Serialize>(v: &Option<Arc<T>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(a) => s.serialize_some(&**a),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_arc<S: Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    (**v).serialize(s)
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct DeltaOut {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_arcs")]
+    pub peers_added: Vec<Arc<PeerInfo>>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_arcs")]
+    pub peers_changed: Vec<Arc<PeerInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_arc")]
+    pub policy: Option<Arc<PolicyInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_arc")]
+    pub self_node: Option<Arc<SelfInfo>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub key_expired: bool,
+}
+
+impl DeltaOut {
+    pub fn is_empty(&self) -> bool {
+        self.peers_removed.is_empty()
+            && self.peers_added.is_empty()
+            && self.peers_changed.is_empty()
+            && self.policy.is_none()
+            && self.self_node.is_none()
+            && !self.key_expired
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct FullOut {
+    #[serde(serialize_with = "ser_arc")]
+    pub self_node: Arc<SelfInfo>,
+    pub domain: Arc<str>,
+    #[serde(serialize_with = "ser_arcs")]
+    pub peers: Vec<Arc<PeerInfo>>,
+    #[serde(serialize_with = "ser_arc")]
+    pub policy: Arc<PolicyInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ServerOut {
+    LoginOk { new_node: bool, node: SelfInfo, domain: String, keepalive_secs: u32 },
+    Error { code: ErrorCode, message: String },
+    MapFull(FullOut),
+    MapDelta(DeltaOut),
+    KeepAlive,
+    LoggedOut,
+}
+
+impl From<FullOut> for MapFull {
+    fn from(f: FullOut) -> MapFull {
+        MapFull {
+            self_node: (*f.self_node).clone(),
+            domain: f.domain.to_string(),
+            peers: f.peers.iter().map(|p| (**p).clone()).collect(),
+            policy: (*f.policy).clone(),
+        }
+    }
+}
+
+impl From<DeltaOut> for MapDelta {
+    fn from(d: DeltaOut) -> MapDelta {
+        MapDelta {
+            peers_removed: d.peers_removed,
+            peers_added: d.peers_added.iter().map(|p| (**p).clone()).collect(),
+            peers_changed: d.peers_changed.iter().map(|p| (**p).clone()).collect(),
+            policy: d.policy.map(|p| (*p).clone()),
+            self_node: d.self_node.map(|p| (*p).clone()),
+            key_expired: d.key_expired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn peer(n: u8) -> PeerInfo {
+        PeerInfo {
+            node_id: n as u64,
+            node_key: [n; 32],
+            name: format!("n{n}"),
+            fqdn: format!("n{n}.tailnet.internal"),
+            ips: vec![IpAddr::from([100, 64, 0, n])],
+            user: Some("alice".into()),
+            tags: vec![],
+            endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
+            ssh_host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO1 host".into()),
+            online: true,
+        }
+    }
+
+    #[test]
+    fn out_types_serialize_like_the_public_ones() {
+        let p = Arc::new(peer(1));
+        let pol = Arc::new(PolicyInfo { version: 3, name: "p.toml".into(), text: "x".into() });
+        let out = ServerOut::MapDelta(DeltaOut {
+            peers_removed: vec!["k".into()],
+            peers_added: vec![p.clone()],
+            peers_changed: vec![],
+            policy: Some(pol.clone()),
+            self_node: None,
+            key_expired: false,
+        });
+        let json = serde_json::to_vec(&out).unwrap();
+        let back: ServerMsg = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            back,
+            ServerMsg::MapDelta(MapDelta {
+                peers_removed: vec!["k".into()],
+                peers_added: vec![(*p).clone()],
+                policy: Some((*pol).clone()),
+                ..Default::default()
+            })
+        );
+        let me = SelfInfo {
+            node_id: 9,
+            node_key: [9; 32],
+            name: "me".into(),
+            fqdn: "me.d".into(),
+            ips: vec![IpAddr::from([100, 64, 0, 9])],
+            user: None,
+            tags: vec!["tag:prod".into()],
+            key_expiry: None,
+            ephemeral: false,
+        };
+        let full = FullOut { self_node: Arc::new(me.clone()), domain: "d".into(), peers: vec![p.clone()], policy: pol.clone() };
+        let json = serde_json::to_vec(&ServerOut::MapFull(full.clone())).unwrap();
+        let back: ServerMsg = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, ServerMsg::MapFull(full.into()));
+    }
+
+    #[test]
+    fn client_messages_roundtrip_and_tolerate_unknown_fields() {
+        let m = ClientMsg::Register {
+            auth_key: "s".into(),
+            hostname: "web1".into(),
+            ssh_host_key: None,
+            endpoints: vec!["127.0.0.1:1".parse().unwrap()],
+            previous_node_key: None,
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert!(j.contains(r#""type":"register""#), "{j}");
+        assert_eq!(serde_json::from_str::<ClientMsg>(&j).unwrap(), m);
+        let m: ClientMsg = serde_json::from_str(r#"{"type":"login","future_field":1}"#).unwrap();
+        assert_eq!(m, ClientMsg::Login { hostname: None, ssh_host_key: None, endpoints: vec![] });
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn netmap_applies_deltas_and_builds_peer_configs() {
+        let me = SelfInfo {
+            node_id: 9,
+            node_key: [9; 32],
+            name: "me".into(),
+            fqdn: "me.d".into(),
+            ips: vec![IpAddr::from([100, 64, 0, 9])],
+            user: Some("alice".into()),
+            tags: vec![],
+            key_expiry: None,
+            ephemeral: false,
+        };
+        let pol = PolicyInfo { version: 1, name: "p".into(), text: String::new() };
+        let mut m = NetMap::from_full(MapFull { self_node: me, domain: "d".into(), peers: vec![peer(1), peer(2)], policy: pol });
+        let mut p2 = peer(2);
+        p2.online = false;
+        m.apply(&MapDelta {
+            peers_removed: vec![wg::key_to_base64(&[1; 32])],
+            peers_added: vec![peer(3)],
+            peers_changed: vec![p2.clone()],
+            ..Default::default()
+        });
+        assert_eq!(m.peers.len(), 2);
+        assert_eq!(m.peers[&[2; 32]], p2);
+        let cfgs = m.peer_configs();
+        assert_eq!(cfgs[0].allowed_ips[0].to_string(), "100.64.0.2/32");
+        assert_eq!(cfgs[0].endpoint, Some("192.0.2.1:41641".parse().unwrap()));
+        assert_eq!(m.peer_by_name("N3.tailnet.internal").unwrap().node_id, 3);
+        let id = m.peers[&[3; 32]].identity();
+        assert_eq!((id.user.as_deref(), id.node_name.as_str()), (Some("alice"), "n3"));
+    }
+}

@@ -1,0 +1,715 @@
+//! The russh `Handler` for one connection: authentication and channel dispatch.
+//!
+//! ## How denials are shown
+//! SSH has no "why" field in an authentication failure, and russh can only
+//! send a USERAUTH_BANNER before the login name is known. So a denied login
+//! is *admitted to the protocol* but to nothing else: every session request
+//! on it gets the one-line reason on stderr and exit status 1, every forward
+//! is refused, and a connection that opens no session (`ssh -N`) is
+//! disconnected with the reason. This is the only way the reason reaches
+//! both OpenSSH and dropbear users (dbclient ignores disconnect messages).
+//! The audit log records the denial at authentication time.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, Pty, Sig};
+
+use super::account::{self, Account, LoginEnv};
+use super::audit::{AuditEvent, EventKind};
+use super::process::{self, PtyParams, SpawnSpec};
+use super::recording::{CastHeader, Recorder};
+use super::session::{self, Control};
+use super::{SshServer, forward, new_id};
+use crate::identity::Identity;
+use crate::policy::{Action, SshDecision};
+
+/// Session channels one connection may have open at once.
+const MAX_SESSIONS: usize = 16;
+/// Client `env` requests kept per session.
+const MAX_ENV: usize = 64;
+/// How long a denied login may stay connected without opening a session.
+const DENIED_LINGER: Duration = Duration::from_secs(5);
+
+/// Per-connection facts shared with session and forward tasks.
+pub(crate) struct ConnCtx {
+    pub server: Arc<SshServer>,
+    pub conn_id: String,
+    pub caller: Identity,
+    pub target: Identity,
+}
+
+impl ConnCtx {
+    fn event(&self, kind: EventKind) -> AuditEvent {
+        AuditEvent::new(kind, &self.conn_id, &self.caller, &self.target, SystemTime::now())
+    }
+}
+
+enum Verdict {
+    Admit(Account),
+    /// The one line shown to the user.
+    Deny(String),
+}
+
+struct Login {
+    user: String,
+    verdict: Verdict,
+    at: Instant,
+    max_duration: Option<Duration>,
+}
+
+impl Login {
+    fn deadline(&self) -> Option<(Instant, Duration)> {
+        self.max_duration.map(|d| (self.at + d, d))
+    }
+}
+
+struct SessionChan {
+    id: String,
+    writer: Option<ChannelWriteHalf<Msg>>,
+    pty: Option<PtyParams>,
+    env: Vec<(String, String)>,
+    started: bool,
+    control: Option<Control>,
+}
+
+pub(crate) struct Conn {
+    ctx: Arc<ConnCtx>,
+    login: Option<Login>,
+    sessions: HashMap<ChannelId, SessionChan>,
+    /// Connection-level timers (time limit, denied-login linger), stopped with the connection.
+    timers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.timers {
+            t.abort();
+        }
+        // Dropping `sessions` ends every session's process group.
+    }
+}
+
+enum Request<'a> {
+    Shell,
+    Exec(&'a [u8]),
+    Subsystem(&'a str),
+}
+
+impl Request<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Request::Shell => "shell",
+            Request::Exec(_) => "exec",
+            Request::Subsystem(_) => "subsystem",
+        }
+    }
+    fn command(&self) -> Option<String> {
+        match self {
+            Request::Shell => None,
+            Request::Exec(c) => Some(String::from_utf8_lossy(c).into_owned()),
+            Request::Subsystem(n) => Some(n.to_string()),
+        }
+    }
+}
+
+/// Keeps a policy-supplied message to one printable line.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
+}
+
+fn deny_message(d: &SshDecision) -> String {
+    let reason = one_line(&d.reason);
+    let rule = d.rule.as_deref().map(|r| format!("policy rule {r}"));
+    match d.action {
+        Action::Check if reason.is_empty() => format!(
+            "tailgate: access denied: {} requires a check, which this node cannot perform yet",
+            rule.unwrap_or_else(|| "the policy".into())
+        ),
+        Action::Check => format!("tailgate: access denied: {reason}; this node cannot perform that check yet"),
+        _ if reason.is_empty() => match rule {
+            Some(r) => format!("tailgate: access denied by {r}"),
+            None => "tailgate: access denied: no policy rule allows this login (default deny)".into(),
+        },
+        _ => format!("tailgate: access denied: {reason}"),
+    }
+}
+
+/// When tailgate is not root it cannot switch users: only its own account
+/// can be logged into.
+fn unprivileged_denial(euid: u32, acct: &Account, me: &str, node: &str) -> Option<String> {
+    (euid != 0 && acct.uid != euid).then(|| {
+        format!(
+            "tailgate: access denied: tailgate on {node} runs unprivileged as {me:?}, so it can only log you in as {me:?}, not {:?}",
+            acct.name
+        )
+    })
+}
+
+impl Conn {
+    pub(crate) fn new(server: Arc<SshServer>, caller: Identity, target: Identity) -> Self {
+        Conn {
+            ctx: Arc::new(ConnCtx { server, conn_id: new_id(), caller, target }),
+            login: None,
+            sessions: HashMap::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    pub(crate) fn conn_id(&self) -> &str {
+        &self.ctx.conn_id
+    }
+
+    fn decide(&self, login: &str) -> SshDecision {
+        self.ctx.server.cfg.policy.current().check_ssh(&self.ctx.caller, &self.ctx.target, login)
+    }
+
+    /// The answer to every authentication method: the identity decides.
+    async fn authenticate(&mut self, user: &str) -> Result<Auth, russh::Error> {
+        if self.login.as_ref().is_some_and(|l| l.user == user) {
+            return Ok(Auth::Accept);
+        }
+        let decision = self.decide(user);
+        let verdict = match decision.action {
+            Action::Accept => self.local_account(user).await,
+            _ => Verdict::Deny(deny_message(&decision)),
+        };
+        let mut ev = self.ctx.event(EventKind::Auth).decision(user, &decision);
+        match &verdict {
+            Verdict::Admit(_) => ev.allowed = Some(true),
+            Verdict::Deny(msg) => {
+                ev.allowed = Some(false);
+                ev.reason = Some(msg.trim_start_matches("tailgate: ").to_string());
+            }
+        }
+        self.ctx.server.audit.write(&ev);
+        self.login = Some(Login { user: user.to_string(), verdict, at: Instant::now(), max_duration: decision.max_duration });
+        Ok(Auth::Accept)
+    }
+
+    /// The policy said yes; can this node actually log the caller in as `user`?
+    async fn local_account(&self, user: &str) -> Verdict {
+        let name = user.to_string();
+        // getpwnam may consult NSS (LDAP, sssd): keep it off the async workers.
+        let looked_up = tokio::task::spawn_blocking(move || account::lookup(&name)).await;
+        let node = &self.ctx.target.node_name;
+        let acct = match looked_up {
+            Ok(Ok(Some(a))) => a,
+            Ok(Ok(None)) => return Verdict::Deny(format!("tailgate: access denied: there is no user {user:?} on {node}")),
+            Ok(Err(e)) => return Verdict::Deny(format!("tailgate: access denied: cannot look up user {user:?} on {node}: {e}")),
+            Err(_) => return Verdict::Deny("tailgate: access denied: internal error looking up the user".into()),
+        };
+        let euid = nix::unistd::geteuid().as_raw();
+        let me = if euid == 0 { String::new() } else { account::current_user_name().unwrap_or_else(|| format!("uid {euid}")) };
+        match unprivileged_denial(euid, &acct, &me, node) {
+            Some(msg) => Verdict::Deny(msg),
+            None => Verdict::Admit(acct),
+        }
+    }
+
+    fn refuse_forward(&self, kind: &str, dest: Option<String>, reason: &str) {
+        let mut ev = self.ctx.event(EventKind::Forward);
+        ev.login = self.login.as_ref().map(|l| l.user.clone());
+        ev.kind = Some(kind.into());
+        ev.dest = dest;
+        ev.allowed = Some(false);
+        ev.reason = Some(reason.into());
+        self.ctx.server.audit.write(&ev);
+    }
+
+    /// Starts a shell, command or subsystem on a session channel.
+    async fn start(&mut self, channel: ChannelId, req: Request<'_>, session: &mut Session) -> Result<(), russh::Error> {
+        let Some(login) = self.login.as_ref() else {
+            return session.channel_failure(channel);
+        };
+        let ctx = self.ctx.clone();
+        let Some(sc) = self.sessions.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        if sc.started {
+            return session.channel_failure(channel);
+        }
+        sc.started = true;
+
+        let mut ev = ctx.event(EventKind::SessionDenied);
+        ev.session = Some(sc.id.clone());
+        ev.login = Some(login.user.clone());
+        ev.kind = Some(req.kind().into());
+        ev.command = req.command();
+        ev.pty = Some(sc.pty.is_some());
+
+        // Re-ask the policy: it may have been replaced since the login.
+        let admitted = match &login.verdict {
+            Verdict::Deny(msg) => Err(msg.clone()),
+            Verdict::Admit(acct) => {
+                let d = ctx.server.cfg.policy.current().check_ssh(&ctx.caller, &ctx.target, &login.user);
+                ev.rule = d.rule.clone();
+                ev.action = Some(d.action);
+                if d.action == Action::Accept { Ok((acct.clone(), d)) } else { Err(deny_message(&d)) }
+            }
+        };
+        let (acct, decision) = match admitted {
+            Ok(x) => x,
+            Err(msg) => {
+                ev.reason = Some(msg.trim_start_matches("tailgate: ").to_string());
+                ctx.server.audit.write(&ev);
+                session.channel_success(channel)?;
+                if let Some(w) = sc.writer.take() {
+                    tokio::spawn(report_denial(w, msg, sc.pty.is_some()));
+                }
+                return Ok(());
+            }
+        };
+
+        let (program, arg0, args) = match &req {
+            Request::Shell => (acct.shell.clone(), login_arg0(&acct.shell), vec![]),
+            Request::Exec(cmd) => (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), OsString::from_vec(cmd.to_vec())]),
+            Request::Subsystem("sftp") => match &ctx.server.sftp_server {
+                Some(p) => (p.clone(), OsString::from("sftp-server"), vec![]),
+                None => {
+                    ev.reason = Some("no sftp-server binary on this node".into());
+                    ctx.server.audit.write(&ev);
+                    return session.channel_failure(channel);
+                }
+            },
+            Request::Subsystem(other) => {
+                ev.reason = Some(format!("unknown subsystem {other:?}"));
+                ctx.server.audit.write(&ev);
+                return session.channel_failure(channel);
+            }
+        };
+
+        let env = account::login_env(&LoginEnv {
+            account: &acct,
+            caller: &ctx.caller,
+            target: &ctx.target,
+            term: sc.pty.as_ref().map(|p| p.term.as_str()),
+            tty: None,
+            client: &sc.env,
+        });
+
+        // Recording is part of the access decision: if it cannot be made, the
+        // session does not happen.
+        let recorder = if decision.record && !matches!(req, Request::Subsystem(_)) {
+            let (w, h) = sc.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
+            let mut header = CastHeader::new(w, h, SystemTime::now());
+            header.command = Some(req.command().unwrap_or_else(|| acct.shell.display().to_string()));
+            header.title = Some(format!(
+                "{}@{} as {} on {}",
+                ctx.caller.who(),
+                ctx.caller.node_name,
+                login.user,
+                ctx.target.node_name
+            ));
+            if let Some(p) = &sc.pty {
+                header.env.insert("TERM".into(), p.term.clone());
+            }
+            header.env.insert("SHELL".into(), acct.shell.display().to_string());
+            match Recorder::create(&ctx.server.recordings_dir, &sc.id, &header) {
+                Ok(r) => Some(Arc::new(Mutex::new(r))),
+                Err(e) => {
+                    tracing::error!("cannot record session {}: {e}", sc.id);
+                    let msg = "tailgate: access denied: this session must be recorded, but recording failed on this node".to_string();
+                    ev.reason = Some(format!("recording failed: {e}"));
+                    ctx.server.audit.write(&ev);
+                    session.channel_success(channel)?;
+                    if let Some(w) = sc.writer.take() {
+                        tokio::spawn(report_denial(w, msg, sc.pty.is_some()));
+                    }
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+
+        let switch_user = nix::unistd::geteuid().is_root();
+        let spawned = process::spawn(SpawnSpec {
+            program: program.clone(),
+            arg0,
+            args,
+            env,
+            account: acct.clone(),
+            pty: sc.pty.clone(),
+            switch_user,
+        });
+        let spawned = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("session {}: {e}", sc.id);
+                ev.reason = Some(e.to_string());
+                ctx.server.audit.write(&ev);
+                return session.channel_failure(channel);
+            }
+        };
+        let Some(writer) = sc.writer.take() else {
+            return session.channel_failure(channel);
+        };
+        session.channel_success(channel)?;
+
+        let mut start = ctx.event(EventKind::SessionStart);
+        start.session = Some(sc.id.clone());
+        start.login = Some(login.user.clone());
+        start.rule = decision.rule.clone();
+        start.action = Some(decision.action);
+        start.allowed = Some(true);
+        start.kind = Some(req.kind().into());
+        start.command = Some(req.command().unwrap_or_else(|| program.display().to_string()));
+        start.pty = Some(sc.pty.is_some());
+        start.term = sc.pty.as_ref().map(|p| p.term.clone());
+        if !sc.env.is_empty() {
+            start.env = Some(sc.env.iter().map(|(k, _)| k.clone()).collect());
+        }
+        start.recording = recorder.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).path().display().to_string());
+        ctx.server.audit.write(&start);
+
+        let control = session::start(
+            spawned,
+            session::Running {
+                ctx: ctx.clone(),
+                session_id: sc.id.clone(),
+                login: login.user.clone(),
+                kind: req.kind(),
+                command: start.command.clone(),
+                pty: sc.pty.is_some(),
+                channel,
+                writer,
+                handle: session.handle(),
+                deadline: login.deadline(),
+                recorder,
+                started: Instant::now(),
+            },
+        );
+        sc.control = Some(control);
+        Ok(())
+    }
+}
+
+fn base_name(p: &Path) -> OsString {
+    p.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| p.as_os_str().to_os_string())
+}
+
+/// `-bash`: the leading dash tells the shell it is a login shell.
+fn login_arg0(shell: &Path) -> OsString {
+    let mut s = OsString::from("-");
+    s.push(base_name(shell));
+    s
+}
+
+async fn report_denial(w: ChannelWriteHalf<Msg>, msg: String, pty: bool) {
+    let line = if pty { format!("{msg}\r\n") } else { format!("{msg}\n") };
+    let _ = w.extended_data_bytes(1, Bytes::from(line)).await;
+    let _ = w.exit_status(1).await;
+    let _ = w.eof().await;
+    let _ = w.close().await;
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.authenticate(user).await
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // The password is neither checked nor logged: identity comes from the tailnet.
+        self.authenticate(user).await
+    }
+
+    async fn auth_publickey_offered(&mut self, _user: &str, _offer: russh::server::PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(&mut self, user: &str, _key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        self.authenticate(user).await
+    }
+
+    async fn auth_openssh_certificate(&mut self, user: &str, _c: &russh::keys::Certificate) -> Result<Auth, Self::Error> {
+        self.authenticate(user).await
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        self.authenticate(user).await
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        let Some(login) = self.login.as_ref() else { return Ok(()) };
+        let handle = session.handle();
+        if let Verdict::Deny(msg) = &login.verdict {
+            // `ssh -N` opens no session to print the reason on; OpenSSH shows a
+            // disconnect message instead.
+            let msg = msg.clone();
+            self.timers.push(tokio::spawn(async move {
+                tokio::time::sleep(DENIED_LINGER).await;
+                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
+            }));
+        } else if let Some((at, d)) = login.deadline() {
+            // Sessions end themselves at the deadline; this also ends forwards
+            // and idle connections.
+            self.timers.push(tokio::spawn(async move {
+                tokio::time::sleep_until((at + Duration::from_secs(1)).into()).await;
+                let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
+                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
+            }));
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(&mut self, channel: Channel<Msg>, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
+        if self.login.is_none() || self.sessions.len() >= MAX_SESSIONS {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let id = channel.id();
+        // Requests and data reach us through the handler callbacks; the read
+        // half would only duplicate them (and block russh once full).
+        let (_read, writer) = channel.split();
+        self.sessions.insert(id, SessionChan { id: new_id(), writer: Some(writer), pty: None, env: Vec::new(), started: false, control: None });
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _orig_addr: &str,
+        _orig_port: u32,
+        reply: ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let dest_label = format!("{host}:{port}");
+        let Some(login) = &self.login else {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        if let Verdict::Deny(_) = login.verdict {
+            self.refuse_forward("direct-tcpip", Some(dest_label), "login denied");
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        let Some(dest) = forward::local_destination(host, port, self.ctx.target.ip) else {
+            self.refuse_forward("direct-tcpip", Some(dest_label), "only ports on this node can be forwarded");
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        let allowed = self.ctx.server.cfg.policy.current().check_network(&self.ctx.caller, &self.ctx.target, dest.port());
+        let mut ev = self.ctx.event(EventKind::Forward);
+        ev.login = Some(login.user.clone());
+        ev.kind = Some("direct-tcpip".into());
+        ev.dest = Some(dest_label);
+        ev.allowed = Some(allowed);
+        if !allowed {
+            ev.reason = Some(format!("network policy does not allow port {}", dest.port()));
+            self.ctx.server.audit.write(&ev);
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        self.ctx.server.audit.write(&ev);
+        let deadline = login.deadline().map(|(at, _)| at);
+        tokio::spawn(forward::run(self.ctx.clone(), login.user.clone(), channel, reply, dest, deadline));
+        Ok(())
+    }
+
+    async fn channel_open_x11(&mut self, _c: Channel<Msg>, _a: &str, _p: u32, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
+        self.refuse_forward("x11", None, "X11 forwarding is not supported");
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn channel_open_forwarded_tcpip(
+        &mut self,
+        _c: Channel<Msg>,
+        _h: &str,
+        _p: u32,
+        _oa: &str,
+        _op: u32,
+        reply: ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(&mut self, _c: Channel<Msg>, path: &str, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
+        self.refuse_forward("direct-streamlocal", Some(path.to_string()), "unix socket forwarding is not supported");
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _s: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse_forward("tcpip-forward", Some(format!("{address}:{port}")), "remote forwarding is not supported");
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(&mut self, path: &str, _s: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse_forward("streamlocal-forward", Some(path.to_string()), "remote forwarding is not supported");
+        Ok(false)
+    }
+
+    async fn agent_request(&mut self, _channel: ChannelId, _s: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse_forward("agent", None, "agent forwarding is not supported");
+        Ok(false)
+    }
+
+    async fn x11_request(&mut self, channel: ChannelId, _single: bool, _proto: &str, _cookie: &str, _screen: u32, session: &mut Session) -> Result<(), Self::Error> {
+        self.refuse_forward("x11", None, "X11 forwarding is not supported");
+        session.channel_failure(channel)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        px_width: u32,
+        px_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.sessions.get_mut(&channel) {
+            Some(sc) if !sc.started => {
+                let term: String = term.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+                sc.pty = Some(PtyParams { term, cols, rows, px_width, px_height, modes: modes.to_vec() });
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
+        let Some(login) = &self.login else { return session.channel_failure(channel) };
+        let Verdict::Admit(_) = login.verdict else { return session.channel_failure(channel) };
+        let accept_env = self.decide(&login.user).accept_env;
+        match self.sessions.get_mut(&channel) {
+            Some(sc) if !sc.started && sc.env.len() < MAX_ENV && value.len() <= 4096 && account::env_allowed(name, &accept_env) => {
+                sc.env.retain(|(k, _)| k != name);
+                sc.env.push((name.to_string(), value.to_string()));
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, Request::Shell, session).await
+    }
+
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, Request::Exec(data), session).await
+    }
+
+    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, Request::Subsystem(name), session).await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        px_width: u32,
+        px_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(sc) = self.sessions.get_mut(&channel) {
+            if let Some(p) = sc.pty.as_mut() {
+                (p.cols, p.rows, p.px_width, p.px_height) = (cols, rows, px_width, px_height);
+            }
+            if let Some(c) = &sc.control {
+                c.resize(cols, rows, px_width, px_height);
+            }
+            return session.channel_success(channel);
+        }
+        session.channel_failure(channel)
+    }
+
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _s: &mut Session) -> Result<(), Self::Error> {
+        if let (Some(c), Some(n)) = (self.sessions.get(&channel).and_then(|s| s.control.as_ref()), session::sig_number(&signal)) {
+            c.signal(n);
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _s: &mut Session) -> Result<(), Self::Error> {
+        if let Some(c) = self.sessions.get_mut(&channel).and_then(|s| s.control.as_mut())
+            && let Some(q) = &c.stdin
+            && !q.push(data).await
+        {
+            c.stdin = None;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _s: &mut Session) -> Result<(), Self::Error> {
+        if let Some(q) = self.sessions.get(&channel).and_then(|s| s.control.as_ref()).and_then(|c| c.stdin.as_ref()) {
+            q.eof();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _s: &mut Session) -> Result<(), Self::Error> {
+        // Dropping the session's control ends its process group.
+        self.sessions.remove(&channel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(action: Action, rule: Option<&str>, reason: &str) -> SshDecision {
+        SshDecision {
+            action,
+            rule: rule.map(String::from),
+            reason: reason.into(),
+            record: false,
+            max_duration: None,
+            accept_env: vec![],
+        }
+    }
+
+    #[test]
+    fn denial_messages_are_one_line_and_name_the_cause() {
+        let m = deny_message(&decision(Action::Reject, None, "no ssh rule allows a to log in to b as c"));
+        assert_eq!(m, "tailgate: access denied: no ssh rule allows a to log in to b as c");
+        let m = deny_message(&decision(Action::Reject, Some("ssh[2] at p.toml:9"), ""));
+        assert_eq!(m, "tailgate: access denied by policy rule ssh[2] at p.toml:9");
+        let m = deny_message(&decision(Action::Check, Some("ssh[1]"), "ssh[1] requires a check\nbefore x"));
+        assert_eq!(m, "tailgate: access denied: ssh[1] requires a check before x; this node cannot perform that check yet");
+        let m = deny_message(&decision(Action::Check, Some("ssh[1]"), ""));
+        assert!(m.contains("policy rule ssh[1] requires a check") && m.contains("cannot perform"));
+        let m = deny_message(&decision(Action::Reject, None, "\x1b[31mred\r\n"));
+        assert!(!m.chars().any(|c| c.is_control()), "{m:?}");
+    }
+
+    #[test]
+    fn unprivileged_server_only_logs_in_its_own_user() {
+        let acct = |name: &str, uid| Account { name: name.into(), uid, gid: uid, home: "/".into(), shell: "/bin/sh".into(), groups: vec![] };
+        assert_eq!(unprivileged_denial(0, &acct("bob", 1001), "", "web1"), None);
+        assert_eq!(unprivileged_denial(1000, &acct("me", 1000), "me", "web1"), None);
+        let m = unprivileged_denial(1000, &acct("root", 0), "me", "web1").unwrap();
+        assert_eq!(m, "tailgate: access denied: tailgate on web1 runs unprivileged as \"me\", so it can only log you in as \"me\", not \"root\"");
+    }
+
+    #[test]
+    fn login_shell_argv0() {
+        assert_eq!(login_arg0(Path::new("/bin/bash")), OsString::from("-bash"));
+        assert_eq!(base_name(Path::new("/usr/bin/zsh")), OsString::from("zsh"));
+    }
+}

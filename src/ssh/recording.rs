@@ -1,0 +1,292 @@
+//! asciicast v2 session recordings (`state_dir/recordings/<session>.cast`, 0600).
+//!
+//! [`CastEncoder`] turns output bytes into event lines and is pure (times are
+//! passed in). The subtle part is UTF-8: the terminal receives a byte stream
+//! cut at arbitrary points, but asciicast events carry JSON strings, so a
+//! multi-byte character split across two reads must be held back and emitted
+//! with the next chunk, or `asciinema cat` would print U+FFFD where the user
+//! saw a character. Bytes that are not UTF-8 at all (binary output) cannot be
+//! represented and become U+FFFD.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::SshError;
+
+/// The asciicast v2 header line.
+#[derive(Clone, Debug, Serialize)]
+pub struct CastHeader {
+    pub version: u32,
+    pub width: u32,
+    pub height: u32,
+    pub timestamp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl CastHeader {
+    pub fn new(width: u32, height: u32, started: SystemTime) -> Self {
+        CastHeader {
+            version: 2,
+            // asciinema refuses a 0x0 terminal; clients without a pty report none.
+            width: if width == 0 { 80 } else { width },
+            height: if height == 0 { 24 } else { height },
+            timestamp: started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            command: None,
+            title: None,
+            env: Default::default(),
+        }
+    }
+
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|_| "{\"version\":2}".into());
+        s.push('\n');
+        s
+    }
+}
+
+/// Encodes output chunks as asciicast event lines, carrying incomplete UTF-8
+/// sequences over to the next chunk.
+#[derive(Default, Debug)]
+pub struct CastEncoder {
+    pending: Vec<u8>,
+}
+
+/// Seconds with microsecond resolution, so the JSON number stays short.
+fn secs(t: Duration) -> f64 {
+    t.as_micros() as f64 / 1e6
+}
+
+fn event_line(t: Duration, code: &str, data: &str) -> String {
+    let mut s = serde_json::to_string(&(secs(t), code, data)).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+impl CastEncoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An `"o"` event for `data` received at `t` since the start, or `None` when
+    /// everything is held back (an incomplete character).
+    pub fn output(&mut self, t: Duration, data: &[u8]) -> Option<String> {
+        self.pending.extend_from_slice(data);
+        let text = self.take_decodable(false);
+        if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
+    }
+
+    /// A resize event.
+    pub fn resize(&self, t: Duration, cols: u32, rows: u32) -> String {
+        event_line(t, "r", &format!("{cols}x{rows}"))
+    }
+
+    /// Emits whatever is still held back (a truncated character at the very end).
+    pub fn finish(&mut self, t: Duration) -> Option<String> {
+        let text = self.take_decodable(true);
+        if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
+    }
+
+    /// Decodes the longest prefix of `pending`; invalid sequences become
+    /// U+FFFD; an incomplete sequence at the end stays pending unless `flush`.
+    fn take_decodable(&mut self, flush: bool) -> String {
+        let mut out = String::new();
+        let mut rest: &[u8] = &self.pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (good, bad) = rest.split_at(e.valid_up_to());
+                    // `good` is valid UTF-8 by definition of valid_up_to.
+                    out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            rest = &bad[n..];
+                        }
+                        None if flush => {
+                            out.push('\u{FFFD}');
+                            rest = &[];
+                            break;
+                        }
+                        None => {
+                            rest = bad;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = rest.to_vec();
+        self.pending = keep;
+        out
+    }
+}
+
+/// A recording being written to disk.
+pub struct Recorder {
+    path: PathBuf,
+    out: BufWriter<File>,
+    enc: CastEncoder,
+    start: Instant,
+    failed: bool,
+}
+
+impl Recorder {
+    /// Creates `dir/<id>.cast` (0600; `dir` 0700) and writes the header.
+    pub fn create(dir: &Path, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| SshError::io(dir, e))?;
+        }
+        let path = dir.join(format!("{id}.cast"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| SshError::io(&path, e))?;
+        let mut out = BufWriter::new(file);
+        out.write_all(header.to_line().as_bytes()).map_err(|e| SshError::io(&path, e))?;
+        out.flush().map_err(|e| SshError::io(&path, e))?;
+        Ok(Recorder { path, out, enc: CastEncoder::new(), start: Instant::now(), failed: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn output(&mut self, data: &[u8]) {
+        let t = self.start.elapsed();
+        if let Some(line) = self.enc.output(t, data) {
+            self.write(&line);
+        }
+    }
+
+    pub fn resize(&mut self, cols: u32, rows: u32) {
+        let line = self.enc.resize(self.start.elapsed(), cols, rows);
+        self.write(&line);
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(line) = self.enc.finish(self.start.elapsed()) {
+            self.write(&line);
+        }
+        let _ = self.out.flush();
+    }
+
+    fn write(&mut self, line: &str) {
+        if self.failed {
+            return;
+        }
+        // Flushed per event: a recording must survive the node crashing mid-session.
+        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
+            tracing::error!("recording {}: {e}; further output of this session is not recorded", self.path.display());
+            self.failed = true;
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_of(line: &str) -> (f64, String, String) {
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn utf8_split_across_chunks_is_carried_over() {
+        let mut e = CastEncoder::new();
+        let s = "héllo €uro 🎉!".as_bytes();
+        let mut got = String::new();
+        // Feed one byte at a time: every multi-byte char is split.
+        for (i, b) in s.iter().enumerate() {
+            if let Some(l) = e.output(Duration::from_millis(i as u64), &[*b]) {
+                got.push_str(&data_of(&l).2);
+            }
+        }
+        assert!(e.finish(Duration::from_secs(1)).is_none());
+        assert_eq!(got, "héllo €uro 🎉!");
+    }
+
+    #[test]
+    fn incomplete_char_alone_emits_nothing() {
+        let mut e = CastEncoder::new();
+        assert!(e.output(Duration::ZERO, &[0xE2, 0x82]).is_none());
+        let l = e.output(Duration::from_millis(1500), &[0xAC, b'x']).unwrap();
+        let (t, code, d) = data_of(&l);
+        assert_eq!((t, code.as_str(), d.as_str()), (1.5, "o", "€x"));
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_and_do_not_stall() {
+        let mut e = CastEncoder::new();
+        let l = e.output(Duration::ZERO, &[b'a', 0xFF, b'b', 0xC3]).unwrap();
+        assert_eq!(data_of(&l).2, "a\u{FFFD}b");
+        let l = e.finish(Duration::ZERO).unwrap();
+        assert_eq!(data_of(&l).2, "\u{FFFD}");
+    }
+
+    #[test]
+    fn control_characters_round_trip_through_json() {
+        let mut e = CastEncoder::new();
+        let raw = "\x1b[1;31mred\x1b[0m\r\n\t\"q\"\\";
+        let l = e.output(Duration::from_micros(1_234_567), raw.as_bytes()).unwrap();
+        let (t, _, d) = data_of(&l);
+        assert_eq!(t, 1.234567);
+        assert_eq!(d, raw);
+    }
+
+    #[test]
+    fn header_and_resize() {
+        let mut h = CastHeader::new(0, 0, UNIX_EPOCH + Duration::from_secs(42));
+        h.command = Some("/bin/bash".into());
+        let v: serde_json::Value = serde_json::from_str(&h.to_line()).unwrap();
+        assert_eq!(v["version"], 2);
+        assert_eq!(v["width"], 80);
+        assert_eq!(v["height"], 24);
+        assert_eq!(v["timestamp"], 42);
+        assert_eq!(v["command"], "/bin/bash");
+        let e = CastEncoder::new();
+        assert_eq!(data_of(&e.resize(Duration::from_secs(2), 100, 40)), (2.0, "r".into(), "100x40".into()));
+    }
+
+    #[test]
+    fn recorder_writes_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rdir = dir.path().join("recordings");
+        let mut r = Recorder::create(&rdir, "s1", &CastHeader::new(80, 24, SystemTime::now())).unwrap();
+        r.output(b"hi\r\n");
+        r.resize(90, 30);
+        let p = r.path().to_path_buf();
+        drop(r);
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&rdir).unwrap().permissions().mode() & 0o777, 0o700);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 3);
+    }
+}
