@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{self, QuickConfig};
-use crate::identity::{Identity, TableResolver};
+use crate::directory::{Directory, Entry};
+use crate::identity::{Identity, IdentityResolver, TableResolver};
+use crate::{forward, localapi};
 use crate::node::{Node, NodeConfig};
 use crate::wg;
 
@@ -31,6 +33,8 @@ enum Command {
     Up(UpArgs),
     /// Connect stdin/stdout to HOST:PORT through the tailnet (for ssh ProxyCommand).
     Nc(NcArgs),
+    /// Show this node and its peers (from the running daemon).
+    Status(StatusArgs),
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -76,11 +80,24 @@ struct UpArgs {
 
 #[derive(clap::Args)]
 struct NcArgs {
-    /// A wg-quick style config (static mode).
+    /// Join one-shot from a wg-quick style config instead of using the running daemon.
     #[arg(long, value_name = "FILE")]
-    wg_config: PathBuf,
+    wg_config: Option<PathBuf>,
+    /// The daemon's state directory (its local API socket lives there).
+    #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A node name (`web1`, `web1.<tailnet domain>`) or tailnet IP.
     host: String,
     port: u16,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -97,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Pubkey => pubkey(),
         Command::Up(args) => run_async(up(args)),
         Command::Nc(args) => run_async(nc(args)),
+        Command::Status(args) => run_async(status(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +197,29 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
     TableResolver::new(me, peers)
 }
 
+/// Names and addresses from a static config, for `nc`, `ssh` and `status`.
+pub fn static_directory(c: &QuickConfig) -> Directory {
+    let resolver = static_resolver(c);
+    let entry = |id: Identity, ips: Vec<IpAddr>| Entry {
+        name: id.node_name,
+        ips,
+        node_key: id.node_key,
+        user: id.user,
+        tags: id.tags,
+        ssh_host_key: None,
+    };
+    let me = entry(resolver.self_identity(), c.addresses.iter().map(|n| n.addr()).collect());
+    let peers = c
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let id = resolver.resolve(&p.config.public_key)?;
+            Some(entry(id, p.config.allowed_ips.iter().map(|n| n.addr()).collect()))
+        })
+        .collect();
+    Directory { domain: None, me: Some(me), peers }
+}
+
 fn key_short(k: &str) -> String {
     k.chars().filter(|c| c.is_ascii_alphanumeric()).take(8).collect::<String>().to_lowercase()
 }
@@ -187,89 +228,37 @@ fn local_hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
-fn parse_forward(s: &str) -> Result<(u16, String)> {
-    let (port, target) = s
-        .split_once('=')
-        .with_context(|| format!("--forward {s:?}: expected PORT=HOST:PORT, e.g. 8080=127.0.0.1:80"))?;
-    let port = port.parse::<u16>().with_context(|| format!("--forward {s:?}: {port:?} is not a port"))?;
-    if !target.contains(':') {
-        bail!("--forward {s:?}: the target needs a port, e.g. {target}:80");
-    }
-    Ok((port, target.to_string()))
-}
-
-fn parse_local_forward(s: &str) -> Result<(SocketAddr, SocketAddr)> {
-    let (local, remote) = s
-        .split_once('=')
-        .with_context(|| format!("--local-forward {s:?}: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:2222=100.64.0.2:22"))?;
-    let local = local.parse().with_context(|| format!("--local-forward {s:?}: {local:?} is not IP:PORT"))?;
-    let remote = remote.parse().with_context(|| format!("--local-forward {s:?}: {remote:?} is not a tailnet IP:PORT"))?;
-    Ok((local, remote))
-}
-
 async fn up(args: UpArgs) -> Result<()> {
-    let forwards = args.forward.iter().map(|f| parse_forward(f)).collect::<Result<Vec<_>>>()?;
-    let local_forwards = args.local_forward.iter().map(|f| parse_local_forward(f)).collect::<Result<Vec<_>>>()?;
-    let c = load_config(&args.wg_config)?;
+    let forwards = args.forward.iter().map(|f| forward::parse_forward(f)).collect::<Result<Vec<_>>>()?;
+    let local_forwards = args.local_forward.iter().map(|f| forward::parse_local_forward(f)).collect::<Result<Vec<_>>>()?;
     // A policy that fails its own tests never goes into force.
     let policy = match &args.policy {
         Some(p) => crate::policy::Policy::load_and_test(p).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => crate::policy::Policy::default_static(),
     };
+    let state_dir = state_dir_or_default(args.state_dir.clone())?;
+    let c = load_config(&args.wg_config)?;
+    config::ensure_private_dir(&state_dir)?;
     let node = Arc::new(Node::start(node_config(&c, c.listen_port.unwrap_or(0))).await?);
     tracing::info!(udp = %node.udp_addr(), addresses = ?node.addresses(), "node up");
     for (port, target) in forwards {
-        let mut listener = node.listen(port).with_context(|| format!("--forward {port}"))?;
-        tokio::spawn(async move {
-            loop {
-                let Ok(stream) = listener.accept().await else { return };
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let from = stream.peer_addr();
-                    match tokio::net::TcpStream::connect(&target).await {
-                        Ok(mut local) => {
-                            let _ = local.set_nodelay(true);
-                            let mut stream = stream;
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut local).await {
-                                tracing::debug!(%from, %target, error = %e, "forward ended");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%from, %target, error = %e, "forward target refused");
-                            let mut stream = stream;
-                            stream.abort();
-                        }
-                    }
-                });
-            }
-        });
+        forward::spawn_forward(&node, port, target)?;
     }
     for (local, remote) in local_forwards {
-        let listener = tokio::net::TcpListener::bind(local).await.with_context(|| format!("--local-forward: cannot listen on {local}"))?;
-        let node = node.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, from)) = listener.accept().await else { continue };
-                let _ = client.set_nodelay(true);
-                let node = node.clone();
-                tokio::spawn(async move {
-                    match node.connect(remote).await {
-                        Ok(mut stream) => {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
-                        }
-                        Err(e) => tracing::warn!(%from, %remote, error = %e, "local forward could not connect"),
-                    }
-                });
-            }
-        });
+        forward::spawn_local_forward(node.clone(), local, remote).await?;
     }
+    let mut directory = static_directory(&c);
     if !args.no_ssh {
-        let state_dir = match args.state_dir.clone() {
-            Some(d) => d,
-            None => default_state_dir()?,
-        };
         let svc = crate::serve::serve_ssh(&node, Arc::new(static_resolver(&c)), policy, &state_dir, args.ssh_port)?;
         tracing::info!(host_key = %svc.server.host_public_key_openssh(), port = args.ssh_port, "ssh server up");
+        if let Some(me) = directory.me.as_mut() {
+            me.ssh_host_key = Some(svc.server.host_public_key_openssh());
+        }
+    }
+    let daemon = localapi::Daemon::new(node.clone(), directory);
+    if let Err(e) = localapi::serve(daemon, &state_dir) {
+        // The node still serves; only `tailgate nc/status` without --wg-config lose it.
+        tracing::warn!("local API unavailable: {e:#}");
     }
     println!("tailgate: up at {} (UDP {})", node.addresses()[0], node.udp_addr());
     wait_for_signal().await;
@@ -285,6 +274,13 @@ async fn wait_for_signal() {
     }
 }
 
+fn state_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d),
+        None => default_state_dir(),
+    }
+}
+
 pub fn default_state_dir() -> Result<PathBuf> {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
@@ -293,23 +289,61 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(base.join("tailgate"))
 }
 
-async fn nc(args: NcArgs) -> Result<()> {
-    let c = load_config(&args.wg_config)?;
-    let ip: IpAddr = match args.host.parse() {
-        Ok(ip) => ip,
-        Err(_) => {
-            let found = c.peers.iter().find(|p| p.name.as_deref() == Some(args.host.as_str()));
-            match found.and_then(|p| p.config.allowed_ips.first()) {
-                Some(n) => n.addr(),
-                None => bail!("{}: not an IP address or a peer name (# tailgate-name) in {}", args.host, args.wg_config.display()),
-            }
-        }
+async fn status(args: StatusArgs) -> Result<()> {
+    let state_dir = state_dir_or_default(args.state_dir)?;
+    let (answer, _) = localapi::request(&state_dir, &localapi::Request::Status).await?;
+    let st = match (answer.ok, answer.status) {
+        (true, Some(st)) => st,
+        _ => bail!("{}", answer.error.unwrap_or_else(|| "the daemon gave no status".into())),
     };
-    // An ephemeral UDP port: a daemon may hold the configured ListenPort, and
-    // the peer learns where we are from our authenticated handshake.
-    let node = Node::start(node_config(&c, 0)).await?;
-    let stream = node.connect(SocketAddr::new(ip, args.port)).await?;
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    print!("{}", format_status(&st));
+    Ok(())
+}
+
+fn format_status(st: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let who = |v: &serde_json::Value| match v["user"].as_str() {
+        Some(u) => u.to_string(),
+        None => v["tags"].as_array().map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).filter(|t| !t.is_empty()).unwrap_or_else(|| "-".into()),
+    };
+    let first_ip = |v: &serde_json::Value| v["ips"].get(0).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+    let mut out = String::new();
+    let me = &st["self"];
+    let _ = writeln!(out, "{:<16} {:<16} {:<20} self, UDP {}", s(&me["name"]), first_ip(me), who(me), s(&st["listen"]));
+    if let Some(c) = st.get("control") {
+        let _ = writeln!(out, "control: {}", c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()));
+    }
+    let _ = writeln!(out, "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}", "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX");
+    for p in st["peers"].as_array().into_iter().flatten() {
+        let hs = p["last_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}",
+            s(&p["name"]),
+            first_ip(p),
+            who(p),
+            if p["online"].as_bool() == Some(true) { "yes" } else { "no" },
+            p["path"].as_str().unwrap_or("-"),
+            hs,
+            p["rx_bytes"].as_u64().unwrap_or(0),
+            p["tx_bytes"].as_u64().unwrap_or(0),
+        );
+    }
+    out
+}
+
+/// Copy stdin to `wr` and `rd` to stdout. The remote closing ends the
+/// session; our stdin closing only half-closes, as ssh expects of a proxy.
+async fn pipe_stdio<R, W>(mut rd: R, mut wr: W) -> Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let upstream = async {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 64 * 1024];
@@ -328,12 +362,37 @@ async fn nc(args: NcArgs) -> Result<()> {
         stdout.flush().await?;
         Ok::<_, std::io::Error>(())
     };
-    // The remote closing ends the session; our stdin closing only half-closes.
     tokio::pin!(downstream);
     tokio::select! {
         r = &mut downstream => r?,
         r = upstream => { r?; downstream.await?; }
     }
+    Ok(())
+}
+
+async fn nc(args: NcArgs) -> Result<()> {
+    let Some(wg_config) = args.wg_config.as_deref() else {
+        let state_dir = state_dir_or_default(args.state_dir)?;
+        let req = localapi::Request::Connect { host: args.host.clone(), port: args.port };
+        let (answer, conn) = localapi::request(&state_dir, &req).await?;
+        if !answer.ok {
+            bail!("{}", answer.error.unwrap_or_else(|| "connect failed".into()));
+        }
+        let (rd, wr) = conn.into_split();
+        return pipe_stdio(rd, wr).await;
+    };
+    nc_static(wg_config, &args.host, args.port).await
+}
+
+async fn nc_static(wg_config: &Path, host: &str, port: u16) -> Result<()> {
+    let c = load_config(wg_config)?;
+    let ip = static_directory(&c).resolve(host).map_err(|e| anyhow::anyhow!("{e} (in {})", wg_config.display()))?;
+    // An ephemeral UDP port: a daemon may hold the configured ListenPort, and
+    // the peer learns where we are from our authenticated handshake.
+    let node = Node::start(node_config(&c, 0)).await?;
+    let stream = node.connect(SocketAddr::new(ip, port)).await?;
+    let (rd, wr) = tokio::io::split(stream);
+    pipe_stdio(rd, wr).await?;
     node.shutdown().await;
     Ok(())
 }

@@ -272,6 +272,13 @@ fn resolve_endpoint(v: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("Endpoint {v:?} resolves to no address"))
 }
 
+/// Create a state directory readable by the owner only (or tighten an existing one).
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Write `contents` to `path` readable by the owner only.
 pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;

@@ -1,7 +1,11 @@
 //! tailgate: a userspace WireGuard node with an identity-aware SSH server.
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod directory;
+pub mod forward;
 pub mod identity;
+pub mod localapi;
 pub mod netstack;
 pub mod node;
 pub mod policy;

@@ -46,7 +46,7 @@ fn lab() -> Lab {
         "up.conf",
         &format!(
             "[Interface]\nPrivateKey = {up_private}\nAddress = 100.64.0.2/32\nListenPort = 51820\nDNS = 10.99.0.53\n\n\
-             [Peer]\n# tailgate-user = kernel-admin\nPublicKey = {k_public}\nAllowedIPs = 100.64.0.1/32\nEndpoint = 10.99.0.1:51821\n"
+             [Peer]\n# tailgate-user = kernel-admin\n# tailgate-name = kernelbox\nPublicKey = {k_public}\nAllowedIPs = 100.64.0.1/32\nEndpoint = 10.99.0.1:51821\n"
         ),
     );
     let conf_nc = write(
@@ -63,7 +63,11 @@ fn lab() -> Lab {
 fn start_up(lab: &Lab, n: u32) -> Proc {
     let log = lab.dir.path().join(format!("up{n}.log"));
     let mut p = lab.t.spawn(
-        &format!("env RUST_LOG=tailgate=debug {TAILGATE} up --wg-config {} --forward 8080=127.0.0.1:9000 --no-ssh", lab.conf_up),
+        &format!(
+            "env RUST_LOG=tailgate=debug {TAILGATE} up --wg-config {} --forward 8080=127.0.0.1:9000 --no-ssh --state-dir {}/state",
+            lab.conf_up,
+            lab.dir.path().display()
+        ),
         &log,
     );
     p.wait_log("tailgate: up at 100.64.0.2", 10);
@@ -113,6 +117,24 @@ fn wireguard_go_interop() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "kernel-says-hi", "{out}");
     assert_eq!(lines[1], lines[2], "bytes through tailgate nc differ");
+
+    // 3b. The daemon's local API: nc by peer name, close-match hints, status.
+    let st = format!("--state-dir {d}/state");
+    let (code, out, err) = lab.t.run(&format!("echo via-daemon | {TAILGATE} nc {st} kernelbox 9100"), 20);
+    assert_eq!(code, 0, "nc through the daemon: {err}");
+    assert_eq!(out, "kernel-says-hi\nvia-daemon\n");
+    let (code, _, err) = lab.t.run(&format!("{TAILGATE} nc {st} kernelbx 9100 </dev/null"), 20);
+    assert_ne!(code, 0);
+    assert!(err.contains("did you mean kernelbox"), "{err}");
+    let (code, out, err) = lab.t.run(&format!("{TAILGATE} status {st}"), 10);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kernelbox") && out.contains("100.64.0.1") && out.contains("kernel-admin") && out.contains("direct 10.99.0.1:51821"), "{out}");
+    let (code, out, _) = lab.t.run(&format!("{TAILGATE} status {st} --json"), 10);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+    assert!(v["peers"][0]["rx_bytes"].as_u64().unwrap() > 0, "{v}");
+    let mode = must(&format!("stat -c %a {d}/state/tailgate.sock"));
+    assert_eq!(mode.trim(), "600", "local API socket is owner-only");
 
     // 4. Stock OpenSSH over `tailgate nc` as ProxyCommand to a plain sshd.
     if sh("test -x /usr/sbin/sshd").status.success() {

@@ -43,36 +43,3 @@ action = "accept"
     println!("login: {n}x ssh true in {:.2} s = {:.0} ms each", t0.elapsed().as_secs_f64(), t0.elapsed().as_secs_f64() * 1000.0 / n as f64);
 }
 
-#[test]
-#[ignore = "diagnostic"]
-fn trace_one_login() {
-    let s = TestServer::start(&format!(
-        r#"{POLICY_HEAD}
-[[ssh]]
-src = ["alice@example.com"]
-dst = ["tag:test"]
-users = ["root"]
-action = "accept"
-"#
-    ));
-    let ssh = format!("ssh {} -vvv root@127.0.0.1 true", ssh_opts(s.port).join(" "));
-    let o = run(Command::new("sh").arg("-c").arg(format!("{ssh} 2>&1 | python3 -c 'import sys,time\nt0=time.time()\nfor l in sys.stdin: print(\"%6.1f %s\" % ((time.time()-t0)*1000, l.rstrip()))'")), b"", Duration::from_secs(30));
-    println!("{}", o.out());
-}
-
-#[test]
-#[ignore = "diagnostic: serves for TG_SERVE_SECS seconds, port in /tmp/tg_ssh_port"]
-fn serve_for_a_while() {
-    let s = TestServer::start(&format!(
-        r#"{POLICY_HEAD}
-[[ssh]]
-src = ["alice@example.com"]
-dst = ["tag:test"]
-users = ["root"]
-action = "accept"
-"#
-    ));
-    std::fs::write("/tmp/tg_ssh_port", s.port.to_string()).unwrap();
-    let secs = std::env::var("TG_SERVE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
-    std::thread::sleep(Duration::from_secs(secs));
-}

@@ -103,24 +103,30 @@ fn port_starts(spec: &str) -> Option<Vec<u16>> {
 impl Analysis {
     fn new(policy: Policy, text: &str) -> Analysis {
         let mut strings = Vec::new();
-        if let Ok(t) = text.parse::<toml::Table>() {
+        if let Ok(mut t) = text.parse::<toml::Table>() {
+            // `[[tests]]` make up identities; they never affect evaluation.
+            t.remove("tests");
             collect_strings(&toml::Value::Table(t), &mut strings);
         }
         let mut ports = BTreeSet::from([SSH_PORT]);
         let mut nets = Vec::new();
+        let mut targets = Vec::new();
         for s in &strings {
             if let Some(n) = parse_net(s) {
                 nets.push(n);
             }
+            // `TARGET:PORTS` (acl destinations): the target is a pattern too.
             if let Some((target, spec)) = s.rsplit_once(':') {
                 if let Some(n) = parse_net(target) {
                     nets.push(n);
                 }
                 if let Some(ps) = port_starts(spec) {
                     ports.extend(ps.into_iter().filter(|p| *p > 0));
+                    targets.push(target.trim_start_matches('[').trim_end_matches(']').to_string());
                 }
             }
         }
+        strings.extend(targets);
         nets.sort();
         nets.dedup();
         Analysis {
@@ -697,7 +703,16 @@ mod tests {
         for (id, _) in &nodes {
             let mut got = e.visible(*id);
             got.sort_unstable();
-            assert_eq!(got, naive_visible(e.policy(), text, &nodes, *id), "node {id}");
+            let want = naive_visible(e.policy(), text, &nodes, *id);
+            if got != want {
+                let me = &e.nodes[id];
+                eprintln!("me {id}: {:?} key {:?}", me.entry.identity, e.an.key(&me.entry.identity));
+                for (o, n) in &e.nodes {
+                    eprintln!("  {o}: {:?} {:?} class {}", n.entry.identity.user, n.entry.identity.tags, n.class);
+                }
+                eprintln!("links of {}: {:?}", me.class, e.classes[&me.class].links);
+            }
+            assert_eq!(got, want, "node {id}");
             if e.is_attached(*id) {
                 assert_eq!(e.sent_peers(*id).unwrap(), got, "sent map of node {id} is stale");
             }

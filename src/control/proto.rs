@@ -318,12 +318,16 @@ fn ser_opt_arc<S: Serializer, T: Serialize>(v: &Option<Arc<T>>, s: S) -> Result<
     }
 }
 
+fn ser_arc_str<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
 fn ser_arc<S: Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
     (**v).serialize(s)
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub(crate) struct DeltaOut {
+pub struct DeltaOut {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_removed: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_arcs")]
@@ -350,9 +354,10 @@ impl DeltaOut {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct FullOut {
+pub struct FullOut {
     #[serde(serialize_with = "ser_arc")]
     pub self_node: Arc<SelfInfo>,
+    #[serde(serialize_with = "ser_arc_str")]
     pub domain: Arc<str>,
     #[serde(serialize_with = "ser_arcs")]
     pub peers: Vec<Arc<PeerInfo>>,
@@ -362,7 +367,7 @@ pub(crate) struct FullOut {
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub(crate) enum ServerOut {
+pub enum ServerOut {
     LoginOk { new_node: bool, node: SelfInfo, domain: String, keepalive_secs: u32 },
     Error { code: ErrorCode, message: String },
     MapFull(FullOut),

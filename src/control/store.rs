@@ -258,7 +258,7 @@ impl Store {
     }
 
     /// Runs `f` in one transaction.
-    pub fn tx<T>(&mut self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+    pub fn tx<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
         let tx = self.conn.unchecked_transaction()?;
         let out = f(self)?;
         tx.commit()?;
@@ -535,7 +535,7 @@ mod tests {
 
     #[test]
     fn nodes_keys_policy_audit_roundtrip() {
-        let mut s = Store::open_memory().unwrap();
+        let s = Store::open_memory().unwrap();
         let u = s.user_add("alice", 1).unwrap();
         assert!(s.user_add("alice", 2).is_err(), "user names are unique");
         let mut n = node(1, "web1", [100, 64, 0, 1], Some(u.id));

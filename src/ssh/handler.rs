@@ -594,9 +594,9 @@ impl russh::server::Handler for Conn {
     async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
         let Some(login) = &self.login else { return session.channel_failure(channel) };
         let Verdict::Admit(_) = login.verdict else { return session.channel_failure(channel) };
-        let accept_env = self.decide(&login.user).accept_env;
+        let ok = account::env_name_acceptable(name) && value.len() <= 4096 && self.decide(&login.user).allows_env(name);
         match self.sessions.get_mut(&channel) {
-            Some(sc) if !sc.started && sc.env.len() < MAX_ENV && value.len() <= 4096 && account::env_allowed(name, &accept_env) => {
+            Some(sc) if ok && !sc.started && sc.env.len() < MAX_ENV => {
                 sc.env.retain(|(k, _)| k != name);
                 sc.env.push((name.to_string(), value.to_string()));
                 session.channel_success(channel)

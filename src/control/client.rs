@@ -1,0 +1,418 @@
+//! The node's side of the control protocol.
+//!
+//! ```no_run
+//! # async fn f(token: &str, node_private: [u8; 32]) -> anyhow::Result<()> {
+//! use tailgate::control::{AuthKeyToken, ControlClient, ControlTarget, NodeHello};
+//! let token = AuthKeyToken::parse(token)?;
+//! let hello = NodeHello::register(&token.secret, "web1");
+//! let (mut client, map) = ControlClient::connect(&ControlTarget::from(&token), &node_private, hello).await?;
+//! // build WireGuard peers from map.peer_configs(), identities from map.identities()
+//! loop {
+//!     let delta = client.next_update().await?; // Err: connection lost -> reconnect
+//!     // apply delta (or rebuild from client.netmap())
+//! }
+//! # }
+//! ```
+//!
+//! **Reconnection is the caller's job.** When [`ControlClient::next_update`]
+//! returns an error the connection is gone; keep the last map (the data plane
+//! keeps working), wait with backoff (e.g. 1 s doubling to 60 s, with jitter)
+//! and connect again. Passing the same [`NodeHello`] with the auth key again
+//! is fine: a node key the server already knows logs in without using the
+//! key. Do not retry [`ControlError::Refused`] in a tight loop: it carries a
+//! message for the person running the node (auth key expired, node removed,
+//! ...). After `key_expired` the node needs a new auth key.
+//!
+//! A background task owns the socket: it answers nothing on its own but
+//! sends keepalives, and queues deltas until `next_update` takes them (up to
+//! 256; the socket is not read while the queue is full, so call
+//! `next_update` continuously).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
+use super::http;
+use super::noise::{ChannelError, Initiator, SecureChannel};
+use super::proto::{ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
+use super::server::Stream;
+use super::token::{AuthKeyToken, parse_url};
+use super::{CONTROL_PATH, UPGRADE_CONTROL};
+use crate::wg::{self, Key};
+
+/// Where the control server is and which key it must have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlTarget {
+    /// `http://host:port`
+    pub url: String,
+    /// Pinned Noise static key of the server.
+    pub server_public: Key,
+}
+
+impl From<&AuthKeyToken> for ControlTarget {
+    fn from(t: &AuthKeyToken) -> ControlTarget {
+        ControlTarget { url: t.url.clone(), server_public: t.server_public }
+    }
+}
+
+/// What the node says about itself when it connects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeHello {
+    /// Auth key secret ([`AuthKeyToken::secret`]): `Some` = register (or log
+    /// in, if the node key is already known); `None` = log in.
+    pub auth_key: Option<String>,
+    pub hostname: String,
+    /// OpenSSH public host key of the node's SSH server (peers pin it).
+    pub ssh_host_key: Option<String>,
+    /// Endpoints where peers may reach the node's WireGuard UDP socket.
+    pub endpoints: Vec<SocketAddr>,
+    /// Re-login with a new node key: the previous one (see `ClientMsg::Register`).
+    pub previous_node_key: Option<Key>,
+}
+
+impl NodeHello {
+    pub fn register(auth_secret: &str, hostname: &str) -> NodeHello {
+        NodeHello { auth_key: Some(auth_secret.into()), hostname: hostname.into(), ..Default::default() }
+    }
+
+    pub fn login(hostname: &str) -> NodeHello {
+        NodeHello { hostname: hostname.into(), ..Default::default() }
+    }
+
+    fn message(&self) -> ClientMsg {
+        match &self.auth_key {
+            Some(k) => ClientMsg::Register {
+                auth_key: k.clone(),
+                hostname: self.hostname.clone(),
+                ssh_host_key: self.ssh_host_key.clone(),
+                endpoints: self.endpoints.clone(),
+                previous_node_key: self.previous_node_key.map(|k| wg::key_to_base64(&k)),
+            },
+            None => ClientMsg::Login {
+                hostname: Some(self.hostname.clone()),
+                ssh_host_key: self.ssh_host_key.clone(),
+                endpoints: self.endpoints.clone(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the control server at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("{0}")]
+    Http(String),
+    #[error(
+        "the control server at {url} did not complete the Noise handshake: its key is not the one pinned in the auth key \
+         (another server, or the server's key changed), or it is not a tailgate control server"
+    )]
+    WrongServerKey { url: String },
+    /// The server said no; `message` is for the person running the node.
+    #[error("the control server refused: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("control protocol error: {0}")]
+    Protocol(String),
+    #[error("connection to the control server lost: {0}")]
+    Closed(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl ControlError {
+    /// Worth reconnecting automatically (as opposed to needing a person)?
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ControlError::Connect { .. } | ControlError::Closed(_) | ControlError::Timeout(_) => true,
+            ControlError::Refused { code, .. } => matches!(code, ErrorCode::Internal | ErrorCode::Replaced),
+            _ => false,
+        }
+    }
+}
+
+/// A logged-in connection to the control server.
+pub struct ControlClient {
+    map: NetMap,
+    new_node: bool,
+    updates: mpsc::Receiver<Result<MapDelta, ControlError>>,
+    cmds: mpsc::Sender<ClientMsg>,
+    task: tokio::task::JoinHandle<()>,
+    done: bool,
+}
+
+impl Drop for ControlClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, ControlError> {
+    match r.read(buf).await {
+        Ok(0) => Err(ControlError::Closed("the server closed the connection".into())),
+        Ok(n) => Ok(n),
+        Err(e) => Err(ControlError::Closed(e.to_string())),
+    }
+}
+
+impl ControlClient {
+    /// Dials `target.url`, upgrades, runs Noise IK with `node_private` (the
+    /// node's WireGuard key), registers or logs in, and returns the client
+    /// and the node's first full map.
+    pub async fn connect(target: &ControlTarget, node_private: &Key, hello: NodeHello) -> Result<(ControlClient, NetMap), ControlError> {
+        let (host, port) = parse_url(&target.url).map_err(ControlError::Http)?;
+        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
+            .await
+            .map_err(|_| ControlError::Connect { url: target.url.clone(), message: "timed out".into() })?
+            .map_err(|e| ControlError::Connect { url: target.url.clone(), message: e.to_string() })?;
+        let _ = s.set_nodelay(true);
+        Self::connect_stream(s, target, node_private, hello).await
+    }
+
+    /// [`connect`](Self::connect) over an already-open stream (in-memory
+    /// transports, proxies).
+    pub async fn connect_stream<S: Stream>(
+        s: S,
+        target: &ControlTarget,
+        node_private: &Key,
+        hello: NodeHello,
+    ) -> Result<(ControlClient, NetMap), ControlError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::handshake(s, target, node_private, hello))
+            .await
+            .map_err(|_| ControlError::Timeout(format!("no login answer from {} within {HANDSHAKE_TIMEOUT:?}", target.url)))?
+    }
+
+    async fn handshake<S: Stream>(
+        mut s: S,
+        target: &ControlTarget,
+        node_private: &Key,
+        hello: NodeHello,
+    ) -> Result<(ControlClient, NetMap), ControlError> {
+        let (host, port) = parse_url(&target.url).map_err(ControlError::Http)?;
+        let hosthdr = if port == 80 { host.clone() } else { format!("{host}:{port}") };
+        s.write_all(&http::upgrade_request(&hosthdr, CONTROL_PATH, UPGRADE_CONTROL))
+            .await
+            .map_err(|e| ControlError::Closed(e.to_string()))?;
+        let mut rbuf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        let (code, reason, used) = loop {
+            if let Some(x) = http::parse_response(&head).map_err(|e| ControlError::Http(format!("{}: {e}", target.url)))? {
+                break x;
+            }
+            let n = read_more(&mut s, &mut rbuf).await?;
+            head.extend_from_slice(&rbuf[..n]);
+        };
+        if code != 101 {
+            return Err(ControlError::Http(format!(
+                "{} answered `{code} {reason}` to the control upgrade; is it a tailgate control server?",
+                target.url
+            )));
+        }
+        let mut wire = WireDecoder::new();
+        wire.push(&head[used..]);
+        let (init, msg1) = Initiator::start(node_private, &target.server_public).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        s.write_all(&msg1).await.map_err(|e| ControlError::Closed(e.to_string()))?;
+        let msg2 = loop {
+            if let Some(m) = wire.next().map_err(|e| ControlError::Protocol(e.to_string()))? {
+                break m;
+            }
+            match s.read(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err(ControlError::WrongServerKey { url: target.url.clone() }),
+                Ok(n) => wire.push(&rbuf[..n]),
+            }
+        };
+        let mut chan = init
+            .finish(&msg2, wire, DEFAULT_MAX_SERVER_FRAME)
+            .map_err(|_| ControlError::WrongServerKey { url: target.url.clone() })?;
+        let mut out = Vec::new();
+        seal(&mut chan, &hello.message(), &mut out)?;
+        s.write_all(&out).await.map_err(|e| ControlError::Closed(e.to_string()))?;
+
+        let mut login = None;
+        let map = loop {
+            let msg = match next_msg(&mut chan)? {
+                Some(m) => m,
+                None => {
+                    let n = read_more(&mut s, &mut rbuf).await?;
+                    chan.push_wire(&rbuf[..n]).map_err(chan_err)?;
+                    continue;
+                }
+            };
+            match msg {
+                ServerMsg::Error { code, message } => return Err(ControlError::Refused { code, message }),
+                ServerMsg::LoginOk { new_node, node, domain, keepalive_secs } => login = Some((new_node, node, domain, keepalive_secs)),
+                ServerMsg::MapFull(full) => break NetMap::from_full(full),
+                ServerMsg::KeepAlive => {}
+                other => return Err(ControlError::Protocol(format!("unexpected {other:?} before the first map"))),
+            }
+        };
+        let Some((new_node, _node, _domain, keepalive_secs)) = login else {
+            return Err(ControlError::Protocol("map before login answer".into()));
+        };
+        let (utx, urx) = mpsc::channel(256);
+        let (ctx, crx) = mpsc::channel(16);
+        let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
+        let task = tokio::spawn(run(s, chan, utx, crx, keepalive));
+        let client = ControlClient { map: map.clone(), new_node, updates: urx, cmds: ctx, task, done: false };
+        Ok((client, map))
+    }
+
+    /// Did this connection create the node (first registration)?
+    pub fn new_node(&self) -> bool {
+        self.new_node
+    }
+
+    /// The current map (every delta returned so far applied).
+    pub fn netmap(&self) -> &NetMap {
+        &self.map
+    }
+
+    pub fn self_node(&self) -> &SelfInfo {
+        &self.map.self_node
+    }
+
+    /// The next change, already applied to [`netmap`](Self::netmap). An
+    /// error means the connection is over (reconnect, see module docs). A
+    /// delta with `key_expired` is followed by an error.
+    pub async fn next_update(&mut self) -> Result<MapDelta, ControlError> {
+        if self.done {
+            return Err(ControlError::Closed("connection already ended".into()));
+        }
+        match self.updates.recv().await {
+            Some(Ok(d)) => {
+                self.map.apply(&d);
+                Ok(d)
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            None => {
+                self.done = true;
+                Err(ControlError::Closed("connection ended".into()))
+            }
+        }
+    }
+
+    /// Tells the server where this node's WireGuard socket can be reached.
+    pub async fn report_endpoints(&self, endpoints: Vec<SocketAddr>) -> Result<(), ControlError> {
+        self.cmds
+            .send(ClientMsg::ReportEndpoints { endpoints })
+            .await
+            .map_err(|_| ControlError::Closed("connection ended".into()))
+    }
+
+    /// Leaves the tailnet: an ephemeral node is deleted, another node's key
+    /// expires (it needs a new auth key to come back). Waits for the answer.
+    pub async fn logout(mut self) -> Result<(), ControlError> {
+        self.cmds.send(ClientMsg::Logout).await.map_err(|_| ControlError::Closed("connection ended".into()))?;
+        let wait = async {
+            loop {
+                match self.updates.recv().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(ControlError::Closed(_))) | None => return Ok(()),
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .map_err(|_| ControlError::Timeout("no answer to logout".into()))?
+    }
+}
+
+fn chan_err(e: ChannelError) -> ControlError {
+    ControlError::Protocol(e.to_string())
+}
+
+fn seal(chan: &mut SecureChannel, msg: &ClientMsg, out: &mut Vec<u8>) -> Result<(), ControlError> {
+    let json = serde_json::to_vec(msg).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    chan.seal_frame(&json, out).map_err(chan_err)
+}
+
+fn next_msg(chan: &mut SecureChannel) -> Result<Option<ServerMsg>, ControlError> {
+    match chan.next_frame().map_err(chan_err)? {
+        None => Ok(None),
+        Some(f) => serde_json::from_slice(&f)
+            .map(Some)
+            .map_err(|e| ControlError::Protocol(format!("malformed message from the server: {e}"))),
+    }
+}
+
+/// The background task: reads messages, forwards deltas, writes commands
+/// and keepalives, notices a silent server.
+async fn run<S: Stream>(
+    s: S,
+    mut chan: SecureChannel,
+    updates: mpsc::Sender<Result<MapDelta, ControlError>>,
+    mut cmds: mpsc::Receiver<ClientMsg>,
+    keepalive: Duration,
+) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    let idle_limit = keepalive * 3 + Duration::from_secs(5);
+    let mut last_rx = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    let end: Result<(), ControlError> = 'outer: loop {
+        tokio::select! {
+            n = r.read(&mut rbuf) => {
+                let n = match n {
+                    Ok(0) => break Err(ControlError::Closed("the server closed the connection".into())),
+                    Ok(n) => n,
+                    Err(e) => break Err(ControlError::Closed(e.to_string())),
+                };
+                last_rx = tokio::time::Instant::now();
+                if let Err(e) = chan.push_wire(&rbuf[..n]) {
+                    break Err(chan_err(e));
+                }
+                loop {
+                    match next_msg(&mut chan) {
+                        Ok(None) => break,
+                        Err(e) => break 'outer Err(e),
+                        Ok(Some(ServerMsg::MapDelta(d))) => {
+                            let expired = d.key_expired;
+                            if updates.send(Ok(d)).await.is_err() {
+                                break 'outer Ok(());
+                            }
+                            if expired {
+                                break 'outer Err(ControlError::Refused {
+                                    code: ErrorCode::NodeKeyExpired,
+                                    message: "this node's key expired or the node was removed; log in again with an auth key".into(),
+                                });
+                            }
+                        }
+                        Ok(Some(ServerMsg::KeepAlive)) => {}
+                        Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
+                        Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),
+                        Ok(Some(other)) => {
+                            break 'outer Err(ControlError::Protocol(format!("unexpected message {other:?}")));
+                        }
+                    }
+                }
+            }
+            c = cmds.recv() => {
+                let Some(c) = c else { break Ok(()) };
+                out.clear();
+                if let Err(e) = seal(&mut chan, &c, &mut out) { break Err(e); }
+                if let Err(e) = w.write_all(&out).await { break Err(ControlError::Closed(e.to_string())); }
+            }
+            _ = ka.tick() => {
+                if last_rx.elapsed() > idle_limit {
+                    break Err(ControlError::Timeout(format!("the server has been silent for {:?}", last_rx.elapsed())));
+                }
+                out.clear();
+                if let Err(e) = seal(&mut chan, &ClientMsg::KeepAlive, &mut out) { break Err(e); }
+                if let Err(e) = w.write_all(&out).await { break Err(ControlError::Closed(e.to_string())); }
+            }
+        }
+    };
+    if let Err(e) = end {
+        let _ = updates.send(Err(e)).await;
+    }
+    let _ = w.shutdown().await;
+}

@@ -1,0 +1,721 @@
+//! The tokio driver of the control server.
+//!
+//! - One TCP listener speaking just enough HTTP/1.1 to dispatch on the
+//!   `Upgrade` header: `tailgate-control` (this module), `tailgate-relay`
+//!   (a pluggable [`UpgradeHandler`], another issue); anything else gets a
+//!   plain 400/404/426 and is closed.
+//! - One task per connection: upgrade, Noise IK, then frames. It forwards
+//!   node messages to the hub and writes what the hub sends back (coalescing
+//!   queued messages into one write). A connection whose outbound queue
+//!   overflows is closed (the node reconnects and gets a fresh full map).
+//! - The [`Hub`] runs on its own OS thread (SQLite calls are blocking) and
+//!   receives every event through one channel, so it needs no locks.
+//! - Side tasks: timers (ephemeral cleanup, key expiry), policy file
+//!   watcher (mtime poll), admin unix socket.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
+use super::http::{self, RequestHead};
+use super::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
+use super::noise::{self, ChannelError, SecureChannel};
+use super::proto::{ClientMsg, ErrorCode, ServerOut};
+use super::store::{Store, ensure_private_dir};
+use super::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
+use crate::config::write_secret;
+use crate::wg::{self, Key};
+
+/// A byte stream the server can serve (TCP, or in-memory in tests).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Handles another protocol upgraded on the same port (the relay). It gets
+/// the stream right after the request head (it writes its own 101), the
+/// head, and any bytes that came after the head.
+pub trait UpgradeHandler: Send + Sync {
+    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>) -> BoxFuture<'static, ()>;
+}
+
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    /// Policy file, validated and hot-reloaded. `None`: the last policy set
+    /// with `policy set`, or the built-in default.
+    pub policy_file: Option<PathBuf>,
+    /// Public URL put in auth keys; default `http://<listen address>` (the
+    /// host name when listening on all addresses).
+    pub url: Option<String>,
+    pub domain: String,
+    pub node_key_expiry: Duration,
+    pub ephemeral_grace: Duration,
+    pub default_auth_key_expiry: Duration,
+    pub keepalive: Duration,
+    pub policy_poll: Duration,
+    /// Period of the ephemeral/expiry timer.
+    pub tick: Duration,
+    /// Limit on head, handshake and first message.
+    pub handshake_timeout: Duration,
+    pub admin_socket: bool,
+    pub max_client_frame: usize,
+    /// Messages queued per connection before it is considered stuck.
+    pub outbound_queue: usize,
+    /// Other `Upgrade:` protocols on this port (e.g. `tailgate-relay`).
+    pub upgrades: Vec<(String, Arc<dyn UpgradeHandler>)>,
+}
+
+impl ServerOptions {
+    pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>) -> ServerOptions {
+        ServerOptions {
+            listen,
+            state_dir: state_dir.into(),
+            policy_file: None,
+            url: None,
+            domain: super::DEFAULT_DOMAIN.into(),
+            node_key_expiry: Duration::from_secs(180 * 86400),
+            ephemeral_grace: Duration::from_secs(30),
+            default_auth_key_expiry: Duration::from_secs(7 * 86400),
+            keepalive: Duration::from_secs(30),
+            policy_poll: Duration::from_secs(1),
+            tick: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+            admin_socket: true,
+            max_client_frame: DEFAULT_MAX_CLIENT_FRAME,
+            outbound_queue: 1024,
+            upgrades: Vec::new(),
+        }
+    }
+}
+
+/// Path of the admin socket in a state directory.
+pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin.sock")
+}
+
+/// Loads `state_dir/server.key`, creating it (0600) on first start.
+/// Returns (private key, created).
+pub fn load_or_create_server_key(state_dir: &Path) -> Result<(Key, bool)> {
+    let path = state_dir.join("server.key");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok((wg::key_from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = wg::generate_private_key();
+            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok((k, true))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// An exclusive lock on the state directory, held while a server runs.
+pub(crate) struct DirLock(#[allow(dead_code)] std::fs::File);
+
+pub(crate) fn lock_state_dir(dir: &Path) -> Result<DirLock> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("control.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)?;
+    // SAFETY: flock on a valid fd we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        bail!("another tailgate control server is running with state directory {}", dir.display());
+    }
+    Ok(DirLock(f))
+}
+
+/// Is a server holding the state directory's lock?
+pub fn server_running(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(dir.join("control.lock")) else { return false };
+    // SAFETY: flock on a valid fd we own; released when `f` drops.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r != 0
+}
+
+enum Outbound {
+    Msg(ServerOut),
+    Close(String),
+}
+
+type ConnTx = mpsc::Sender<Outbound>;
+
+enum HubCmd {
+    Hello { conn: ConnId, node_key: Key, msg: ClientMsg, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
+    Msg { conn: ConnId, node: i64, msg: ClientMsg },
+    Disconnected { conn: ConnId, node: i64 },
+    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, String>> },
+    PolicyFile { text: String, name: String },
+    Tick,
+    Shutdown,
+}
+
+struct Shared {
+    hub: mpsc::UnboundedSender<HubCmd>,
+    private: Key,
+    opts: ServerOptions,
+    next_conn: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running control server (in-process handle).
+pub struct ControlServer {
+    addr: SocketAddr,
+    public: Key,
+    url: String,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    hub_thread: Option<std::thread::JoinHandle<()>>,
+    created_key: bool,
+    state_dir: PathBuf,
+    _lock: DirLock,
+}
+
+fn default_url(listen: SocketAddr) -> String {
+    let host = if listen.ip().is_unspecified() {
+        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+    } else if listen.is_ipv6() {
+        format!("[{}]", listen.ip())
+    } else {
+        listen.ip().to_string()
+    };
+    format!("http://{host}:{}", listen.port())
+}
+
+fn read_policy_file(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading policy file {}", path.display()))?;
+    Ok((text, path.display().to_string()))
+}
+
+impl ControlServer {
+    /// Opens the state, binds, and starts serving.
+    pub async fn start(opts: ServerOptions) -> Result<ControlServer> {
+        ensure_private_dir(&opts.state_dir)?;
+        let lock = lock_state_dir(&opts.state_dir)?;
+        let (private, created_key) = load_or_create_server_key(&opts.state_dir)?;
+        let public = wg::public_key_of(&private);
+        let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+        let addr = listener.local_addr()?;
+        let url = opts.url.clone().unwrap_or_else(|| default_url(addr));
+        super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
+
+        let mut cfg = HubConfig::new(&url, public);
+        cfg.domain = opts.domain.clone();
+        cfg.node_key_expiry = opts.node_key_expiry;
+        cfg.ephemeral_grace = opts.ephemeral_grace;
+        cfg.keepalive = opts.keepalive;
+        cfg.default_auth_key_expiry = opts.default_auth_key_expiry;
+        let policy = match &opts.policy_file {
+            Some(p) => Some(read_policy_file(p)?),
+            None => None,
+        };
+        let store = Store::open_dir(&opts.state_dir)?;
+        let hub = Hub::open(store, cfg, policy, unix_now())?;
+
+        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx))?;
+        let (stop, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared { hub: hub_tx, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(accept_loop(listener, shared.clone())));
+        tasks.push(tokio::spawn(tick_loop(shared.clone())));
+        if let Some(p) = opts.policy_file.clone() {
+            tasks.push(tokio::spawn(policy_watch(p, shared.clone())));
+        }
+        if opts.admin_socket {
+            let path = admin_socket_path(&opts.state_dir);
+            let _ = std::fs::remove_file(&path); // stale: we hold the lock
+            let l = UnixListener::bind(&path).with_context(|| format!("binding admin socket {}", path.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            tasks.push(tokio::spawn(admin_loop(l, shared.clone())));
+        }
+        tracing::info!("control server on {addr}, url {url}, key {}", wg::key_to_base64(&public));
+        Ok(ControlServer {
+            addr,
+            public,
+            url,
+            shared,
+            stop,
+            tasks,
+            hub_thread: Some(hub_thread),
+            created_key,
+            state_dir: opts.state_dir.clone(),
+            _lock: lock,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.public
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Was the server key created by this start?
+    pub fn created_key(&self) -> bool {
+        self.created_key
+    }
+
+    /// Runs an admin operation in-process (what the admin socket does).
+    pub async fn admin(&self, req: AdminRequest) -> Result<Value, String> {
+        admin_call(&self.shared, req).await
+    }
+
+    /// Serves one already-connected stream (in-memory transports, tests).
+    pub fn serve_stream<S: Stream>(&self, stream: S) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move { handle_conn(stream, "in-memory".into(), shared).await });
+    }
+
+    /// Stops listening, closes every connection, stops the hub, removes the
+    /// admin socket and releases the state directory.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = self.shared.hub.send(HubCmd::Shutdown);
+        if let Some(h) = self.hub_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        let _ = std::fs::remove_file(admin_socket_path(&self.state_dir));
+        // Give connection tasks a moment to see the stop signal.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.shared.hub.send(HubCmd::Shutdown);
+    }
+}
+
+/// `tailgate control` (serve): runs until Ctrl-C / SIGTERM.
+pub async fn run_server(opts: ServerOptions) -> Result<()> {
+    let server = ControlServer::start(opts.clone()).await?;
+    if server.created_key() {
+        println!("tailgate control: created a new server key in {}", opts.state_dir.join("server.key").display());
+    }
+    println!("tailgate control: listening on {}", server.addr());
+    println!("  URL:               {}", server.url());
+    println!("  server public key: {}", wg::key_to_base64(&server.public_key()));
+    println!("  state directory:   {}", opts.state_dir.display());
+    match &opts.policy_file {
+        Some(p) => println!("  policy:            {} (reloaded when it changes)", p.display()),
+        None => println!("  policy:            stored (`tailgate control policy set FILE`), or the built-in default"),
+    }
+    println!("Create an auth key: tailgate control keys create --state-dir {} --user NAME", opts.state_dir.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("tailgate control: shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+// --- hub thread ---------------------------------------------------------------
+
+fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
+    let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
+    while let Some(cmd) = rx.blocking_recv() {
+        let now = unix_now();
+        match cmd {
+            HubCmd::Hello { conn, node_key, msg, tx, reply } => {
+                conns.insert(conn, tx);
+                let r = hub.hello(conn, node_key, msg, now);
+                if let Err((_, m)) = &r {
+                    tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                    dispatch(&mut conns, Out::Close(conn, m.clone()), &mut hub, false);
+                }
+                let _ = reply.send(r.ok());
+            }
+            HubCmd::Msg { conn, node, msg } => hub.client_msg(conn, node, msg, now),
+            HubCmd::Disconnected { conn, node } => {
+                conns.remove(&conn);
+                hub.disconnected(conn, node, now);
+            }
+            HubCmd::Admin { req, reply } => {
+                let _ = reply.send(hub.admin(req, now));
+            }
+            HubCmd::PolicyFile { text, name } => match hub.set_policy(&text, &name, "file", now) {
+                Ok(v) => tracing::info!("policy file {name}: version {v} in force"),
+                Err(e) => tracing::error!("policy file {name}: {e}"),
+            },
+            HubCmd::Tick => hub.tick(now, Instant::now()),
+            HubCmd::Shutdown => break,
+        }
+        for o in hub.take_outputs() {
+            dispatch(&mut conns, o, &mut hub, true);
+        }
+    }
+    // Dropping every sender ends the connection tasks' loops.
+    conns.clear();
+}
+
+fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out, _hub: &mut Hub, _log: bool) {
+    match o {
+        Out::Send(c, msg) => {
+            let Some(tx) = conns.get(&c) else { return };
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Outbound::Msg(msg)) {
+                tracing::warn!("control: connection {c} is not reading its updates; closing it (it will reconnect)");
+                conns.remove(&c); // dropping the sender closes it
+            }
+        }
+        Out::Close(c, reason) => {
+            if let Some(tx) = conns.remove(&c) {
+                let _ = tx.try_send(Outbound::Close(reason));
+            }
+        }
+    }
+}
+
+async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String> {
+    let (tx, rx) = oneshot::channel();
+    shared.hub.send(HubCmd::Admin { req, reply: tx }).map_err(|_| "control server is shutting down".to_string())?;
+    rx.await.map_err(|_| "control server is shutting down".to_string())?
+}
+
+// --- side tasks -----------------------------------------------------------------
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, peer)) => {
+                let _ = s.set_nodelay(true);
+                let shared = shared.clone();
+                tokio::spawn(async move { handle_conn(s, peer.to_string(), shared).await });
+            }
+            Err(e) => {
+                tracing::warn!("control: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn tick_loop(shared: Arc<Shared>) {
+    let mut iv = tokio::time::interval(shared.opts.tick);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        iv.tick().await;
+        if shared.hub.send(HubCmd::Tick).is_err() {
+            return;
+        }
+    }
+}
+
+async fn policy_watch(path: PathBuf, shared: Arc<Shared>) {
+    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let mut last = stamp(&path);
+    let mut iv = tokio::time::interval(shared.opts.policy_poll);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        iv.tick().await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match read_policy_file(&path) {
+            Ok((text, name)) => {
+                if shared.hub.send(HubCmd::PolicyFile { text, name }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!("policy file: {e:#}; the policy in force stays"),
+        }
+    }
+}
+
+async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((s, _)) = l.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<AdminRequest>(&line) {
+                    Ok(req) => admin_call(&shared, req).await,
+                    Err(e) => Err(format!("bad admin request: {e}")),
+                };
+                let v = match resp {
+                    Ok(v) => serde_json::json!({"ok": true, "result": v}),
+                    Err(e) => serde_json::json!({"ok": false, "error": e}),
+                };
+                let mut out = serde_json::to_vec(&v).unwrap_or_default();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+// --- connections ---------------------------------------------------------------
+
+async fn write_and_close<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = s.write_all(bytes).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+}
+
+async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>) {
+    let timeout = shared.opts.handshake_timeout;
+    // 1. HTTP request head.
+    let mut buf = Vec::with_capacity(1024);
+    let head = tokio::time::timeout(timeout, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match http::parse_request(&buf) {
+                Ok(Some(x)) => return Ok(x),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Err("connection closed before a request".into()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let (head, used) = match head {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!("control: {peer}: bad request: {e}");
+            write_and_close(&mut s, &http::simple_response(400, "Bad Request", "bad request\n")).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("control: {peer}: no request within {timeout:?}");
+            return;
+        }
+    };
+    let leftover = buf[used..].to_vec();
+    let upgrade = head.upgrade();
+    match (head.method.as_str(), head.path.as_str(), upgrade.as_deref()) {
+        ("GET", p, Some(UPGRADE_CONTROL)) if p == CONTROL_PATH => {
+            if s.write_all(&http::switching_protocols(UPGRADE_CONTROL)).await.is_err() {
+                return;
+            }
+            if let Err(reason) = control_session(s, leftover, &peer, &shared).await {
+                tracing::info!("control: {peer}: connection closed: {reason}");
+            }
+        }
+        (_, _, Some(token)) if token == UPGRADE_RELAY || shared.opts.upgrades.iter().any(|(t, _)| t == token) => {
+            match shared.opts.upgrades.iter().find(|(t, _)| t == token) {
+                Some((_, h)) => h.handle(Box::new(s), head, leftover).await,
+                None => {
+                    write_and_close(&mut s, &http::simple_response(501, "Not Implemented", "relay not enabled on this server\n")).await
+                }
+            }
+        }
+        ("GET", "/tailgate/health", None) => write_and_close(&mut s, &http::simple_response(200, "OK", "ok\n")).await,
+        (_, p, None) if p == CONTROL_PATH => {
+            write_and_close(
+                &mut s,
+                &http::simple_response(426, "Upgrade Required", "this is the tailgate control endpoint; use `tailgate up`\n"),
+            )
+            .await
+        }
+        _ => write_and_close(&mut s, &http::simple_response(404, "Not Found", "not found\n")).await,
+    }
+}
+
+fn seal(chan: &mut SecureChannel, msg: &ServerOut, out: &mut Vec<u8>) -> Result<(), String> {
+    let json = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
+    chan.seal_frame(&json, out).map_err(|e| e.to_string())
+}
+
+/// After the 101: handshake, first message, then the message loop.
+/// Returns why the connection ended.
+async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared: &Arc<Shared>) -> Result<(), String> {
+    let timeout = shared.opts.handshake_timeout;
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let mut wire = WireDecoder::new();
+    wire.push(&leftover);
+    // 2. Noise IK message 1.
+    let msg1 = tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(m) = wire.next().map_err(|e| e.to_string())? {
+                return Ok::<_, String>(m);
+            }
+            match r.read(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
+                Ok(n) => wire.push(&rbuf[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "handshake timed out".to_string())??;
+    let (mut chan, node_key, msg2) =
+        noise::respond(&shared.private, &msg1, wire, shared.opts.max_client_frame).map_err(|e| e.to_string())?;
+    w.write_all(&msg2).await.map_err(|e| e.to_string())?;
+    let who = format!("{peer} (node {})", &wg::key_to_base64(&node_key)[..8]);
+
+    // 3. First message: register or login.
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            match chan.next_frame() {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            match r.read(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err(ChannelError::Handshake("closed before logging in".into())),
+                Ok(n) => chan.push_wire(&rbuf[..n])?,
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("{who}: no login within {timeout:?}"))?;
+    let first = match first.and_then(|f| parse_client(&f).map_err(ChannelError::Handshake)) {
+        Ok(m) => m,
+        Err(e) => {
+            let mut out = Vec::new();
+            let _ = seal(&mut chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.to_string() }, &mut out);
+            let _ = w.write_all(&out).await;
+            let _ = w.shutdown().await;
+            return Err(format!("{who}: {e}"));
+        }
+    };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
+    let (rtx, rrx) = oneshot::channel();
+    shared
+        .hub
+        .send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx })
+        .map_err(|_| "server shutting down".to_string())?;
+    let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
+
+    // 4. Message loop.
+    let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared).await;
+    if let Some(node) = node {
+        let _ = shared.hub.send(HubCmd::Disconnected { conn, node });
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    chan: &mut SecureChannel,
+    rx: &mut mpsc::Receiver<Outbound>,
+    rbuf: &mut [u8],
+    conn: ConnId,
+    node: Option<i64>,
+    who: &str,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
+    let keepalive = shared.opts.keepalive;
+    let idle_limit = keepalive * 3 + Duration::from_secs(5);
+    let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    let mut last_rx = tokio::time::Instant::now();
+    let mut shutdown = shared.shutdown.clone();
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Err("server shutting down".into()),
+            m = rx.recv() => {
+                let mut closing = None;
+                let mut next = m;
+                out.clear();
+                // Coalesce whatever is queued into one write.
+                loop {
+                    match next {
+                        Some(Outbound::Msg(msg)) => seal(chan, &msg, &mut out)?,
+                        Some(Outbound::Close(reason)) => { closing = Some(reason); break; }
+                        None => { closing = Some("closed by the server".into()); break; }
+                    }
+                    if out.len() > 1 << 20 { break; }
+                    match rx.try_recv() {
+                        Ok(x) => next = Some(x),
+                        Err(_) => break,
+                    }
+                }
+                if !out.is_empty() {
+                    w.write_all(&out).await.map_err(|e| format!("{who}: write: {e}"))?;
+                }
+                if let Some(reason) = closing {
+                    let _ = w.shutdown().await;
+                    return Err(format!("{who}: {reason}"));
+                }
+            }
+            n = r.read(rbuf) => {
+                let n = match n { Ok(0) => return Ok(()), Ok(n) => n, Err(e) => return Err(format!("{who}: read: {e}")) };
+                last_rx = tokio::time::Instant::now();
+                let mut bad = None;
+                match chan.push_wire(&rbuf[..n]) {
+                    Err(ChannelError::Decrypt) => return Err(format!("{who}: undecryptable message")),
+                    Err(e) => bad = Some(e.to_string()),
+                    Ok(()) => loop {
+                        match chan.next_frame() {
+                            Ok(Some(f)) => match parse_client(&f) {
+                                Ok(msg) => {
+                                    if let Some(node) = node {
+                                        let _ = shared.hub.send(HubCmd::Msg { conn, node, msg });
+                                    }
+                                }
+                                Err(e) => { bad = Some(e); break; }
+                            },
+                            Ok(None) => break,
+                            Err(e) => { bad = Some(e.to_string()); break; }
+                        }
+                    },
+                }
+                if let Some(e) = bad {
+                    out.clear();
+                    let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
+                    let _ = w.write_all(&out).await;
+                    let _ = w.shutdown().await;
+                    return Err(format!("{who}: {e}"));
+                }
+            }
+            _ = ka.tick() => {
+                if last_rx.elapsed() > idle_limit {
+                    return Err(format!("{who}: silent for {:?}", last_rx.elapsed()));
+                }
+                out.clear();
+                seal(chan, &ServerOut::KeepAlive, &mut out)?;
+                w.write_all(&out).await.map_err(|e| format!("{who}: write: {e}"))?;
+            }
+        }
+    }
+}
+
+fn parse_client(frame: &[u8]) -> Result<ClientMsg, String> {
+    serde_json::from_slice(frame).map_err(|e| format!("malformed message: {e}"))
+}

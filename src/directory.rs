@@ -1,0 +1,104 @@
+//! Names on the tailnet: which node is `web1`, what its addresses and SSH host
+//! key are. Fed by the static config or the netmap; read by `nc`, `ssh`,
+//! `ssh-config` and `status`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub node_key: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    /// `ssh-ed25519 AAAA...` when known (the netmap carries it).
+    pub ssh_host_key: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Directory {
+    /// The tailnet domain; `web1.<domain>` resolves like `web1`.
+    pub domain: Option<String>,
+    pub me: Option<Entry>,
+    pub peers: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ResolveError {
+    #[error("unknown host {host:?}{}", suggestions(.close))]
+    Unknown { host: String, close: Vec<String> },
+}
+
+fn suggestions(close: &[String]) -> String {
+    if close.is_empty() { "; `tailgate status` lists the nodes you can reach".into() } else { format!("; did you mean {}?", close.join(", ")) }
+}
+
+impl Directory {
+    fn all(&self) -> impl Iterator<Item = &Entry> {
+        self.me.iter().chain(self.peers.iter())
+    }
+
+    /// Find a node by name, fully qualified name, or tailnet IP.
+    pub fn lookup(&self, host: &str) -> Result<&Entry, ResolveError> {
+        let want = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Ok(ip) = want.parse::<IpAddr>() {
+            if let Some(e) = self.all().find(|e| e.ips.contains(&ip)) {
+                return Ok(e);
+            }
+        }
+        let short = match &self.domain {
+            Some(d) => want.strip_suffix(&format!(".{}", d.to_ascii_lowercase())).unwrap_or(&want).to_string(),
+            None => want.clone(),
+        };
+        if let Some(e) = self.all().find(|e| e.name.eq_ignore_ascii_case(&short)) {
+            return Ok(e);
+        }
+        let mut close: Vec<(f64, String)> = self
+            .all()
+            .map(|e| (strsim::jaro_winkler(&short, &e.name.to_ascii_lowercase()), e.name.clone()))
+            .filter(|(s, _)| *s >= 0.75)
+            .collect();
+        close.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Err(ResolveError::Unknown { host: host.to_string(), close: close.into_iter().take(3).map(|(_, n)| n).collect() })
+    }
+
+    /// The address to dial for `host`: an IP literal passes through even when
+    /// it names no known node (the data plane will say if nothing routes it).
+    pub fn resolve(&self, host: &str) -> Result<IpAddr, ResolveError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(ip);
+        }
+        let e = self.lookup(host)?;
+        Ok(e.ips[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, ip: &str) -> Entry {
+        Entry { name: name.into(), ips: vec![ip.parse().unwrap()], node_key: String::new(), user: None, tags: vec![], ssh_host_key: None }
+    }
+
+    #[test]
+    fn names_fqdns_ips_and_close_matches() {
+        let d = Directory {
+            domain: Some("tail.example".into()),
+            me: Some(entry("laptop", "100.64.0.1")),
+            peers: vec![entry("web1", "100.64.0.2"), entry("web2", "100.64.0.3"), entry("db", "100.64.0.4")],
+        };
+        assert_eq!(d.resolve("web1").unwrap().to_string(), "100.64.0.2");
+        assert_eq!(d.resolve("WEB2.tail.example").unwrap().to_string(), "100.64.0.3");
+        assert_eq!(d.resolve("web1.tail.example.").unwrap().to_string(), "100.64.0.2");
+        assert_eq!(d.resolve("100.64.0.9").unwrap().to_string(), "100.64.0.9");
+        assert_eq!(d.lookup("100.64.0.4").unwrap().name, "db");
+        let e = d.resolve("web3").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("did you mean") && msg.contains("web1") && msg.contains("web2"), "{msg}");
+        assert!(!msg.contains("laptop"), "{msg}");
+        assert!(d.resolve("zzzzzz").unwrap_err().to_string().contains("tailgate status"));
+    }
+}

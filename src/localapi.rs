@@ -1,0 +1,197 @@
+//! The daemon's local API: a unix socket (0600) in the state directory.
+//!
+//! One JSON line per request, one JSON line per answer. `connect` turns the
+//! socket into a raw byte pipe to a tailnet TCP connection after the answer,
+//! which is what `tailgate nc` (and so `ssh` via ProxyCommand) rides on.
+//! Access control is the file mode: whoever can open the socket can use the
+//! node's identity, exactly like whoever can read its private key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::directory::Directory;
+use crate::node::Node;
+
+pub const SOCKET_NAME: &str = "tailgate.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Connect { host: String, port: u16 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+/// What the local API serves from.
+#[derive(Clone)]
+pub struct Daemon {
+    pub node: Arc<Node>,
+    pub directory: Arc<RwLock<Directory>>,
+    /// Extra status fields (e.g. the control connection), merged into `status`.
+    pub extra: Arc<RwLock<serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl Daemon {
+    pub fn new(node: Arc<Node>, directory: Directory) -> Self {
+        Daemon { node, directory: Arc::new(RwLock::new(directory)), extra: Default::default() }
+    }
+
+    pub fn directory(&self) -> Directory {
+        self.directory.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Self and peers joined with live data-plane counters.
+    pub fn status(&self) -> serde_json::Value {
+        let dir = self.directory();
+        let ns = self.node.status();
+        let peers: Vec<serde_json::Value> = dir
+            .peers
+            .iter()
+            .map(|e| {
+                let live = ns.peers.iter().find(|p| p.public_key == e.node_key);
+                serde_json::json!({
+                    "name": e.name,
+                    "ips": e.ips,
+                    "user": e.user,
+                    "tags": e.tags,
+                    "node_key": e.node_key,
+                    "path": live.and_then(|p| p.endpoint).map(|ep| format!("direct {ep}")),
+                    "last_handshake_secs_ago": live.and_then(|p| p.last_handshake_secs_ago),
+                    "online": live.and_then(|p| p.last_handshake_secs_ago).is_some_and(|s| s < 180),
+                    "rx_bytes": live.map(|p| p.stats.rx_bytes).unwrap_or(0),
+                    "tx_bytes": live.map(|p| p.stats.tx_bytes).unwrap_or(0),
+                    "spoofed_dropped": live.map(|p| p.stats.spoofed).unwrap_or(0),
+                })
+            })
+            .collect();
+        let mut v = serde_json::json!({
+            "self": dir.me,
+            "domain": dir.domain,
+            "addresses": ns.addresses,
+            "listen": ns.listen,
+            "peers": peers,
+            "invalid_datagrams": ns.stats.invalid,
+            "tcp_sockets": ns.tcp_sockets,
+        });
+        for (k, val) in self.extra.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            v[k] = val.clone();
+        }
+        v
+    }
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// Listen on `state_dir/tailgate.sock` until the process ends.
+pub fn serve(daemon: Daemon, state_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(state_dir);
+    // A socket file left by a crashed daemon blocks bind; a live daemon
+    // answers, and then we must not steal its socket.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            bail!("another tailgate daemon is running with state dir {}; stop it or use another --state-dir", state_dir.display());
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding the local API socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else { continue };
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(d, conn).await {
+                    tracing::debug!(error = %e, "local API connection ended");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(conn: &mut UnixStream, a: &Answer) -> Result<()> {
+    let mut line = serde_json::to_vec(a)?;
+    line.push(b'\n');
+    conn.write_all(&line).await?;
+    Ok(())
+}
+
+async fn handle(d: Daemon, mut conn: UnixStream) -> Result<()> {
+    let mut line = String::new();
+    {
+        let mut rd = BufReader::new(&mut conn);
+        // Bounded: a request is a short JSON line.
+        (&mut rd).take(64 * 1024).read_line(&mut line).await?;
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return answer(&mut conn, &Answer { ok: false, error: Some(format!("bad request: {e}")), status: None }).await;
+        }
+    };
+    match req {
+        Request::Status => answer(&mut conn, &Answer { ok: true, error: None, status: Some(d.status()) }).await,
+        Request::Connect { host, port } => {
+            let ip = match d.directory().resolve(&host) {
+                Ok(ip) => ip,
+                Err(e) => return answer(&mut conn, &Answer { ok: false, error: Some(e.to_string()), status: None }).await,
+            };
+            match d.node.connect(SocketAddr::new(ip, port)).await {
+                Ok(mut stream) => {
+                    answer(&mut conn, &Answer { ok: true, error: None, status: None }).await?;
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+                    Ok(())
+                }
+                Err(e) => answer(&mut conn, &Answer { ok: false, error: Some(format!("{host}:{port}: {e}")), status: None }).await,
+            }
+        }
+    }
+}
+
+/// Send one request; returns the answer and the connection (raw after `connect`).
+pub async fn request(state_dir: &Path, req: &Request) -> Result<(Answer, UnixStream)> {
+    let path = socket_path(state_dir);
+    let mut conn = UnixStream::connect(&path)
+        .await
+        .with_context(|| format!("no tailgate daemon answers at {} (start one with `tailgate up`)", path.display()))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    conn.write_all(&line).await?;
+    // Read the answer byte by byte: after a `connect` answer the stream
+    // carries the remote's bytes, which a buffered reader would swallow.
+    let mut buf = Vec::new();
+    loop {
+        let b = conn.read_u8().await.context("the daemon closed the local API connection")?;
+        if b == b'\n' {
+            break;
+        }
+        buf.push(b);
+        if buf.len() > 16 * 1024 * 1024 {
+            bail!("local API answer too long");
+        }
+    }
+    let a: Answer = serde_json::from_slice(&buf).context("malformed local API answer")?;
+    Ok((a, conn))
+}
+
+/// Whether a daemon is listening in this state directory.
+pub fn daemon_running(state_dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket_path(state_dir)).is_ok()
+}

@@ -1,0 +1,292 @@
+//! Control plane end to end, in process on 127.0.0.1: a control server and
+//! protocol clients (what `tailgate up` uses). Registration, IP and name
+//! allocation, policy-filtered maps, live policy changes, auth-key refusals,
+//! user removal, renames, endpoints, expiry, ephemeral cleanup.
+
+#[path = "control_util.rs"]
+mod util;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tailgate::control::hub::AdminRequest;
+use tailgate::control::proto::ErrorCode;
+use tailgate::control::{ControlError, ControlTarget};
+use tailgate::policy::Action;
+use tailgate::wg;
+use util::*;
+
+/// alice's laptop, bob's laptop and a tag:prod server under POLICY_V1.
+async fn three_nodes(s: &tailgate::control::ControlServer) -> (Node, Node, Node) {
+    admin(s, AdminRequest::PolicySet { text: POLICY_V1.into(), name: "policy.toml".into() }).await;
+    setup_users(s, &["alice", "bob"]).await;
+    let ka = make_key(s, Some("alice"), &[], false, false).await;
+    let kb = make_key(s, Some("bob"), &[], false, false).await;
+    let kp = make_key(s, Some("alice"), &["tag:prod"], false, false).await;
+    let a = join(&ka, "laptop").await;
+    let b = join(&kb, "laptop").await;
+    let p = join(&kp, "prod1.example.com").await;
+    (a, b, p)
+}
+
+#[tokio::test]
+async fn registration_allocates_addresses_and_unique_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (a, b, p) = three_nodes(&s).await;
+    // Names from host names, a suffix on clash; sequential addresses.
+    assert_eq!((a.name(), b.name(), p.name()), ("laptop", "laptop-2", "prod1"));
+    let ips: Vec<IpAddr> = [&a, &b, &p].iter().map(|n| n.map.self_node.ips[0]).collect();
+    assert_eq!(ips, ["100.64.0.1", "100.64.0.2", "100.64.0.3"].map(|s| s.parse::<IpAddr>().unwrap()));
+    assert_eq!(a.map.self_node.fqdn, "laptop.tailnet.internal");
+    assert_eq!(a.map.self_node.user.as_deref(), Some("alice"));
+    // A tagged node belongs to its tags, not to the key's user, and does not expire.
+    assert_eq!(p.map.self_node.user, None);
+    assert_eq!(p.map.self_node.tags, vec!["tag:prod"]);
+    assert_eq!(p.map.self_node.key_expiry, None);
+    // A user node's key expires in 180 days by default.
+    let exp = a.map.self_node.key_expiry.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((exp - now - 180 * 86400).abs() < 60, "expiry {exp} vs now {now}");
+    assert!(a.client.new_node());
+    // The map carries the node key (from the Noise handshake) and the policy.
+    assert_eq!(a.map.self_node.node_key, wg::public_key_of(&a.key));
+    assert!(a.map.policy.text.contains("group:admins"));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn maps_only_show_peers_the_policy_lets_talk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (mut a, b, mut p) = three_nodes(&s).await;
+    // alice (admin) <-> prod; bob sees nobody (no own nodes yet).
+    a.wait_for("prod1 in alice's map", |m| m.peer_by_name("prod1").is_some()).await;
+    p.wait_for("alice in prod1's map", |m| m.peer_by_name("laptop").is_some()).await;
+    assert_eq!(a.peer_names(), vec!["prod1"]);
+    assert_eq!(p.peer_names(), vec!["laptop"]);
+    assert!(b.map.peers.is_empty(), "bob sees {:?}", b.map.peers.keys().collect::<Vec<_>>());
+    // What a peer entry holds: key, address, identity, SSH host key, endpoints.
+    let prod = a.client.netmap().peer_by_name("prod1").unwrap().clone();
+    assert_eq!(prod.node_key, wg::public_key_of(&p.key));
+    assert_eq!(prod.peer_config().allowed_ips[0].to_string(), "100.64.0.3/32");
+    assert_eq!(prod.identity().tags, vec!["tag:prod"]);
+    assert!(prod.ssh_host_key.as_deref().unwrap().starts_with("ssh-ed25519 "));
+    assert_eq!(prod.endpoints, vec!["127.0.0.1:41641".parse().unwrap()]);
+    assert!(prod.online);
+    // A second node of bob's sees his first one, nothing else.
+    let kb = make_key(&s, Some("bob"), &[], false, false).await;
+    let b2 = join(&kb, "desktop").await;
+    assert_eq!(b2.peer_names(), vec!["laptop-2"]);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_policy_change_reaches_every_node_as_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (mut a, mut b, mut p) = three_nodes(&s).await;
+    a.wait_for("prod1", |m| m.peer_by_name("prod1").is_some()).await;
+    p.wait_for("laptop", |m| m.peer_by_name("laptop").is_some()).await;
+    let v1 = a.client.netmap().policy.version;
+
+    let v = admin(&s, AdminRequest::PolicySet { text: policy_v2(), name: "policy.toml".into() }).await;
+    let v2 = v["version"].as_u64().unwrap();
+    assert_eq!(v2, v1 + 1);
+    for n in [&mut a, &mut b, &mut p] {
+        let deltas = n.wait_for("the new policy", |m| m.policy.version == v2).await;
+        assert!(deltas.iter().any(|d| d.policy.is_some()), "the policy came as a delta");
+    }
+    // bob now sees prod1 and prod1 sees bob: peers added in the same delta.
+    b.wait_for("prod1 in bob's map", |m| m.peer_by_name("prod1").is_some()).await;
+    p.wait_for("bob in prod1's map", |m| m.peer_by_name("laptop-2").is_some()).await;
+    assert_eq!(a.peer_names(), vec!["prod1"], "alice's peers unchanged");
+
+    // The policy each node received changes who can SSH where: prod1
+    // evaluates bob's login with the map's policy and identities.
+    let pol = p.client.netmap().compile_policy().unwrap();
+    let me = p.client.netmap().self_node.identity();
+    let bob = p.client.netmap().peer_by_name("laptop-2").unwrap().identity();
+    assert_eq!(pol.check_ssh(&bob, &me, "root").action, Action::Accept);
+    // ... and back: the old policy again removes bob from prod1's map.
+    admin(&s, AdminRequest::PolicySet { text: POLICY_V1.into(), name: "policy.toml".into() }).await;
+    p.wait_for("bob gone from prod1's map", |m| m.peer_by_name("laptop-2").is_none()).await;
+    let pol = p.client.netmap().compile_policy().unwrap();
+    assert_eq!(pol.check_ssh(&bob, &me, "root").action, Action::Reject);
+    b.wait_for("prod1 gone from bob's map", |m| m.peers.is_empty()).await;
+
+    // A bad policy is refused with the reason; the good one stays.
+    let e = s
+        .admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() })
+        .await
+        .unwrap_err();
+    assert!(e.contains("bad.toml:") && e.contains("stays in force"), "{e}");
+    let pol = admin(&s, AdminRequest::PolicyGet).await;
+    assert_eq!(pol["text"].as_str().unwrap(), POLICY_V1);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoked_expired_and_used_auth_keys_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    setup_users(&s, &["alice"]).await;
+    // Revoked.
+    let v = admin(
+        &s,
+        AdminRequest::KeysCreate { user: Some("alice".into()), reusable: true, ephemeral: false, expiry_secs: None, tags: vec![] },
+    )
+    .await;
+    let t = tailgate::control::AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap();
+    admin(&s, AdminRequest::KeysRevoke { id: v["id"].as_i64().unwrap() }).await;
+    match join_with(&t, "x", wg::generate_private_key()).await {
+        Err(ControlError::Refused { code: ErrorCode::AuthKey, message }) => {
+            assert!(message.contains("revoked on") && message.contains("tailgate control keys create"), "{message}");
+        }
+        other => panic!("revoked key accepted: {:?}", other.map(|n| n.map.self_node)),
+    }
+    // Expired (1-second lifetime).
+    let v = admin(
+        &s,
+        AdminRequest::KeysCreate { user: Some("alice".into()), reusable: true, ephemeral: false, expiry_secs: Some(1), tags: vec![] },
+    )
+    .await;
+    let t = tailgate::control::AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = join_with(&t, "x", wg::generate_private_key()).await.err().expect("expired key refused");
+    let msg = e.to_string();
+    assert!(msg.contains("expired on") && msg.contains("keys create"), "{msg}");
+    // One-off, used twice.
+    let t = make_key(&s, Some("alice"), &[], false, false).await;
+    let _n = join(&t, "first").await;
+    let e = join_with(&t, "second", wg::generate_private_key()).await.err().expect("used key refused");
+    assert!(e.to_string().contains("already used"), "{e}");
+    // The same node coming back with the same (used) key just logs in.
+    let again = join_with(&t, "first", _n.key).await.expect("known node key logs in");
+    assert_eq!(again.map.self_node.name, "first");
+    assert!(!again.client.new_node());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn removing_a_user_cuts_their_nodes_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (mut a, _b, mut p) = three_nodes(&s).await;
+    a.wait_for("prod1", |m| m.peer_by_name("prod1").is_some()).await;
+    p.wait_for("laptop", |m| m.peer_by_name("laptop").is_some()).await;
+    let alice_key = wg::key_to_base64(&wg::public_key_of(&a.key));
+
+    let v = admin(&s, AdminRequest::UsersRemove { name: "alice".into() }).await;
+    assert_eq!(v["nodes_removed"], 1);
+    // prod1 gets a delta removing alice's laptop.
+    let deltas = p.wait_for("alice's laptop removed", |m| m.peer_by_name("laptop").is_none()).await;
+    assert!(deltas.iter().any(|d| d.peers_removed.contains(&alice_key)));
+    // alice's node is told (key_expired) and disconnected.
+    let d = a.next().await.expect("a delta before the end");
+    assert!(d.key_expired);
+    let e = a.next().await.unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    // Coming back with the old key fails: the node is gone.
+    let target = ControlTarget { url: s.url().into(), server_public: s.public_key() };
+    match login(&target, "laptop", a.key).await {
+        Err(ControlError::Refused { code: ErrorCode::NotRegistered, .. }) => {}
+        other => panic!("{:?}", other.map(|n| n.map.self_node)),
+    }
+    // The tagged node alice registered stays.
+    assert!(p.client.netmap().self_node.tags == vec!["tag:prod"]);
+    let nodes = admin(&s, AdminRequest::NodesList).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn rename_endpoints_tags_and_expiry_flow_to_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (mut a, _b, mut p) = three_nodes(&s).await;
+    a.wait_for("prod1", |m| m.peer_by_name("prod1").is_some()).await;
+    p.wait_for("laptop", |m| m.peer_by_name("laptop").is_some()).await;
+
+    // Rename: peers see the new name, the node itself gets self_node.
+    admin(&s, AdminRequest::NodesRename { node: "prod1".into(), name: "db1".into() }).await;
+    a.wait_for("renamed peer", |m| m.peer_by_name("db1").is_some()).await;
+    let d = p.wait_for("own new name", |m| m.self_node.name == "db1").await;
+    assert!(d.iter().any(|d| d.self_node.is_some()));
+    let e = s.admin(AdminRequest::NodesRename { node: "db1".into(), name: "laptop".into() }).await.unwrap_err();
+    assert!(e.contains("taken"), "{e}");
+
+    // Endpoints reported by a node reach its peers.
+    let ep: std::net::SocketAddr = "127.0.0.1:5555".parse().unwrap();
+    p.client.report_endpoints(vec![ep]).await.unwrap();
+    a.wait_for("new endpoint", |m| m.peer_by_name("db1").is_some_and(|x| x.endpoints == vec![ep])).await;
+
+    // Going offline is visible to peers.
+    drop(p);
+    a.wait_for("db1 offline", |m| m.peer_by_name("db1").is_some_and(|x| !x.online)).await;
+
+    // Expiring alice's node: she is told, peers drop her, login is refused.
+    let kp2 = make_key(&s, Some("alice"), &["tag:prod"], false, false).await;
+    let mut p2 = join(&kp2, "prod2").await;
+    p2.wait_for("laptop", |m| m.peer_by_name("laptop").is_some()).await;
+    admin(&s, AdminRequest::NodesExpire { node: "laptop".into() }).await;
+    let d = a.next().await.unwrap();
+    assert!(d.key_expired);
+    p2.wait_for("laptop dropped", |m| m.peer_by_name("laptop").is_none()).await;
+    let target = ControlTarget { url: s.url().into(), server_public: s.public_key() };
+    match login(&target, "laptop", a.key).await {
+        Err(ControlError::Refused { code: ErrorCode::NodeKeyExpired, message }) => {
+            assert!(message.contains("expired on") && message.contains("--authkey"), "{message}")
+        }
+        other => panic!("{:?}", other.map(|n| n.map.self_node)),
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn ephemeral_nodes_disappear_after_going_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await; // grace 300 ms
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let ke = make_key(&s, Some("alice"), &[], true, true).await;
+    let mut keep = join(&k, "keep").await;
+    let eph = join(&ke, "ci-runner").await;
+    assert!(eph.map.self_node.ephemeral);
+    keep.wait_for("ci-runner", |m| m.peer_by_name("ci-runner").is_some()).await;
+    // Online ephemeral nodes stay past the grace period.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(admin(&s, AdminRequest::NodesList).await.as_array().unwrap().len(), 2);
+    drop(eph);
+    keep.wait_for("ci-runner removed", |m| m.peer_by_name("ci-runner").is_none()).await;
+    let nodes = admin(&s, AdminRequest::NodesList).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    // Logout of an ephemeral node deletes it at once.
+    let eph2 = join(&ke, "ci-runner-b").await;
+    keep.wait_for("ci-runner-b", |m| m.peer_by_name("ci-runner-b").is_some()).await;
+    eph2.client.logout().await.unwrap();
+    keep.wait_for("ci-runner-b removed", |m| m.peer_by_name("ci-runner-b").is_none()).await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_node_key_takes_over_the_old_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let mut other = join(&k, "other").await;
+    let old = join(&k, "web").await;
+    let ip = old.map.self_node.ips[0];
+    let old_pub = wg::public_key_of(&old.key);
+    drop(old);
+    let new_key = wg::generate_private_key();
+    let mut h = hello(&k, "web");
+    h.previous_node_key = Some(old_pub);
+    let (c, map) = tailgate::control::ControlClient::connect(&tailgate::control::ControlTarget::from(&k), &new_key, h).await.unwrap();
+    assert_eq!((map.self_node.name.as_str(), map.self_node.ips[0]), ("web", ip), "same node, new key");
+    assert_eq!(map.self_node.node_key, wg::public_key_of(&new_key));
+    other.wait_for("web under its new key", |m| m.peer_by_name("web").is_some_and(|p| p.node_key == wg::public_key_of(&new_key))).await;
+    drop(c);
+    s.shutdown().await;
+}

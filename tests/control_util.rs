@@ -1,0 +1,153 @@
+//! Shared helpers for the control-plane tests (included with `#[path]`;
+//! as a test target of its own it has no tests).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tailgate::control::hub::AdminRequest;
+use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions};
+use tailgate::wg::{self, Key};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// alice is an admin (root on tag:prod); everyone reaches their own nodes.
+pub const POLICY_V1: &str = r#"
+[groups]
+"group:admins" = ["alice"]
+
+[tag_owners]
+"tag:prod" = ["group:admins"]
+
+[[ssh]]
+src = ["group:admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[ssh]]
+src = ["autogroup:member"]
+dst = ["autogroup:self"]
+users = ["autogroup:nonroot"]
+action = "accept"
+
+[[tests]]
+src = "alice"
+dst = "tag:prod"
+accept = ["root"]
+
+[[tests]]
+src = "bob"
+dst = "tag:prod"
+deny = ["root"]
+"#;
+
+/// bob becomes an admin too.
+pub fn policy_v2() -> String {
+    POLICY_V1.replace(r#"["alice"]"#, r#"["alice", "bob"]"#).replace(
+        "src = \"bob\"\ndst = \"tag:prod\"\ndeny = [\"root\"]",
+        "src = \"bob\"\ndst = \"tag:prod\"\naccept = [\"root\"]",
+    )
+}
+
+pub fn options(dir: &Path) -> ServerOptions {
+    let mut o = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir);
+    o.tick = Duration::from_millis(100);
+    o.policy_poll = Duration::from_millis(100);
+    o.ephemeral_grace = Duration::from_millis(300);
+    o
+}
+
+pub async fn start(dir: &Path) -> ControlServer {
+    ControlServer::start(options(dir)).await.expect("server starts")
+}
+
+pub async fn admin(s: &ControlServer, req: AdminRequest) -> Value {
+    s.admin(req.clone()).await.unwrap_or_else(|e| panic!("{req:?}: {e}"))
+}
+
+pub async fn setup_users(s: &ControlServer, users: &[&str]) {
+    for u in users {
+        admin(s, AdminRequest::UsersAdd { name: u.to_string() }).await;
+    }
+}
+
+pub async fn make_key(s: &ControlServer, user: Option<&str>, tags: &[&str], reusable: bool, ephemeral: bool) -> AuthKeyToken {
+    let v = admin(
+        s,
+        AdminRequest::KeysCreate {
+            user: user.map(String::from),
+            reusable,
+            ephemeral,
+            expiry_secs: None,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        },
+    )
+    .await;
+    AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap()
+}
+
+pub struct Node {
+    pub key: Key,
+    pub client: ControlClient,
+    pub map: NetMap,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.client.netmap().self_node.name
+    }
+
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.client.netmap().peers.values().map(|p| p.name.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Reads updates until `pred` holds for the map (or panics after TIMEOUT).
+    pub async fn wait_for(&mut self, what: &str, pred: impl Fn(&NetMap) -> bool) -> Vec<MapDelta> {
+        let mut seen = Vec::new();
+        let r = tokio::time::timeout(TIMEOUT, async {
+            while !pred(self.client.netmap()) {
+                seen.push(self.client.next_update().await?);
+            }
+            Ok::<_, ControlError>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => seen,
+            Ok(Err(e)) => panic!("{}: waiting for {what}: {e}", self.name()),
+            Err(_) => panic!("{}: timed out waiting for {what}; map peers {:?}, deltas {seen:?}", self.name(), self.peer_names()),
+        }
+    }
+
+    /// The next delta (panics after TIMEOUT).
+    pub async fn next(&mut self) -> Result<MapDelta, ControlError> {
+        tokio::time::timeout(TIMEOUT, self.client.next_update()).await.expect("an update in time")
+    }
+}
+
+pub async fn join(token: &AuthKeyToken, host: &str) -> Node {
+    join_with(token, host, wg::generate_private_key()).await.unwrap_or_else(|e| panic!("{host} joins: {e}"))
+}
+
+pub fn hello(token: &AuthKeyToken, host: &str) -> NodeHello {
+    NodeHello {
+        auth_key: Some(token.secret.clone()),
+        hostname: host.into(),
+        ssh_host_key: Some(format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9uZQ root@{host}")),
+        endpoints: vec!["127.0.0.1:41641".parse().unwrap()],
+        previous_node_key: None,
+    }
+}
+
+pub async fn join_with(token: &AuthKeyToken, host: &str, key: Key) -> Result<Node, ControlError> {
+    let (client, map) = ControlClient::connect(&ControlTarget::from(token), &key, hello(token, host)).await?;
+    Ok(Node { key, client, map })
+}
+
+pub async fn login(target: &ControlTarget, host: &str, key: Key) -> Result<Node, ControlError> {
+    let (client, map) = ControlClient::connect(target, &key, NodeHello::login(host)).await?;
+    Ok(Node { key, client, map })
+}
