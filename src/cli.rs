@@ -33,6 +33,15 @@ enum Command {
     Up(UpArgs),
     /// Connect stdin/stdout to HOST:PORT through the tailnet (for ssh ProxyCommand).
     Nc(NcArgs),
+    /// Run or administer the coordination server (users, auth keys, nodes, policy).
+    Control(crate::control::ControlArgs),
+    /// Run stock `ssh` to a tailnet node: `tailgate ssh [user@]host [command]`.
+    Ssh(SshArgs),
+    /// Print an OpenSSH config block so plain `ssh web1` works.
+    SshConfig {
+        #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show this node and its peers (from the running daemon).
     Status(StatusArgs),
     /// Policy tools.
@@ -54,9 +63,18 @@ enum PolicyCommand {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// A wg-quick style config (static mode).
+    /// Join with this auth key (first start only; later starts reuse the state dir).
+    #[arg(long, value_name = "TOKEN", env = "TAILGATE_AUTHKEY", conflicts_with = "wg_config")]
+    authkey: Option<String>,
+    /// Node name to ask for (default: this machine's host name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// WireGuard UDP port (0 picks one).
+    #[arg(long, default_value_t = 0)]
+    listen_port: u16,
+    /// Static mode: a wg-quick style config instead of a control server.
     #[arg(long, value_name = "FILE")]
-    wg_config: PathBuf,
+    wg_config: Option<PathBuf>,
     /// Forward tailnet TCP PORT to a local TARGET, e.g. 8080=127.0.0.1:80 (repeatable).
     #[arg(long, value_name = "PORT=HOST:PORT")]
     forward: Vec<String>,
@@ -92,6 +110,17 @@ struct NcArgs {
 }
 
 #[derive(clap::Args)]
+struct SshArgs {
+    #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// `[user@]host`: a node name, `name.<tailnet domain>` or tailnet IP.
+    target: String,
+    /// Command to run instead of a login shell.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
 struct StatusArgs {
     #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -115,6 +144,9 @@ pub fn main() -> ExitCode {
         Command::Up(args) => run_async(up(args)),
         Command::Nc(args) => run_async(nc(args)),
         Command::Status(args) => run_async(status(args)),
+        Command::Ssh(args) => run_async(ssh(args)),
+        Command::SshConfig { state_dir } => run_async(ssh_config(state_dir)),
+        Command::Control(args) => crate::control::admin_main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,7 +269,28 @@ async fn up(args: UpArgs) -> Result<()> {
         None => crate::policy::Policy::default_static(),
     };
     let state_dir = state_dir_or_default(args.state_dir.clone())?;
-    let c = load_config(&args.wg_config)?;
+    let Some(wg_config) = args.wg_config.as_deref() else {
+        let agent = crate::agent::start(crate::agent::AgentOptions {
+            state_dir: state_dir.clone(),
+            authkey: args.authkey.clone(),
+            hostname: args.hostname.clone().unwrap_or_else(local_hostname),
+            listen_port: args.listen_port,
+            ssh_port: (!args.no_ssh).then_some(args.ssh_port),
+        })
+        .await?;
+        for (port, target) in forwards {
+            forward::spawn_forward(&agent.node, port, target)?;
+        }
+        for (local, remote) in local_forwards {
+            forward::spawn_local_forward(agent.node.clone(), local, remote).await?;
+        }
+        let me = agent.daemon.directory().me.map(|e| e.name).unwrap_or_default();
+        let ip = agent.node.addresses().first().map(|a| a.to_string()).unwrap_or_default();
+        println!("tailgate: up at {ip} as {me} (UDP {})", agent.node.udp_addr());
+        wait_for_signal().await;
+        return Ok(());
+    };
+    let c = load_config(wg_config)?;
     config::ensure_private_dir(&state_dir)?;
     let node = Arc::new(Node::start(node_config(&c, c.listen_port.unwrap_or(0))).await?);
     tracing::info!(udp = %node.udp_addr(), addresses = ?node.addresses(), "node up");
@@ -287,6 +340,22 @@ pub fn default_state_dir() -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .context("no HOME; pass --state-dir")?;
     Ok(base.join("tailgate"))
+}
+
+async fn ssh(args: SshArgs) -> Result<()> {
+    let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
+    let dir = localapi::fetch_directory(&state_dir).await?;
+    let exe = std::env::current_exe().context("locating the tailgate binary")?;
+    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &args.target, &args.command)?;
+    Ok(())
+}
+
+async fn ssh_config(state_dir: Option<PathBuf>) -> Result<()> {
+    let state_dir = std::path::absolute(state_dir_or_default(state_dir)?)?;
+    let dir = localapi::fetch_directory(&state_dir).await?;
+    let exe = std::env::current_exe().context("locating the tailgate binary")?;
+    print!("{}", crate::sshclient::ssh_config(&exe, &state_dir, &dir));
+    Ok(())
 }
 
 async fn status(args: StatusArgs) -> Result<()> {

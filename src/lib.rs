@@ -1,4 +1,5 @@
 //! tailgate: a userspace WireGuard node with an identity-aware SSH server.
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -11,4 +12,5 @@ pub mod node;
 pub mod policy;
 pub mod serve;
 pub mod ssh;
+pub mod sshclient;
 pub mod wg;

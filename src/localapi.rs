@@ -24,6 +24,8 @@ pub const SOCKET_NAME: &str = "tailgate.sock";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// The name directory (peers, addresses, SSH host keys).
+    Directory,
     Connect { host: String, port: u16 },
 }
 
@@ -148,6 +150,10 @@ async fn handle(d: Daemon, mut conn: UnixStream) -> Result<()> {
     };
     match req {
         Request::Status => answer(&mut conn, &Answer { ok: true, error: None, status: Some(d.status()) }).await,
+        Request::Directory => {
+            let dir = serde_json::to_value(d.directory())?;
+            answer(&mut conn, &Answer { ok: true, error: None, status: Some(dir) }).await
+        }
         Request::Connect { host, port } => {
             let ip = match d.directory().resolve(&host) {
                 Ok(ip) => ip,
@@ -194,4 +200,13 @@ pub async fn request(state_dir: &Path, req: &Request) -> Result<(Answer, UnixStr
 /// Whether a daemon is listening in this state directory.
 pub fn daemon_running(state_dir: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket_path(state_dir)).is_ok()
+}
+
+/// The running daemon's name directory.
+pub async fn fetch_directory(state_dir: &Path) -> Result<Directory> {
+    let (a, _) = request(state_dir, &Request::Directory).await?;
+    match (a.ok, a.status) {
+        (true, Some(v)) => Ok(serde_json::from_value(v)?),
+        _ => bail!("{}", a.error.unwrap_or_else(|| "the daemon sent no directory".into())),
+    }
 }

@@ -136,27 +136,7 @@ impl Stack {
         config.random_seed = rand::random();
         let epoch = now;
         let mut iface = Interface::new(config, &mut device, smol_now(epoch, now));
-        iface.update_ip_addrs(|addrs| {
-            for a in addresses {
-                let cidr = match a {
-                    IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(*v4), 32),
-                    IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(*v6), 128),
-                };
-                let _ = addrs.push(cidr);
-            }
-        });
-        // With the IP medium there are no neighbours: every destination goes
-        // out the one device, the gateway address only has to exist.
-        for a in addresses {
-            match a {
-                IpAddr::V4(v4) => {
-                    let _ = iface.routes_mut().add_default_ipv4_route(*v4);
-                }
-                IpAddr::V6(v6) => {
-                    let _ = iface.routes_mut().add_default_ipv6_route(*v6);
-                }
-            }
-        }
+        set_addresses(&mut iface, addresses);
         Stack {
             iface,
             sockets: SocketSet::new(vec![]),
@@ -166,6 +146,11 @@ impl Stack {
             epoch,
             next_port: 49152 + (rand::random::<u16>() % 16000),
         }
+    }
+
+    /// Replace the node's addresses (a netmap assigned or changed them).
+    pub fn set_addresses(&mut self, addresses: &[IpAddr]) {
+        set_addresses(&mut self.iface, addresses);
     }
 
     fn new_socket() -> tcp::Socket<'static> {
@@ -358,6 +343,33 @@ impl Stack {
 
     fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
+
+fn set_addresses(iface: &mut Interface, addresses: &[IpAddr]) {
+    iface.update_ip_addrs(|addrs| {
+        addrs.clear();
+        for a in addresses {
+            let cidr = match a {
+                IpAddr::V4(v4) => IpCidr::new(IpAddress::Ipv4(*v4), 32),
+                IpAddr::V6(v6) => IpCidr::new(IpAddress::Ipv6(*v6), 128),
+            };
+            let _ = addrs.push(cidr);
+        }
+    });
+    // With the IP medium there are no neighbours: every destination goes out
+    // the one device, the gateway address only has to exist.
+    iface.routes_mut().remove_default_ipv4_route();
+    iface.routes_mut().remove_default_ipv6_route();
+    for a in addresses {
+        match a {
+            IpAddr::V4(v4) => {
+                let _ = iface.routes_mut().add_default_ipv4_route(*v4);
+            }
+            IpAddr::V6(v6) => {
+                let _ = iface.routes_mut().add_default_ipv6_route(*v6);
+            }
+        }
     }
 }
 

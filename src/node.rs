@@ -64,7 +64,7 @@ impl Inner {
 /// A running tailnet node (data plane only).
 pub struct Node {
     inner: Arc<Inner>,
-    addresses: Vec<IpAddr>,
+    addresses: std::sync::RwLock<Vec<IpAddr>>,
     udp_addr: SocketAddr,
     task: JoinHandle<()>,
 }
@@ -120,11 +120,18 @@ impl Node {
             shutdown: Notify::new(),
         });
         let task = tokio::spawn(drive(inner.clone(), udp));
-        Ok(Node { inner, addresses: config.addresses, udp_addr, task })
+        Ok(Node { inner, addresses: std::sync::RwLock::new(config.addresses), udp_addr, task })
     }
 
-    pub fn addresses(&self) -> &[IpAddr] {
-        &self.addresses
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.addresses.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace the node's tailnet addresses.
+    pub fn set_addresses(&self, addresses: Vec<IpAddr>) {
+        self.inner.shared.lock().set_addresses(&addresses);
+        *self.addresses.write().unwrap_or_else(|e| e.into_inner()) = addresses;
+        self.inner.shared.wake.notify_one();
     }
 
     pub fn udp_addr(&self) -> SocketAddr {
@@ -157,7 +164,7 @@ impl Node {
             wg.peer_key(id).expect("routed peer exists")
         };
         let local_ip = self
-            .addresses
+            .addresses()
             .iter()
             .find(|a| a.is_ipv4() == remote.is_ipv4())
             .copied()
@@ -175,11 +182,10 @@ impl Node {
         }
     }
 
-    /// Add or replace a peer at runtime.
+    /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
     pub fn upsert_peer(&self, config: PeerConfig) -> anyhow::Result<()> {
-        let mut wg = self.inner.wg();
-        wg.remove_peer(&config.public_key);
-        wg.add_peer(config)?;
+        self.inner.wg().upsert_peer(config)?;
+        self.inner.shared.wake.notify_one();
         Ok(())
     }
 
@@ -212,7 +218,7 @@ impl Node {
             .collect();
         NodeStatus {
             public_key: wg::key_to_base64(&wg.public_key()),
-            addresses: self.addresses.clone(),
+            addresses: self.addresses(),
             listen: self.udp_addr,
             peers,
             stats: wg.stats().clone(),

@@ -179,6 +179,36 @@ impl Wg {
         Ok(id)
     }
 
+    /// Add a peer, or update an existing one's AllowedIPs and endpoint in
+    /// place. Unlike remove + add this keeps the session (and so open TCP
+    /// connections) alive when only the netmap's view of the peer changed.
+    pub fn upsert_peer(&mut self, config: PeerConfig) -> Result<PeerId, WgError> {
+        let Some(id) = self.peer_id(&config.public_key) else { return self.add_peer(config) };
+        let old_routes = self.peers[id].as_ref().map(|p| p.config.allowed_ips.clone()).unwrap_or_default();
+        self.routes.remove_peer(id);
+        for net in &config.allowed_ips {
+            if let Some(other) = self.routes.exact(net) {
+                // Put the old routes back: a failed update changes nothing.
+                for n in &old_routes {
+                    self.routes.insert(*n, id);
+                }
+                let other_key = self.peers[other].as_ref().map(|p| p.config.public_key).unwrap_or_default();
+                return Err(WgError::DuplicateAllowedIp { net: *net, peer: key_to_base64(&config.public_key), other: key_to_base64(&other_key) });
+            }
+        }
+        for net in &config.allowed_ips {
+            self.routes.insert(*net, id);
+        }
+        let peer = self.peers[id].as_mut().expect("peer id from by_key");
+        // A newly reported endpoint wins; otherwise keep the one learned from
+        // authenticated traffic (roaming), which is at least as fresh.
+        if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
+            peer.endpoint = config.endpoint;
+        }
+        peer.config = config;
+        Ok(id)
+    }
+
     /// Remove a peer; packets from it are no longer accepted.
     pub fn remove_peer(&mut self, key: &Key) -> bool {
         let Some(id) = self.by_key.remove(key) else { return false };

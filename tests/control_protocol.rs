@@ -183,8 +183,7 @@ async fn removing_a_user_cuts_their_nodes_off() {
     let deltas = p.wait_for("alice's laptop removed", |m| m.peer_by_name("laptop").is_none()).await;
     assert!(deltas.iter().any(|d| d.peers_removed.contains(&alice_key)));
     // alice's node is told (key_expired) and disconnected.
-    let d = a.next().await.expect("a delta before the end");
-    assert!(d.key_expired);
+    a.wait_key_expired().await;
     let e = a.next().await.unwrap_err();
     assert!(!e.is_transient(), "{e}");
     // Coming back with the old key fails: the node is gone.
@@ -230,8 +229,7 @@ async fn rename_endpoints_tags_and_expiry_flow_to_peers() {
     let mut p2 = join(&kp2, "prod2").await;
     p2.wait_for("laptop", |m| m.peer_by_name("laptop").is_some()).await;
     admin(&s, AdminRequest::NodesExpire { node: "laptop".into() }).await;
-    let d = a.next().await.unwrap();
-    assert!(d.key_expired);
+    a.wait_key_expired().await;
     p2.wait_for("laptop dropped", |m| m.peer_by_name("laptop").is_none()).await;
     let target = ControlTarget { url: s.url().into(), server_public: s.public_key() };
     match login(&target, "laptop", a.key).await {

@@ -122,6 +122,17 @@ impl Node {
         }
     }
 
+    /// Reads deltas until one says the node key expired (panics otherwise).
+    pub async fn wait_key_expired(&mut self) {
+        loop {
+            match self.next().await {
+                Ok(d) if d.key_expired => return,
+                Ok(_) => continue,
+                Err(e) => panic!("{}: connection ended without key_expired: {e}", self.name()),
+            }
+        }
+    }
+
     /// The next delta (panics after TIMEOUT).
     pub async fn next(&mut self) -> Result<MapDelta, ControlError> {
         tokio::time::timeout(TIMEOUT, self.client.next_update()).await.expect("an update in time")

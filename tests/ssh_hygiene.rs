@@ -45,9 +45,13 @@ fn zombie_children() -> Vec<String> {
     let me = std::process::id().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
         // pid (comm) state ppid ...
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         if f.len() > 1 && f[0] == "Z" && f[1] == me {
             out.push(stat.clone());
@@ -60,8 +64,12 @@ fn zombie_children() -> Vec<String> {
 fn sleepers(arg: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         if cmd == format!("sleep\0{arg}\0").as_bytes() {
             out.push(pid);
         }
@@ -89,10 +97,22 @@ fn no_leaked_descriptors_or_zombies() {
     // Sessions see only stdin/stdout/stderr (bash may keep 255 for itself).
     let o = run(s.ssh("root").arg("ls /proc/$$/fd; true"), b"", T);
     let fds: Vec<String> = o.out().split_whitespace().map(String::from).collect();
-    assert!(fds.len() >= 3 && fds.iter().all(|f| ["0", "1", "2", "255"].contains(&f.as_str())), "session inherited fds: {fds:?}");
+    assert!(
+        fds.len() >= 3
+            && fds
+                .iter()
+                .all(|f| ["0", "1", "2", "255"].contains(&f.as_str())),
+        "session inherited fds: {fds:?}"
+    );
     let o = run(s.ssh("root").arg("-tt").arg("ls /proc/$$/fd; true"), b"", T);
     let fds: Vec<String> = o.out().split_whitespace().map(String::from).collect();
-    assert!(fds.len() >= 3 && fds.iter().all(|f| ["0", "1", "2", "255"].contains(&f.as_str())), "pty session inherited fds: {fds:?}");
+    assert!(
+        fds.len() >= 3
+            && fds
+                .iter()
+                .all(|f| ["0", "1", "2", "255"].contains(&f.as_str())),
+        "pty session inherited fds: {fds:?}"
+    );
 
     for i in 0..5 {
         let o = run(s.ssh("root").arg(format!("echo {i}; exit {i}")), b"", T);
@@ -102,14 +122,29 @@ fn no_leaked_descriptors_or_zombies() {
     assert_eq!(o.code(), 9);
     let mut sftp = Command::new("sftp");
     sftp.args(["-F", "/dev/null", "-P", &s.port.to_string(), "-b", "-"])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
         .arg("root@127.0.0.1");
     assert_eq!(run(&mut sftp, b"ls /\n", T).code(), 0);
 
-    wait_until("all sessions ended", T, || events(&s.audit(), "session_end").len() >= 10);
-    wait_until("descriptors released", Duration::from_secs(10), || open_fds() <= before);
+    wait_until("all sessions ended", T, || {
+        events(&s.audit(), "session_end").len() >= 10
+    });
+    wait_until("descriptors released", Duration::from_secs(10), || {
+        open_fds() <= before
+    });
     assert_eq!(open_fds(), before, "descriptor leak");
-    assert!(zombie_children().is_empty(), "zombies: {:?}", zombie_children());
+    assert!(
+        zombie_children().is_empty(),
+        "zombies: {:?}",
+        zombie_children()
+    );
 }
 
 #[test]
@@ -117,16 +152,27 @@ fn closing_the_connection_kills_the_process_group() {
     let _g = serial();
     let s = TestServer::start(&policy("\"root\""));
     let mut c = s.ssh("root");
-    c.arg("sleep 3011 & sleep 3012; echo never").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.arg("sleep 3011 & sleep 3012; echo never")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut client = KillOnDrop(c.spawn().unwrap());
-    wait_until("both sleeps running", T, || sleepers("3011").len() == 1 && sleepers("3012").len() == 1);
+    wait_until("both sleeps running", T, || {
+        sleepers("3011").len() == 1 && sleepers("3012").len() == 1
+    });
     // The client vanishes without closing anything.
     client.0.kill().unwrap();
     let _ = client.0.wait();
-    wait_until("process group gone", Duration::from_secs(10), || sleepers("3011").is_empty() && sleepers("3012").is_empty());
+    wait_until("process group gone", Duration::from_secs(10), || {
+        sleepers("3011").is_empty() && sleepers("3012").is_empty()
+    });
     let end = s.wait_audit("session_end", |v| v["event"] == "session_end");
     assert_eq!(end["reason"], "closed by client");
-    assert!(zombie_children().is_empty(), "zombies: {:?}", zombie_children());
+    assert!(
+        zombie_children().is_empty(),
+        "zombies: {:?}",
+        zombie_children()
+    );
 }
 
 #[test]
@@ -136,8 +182,14 @@ fn background_job_does_not_hold_the_session_open() {
     let t0 = Instant::now();
     let o = run(s.ssh("root").arg("sleep 3021 & echo started"), b"", T);
     assert_eq!((o.code(), o.out().as_str()), (0, "started\n"));
-    assert!(t0.elapsed() < Duration::from_secs(8), "session lingered {:?}", t0.elapsed());
-    wait_until("background job hung up", Duration::from_secs(10), || sleepers("3021").is_empty());
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "session lingered {:?}",
+        t0.elapsed()
+    );
+    wait_until("background job hung up", Duration::from_secs(10), || {
+        sleepers("3021").is_empty()
+    });
 }
 
 /// A local user created for the test and removed afterwards.
@@ -146,9 +198,18 @@ struct TempUser(String);
 impl TempUser {
     fn create() -> TempUser {
         let name = format!("tgssh{}", std::process::id() % 100_000);
-        let _ = Command::new("userdel").args(["-r", &name]).stderr(Stdio::null()).status();
-        let _ = Command::new("groupadd").arg("tgsshextra").stderr(Stdio::null()).status();
-        let st = Command::new("useradd").args(["-m", "-s", "/bin/sh", "-G", "tgsshextra", &name]).status().unwrap();
+        let _ = Command::new("userdel")
+            .args(["-r", &name])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("groupadd")
+            .arg("tgsshextra")
+            .stderr(Stdio::null())
+            .status();
+        let st = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", "-G", "tgsshextra", &name])
+            .status()
+            .unwrap();
         assert!(st.success(), "useradd failed");
         TempUser(name)
     }
@@ -156,8 +217,17 @@ impl TempUser {
 
 impl Drop for TempUser {
     fn drop(&mut self) {
-        let _ = Command::new("pkill").args(["-KILL", "-u", &self.0]).status();
-        let _ = Command::new("userdel").args(["-r", &self.0]).stderr(Stdio::null()).status();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.0])
+            .status();
+        let _ = Command::new("userdel")
+            .args(["-r", &self.0])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("groupdel")
+            .arg("tgsshextra")
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -189,7 +259,12 @@ fn sessions_run_as_the_login_user() {
     assert!(ids[0] == ids[1] && ids[1] == ids[2], "pid/pgid/sid {ids:?}");
 
     // The user owns their terminal; files they create are theirs.
-    let o = run(s.ssh(u).args(["-tt", "stat -c %U $(tty); touch f; stat -c %U f"]), b"", T);
+    let o = run(
+        s.ssh(u)
+            .args(["-tt", "stat -c %U $(tty); touch f; stat -c %U f"]),
+        b"",
+        T,
+    );
     assert_eq!(o.code(), 0, "{o:?}");
     let out = o.out().replace('\r', "");
     assert_eq!(out, format!("{u}\n{u}\n"));

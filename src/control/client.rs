@@ -353,12 +353,37 @@ async fn run<S: Stream>(
     keepalive: Duration,
 ) {
     let (mut r, mut w) = tokio::io::split(s);
-    let mut rbuf = vec![0u8; 64 * 1024];
+    let mut rbuf = vec![0u8; 16 * 1024];
     let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     let idle_limit = keepalive * 3 + Duration::from_secs(5);
     let mut last_rx = tokio::time::Instant::now();
     let mut out = Vec::new();
     let end: Result<(), ControlError> = 'outer: loop {
+        // Frames may already be buffered (they can arrive with the first map).
+        loop {
+            match next_msg(&mut chan) {
+                Ok(None) => break,
+                Err(e) => break 'outer Err(e),
+                Ok(Some(ServerMsg::MapDelta(d))) => {
+                    let expired = d.key_expired;
+                    if updates.send(Ok(d)).await.is_err() {
+                        break 'outer Ok(());
+                    }
+                    if expired {
+                        break 'outer Err(ControlError::Refused {
+                            code: ErrorCode::NodeKeyExpired,
+                            message: "this node's key expired or the node was removed; log in again with an auth key".into(),
+                        });
+                    }
+                }
+                Ok(Some(ServerMsg::KeepAlive)) => {}
+                Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
+                Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),
+                Ok(Some(other)) => {
+                    break 'outer Err(ControlError::Protocol(format!("unexpected message {other:?}")));
+                }
+            }
+        }
         tokio::select! {
             n = r.read(&mut rbuf) => {
                 let n = match n {
@@ -369,30 +394,6 @@ async fn run<S: Stream>(
                 last_rx = tokio::time::Instant::now();
                 if let Err(e) = chan.push_wire(&rbuf[..n]) {
                     break Err(chan_err(e));
-                }
-                loop {
-                    match next_msg(&mut chan) {
-                        Ok(None) => break,
-                        Err(e) => break 'outer Err(e),
-                        Ok(Some(ServerMsg::MapDelta(d))) => {
-                            let expired = d.key_expired;
-                            if updates.send(Ok(d)).await.is_err() {
-                                break 'outer Ok(());
-                            }
-                            if expired {
-                                break 'outer Err(ControlError::Refused {
-                                    code: ErrorCode::NodeKeyExpired,
-                                    message: "this node's key expired or the node was removed; log in again with an auth key".into(),
-                                });
-                            }
-                        }
-                        Ok(Some(ServerMsg::KeepAlive)) => {}
-                        Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
-                        Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),
-                        Ok(Some(other)) => {
-                            break 'outer Err(ControlError::Protocol(format!("unexpected message {other:?}")));
-                        }
-                    }
                 }
             }
             c = cmds.recv() => {

@@ -418,6 +418,7 @@ impl Hub {
             Ok(x) => x,
             Err(e) => {
                 self.out.push(Out::Send(conn, ServerOut::Error { code: e.0, message: e.1.clone() }));
+                self.out.push(Out::Close(conn, e.1.clone()));
                 return Err(e);
             }
         };

@@ -17,6 +17,8 @@ use crate::wg::Key;
 pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const PROLOGUE: &[u8] = b"tailgate-control/1";
 const TAG_LEN: usize = 16;
+/// IK messages with empty payloads are 96 and 48 bytes.
+const HANDSHAKE_BUF: usize = 256;
 /// Largest plaintext that fits one Noise transport message.
 pub const MAX_CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN;
 
@@ -52,7 +54,7 @@ impl Initiator {
             .map_err(hs_err)?
             .build_initiator()
             .map_err(hs_err)?;
-        let mut buf = vec![0u8; MAX_WIRE_MESSAGE];
+        let mut buf = [0u8; HANDSHAKE_BUF];
         let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
         let mut out = Vec::with_capacity(n + 2);
         encode_wire(&buf[..n], &mut out);
@@ -62,7 +64,7 @@ impl Initiator {
     /// Reads message 2 (without its length prefix). `wire` is the decoder the
     /// message came from: bytes after it belong to the channel.
     pub fn finish(mut self, msg2: &[u8], wire: WireDecoder, max_frame: usize) -> Result<SecureChannel, ChannelError> {
-        let mut payload = vec![0u8; MAX_WIRE_MESSAGE];
+        let mut payload = vec![0u8; msg2.len()];
         self.hs
             .read_message(msg2, &mut payload)
             .map_err(|e| ChannelError::Handshake(format!("reading the server's reply: {e}")))?;
@@ -87,7 +89,7 @@ pub fn respond(
         .map_err(hs_err)?
         .build_responder()
         .map_err(hs_err)?;
-    let mut payload = vec![0u8; MAX_WIRE_MESSAGE];
+    let mut payload = vec![0u8; msg1.len()];
     hs.read_message(msg1, &mut payload).map_err(|e| {
         ChannelError::Handshake(format!(
             "cannot read the node's first message ({e}); it was not made for this server's key, or is not Noise"
@@ -97,7 +99,7 @@ pub fn respond(
         .get_remote_static()
         .and_then(|k| k.try_into().ok())
         .ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
-    let mut buf = vec![0u8; MAX_WIRE_MESSAGE];
+    let mut buf = [0u8; HANDSHAKE_BUF];
     let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
     let mut out = Vec::with_capacity(n + 2);
     encode_wire(&buf[..n], &mut out);
@@ -113,12 +115,15 @@ pub struct SecureChannel {
     ts: snow::TransportState,
     wire: WireDecoder,
     frames: FrameDecoder,
+    /// Decryption buffer; grows to the largest message received (small on
+    /// the server, whose nodes send small messages: 10,000 connections must
+    /// not cost 64 KiB each).
     scratch: Vec<u8>,
 }
 
 impl SecureChannel {
     fn new(ts: snow::TransportState, wire: WireDecoder, max_frame: usize) -> Self {
-        SecureChannel { ts, wire, frames: FrameDecoder::new(max_frame), scratch: vec![0u8; MAX_WIRE_MESSAGE] }
+        SecureChannel { ts, wire, frames: FrameDecoder::new(max_frame), scratch: Vec::new() }
     }
 
     /// Encrypts one frame (header + payload) into `out` as wire messages.
@@ -130,11 +135,15 @@ impl SecureChannel {
     /// inject malformed frames inside a valid channel).
     pub fn seal_raw(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), ChannelError> {
         for chunk in plaintext.chunks(MAX_CHUNK) {
+            let len = chunk.len() + TAG_LEN;
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+            let start = out.len();
+            out.resize(start + len, 0);
             let n = self
                 .ts
-                .write_message(chunk, &mut self.scratch)
+                .write_message(chunk, &mut out[start..])
                 .map_err(|e| ChannelError::Handshake(format!("encrypt: {e}")))?;
-            encode_wire(&self.scratch[..n], out);
+            debug_assert_eq!(n, len);
         }
         Ok(())
     }
@@ -147,6 +156,9 @@ impl SecureChannel {
 
     fn drain_wire(&mut self) -> Result<(), ChannelError> {
         while let Some(msg) = self.wire.next()? {
+            if self.scratch.len() < msg.len() {
+                self.scratch.resize(msg.len(), 0);
+            }
             let n = self.ts.read_message(&msg, &mut self.scratch).map_err(|_| ChannelError::Decrypt)?;
             self.frames.push(&self.scratch[..n]);
         }

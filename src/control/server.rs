@@ -352,7 +352,6 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
                 let r = hub.hello(conn, node_key, msg, now);
                 if let Err((_, m)) = &r {
                     tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
-                    dispatch(&mut conns, Out::Close(conn, m.clone()), &mut hub, false);
                 }
                 let _ = reply.send(r.ok());
             }
@@ -372,14 +371,14 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
             HubCmd::Shutdown => break,
         }
         for o in hub.take_outputs() {
-            dispatch(&mut conns, o, &mut hub, true);
+            dispatch(&mut conns, o);
         }
     }
     // Dropping every sender ends the connection tasks' loops.
     conns.clear();
 }
 
-fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out, _hub: &mut Hub, _log: bool) {
+fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out) {
     match o {
         Out::Send(c, msg) => {
             let Some(tx) = conns.get(&c) else { return };
@@ -562,7 +561,8 @@ fn seal(chan: &mut SecureChannel, msg: &ServerOut, out: &mut Vec<u8>) -> Result<
 async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared: &Arc<Shared>) -> Result<(), String> {
     let timeout = shared.opts.handshake_timeout;
     let (mut r, mut w) = tokio::io::split(s);
-    let mut rbuf = vec![0u8; 64 * 1024];
+    // Nodes send small messages; keep per-connection memory small.
+    let mut rbuf = vec![0u8; 4096];
     let mut wire = WireDecoder::new();
     wire.push(&leftover);
     // 2. Noise IK message 1.
@@ -645,6 +645,13 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut last_rx = tokio::time::Instant::now();
     let mut shutdown = shared.shutdown.clone();
     let mut out = Vec::new();
+    // Frames that came in with the first message.
+    if let Err(e) = drain_frames(chan, conn, node, shared) {
+        let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
+        let _ = w.write_all(&out).await;
+        let _ = w.shutdown().await;
+        return Err(format!("{who}: {e}"));
+    }
     loop {
         tokio::select! {
             biased;
@@ -677,25 +684,11 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             n = r.read(rbuf) => {
                 let n = match n { Ok(0) => return Ok(()), Ok(n) => n, Err(e) => return Err(format!("{who}: read: {e}")) };
                 last_rx = tokio::time::Instant::now();
-                let mut bad = None;
-                match chan.push_wire(&rbuf[..n]) {
+                let bad = match chan.push_wire(&rbuf[..n]) {
                     Err(ChannelError::Decrypt) => return Err(format!("{who}: undecryptable message")),
-                    Err(e) => bad = Some(e.to_string()),
-                    Ok(()) => loop {
-                        match chan.next_frame() {
-                            Ok(Some(f)) => match parse_client(&f) {
-                                Ok(msg) => {
-                                    if let Some(node) = node {
-                                        let _ = shared.hub.send(HubCmd::Msg { conn, node, msg });
-                                    }
-                                }
-                                Err(e) => { bad = Some(e); break; }
-                            },
-                            Ok(None) => break,
-                            Err(e) => { bad = Some(e.to_string()); break; }
-                        }
-                    },
-                }
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => drain_frames(chan, conn, node, shared).err(),
+                };
                 if let Some(e) = bad {
                     out.clear();
                     let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
@@ -714,6 +707,17 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Forwards every complete frame to the hub; `Err` = a bad frame.
+fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared) -> Result<(), String> {
+    while let Some(f) = chan.next_frame().map_err(|e| e.to_string())? {
+        let msg = parse_client(&f)?;
+        if let Some(node) = node {
+            let _ = shared.hub.send(HubCmd::Msg { conn, node, msg });
+        }
+    }
+    Ok(())
 }
 
 fn parse_client(frame: &[u8]) -> Result<ClientMsg, String> {

@@ -112,7 +112,13 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn new(event: EventKind, conn: &str, caller: &Identity, target: &Identity, now: SystemTime) -> Self {
+    pub fn new(
+        event: EventKind,
+        conn: &str,
+        caller: &Identity,
+        target: &Identity,
+        now: SystemTime,
+    ) -> Self {
         AuditEvent {
             time: rfc3339_utc(now),
             event,
@@ -171,8 +177,12 @@ impl AuditLog {
             .open(path)
             .map_err(|e| SshError::io(path, e))?;
         // An existing file created by something else keeps its mode on open; enforce ours.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(path, e))?;
-        Ok(AuditLog { path: path.to_path_buf(), file: Mutex::new(file) })
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| SshError::io(path, e))?;
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -269,7 +279,8 @@ mod tests {
             max_duration: None,
             accept_env: vec![],
         };
-        let mut ev = AuditEvent::new(EventKind::Auth, "c1", &alice(), &web1(), UNIX_EPOCH).decision("root", &d);
+        let mut ev = AuditEvent::new(EventKind::Auth, "c1", &alice(), &web1(), UNIX_EPOCH)
+            .decision("root", &d);
         ev.allowed = Some(false);
         let line = ev.to_line();
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
@@ -293,13 +304,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&p).unwrap();
-        let ev = AuditEvent::new(EventKind::SessionStart, "c", &alice(), &web1(), SystemTime::now());
+        let ev = AuditEvent::new(
+            EventKind::SessionStart,
+            "c",
+            &alice(),
+            &web1(),
+            SystemTime::now(),
+        );
         log.write(&ev);
         log.write(&ev);
         drop(log);
         let log = AuditLog::open(&p).unwrap();
         log.write(&ev);
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
         for l in text.lines() {

@@ -2,14 +2,19 @@
 //!
 //! Data flow: client data arrives in the russh handler and is queued for the
 //! stdin task. russh re-opens the SSH window as soon as data arrives, so the
-//! only backpressure on the client is the handler awaiting; awaiting on a
-//! small queue would deadlock `ssh host cat` (the child waits for us to take
-//! its output, the connection loop waits for the child to take its input),
-//! so the queue is bounded by bytes (a few MiB) rather than kept minimal.
-//! Output is pumped into a flow-controlled channel writer, so a slow client
-//! throttles the child through its pipe/pty. One supervisor task
-//! owns the child: it waits for it, enforces the time limit, tears the process
-//! group down and reports exit status, EOF and close in that order.
+//! only way to push back on a client is for the handler to wait, which stalls
+//! the whole connection loop. Waiting is safe only while this session's
+//! output is not itself waiting on that loop (`ssh host cat`: the child
+//! blocks on its full stdout, the pump waits for window, the window update
+//! sits unread behind the stalled loop). So the handler waits when the queue
+//! is over a soft limit and the output is idle, lets the queue grow while
+//! output is in flight, and past a hard limit ends the session rather than
+//! hang the connection. Output goes through a flow-controlled channel writer,
+//! so a slow client throttles the child through its pipe/pty.
+//!
+//! One supervisor task owns the child: it waits for it, enforces the time
+//! limit, tears the process group down and reports EOF, exit status and
+//! close in that order.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +37,10 @@ use super::recording::Recorder;
 const DRAIN_IDLE: Duration = Duration::from_millis(1500);
 /// Between SIGHUP/SIGTERM and SIGKILL when we end a session.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-/// Client bytes queued per session before the connection is back-pressured.
-const STDIN_LIMIT: usize = 4 << 20;
+/// Queued client bytes above which the handler waits for the child (if its output is idle).
+const STDIN_SOFT_LIMIT: usize = 8 << 20;
+/// Queued client bytes at which the session is ended instead (output stuck too).
+const STDIN_HARD_LIMIT: usize = 64 << 20;
 
 /// Messages from the handler to the stdin task.
 pub enum Input {
@@ -41,35 +48,80 @@ pub enum Input {
     Eof,
 }
 
-/// The handler's end of a session's stdin: a byte-bounded queue.
+/// State shared by the handler, the stdin task and the output pumps.
+#[derive(Default)]
+struct Flow {
+    queued: AtomicUsize,
+    /// Output pumps currently blocked handing data to the connection.
+    output_busy: AtomicUsize,
+    /// Signalled when `queued` drops or `output_busy` rises.
+    wake: Notify,
+}
+
+/// Outcome of [`StdinQueue::push`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The child's stdin is gone; further data is discarded.
+    Closed,
+    /// Neither the child nor the client is draining: the session must end.
+    Overflow,
+}
+
+/// The handler's end of a session's stdin.
 pub struct StdinQueue {
     tx: mpsc::UnboundedSender<Input>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
+    flow: Arc<Flow>,
 }
 
 impl StdinQueue {
-    /// Queues client data, waiting while more than [`STDIN_LIMIT`] bytes are
-    /// pending. Returns false once the child's stdin is gone.
-    pub async fn push(&self, data: &[u8]) -> bool {
+    pub async fn push(&self, data: &[u8]) -> Pushed {
+        let f = &self.flow;
+        let mut throttled = false;
         loop {
             if self.tx.is_closed() {
-                return false;
+                return Pushed::Closed;
             }
-            if self.queued.load(Ordering::Acquire) < STDIN_LIMIT {
+            let queued = f.queued.load(Ordering::Acquire);
+            if queued < STDIN_SOFT_LIMIT {
                 break;
             }
-            let notified = self.drained.notified();
+            if f.output_busy.load(Ordering::Acquire) > 0 {
+                if queued >= STDIN_HARD_LIMIT {
+                    return Pushed::Overflow;
+                }
+                // Waiting for the child could deadlock (see module docs), but a
+                // short pause per packet slows the client down enough for the
+                // connection loop to move output in between.
+                if !throttled {
+                    throttled = true;
+                    let notified = f.wake.notified();
+                    let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
+                    continue;
+                }
+                break;
+            }
+            let notified = f.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.queued.load(Ordering::Acquire) < STDIN_LIMIT {
-                break;
+            if f.queued.load(Ordering::Acquire) < STDIN_SOFT_LIMIT
+                || f.output_busy.load(Ordering::Acquire) > 0
+            {
+                continue;
             }
-            // The timeout only guards against a stdin task that died without notifying.
+            // The timeout only guards against a task that died without notifying.
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
-        self.queued.fetch_add(data.len(), Ordering::AcqRel);
-        self.tx.send(Input::Data(Bytes::copy_from_slice(data))).is_ok()
+        f.queued.fetch_add(data.len(), Ordering::AcqRel);
+        if self
+            .tx
+            .send(Input::Data(Bytes::copy_from_slice(data)))
+            .is_ok()
+        {
+            Pushed::Queued
+        } else {
+            Pushed::Closed
+        }
     }
 
     pub fn eof(&self) {
@@ -84,6 +136,8 @@ pub enum Stop {
     Closed,
     /// The policy's max_duration elapsed.
     TimeLimit(Duration),
+    /// Client input piled up with nobody draining it (see module docs).
+    Overflow,
 }
 
 /// What the handler keeps to steer a running session.
@@ -92,9 +146,8 @@ pub struct Control {
     pub pgid: i32,
     pub pty: Option<PtyMaster>,
     pub recorder: Option<Arc<Mutex<Recorder>>>,
-    /// Never sent on: dropping it (channel closed, connection gone) is what
-    /// tells the supervisor to end the session.
-    pub _stop: watch::Sender<Option<Stop>>,
+    /// Ends the session when sent on or dropped (channel closed, connection gone).
+    pub stop: watch::Sender<Option<Stop>>,
 }
 
 impl Control {
@@ -103,7 +156,9 @@ impl Control {
             process::set_winsize(p.raw_fd(), cols, rows, px_w, px_h);
         }
         if let Some(r) = &self.recorder {
-            r.lock().unwrap_or_else(|e| e.into_inner()).resize(cols, rows);
+            r.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resize(cols, rows);
         }
     }
 
@@ -134,11 +189,14 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     let bytes_in = Arc::new(AtomicU64::new(0));
     let bytes_out = Arc::new(AtomicU64::new(0));
-    let queue = StdinQueue { tx: stdin_tx, queued: Arc::new(AtomicUsize::new(0)), drained: Arc::new(Notify::new()) };
+    let flow = Arc::new(Flow::default());
+    let queue = StdinQueue {
+        tx: stdin_tx,
+        flow: flow.clone(),
+    };
     let mut feed = Feed {
         rx: stdin_rx,
-        queued: queue.queued.clone(),
-        drained: queue.drained.clone(),
+        flow: flow.clone(),
         count: bytes_in.clone(),
     };
     let (stop_tx, stop_rx) = watch::channel(None);
@@ -147,15 +205,40 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     let mut pumps = Vec::new();
     let pty_master;
     let stdin_task = match io {
-        ChildIo::Pipes { stdin, stdout, stderr } => {
+        ChildIo::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
             pty_master = None;
-            pumps.push(tokio::spawn(pump(stdout, run.writer.make_writer(), run.recorder.clone(), exited_rx.clone(), bytes_out.clone())));
-            pumps.push(tokio::spawn(pump(stderr, run.writer.make_writer_ext(Some(1)), run.recorder.clone(), exited_rx.clone(), bytes_out.clone())));
+            pumps.push(tokio::spawn(pump(
+                stdout,
+                run.writer.make_writer(),
+                run.recorder.clone(),
+                exited_rx.clone(),
+                bytes_out.clone(),
+                flow.clone(),
+            )));
+            pumps.push(tokio::spawn(pump(
+                stderr,
+                run.writer.make_writer_ext(Some(1)),
+                run.recorder.clone(),
+                exited_rx.clone(),
+                bytes_out.clone(),
+                flow.clone(),
+            )));
             tokio::spawn(async move { feed.run(stdin, true).await })
         }
         ChildIo::Pty { master, .. } => {
             pty_master = Some(master.clone());
-            pumps.push(tokio::spawn(pump(master.clone(), run.writer.make_writer(), run.recorder.clone(), exited_rx.clone(), bytes_out.clone())));
+            pumps.push(tokio::spawn(pump(
+                master.clone(),
+                run.writer.make_writer(),
+                run.recorder.clone(),
+                exited_rx.clone(),
+                bytes_out.clone(),
+                flow.clone(),
+            )));
             // A pty has one descriptor for both directions: client EOF cannot
             // be passed on as a half-close, so it is ignored (as sshd does).
             tokio::spawn(async move { feed.run(master, false).await })
@@ -167,17 +250,18 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
         pgid,
         pty: pty_master,
         recorder: run.recorder.clone(),
-        _stop: stop_tx,
+        stop: stop_tx,
     };
-    tokio::spawn(supervise(child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out));
+    tokio::spawn(supervise(
+        child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out,
+    ));
     control
 }
 
 /// The stdin task's end of the queue.
 struct Feed {
     rx: mpsc::UnboundedReceiver<Input>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
+    flow: Arc<Flow>,
     count: Arc<AtomicU64>,
 }
 
@@ -185,8 +269,8 @@ impl Feed {
     async fn next(&mut self) -> Option<Input> {
         let msg = self.rx.recv().await;
         if let Some(Input::Data(d)) = &msg {
-            self.queued.fetch_sub(d.len(), Ordering::AcqRel);
-            self.drained.notify_waiters();
+            self.flow.queued.fetch_sub(d.len(), Ordering::AcqRel);
+            self.flow.wake.notify_waiters();
         }
         msg
     }
@@ -217,6 +301,7 @@ async fn pump<R, W>(
     recorder: Option<Arc<Mutex<Recorder>>>,
     mut exited: watch::Receiver<bool>,
     count: Arc<AtomicU64>,
+    flow: Arc<Flow>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -241,9 +326,15 @@ async fn pump<R, W>(
         };
         count.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(rec) = &recorder {
-            rec.lock().unwrap_or_else(|e| e.into_inner()).output(&buf[..n]);
+            rec.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .output(&buf[..n]);
         }
-        if w.write_all(&buf[..n]).await.is_err() {
+        flow.output_busy.fetch_add(1, Ordering::AcqRel);
+        flow.wake.notify_waiters();
+        let res = w.write_all(&buf[..n]).await;
+        flow.output_busy.fetch_sub(1, Ordering::AcqRel);
+        if res.is_err() {
             break;
         }
     }
@@ -283,6 +374,10 @@ async fn supervise(
             r = stop.changed(), if stopped.is_none() => {
                 // Err: the handler dropped the sender (channel closed / connection gone).
                 let why = match r { Ok(()) => stop.borrow().clone().unwrap_or(Stop::Closed), Err(_) => Stop::Closed };
+                if why == Stop::Overflow {
+                    let msg = "\r\ntailgate: session ended: input piled up while the program's output was blocked\r\n";
+                    let _ = run.writer.extended_data_bytes(1, Bytes::from_static(msg.as_bytes())).await;
+                }
                 stopped = Some(why);
                 terminate(pgid);
                 kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
@@ -334,7 +429,16 @@ async fn supervise(
         if let Some(code) = exit_status {
             let _ = run.writer.exit_status(code).await;
         } else if let Some((name, core)) = &exit_signal {
-            let _ = run.handle.exit_signal_request(run.channel, ssh_sig(name), *core, String::new(), "en".into()).await;
+            let _ = run
+                .handle
+                .exit_signal_request(
+                    run.channel,
+                    ssh_sig(name),
+                    *core,
+                    String::new(),
+                    "en".into(),
+                )
+                .await;
         }
         let _ = run.writer.close().await;
     }
@@ -344,7 +448,13 @@ async fn supervise(
         r.finish();
         r.path().display().to_string()
     });
-    let mut ev = AuditEvent::new(EventKind::SessionEnd, &run.ctx.conn_id, &run.ctx.caller, &run.ctx.target, SystemTime::now());
+    let mut ev = AuditEvent::new(
+        EventKind::SessionEnd,
+        &run.ctx.conn_id,
+        &run.ctx.caller,
+        &run.ctx.target,
+        SystemTime::now(),
+    );
     ev.session = Some(run.session_id.clone());
     ev.login = Some(run.login.clone());
     ev.kind = Some(run.kind.to_string());
@@ -359,6 +469,9 @@ async fn supervise(
     ev.reason = match stopped {
         Some(Stop::Closed) => Some("closed by client".into()),
         Some(Stop::TimeLimit(d)) => Some(format!("time limit {} reached", human_duration(d))),
+        Some(Stop::Overflow) => {
+            Some("input overflow: the program stopped reading while its output was blocked".into())
+        }
         None => None,
     };
     run.ctx.server.audit.write(&ev);

@@ -1,0 +1,353 @@
+//! The node agent in control mode: `tailgate up --authkey TOKEN`.
+//!
+//! It keeps the data plane (WireGuard peers, tailnet address), the SSH
+//! server's identities and policy, the name directory and the known_hosts
+//! file in step with the netmap from the control server. The netmap is cached
+//! on disk so the node starts and serves from it while control is down, and
+//! control can come and go without disturbing open sessions.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ensure_private_dir, write_secret};
+use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo};
+use crate::control::{AuthKeyToken, ControlClient, ControlTarget, NetMap, NodeHello};
+use crate::directory::{Directory, Entry};
+use crate::identity::{Identity, TableResolver};
+use crate::localapi::Daemon;
+use crate::node::{Node, NodeConfig};
+use crate::policy::Policy;
+use crate::ssh::PolicyHandle;
+use crate::wg::{self, Key};
+
+pub const NODE_KEY_FILE: &str = "node.key";
+pub const CONTROL_FILE: &str = "control.json";
+pub const NETMAP_CACHE_FILE: &str = "netmap.json";
+pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Where this node's control server is (saved from the auth key on first join).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedControl {
+    pub url: String,
+    pub server_public: String,
+}
+
+impl SavedControl {
+    fn target(&self) -> Result<ControlTarget> {
+        Ok(ControlTarget {
+            url: self.url.clone(),
+            server_public: wg::key_from_base64(&self.server_public).context("corrupt control.json")?,
+        })
+    }
+}
+
+/// The netmap as cached on disk.
+#[derive(Serialize, Deserialize)]
+struct CachedMap {
+    self_node: SelfInfo,
+    domain: String,
+    peers: Vec<PeerInfo>,
+    policy: PolicyInfo,
+}
+
+impl From<&NetMap> for CachedMap {
+    fn from(m: &NetMap) -> Self {
+        CachedMap { self_node: m.self_node.clone(), domain: m.domain.clone(), peers: m.peers.values().cloned().collect(), policy: m.policy.clone() }
+    }
+}
+
+impl From<CachedMap> for NetMap {
+    fn from(c: CachedMap) -> Self {
+        NetMap { self_node: c.self_node, domain: c.domain, peers: c.peers.into_iter().map(|p| (p.node_key, p)).collect(), policy: c.policy }
+    }
+}
+
+/// Load the node's WireGuard key, creating it (0600) on first run.
+pub fn load_or_create_node_key(state_dir: &Path) -> Result<Key> {
+    let path = state_dir.join(NODE_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => wg::key_from_base64(&s).with_context(|| format!("{}: not a WireGuard private key", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = wg::generate_private_key();
+            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())?;
+            Ok(k)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The control server this state directory belongs to, from an auth key
+/// (saved for later starts) or from the saved file.
+pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(ControlTarget, Option<String>)> {
+    let path = state_dir.join(CONTROL_FILE);
+    if let Some(token) = authkey {
+        let t = AuthKeyToken::parse(token.trim()).map_err(|e| anyhow::anyhow!("--authkey: {e}"))?;
+        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public) };
+        write_secret(&path, serde_json::to_string_pretty(&saved)?.as_bytes())?;
+        return Ok((ControlTarget::from(&t), Some(t.secret.clone())));
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("{} has not joined a tailnet yet; run `tailgate up --authkey TOKEN` once (an admin makes one with `tailgate control keys create`)", state_dir.display())
+    })?;
+    let saved: SavedControl = serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+    Ok((saved.target()?, None))
+}
+
+/// Addresses where peers may reach our UDP socket: every interface address,
+/// loopback last (it only helps nodes on the same host).
+pub fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else { continue };
+            let ip = IpAddr::V4(sa.ip());
+            if !v.iter().any(|e| e.ip() == ip) {
+                v.push(SocketAddr::new(ip, port));
+            }
+        }
+    }
+    v.sort_by_key(|e| e.ip().is_loopback());
+    v
+}
+
+pub fn cached_netmap(state_dir: &Path) -> Option<NetMap> {
+    let text = std::fs::read_to_string(state_dir.join(NETMAP_CACHE_FILE)).ok()?;
+    let c: CachedMap = serde_json::from_str(&text).ok()?;
+    Some(c.into())
+}
+
+/// Keeps node, SSH, directory and files in step with the netmap.
+pub struct Applier {
+    pub node: Arc<Node>,
+    pub resolver: TableResolver,
+    pub policy: Option<PolicyHandle>,
+    pub daemon: Daemon,
+    pub state_dir: PathBuf,
+    pub ssh_host_key: Option<String>,
+    current: Option<NetMap>,
+}
+
+impl Applier {
+    pub fn new(node: Arc<Node>, resolver: TableResolver, policy: Option<PolicyHandle>, daemon: Daemon, state_dir: PathBuf, ssh_host_key: Option<String>) -> Self {
+        Applier { node, resolver, policy, daemon, state_dir, ssh_host_key, current: None }
+    }
+
+    pub fn current(&self) -> Option<&NetMap> {
+        self.current.as_ref()
+    }
+
+    /// Make the world match `map`, changing only what differs.
+    pub fn apply(&mut self, map: NetMap) {
+        let old_peers: BTreeMap<Key, PeerInfo> = self.current.as_ref().map(|m| m.peers.clone()).unwrap_or_default();
+        if self.current.as_ref().map(|m| &m.self_node.ips) != Some(&map.self_node.ips) {
+            self.node.set_addresses(map.self_node.ips.clone());
+        }
+        for (k, p) in &old_peers {
+            if !map.peers.contains_key(k) {
+                tracing::info!(peer = %p.name, "peer removed from the netmap; cutting its connections");
+                self.node.remove_peer(k, &p.ips);
+            }
+        }
+        for (k, p) in &map.peers {
+            if old_peers.get(k) != Some(p) {
+                if let Err(e) = self.node.upsert_peer(p.peer_config()) {
+                    tracing::warn!(peer = %p.name, "cannot add peer: {e:#}");
+                }
+            }
+        }
+        self.resolver.replace(map.self_node.identity(), map.identities());
+        let policy_changed = self.current.as_ref().map(|m| &m.policy) != Some(&map.policy);
+        if policy_changed {
+            if let Some(handle) = &self.policy {
+                match Policy::parse(&map.policy.text, &map.policy.name) {
+                    Ok(p) => {
+                        tracing::info!(version = map.policy.version, "policy in force");
+                        handle.replace(p);
+                    }
+                    Err(e) => tracing::error!("policy version {} from control does not parse; keeping the previous one: {e}", map.policy.version),
+                }
+            }
+        }
+        let dir = directory_of(&map, self.ssh_host_key.clone());
+        if let Err(e) = write_known_hosts(&self.state_dir, &dir) {
+            tracing::warn!("cannot write known_hosts: {e:#}");
+        }
+        *self.daemon.directory.write().unwrap_or_else(|e| e.into_inner()) = dir;
+        if let Ok(json) = serde_json::to_vec_pretty(&CachedMap::from(&map)) {
+            if let Err(e) = write_secret(&self.state_dir.join(NETMAP_CACHE_FILE), &json) {
+                tracing::warn!("cannot cache the netmap: {e}");
+            }
+        }
+        self.current = Some(map);
+    }
+
+    /// Drop every peer (key expired or node removed).
+    pub fn cut_off(&mut self) {
+        if let Some(mut m) = self.current.clone() {
+            m.peers.clear();
+            self.apply(m);
+        }
+    }
+
+    pub fn set_control_status(&self, s: String) {
+        self.daemon.extra.write().unwrap_or_else(|e| e.into_inner()).insert("control".into(), serde_json::Value::String(s));
+    }
+}
+
+fn entry_of(name: &str, ips: &[IpAddr], key: &Key, user: &Option<String>, tags: &[String], host_key: Option<String>) -> Entry {
+    Entry { name: name.to_string(), ips: ips.to_vec(), node_key: wg::key_to_base64(key), user: user.clone(), tags: tags.to_vec(), ssh_host_key: host_key }
+}
+
+pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
+    let s = &map.self_node;
+    Directory {
+        domain: Some(map.domain.clone()),
+        me: Some(entry_of(&s.name, &s.ips, &s.node_key, &s.user, &s.tags, own_host_key)),
+        peers: map.peers.values().map(|p| entry_of(&p.name, &p.ips, &p.node_key, &p.user, &p.tags, p.ssh_host_key.clone())).collect(),
+    }
+}
+
+/// `state_dir/known_hosts`: one line per peer with a host key, keyed by its
+/// short name (clients pin with `HostKeyAlias`), fully qualified name and IPs.
+pub fn write_known_hosts(state_dir: &Path, dir: &Directory) -> Result<()> {
+    let mut out = String::from("# written by tailgate from the netmap; do not edit\n");
+    for e in &dir.peers {
+        let Some(key) = &e.ssh_host_key else { continue };
+        let mut names = vec![e.name.clone()];
+        if let Some(d) = &dir.domain {
+            names.push(format!("{}.{d}", e.name));
+        }
+        names.extend(e.ips.iter().map(|ip| ip.to_string()));
+        out.push_str(&format!("{} {}\n", names.join(","), key));
+    }
+    write_secret(&state_dir.join(KNOWN_HOSTS_FILE), out.as_bytes())?;
+    Ok(())
+}
+
+fn placeholder_identity(key: &Key) -> Identity {
+    Identity { node_key: wg::key_to_base64(&wg::public_key_of(key)), node_name: "unjoined".into(), user: None, tags: vec![], ip: IpAddr::from([0, 0, 0, 0]) }
+}
+
+pub struct AgentOptions {
+    pub state_dir: PathBuf,
+    pub authkey: Option<String>,
+    pub hostname: String,
+    pub listen_port: u16,
+    pub ssh_port: Option<u16>,
+}
+
+/// A running agent: the node plus the task following the control server.
+pub struct Agent {
+    pub node: Arc<Node>,
+    pub daemon: Daemon,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Join (or rejoin) the tailnet and keep following the netmap.
+pub async fn start(opts: AgentOptions) -> Result<Agent> {
+    ensure_private_dir(&opts.state_dir)?;
+    let key = load_or_create_node_key(&opts.state_dir)?;
+    let (target, auth_secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
+    let mut nc = NodeConfig::new(key, vec![]);
+    nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
+    let node = Arc::new(Node::start(nc).await?);
+    let resolver = TableResolver::new(placeholder_identity(&key), []);
+    // Until a netmap arrives the resolver knows no peers, so every SSH
+    // connection is reset; the default policy is never consulted.
+    let (policy, host_key) = match opts.ssh_port {
+        Some(port) => {
+            let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
+            (Some(svc.policy), Some(svc.server.host_public_key_openssh()))
+        }
+        None => (None, None),
+    };
+    let daemon = Daemon::new(node.clone(), Directory::default());
+    if let Err(e) = crate::localapi::serve(daemon.clone(), &opts.state_dir) {
+        tracing::warn!("local API unavailable: {e:#}");
+    }
+    let mut applier = Applier::new(node.clone(), resolver, policy, daemon.clone(), opts.state_dir.clone(), host_key.clone());
+    let mut hello = NodeHello {
+        auth_key: auth_secret,
+        hostname: opts.hostname.clone(),
+        ssh_host_key: host_key,
+        endpoints: local_endpoints(node.udp_addr().port()),
+        previous_node_key: None,
+    };
+    // The first contact decides whether we can start at all: a refused auth
+    // key is fatal; an unreachable server is not if we have a cached map.
+    let first = match ControlClient::connect(&target, &key, hello.clone()).await {
+        Ok((client, map)) => {
+            applier.apply(map);
+            applier.set_control_status(format!("connected to {}", target.url));
+            Some(client)
+        }
+        Err(e) if e.is_transient() => match cached_netmap(&opts.state_dir) {
+            Some(map) => {
+                tracing::warn!("{e}; serving from the cached netmap and retrying");
+                applier.apply(map);
+                applier.set_control_status(format!("disconnected ({e}); using the cached netmap"));
+                None
+            }
+            None => bail!("{e}"),
+        },
+        Err(e) => bail!("{e}"),
+    };
+    // Registered: from now on we log in with the node key.
+    hello.auth_key = None;
+    let task = tokio::spawn(follow(applier, target, key, hello, first));
+    Ok(Agent { node, daemon, task })
+}
+
+async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello: NodeHello, mut client: Option<ControlClient>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if let Some(mut c) = client.take() {
+            backoff = BACKOFF_MIN;
+            loop {
+                match c.next_update().await {
+                    Ok(delta) => {
+                        if delta.key_expired {
+                            tracing::error!("this node's key expired or the node was removed; rejoin with `tailgate up --authkey TOKEN`");
+                            applier.cut_off();
+                            applier.set_control_status("node key expired: rejoin with --authkey".into());
+                            break;
+                        }
+                        if let Some(mut m) = applier.current().cloned() {
+                            m.apply(&delta);
+                            applier.apply(m);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; reconnecting");
+                        applier.set_control_status(format!("disconnected ({e}); reconnecting"));
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 250)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        hello.endpoints = local_endpoints(applier.node.udp_addr().port());
+        match ControlClient::connect(&target, &key, hello.clone()).await {
+            Ok((c, map)) => {
+                tracing::info!("reconnected to control");
+                applier.apply(map);
+                applier.set_control_status(format!("connected to {}", target.url));
+                client = Some(c);
+            }
+            Err(e) => {
+                tracing::debug!("control still unreachable: {e}");
+                applier.set_control_status(format!("disconnected ({e}); retrying"));
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Control-plane scale benchmark (ignored by default; it takes a minute):
+//!
+//! ```text
+//! cargo test --release --test control_scale -- --ignored --nocapture control_scale_bench
+//! TAILGATE_BENCH_NODES=2000 cargo test --release --test control_scale -- --ignored --nocapture control_scale_bench
+//! ```
+//!
+//! The control server runs in a child process (this test binary re-run with
+//! `TAILGATE_SCALE_SERVER_DIR` set) so its RSS can be read alone from
+//! /proc; the simulated nodes are real protocol clients in this process, on
+//! loopback TCP (HTTP upgrade, Noise IK, frames). Population: 1% `tag:prod`
+//! servers, the rest user laptops, 10 per user; `group:admins` (10 users)
+//! may log in to prod. The measured policy change adds 10 more users to
+//! `group:admins`: their 100 nodes gain the prod servers as peers, the prod
+//! servers gain them, every other node gets just the new policy.
+//!
+//! Printed: registration rate, server RSS (after registration and peak),
+//! time for the policy change to reach every node (p50/p99/max), a single
+//! node change fanned out to its viewers, bytes of full maps vs deltas.
+
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tailgate::control::admin::execute;
+use tailgate::control::hub::AdminRequest;
+use tailgate::control::proto::{MapFull, ServerMsg};
+use tailgate::control::{AuthKeyToken, ControlClient, ControlServer, ControlTarget, NetMap, NodeHello, ServerOptions};
+use tailgate::wg;
+
+fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+    }
+    r.rlim_cur as u64
+}
+
+fn policy(admins: usize) -> String {
+    let members: Vec<String> = (0..admins).map(|i| format!("\"u{i}\"")).collect();
+    format!(
+        r#"
+[groups]
+"group:admins" = [{}]
+
+[tag_owners]
+"tag:prod" = ["group:admins"]
+
+[[ssh]]
+src = ["group:admins"]
+dst = ["tag:prod"]
+users = ["root", "autogroup:nonroot"]
+action = "accept"
+record = true
+
+[[ssh]]
+src = ["autogroup:member"]
+dst = ["autogroup:self"]
+users = ["autogroup:nonroot"]
+action = "accept"
+
+[[tests]]
+src = "u0"
+dst = "tag:prod"
+accept = ["root"]
+"#,
+        members.join(", ")
+    )
+}
+
+/// The server side: runs only in the child process.
+#[test]
+#[ignore]
+fn control_scale_server_process() {
+    let Some(dir) = std::env::var_os("TAILGATE_SCALE_SERVER_DIR") else { return };
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let mut o = ServerOptions::new("127.0.0.1:0".parse().unwrap(), PathBuf::from(dir));
+        o.keepalive = Duration::from_secs(60);
+        let s = ControlServer::start(o).await.unwrap();
+        println!("TAILGATE_SCALE_READY {} {}", s.url(), wg::key_to_base64(&s.public_key()));
+        std::io::stdout().flush().unwrap();
+        // Run until the parent closes our stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {}
+        })
+        .await
+        .unwrap();
+        s.shutdown().await;
+    });
+}
+
+struct ServerChild {
+    child: Child,
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn admin(dir: &Path, req: AdminRequest) -> serde_json::Value {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || execute(&dir, req)).await.unwrap().unwrap()
+}
+
+/// Size on the wire of a message: JSON + frame header + Noise tag + length.
+fn wire_size(json_len: usize) -> usize {
+    let frame = json_len + 5;
+    frame + frame.div_ceil(65519) * (16 + 2)
+}
+
+fn full_map_size(m: &NetMap) -> usize {
+    let full = MapFull {
+        self_node: m.self_node.clone(),
+        domain: m.domain.clone(),
+        peers: m.peers.values().cloned().collect(),
+        policy: m.policy.clone(),
+    };
+    wire_size(serde_json::to_vec(&ServerMsg::MapFull(full)).unwrap().len())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn control_scale_bench() {
+    let n: usize = std::env::var("TAILGATE_BENCH_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let nofile = raise_nofile();
+    assert!(nofile as usize > n + 200, "RLIMIT_NOFILE {nofile} too low for {n} TCP clients");
+    let prod_count = (n / 100).max(1);
+    let per_user = 10;
+    let users = (n - prod_count).div_ceil(per_user);
+    println!("control_scale: {n} nodes ({prod_count} tag:prod, {users} users x {per_user}), loopback TCP, server in a child process");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "control_scale_server_process", "--nocapture", "--test-threads=1"])
+        .env("TAILGATE_SCALE_SERVER_DIR", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let server = ServerChild { child };
+    let (url, key) = tokio::task::spawn_blocking(move || {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("TAILGATE_SCALE_READY ") {
+                let mut it = rest.split_whitespace();
+                return (it.next().unwrap().to_string(), wg::key_from_base64(it.next().unwrap()).unwrap());
+            }
+        }
+        panic!("server child exited before it was ready");
+    })
+    .await
+    .unwrap();
+    let target = ControlTarget { url: url.clone(), server_public: key };
+    println!("  server pid {pid} at {url}, RSS at start {} MiB", rss_kib(pid, "VmRSS:") / 1024);
+
+    // Users, policy, keys (admin socket).
+    let t = Instant::now();
+    admin(&dir, AdminRequest::PolicySet { text: policy(10), name: "bench.toml".into() }).await;
+    let mut secrets = Vec::new();
+    for u in 0..users {
+        admin(&dir, AdminRequest::UsersAdd { name: format!("u{u}") }).await;
+        let v = admin(
+            &dir,
+            AdminRequest::KeysCreate { user: Some(format!("u{u}")), reusable: true, ephemeral: false, expiry_secs: None, tags: vec![] },
+        )
+        .await;
+        secrets.push(AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret);
+    }
+    let v = admin(
+        &dir,
+        AdminRequest::KeysCreate { user: Some("u0".into()), reusable: true, ephemeral: false, expiry_secs: None, tags: vec!["tag:prod".into()] },
+    )
+    .await;
+    let prod_secret = AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret;
+    println!("  admin: {users} users + keys in {:.2?}", t.elapsed());
+
+    // Registration: all nodes, 64 at a time.
+    let target2 = target.clone();
+    let t = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut joins = Vec::new();
+    for i in 0..n {
+        let (secret, host) = if i < prod_count {
+            (prod_secret.clone(), format!("prod{i}"))
+        } else {
+            let j = i - prod_count;
+            (secrets[j / per_user].clone(), format!("u{}-dev{}", j / per_user, j % per_user))
+        };
+        let target = target2.clone();
+        let sem = sem.clone();
+        joins.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            let key = wg::generate_private_key();
+            let hello = NodeHello {
+                auth_key: Some(secret),
+                hostname: host,
+                ssh_host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchBenchBenchBenchBenchBenchBenchBench root@h".into()),
+                endpoints: vec!["127.0.0.1:41641".parse().unwrap(), "[::1]:41641".parse().unwrap()],
+                previous_node_key: None,
+            };
+            ControlClient::connect(&target, &key, hello).await.unwrap()
+        }));
+    }
+    let mut clients = Vec::with_capacity(n);
+    for j in joins {
+        clients.push(j.await.unwrap());
+    }
+    let reg = t.elapsed();
+    println!("  registration: {n} nodes in {reg:.2?} = {:.0} nodes/s", n as f64 / reg.as_secs_f64());
+    let full_sizes: Vec<usize> = clients.iter().map(|(_, m)| full_map_size(m)).collect();
+    let rss_reg = rss_kib(pid, "VmRSS:");
+    println!("  server RSS after registration: {} MiB", rss_reg / 1024);
+
+    // Followers: apply every delta; report when the new policy arrived.
+    let v1 = admin(&dir, AdminRequest::PolicyGet).await["version"].as_u64().unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant, usize, usize)>();
+    let bytes_other = Arc::new(AtomicU64::new(0));
+    let deltas_other = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    let mut maps = Vec::new();
+    for (i, (mut c, m)) in clients.into_iter().enumerate() {
+        maps.push(m);
+        let done_tx = done_tx.clone();
+        let (bo, dn) = (bytes_other.clone(), deltas_other.clone());
+        handles.push(tokio::spawn(async move {
+            let mut reported = false;
+            loop {
+                let Ok(d) = c.next_update().await else { return c };
+                let size = wire_size(serde_json::to_vec(&ServerMsg::MapDelta(d.clone())).unwrap().len());
+                if !reported && c.netmap().policy.version > v1 {
+                    reported = true;
+                    let _ = done_tx.send((i, Instant::now(), size, c.netmap().peers.len()));
+                } else {
+                    bo.fetch_add(size as u64, Ordering::Relaxed);
+                    dn.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Let registration deltas settle.
+    let mut last = u64::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = deltas_other.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let settle_deltas = deltas_other.load(Ordering::Relaxed);
+    let settle_bytes = bytes_other.load(Ordering::Relaxed);
+
+    // The measured policy change.
+    let t0 = Instant::now();
+    admin(&dir, AdminRequest::PolicySet { text: policy(20), name: "bench.toml".into() }).await;
+    let set_done = t0.elapsed();
+    let mut lat = Vec::with_capacity(n);
+    let mut delta_bytes = Vec::with_capacity(n);
+    let mut admin_peers = Vec::new();
+    while lat.len() < n {
+        match tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await {
+            Ok(Some((i, at, size, peers))) => {
+                lat.push(at - t0);
+                delta_bytes.push(size);
+                let j = i.wrapping_sub(prod_count);
+                if i >= prod_count && (10..20).contains(&(j / per_user)) {
+                    admin_peers.push(peers);
+                }
+            }
+            _ => panic!("only {} of {n} nodes got the policy change within 60 s", lat.len()),
+        }
+    }
+    let max = *lat.iter().max().unwrap();
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let rss_after = rss_kib(pid, "VmRSS:");
+    let hwm = rss_kib(pid, "VmHWM:");
+    assert!(admin_peers.iter().all(|p| *p >= prod_count), "new admins see every prod server");
+
+    // One node change (a prod server renamed): reaches the nodes that see it.
+    let before = deltas_other.load(Ordering::Relaxed);
+    let t1 = Instant::now();
+    admin(&dir, AdminRequest::NodesRename { node: "prod0".into(), name: "prod0-renamed".into() }).await;
+    let viewers = 20 * per_user; // admins' nodes
+    let mut waited = Duration::ZERO;
+    while deltas_other.load(Ordering::Relaxed) < before + viewers as u64 && waited < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited = t1.elapsed();
+    }
+    let rename = t1.elapsed();
+    let rename_deltas = deltas_other.load(Ordering::Relaxed) - before;
+
+    let avg = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
+    let user_full: Vec<usize> = full_sizes[prod_count..].to_vec();
+    let prod_full: Vec<usize> = maps[..prod_count].iter().map(full_map_size).collect();
+    println!("  policy change (admin command -> every node has it): max {max:.2?}, p50 {p50:.2?}, p99 {p99:.2?} (admin call returned after {set_done:.2?})");
+    println!("  single node change (rename) -> {rename_deltas} deltas to its {viewers} viewers in {rename:.2?}");
+    println!("  server RSS: {} MiB after the policy change, peak {} MiB", rss_after / 1024, hwm / 1024);
+    println!(
+        "  bytes on the wire: full map avg {:.0} B (user node, {} peers) / {:.0} B (prod server); policy-change delta avg {:.0} B (the policy text is {} B); registration deltas avg {:.0} B",
+        avg(&user_full),
+        maps[prod_count].peers.len(),
+        avg(&prod_full),
+        avg(&delta_bytes),
+        policy(20).len(),
+        settle_bytes as f64 / settle_deltas.max(1) as f64
+    );
+    println!(
+        "CONTROL_SCALE nodes={n} reg_per_s={:.0} policy_max_ms={} policy_p99_ms={} rss_mib={} peak_mib={}",
+        n as f64 / reg.as_secs_f64(),
+        max.as_millis(),
+        p99.as_millis(),
+        rss_after / 1024,
+        hwm / 1024
+    );
+    for h in handles {
+        h.abort();
+    }
+    drop(server);
+    if n >= 10_000 {
+        assert!(max < Duration::from_secs(2), "policy change took {max:?} (goal < 2 s)");
+        assert!(hwm / 1024 < 500, "server peak RSS {} MiB (goal < 500 MiB)", hwm / 1024);
+    }
+}
