@@ -33,6 +33,8 @@ enum Command {
     Up(UpArgs),
     /// Connect stdin/stdout to HOST:PORT through the tailnet (for ssh ProxyCommand).
     Nc(NcArgs),
+    /// A control server, a "vps" and a "laptop" node on this machine, ready for `tailgate ssh`.
+    Demo(crate::demo::DemoArgs),
     /// Run or administer the coordination server (users, auth keys, nodes, policy).
     Control(crate::control::ControlArgs),
     /// Run stock `ssh` to a tailnet node: `tailgate ssh [user@]host [command]`.
@@ -147,6 +149,7 @@ pub fn main() -> ExitCode {
         Command::Ssh(args) => run_async(ssh(args)),
         Command::SshConfig { state_dir } => run_async(ssh_config(state_dir)),
         Command::Control(args) => crate::control::admin_main(args),
+        Command::Demo(args) => run_async(crate::demo::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -211,3 +211,19 @@ pub fn wireguard_go(ns: &Netns, dev: &str, dir: &Path, private: &str, addr: &str
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("tailgate-test").tempdir().unwrap()
 }
+
+/// Put namespaces on one LAN: a bridge in its own namespace, a veth to each.
+/// `ips[i]` (a /24 address) goes to `nss[i]`. Returns the hub namespace.
+pub fn lan(nss: &[&Netns], ips: &[&str]) -> Netns {
+    let hub = Netns::new("tgh");
+    hub.exec("ip link add br0 type bridge && ip link set br0 up");
+    for (ns, ip) in nss.iter().zip(ips) {
+        let a = unique("lh");
+        let b = unique("ln");
+        must(&format!("ip link add {a} type veth peer name {b}"));
+        must(&format!("ip link set {a} netns {} && ip link set {b} netns {}", hub.name, ns.name));
+        hub.exec(&format!("ip link set {a} master br0 && ip link set {a} up"));
+        ns.exec(&format!("ip addr add {ip}/24 dev {b} && ip link set {b} up"));
+    }
+    hub
+}

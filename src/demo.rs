@@ -1,0 +1,131 @@
+//! `tailgate demo`: the whole product on one machine, with embedded defaults.
+//!
+//! A control server, a "vps" node (SSH server on its tailnet address only)
+//! and a "laptop" node, all in this process, each with its own state
+//! directory. The laptop's local API socket lets `tailgate ssh` from another
+//! terminal reach the vps exactly as it would across the internet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::agent::{self, AgentOptions};
+use crate::control::hub::AdminRequest;
+use crate::control::{ControlServer, ServerOptions};
+
+/// The demo's policy: the demo user may be anyone on their own nodes, and
+/// sessions as root are recorded.
+const DEMO_POLICY: &str = r#"
+# tailgate demo policy: one user owns both nodes.
+[[ssh]]
+src = ["autogroup:member"]
+dst = ["autogroup:self"]
+users = ["root"]
+action = "accept"
+record = true
+
+[[ssh]]
+src = ["autogroup:member"]
+dst = ["autogroup:self"]
+users = ["autogroup:nonroot"]
+action = "accept"
+
+[[tests]]
+src = "demo"
+dst = "autogroup:self"
+accept = ["root", "nobody"]
+"#;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its state (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Control server address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Exit after setting up and checking one SSH login (for scripts and CI).
+    #[arg(long)]
+    check: bool,
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let scratch = args.dir.is_none();
+    let dir = match args.dir {
+        Some(d) => d,
+        None => tempfile::Builder::new().prefix("tailgate-demo.").tempdir()?.keep(),
+    };
+    let dir = std::path::absolute(&dir)?;
+    crate::config::ensure_private_dir(&dir)?;
+    let policy_file = dir.join("policy.toml");
+    std::fs::write(&policy_file, DEMO_POLICY)?;
+    let mut opts = ServerOptions::new(args.listen, dir.join("control"));
+    opts.policy_file = Some(policy_file.clone());
+    opts.admin_socket = true;
+    let control = ControlServer::start(opts).await.context("starting the control server")?;
+    let admin = |req| control.admin(req);
+    let _ = admin(AdminRequest::UsersAdd { name: "demo".into() }).await;
+    let key = admin(AdminRequest::KeysCreate { user: Some("demo".into()), reusable: true, ephemeral: false, expiry_secs: Some(3600), tags: vec![] })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating an auth key: {e}"))?;
+    let token = key["token"].as_str().context("auth key answer without a token")?.to_string();
+
+    let vps = agent::start(AgentOptions {
+        state_dir: dir.join("vps"),
+        authkey: Some(token.clone()),
+        hostname: "vps".into(),
+        listen_port: 0,
+        ssh_port: Some(22),
+    })
+    .await
+    .context("starting the vps node")?;
+    let laptop = agent::start(AgentOptions {
+        state_dir: dir.join("laptop"),
+        authkey: Some(token),
+        hostname: "laptop".into(),
+        listen_port: 0,
+        ssh_port: None,
+    })
+    .await
+    .context("starting the laptop node")?;
+    let exe = std::env::current_exe()?;
+    let user = if nix::unistd::geteuid().is_root() { "root".to_string() } else { std::env::var("USER").unwrap_or_else(|_| "root".into()) };
+    let laptop_dir = dir.join("laptop");
+    println!("tailgate demo is running (state in {})", dir.display());
+    println!("  control server  {}", control.url());
+    println!("  vps             {} (SSH on its tailnet address only)", vps.node.addresses().first().map(|a| a.to_string()).unwrap_or_default());
+    println!("  laptop          {}", laptop.node.addresses().first().map(|a| a.to_string()).unwrap_or_default());
+    println!();
+    println!("In another terminal, try:");
+    println!("  {} ssh --state-dir {} {user}@vps", exe.display(), laptop_dir.display());
+    println!("  {} status --state-dir {}", exe.display(), laptop_dir.display());
+    println!("  {} ssh-config --state-dir {}   # then plain `ssh vps`", exe.display(), laptop_dir.display());
+    println!("Audit log: {}   recordings: {}", dir.join("vps/audit.jsonl").display(), dir.join("vps/recordings").display());
+    if args.check {
+        let out = tokio::process::Command::new(&exe)
+            .args(["ssh", "--state-dir"])
+            .arg(&laptop_dir)
+            .arg(format!("{user}@vps"))
+            .args(["echo", "demo-ok"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || stdout.trim() != "demo-ok" {
+            bail!("demo login failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+        }
+        println!("check: `tailgate ssh {user}@vps echo demo-ok` worked");
+        drop((vps, laptop));
+        control.shutdown().await;
+        if scratch {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
+    println!("Ctrl-C stops the demo.");
+    let _ = tokio::signal::ctrl_c().await;
+    drop((vps, laptop));
+    control.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! End to end in network namespaces, each component its own process:
+//! control in one namespace, a "vps" node in another, a "laptop" in a third.
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+const POLICY: &str = r#"
+[groups]
+"group:admins" = ["alice"]
+
+[tag_owners]
+"tag:prod" = ["group:admins"]
+
+[[ssh]]
+src = ["group:admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[tests]]
+src = "alice"
+dst = "tag:prod"
+accept = ["root"]
+deny = ["nobody"]
+"#;
+
+/// Alice loses SSH but keeps web access, so vps stays in her netmap and the
+/// SSH server itself must say no at the next login.
+const REVOKED: &str = r#"
+[groups]
+"group:admins" = ["bob"]
+
+[[acl]]
+src = ["alice"]
+dst = ["tag:prod:80"]
+
+[tag_owners]
+"tag:prod" = ["group:admins"]
+
+[[ssh]]
+src = ["group:admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[tests]]
+src = "alice"
+dst = "tag:prod"
+deny = ["root"]
+"#;
+
+struct World {
+    ctl: Netns,
+    vps: Netns,
+    laptop: Netns,
+    _hub: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn d(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+    fn admin(&self, args: &str) -> String {
+        self.ctl.exec(&format!("{TAILGATE} control --state-dir {}/ctl {args}", self.d()))
+    }
+    fn start_control(&self, n: u32) -> Proc {
+        let mut p = self.ctl.spawn(
+            &format!("{TAILGATE} control --state-dir {0}/ctl --listen 10.96.0.1:8443 --policy {0}/policy.toml", self.d()),
+            &self.dir.path().join(format!("ctl{n}.log")),
+        );
+        p.wait_log("listening on", 15);
+        p
+    }
+    fn start_vps(&self, n: u32, authkey: Option<&str>) -> Proc {
+        let key = authkey.map(|k| format!("--authkey {k}")).unwrap_or_default();
+        let mut p = self.vps.spawn(
+            &format!("env RUST_LOG=tailgate=info {TAILGATE} up {key} --state-dir {}/vps --hostname vps", self.d()),
+            &self.dir.path().join(format!("vps{n}.log")),
+        );
+        p.wait_log("tailgate: up at", 15);
+        p
+    }
+    fn laptop_run(&self, cmd: &str, secs: u64) -> (i32, String, String) {
+        self.laptop.run(&format!("export TAILGATE_STATE_DIR={}/laptop; {cmd}", self.d()), secs)
+    }
+}
+
+#[test]
+fn control_vps_laptop_end_to_end() {
+    if !require(&["ssh", "scp", "sftp", "rsync"]) {
+        return;
+    }
+    let ctl = Netns::new("e2c");
+    let vps = Netns::new("e2v");
+    let laptop = Netns::new("e2l");
+    let hub = lan(&[&ctl, &vps, &laptop], &["10.96.0.1", "10.96.0.2", "10.96.0.3"]);
+    let w = World { ctl, vps, laptop, _hub: hub, dir: tempdir() };
+    let d = w.d();
+    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/revoked.toml"), REVOKED).unwrap();
+
+    let mut control = w.start_control(1);
+    w.admin("users add alice");
+    let server_key = w.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
+    let laptop_key = w.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
+    assert!(server_key.starts_with("tg1-"), "{server_key}");
+
+    let mut vps_proc = w.start_vps(1, Some(&server_key));
+    let mut laptop_proc = w.laptop.spawn(
+        &format!("env RUST_LOG=tailgate=info {TAILGATE} up --authkey {laptop_key} --state-dir {d}/laptop --hostname laptop --no-ssh"),
+        &w.dir.path().join("laptop.log"),
+    );
+    laptop_proc.wait_log("tailgate: up at", 15);
+
+    // tailgate ssh, pinned host key from the netmap, no TOFU prompt.
+    let mut r = (0, String::new(), String::new());
+    assert!(
+        eventually(20, || {
+            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps id -u"), 20);
+            r.0 == 0
+        }),
+        "tailgate ssh root@vps: {r:?}\nvps log:\n{}",
+        vps_proc.log_text()
+    );
+    assert_eq!(r.1.trim(), "0");
+    assert!(!r.2.contains("Permanently added"), "no trust-on-first-use: {}", r.2);
+
+    // status lists the peer with its path.
+    let (_, out, _) = w.laptop_run(&format!("{TAILGATE} status"), 10);
+    assert!(out.contains("vps") && out.contains("tag:prod") && out.contains("direct 10.96.0.2"), "{out}");
+
+    // Plain ssh / scp / sftp / rsync through `tailgate ssh-config`.
+    w.laptop_run(&format!("{TAILGATE} ssh-config > {d}/ssh_config"), 10);
+    let ssh = format!("ssh -F {d}/ssh_config -o BatchMode=yes");
+    let (code, out, err) = w.laptop_run(&format!("{ssh} root@vps.tailnet.internal echo plain-ssh"), 20);
+    assert_eq!((code, out.trim()), (0, "plain-ssh"), "{err}");
+    must(&format!("head -c 2000000 /dev/urandom > {d}/blob"));
+    let (code, _, err) = w.laptop_run(&format!("scp -F {d}/ssh_config {d}/blob root@vps:{d}/blob.scp"), 30);
+    assert_eq!(code, 0, "scp: {err}");
+    let (code, _, err) = w.laptop_run(&format!("rsync -a -e '{ssh}' {d}/blob root@vps:{d}/blob.rsync"), 30);
+    assert_eq!(code, 0, "rsync: {err}");
+    let (code, out, err) = w.laptop_run(&format!("echo 'ls {d}' | sftp -F {d}/ssh_config -b - root@vps"), 20);
+    assert_eq!(code, 0, "sftp: {err}");
+    assert!(out.contains("blob.scp") && out.contains("blob.rsync"), "{out}");
+    let sums = must(&format!("sha256sum < {d}/blob; sha256sum < {d}/blob.scp; sha256sum < {d}/blob.rsync"));
+    let sums: Vec<&str> = sums.lines().collect();
+    assert!(sums[0] == sums[1] && sums[1] == sums[2], "{sums:?}");
+
+    // A login the policy denies.
+    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh nobody@vps true"), 20);
+    assert_ne!(code, 0);
+    assert!(err.contains("denied"), "{err}");
+
+    // A tampered host key is refused.
+    let kh = format!("{d}/laptop/known_hosts");
+    let good = std::fs::read_to_string(&kh).unwrap();
+    must(&format!("rm -f {d}/fake* && ssh-keygen -q -t ed25519 -N '' -f {d}/fake"));
+    let fake_pub = std::fs::read_to_string(format!("{d}/fake.pub")).unwrap();
+    let fake_pub: Vec<&str> = fake_pub.split_whitespace().collect();
+    let tampered: String = good
+        .lines()
+        .map(|l| if l.starts_with("vps,") { format!("{} {} {}\n", l.split(' ').next().unwrap(), fake_pub[0], fake_pub[1]) } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&kh, tampered).unwrap();
+    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    assert_ne!(code, 0, "a host key differing from the netmap must be refused");
+    assert!(err.contains("Host key verification failed") || err.contains("IDENTIFICATION HAS CHANGED"), "{err}");
+    std::fs::write(&kh, good).unwrap();
+
+    // Control down: logins still work, and an open session survives.
+    let long = w.laptop.spawn(
+        &format!("env TAILGATE_STATE_DIR={d}/laptop {TAILGATE} ssh root@vps 'sleep 4; echo survived'"),
+        &w.dir.path().join("long.log"),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    control.kill();
+    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    assert_eq!(code, 0, "login with control down: {err}");
+    let mut long = long;
+    long.wait_log("survived", 15);
+
+    // Control back; a policy change revoking access applies at the next login.
+    let _control = w.start_control(2);
+    w.admin(&format!("policy set {d}/revoked.toml"));
+    let mut r = (0, String::new(), String::new());
+    assert!(
+        eventually(20, || {
+            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+            r.0 != 0 && r.2.contains("denied")
+        }),
+        "revoked access must be denied at the next login: {r:?}"
+    );
+    w.admin(&format!("policy set {d}/policy.toml"));
+
+    // vps restarts (new UDP port, same identity): laptop reconnects on its own.
+    vps_proc.kill();
+    let _vps2 = w.start_vps(2, None);
+    let mut r = (0, String::new(), String::new());
+    assert!(
+        eventually(30, || {
+            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps echo back"), 20);
+            r.0 == 0
+        }),
+        "after vps restart: {r:?}\nlaptop log:\n{}",
+        laptop_proc.log_text()
+    );
+    assert_eq!(r.1.trim(), "back");
+}
