@@ -51,6 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Print shell completions (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
     /// Print a new WireGuard private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
@@ -137,6 +139,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy { command: PolicyCommand::Check { file } } => {
             return ExitCode::from(crate::policy::cli_check(&file) as u8);
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tailgate", &mut std::io::stdout());
+            Ok(())
         }
         Command::Genkey => {
             println!("{}", wg::key_to_base64(&wg::generate_private_key()));
