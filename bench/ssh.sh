@@ -80,8 +80,43 @@ CONF
 sleep 1
 measure tailgate "ip netns exec $A ssh $SO -o ProxyCommand='$BIN nc --wg-config $D/c.conf %h %p' root@100.64.0.2"
 TB=$BULK; TL=$LOGIN
+t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --wg-config $D/c.conf 100.64.0.2 22 | head -c 7 >/dev/null"; t1=$(now)
+STATIC_JOIN=$(echo "($t1 - $t0)*1000" | bc -l)
+
+echo "== tailgate control mode: warm daemon on the laptop, \`tailgate ssh vps\`"
+cat > $D/cpolicy.toml <<CONF
+[tag_owners]
+"tag:bench" = ["bencher"]
+[[ssh]]
+src = ["bencher"]
+dst = ["tag:bench"]
+users = ["root"]
+action = "accept"
+[[tests]]
+src = "bencher"
+dst = "tag:bench"
+accept = ["root"]
+CONF
+(ip netns exec $B $BIN control --state-dir $D/ctl --listen 10.203.0.2:8443 --policy $D/cpolicy.toml > $D/ctl.log 2>&1 &)
+sleep 1
+ip netns exec $B $BIN control --state-dir $D/ctl users add bencher >/dev/null
+SK=$(ip netns exec $B $BIN control --state-dir $D/ctl keys create --tag tag:bench | tail -1)
+LK=$(ip netns exec $B $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
+(ip netns exec $B $BIN up --authkey $SK --state-dir $D/vps --hostname vps --ssh-port 22 > $D/vps.log 2>&1 &)
+sleep 1
+# Register the laptop, then stop it: the one-shot join below uses its saved key.
+(ip netns exec $A $BIN up --authkey $LK --state-dir $D/laptop --hostname laptop --no-ssh > $D/laptop.log 2>&1 &)
+sleep 1; pkill -f "state-dir $D/laptop" || true; sleep 0.5
+t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --state-dir $D/laptop vps 22 | head -c 7 >/dev/null"; t1=$(now)
+ONESHOT=$(echo "($t1 - $t0)*1000" | bc -l)
+(ip netns exec $A $BIN up --state-dir $D/laptop --hostname laptop --no-ssh > $D/laptop2.log 2>&1 &)
+sleep 1
+ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true
+t0=$(now); for i in $(seq $N); do ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true; done; t1=$(now)
+WARM=$(echo "($t1 - $t0) * 1000 / $N" | bc -l)
+printf "tailgate  warm daemon: tailgate ssh vps true: %6.1f ms mean of %d\n" "$WARM" "$N"
 echo
 printf "throughput ratio (tailgate/anchor, higher is better): %.2fx\n" "$(echo "$AB / $TB" | bc -l)"
-printf "login time ratio (tailgate/anchor, lower is better):  %.2fx\n" "$(echo "$TL / $AL" | bc -l)"
-t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --wg-config $D/c.conf 100.64.0.2 22 | head -c 7 >/dev/null"; t1=$(now)
-printf "one-shot tailgate nc join + SSH banner: %.1f ms\n" "$(echo "($t1 - $t0)*1000" | bc -l)"
+printf "login time ratio, static nc (tailgate/anchor, lower is better):  %.2fx\n" "$(echo "$TL / $AL" | bc -l)"
+printf "login time ratio, warm daemon (tailgate/anchor, lower is better): %.2fx\n" "$(echo "$WARM / $AL" | bc -l)"
+printf "one-shot tailgate nc join + SSH banner: static config %.1f ms, control mode (login + netmap) %.1f ms\n" "$STATIC_JOIN" "$ONESHOT"

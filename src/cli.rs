@@ -452,6 +452,9 @@ where
 async fn nc(args: NcArgs) -> Result<()> {
     let Some(wg_config) = args.wg_config.as_deref() else {
         let state_dir = state_dir_or_default(args.state_dir)?;
+        if !localapi::daemon_running(&state_dir) {
+            return nc_oneshot(&state_dir, &args.host, args.port).await;
+        }
         let req = localapi::Request::Connect { host: args.host.clone(), port: args.port };
         let (answer, conn) = localapi::request(&state_dir, &req).await?;
         if !answer.ok {
@@ -461,6 +464,32 @@ async fn nc(args: NcArgs) -> Result<()> {
         return pipe_stdio(rd, wr).await;
     };
     nc_static(wg_config, &args.host, args.port).await
+}
+
+/// No daemon: log in to control with the saved node key, take the netmap,
+/// and bring up just enough of a node for this one connection.
+async fn nc_oneshot(state_dir: &Path, host: &str, port: u16) -> Result<()> {
+    let (target, _) = crate::agent::control_target(state_dir, None)?;
+    let key = crate::agent::load_or_create_node_key(state_dir)?;
+    let hello = crate::control::NodeHello::login(&local_hostname());
+    let map = match crate::control::ControlClient::connect(&target, &key, hello).await {
+        Ok((client, map)) => {
+            drop(client);
+            map
+        }
+        Err(e) if e.is_transient() => crate::agent::cached_netmap(state_dir).with_context(|| format!("{e}, and no cached netmap"))?,
+        Err(e) => bail!("{e}"),
+    };
+    let dir = crate::agent::directory_of(&map, None);
+    let ip = dir.resolve(host)?;
+    let mut nc = NodeConfig::new(key, map.self_node.ips.clone());
+    nc.peers = map.peer_configs();
+    let node = Node::start(nc).await?;
+    let stream = node.connect(SocketAddr::new(ip, port)).await?;
+    let (rd, wr) = tokio::io::split(stream);
+    pipe_stdio(rd, wr).await?;
+    node.shutdown().await;
+    Ok(())
 }
 
 async fn nc_static(wg_config: &Path, host: &str, port: u16) -> Result<()> {

@@ -173,11 +173,16 @@ async fn control_scale_bench() {
     let stdout = child.stdout.take().unwrap();
     let server = ServerChild { child };
     let (url, key) = tokio::task::spawn_blocking(move || {
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("TAILGATE_SCALE_READY ") {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            // The harness may print "test ... " on the same line first.
+            if let Some(at) = line.find("TAILGATE_SCALE_READY ") {
+                let rest = &line[at + "TAILGATE_SCALE_READY ".len()..];
                 let mut it = rest.split_whitespace();
-                return (it.next().unwrap().to_string(), wg::key_from_base64(it.next().unwrap()).unwrap());
+                let found = (it.next().unwrap().to_string(), wg::key_from_base64(it.next().unwrap()).unwrap());
+                // Keep draining the child's stdout so it never hits a closed pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return found;
             }
         }
         panic!("server child exited before it was ready");
@@ -314,7 +319,8 @@ async fn control_scale_bench() {
     let before = deltas_other.load(Ordering::Relaxed);
     let t1 = Instant::now();
     admin(&dir, AdminRequest::NodesRename { node: "prod0".into(), name: "prod0-renamed".into() }).await;
-    let viewers = 20 * per_user; // admins' nodes
+    // The admins' nodes see it; prod0 itself gets its new name.
+    let viewers = (20 * per_user).min(n - prod_count) + 1;
     let mut waited = Duration::ZERO;
     while deltas_other.load(Ordering::Relaxed) < before + viewers as u64 && waited < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(5)).await;
