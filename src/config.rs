@@ -150,7 +150,7 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
             }
             Section::Interface => match key_lc.as_str() {
                 "privatekey" => {
-                    private_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PrivateKey is {e}; generate one with `wg genkey`")))?)
+                    private_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?)
                 }
                 "address" => {
                     for a in split_list(value) {
@@ -169,10 +169,10 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
                 let p = &mut peers.last_mut().expect("in a peer section").1;
                 match key_lc.as_str() {
                     "publickey" => {
-                        p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey is {e}")))?)
+                        p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey: {e}")))?)
                     }
                     "presharedkey" => {
-                        p.preshared_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PresharedKey is {e}; generate one with `wg genpsk`")))?)
+                        p.preshared_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?)
                     }
                     "allowedips" => {
                         for a in split_list(value) {

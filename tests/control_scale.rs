@@ -256,15 +256,24 @@ async fn control_scale_bench() {
     let bytes_other = Arc::new(AtomicU64::new(0));
     let deltas_other = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
-    let mut maps = Vec::new();
-    for (i, (mut c, m)) in clients.into_iter().enumerate() {
-        maps.push(m);
+    let (report_tx, report_rx) = tokio::sync::watch::channel(false);
+    let (size_tx, mut size_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize, usize)>();
+    for (i, (mut c, _)) in clients.into_iter().enumerate() {
         let done_tx = done_tx.clone();
+        let size_tx = size_tx.clone();
+        let mut report_rx = report_rx.clone();
         let (bo, dn) = (bytes_other.clone(), deltas_other.clone());
         handles.push(tokio::spawn(async move {
             let mut reported = false;
             loop {
-                let Ok(d) = c.next_update().await else { return c };
+                let d = tokio::select! {
+                    d = c.next_update() => d,
+                    _ = report_rx.changed() => {
+                        let _ = size_tx.send((i, full_map_size(c.netmap()), c.netmap().peers.len()));
+                        continue;
+                    }
+                };
+                let Ok(d) = d else { return };
                 let size = wire_size(serde_json::to_vec(&ServerMsg::MapDelta(d.clone())).unwrap().len());
                 if !reported && c.netmap().policy.version > v1 {
                     reported = true;
@@ -294,15 +303,26 @@ async fn control_scale_bench() {
     admin(&dir, AdminRequest::PolicySet { text: policy(20), name: "bench.toml".into() }).await;
     let set_done = t0.elapsed();
     let mut lat = Vec::with_capacity(n);
-    let mut delta_bytes = Vec::with_capacity(n);
+    // Per category: prod server, old admin, new admin, ordinary user node.
+    let category = |i: usize| {
+        if i < prod_count {
+            0
+        } else {
+            match (i - prod_count) / per_user {
+                0..10 => 1,
+                10..20 => 2,
+                _ => 3,
+            }
+        }
+    };
+    let mut delta_bytes: [Vec<usize>; 4] = Default::default();
     let mut admin_peers = Vec::new();
     while lat.len() < n {
         match tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await {
             Ok(Some((i, at, size, peers))) => {
                 lat.push(at - t0);
-                delta_bytes.push(size);
-                let j = i.wrapping_sub(prod_count);
-                if i >= prod_count && (10..20).contains(&(j / per_user)) {
+                delta_bytes[category(i)].push(size);
+                if category(i) == 2 {
                     admin_peers.push(peers);
                 }
             }
@@ -330,19 +350,32 @@ async fn control_scale_bench() {
     let rename_deltas = deltas_other.load(Ordering::Relaxed) - before;
 
     let avg = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
-    let user_full: Vec<usize> = full_sizes[prod_count..].to_vec();
-    let prod_full: Vec<usize> = maps[..prod_count].iter().map(full_map_size).collect();
+    // Full maps as they are now (what a reconnecting node would get).
+    report_tx.send(true).unwrap();
+    let mut full_now: [Vec<usize>; 4] = Default::default();
+    let mut peers_now: [Vec<usize>; 4] = Default::default();
+    for _ in 0..n {
+        let (i, size, peers) = tokio::time::timeout(Duration::from_secs(30), size_rx.recv()).await.unwrap().unwrap();
+        full_now[category(i)].push(size);
+        peers_now[category(i)].push(peers);
+    }
+    let _ = full_sizes;
     println!("  policy change (admin command -> every node has it): max {max:.2?}, p50 {p50:.2?}, p99 {p99:.2?} (admin call returned after {set_done:.2?})");
     println!("  single node change (rename) -> {rename_deltas} deltas to its {viewers} viewers in {rename:.2?}");
     println!("  server RSS: {} MiB after the policy change, peak {} MiB", rss_after / 1024, hwm / 1024);
+    println!("  bytes on the wire (JSON + frame + Noise), averages:");
+    for (c, label) in ["tag:prod server", "admin's node", "new admin's node", "other user's node"].iter().enumerate() {
+        println!(
+            "    {label:<18} {:>5.0} peers: full map {:>7.0} B, policy-change delta {:>6.0} B",
+            avg(&peers_now[c]),
+            avg(&full_now[c]),
+            avg(&delta_bytes[c])
+        );
+    }
     println!(
-        "  bytes on the wire: full map avg {:.0} B (user node, {} peers) / {:.0} B (prod server); policy-change delta avg {:.0} B (the policy text is {} B); registration deltas avg {:.0} B",
-        avg(&user_full),
-        maps[prod_count].peers.len(),
-        avg(&prod_full),
-        avg(&delta_bytes),
-        policy(20).len(),
-        settle_bytes as f64 / settle_deltas.max(1) as f64
+        "    registration/online deltas {:.0} B; the policy text itself is {} B",
+        settle_bytes as f64 / settle_deltas.max(1) as f64,
+        policy(20).len()
     );
     println!(
         "CONTROL_SCALE nodes={n} reg_per_s={:.0} policy_max_ms={} policy_p99_ms={} rss_mib={} peak_mib={}",

@@ -208,4 +208,28 @@ fn control_vps_laptop_end_to_end() {
         laptop_proc.log_text()
     );
     assert_eq!(r.1.trim(), "back");
+
+    // No daemon: `tailgate nc` joins one-shot with the saved node key.
+    laptop_proc.kill();
+    let (code, out, err) = w.laptop.run(
+        &format!(
+            "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={d}/laptop/known_hosts -o HostKeyAlias=vps \
+             -o ProxyCommand='{TAILGATE} nc --state-dir {d}/laptop %h %p' root@vps echo oneshot"
+        ),
+        30,
+    );
+    assert_eq!((code, out.trim()), (0, "oneshot"), "one-shot nc: {err}");
+
+    // Removing alice cuts her node off: the vps drops the peer from its map.
+    let mut laptop_proc = w.laptop.spawn(
+        &format!("{TAILGATE} up --state-dir {d}/laptop --hostname laptop --no-ssh"),
+        &w.dir.path().join("laptop2.log"),
+    );
+    laptop_proc.wait_log("tailgate: up at", 15);
+    let vps_sees_laptop = || w.vps.run(&format!("{TAILGATE} status --state-dir {d}/vps"), 10).1.contains("laptop");
+    assert!(eventually(10, vps_sees_laptop), "vps lists laptop before removal");
+    w.admin("users remove alice");
+    assert!(eventually(10, || !vps_sees_laptop()), "vps must drop alice's node");
+    let (code, _, _) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    assert_ne!(code, 0, "a removed user's node can no longer log in");
 }
