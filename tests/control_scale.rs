@@ -246,7 +246,6 @@ async fn control_scale_bench() {
     }
     let reg = t.elapsed();
     println!("  registration: {n} nodes in {reg:.2?} = {:.0} nodes/s", n as f64 / reg.as_secs_f64());
-    let full_sizes: Vec<usize> = clients.iter().map(|(_, m)| full_map_size(m)).collect();
     let rss_reg = rss_kib(pid, "VmRSS:");
     println!("  server RSS after registration: {} MiB", rss_reg / 1024);
 
@@ -359,7 +358,6 @@ async fn control_scale_bench() {
         full_now[category(i)].push(size);
         peers_now[category(i)].push(peers);
     }
-    let _ = full_sizes;
     println!("  policy change (admin command -> every node has it): max {max:.2?}, p50 {p50:.2?}, p99 {p99:.2?} (admin call returned after {set_done:.2?})");
     println!("  single node change (rename) -> {rename_deltas} deltas to its {viewers} viewers in {rename:.2?}");
     println!("  server RSS: {} MiB after the policy change, peak {} MiB", rss_after / 1024, hwm / 1024);

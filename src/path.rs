@@ -1,0 +1,339 @@
+//! Path selection for one peer: direct UDP when a probe proves it, the relay
+//! until then. Sans-IO: fed endpoints, pongs, authenticated traffic and time;
+//! answers which route to use now, which probes to send, and when to wake.
+//!
+//! The rules:
+//! - A direct path is *proven* by a pong to one of our pings (or by
+//!   authenticated WireGuard traffic arriving from that address) and stays
+//!   trusted for [`TRUST`] after the last such proof.
+//! - While no path is trusted, every candidate is pinged each [`PROBE_INTERVAL`]
+//!   (backing off to [`PROBE_MAX_INTERVAL`]) and the peer is asked, through the
+//!   relay, to ping us back at the same time ("call me maybe"), so that both
+//!   NATs see outbound traffic and endpoint-independent mappings open.
+//! - Once trusted, the chosen path is pinged every [`KEEPALIVE`] (which also
+//!   holds NAT mappings) and all candidates are re-probed every
+//!   [`REPROBE_INTERVAL`] to find a faster one; the lowest RTT wins.
+//! - [`PathState::reset`] (a network change) distrusts everything and
+//!   restarts probing at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub const TRUST: Duration = Duration::from_millis(6500);
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub const PROBE_MAX_INTERVAL: Duration = Duration::from_secs(5);
+pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// A ping not answered within this long is forgotten.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where packets for the peer should go now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Direct(SocketAddr),
+    Relay,
+}
+
+/// Something the driver must send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A sealed ping with this transaction id, straight to this address.
+    Ping { to: SocketAddr, tx_id: [u8; 12] },
+    /// Ask the peer (via the relay) to ping our endpoints now.
+    CallMeMaybe,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Candidate {
+    /// Last proof that this address reaches the peer.
+    proven_at: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub struct PathState {
+    candidates: HashMap<SocketAddr, Candidate>,
+    pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
+    best: Option<SocketAddr>,
+    next_probe: Instant,
+    probe_interval: Duration,
+    next_reprobe: Instant,
+    /// Last probe outcome, for `status`.
+    pub last_result: Option<String>,
+    tx_counter: u64,
+    salt: u32,
+}
+
+impl PathState {
+    pub fn new(now: Instant) -> Self {
+        PathState {
+            candidates: HashMap::new(),
+            pending: HashMap::new(),
+            best: None,
+            next_probe: now,
+            probe_interval: PROBE_INTERVAL,
+            next_reprobe: now + REPROBE_INTERVAL,
+            last_result: None,
+            tx_counter: 0,
+            salt: rand::random(),
+        }
+    }
+
+    /// The peer's candidate endpoints changed (netmap, call-me-maybe).
+    pub fn set_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
+        let before = self.candidates.len();
+        self.candidates.retain(|a, _| endpoints.contains(a));
+        let mut added = false;
+        for e in endpoints {
+            if !self.candidates.contains_key(e) {
+                self.candidates.insert(*e, Candidate::default());
+                added = true;
+            }
+        }
+        if self.best.is_some_and(|b| !self.candidates.contains_key(&b)) {
+            self.best = None;
+        }
+        if added || before != self.candidates.len() {
+            // New addresses are worth trying right away.
+            self.next_probe = now;
+            self.probe_interval = PROBE_INTERVAL;
+        }
+    }
+
+    /// Add candidates without dropping the known ones (call-me-maybe).
+    pub fn add_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
+        let mut all: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+        for e in endpoints {
+            if !all.contains(e) {
+                all.push(*e);
+            }
+        }
+        self.set_candidates(&all, now);
+        self.next_probe = now;
+    }
+
+    pub fn candidates(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.candidates.keys()
+    }
+
+    /// A pong arrived from `from` for `tx_id`.
+    pub fn on_pong(&mut self, from: SocketAddr, tx_id: [u8; 12], now: Instant) -> bool {
+        let Some((to, sent)) = self.pending.remove(&tx_id) else { return false };
+        if to != from {
+            // A pong must come back from where the ping went.
+            return false;
+        }
+        let rtt = now.saturating_duration_since(sent);
+        let c = self.candidates.entry(from).or_default();
+        c.proven_at = Some(now);
+        c.rtt = Some(rtt);
+        self.last_result = Some(format!("pong from {from} in {:.1} ms", rtt.as_secs_f64() * 1e3));
+        self.choose(now);
+        true
+    }
+
+    /// Authenticated WireGuard traffic came straight from `from`: that
+    /// address works (the peer roamed, or our probes were answered by data).
+    pub fn on_direct_traffic(&mut self, from: SocketAddr, now: Instant) {
+        let c = self.candidates.entry(from).or_default();
+        c.proven_at = Some(now);
+        if self.best.is_none() {
+            self.choose(now);
+        }
+    }
+
+    /// A network change: trust nothing, probe everything now.
+    pub fn reset(&mut self, now: Instant) {
+        for c in self.candidates.values_mut() {
+            c.proven_at = None;
+        }
+        self.best = None;
+        self.pending.clear();
+        self.next_probe = now;
+        self.probe_interval = PROBE_INTERVAL;
+    }
+
+    fn trusted(&self, addr: &SocketAddr, now: Instant) -> bool {
+        self.candidates.get(addr).and_then(|c| c.proven_at).is_some_and(|t| now.saturating_duration_since(t) < TRUST)
+    }
+
+    fn choose(&mut self, now: Instant) {
+        let best = self
+            .candidates
+            .iter()
+            .filter(|(a, _)| self.trusted(a, now))
+            .min_by_key(|(_, c)| c.rtt.unwrap_or(Duration::from_secs(1)))
+            .map(|(a, _)| *a);
+        if best != self.best {
+            tracing::debug!(from = ?self.best, to = ?best, "path changed");
+        }
+        self.best = best;
+    }
+
+    /// The route for traffic now.
+    pub fn route(&self, now: Instant) -> Route {
+        match self.best {
+            Some(b) if self.trusted(&b, now) => Route::Direct(b),
+            _ => Route::Relay,
+        }
+    }
+
+    fn new_tx(&mut self) -> [u8; 12] {
+        self.tx_counter += 1;
+        let mut t = [0u8; 12];
+        t[..8].copy_from_slice(&self.tx_counter.to_le_bytes());
+        t[8..].copy_from_slice(&self.salt.to_le_bytes());
+        t
+    }
+
+    /// Probes due now. Call again at [`PathState::next_deadline`].
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        self.pending.retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
+        if self.best.is_some_and(|b| !self.trusted(&b, now)) {
+            self.last_result = Some(format!("direct path {} stopped answering; using the relay", self.best.unwrap()));
+            self.best = None;
+            self.next_probe = now;
+            self.probe_interval = PROBE_INTERVAL;
+        }
+        let mut out = Vec::new();
+        if now < self.next_probe || self.candidates.is_empty() {
+            return out;
+        }
+        match self.best {
+            Some(b) if now < self.next_reprobe => {
+                let tx_id = self.new_tx();
+                self.pending.insert(tx_id, (b, now));
+                out.push(Action::Ping { to: b, tx_id });
+                self.next_probe = now + KEEPALIVE;
+            }
+            _ => {
+                let mut targets: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+                targets.sort();
+                for to in targets {
+                    let tx_id = self.new_tx();
+                    self.pending.insert(tx_id, (to, now));
+                    out.push(Action::Ping { to, tx_id });
+                }
+                if self.best.is_none() {
+                    out.push(Action::CallMeMaybe);
+                    self.next_probe = now + self.probe_interval;
+                    self.probe_interval = (self.probe_interval * 2).min(PROBE_MAX_INTERVAL);
+                } else {
+                    self.next_probe = now + KEEPALIVE;
+                }
+                self.next_reprobe = now + REPROBE_INTERVAL;
+            }
+        }
+        out
+    }
+
+    pub fn next_deadline(&self) -> Instant {
+        let mut d = self.next_probe;
+        if let Some(b) = self.best {
+            if let Some(t) = self.candidates.get(&b).and_then(|c| c.proven_at) {
+                d = d.min(t + TRUST);
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn pings(actions: &[Action]) -> Vec<(SocketAddr, [u8; 12])> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Ping { to, tx_id } => Some((*to, *tx_id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn relay_until_a_pong_proves_a_direct_path() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        assert_eq!(p.route(t0), Route::Relay);
+        p.set_candidates(&[addr("10.0.0.1:5000"), addr("192.0.2.7:41641")], t0);
+        let a = p.poll(t0);
+        assert!(a.contains(&Action::CallMeMaybe));
+        let sent = pings(&a);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(p.route(t0), Route::Relay, "no proof yet");
+        // Only the public endpoint answers.
+        let (to, tx) = sent.iter().find(|(a, _)| a.port() == 41641).copied().unwrap();
+        assert!(p.on_pong(to, tx, t0 + Duration::from_millis(30)));
+        assert_eq!(p.route(t0 + Duration::from_millis(31)), Route::Direct(to));
+        // A replayed or misdirected pong proves nothing.
+        assert!(!p.on_pong(to, tx, t0 + Duration::from_millis(40)));
+        let (other, tx2) = sent.iter().find(|(a, _)| a.port() == 5000).copied().unwrap();
+        assert!(!p.on_pong(addr("203.0.113.1:1"), tx2, t0 + Duration::from_millis(40)));
+        assert_ne!(p.route(t0 + Duration::from_millis(41)), Route::Direct(other));
+    }
+
+    #[test]
+    fn dead_direct_path_falls_back_to_relay_then_recovers() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let ep = addr("192.0.2.7:41641");
+        p.set_candidates(&[ep], t0);
+        let (to, tx) = pings(&p.poll(t0))[0];
+        p.on_pong(to, tx, t0);
+        // Keepalive pings go unanswered.
+        let mut now = t0;
+        while now < t0 + TRUST + Duration::from_secs(1) {
+            now = p.next_deadline().max(now + Duration::from_millis(1));
+            p.poll(now);
+        }
+        assert_eq!(p.route(now), Route::Relay, "unanswered keepalives end trust");
+        assert!(p.last_result.as_deref().unwrap().contains("stopped answering"));
+        // Probing resumes with call-me-maybe; an answer restores the path.
+        let a = p.poll(now + PROBE_MAX_INTERVAL);
+        assert!(a.contains(&Action::CallMeMaybe));
+        let (to, tx) = pings(&a)[0];
+        p.on_pong(to, tx, now + PROBE_MAX_INTERVAL);
+        assert_eq!(p.route(now + PROBE_MAX_INTERVAL), Route::Direct(ep));
+    }
+
+    #[test]
+    fn lowest_rtt_wins_and_reset_distrusts() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let (slow, fast) = (addr("192.0.2.7:1"), addr("10.0.0.7:1"));
+        p.set_candidates(&[slow, fast], t0);
+        let sent = pings(&p.poll(t0));
+        for (to, tx) in sent {
+            let rtt = if to == fast { 1 } else { 40 };
+            p.on_pong(to, tx, t0 + Duration::from_millis(rtt));
+        }
+        assert_eq!(p.route(t0 + Duration::from_millis(50)), Route::Direct(fast));
+        p.reset(t0 + Duration::from_millis(60));
+        assert_eq!(p.route(t0 + Duration::from_millis(60)), Route::Relay);
+        assert!(!p.poll(t0 + Duration::from_millis(60)).is_empty(), "reset probes at once");
+    }
+
+    #[test]
+    fn backoff_while_unreachable() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        p.set_candidates(&[addr("192.0.2.7:1")], t0);
+        let mut now = t0;
+        let mut rounds = 0;
+        while now < t0 + Duration::from_secs(60) {
+            if !p.poll(now).is_empty() {
+                rounds += 1;
+            }
+            now = p.next_deadline().max(now + Duration::from_millis(1));
+        }
+        // 0.5 + 1 + 2 + 4 then every 5 s: about 15 rounds a minute, not 120.
+        assert!((10..=20).contains(&rounds), "{rounds} probe rounds");
+    }
+}
