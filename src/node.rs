@@ -17,7 +17,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::disco;
 use crate::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
+use crate::path::{Action as PathAction, PathState, Route};
 use crate::wg::{self, Key, Output, PeerConfig, Wg};
 
 /// Socket buffers large enough to ride out bursts at gigabit rates.
@@ -35,6 +37,8 @@ pub struct NodeConfig {
     /// UDP address to bind; port 0 picks one.
     pub listen: SocketAddr,
     pub peers: Vec<PeerConfig>,
+    /// Choose per peer between direct UDP (proven by probes) and the relay.
+    pub manage_paths: bool,
 }
 
 impl NodeConfig {
@@ -44,20 +48,26 @@ impl NodeConfig {
             addresses,
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             peers: Vec::new(),
+            manage_paths: false,
         }
     }
 }
 
 struct Inner {
     wg: Mutex<Wg>,
+    paths: Mutex<Paths>,
     shared: Arc<Shared>,
     listeners: Mutex<HashMap<u16, mpsc::Sender<TcpStream>>>,
     shutdown: Notify,
 }
 
 impl Inner {
+    // Lock order: wg, then stack, then paths.
     fn wg(&self) -> MutexGuard<'_, Wg> {
         self.wg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn paths(&self) -> MutexGuard<'_, Paths> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -67,6 +77,7 @@ pub struct Node {
     addresses: std::sync::RwLock<Vec<IpAddr>>,
     udp_addr: SocketAddr,
     task: JoinHandle<()>,
+    relay_tx: mpsc::Sender<(Key, Vec<u8>)>,
 }
 
 /// One peer as `status` shows it.
@@ -76,6 +87,9 @@ pub struct PeerStatus {
     pub allowed_ips: Vec<String>,
     pub endpoint: Option<SocketAddr>,
     pub last_handshake_secs_ago: Option<u64>,
+    /// "direct ADDR" or "relay" under path management.
+    pub path: Option<String>,
+    pub last_probe: Option<String>,
     #[serde(flatten)]
     pub stats: wg::PeerStats,
 }
@@ -113,14 +127,30 @@ impl Node {
         let udp = bind_udp(config.listen)?;
         let udp_addr = udp.local_addr()?;
         let stack = Stack::new(&config.addresses, now);
+        let (public_endpoint, _) = tokio::sync::watch::channel(None);
+        let paths = Paths {
+            enabled: config.manage_paths,
+            private_key: config.private_key,
+            states: HashMap::new(),
+            my_endpoints: Vec::new(),
+            relay: None,
+            stun_server: None,
+            stun_tx: None,
+            next_stun: now,
+            public_endpoint,
+            relayed_out: 0,
+            relayed_in: 0,
+        };
+        let (relay_tx, relay_rx) = mpsc::channel(4096);
         let inner = Arc::new(Inner {
             wg: Mutex::new(wg),
+            paths: Mutex::new(paths),
             shared: Shared::new(stack),
             listeners: Mutex::new(HashMap::new()),
             shutdown: Notify::new(),
         });
-        let task = tokio::spawn(drive(inner.clone(), udp));
-        Ok(Node { inner, addresses: std::sync::RwLock::new(config.addresses), udp_addr, task })
+        let task = tokio::spawn(drive(inner.clone(), udp, relay_rx));
+        Ok(Node { inner, addresses: std::sync::RwLock::new(config.addresses), udp_addr, task, relay_tx })
     }
 
     pub fn addresses(&self) -> Vec<IpAddr> {
@@ -189,9 +219,60 @@ impl Node {
         Ok(())
     }
 
+    /// Candidate endpoints for a peer (path management only).
+    pub fn set_peer_endpoints(&self, key: &Key, endpoints: &[SocketAddr]) {
+        let now = Instant::now();
+        let mut p = self.inner.paths();
+        if p.enabled {
+            p.states.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(endpoints, now);
+        }
+        drop(p);
+        self.inner.shared.wake.notify_one();
+    }
+
+    /// Our own endpoints, offered to peers in call-me-maybe.
+    pub fn set_my_endpoints(&self, endpoints: Vec<SocketAddr>) {
+        self.inner.paths().my_endpoints = endpoints;
+    }
+
+    /// Use this relay for peers without a proven direct path (`None`: no relay).
+    pub fn set_relay(&self, link: Option<Arc<dyn RelayLink>>) {
+        self.inner.paths().relay = link;
+        self.inner.shared.wake.notify_one();
+    }
+
+    /// Where a relay task delivers inbound datagrams: (source node key, datagram).
+    pub fn relay_inbound(&self) -> mpsc::Sender<(Key, Vec<u8>)> {
+        self.relay_tx.clone()
+    }
+
+    /// Ask this STUN server for our public endpoint every so often; results
+    /// arrive on [`Node::public_endpoint`].
+    pub fn set_stun_server(&self, server: Option<SocketAddr>) {
+        let mut p = self.inner.paths();
+        p.stun_server = server;
+        p.next_stun = Instant::now();
+        drop(p);
+        self.inner.shared.wake.notify_one();
+    }
+
+    pub fn public_endpoint(&self) -> tokio::sync::watch::Receiver<Option<SocketAddr>> {
+        self.inner.paths().public_endpoint.subscribe()
+    }
+
+    /// A network change: distrust every direct path and probe again.
+    pub fn network_changed(&self) {
+        let now = Instant::now();
+        for st in self.inner.paths().states.values_mut() {
+            st.reset(now);
+        }
+        self.inner.shared.wake.notify_one();
+    }
+
     /// Remove a peer and cut its connections.
     pub fn remove_peer(&self, key: &Key, allowed_ips: &[IpAddr]) {
         self.inner.wg().remove_peer(key);
+        self.inner.paths().states.remove(key);
         let mut st = self.inner.shared.lock();
         for ip in allowed_ips {
             st.abort_from(*ip);
@@ -201,13 +282,22 @@ impl Node {
     }
 
     pub fn status(&self) -> NodeStatus {
+        let now = Instant::now();
         let wg = self.inner.wg();
+        let paths = self.inner.paths();
         let peers = wg
             .peer_ids()
             .filter_map(|id| {
                 let cfg = wg.peer_config(id)?;
                 let stats = wg.peer_stats(id)?.clone();
+                let st = paths.states.get(&cfg.public_key).filter(|_| paths.enabled);
                 Some(PeerStatus {
+                    path: st.map(|s| match s.route(now) {
+                        Route::Direct(a) => format!("direct {a}"),
+                        Route::Relay if paths.relay.is_some() => "relay".to_string(),
+                        Route::Relay => "relay (not connected)".to_string(),
+                    }),
+                    last_probe: st.and_then(|s| s.last_result.clone()),
                     public_key: wg::key_to_base64(&cfg.public_key),
                     allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     endpoint: wg.peer_endpoint(id),
@@ -239,6 +329,77 @@ impl Drop for Node {
     }
 }
 
+/// A connection to the relay as the data plane sees it: fire-and-forget
+/// datagrams addressed by node key (inbound ones arrive on the channel from
+/// [`Node::relay_inbound`]).
+pub trait RelayLink: Send + Sync {
+    /// Queue a datagram for `dst`; false if it was dropped (link down or full).
+    fn send(&self, dst: &Key, datagram: &[u8]) -> bool;
+}
+
+/// Path management (control mode): per-peer direct/relay choice, probes,
+/// the relay link and STUN. Static mode leaves it disabled and sends to
+/// WireGuard's endpoint like any WireGuard implementation.
+struct Paths {
+    enabled: bool,
+    private_key: Key,
+    states: HashMap<Key, PathState>,
+    /// Our own candidate endpoints, offered in call-me-maybe.
+    my_endpoints: Vec<SocketAddr>,
+    relay: Option<Arc<dyn RelayLink>>,
+    stun_server: Option<SocketAddr>,
+    stun_tx: Option<[u8; 12]>,
+    next_stun: Instant,
+    public_endpoint: tokio::sync::watch::Sender<Option<SocketAddr>>,
+    relayed_out: u64,
+    relayed_in: u64,
+}
+
+const STUN_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Where one outgoing datagram goes.
+enum Dest {
+    Udp(SocketAddr),
+    Relay(Key),
+    Nowhere,
+}
+
+impl Paths {
+    fn dest(&self, peer: Option<Key>, to: Option<SocketAddr>, now: Instant) -> Dest {
+        if self.enabled {
+            if let Some(k) = peer {
+                if to == Some(wg::RELAYED) {
+                    return Dest::Relay(k);
+                }
+                if let Some(st) = self.states.get(&k) {
+                    return match st.route(now) {
+                        Route::Direct(a) => Dest::Udp(a),
+                        Route::Relay if self.relay.is_some() => Dest::Relay(k),
+                        // No relay: best effort straight at what WireGuard knows.
+                        Route::Relay => to.map_or(Dest::Nowhere, Dest::Udp),
+                    };
+                }
+            }
+        }
+        match to {
+            Some(a) if a != wg::RELAYED => Dest::Udp(a),
+            _ => Dest::Nowhere,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if !self.enabled {
+            return None;
+        }
+        let d = self.states.values().map(PathState::next_deadline).min();
+        let stun = self.stun_server.map(|_| self.next_stun);
+        match (d, stun) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 /// Datagrams the kernel would not take yet; sent when the socket is writable.
 struct Sender<'a> {
     udp: &'a UdpSocket,
@@ -262,6 +423,21 @@ impl Sender<'_> {
         }
     }
 
+    /// Send one WireGuard output along the path chosen for its peer.
+    fn output(&mut self, paths: &mut Paths, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8]) {
+        match paths.dest(peer, to, now) {
+            Dest::Udp(a) => self.send(a, data),
+            Dest::Relay(k) => {
+                if let Some(r) = &paths.relay {
+                    if r.send(&k, data) {
+                        paths.relayed_out += 1;
+                    }
+                }
+            }
+            Dest::Nowhere => {}
+        }
+    }
+
     fn flush(&mut self) {
         while let Some((to, data)) = self.backlog.front() {
             match self.udp.try_send_to(data, *to) {
@@ -277,31 +453,138 @@ impl Sender<'_> {
     }
 }
 
-async fn drive(inner: Arc<Inner>, udp: UdpSocket) {
+/// Handle a disco message from `sender` that arrived from `from` (or via the relay).
+fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, sender: Key, msg: disco::Message, from: SocketAddr, now: Instant) {
+    let Some(st) = paths.states.get_mut(&sender) else { return };
+    match msg {
+        disco::Message::Ping { tx_id } => {
+            if from == wg::RELAYED {
+                return; // pings only mean something on the path they took
+            }
+            let pong = disco::seal(&paths.private_key, &sender, &disco::Message::Pong { tx_id, observed: from });
+            out.send(from, &pong);
+            // They can reach us from there; check the way back too.
+            st.add_candidates(&[from], now);
+        }
+        disco::Message::Pong { tx_id, observed } => {
+            if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
+                tracing::debug!(%from, %observed, "direct path confirmed");
+            }
+        }
+        disco::Message::CallMeMaybe { endpoints } => st.add_candidates(&endpoints, now),
+    }
+}
+
+/// Classify and handle one datagram from the UDP socket or the relay.
+#[allow(clippy::too_many_arguments)]
+fn on_datagram(
+    wg: &mut Wg,
+    stack: &mut Stack,
+    paths: &mut Paths,
+    out: &mut Sender<'_>,
+    from: SocketAddr,
+    data: &[u8],
+    now: Instant,
+) {
+    match disco::classify(data) {
+        disco::DatagramKind::Disco => {
+            if !paths.enabled {
+                return;
+            }
+            let known = |k: &Key| wg.peer_id(k).is_some();
+            if let Some((sender, msg)) = disco::open(&paths.private_key, data, known) {
+                on_disco(paths, out, sender, msg, from, now);
+            }
+        }
+        disco::DatagramKind::Stun => {
+            if let Some((tx, mapped)) = crate::stun::parse_binding_response(data) {
+                if paths.stun_tx == Some(tx) && Some(from) == paths.stun_server {
+                    paths.stun_tx = None;
+                    paths.public_endpoint.send_if_modified(|cur| {
+                        let changed = *cur != Some(mapped);
+                        *cur = Some(mapped);
+                        changed
+                    });
+                }
+            }
+        }
+        _ => {
+            wg.recv_datagram(from, data, &mut |o| match o {
+                Output::Network { peer, to, data } => out.output(paths, now, peer, to, data),
+                Output::Tunnel { key, packet, .. } => {
+                    if paths.enabled && from != wg::RELAYED {
+                        if let Some(st) = paths.states.get_mut(&key) {
+                            st.on_direct_traffic(from, now);
+                        }
+                    }
+                    stack.push_inbound(packet)
+                }
+            });
+        }
+    }
+}
+
+/// Run probes and STUN that are due.
+fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
+    if !paths.enabled {
+        return;
+    }
+    let mut actions = Vec::new();
+    for (k, st) in paths.states.iter_mut() {
+        for a in st.poll(now) {
+            actions.push((*k, a));
+        }
+    }
+    for (k, a) in actions {
+        match a {
+            PathAction::Ping { to, tx_id } => {
+                let d = disco::seal(&paths.private_key, &k, &disco::Message::Ping { tx_id });
+                out.send(to, &d);
+            }
+            PathAction::CallMeMaybe => {
+                if let Some(r) = &paths.relay {
+                    let d = disco::seal(&paths.private_key, &k, &disco::Message::CallMeMaybe { endpoints: paths.my_endpoints.clone() });
+                    r.send(&k, &d);
+                }
+            }
+        }
+    }
+    if let Some(server) = paths.stun_server {
+        if now >= paths.next_stun {
+            let tx = disco::new_tx_id();
+            paths.stun_tx = Some(tx);
+            out.send(server, &crate::stun::encode_binding_request(tx));
+            paths.next_stun = now + STUN_INTERVAL;
+        }
+    }
+}
+
+async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(Key, Vec<u8>)>) {
     let mut sender = Sender { udp: &udp, backlog: VecDeque::new() };
     let mut rx_buf = vec![0u8; 65536];
     let mut accepted = Vec::new();
     let mut outbound = Vec::new();
+    let mut relayed: Vec<(Key, Vec<u8>)> = Vec::new();
     {
+        let now = Instant::now();
         let mut wg = inner.wg();
+        let mut paths = inner.paths();
         wg.initiate_all(&mut |o| {
-            if let Output::Network(to, b) = o {
-                sender.send(to, b)
+            if let Output::Network { peer, to, data } = o {
+                sender.output(&mut paths, now, peer, to, data)
             }
         });
     }
     loop {
         let now = Instant::now();
-        // Inbound: datagrams -> WireGuard -> stack.
+        // Inbound: datagrams (UDP and relayed) -> WireGuard / disco / STUN -> stack.
         {
             let mut wg = inner.wg();
             let mut stack = inner.shared.lock();
+            let mut paths = inner.paths();
             for _ in 0..RX_BATCH {
                 match udp.try_recv_from(&mut rx_buf) {
-                    Ok((n, from)) => wg.recv_datagram(from, &rx_buf[..n], &mut |o| match o {
-                        Output::Network(to, b) => sender.send(to, b),
-                        Output::Tunnel(_, p) => stack.push_inbound(p),
-                    }),
+                    Ok((n, from)) => on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, from, &rx_buf[..n], now),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // ICMP errors from earlier sends surface here; not fatal.
@@ -310,11 +593,26 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket) {
                     }
                 }
             }
+            while relayed.len() < RX_BATCH {
+                match relay_rx.try_recv() {
+                    Ok(d) => relayed.push(d),
+                    Err(_) => break,
+                }
+            }
+            for (src, d) in relayed.drain(..) {
+                // Only datagrams from peers we know; the relay vouches for `src`.
+                if wg.peer_id(&src).is_none() {
+                    continue;
+                }
+                paths.relayed_in += 1;
+                on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, wg::RELAYED, &d, now);
+            }
             wg.poll_timers(now, &mut |o| {
-                if let Output::Network(to, b) = o {
-                    sender.send(to, b)
+                if let Output::Network { peer, to, data } = o {
+                    sender.output(&mut paths, now, peer, to, data)
                 }
             });
+            poll_paths(&mut paths, &mut sender, now);
         }
         // The stack: timers, socket I/O, outbound packets.
         let stack_deadline = {
@@ -325,14 +623,15 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket) {
         };
         if !outbound.is_empty() {
             let mut wg = inner.wg();
+            let mut paths = inner.paths();
             for p in &outbound {
                 wg.send_ip(p, &mut |o| {
-                    if let Output::Network(to, b) = o {
-                        sender.send(to, b)
+                    if let Output::Network { peer, to, data } = o {
+                        sender.output(&mut paths, now, peer, to, data)
                     }
                 });
             }
-            drop(wg);
+            drop((wg, paths));
             let mut stack = inner.shared.lock();
             for p in outbound.drain(..) {
                 stack.recycle(p);
@@ -344,8 +643,14 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket) {
         sender.flush();
 
         let deadline = {
-            let wg_deadline = inner.wg().next_deadline();
-            stack_deadline.map_or(wg_deadline, |d| d.min(wg_deadline))
+            let mut d = inner.wg().next_deadline();
+            if let Some(s) = stack_deadline {
+                d = d.min(s);
+            }
+            if let Some(p) = inner.paths().next_deadline() {
+                d = d.min(p);
+            }
+            d
         };
         if deadline <= Instant::now() {
             tokio::task::yield_now().await;
@@ -361,6 +666,7 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket) {
                     break;
                 }
             }
+            Some(d) = relay_rx.recv() => relayed.push(d),
             _ = udp.writable(), if !sender.backlog.is_empty() => {}
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }

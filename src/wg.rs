@@ -50,10 +50,12 @@ pub type PeerId = usize;
 
 /// Something the core wants done.
 pub enum Output<'a> {
-    /// Send this datagram to this UDP endpoint.
-    Network(SocketAddr, &'a [u8]),
+    /// Send this datagram toward `peer` (`None`: a cookie reply to an
+    /// unauthenticated source), at `to`, the endpoint WireGuard knows for it
+    /// (`None`: not yet known; a path manager may still reach it by relay).
+    Network { peer: Option<Key>, to: Option<SocketAddr>, data: &'a [u8] },
     /// An authenticated IP packet from this peer, inner source verified.
-    Tunnel(PeerId, &'a [u8]),
+    Tunnel { peer: PeerId, key: Key, packet: &'a [u8] },
 }
 
 /// Per-peer counters, also shown by `status`.
@@ -267,9 +269,7 @@ impl Wg {
             TunnResult::WriteToNetwork(b) => {
                 peer.stats.tx_packets += 1;
                 peer.stats.tx_bytes += packet.len() as u64;
-                if let Some(ep) = peer.endpoint {
-                    out(Output::Network(ep, b));
-                }
+                out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
             }
             TunnResult::Err(e) => tracing::debug!(peer = id, error = ?e, "encapsulate failed"),
             _ => {}
@@ -297,21 +297,21 @@ impl Wg {
                 }
                 TunnResult::WriteToNetwork(b) => {
                     // Handshake traffic authenticated: this is where the peer is now.
-                    peer.endpoint = Some(from);
+                    roam(peer, from);
                     if matches!(Tunn::parse_incoming_packet(datagram), Ok(Packet::HandshakeResponse(_) | Packet::HandshakeInit(_))) {
                         peer.stats.handshakes += 1;
                         peer.stats.last_handshake = Some(Instant::now());
                     }
-                    out(Output::Network(from, b));
+                    out(Output::Network { peer: Some(peer.config.public_key), to: Some(from), data: b });
                     // Queued packets (sent before the handshake finished) follow.
                 }
                 TunnResult::WriteToTunnelV4(p, src) => {
-                    peer.endpoint = Some(from);
+                    roam(peer, from);
                     Self::deliver(&self.routes, &mut self.stats, peer, id, IpAddr::V4(src), p, out);
                     break;
                 }
                 TunnResult::WriteToTunnelV6(p, src) => {
-                    peer.endpoint = Some(from);
+                    roam(peer, from);
                     Self::deliver(&self.routes, &mut self.stats, peer, id, IpAddr::V6(src), p, out);
                     break;
                 }
@@ -338,7 +338,7 @@ impl Wg {
             tracing::debug!(peer = id, %src, "dropping packet with inner source outside the peer's AllowedIPs");
             return;
         }
-        out(Output::Tunnel(id, packet));
+        out(Output::Tunnel { peer: id, key: peer.config.public_key, packet });
     }
 
     /// Find which peer a datagram belongs to, answering cookie replies for
@@ -348,7 +348,7 @@ impl Wg {
         let packet = match self.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(c)) => {
-                out(Output::Network(from, c));
+                out(Output::Network { peer: None, to: Some(from), data: c });
                 return None;
             }
             Err(_) => {
@@ -403,9 +403,7 @@ impl Wg {
             let Some(peer) = slot else { continue };
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {
-                    if let Some(ep) = peer.endpoint {
-                        out(Output::Network(ep, b));
-                    }
+                    out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     tracing::debug!(peer = id, "session expired");
@@ -421,11 +419,23 @@ impl Wg {
     pub fn initiate_all(&mut self, out: &mut impl FnMut(Output<'_>)) {
         for slot in self.peers.iter_mut() {
             let Some(peer) = slot else { continue };
-            let Some(ep) = peer.endpoint else { continue };
+            if peer.endpoint.is_none() {
+                continue;
+            }
             if let TunnResult::WriteToNetwork(b) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
-                out(Output::Network(ep, b));
+                out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
             }
         }
+    }
+}
+
+/// The address relayed datagrams are attributed to. It never becomes a
+/// peer's endpoint: the relay is a path, chosen by the path manager.
+pub const RELAYED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+fn roam(peer: &mut Peer, from: SocketAddr) {
+    if from != RELAYED {
+        peer.endpoint = Some(from);
     }
 }
 
@@ -565,14 +575,14 @@ mod tests {
             let mut next_b = vec![];
             for d in to_b.drain(..) {
                 b.recv_datagram(ea, &d, &mut |o| match o {
-                    Output::Network(_, x) => next_a.push(x.to_vec()),
-                    Output::Tunnel(_, p) => got_b.push(p.to_vec()),
+                    Output::Network { data, .. } => next_a.push(data.to_vec()),
+                    Output::Tunnel { packet, .. } => got_b.push(packet.to_vec()),
                 });
             }
             for d in to_a.drain(..) {
                 a.recv_datagram(eb, &d, &mut |o| match o {
-                    Output::Network(_, x) => next_b.push(x.to_vec()),
-                    Output::Tunnel(_, p) => got_a.push(p.to_vec()),
+                    Output::Network { data, .. } => next_b.push(data.to_vec()),
+                    Output::Tunnel { packet, .. } => got_a.push(packet.to_vec()),
                 });
             }
             if next_a.is_empty() && next_b.is_empty() {
@@ -589,9 +599,9 @@ mod tests {
         let (mut a, mut b, ea, eb) = pair();
         let pkt = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"hello");
         let mut sent = vec![];
-        a.send_ip(&pkt, &mut |o| if let Output::Network(to, d) = o {
-            assert_eq!(to, eb);
-            sent.push(d.to_vec())
+        a.send_ip(&pkt, &mut |o| if let Output::Network { to, data, .. } = o {
+            assert_eq!(to, Some(eb));
+            sent.push(data.to_vec())
         });
         assert_eq!(sent.len(), 1, "handshake initiation");
         let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
@@ -606,11 +616,11 @@ mod tests {
         let (mut a, mut b, ea, eb) = pair();
         let good = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"x");
         let mut sent = vec![];
-        a.send_ip(&good, &mut |o| if let Output::Network(_, d) = o { sent.push(d.to_vec()) });
+        a.send_ip(&good, &mut |o| if let Output::Network { data, .. } = o { sent.push(data.to_vec()) });
         run(&mut a, &mut b, ea, eb, sent);
         let spoof = ipv4([100, 64, 0, 99], [100, 64, 0, 2], b"evil");
         let mut sent = vec![];
-        a.send_ip(&spoof, &mut |o| if let Output::Network(_, d) = o { sent.push(d.to_vec()) });
+        a.send_ip(&spoof, &mut |o| if let Output::Network { data, .. } = o { sent.push(data.to_vec()) });
         let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
         assert!(got_b.is_empty());
         assert_eq!(b.peer_stats(0).unwrap().spoofed, 1);

@@ -288,3 +288,25 @@ async fn a_new_node_key_takes_over_the_old_node() {
     drop(c);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn tagging_a_node_changes_who_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (mut a, mut b, _p) = three_nodes(&s).await;
+    a.wait_for("prod1", |m| m.peer_by_name("prod1").is_some()).await;
+    assert!(a.client.netmap().peer_by_name("laptop-2").is_none());
+    let e = s.admin(AdminRequest::NodesTag { node: "laptop-2".into(), tags: vec!["tag:nope".into()] }).await.unwrap_err();
+    assert!(e.contains("not declared"), "{e}");
+    admin(&s, AdminRequest::NodesTag { node: "laptop-2".into(), tags: vec!["tag:prod".into()] }).await;
+    // bob's laptop is now a prod server: alice (admin) sees it, it has no user.
+    a.wait_for("bob's laptop as a prod server", |m| m.peer_by_name("laptop-2").is_some_and(|p| p.user.is_none())).await;
+    let d = b.wait_for("own tags", |m| m.self_node.tags == vec!["tag:prod"]).await;
+    assert!(d.iter().any(|d| d.self_node.is_some()));
+    assert_eq!(b.client.netmap().self_node.key_expiry, None, "tagged nodes do not expire");
+    // Untagged again: bob's, and gone from alice's map.
+    admin(&s, AdminRequest::NodesTag { node: "laptop-2".into(), tags: vec![] }).await;
+    a.wait_for("bob's laptop gone", |m| m.peer_by_name("laptop-2").is_none()).await;
+    b.wait_for("bob's again", |m| m.self_node.user.as_deref() == Some("bob")).await;
+    s.shutdown().await;
+}

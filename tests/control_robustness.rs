@@ -52,7 +52,7 @@ async fn raw_channel(addr: SocketAddr, server: &Key) -> (TcpStream, SecureChanne
     let mut w = WireDecoder::new();
     let mut chunk = [0u8; 512];
     let m2 = loop {
-        if let Some(m) = w.next().unwrap() {
+        if let Some(m) = w.next_message().unwrap() {
             break m;
         }
         let n = s.read(&mut chunk).await.unwrap();
@@ -158,8 +158,24 @@ async fn garbage_and_oversized_input_ends_only_that_connection() {
     raw.write_all(&[7u8; 40]).await.unwrap();
     read_until_closed(&mut raw, &mut chan).await;
 
-    // A logged-in node sending an oversized frame is cut off; others carry on.
-    // (Garbage after login goes through the same path as above.)
+    // A logged-in node sending an oversized frame is cut off; its peers see
+    // it go offline and carry on.
+    let (mut raw, mut chan) = raw_channel(addr, &s.public_key()).await;
+    let mut wire = Vec::new();
+    let reg = format!(r#"{{"type":"register","auth_key":"{}","hostname":"rogue"}}"#, k.secret);
+    chan.seal_frame(reg.as_bytes(), &mut wire).unwrap();
+    raw.write_all(&wire).await.unwrap();
+    a.wait_for("rogue online", |m| m.peer_by_name("rogue").is_some_and(|p| p.online)).await;
+    let mut hdr = vec![tailgate::control::PROTOCOL_VERSION];
+    hdr.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    let mut wire = Vec::new();
+    chan.seal_raw(&hdr, &mut wire).unwrap();
+    raw.write_all(&wire).await.unwrap();
+    let msgs = read_until_closed(&mut raw, &mut chan).await;
+    assert!(msgs.iter().any(|m| matches!(m, ServerMsg::MapFull(_))), "it had logged in");
+    let (_, msg) = error_of(&msgs);
+    assert!(msg.contains("exceeds"), "{msg}");
+    a.wait_for("rogue offline", |m| m.peer_by_name("rogue").is_some_and(|p| !p.online)).await;
 
     // The nodes that behaved still get updates.
     admin(&s, AdminRequest::PolicySet { text: policy_v2(), name: "p.toml".into() }).await;

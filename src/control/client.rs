@@ -217,7 +217,7 @@ impl ControlClient {
         let (init, msg1) = Initiator::start(node_private, &target.server_public).map_err(|e| ControlError::Protocol(e.to_string()))?;
         s.write_all(&msg1).await.map_err(|e| ControlError::Closed(e.to_string()))?;
         let msg2 = loop {
-            if let Some(m) = wire.next().map_err(|e| ControlError::Protocol(e.to_string()))? {
+            if let Some(m) = wire.next_message().map_err(|e| ControlError::Protocol(e.to_string()))? {
                 break m;
             }
             match s.read(&mut rbuf).await {

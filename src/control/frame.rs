@@ -58,7 +58,7 @@ impl WireDecoder {
     }
 
     /// The next complete message, if buffered.
-    pub fn next(&mut self) -> Result<Option<BytesMut>, FrameError> {
+    pub fn next_message(&mut self) -> Result<Option<BytesMut>, FrameError> {
         if self.buf.len() < 2 {
             return Ok(None);
         }
@@ -106,7 +106,7 @@ impl FrameDecoder {
     /// The next complete frame payload. Checks version and size as soon as
     /// the header is in, so an oversized frame is refused without waiting
     /// for (or buffering) its body.
-    pub fn next(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         if self.buf.is_empty() {
             return Ok(None);
         }
@@ -145,7 +145,7 @@ mod tests {
         let mut got = Vec::new();
         for b in stream {
             d.push(&[b]);
-            while let Some(f) = d.next().unwrap() {
+            while let Some(f) = d.next_frame().unwrap() {
                 got.push(f);
             }
         }
@@ -159,17 +159,17 @@ mod tests {
         let mut hdr = vec![PROTOCOL_VERSION];
         hdr.extend_from_slice(&101u32.to_be_bytes());
         d.push(&hdr);
-        assert_eq!(d.next(), Err(FrameError::TooLarge { len: 101, max: 100 }));
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 101, max: 100 }));
         let mut d = FrameDecoder::new(100);
         d.push(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]
     fn wrong_version_refused() {
         let mut d = FrameDecoder::new(100);
         d.push(b"GET / HTTP/1.1\r\n");
-        assert_eq!(d.next(), Err(FrameError::Version { got: b'G' }));
+        assert_eq!(d.next_frame(), Err(FrameError::Version { got: b'G' }));
         let e = FrameError::Version { got: 9 }.to_string();
         assert!(e.contains("version 9") && e.contains("version 1"), "{e}");
     }
@@ -181,14 +181,14 @@ mod tests {
         encode_wire(&[1u8; 65535], &mut out);
         let mut d = WireDecoder::new();
         d.push(&out[..4]);
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_message().unwrap().is_none());
         d.push(&out[4..]);
-        assert_eq!(&d.next().unwrap().unwrap()[..], b"abc");
-        assert_eq!(d.next().unwrap().unwrap().len(), 65535);
-        assert!(d.next().unwrap().is_none());
+        assert_eq!(&d.next_message().unwrap().unwrap()[..], b"abc");
+        assert_eq!(d.next_message().unwrap().unwrap().len(), 65535);
+        assert!(d.next_message().unwrap().is_none());
         let mut d = WireDecoder::new();
         d.push(&[0, 0, 1]);
-        assert_eq!(d.next(), Err(FrameError::EmptyWireMessage));
+        assert_eq!(d.next_message(), Err(FrameError::EmptyWireMessage));
     }
 
     #[test]
@@ -206,10 +206,10 @@ mod tests {
             }
             let mut f = FrameDecoder::new(64);
             f.push(&bytes);
-            while let Ok(Some(_)) = f.next() {}
+            while let Ok(Some(_)) = f.next_frame() {}
             let mut w = WireDecoder::new();
             w.push(&bytes);
-            while let Ok(Some(_)) = w.next() {}
+            while let Ok(Some(_)) = w.next_message() {}
         }
     }
 }

@@ -942,7 +942,9 @@ impl Hub {
                     last_used: None,
                 };
                 let id = self.store.key_insert(&row).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "key.create", &format!("#{id}"), &format!("user {user:?} tags {tags:?}"));
+                let owner = if tags.is_empty() { format!("user {}", user.as_deref().unwrap_or("-")) } else { format!("tags {}", tags.join(",")) };
+                let kind = format!("{}{}", if reusable { "reusable" } else { "one-off" }, if ephemeral { ", ephemeral" } else { "" });
+                let _ = self.store.audit(now, "admin", "key.create", &format!("#{id}"), &format!("{owner} ({kind})"));
                 let token = AuthKeyToken { url: self.cfg.url.clone(), server_public: self.cfg.server_public, secret };
                 Ok(json!({
                     "id": id,
@@ -1048,7 +1050,7 @@ impl Hub {
                 }
                 let name = n.name.clone();
                 self.save(n).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "node.tag", &name, &format!("{tags:?}"));
+                let _ = self.store.audit(now, "admin", "node.tag", &name, &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") });
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
             }

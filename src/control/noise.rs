@@ -155,7 +155,7 @@ impl SecureChannel {
     }
 
     fn drain_wire(&mut self) -> Result<(), ChannelError> {
-        while let Some(msg) = self.wire.next()? {
+        while let Some(msg) = self.wire.next_message()? {
             if self.scratch.len() < msg.len() {
                 self.scratch.resize(msg.len(), 0);
             }
@@ -171,7 +171,7 @@ impl SecureChannel {
         if self.wire.buffered() > 0 {
             self.drain_wire()?;
         }
-        Ok(self.frames.next()?)
+        Ok(self.frames.next_frame()?)
     }
 }
 
@@ -184,11 +184,11 @@ mod tests {
         let (init, m1) = Initiator::start(client, pinned)?;
         let mut sw = WireDecoder::new();
         sw.push(&m1);
-        let msg1 = sw.next()?.unwrap();
+        let msg1 = sw.next_message()?.unwrap();
         let (schan, remote, m2) = respond(server, &msg1, sw, 1 << 20)?;
         let mut cw = WireDecoder::new();
         cw.push(&m2);
-        let msg2 = cw.next()?.unwrap();
+        let msg2 = cw.next_message()?.unwrap();
         let cchan = init.finish(&msg2, cw, 1 << 20)?;
         Ok((cchan, schan, remote))
     }
@@ -252,11 +252,11 @@ mod tests {
         let (init, m1) = Initiator::start(&c, &public_key_of(&s)).unwrap();
         let mut sw = WireDecoder::new();
         sw.push(&m1);
-        let msg1 = sw.next().unwrap().unwrap();
+        let msg1 = sw.next_message().unwrap().unwrap();
         let (mut sc, _, m2) = respond(&s, &msg1, sw, 1000).unwrap();
         let mut cw = WireDecoder::new();
         cw.push(&m2);
-        let msg2 = cw.next().unwrap().unwrap();
+        let msg2 = cw.next_message().unwrap().unwrap();
         let mut cc = init.finish(&msg2, cw, 1 << 20).unwrap();
         let mut wire = Vec::new();
         cc.seal_frame(&[0u8; 1001], &mut wire).unwrap();

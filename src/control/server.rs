@@ -181,6 +181,7 @@ pub struct ControlServer {
     hub_thread: Option<std::thread::JoinHandle<()>>,
     created_key: bool,
     state_dir: PathBuf,
+    stun_addr: Option<SocketAddr>,
     _lock: DirLock,
 }
 
@@ -209,6 +210,15 @@ impl ControlServer {
         let public = wg::public_key_of(&private);
         let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
         let addr = listener.local_addr()?;
+        // STUN (issue 6): UDP on the same IP and port number.
+        let stun = match crate::stun::StunServer::bind(addr).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("control: no STUN on udp {addr}: {e}");
+                None
+            }
+        };
+        let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
         let url = opts.url.clone().unwrap_or_else(|| default_url(addr));
         super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
 
@@ -228,11 +238,20 @@ impl ControlServer {
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx))?;
         let (stop, shutdown) = watch::channel(false);
+        // The relay (issue 6) on this port, unless the caller brought one.
+        let mut opts = opts;
+        if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
+            let relay = crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone());
+            opts.upgrades.push((UPGRADE_RELAY.into(), Arc::new(relay)));
+        }
         let shared = Arc::new(Shared { hub: hub_tx, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
 
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(listener, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
+        if let Some(s) = stun {
+            tasks.push(tokio::spawn(s.run()));
+        }
         if let Some(p) = opts.policy_file.clone() {
             tasks.push(tokio::spawn(policy_watch(p, shared.clone())));
         }
@@ -255,6 +274,7 @@ impl ControlServer {
             hub_thread: Some(hub_thread),
             created_key,
             state_dir: opts.state_dir.clone(),
+            stun_addr,
             _lock: lock,
         })
     }
@@ -265,6 +285,12 @@ impl ControlServer {
 
     pub fn public_key(&self) -> Key {
         self.public
+    }
+
+    /// UDP address of the STUN responder (same IP and port as [`addr`](Self::addr));
+    /// `None` if that UDP port could not be bound.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun_addr
     }
 
     pub fn url(&self) -> &str {
@@ -323,6 +349,9 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     }
     println!("tailgate control: listening on {}", server.addr());
     println!("  URL:               {}", server.url());
+    if let Some(a) = server.stun_addr() {
+        println!("  STUN:              udp {a} (relay: same port, Upgrade: {UPGRADE_RELAY})");
+    }
     println!("  server public key: {}", wg::key_to_base64(&server.public_key()));
     println!("  state directory:   {}", opts.state_dir.display());
     match &opts.policy_file {
@@ -338,6 +367,29 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     eprintln!("tailgate control: shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// Relay access (issue 6): nodes the hub knows whose key has not expired
+/// (from `nodes list`, cached by [`crate::relay::CachedKeySet`]).
+fn relay_auth(hub: &mpsc::UnboundedSender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorizer> {
+    let hub = hub.downgrade();
+    Arc::new(crate::relay::CachedKeySet::new(Box::new(move || {
+        let hub = hub.clone();
+        Box::pin(async move {
+            let gone = || "control server stopped".to_string();
+            let hub = hub.upgrade().ok_or_else(gone)?;
+            let (tx, rx) = oneshot::channel();
+            hub.send(HubCmd::Admin { req: AdminRequest::NodesList, reply: tx }).map_err(|_| gone())?;
+            let nodes = rx.await.map_err(|_| gone())??;
+            Ok(nodes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["expired"] == false)
+                .filter_map(|n| wg::key_from_base64(n["node_key"].as_str()?).ok())
+                .collect())
+        })
+    })))
 }
 
 // --- hub thread ---------------------------------------------------------------
@@ -568,7 +620,7 @@ async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared:
     // 2. Noise IK message 1.
     let msg1 = tokio::time::timeout(timeout, async {
         loop {
-            if let Some(m) = wire.next().map_err(|e| e.to_string())? {
+            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
                 return Ok::<_, String>(m);
             }
             match r.read(&mut rbuf).await {

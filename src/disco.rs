@@ -1,0 +1,417 @@
+//! Disco: authenticated path-discovery messages (ping / pong / call-me-maybe),
+//! sans-IO.
+//!
+//! They travel on the node's WireGuard UDP socket (so they test exactly the
+//! path WireGuard will use and open the same NAT mappings) and, for
+//! [`Message::CallMeMaybe`], through the relay. [`classify`] tells them apart
+//! from WireGuard and STUN on receive:
+//!
+//! | first bytes | kind |
+//! |---|---|
+//! | `1..=4, 0, 0, 0` | WireGuard (type byte, three reserved zero bytes) |
+//! | `"TGDSC" 0x01` | disco ([`MAGIC`]; `'T'` = 0x54 is no WireGuard type and has a top bit set, so no STUN either) |
+//! | top two bits 0, magic cookie at 4..8 | STUN ([`crate::stun::is_stun`]) |
+//!
+//! Wire format (all lengths in bytes):
+//!
+//! ```text
+//! MAGIC (6) | sender public key (32) | nonce (24) | XChaCha20-Poly1305 ciphertext (plaintext + 16)
+//! ```
+//!
+//! The key is `BLAKE2s-256("tailgate-disco/1" | X25519(sender, receiver) |
+//! sender public | receiver public)`: one key per *direction*, so a message
+//! cannot be reflected back to its sender as if the peer had sent it. The
+//! header (magic and sender key) is the AEAD's associated data. Nonces are
+//! random; 24 bytes make collisions a non-issue. A low-order public key
+//! (all-zero shared secret) is refused.
+//!
+//! Plaintext: a type byte, then
+//! - `1` Ping: `tx_id (12)`
+//! - `2` Pong: `tx_id (12) | addr`
+//! - `3` CallMeMaybe: `count (1) | addr * count` (at most [`MAX_ENDPOINTS`])
+//!
+//! where `addr` = `4 | IPv4 (4) | port (2)` or `6 | IPv6 (16) | port (2)`.
+//! Bytes after the known fields are ignored (room for later additions).
+//!
+//! [`open`] never panics: bad authentication, unknown senders, truncation or
+//! an unknown type are all `None`. It checks `is_known_peer` *before* the
+//! Diffie-Hellman, so junk from strangers costs no scalar multiplication.
+//! There is no replay protection: a replayed Ping earns a Pong to wherever
+//! the replayer sent it from (like an unauthenticated STUN answer), and a
+//! replayed Pong carries a `tx_id` that is no longer outstanding. Callers
+//! must only act on a Pong whose `tx_id` they sent and still wait for.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use blake2::{Blake2s256, Digest};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::wg::Key;
+
+/// First six bytes of every disco datagram (version 1).
+pub const MAGIC: &[u8; 6] = b"TGDSC\x01";
+const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// Magic, sender key and nonce.
+pub const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
+/// Smallest possible disco datagram (an empty plaintext).
+pub const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
+/// Most endpoints a CallMeMaybe carries (more are dropped by `seal`).
+pub const MAX_ENDPOINTS: usize = 32;
+const KDF_LABEL: &[u8] = b"tailgate-disco/1";
+
+/// Transaction id of a ping, echoed by the pong.
+pub type TxId = [u8; 12];
+
+const T_PING: u8 = 1;
+const T_PONG: u8 = 2;
+const T_CALL_ME_MAYBE: u8 = 3;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// "Can you hear me on this path?" Answer with a Pong to the datagram's
+    /// source address.
+    Ping { tx_id: TxId },
+    /// "Yes": `observed` is the source address the pinged node saw (the
+    /// pinger's endpoint as seen from there, a free STUN).
+    Pong { tx_id: TxId, observed: SocketAddr },
+    /// Sent through the relay: "I am pinging you at these endpoints now;
+    /// ping me back at mine" (so both NATs open at once).
+    CallMeMaybe { endpoints: Vec<SocketAddr> },
+}
+
+/// A fresh random transaction id.
+pub fn new_tx_id() -> TxId {
+    rand::random()
+}
+
+/// What a datagram on the WireGuard socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatagramKind {
+    WireGuard,
+    Disco,
+    Stun,
+    Other,
+}
+
+/// Demultiplexes the node's UDP socket (header checks only; `Disco` still
+/// has to pass [`open`], `Stun` [`crate::stun::parse_binding_response`]).
+pub fn classify(d: &[u8]) -> DatagramKind {
+    if is_disco(d) {
+        DatagramKind::Disco
+    } else if d.len() >= 4 && (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0] {
+        DatagramKind::WireGuard
+    } else if crate::stun::is_stun(d) {
+        DatagramKind::Stun
+    } else {
+        DatagramKind::Other
+    }
+}
+
+/// Starts with [`MAGIC`] and is long enough to be one.
+pub fn is_disco(d: &[u8]) -> bool {
+    d.len() >= MIN_LEN && d.starts_with(MAGIC)
+}
+
+fn put_addr(a: &SocketAddr, out: &mut Vec<u8>) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> Option<(SocketAddr, usize)> {
+    let (ip, n): (IpAddr, usize) = match *b.first()? {
+        4 => (Ipv4Addr::from(<[u8; 4]>::try_from(b.get(1..5)?).ok()?).into(), 5),
+        6 => (Ipv6Addr::from(<[u8; 16]>::try_from(b.get(1..17)?).ok()?).into(), 17),
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(b.get(n..n + 2)?.try_into().ok()?);
+    Some((SocketAddr::new(ip, port), n + 2))
+}
+
+impl Message {
+    /// The plaintext encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32);
+        match self {
+            Message::Ping { tx_id } => {
+                out.push(T_PING);
+                out.extend_from_slice(tx_id);
+            }
+            Message::Pong { tx_id, observed } => {
+                out.push(T_PONG);
+                out.extend_from_slice(tx_id);
+                put_addr(observed, &mut out);
+            }
+            Message::CallMeMaybe { endpoints } => {
+                out.push(T_CALL_ME_MAYBE);
+                let n = endpoints.len().min(MAX_ENDPOINTS);
+                out.push(n as u8);
+                for e in &endpoints[..n] {
+                    put_addr(e, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Parses a plaintext; `None` if truncated or of an unknown type.
+    pub fn decode(b: &[u8]) -> Option<Message> {
+        let (&t, rest) = b.split_first()?;
+        match t {
+            T_PING => Some(Message::Ping { tx_id: rest.get(..12)?.try_into().ok()? }),
+            T_PONG => {
+                let tx_id = rest.get(..12)?.try_into().ok()?;
+                let (observed, _) = get_addr(&rest[12..])?;
+                Some(Message::Pong { tx_id, observed })
+            }
+            T_CALL_ME_MAYBE => {
+                let (&n, mut rest) = rest.split_first()?;
+                if n as usize > MAX_ENDPOINTS {
+                    return None;
+                }
+                let mut endpoints = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let (a, used) = get_addr(rest)?;
+                    endpoints.push(a);
+                    rest = &rest[used..];
+                }
+                Some(Message::CallMeMaybe { endpoints })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The directional box key, or `None` for a low-order peer key.
+fn box_key(our_private: &Key, their_public: &Key, sender: &Key, receiver: &Key) -> Option<[u8; 32]> {
+    let shared = StaticSecret::from(*our_private).diffie_hellman(&PublicKey::from(*their_public));
+    if !shared.was_contributory() {
+        return None;
+    }
+    let mut h = Blake2s256::new();
+    h.update(KDF_LABEL);
+    h.update(shared.as_bytes());
+    h.update(sender);
+    h.update(receiver);
+    Some(h.finalize().into())
+}
+
+/// Seals `msg` from us (`our_private`) to the node with `their_public`.
+/// The result goes out as one UDP datagram (or through the relay). A
+/// low-order `their_public` (never a real node key) yields a datagram no
+/// one can open.
+pub fn seal(our_private: &Key, their_public: &Key, msg: &Message) -> Vec<u8> {
+    let ours = crate::wg::public_key_of(our_private);
+    let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let mut out = Vec::with_capacity(HEADER_LEN + 64);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&ours);
+    let aad_len = out.len();
+    out.extend_from_slice(&nonce);
+    let plain = msg.encode();
+    let ct = XChaCha20Poly1305::new((&key).into())
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: &out[..aad_len] })
+        .expect("XChaCha20-Poly1305 encryption of a small message cannot fail");
+    out.extend_from_slice(&ct);
+    out
+}
+
+/// Opens a disco datagram addressed to us. Returns the sender's node key
+/// and the message, or `None` (not disco, sender not a known peer, bad
+/// authentication, truncated, unknown type).
+pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<(Key, Message)> {
+    if !is_disco(datagram) {
+        return None;
+    }
+    let sender: Key = datagram[MAGIC.len()..MAGIC.len() + KEY_LEN].try_into().ok()?;
+    if !is_known_peer(&sender) {
+        return None;
+    }
+    let ours = crate::wg::public_key_of(our_private);
+    if sender == ours {
+        return None;
+    }
+    let key = box_key(our_private, &sender, &sender, &ours)?;
+    let aad = &datagram[..MAGIC.len() + KEY_LEN];
+    let nonce = XNonce::from_slice(&datagram[MAGIC.len() + KEY_LEN..HEADER_LEN]);
+    let plain = XChaCha20Poly1305::new((&key).into())
+        .decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad })
+        .ok()?;
+    Some((sender, Message::decode(&plain)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::{generate_private_key, public_key_of};
+    use proptest::prelude::*;
+
+    fn msgs() -> Vec<Message> {
+        vec![
+            Message::Ping { tx_id: [7; 12] },
+            Message::Pong { tx_id: [1; 12], observed: "203.0.113.9:41641".parse().unwrap() },
+            Message::Pong { tx_id: [2; 12], observed: "[2001:db8::1]:65535".parse().unwrap() },
+            Message::CallMeMaybe { endpoints: vec![] },
+            Message::CallMeMaybe {
+                endpoints: vec!["192.168.1.10:41641".parse().unwrap(), "[fd00::2]:1".parse().unwrap(), "1.2.3.4:5".parse().unwrap()],
+            },
+        ]
+    }
+
+    #[test]
+    fn roundtrip_each_message() {
+        let (a, b) = (generate_private_key(), generate_private_key());
+        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        for m in msgs() {
+            let d = seal(&a, &pb, &m);
+            assert_eq!(classify(&d), DatagramKind::Disco);
+            assert_eq!(open(&b, &d, |k| *k == pa), Some((pa, m.clone())));
+            // Fresh nonce each time.
+            assert_ne!(seal(&a, &pb, &m), d);
+        }
+    }
+
+    #[test]
+    fn call_me_maybe_caps_endpoints() {
+        let eps: Vec<SocketAddr> = (0..100u16).map(|i| SocketAddr::from(([10, 0, 0, 1], i))).collect();
+        let m = Message::decode(&Message::CallMeMaybe { endpoints: eps.clone() }.encode()).unwrap();
+        assert_eq!(m, Message::CallMeMaybe { endpoints: eps[..MAX_ENDPOINTS].to_vec() });
+        // A count above the cap is refused rather than trusted.
+        assert_eq!(Message::decode(&[T_CALL_ME_MAYBE, 33]), None);
+    }
+
+    #[test]
+    fn unknown_sender_wrong_receiver_and_self_are_refused() {
+        let (a, b, c) = (generate_private_key(), generate_private_key(), generate_private_key());
+        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let d = seal(&a, &pb, &Message::Ping { tx_id: [3; 12] });
+        assert_eq!(open(&b, &d, |_| false), None, "unknown sender");
+        assert_eq!(open(&c, &d, |_| true), None, "not for us");
+        // The known-peer check runs before any crypto.
+        let called = std::cell::Cell::new(0);
+        let _ = open(&b, &d, |k| {
+            called.set(called.get() + 1);
+            *k == pa
+        });
+        assert_eq!(called.get(), 1);
+        // Our own key as sender.
+        let own = seal(&b, &pb, &Message::Ping { tx_id: [3; 12] });
+        assert_eq!(open(&b, &own, |_| true), None);
+    }
+
+    #[test]
+    fn reflection_with_a_rewritten_sender_is_refused() {
+        // A's ping to B, bounced back to A with the sender field set to B:
+        // same DH secret, but the key is directional.
+        let (a, b) = (generate_private_key(), generate_private_key());
+        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let mut d = seal(&a, &pb, &Message::Ping { tx_id: [4; 12] });
+        d[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&pb);
+        assert_eq!(open(&a, &d, |k| *k == pb), None);
+        let _ = pa;
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_truncation_is_refused() {
+        let (a, b) = (generate_private_key(), generate_private_key());
+        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let d = seal(&a, &pb, &msgs()[4]);
+        for i in 0..d.len() {
+            let mut t = d.clone();
+            t[i] ^= 0x01;
+            assert_eq!(open(&b, &t, |_| true), None, "byte {i}");
+        }
+        for n in 0..d.len() {
+            assert_eq!(open(&b, &d[..n], |k| *k == pa), None, "prefix {n}");
+        }
+        let mut longer = d.clone();
+        longer.push(0);
+        assert_eq!(open(&b, &longer, |k| *k == pa), None);
+    }
+
+    #[test]
+    fn low_order_keys_are_refused() {
+        let b = generate_private_key();
+        let pb = public_key_of(&b);
+        // The identity point (all zeros) and another small-order point.
+        for bad in [[0u8; 32], {
+            let mut k = [0u8; 32];
+            k[0] = 1;
+            k
+        }] {
+            let d = seal(&b, &bad, &Message::Ping { tx_id: [0; 12] });
+            // Forge: "from" the low-order key, key derived from zero secret.
+            let mut forged = d.clone();
+            forged[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&bad);
+            assert_eq!(open(&b, &forged, |_| true), None);
+        }
+        let _ = pb;
+    }
+
+    #[test]
+    fn classify_wireguard_stun_and_others() {
+        for t in 1u8..=4 {
+            let mut m = vec![t, 0, 0, 0];
+            m.resize(32, 0xAB);
+            assert_eq!(classify(&m), DatagramKind::WireGuard);
+            assert!(!is_disco(&m));
+            assert!(!crate::stun::is_stun(&m));
+        }
+        assert_eq!(classify(&[1, 0, 0]), DatagramKind::Other);
+        assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Other);
+        assert_eq!(classify(&crate::stun::encode_binding_request([1; 12])), DatagramKind::Stun);
+        assert_eq!(classify(MAGIC), DatagramKind::Other, "magic alone is too short");
+        assert_eq!(classify(b""), DatagramKind::Other);
+        // The magic is neither WireGuard nor STUN by construction.
+        assert!(MAGIC[0] > 4 && MAGIC[0] & 0xC0 != 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_datagrams_never_open(body in proptest::collection::vec(any::<u8>(), 0..300), with_magic in any::<bool>()) {
+            let b = generate_private_key();
+            let mut d = body;
+            if with_magic && d.len() >= MAGIC.len() {
+                d[..MAGIC.len()].copy_from_slice(MAGIC);
+            }
+            let _ = classify(&d);
+            prop_assert_eq!(open(&b, &d, |_| true), None);
+        }
+
+        #[test]
+        fn random_plaintexts_decode_without_panic(p in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Some(m) = Message::decode(&p) {
+                // Whatever decodes re-encodes to a prefix of the input.
+                let e = m.encode();
+                prop_assert_eq!(&p[..e.len()], &e[..]);
+            }
+        }
+
+        #[test]
+        fn sealed_random_messages_roundtrip(tx in any::<[u8; 12]>(), ip in any::<[u8; 16]>(), port in any::<u16>(), v6 in any::<bool>()) {
+            let (a, b) = (generate_private_key(), generate_private_key());
+            let pa = public_key_of(&a);
+            let observed = if v6 { SocketAddr::new(Ipv6Addr::from(ip).into(), port) } else {
+                SocketAddr::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into(), port)
+            };
+            let m = Message::Pong { tx_id: tx, observed };
+            let d = seal(&a, &public_key_of(&b), &m);
+            prop_assert_eq!(open(&b, &d, |k| *k == pa), Some((pa, m)));
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The relay: forwards opaque WireGuard (and disco) datagrams between nodes
+//! that cannot reach each other directly, over the control server's HTTP
+//! port (TCP, so it works where UDP is blocked and only 80/443 are open).
+//!
+//! ## Protocol
+//!
+//! 1. The node sends `GET /tailgate/relay` with `Upgrade: tailgate-relay`
+//!    on the control server's port; the relay answers `101`.
+//! 2. Noise IK exactly as the control protocol ([`crate::control::noise`]):
+//!    the node's static key is its WireGuard key, the server's key is pinned
+//!    (the same key as the control server). The relay thereby learns the
+//!    node key, authenticated.
+//! 3. The relay asks its [`NodeAuthorizer`] whether that key may relay (the
+//!    control server's: a known node whose key has not expired) and answers
+//!    `Accepted { keepalive_secs }` or `Closing { reason }`. It asks again
+//!    every `reauth_interval`, so removed or expired nodes are dropped.
+//! 4. Frames ([`proto`]): node → relay `Send { dst, datagram }`, relay →
+//!    node `Recv { src, datagram }` (src is the *authenticated* sender),
+//!    `KeepAlive` both ways, `PeerGone` when the destination is not
+//!    connected, `Closing` before the relay hangs up.
+//!
+//! The relay never looks inside datagrams: they are WireGuard messages
+//! (end-to-end encrypted between the nodes) or sealed [`crate::disco`]
+//! messages. It is not a trust anchor: a node still only accepts WireGuard
+//! traffic from peers it has keys for.
+//!
+//! ## Flow control ([`limits`])
+//!
+//! - Per destination: a bounded queue (packets and bytes). A full queue
+//!   drops the datagram and counts it; a slow node never blocks senders.
+//! - Per sending node: a token bucket (default 50 MB/s, 4 MiB burst). A
+//!   node in debt is simply not read for a while, so TCP slows it down.
+//! - One connection per node key: a new one replaces the old.
+//!
+//! ## Modules
+//! - [`proto`]: frame codec (sans-IO).
+//! - [`limits`]: token bucket and datagram queue (sans-IO).
+//! - [`auth`]: [`NodeAuthorizer`] and [`CachedKeySet`].
+//! - [`server`]: [`RelayServer`], the `UpgradeHandler` the control server
+//!   registers by default.
+//! - [`client`]: [`RelayClient`], [`RelaySender`], [`RelayReceiver`].
+
+pub mod auth;
+pub mod client;
+pub mod limits;
+pub mod proto;
+pub mod server;
+
+pub use auth::{CachedKeySet, KeySetFetch, NodeAuthorizer};
+pub use client::{RelayClient, RelayClientOptions, RelayClientStats, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};
+pub use server::{RelayConfig, RelayServer, RelayStats};
+
+/// HTTP path of the relay upgrade (token: [`crate::control::UPGRADE_RELAY`]).
+pub const RELAY_PATH: &str = "/tailgate/relay";

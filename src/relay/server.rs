@@ -1,0 +1,560 @@
+//! The relay server: an [`UpgradeHandler`] for `Upgrade: tailgate-relay` on
+//! the control server's HTTP port. See [`super`] for the protocol.
+//!
+//! Per connection: one reader (this handler's task) and one writer task,
+//! sharing the Noise channel behind a mutex held only to encrypt or decrypt.
+//!
+//! - **Reader**: decrypts `Send` frames and pushes each datagram into the
+//!   destination's queue (never waits for it); then charges the bytes read
+//!   to the node's token bucket and, when in debt, stops reading for the
+//!   debt's duration (TCP pushes back on that node alone).
+//! - **Writer**: drains its own queue (coalescing up to 256 KiB per write),
+//!   sends keepalives, and the final `Closing`.
+//! - **Registry**: node key → connection. A new connection of the same key
+//!   replaces (closes) the old one.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::RELAY_PATH;
+use super::auth::NodeAuthorizer;
+use super::limits::{DatagramQueue, TokenBucket};
+use super::proto::{Frame, MAX_FRAME};
+use crate::control::UPGRADE_RELAY;
+use crate::control::frame::WireDecoder;
+use crate::control::http::{self, RequestHead};
+use crate::control::noise::{self, SecureChannel};
+use crate::control::server::{Stream, UpgradeHandler};
+use crate::wg::{self, Key};
+
+/// Relay limits and timers.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Per-node rate limit on what a node sends, bytes/s (0 = none).
+    pub rate_bytes_per_sec: u64,
+    /// Token bucket depth, bytes.
+    pub burst_bytes: u64,
+    /// Per-destination queue: datagrams waiting for one node's socket.
+    pub queue_packets: usize,
+    pub queue_bytes: usize,
+    /// Keepalive period (told to the node in `Accepted`); a connection
+    /// silent for 3 periods + 5 s is closed, as is one whose writes stall
+    /// that long.
+    pub keepalive: Duration,
+    /// Limit on the Noise handshake and the authorization check.
+    pub handshake_timeout: Duration,
+    /// How often a connected node's authorization is checked again.
+    pub reauth_interval: Duration,
+    /// Read buffer per connection.
+    pub read_buffer: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            rate_bytes_per_sec: 50_000_000,
+            burst_bytes: 4 * 1024 * 1024,
+            queue_packets: 1024,
+            queue_bytes: 2 * 1024 * 1024,
+            keepalive: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            reauth_interval: Duration::from_secs(30),
+            read_buffer: 16 * 1024,
+        }
+    }
+}
+
+/// Counters since the relay started (plus the current connection count).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub connections: usize,
+    pub accepted: u64,
+    pub refused: u64,
+    pub replaced: u64,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    /// Destination's queue full.
+    pub dropped_queue_full: u64,
+    /// Destination not connected.
+    pub dropped_no_peer: u64,
+    /// Connections closed for a malformed or unexpected frame.
+    pub protocol_errors: u64,
+    /// Times a node's reading was paused by its rate limit.
+    pub rate_limited: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    replaced: AtomicU64,
+    forwarded_packets: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_no_peer: AtomicU64,
+    protocol_errors: AtomicU64,
+    rate_limited: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Bound on `PeerGone` notices queued for one node.
+const MAX_GONE_QUEUED: usize = 64;
+/// A `PeerGone` for the same destination at most this often per sender.
+const PEER_GONE_EVERY: Duration = Duration::from_secs(5);
+/// Bytes coalesced into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+struct OutQueue {
+    data: DatagramQueue,
+    gone: Vec<Key>,
+}
+
+struct Conn {
+    id: u64,
+    key: Key,
+    out: Mutex<OutQueue>,
+    notify: Notify,
+    /// `Some(reason)` = close.
+    close: watch::Sender<Option<String>>,
+}
+
+impl Conn {
+    fn push(&self, src: Key, datagram: Vec<u8>) -> bool {
+        let ok = self.out.lock().unwrap().data.push(src, datagram);
+        if ok {
+            self.notify.notify_one();
+        }
+        ok
+    }
+
+    fn push_gone(&self, key: Key) {
+        let mut q = self.out.lock().unwrap();
+        if q.gone.len() < MAX_GONE_QUEUED && !q.gone.contains(&key) {
+            q.gone.push(key);
+            drop(q);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Asks both tasks to end; the first reason wins.
+    fn close(&self, reason: &str) {
+        self.close.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason.to_string());
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+struct Inner {
+    private: Key,
+    cfg: RelayConfig,
+    auth: Arc<dyn NodeAuthorizer>,
+    conns: RwLock<HashMap<Key, Arc<Conn>>>,
+    next_id: AtomicU64,
+    counters: Counters,
+    stop: watch::Sender<bool>,
+    external_stop: OnceLock<watch::Receiver<bool>>,
+}
+
+impl Inner {
+    /// Completes when the relay is shut down (its own `shutdown` or the
+    /// external signal turning true or going away).
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let mut own = self.stop.subscribe();
+        let ext = self.external_stop.get().cloned();
+        Box::pin(async move {
+            let ext = async move {
+                match ext {
+                    Some(mut r) => {
+                        let _ = r.wait_for(|v| *v).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = own.wait_for(|v| *v) => {}
+                _ = ext => {}
+            }
+        })
+    }
+}
+
+/// The relay. Cheap to clone (a handle); register it as the
+/// `tailgate-relay` upgrade of a control server (done by default by
+/// `ControlServer::start`).
+#[derive(Clone)]
+pub struct RelayServer {
+    inner: Arc<Inner>,
+}
+
+impl RelayServer {
+    /// `server_private`: the control server's Noise key (nodes pin its
+    /// public half, exactly as for the control protocol).
+    pub fn new(server_private: Key, cfg: RelayConfig, auth: Arc<dyn NodeAuthorizer>) -> RelayServer {
+        let (stop, _) = watch::channel(false);
+        RelayServer {
+            inner: Arc::new(Inner {
+                private: server_private,
+                cfg,
+                auth,
+                conns: RwLock::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                counters: Counters::default(),
+                stop,
+                external_stop: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Also close every connection when `stop` turns true or its sender is
+    /// dropped (the control server's shutdown signal). Set once.
+    pub fn with_shutdown(self, stop: watch::Receiver<bool>) -> RelayServer {
+        let _ = self.inner.external_stop.set(stop);
+        self
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.inner.cfg
+    }
+
+    /// Is this node connected?
+    pub fn is_connected(&self, node: &Key) -> bool {
+        self.inner.conns.read().unwrap().contains_key(node)
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RelayStats {
+            connections: self.inner.conns.read().unwrap().len(),
+            accepted: l(&c.accepted),
+            refused: l(&c.refused),
+            replaced: l(&c.replaced),
+            forwarded_packets: l(&c.forwarded_packets),
+            forwarded_bytes: l(&c.forwarded_bytes),
+            dropped_queue_full: l(&c.dropped_queue_full),
+            dropped_no_peer: l(&c.dropped_no_peer),
+            protocol_errors: l(&c.protocol_errors),
+            rate_limited: l(&c.rate_limited),
+        }
+    }
+
+    /// Serves one connection from just after its request head (what the
+    /// control server's upgrade dispatch calls).
+    pub async fn serve<S: Stream>(&self, stream: S, head: RequestHead, leftover: Vec<u8>) {
+        if let Err(e) = serve(self.inner.clone(), stream, head, leftover).await {
+            tracing::debug!("relay: connection ended: {e}");
+        }
+    }
+}
+
+impl UpgradeHandler for RelayServer {
+    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>) -> BoxFuture<'static, ()> {
+        let this = self.clone();
+        Box::pin(async move { this.serve(stream, head, leftover).await })
+    }
+}
+
+fn short(k: &Key) -> String {
+    wg::key_to_base64(k)[..8].to_string()
+}
+
+async fn write_and_close<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = w.write_all(bytes).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
+}
+
+fn seal(chan: &Mutex<SecureChannel>, f: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), String> {
+    chan.lock().unwrap().seal_frame(&f.to_vec(), out).map_err(|e| e.to_string())
+}
+
+async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftover: Vec<u8>) -> Result<(), String> {
+    if *inner.stop.borrow() || inner.external_stop.get().is_some_and(|r| *r.borrow()) {
+        write_and_close(&mut s, &http::simple_response(503, "Service Unavailable", "relay shutting down\n")).await;
+        return Err("relay shutting down".into());
+    }
+    if head.method != "GET" || head.path != RELAY_PATH {
+        write_and_close(&mut s, &http::simple_response(404, "Not Found", "not found\n")).await;
+        return Err(format!("{} {}: not the relay path", head.method, head.path));
+    }
+    s.write_all(&http::switching_protocols(UPGRADE_RELAY)).await.map_err(|e| e.to_string())?;
+    let timeout = inner.cfg.handshake_timeout;
+    let mut rbuf = vec![0u8; inner.cfg.read_buffer.max(1024)];
+    let mut wire = WireDecoder::new();
+    wire.push(&leftover);
+    let msg1 = tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
+                return Ok::<_, String>(m);
+            }
+            match s.read(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
+                Ok(n) => wire.push(&rbuf[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "handshake timed out".to_string())??;
+    let (chan, node_key, msg2) = noise::respond(&inner.private, &msg1, wire, MAX_FRAME).map_err(|e| e.to_string())?;
+    s.write_all(&msg2).await.map_err(|e| e.to_string())?;
+    let chan = Arc::new(Mutex::new(chan));
+    let who = format!("node {}", short(&node_key));
+
+    let allowed = tokio::time::timeout(timeout, inner.auth.allowed(&node_key)).await.unwrap_or(false);
+    let mut out = Vec::new();
+    if !allowed {
+        bump(&inner.counters.refused, 1);
+        seal(&chan, &Frame::Closing { reason: "this node is not allowed to use the relay (unknown or expired node key)" }, &mut out)?;
+        write_and_close(&mut s, &out).await;
+        return Err(format!("{who}: refused (unknown or expired)"));
+    }
+    let ka_secs = inner.cfg.keepalive.as_secs().clamp(1, u16::MAX as u64) as u16;
+    seal(&chan, &Frame::Accepted { keepalive_secs: ka_secs }, &mut out)?;
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+
+    let (close, _) = watch::channel(None);
+    let conn = Arc::new(Conn {
+        id: inner.next_id.fetch_add(1, Ordering::Relaxed),
+        key: node_key,
+        out: Mutex::new(OutQueue { data: DatagramQueue::new(inner.cfg.queue_packets, inner.cfg.queue_bytes), gone: Vec::new() }),
+        notify: Notify::new(),
+        close,
+    });
+    let old = inner.conns.write().unwrap().insert(node_key, conn.clone());
+    if let Some(old) = old {
+        bump(&inner.counters.replaced, 1);
+        old.close("replaced by a newer relay connection of the same node");
+    }
+    bump(&inner.counters.accepted, 1);
+    tracing::debug!("relay: {who} connected");
+
+    let (r, w) = tokio::io::split(s);
+    let writer = tokio::spawn(write_loop(inner.clone(), conn.clone(), chan.clone(), w));
+    let result = read_loop(&inner, &conn, &chan, r, rbuf).await;
+    {
+        let mut conns = inner.conns.write().unwrap();
+        if conns.get(&node_key).is_some_and(|c| c.id == conn.id) {
+            conns.remove(&node_key);
+        }
+    }
+    conn.close(match &result {
+        Ok(()) => "connection closed by the node",
+        Err(e) => e,
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    result.map_err(|e| format!("{who}: {e}"))
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    inner: &Arc<Inner>,
+    conn: &Arc<Conn>,
+    chan: &Mutex<SecureChannel>,
+    mut r: R,
+    mut rbuf: Vec<u8>,
+) -> Result<(), String> {
+    let cfg = &inner.cfg;
+    let idle_limit = cfg.keepalive * 3 + Duration::from_secs(5);
+    let mut close = conn.close.subscribe();
+    let mut stop = inner.stopped();
+    let mut last_rx = Instant::now();
+    let mut bucket = TokenBucket::new(cfg.rate_bytes_per_sec, cfg.burst_bytes, std::time::Instant::now());
+    let mut reauth = tokio::time::interval_at(Instant::now() + cfg.reauth_interval, cfg.reauth_interval);
+    reauth.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gone_sent: HashMap<Key, Instant> = HashMap::new();
+    let mut frames = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => return Err("relay shutting down".into()),
+            _ = close.changed() => return Err(close.borrow().clone().unwrap_or_default()),
+            n = r.read(&mut rbuf) => {
+                let n = match n {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) => return Err(format!("read: {e}")),
+                };
+                last_rx = Instant::now();
+                let decoded = {
+                    let mut ch = chan.lock().unwrap();
+                    ch.push_wire(&rbuf[..n]).map_err(|e| e.to_string()).and_then(|()| loop {
+                        match ch.next_frame() {
+                            Ok(Some(f)) => frames.push(f),
+                            Ok(None) => break Ok(()),
+                            Err(e) => break Err(e.to_string()),
+                        }
+                    })
+                };
+                let handled = decoded.and_then(|()| {
+                    frames.drain(..).try_for_each(|f| handle_frame(inner, conn, f, &mut gone_sent))
+                });
+                if let Err(e) = handled {
+                    bump(&inner.counters.protocol_errors, 1);
+                    return Err(format!("protocol error: {e}"));
+                }
+                let wait = bucket.take(n, std::time::Instant::now());
+                if !wait.is_zero() {
+                    bump(&inner.counters.rate_limited, 1);
+                    tokio::select! {
+                        biased;
+                        _ = &mut stop => return Err("relay shutting down".into()),
+                        _ = close.changed() => return Err(close.borrow().clone().unwrap_or_default()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    // Time spent paused is not silence.
+                    last_rx = Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(last_rx + idle_limit) => {
+                return Err(format!("silent for {:?}", last_rx.elapsed()));
+            }
+            _ = reauth.tick() => {
+                if !inner.auth.allowed(&conn.key).await {
+                    return Err("this node may no longer use the relay (key expired or node removed)".into());
+                }
+                if gone_sent.len() > 1024 {
+                    gone_sent.retain(|_, t| t.elapsed() < PEER_GONE_EVERY);
+                }
+            }
+        }
+    }
+}
+
+fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), String> {
+    let dst = match Frame::decode(&f).map_err(|e| e.to_string())? {
+        Frame::Send { dst, .. } => dst,
+        Frame::KeepAlive => return Ok(()),
+        other => return Err(format!("unexpected frame from a node: {other:?}")),
+    };
+    let target = inner.conns.read().unwrap().get(&dst).cloned();
+    let c = &inner.counters;
+    match target {
+        Some(t) => {
+            f.drain(..33);
+            let len = f.len() as u64;
+            if t.push(conn.key, f) {
+                bump(&c.forwarded_packets, 1);
+                bump(&c.forwarded_bytes, len);
+            } else {
+                bump(&c.dropped_queue_full, 1);
+            }
+        }
+        None => {
+            bump(&c.dropped_no_peer, 1);
+            let now = Instant::now();
+            if gone_sent.get(&dst).is_none_or(|t| now.duration_since(*t) >= PEER_GONE_EVERY) {
+                gone_sent.insert(dst, now);
+                conn.push_gone(dst);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Encrypts queued `PeerGone` notices and datagrams into `out` (emptying
+/// `gone` and `batch`).
+fn seal_batch(
+    chan: &Mutex<SecureChannel>,
+    gone: &mut Vec<Key>,
+    batch: &mut Vec<(Key, Vec<u8>)>,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let mut ch = chan.lock().unwrap();
+    let mut frame = Vec::with_capacity(2048);
+    for key in gone.drain(..) {
+        frame.clear();
+        Frame::PeerGone { key }.encode(&mut frame);
+        ch.seal_frame(&frame, out).map_err(|e| e.to_string())?;
+    }
+    for (src, d) in batch.drain(..) {
+        frame.clear();
+        Frame::Recv { src, datagram: &d }.encode(&mut frame);
+        ch.seal_frame(&frame, out).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, chan: Arc<Mutex<SecureChannel>>, mut w: W) {
+    let cfg = &inner.cfg;
+    let stall_limit = cfg.keepalive * 3 + Duration::from_secs(5);
+    let mut close = conn.close.subscribe();
+    let mut stop = inner.stopped();
+    let mut ka = tokio::time::interval_at(Instant::now() + cfg.keepalive, cfg.keepalive);
+    ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut batch: Vec<(Key, Vec<u8>)> = Vec::new();
+    let mut gone: Vec<Key> = Vec::new();
+    let reason = 'outer: loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break "relay shutting down".to_string(),
+            _ = close.changed() => break close.borrow().clone().unwrap_or_default(),
+            _ = conn.notify.notified() => loop {
+                {
+                    let mut q = conn.out.lock().unwrap();
+                    gone.append(&mut q.gone);
+                    let mut bytes = 0;
+                    while bytes < WRITE_BATCH {
+                        let Some(it) = q.data.pop() else { break };
+                        bytes += it.1.len() + 64;
+                        batch.push(it);
+                    }
+                }
+                if batch.is_empty() && gone.is_empty() {
+                    break;
+                }
+                out.clear();
+                let sealed = seal_batch(&chan, &mut gone, &mut batch, &mut out);
+                if let Err(e) = sealed {
+                    break 'outer format!("encrypt: {e}");
+                }
+                match tokio::time::timeout(stall_limit, w.write_all(&out)).await {
+                    Ok(Ok(())) => ka.reset(),
+                    Ok(Err(e)) => break 'outer format!("write: {e}"),
+                    Err(_) => break 'outer format!("writes stalled for {stall_limit:?}"),
+                }
+            },
+            _ = ka.tick() => {
+                out.clear();
+                if let Err(e) = seal(&chan, &Frame::KeepAlive, &mut out) {
+                    break format!("encrypt: {e}");
+                }
+                match tokio::time::timeout(stall_limit, w.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break format!("write: {e}"),
+                    Err(_) => break format!("writes stalled for {stall_limit:?}"),
+                }
+            }
+        }
+    };
+    // Tell the reader (if it is still running) and the node why.
+    conn.close(&reason);
+    out.clear();
+    if seal(&chan, &Frame::Closing { reason: &reason }, &mut out).is_ok() {
+        write_and_close(&mut w, &out).await;
+    } else {
+        let _ = w.shutdown().await;
+    }
+}
