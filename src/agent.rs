@@ -162,6 +162,7 @@ impl Applier {
                 if let Err(e) = self.node.upsert_peer(p.peer_config()) {
                     tracing::warn!(peer = %p.name, "cannot add peer: {e:#}");
                 }
+                self.node.set_peer_endpoints(k, &p.endpoints);
             }
         }
         self.resolver.replace(map.self_node.identity(), map.identities());
@@ -259,7 +260,16 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let (target, auth_secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
     let mut nc = NodeConfig::new(key, vec![]);
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
+    nc.manage_paths = true;
     let node = Arc::new(Node::start(nc).await?);
+    node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
+    // The control server answers STUN on the UDP port matching its TCP port.
+    if let Ok((host, port)) = crate::control::token::parse_url(&target.url) {
+        if let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await {
+            node.set_stun_server(addrs.find(|a| a.is_ipv4()));
+        }
+    }
+    tokio::spawn(keep_relay(node.clone(), target.clone(), key));
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
@@ -307,13 +317,82 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     Ok(Agent { node, daemon, task })
 }
 
+/// Sends datagrams into the relay connection without blocking the data plane.
+struct RelayAdapter(crate::relay::client::RelaySender);
+
+impl crate::node::RelayLink for RelayAdapter {
+    fn send(&self, dst: &Key, datagram: &[u8]) -> bool {
+        self.0.send(dst, datagram).is_ok()
+    }
+}
+
+/// Keep a relay connection up for as long as the node runs.
+async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
+    let mut backoff = BACKOFF_MIN;
+    let inbound = node.relay_inbound();
+    loop {
+        match crate::relay::client::RelayClient::connect(&target.url, &target.server_public, &key).await {
+            Ok((tx, mut rx)) => {
+                tracing::info!("relay connected");
+                backoff = BACKOFF_MIN;
+                node.set_relay(Some(Arc::new(RelayAdapter(tx))));
+                loop {
+                    match rx.recv().await {
+                        Ok(d) => {
+                            if inbound.send(d).await.is_err() {
+                                return; // node gone
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("relay connection lost: {e}; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                node.set_relay(None);
+            }
+            Err(e) => tracing::debug!("relay unavailable: {e}"),
+        }
+        tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 250)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Our endpoints as peers should try them: the public one STUN saw first.
+fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let mut v = local_endpoints(node.udp_addr().port());
+    if let Some(p) = public {
+        v.retain(|e| *e != p);
+        v.insert(0, p);
+    }
+    v
+}
+
 async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello: NodeHello, mut client: Option<ControlClient>) {
     let mut backoff = BACKOFF_MIN;
+    let mut public = applier.node.public_endpoint();
     loop {
         if let Some(mut c) = client.take() {
             backoff = BACKOFF_MIN;
             loop {
-                match c.next_update().await {
+                let update = tokio::select! {
+                    u = c.next_update() => u,
+                    changed = public.changed() => {
+                        if changed.is_ok() {
+                            let eps = my_endpoints(&applier.node, *public.borrow());
+                            tracing::info!(endpoints = ?eps, "our endpoints changed; telling control");
+                            applier.node.set_my_endpoints(eps.clone());
+                            applier.node.network_changed();
+                            hello.endpoints = eps.clone();
+                            if let Err(e) = c.report_endpoints(eps).await {
+                                tracing::warn!("{e}; reconnecting");
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                match update {
                     Ok(delta) => {
                         if delta.key_expired {
                             tracing::error!("this node's key expired or the node was removed; rejoin with `tailgate up --authkey TOKEN`");
@@ -336,7 +415,7 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
         }
         tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 250)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
-        hello.endpoints = local_endpoints(applier.node.udp_addr().port());
+        hello.endpoints = my_endpoints(&applier.node, *public.borrow());
         match ControlClient::connect(&target, &key, hello.clone()).await {
             Ok((c, map)) => {
                 tracing::info!("reconnected to control");

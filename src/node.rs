@@ -510,6 +510,16 @@ fn on_datagram(
         }
         _ => {
             wg.recv_datagram(from, data, &mut |o| match o {
+                // An answer to an authenticated handshake that came straight
+                // from `from` goes straight back: that path just worked.
+                Output::Network { peer: Some(key), to: Some(to), data } if to == from && from != wg::RELAYED => {
+                    if paths.enabled {
+                        if let Some(st) = paths.states.get_mut(&key) {
+                            st.on_direct_traffic(from, now);
+                        }
+                    }
+                    out.send(from, data)
+                }
                 Output::Network { peer, to, data } => out.output(paths, now, peer, to, data),
                 Output::Tunnel { key, packet, .. } => {
                     if paths.enabled && from != wg::RELAYED {

@@ -81,7 +81,7 @@ pub fn is_stun(d: &[u8]) -> bool {
         return false;
     }
     let len = u16::from_be_bytes([d[2], d[3]]) as usize;
-    len % 4 == 0 && len + HEADER_LEN == d.len()
+    len.is_multiple_of(4) && len + HEADER_LEN == d.len()
 }
 
 /// Parses a Binding success response: (transaction id, mapped address).
@@ -203,14 +203,13 @@ pub async fn query(socket: &tokio::net::UdpSocket, server: SocketAddr, timeout: 
                 Err(_) => break,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => break,
                 Ok(Err(e)) => return Err(e),
-                Ok(Ok((n, from))) => {
-                    if from != server {
-                        continue;
-                    }
-                    if let Some((t, addr)) = parse_binding_response(&buf[..n]) {
-                        if t == txid {
-                            return Ok(addr);
-                        }
+                // Matched by transaction id only: a multi-homed server may
+                // answer from another of its addresses.
+                Ok(Ok((n, _))) => {
+                    if let Some((t, addr)) = parse_binding_response(&buf[..n])
+                        && t == txid
+                    {
+                        return Ok(addr);
                     }
                 }
             }

@@ -70,10 +70,15 @@ async fn read_until_closed(s: &mut TcpStream, chan: &mut SecureChannel) -> Vec<S
     let r = tokio::time::timeout(TIMEOUT, async {
         loop {
             let n = match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return,
+                Err(e) => {
+                    eprintln!("read_until_closed: {e}");
+                    return;
+                }
                 Ok(n) => n,
             };
-            if chan.push_wire(&chunk[..n]).is_err() {
+            if let Err(e) = chan.push_wire(&chunk[..n]) {
+                eprintln!("read_until_closed: {e}");
                 return;
             }
             while let Ok(Some(f)) = chan.next_frame() {
@@ -114,8 +119,9 @@ async fn garbage_and_oversized_input_ends_only_that_connection() {
     assert!(send_raw(addr, b"GET /wp-login.php HTTP/1.1\r\nHost: x\r\n\r\n").await.starts_with("HTTP/1.1 404"));
     assert!(send_raw(addr, b"GET /tailgate/control HTTP/1.1\r\nHost: x\r\n\r\n").await.starts_with("HTTP/1.1 426"));
     assert!(send_raw(addr, b"GET /tailgate/health HTTP/1.1\r\nHost: x\r\n\r\n").await.starts_with("HTTP/1.1 200"));
-    let relay = send_raw(addr, b"GET /tailgate/relay HTTP/1.1\r\nUpgrade: tailgate-relay\r\n\r\n").await;
-    assert!(relay.starts_with("HTTP/1.1 501"), "{relay}");
+    // Unknown upgrades are not found (tailgate-relay belongs to the relay).
+    let other = send_raw(addr, b"GET /tailgate/control HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
 
     // Upgraded, then garbage instead of a Noise handshake: closed.
     let mut up = upgraded(addr).await;
@@ -172,7 +178,7 @@ async fn garbage_and_oversized_input_ends_only_that_connection() {
     chan.seal_raw(&hdr, &mut wire).unwrap();
     raw.write_all(&wire).await.unwrap();
     let msgs = read_until_closed(&mut raw, &mut chan).await;
-    assert!(msgs.iter().any(|m| matches!(m, ServerMsg::MapFull(_))), "it had logged in");
+    assert!(msgs.iter().any(|m| matches!(m, ServerMsg::MapFull(_))), "it had logged in: {msgs:?}");
     let (_, msg) = error_of(&msgs);
     assert!(msg.contains("exceeds"), "{msg}");
     a.wait_for("rogue offline", |m| m.peer_by_name("rogue").is_some_and(|p| !p.online)).await;

@@ -2,8 +2,9 @@
 //!
 //! - One TCP listener speaking just enough HTTP/1.1 to dispatch on the
 //!   `Upgrade` header: `tailgate-control` (this module), `tailgate-relay`
-//!   (a pluggable [`UpgradeHandler`], another issue); anything else gets a
-//!   plain 400/404/426 and is closed.
+//!   (a pluggable [`UpgradeHandler`]; [`crate::relay::RelayServer`] by
+//!   default); anything else gets a plain 400/404/426 and is closed.
+//! - STUN Binding ([`crate::stun`]) on UDP, same IP and port as the listener.
 //! - One task per connection: upgrade, Noise IK, then frames. It forwards
 //!   node messages to the hub and writes what the hub sends back (coalescing
 //!   queued messages into one write). A connection whose outbound queue
