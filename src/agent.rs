@@ -371,6 +371,8 @@ fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
 async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello: NodeHello, mut client: Option<ControlClient>) {
     let mut backoff = BACKOFF_MIN;
     let mut public = applier.node.public_endpoint();
+    // STUN may have answered before we subscribed: look at the value once.
+    public.mark_changed();
     loop {
         if let Some(mut c) = client.take() {
             backoff = BACKOFF_MIN;

@@ -455,6 +455,7 @@ impl Sender<'_> {
 
 /// Handle a disco message from `sender` that arrived from `from` (or via the relay).
 fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, sender: Key, msg: disco::Message, from: SocketAddr, now: Instant) {
+    tracing::debug!(%from, peer = %wg::key_to_base64(&sender), ?msg, "disco");
     let Some(st) = paths.states.get_mut(&sender) else { return };
     match msg {
         disco::Message::Ping { tx_id } => {
@@ -548,10 +549,12 @@ fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
     for (k, a) in actions {
         match a {
             PathAction::Ping { to, tx_id } => {
+                tracing::trace!(%to, "ping");
                 let d = disco::seal(&paths.private_key, &k, &disco::Message::Ping { tx_id });
                 out.send(to, &d);
             }
             PathAction::CallMeMaybe => {
+                tracing::debug!(peer = %wg::key_to_base64(&k), relay = paths.relay.is_some(), "call me maybe");
                 if let Some(r) = &paths.relay {
                     let d = disco::seal(&paths.private_key, &k, &disco::Message::CallMeMaybe { endpoints: paths.my_endpoints.clone() });
                     r.send(&k, &d);

@@ -25,6 +25,9 @@ pub const KEEPALIVE: Duration = Duration::from_secs(2);
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 pub const PROBE_MAX_INTERVAL: Duration = Duration::from_secs(5);
 pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// Call-me-maybe goes out at most this often: answering one probes at once,
+/// and without a limit two peers would bounce them back and forth.
+pub const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(2);
 /// A ping not answered within this long is forgotten.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +66,7 @@ pub struct PathState {
     pub last_result: Option<String>,
     tx_counter: u64,
     salt: u32,
+    last_call_me_maybe: Option<Instant>,
 }
 
 impl PathState {
@@ -77,6 +81,7 @@ impl PathState {
             last_result: None,
             tx_counter: 0,
             salt: rand::random(),
+            last_call_me_maybe: None,
         }
     }
 
@@ -216,7 +221,10 @@ impl PathState {
                     out.push(Action::Ping { to, tx_id });
                 }
                 if self.best.is_none() {
-                    out.push(Action::CallMeMaybe);
+                    if self.last_call_me_maybe.is_none_or(|t| now.saturating_duration_since(t) >= CALL_ME_MAYBE_INTERVAL) {
+                        out.push(Action::CallMeMaybe);
+                        self.last_call_me_maybe = Some(now);
+                    }
                     self.next_probe = now + self.probe_interval;
                     self.probe_interval = (self.probe_interval * 2).min(PROBE_MAX_INTERVAL);
                 } else {
@@ -296,11 +304,12 @@ mod tests {
         assert_eq!(p.route(now), Route::Relay, "unanswered keepalives end trust");
         assert!(p.last_result.as_deref().unwrap().contains("stopped answering"));
         // Probing resumes with call-me-maybe; an answer restores the path.
-        let a = p.poll(now + PROBE_MAX_INTERVAL);
+        let a = p.poll(now + PROBE_MAX_INTERVAL + CALL_ME_MAYBE_INTERVAL);
         assert!(a.contains(&Action::CallMeMaybe));
         let (to, tx) = pings(&a)[0];
-        p.on_pong(to, tx, now + PROBE_MAX_INTERVAL);
-        assert_eq!(p.route(now + PROBE_MAX_INTERVAL), Route::Direct(ep));
+        let later = now + PROBE_MAX_INTERVAL + CALL_ME_MAYBE_INTERVAL;
+        p.on_pong(to, tx, later);
+        assert_eq!(p.route(later), Route::Direct(ep));
     }
 
     #[test]
@@ -335,5 +344,25 @@ mod tests {
         }
         // 0.5 + 1 + 2 + 4 then every 5 s: about 15 rounds a minute, not 120.
         assert!((10..=20).contains(&rounds), "{rounds} probe rounds");
+    }
+}
+
+#[cfg(test)]
+mod storm {
+    use super::*;
+
+    #[test]
+    fn call_me_maybe_is_rate_limited_even_when_prodded() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let ep: SocketAddr = "192.0.2.7:1".parse().unwrap();
+        let mut sent = 0;
+        for i in 0..1000u64 {
+            let now = t0 + Duration::from_millis(i);
+            // The peer's call-me-maybe arrives every millisecond.
+            p.add_candidates(&[ep], now);
+            sent += p.poll(now).iter().filter(|a| **a == Action::CallMeMaybe).count();
+        }
+        assert_eq!(sent, 1, "one call-me-maybe per {CALL_ME_MAYBE_INTERVAL:?}");
     }
 }

@@ -171,15 +171,30 @@ async fn garbage_and_oversized_input_ends_only_that_connection() {
     let reg = format!(r#"{{"type":"register","auth_key":"{}","hostname":"rogue"}}"#, k.secret);
     chan.seal_frame(reg.as_bytes(), &mut wire).unwrap();
     raw.write_all(&wire).await.unwrap();
+    // Wait for its first map before misbehaving.
+    let mut chunk = vec![0u8; 65536];
+    let got_map = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the first map");
+            chan.push_wire(&chunk[..n]).unwrap();
+            while let Some(f) = chan.next_frame().unwrap() {
+                if let ServerMsg::MapFull(m) = serde_json::from_slice(&f).unwrap() {
+                    return m;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a first map");
+    assert_eq!(got_map.self_node.name, "rogue");
     a.wait_for("rogue online", |m| m.peer_by_name("rogue").is_some_and(|p| p.online)).await;
     let mut hdr = vec![tailgate::control::PROTOCOL_VERSION];
     hdr.extend_from_slice(&(1u32 << 20).to_be_bytes());
     let mut wire = Vec::new();
     chan.seal_raw(&hdr, &mut wire).unwrap();
     raw.write_all(&wire).await.unwrap();
-    let msgs = read_until_closed(&mut raw, &mut chan).await;
-    assert!(msgs.iter().any(|m| matches!(m, ServerMsg::MapFull(_))), "it had logged in: {msgs:?}");
-    let (_, msg) = error_of(&msgs);
+    let (_, msg) = error_of(&read_until_closed(&mut raw, &mut chan).await);
     assert!(msg.contains("exceeds"), "{msg}");
     a.wait_for("rogue offline", |m| m.peer_by_name("rogue").is_some_and(|p| !p.online)).await;
 

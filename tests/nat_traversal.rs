@@ -1,0 +1,187 @@
+//! NAT traversal and relay fallback in a namespace lab:
+//!
+//!   ctl (10.50.0.1, control + relay + STUN) ── "internet" bridge ──┬── ra (10.50.0.2) ── na 192.168.1.2 "vps"
+//!                                                                  └── rb (10.50.0.3) ── nb 192.168.2.2 "laptop"
+//!
+//! ra and rb are routers doing nftables masquerade (endpoint-independent
+//! mapping, like a home router); rb can also drop UDP or use a symmetric NAT.
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+const POLICY: &str = r#"
+[tag_owners]
+"tag:prod" = ["alice"]
+
+[[ssh]]
+src = ["alice"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[tests]]
+src = "alice"
+dst = "tag:prod"
+accept = ["root"]
+"#;
+
+struct Lab {
+    ctl: Netns,
+    _ra: Netns,
+    rb: Netns,
+    na: Netns,
+    nb: Netns,
+    _hub: Netns,
+    dir: tempfile::TempDir,
+}
+
+fn router(r: &Netns, node: &Netns, lan: &str) {
+    let (ri, ni) = (unique("rl"), unique("nl"));
+    must(&format!("ip link add {ri} type veth peer name {ni}"));
+    must(&format!("ip link set {ri} netns {} && ip link set {ni} netns {}", r.name, node.name));
+    r.exec(&format!("ip addr add {lan}.1/24 dev {ri} && ip link set {ri} up && sysctl -qw net.ipv4.ip_forward=1"));
+    node.exec(&format!("ip addr add {lan}.2/24 dev {ni} && ip link set {ni} up && ip route add default via {lan}.1"));
+    // An endpoint-independent NAT ("full cone"): masquerade everything
+    // leaving toward the internet, keeping the node's port, and let anyone
+    // reach that mapping. (Plain Linux masquerade filters by remote endpoint
+    // and, when a peer's probe lands before our own first packet, moves the
+    // mapping to another port: an endpoint-dependent NAT, which case 6 covers.)
+    r.exec(&format!(
+        "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
+         nft 'add chain ip nat pre {{ type nat hook prerouting priority -100; }}' && \
+         nft add rule ip nat post oifname != {ri} masquerade persistent && \
+         nft add rule ip nat pre iifname != {ri} udp dport 41641 dnat to {lan}.2:41641 && \
+         nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'"
+    ));
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let ctl = Netns::new("ntc");
+        let ra = Netns::new("nra");
+        let rb = Netns::new("nrb");
+        let na = Netns::new("nna");
+        let nb = Netns::new("nnb");
+        let hub = lan(&[&ctl, &ra, &rb], &["10.50.0.1", "10.50.0.2", "10.50.0.3"]);
+        router(&ra, &na, "192.168.1");
+        router(&rb, &nb, "192.168.2");
+        Lab { ctl, _ra: ra, rb, na, nb, _hub: hub, dir: tempdir() }
+    }
+    fn d(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+    fn admin(&self, args: &str) -> String {
+        self.ctl.exec(&format!("{TAILGATE} control --state-dir {}/ctl {args}", self.d()))
+    }
+    fn node(&self, ns: &Netns, name: &str, key: Option<&str>, n: u32) -> Proc {
+        let key = key.map(|k| format!("--authkey {k}")).unwrap_or_default();
+        let mut p = ns.spawn(
+            &format!("env RUST_LOG=tailgate=debug,russh=info,boringtun=info {TAILGATE} up {key} --state-dir {}/{name} --hostname {name} --listen-port 41641", self.d()),
+            &self.dir.path().join(format!("{name}{n}.log")),
+        );
+        p.wait_log("tailgate: up at", 20);
+        p
+    }
+    fn path_of_vps(&self) -> String {
+        let (_, out, _) = self.nb.run(&format!("{TAILGATE} status --json --state-dir {}/laptop", self.d()), 10);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["peers"].get(0).and_then(|p| p["path"].as_str().map(str::to_string)))
+            .unwrap_or_default()
+    }
+    fn ssh(&self, cmd: &str, secs: u64) -> (i32, String, String) {
+        self.nb.run(&format!("{TAILGATE} ssh --state-dir {}/laptop root@vps {cmd}", self.d()), secs)
+    }
+    fn block_udp(&self) {
+        // Only TCP leaves this home network: UDP is dropped both ways.
+        self.rb.exec("nft add rule ip filter forwarding meta l4proto udp drop");
+    }
+    fn unblock_udp(&self) {
+        self.rb.exec("nft flush chain ip filter forwarding");
+    }
+}
+
+#[test]
+fn direct_when_possible_relay_when_not() {
+    if !require(&["nft", "ssh"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let d = lab.d();
+    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    let mut ctl = lab.ctl.spawn(
+        &format!("{TAILGATE} control --state-dir {d}/ctl --listen 10.50.0.1:8443 --policy {d}/policy.toml"),
+        &lab.dir.path().join("ctl.log"),
+    );
+    ctl.wait_log("listening on", 15);
+    lab.admin("users add alice");
+    let vps_key = lab.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
+    let laptop_key = lab.admin("keys create --user alice --reusable").lines().last().unwrap().trim().to_string();
+
+    // 1. Both behind endpoint-independent NATs: a direct path within seconds.
+    let vps = lab.node(&lab.na, "vps", Some(&vps_key), 1);
+    let mut laptop = lab.node(&lab.nb, "laptop", Some(&laptop_key), 1);
+    assert!(
+        eventually(20, || lab.path_of_vps().starts_with("direct 10.50.0.2:")),
+        "expected a direct path through both NATs, got {:?}\nlaptop:\n{}\nvps:\n{}",
+        lab.path_of_vps(),
+        laptop.log_text(),
+        vps.log_text()
+    );
+    let (code, out, err) = lab.ssh("echo direct-ok", 20);
+    assert_eq!((code, out.trim()), (0, "direct-ok"), "{err}");
+
+    // 2. UDP blocked at the laptop's router: the relay over the control port carries SSH.
+    laptop.kill();
+    lab.block_udp();
+    let mut laptop = lab.node(&lab.nb, "laptop", None, 2);
+    let (code, out, err) = lab.ssh("echo relay-ok", 30);
+    assert_eq!((code, out.trim()), (0, "relay-ok"), "ssh over the relay: {err}\n{}", laptop.log_text());
+    assert_eq!(lab.path_of_vps(), "relay");
+
+    // 3. The relay connection is cut: the node reconnects on its own.
+    lab.nb.exec("ss -K dst 10.50.0.1 dport = 8443 >/dev/null");
+    let mut r = (0, String::new(), String::new());
+    assert!(
+        eventually(30, || {
+            r = lab.ssh("echo relay-again", 15);
+            r.0 == 0
+        }),
+        "after cutting the relay connection: {r:?}"
+    );
+
+    // 4. UDP unblocked during an open session: upgrade to direct, session survives.
+    let session = lab.nb.spawn(
+        &format!("{TAILGATE} ssh --state-dir {d}/laptop root@vps 'sleep 10; echo survived'"),
+        &lab.dir.path().join("session.log"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    lab.unblock_udp();
+    assert!(
+        eventually(20, || lab.path_of_vps().starts_with("direct")),
+        "no upgrade to direct after UDP came back: {:?}",
+        lab.path_of_vps()
+    );
+    let mut session = session;
+    session.wait_log("survived", 20);
+
+    // 5. Forged probes (right magic, wrong keys) are ignored.
+    lab.rb.exec("for i in $(seq 50); do head -c 120 /dev/urandom | sed '1s/^/TGDSC\\x01/' | socat -u - UDP:10.50.0.2:41641; done 2>/dev/null; true");
+    let (code, out, _) = lab.ssh("echo still-ok", 20);
+    assert_eq!((code, out.trim()), (0, "still-ok"));
+
+    // 6. The laptop behind a symmetric NAT (a new port per destination):
+    // SSH still works, over whichever path is possible, and status says which.
+    laptop.kill();
+    lab.rb.exec("nft flush chain ip nat post && nft flush chain ip nat pre");
+    let lan_if = lab.rb.exec("ip -o addr show | awk '/192.168.2.1/ {print $2}'").trim().to_string();
+    lab.rb.exec(&format!("nft add rule ip nat post oifname != {lan_if} masquerade fully-random"));
+    let _laptop = lab.node(&lab.nb, "laptop", None, 3);
+    let (code, out, err) = lab.ssh("echo symmetric-ok", 30);
+    assert_eq!((code, out.trim()), (0, "symmetric-ok"), "{err}");
+    let path = lab.path_of_vps();
+    assert!(path == "relay" || path.starts_with("direct"), "status names the path: {path:?}");
+    eprintln!("symmetric NAT: path = {path}");
+}
