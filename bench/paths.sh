@@ -43,10 +43,12 @@ VK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --tag tag:benc
 LK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
 ip netns exec $V iperf3 -s -D -B 127.0.0.1 -p 5201
 (ip netns exec $V $BIN up --authkey $VK --state-dir $D/vps --hostname vps --forward 5201=127.0.0.1:5201 > $D/vps.log 2>&1 &)
-sleep 1
+for i in $(seq 50); do ip netns exec $V $BIN status --state-dir $D/vps >/dev/null 2>&1 && break; sleep 0.1; done
 VIP=$(ip netns exec $V $BIN status --json --state-dir $D/vps | python3 -c 'import json,sys; print(json.load(sys.stdin)["addresses"][0])')
 (ip netns exec $L $BIN up --authkey $LK --state-dir $D/laptop --hostname laptop --no-ssh --local-forward 127.0.0.1:15201=$VIP:5201 > $D/laptop.log 2>&1 &)
-path() { ip netns exec $L $BIN status --json --state-dir $D/laptop | python3 -c 'import json,sys; print(json.load(sys.stdin)["peers"][0]["path"])'; }
+path() { ip netns exec $L $BIN status --json --state-dir $D/laptop 2>/dev/null | python3 -c 'import json,sys
+try: print(json.load(sys.stdin)["peers"][0]["path"])
+except Exception: print("none")'; }
 wait_path() { for i in $(seq 200); do p=$(path); case "$p" in $1*) return 0;; esac; sleep 0.1; done; echo "path stayed $p" >&2; return 1; }
 ttfb() { # mean ms of 20 connect + SSH banner through the daemon
   local t0 t1; t0=$(now)
