@@ -31,6 +31,7 @@ pub const CONTROL_FILE: &str = "control.json";
 pub const NETMAP_CACHE_FILE: &str = "netmap.json";
 pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
 
+const LOCAL_ADDRESS_POLL: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -373,12 +374,23 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
     let mut public = applier.node.public_endpoint();
     // STUN may have answered before we subscribed: look at the value once.
     public.mark_changed();
+    let mut local_check = tokio::time::interval(LOCAL_ADDRESS_POLL);
+    local_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Some(mut c) = client.take() {
             backoff = BACKOFF_MIN;
             loop {
                 let update = tokio::select! {
                     u = c.next_update() => u,
+                    // A new local address (Wi-Fi to Ethernet, DHCP) is a network
+                    // change too; interfaces have no cheap portable event, so look.
+                    _ = local_check.tick() => {
+                        let eps = my_endpoints(&applier.node, *public.borrow());
+                        if eps != hello.endpoints {
+                            public.mark_changed();
+                        }
+                        continue;
+                    }
                     changed = public.changed() => {
                         if changed.is_ok() {
                             let eps = my_endpoints(&applier.node, *public.borrow());
