@@ -62,7 +62,12 @@ struct CachedMap {
 
 impl From<&NetMap> for CachedMap {
     fn from(m: &NetMap) -> Self {
-        CachedMap { self_node: m.self_node.clone(), domain: m.domain.clone(), peers: m.peers.values().cloned().collect(), policy: m.policy.clone() }
+        CachedMap {
+            self_node: m.self_node.clone(),
+            domain: m.domain.clone(),
+            peers: m.peers.values().cloned().collect(),
+            policy: m.policy.clone(),
+        }
     }
 }
 
@@ -138,7 +143,14 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(node: Arc<Node>, resolver: TableResolver, policy: Option<PolicyHandle>, daemon: Daemon, state_dir: PathBuf, ssh_host_key: Option<String>) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        resolver: TableResolver,
+        policy: Option<PolicyHandle>,
+        daemon: Daemon,
+        state_dir: PathBuf,
+        ssh_host_key: Option<String>,
+    ) -> Self {
         Applier { node, resolver, policy, daemon, state_dir, ssh_host_key, current: None }
     }
 
@@ -175,7 +187,9 @@ impl Applier {
                         tracing::info!(version = map.policy.version, "policy in force");
                         handle.replace(p);
                     }
-                    Err(e) => tracing::error!("policy version {} from control does not parse; keeping the previous one: {e}", map.policy.version),
+                    Err(e) => {
+                        tracing::error!("policy version {} from control does not parse; keeping the previous one: {e}", map.policy.version)
+                    }
                 }
             }
         }
@@ -206,7 +220,14 @@ impl Applier {
 }
 
 fn entry_of(name: &str, ips: &[IpAddr], key: &Key, user: &Option<String>, tags: &[String], host_key: Option<String>) -> Entry {
-    Entry { name: name.to_string(), ips: ips.to_vec(), node_key: wg::key_to_base64(key), user: user.clone(), tags: tags.to_vec(), ssh_host_key: host_key }
+    Entry {
+        name: name.to_string(),
+        ips: ips.to_vec(),
+        node_key: wg::key_to_base64(key),
+        user: user.clone(),
+        tags: tags.to_vec(),
+        ssh_host_key: host_key,
+    }
 }
 
 pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
@@ -236,7 +257,13 @@ pub fn write_known_hosts(state_dir: &Path, dir: &Directory) -> Result<()> {
 }
 
 fn placeholder_identity(key: &Key) -> Identity {
-    Identity { node_key: wg::key_to_base64(&wg::public_key_of(key)), node_name: "unjoined".into(), user: None, tags: vec![], ip: IpAddr::from([0, 0, 0, 0]) }
+    Identity {
+        node_key: wg::key_to_base64(&wg::public_key_of(key)),
+        node_name: "unjoined".into(),
+        user: None,
+        tags: vec![],
+        ip: IpAddr::from([0, 0, 0, 0]),
+    }
 }
 
 pub struct AgentOptions {

@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::{self, QuickConfig};
 use crate::directory::{Directory, Entry};
 use crate::identity::{Identity, IdentityResolver, TableResolver};
-use crate::{forward, localapi};
 use crate::node::{Node, NodeConfig};
 use crate::wg;
+use crate::{forward, localapi};
 
 #[derive(Parser)]
 #[command(name = "tailgate", version, about = "Userspace WireGuard mesh node with an identity-aware SSH server")]
@@ -388,7 +388,11 @@ fn format_status(st: &serde_json::Value) -> String {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     let who = |v: &serde_json::Value| match v["user"].as_str() {
         Some(u) => u.to_string(),
-        None => v["tags"].as_array().map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).filter(|t| !t.is_empty()).unwrap_or_else(|| "-".into()),
+        None => v["tags"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "-".into()),
     };
     let first_ip = |v: &serde_json::Value| v["ips"].get(0).and_then(|x| x.as_str()).unwrap_or("-").to_string();
     let mut out = String::new();
@@ -397,7 +401,11 @@ fn format_status(st: &serde_json::Value) -> String {
     if let Some(c) = st.get("control") {
         let _ = writeln!(out, "control: {}", c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()));
     }
-    let _ = writeln!(out, "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}", "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX");
+    let _ = writeln!(
+        out,
+        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}",
+        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX"
+    );
     for p in st["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
         let _ = writeln!(

@@ -50,8 +50,7 @@ enum Section {
 }
 
 /// Keys valid in wg-quick files that have no meaning for a userspace node.
-const IGNORED_INTERFACE_KEYS: &[&str] =
-    &["dns", "mtu", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"];
+const IGNORED_INTERFACE_KEYS: &[&str] = &["dns", "mtu", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"];
 
 pub fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
     let file = path.display().to_string();
@@ -113,7 +112,10 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
                     }
                 }
                 ("tailgate-user", _) => {
-                    return Err(err(line_no, "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)".into()));
+                    return Err(err(
+                        line_no,
+                        "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)".into(),
+                    ));
                 }
                 _ => {
                     return Err(err(line_no, format!("unknown directive {k:?}; known: tailgate-user, tailgate-tags, tailgate-name")));
@@ -150,7 +152,10 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
             }
             Section::Interface => match key_lc.as_str() {
                 "privatekey" => {
-                    private_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?)
+                    private_key = Some(
+                        key_from_base64(value)
+                            .map_err(|e| err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?,
+                    )
                 }
                 "address" => {
                     for a in split_list(value) {
@@ -158,7 +163,9 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
                     }
                 }
                 "listenport" => {
-                    listen_port = Some(value.parse::<u16>().map_err(|_| err(line_no, format!("ListenPort {value:?} is not a port number (0-65535)")))?)
+                    listen_port = Some(
+                        value.parse::<u16>().map_err(|_| err(line_no, format!("ListenPort {value:?} is not a port number (0-65535)")))?,
+                    )
                 }
                 k if IGNORED_INTERFACE_KEYS.contains(&k) => {
                     warnings.push(format!("{file}:{line_no}: {} is ignored: tailgate has no kernel interface", key.trim()));
@@ -168,11 +175,12 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
             Section::Peer => {
                 let p = &mut peers.last_mut().expect("in a peer section").1;
                 match key_lc.as_str() {
-                    "publickey" => {
-                        p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey: {e}")))?)
-                    }
+                    "publickey" => p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey: {e}")))?),
                     "presharedkey" => {
-                        p.preshared_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?)
+                        p.preshared_key = Some(
+                            key_from_base64(value)
+                                .map_err(|e| err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?,
+                        )
                     }
                     "allowedips" => {
                         for a in split_list(value) {
@@ -184,7 +192,11 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
                         p.keepalive = if value.eq_ignore_ascii_case("off") {
                             None
                         } else {
-                            Some(value.parse::<u16>().map_err(|_| err(line_no, format!("PersistentKeepalive {value:?} must be seconds (1-65535) or off")))?)
+                            Some(
+                                value
+                                    .parse::<u16>()
+                                    .map_err(|_| err(line_no, format!("PersistentKeepalive {value:?} must be seconds (1-65535) or off")))?,
+                            )
                         }
                         .filter(|s| *s > 0)
                     }
@@ -197,7 +209,8 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
     if !saw_interface {
         return Err(err(1, "no [Interface] section; a config needs one with PrivateKey and Address".into()));
     }
-    let private_key = private_key.ok_or_else(|| err(1, "[Interface] has no PrivateKey; add `PrivateKey = <output of wg genkey>`".into()))?;
+    let private_key =
+        private_key.ok_or_else(|| err(1, "[Interface] has no PrivateKey; add `PrivateKey = <output of wg genkey>`".into()))?;
     if addresses.is_empty() {
         return Err(err(1, "[Interface] has no Address; add e.g. `Address = 100.64.0.1/32`".into()));
     }
@@ -253,7 +266,9 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
 fn parse_tags(v: &str) -> Result<Vec<String>, String> {
     split_list(v)
         .map(|t| {
-            let ok = t.strip_prefix("tag:").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+            let ok = t
+                .strip_prefix("tag:")
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
             if ok { Ok(t.to_string()) } else { Err(format!("tag {t:?} must look like tag:name (letters, digits, '-', '_')")) }
         })
         .collect()

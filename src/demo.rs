@@ -66,9 +66,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let control = ControlServer::start(opts).await.context("starting the control server")?;
     let admin = |req| control.admin(req);
     let _ = admin(AdminRequest::UsersAdd { name: "demo".into() }).await;
-    let key = admin(AdminRequest::KeysCreate { user: Some("demo".into()), reusable: true, ephemeral: false, expiry_secs: Some(3600), tags: vec![] })
-        .await
-        .map_err(|e| anyhow::anyhow!("creating an auth key: {e}"))?;
+    let key = admin(AdminRequest::KeysCreate {
+        user: Some("demo".into()),
+        reusable: true,
+        ephemeral: false,
+        expiry_secs: Some(3600),
+        tags: vec![],
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating an auth key: {e}"))?;
     let token = key["token"].as_str().context("auth key answer without a token")?.to_string();
 
     let vps = agent::start(AgentOptions {
@@ -94,7 +100,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let laptop_dir = dir.join("laptop");
     println!("tailgate demo is running (state in {})", dir.display());
     println!("  control server  {}", control.url());
-    println!("  vps             {} (SSH on its tailnet address only)", vps.node.addresses().first().map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "  vps             {} (SSH on its tailnet address only)",
+        vps.node.addresses().first().map(|a| a.to_string()).unwrap_or_default()
+    );
     println!("  laptop          {}", laptop.node.addresses().first().map(|a| a.to_string()).unwrap_or_default());
     println!();
     println!("In another terminal, try:");

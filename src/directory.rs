@@ -32,7 +32,11 @@ pub enum ResolveError {
 }
 
 fn suggestions(close: &[String]) -> String {
-    if close.is_empty() { "; `tailgate status` lists the nodes you can reach".into() } else { format!("; did you mean {}?", close.join(", ")) }
+    if close.is_empty() {
+        "; `tailgate status` lists the nodes you can reach".into()
+    } else {
+        format!("; did you mean {}?", close.join(", "))
+    }
 }
 
 impl Directory {

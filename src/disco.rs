@@ -247,9 +247,7 @@ pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> 
     let key = box_key(our_private, &sender, &sender, &ours)?;
     let aad = &datagram[..MAGIC.len() + KEY_LEN];
     let nonce = XNonce::from_slice(&datagram[MAGIC.len() + KEY_LEN..HEADER_LEN]);
-    let plain = XChaCha20Poly1305::new((&key).into())
-        .decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad })
-        .ok()?;
+    let plain = XChaCha20Poly1305::new((&key).into()).decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad }).ok()?;
     Some((sender, Message::decode(&plain)?))
 }
 

@@ -12,9 +12,7 @@ use anyhow::{Context, Result, bail};
 use crate::node::Node;
 
 pub fn parse_forward(s: &str) -> Result<(u16, String)> {
-    let (port, target) = s
-        .split_once('=')
-        .with_context(|| format!("--forward {s:?}: expected PORT=HOST:PORT, e.g. 8080=127.0.0.1:80"))?;
+    let (port, target) = s.split_once('=').with_context(|| format!("--forward {s:?}: expected PORT=HOST:PORT, e.g. 8080=127.0.0.1:80"))?;
     let port = port.parse::<u16>().with_context(|| format!("--forward {s:?}: {port:?} is not a port"))?;
     if !target.contains(':') {
         bail!("--forward {s:?}: the target needs a port, e.g. {target}:80");
@@ -23,9 +21,8 @@ pub fn parse_forward(s: &str) -> Result<(u16, String)> {
 }
 
 pub fn parse_local_forward(s: &str) -> Result<(SocketAddr, SocketAddr)> {
-    let (local, remote) = s
-        .split_once('=')
-        .with_context(|| format!("--local-forward {s:?}: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:2222=100.64.0.2:22"))?;
+    let (local, remote) =
+        s.split_once('=').with_context(|| format!("--local-forward {s:?}: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:2222=100.64.0.2:22"))?;
     let local = local.parse().with_context(|| format!("--local-forward {s:?}: {local:?} is not IP:PORT"))?;
     let remote = remote.parse().with_context(|| format!("--local-forward {s:?}: {remote:?} is not a tailnet IP:PORT"))?;
     Ok((local, remote))

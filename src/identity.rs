@@ -60,9 +60,7 @@ struct Table {
 
 impl TableResolver {
     pub fn new(me: Identity, peers: impl IntoIterator<Item = ([u8; 32], Identity)>) -> Self {
-        TableResolver {
-            inner: Arc::new(RwLock::new(Table { me, peers: peers.into_iter().collect() })),
-        }
+        TableResolver { inner: Arc::new(RwLock::new(Table { me, peers: peers.into_iter().collect() })) }
     }
 
     /// Replace the whole table (a new netmap).

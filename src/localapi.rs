@@ -26,7 +26,10 @@ pub enum Request {
     Status,
     /// The name directory (peers, addresses, SSH host keys).
     Directory,
-    Connect { host: String, port: u16 },
+    Connect {
+        host: String,
+        port: u16,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

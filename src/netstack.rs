@@ -154,10 +154,7 @@ impl Stack {
     }
 
     fn new_socket() -> tcp::Socket<'static> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-        );
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]), tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]));
         s.set_nagle_enabled(false);
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(IDLE_TIMEOUT.as_secs())));
         s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(KEEPALIVE.as_secs())));
@@ -224,11 +221,7 @@ impl Stack {
         if let Some(port) = syn_dst_port(packet) {
             if let Some(l) = self.listeners.get_mut(&port) {
                 l.syns_in_batch += 1;
-                let listening = l
-                    .sockets
-                    .iter()
-                    .filter(|h| self.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen)
-                    .count();
+                let listening = l.sockets.iter().filter(|h| self.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen).count();
                 if listening < l.syns_in_batch && l.sockets.len() < MAX_PENDING_PER_PORT {
                     let mut s = Self::new_socket();
                     if s.listen(port).is_ok() {
@@ -463,10 +456,7 @@ impl TcpStream {
                     s.register_send_waker(cx.waker());
                     Poll::Pending
                 }
-                _ => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("{} refused the connection", self.remote),
-                ))),
+                _ => Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("{} refused the connection", self.remote)))),
             }
         })
         .await
@@ -567,10 +557,7 @@ pub struct TcpListener {
 
 impl TcpListener {
     pub async fn accept(&mut self) -> io::Result<TcpStream> {
-        self.rx
-            .recv()
-            .await
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the node has shut down"))
+        self.rx.recv().await.ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the node has shut down"))
     }
 
     pub fn port(&self) -> u16 {

@@ -207,7 +207,10 @@ impl Node {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("connecting to {remote} timed out after {}s (is the peer up and its handshake working?)", CONNECT_TIMEOUT.as_secs()),
+                format!(
+                    "connecting to {remote} timed out after {}s (is the peer up and its handshake working?)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
             )),
         }
     }
@@ -478,15 +481,7 @@ fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, sender: Key, msg: disco::Me
 
 /// Classify and handle one datagram from the UDP socket or the relay.
 #[allow(clippy::too_many_arguments)]
-fn on_datagram(
-    wg: &mut Wg,
-    stack: &mut Stack,
-    paths: &mut Paths,
-    out: &mut Sender<'_>,
-    from: SocketAddr,
-    data: &[u8],
-    now: Instant,
-) {
+fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Sender<'_>, from: SocketAddr, data: &[u8], now: Instant) {
     match disco::classify(data) {
         disco::DatagramKind::Disco => {
             if !paths.enabled {

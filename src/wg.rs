@@ -195,7 +195,11 @@ impl Wg {
                     self.routes.insert(*n, id);
                 }
                 let other_key = self.peers[other].as_ref().map(|p| p.config.public_key).unwrap_or_default();
-                return Err(WgError::DuplicateAllowedIp { net: *net, peer: key_to_base64(&config.public_key), other: key_to_base64(&other_key) });
+                return Err(WgError::DuplicateAllowedIp {
+                    net: *net,
+                    peer: key_to_base64(&config.public_key),
+                    other: key_to_base64(&other_key),
+                });
             }
         }
         for net in &config.allowed_ips {
@@ -459,9 +463,7 @@ pub enum KeyError {
 
 pub fn key_from_base64(s: &str) -> Result<Key, KeyError> {
     use base64::Engine;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .map_err(|e| KeyError::Base64(e.to_string()))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| KeyError::Base64(e.to_string()))?;
     bytes.as_slice().try_into().map_err(|_| KeyError::Length(bytes.len()))
 }
 
@@ -599,9 +601,11 @@ mod tests {
         let (mut a, mut b, ea, eb) = pair();
         let pkt = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"hello");
         let mut sent = vec![];
-        a.send_ip(&pkt, &mut |o| if let Output::Network { to, data, .. } = o {
-            assert_eq!(to, Some(eb));
-            sent.push(data.to_vec())
+        a.send_ip(&pkt, &mut |o| {
+            if let Output::Network { to, data, .. } = o {
+                assert_eq!(to, Some(eb));
+                sent.push(data.to_vec())
+            }
         });
         assert_eq!(sent.len(), 1, "handshake initiation");
         let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
@@ -616,11 +620,19 @@ mod tests {
         let (mut a, mut b, ea, eb) = pair();
         let good = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"x");
         let mut sent = vec![];
-        a.send_ip(&good, &mut |o| if let Output::Network { data, .. } = o { sent.push(data.to_vec()) });
+        a.send_ip(&good, &mut |o| {
+            if let Output::Network { data, .. } = o {
+                sent.push(data.to_vec())
+            }
+        });
         run(&mut a, &mut b, ea, eb, sent);
         let spoof = ipv4([100, 64, 0, 99], [100, 64, 0, 2], b"evil");
         let mut sent = vec![];
-        a.send_ip(&spoof, &mut |o| if let Output::Network { data, .. } = o { sent.push(data.to_vec()) });
+        a.send_ip(&spoof, &mut |o| {
+            if let Output::Network { data, .. } = o {
+                sent.push(data.to_vec())
+            }
+        });
         let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
         assert!(got_b.is_empty());
         assert_eq!(b.peer_stats(0).unwrap().spoofed, 1);

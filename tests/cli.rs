@@ -11,7 +11,10 @@ fn bad_wg_config_is_refused_with_file_and_line() {
         ("[Interface]\nPrivateKey = not-base64!\nAddress = 100.64.0.1/32\n", ":2: PrivateKey: not valid base64"),
         ("[Interface]\nPrivateKey = AAAA\n", ":2: PrivateKey: decodes to 3 bytes"),
         ("[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n", ":1: no [Interface] section"),
-        ("[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nAddress = 100.64.0.1/33\n", ":3: Address \"100.64.0.1/33\" is not an address or CIDR"),
+        (
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nAddress = 100.64.0.1/33\n",
+            ":3: Address \"100.64.0.1/33\" is not an address or CIDR",
+        ),
     ];
     for (i, (body, want)) in cases.iter().enumerate() {
         let f = format!("{d}/bad{i}.conf");
@@ -34,7 +37,8 @@ fn bad_forward_and_policy_arguments_explain_themselves() {
     let (code, _, err) = run_timeout(&format!("{TAILGATE} up --wg-config {conf} --forward 8080 --state-dir {d}/s"), 10);
     assert_ne!(code, 0);
     assert!(err.contains("expected PORT=HOST:PORT"), "{err}");
-    std::fs::write(format!("{d}/p.toml"), "[[ssh]]\nsrc = [\"group:nope\"]\ndst = [\"*\"]\nusers = [\"root\"]\naction = \"accept\"\n").unwrap();
+    std::fs::write(format!("{d}/p.toml"), "[[ssh]]\nsrc = [\"group:nope\"]\ndst = [\"*\"]\nusers = [\"root\"]\naction = \"accept\"\n")
+        .unwrap();
     let (code, _, err) = run_timeout(&format!("{TAILGATE} up --wg-config {conf} --policy {d}/p.toml --state-dir {d}/s"), 10);
     assert_ne!(code, 0);
     assert!(err.contains("p.toml:2:") && err.contains("group:nope"), "{err}");

@@ -41,7 +41,13 @@ async fn admin_socket_changes_reach_connected_nodes() {
     assert!(e.to_string().contains("already exists"), "{e}");
     let v = cli(
         &dir,
-        AdminRequest::KeysCreate { user: Some("alice@example.com".into()), reusable: true, ephemeral: false, expiry_secs: Some(3600), tags: vec![] },
+        AdminRequest::KeysCreate {
+            user: Some("alice@example.com".into()),
+            reusable: true,
+            ephemeral: false,
+            expiry_secs: Some(3600),
+            tags: vec![],
+        },
     )
     .await
     .unwrap();
@@ -94,9 +100,12 @@ async fn without_a_server_admin_commands_use_the_database() {
     s.shutdown().await;
 
     cli(&dir, AdminRequest::UsersAdd { name: "bob".into() }).await.unwrap();
-    let v = cli(&dir, AdminRequest::KeysCreate { user: Some("bob".into()), reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] })
-        .await
-        .unwrap();
+    let v = cli(
+        &dir,
+        AdminRequest::KeysCreate { user: Some("bob".into()), reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] },
+    )
+    .await
+    .unwrap();
     let token = AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap();
     assert_eq!((token.url.as_str(), token.server_public), (url.as_str(), public), "token made offline points at the server");
     let e = cli(&dir, AdminRequest::PolicySet { text: "nonsense = [".into(), name: "x.toml".into() }).await.unwrap_err();

@@ -116,10 +116,7 @@ async fn a_policy_change_reaches_every_node_as_a_delta() {
     b.wait_for("prod1 gone from bob's map", |m| m.peers.is_empty()).await;
 
     // A bad policy is refused with the reason; the good one stays.
-    let e = s
-        .admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() })
-        .await
-        .unwrap_err();
+    let e = s.admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() }).await.unwrap_err();
     assert!(e.contains("bad.toml:") && e.contains("stays in force"), "{e}");
     let pol = admin(&s, AdminRequest::PolicyGet).await;
     assert_eq!(pol["text"].as_str().unwrap(), POLICY_V1);

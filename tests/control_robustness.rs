@@ -310,10 +310,7 @@ async fn restart_keeps_state_and_nodes_reconnect_on_their_own() {
     let s2 = ControlServer::start(opts).await.expect("restart on the same port");
     assert_eq!(s2.public_key(), public, "the server key persists");
 
-    let after = wait_map(&mut a, "alice back with both peers online", |m| {
-        m.peers.len() == 2 && m.peers.values().all(|p| p.online)
-    })
-    .await;
+    let after = wait_map(&mut a, "alice back with both peers online", |m| m.peers.len() == 2 && m.peers.values().all(|p| p.online)).await;
     assert_eq!(after.self_node.name, before.self_node.name);
     assert_eq!(after.self_node.ips, before.self_node.ips);
     assert_eq!(after.policy.version, policy_version, "policy persisted, same version");

@@ -18,7 +18,6 @@
 //! time for the policy change to reach every node (p50/p99/max), a single
 //! node change fanned out to its viewers, bytes of full maps vs deltas.
 
-
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -115,11 +114,7 @@ impl Drop for ServerChild {
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 async fn admin(dir: &Path, req: AdminRequest) -> serde_json::Value {
@@ -207,7 +202,13 @@ async fn control_scale_bench() {
     }
     let v = admin(
         &dir,
-        AdminRequest::KeysCreate { user: Some("u0".into()), reusable: true, ephemeral: false, expiry_secs: None, tags: vec!["tag:prod".into()] },
+        AdminRequest::KeysCreate {
+            user: Some("u0".into()),
+            reusable: true,
+            ephemeral: false,
+            expiry_secs: None,
+            tags: vec!["tag:prod".into()],
+        },
     )
     .await;
     let prod_secret = AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret;
@@ -358,7 +359,9 @@ async fn control_scale_bench() {
         full_now[category(i)].push(size);
         peers_now[category(i)].push(peers);
     }
-    println!("  policy change (admin command -> every node has it): max {max:.2?}, p50 {p50:.2?}, p99 {p99:.2?} (admin call returned after {set_done:.2?})");
+    println!(
+        "  policy change (admin command -> every node has it): max {max:.2?}, p50 {p50:.2?}, p99 {p99:.2?} (admin call returned after {set_done:.2?})"
+    );
     println!("  single node change (rename) -> {rename_deltas} deltas to its {viewers} viewers in {rename:.2?}");
     println!("  server RSS: {} MiB after the policy change, peak {} MiB", rss_after / 1024, hwm / 1024);
     println!("  bytes on the wire (JSON + frame + Noise), averages:");

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tailgate::control::hub::AdminRequest;
-use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions};
+use tailgate::control::{
+    AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions,
+};
 use tailgate::wg::{self, Key};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,10 +47,9 @@ deny = ["root"]
 
 /// bob becomes an admin too.
 pub fn policy_v2() -> String {
-    POLICY_V1.replace(r#"["alice"]"#, r#"["alice", "bob"]"#).replace(
-        "src = \"bob\"\ndst = \"tag:prod\"\ndeny = [\"root\"]",
-        "src = \"bob\"\ndst = \"tag:prod\"\naccept = [\"root\"]",
-    )
+    POLICY_V1
+        .replace(r#"["alice"]"#, r#"["alice", "bob"]"#)
+        .replace("src = \"bob\"\ndst = \"tag:prod\"\ndeny = [\"root\"]", "src = \"bob\"\ndst = \"tag:prod\"\naccept = [\"root\"]")
 }
 
 pub fn options(dir: &Path) -> ServerOptions {

@@ -162,7 +162,13 @@ fn control_vps_laptop_end_to_end() {
     let fake_pub: Vec<&str> = fake_pub.split_whitespace().collect();
     let tampered: String = good
         .lines()
-        .map(|l| if l.starts_with("vps,") { format!("{} {} {}\n", l.split(' ').next().unwrap(), fake_pub[0], fake_pub[1]) } else { format!("{l}\n") })
+        .map(|l| {
+            if l.starts_with("vps,") {
+                format!("{} {} {}\n", l.split(' ').next().unwrap(), fake_pub[0], fake_pub[1])
+            } else {
+                format!("{l}\n")
+            }
+        })
         .collect();
     std::fs::write(&kh, tampered).unwrap();
     let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
@@ -221,10 +227,8 @@ fn control_vps_laptop_end_to_end() {
     assert_eq!((code, out.trim()), (0, "oneshot"), "one-shot nc: {err}");
 
     // Removing alice cuts her node off: the vps drops the peer from its map.
-    let mut laptop_proc = w.laptop.spawn(
-        &format!("{TAILGATE} up --state-dir {d}/laptop --hostname laptop --no-ssh"),
-        &w.dir.path().join("laptop2.log"),
-    );
+    let mut laptop_proc =
+        w.laptop.spawn(&format!("{TAILGATE} up --state-dir {d}/laptop --hostname laptop --no-ssh"), &w.dir.path().join("laptop2.log"));
     laptop_proc.wait_log("tailgate: up at", 15);
     let vps_sees_laptop = || w.vps.run(&format!("{TAILGATE} status --state-dir {d}/vps"), 10).1.contains("laptop");
     assert!(eventually(10, vps_sees_laptop), "vps lists laptop before removal");

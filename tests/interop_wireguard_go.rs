@@ -87,16 +87,11 @@ fn wireguard_go_interop() {
     let d = lab.dir.path().display().to_string();
     must(&format!("head -c 3000000 /dev/urandom > {d}/blob"));
     let _echo = lab.t.spawn("socat TCP-LISTEN:9000,bind=127.0.0.1,fork,reuseaddr EXEC:cat", &lab.dir.path().join("echo.log"));
-    let _ksrv = lab.k.spawn(
-        "socat TCP-LISTEN:9100,bind=100.64.0.1,fork,reuseaddr SYSTEM:'echo kernel-says-hi; cat'",
-        &lab.dir.path().join("ksrv.log"),
-    );
+    let _ksrv = lab
+        .k
+        .spawn("socat TCP-LISTEN:9100,bind=100.64.0.1,fork,reuseaddr SYSTEM:'echo kernel-says-hi; cat'", &lab.dir.path().join("ksrv.log"));
     let mut up = start_up(&lab, 1);
-    assert!(
-        up.log_text().contains("DNS is ignored"),
-        "wg-quick keys without meaning are reported:\n{}",
-        up.log_text()
-    );
+    assert!(up.log_text().contains("DNS is ignored"), "wg-quick keys without meaning are reported:\n{}", up.log_text());
 
     // 1. ICMP echo to tailgate's address, answered by the userspace stack.
     assert!(eventually(15, || ping_ok(&lab)), "ping 100.64.0.2 from wireguard-go failed\n{}", up.log_text());
@@ -128,7 +123,10 @@ fn wireguard_go_interop() {
     assert!(err.contains("did you mean kernelbox"), "{err}");
     let (code, out, err) = lab.t.run(&format!("{TAILGATE} status {st}"), 10);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("kernelbox") && out.contains("100.64.0.1") && out.contains("kernel-admin") && out.contains("direct 10.99.0.1:51821"), "{out}");
+    assert!(
+        out.contains("kernelbox") && out.contains("100.64.0.1") && out.contains("kernel-admin") && out.contains("direct 10.99.0.1:51821"),
+        "{out}"
+    );
     let (code, out, _) = lab.t.run(&format!("{TAILGATE} status {st} --json"), 10);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
@@ -138,7 +136,9 @@ fn wireguard_go_interop() {
 
     // 4. Stock OpenSSH over `tailgate nc` as ProxyCommand to a plain sshd.
     if sh("test -x /usr/sbin/sshd").status.success() {
-        must(&format!("ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/userkey && cp {d}/userkey.pub {d}/authorized_keys && mkdir -p /run/sshd"));
+        must(&format!(
+            "ssh-keygen -q -t ed25519 -N '' -f {d}/hostkey && ssh-keygen -q -t ed25519 -N '' -f {d}/userkey && cp {d}/userkey.pub {d}/authorized_keys && mkdir -p /run/sshd"
+        ));
         lab.k.exec(&format!(
             "/usr/sbin/sshd -f /dev/null -h {d}/hostkey -o ListenAddress=100.64.0.1 -o PidFile={d}/sshd.pid -o PermitRootLogin=prohibit-password -o UsePAM=no -o StrictModes=no -o AuthorizedKeysFile={d}/authorized_keys"
         ));

@@ -153,10 +153,9 @@ fn direct_when_possible_relay_when_not() {
     );
 
     // 4. UDP unblocked during an open session: upgrade to direct, session survives.
-    let session = lab.nb.spawn(
-        &format!("{TAILGATE} ssh --state-dir {d}/laptop root@vps 'sleep 10; echo survived'"),
-        &lab.dir.path().join("session.log"),
-    );
+    let session = lab
+        .nb
+        .spawn(&format!("{TAILGATE} ssh --state-dir {d}/laptop root@vps 'sleep 10; echo survived'"), &lab.dir.path().join("session.log"));
     std::thread::sleep(Duration::from_secs(1));
     lab.unblock_udp();
     assert!(
@@ -168,7 +167,9 @@ fn direct_when_possible_relay_when_not() {
     session.wait_log("survived", 20);
 
     // 5. Forged probes (right magic, wrong keys) are ignored.
-    lab.rb.exec("for i in $(seq 50); do head -c 120 /dev/urandom | sed '1s/^/TGDSC\\x01/' | socat -u - UDP:10.50.0.2:41641; done 2>/dev/null; true");
+    lab.rb.exec(
+        "for i in $(seq 50); do head -c 120 /dev/urandom | sed '1s/^/TGDSC\\x01/' | socat -u - UDP:10.50.0.2:41641; done 2>/dev/null; true",
+    );
     let (code, out, _) = lab.ssh("echo still-ok", 20);
     assert_eq!((code, out.trim()), (0, "still-ok"));
 

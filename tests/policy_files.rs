@@ -20,15 +20,9 @@ fn shipped() -> Vec<PathBuf> {
 #[test]
 fn every_shipped_policy_loads_and_passes_its_tests() {
     let files = shipped();
-    let names: Vec<_> = files
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<_> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     for want in ["default.toml", "solo.toml", "team.toml"] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "policies/{want} missing: {names:?}"
-        );
+        assert!(names.iter().any(|n| n == want), "policies/{want} missing: {names:?}");
     }
     for f in &files {
         let p = Policy::load(f).unwrap_or_else(|e| panic!("{} does not load:\n{e}", f.display()));
@@ -37,11 +31,7 @@ fn every_shipped_policy_loads_and_passes_its_tests() {
             failures.is_empty(),
             "{} fails its tests:\n{}",
             f.display(),
-            failures
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
+            failures.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n")
         );
         assert!(p.test_count() > 0, "{} has no [[tests]]", f.display());
         assert_eq!(cli_check(f), 0, "{}", f.display());
@@ -50,10 +40,7 @@ fn every_shipped_policy_loads_and_passes_its_tests() {
 
 #[test]
 fn default_static_is_policies_default_toml() {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.toml"),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.toml")).unwrap();
     assert_eq!(text, tailgate::policy::DEFAULT_POLICY_TOML);
     let p = Policy::default_static();
     assert!(p.run_tests().is_empty());
@@ -80,38 +67,23 @@ fn team_policy_decisions() {
 
     let d = p.check_ssh(&alice, &prod, "root");
     assert_eq!((d.action, d.record), (Action::Accept, true));
-    assert!(
-        d.rule.as_deref().unwrap().starts_with("ssh[1] at "),
-        "{d:?}"
-    );
+    assert!(d.rule.as_deref().unwrap().starts_with("ssh[1] at "), "{d:?}");
     assert!(!p.check_ssh(&alice, &staging, "root").record);
 
     let d = p.check_ssh(&carol, &prod, "carol");
     assert_eq!((d.action, d.record), (Action::Check, true));
     assert_eq!(p.check_ssh(&carol, &staging, "root").action, Action::Reject);
-    assert_eq!(
-        p.check_ssh(&carol, &staging, "carol").max_duration,
-        Some(std::time::Duration::from_secs(8 * 3600))
-    );
+    assert_eq!(p.check_ssh(&carol, &staging, "carol").max_duration, Some(std::time::Duration::from_secs(8 * 3600)));
 
     let d = p.check_ssh(&erin, &staging, "erin");
     assert_eq!((d.action, d.record), (Action::Accept, true));
-    assert_eq!(
-        d.max_duration,
-        Some(std::time::Duration::from_secs(4 * 3600))
-    );
+    assert_eq!(d.max_duration, Some(std::time::Duration::from_secs(4 * 3600)));
     let d = p.check_ssh(&erin, &prod, "erin");
     assert_eq!(d.action, Action::Reject);
-    assert!(
-        d.rule.as_deref().unwrap().starts_with("ssh[0] at "),
-        "{d:?}"
-    );
+    assert!(d.rule.as_deref().unwrap().starts_with("ssh[0] at "), "{d:?}");
 
     let d = p.check_ssh(&ci, &staging, "deploy");
-    assert_eq!(
-        (d.action, d.max_duration),
-        (Action::Accept, Some(std::time::Duration::from_secs(1800)))
-    );
+    assert_eq!((d.action, d.max_duration), (Action::Accept, Some(std::time::Duration::from_secs(1800))));
     assert_eq!(p.check_ssh(&ci, &prod, "deploy").action, Action::Reject);
 }
 
@@ -123,11 +95,7 @@ struct Bad {
 }
 
 const BAD: &[Bad] = &[
-    Bad {
-        name: "syntax.toml",
-        text: "[[ssh]]\nsrc = [\"alice\"\ndst = [\"web1\"]\n",
-        want: &["3:1: missing comma"],
-    },
+    Bad { name: "syntax.toml", text: "[[ssh]]\nsrc = [\"alice\"\ndst = [\"web1\"]\n", want: &["3:1: missing comma"] },
     Bad {
         name: "unknown_key.toml",
         text: "[[ssh]]\nsrc = [\"alice\"]\ndst = [\"web1\"]\nusers = [\"root\"]\naction = \"accept\"\nrecrod = true\n",
@@ -137,10 +105,7 @@ const BAD: &[Bad] = &[
         name: "names.toml",
         text: "[groups]\n\"group:dev\" = [\"alice\", \"group:ops\"]\n\n[tag_owners]\n\"tag:prod\" = [\"group:dev\"]\n\n\
                [[ssh]]\nsrc = [\"group:dev\"]\ndst = [\"tag:prod\", \"tag:staging\"]\nusers = [\"root\"]\naction = \"accept\"\n",
-        want: &[
-            "2:25: unknown group 'group:ops'",
-            "9:20: tag:staging has no entry in [tag_owners]",
-        ],
+        want: &["2:25: unknown group 'group:ops'", "9:20: tag:staging has no entry in [tag_owners]"],
     },
     Bad {
         name: "values.toml",

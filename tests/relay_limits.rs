@@ -158,9 +158,8 @@ async fn a_stalled_node_drops_its_own_traffic_and_blocks_no_one() {
     let gate = Arc::new(Gate::default());
     let tcp = tokio::net::TcpStream::connect(lab.server.addr()).await.unwrap();
     let stream = Pausable { inner: tcp, gate: gate.clone() };
-    let (_tb, mut rb) = RelayClient::connect_stream(stream, lab.server.url(), &lab.server.public_key(), &b, Default::default())
-        .await
-        .expect("b accepted");
+    let (_tb, mut rb) =
+        RelayClient::connect_stream(stream, lab.server.url(), &lab.server.public_key(), &b, Default::default()).await.expect("b accepted");
     let (tc, _rc) = lab.connect(&c).await;
 
     // B stops reading; A floods B until the relay's queue for B overflows.

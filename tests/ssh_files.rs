@@ -27,12 +27,7 @@ action = "accept"
 fn scp(s: &TestServer, legacy: bool) -> Command {
     let mut c = Command::new("scp");
     c.args(["-F", "/dev/null", "-P", &s.port.to_string()]);
-    for o in [
-        "StrictHostKeyChecking=no",
-        "UserKnownHostsFile=/dev/null",
-        "BatchMode=yes",
-        "LogLevel=ERROR",
-    ] {
+    for o in ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR"] {
         c.args(["-o", o]);
     }
     if legacy {
@@ -50,71 +45,27 @@ fn round_trip(legacy: bool) {
     let remote = dir.path().join("remote.bin");
     let back = dir.path().join("back.bin");
 
-    let o = run(
-        scp(&s, legacy)
-            .arg(&src)
-            .arg(format!("root@127.0.0.1:{}", remote.display())),
-        b"",
-        T,
-    );
+    let o = run(scp(&s, legacy).arg(&src).arg(format!("root@127.0.0.1:{}", remote.display())), b"", T);
     assert_eq!(o.code(), 0, "upload: {o:?}");
-    assert!(
-        std::fs::read(&remote).unwrap() == data,
-        "uploaded file differs"
-    );
+    assert!(std::fs::read(&remote).unwrap() == data, "uploaded file differs");
 
-    let o = run(
-        scp(&s, legacy)
-            .arg(format!("root@127.0.0.1:{}", remote.display()))
-            .arg(&back),
-        b"",
-        T,
-    );
+    let o = run(scp(&s, legacy).arg(format!("root@127.0.0.1:{}", remote.display())).arg(&back), b"", T);
     assert_eq!(o.code(), 0, "download: {o:?}");
-    assert!(
-        std::fs::read(&back).unwrap() == data,
-        "downloaded file differs"
-    );
+    assert!(std::fs::read(&back).unwrap() == data, "downloaded file differs");
 
     let log = s.audit();
     let starts = events(&log, "session_start");
     if legacy {
-        assert!(
-            starts.iter().any(
-                |v| v["kind"] == "exec" && v["command"].as_str().unwrap().starts_with("scp -t")
-            ),
-            "{log:#?}"
-        );
-        assert!(
-            starts.iter().any(
-                |v| v["kind"] == "exec" && v["command"].as_str().unwrap().starts_with("scp -f")
-            ),
-            "{log:#?}"
-        );
+        assert!(starts.iter().any(|v| v["kind"] == "exec" && v["command"].as_str().unwrap().starts_with("scp -t")), "{log:#?}");
+        assert!(starts.iter().any(|v| v["kind"] == "exec" && v["command"].as_str().unwrap().starts_with("scp -f")), "{log:#?}");
     } else {
-        assert!(
-            starts
-                .iter()
-                .all(|v| v["kind"] == "subsystem" && v["command"] == "sftp"),
-            "{log:#?}"
-        );
+        assert!(starts.iter().all(|v| v["kind"] == "subsystem" && v["command"] == "sftp"), "{log:#?}");
     }
-    let ends = s.wait_audit("two session ends", |_| {
-        events(&s.audit(), "session_end").len() >= 2
-    });
+    let ends = s.wait_audit("two session ends", |_| events(&s.audit(), "session_end").len() >= 2);
     drop(ends);
-    let total_in: u64 = events(&s.audit(), "session_end")
-        .iter()
-        .map(|v| v["bytes_in"].as_u64().unwrap())
-        .sum();
-    let total_out: u64 = events(&s.audit(), "session_end")
-        .iter()
-        .map(|v| v["bytes_out"].as_u64().unwrap())
-        .sum();
-    assert!(
-        total_in >= data.len() as u64 && total_out >= data.len() as u64,
-        "in {total_in} out {total_out}"
-    );
+    let total_in: u64 = events(&s.audit(), "session_end").iter().map(|v| v["bytes_in"].as_u64().unwrap()).sum();
+    let total_out: u64 = events(&s.audit(), "session_end").iter().map(|v| v["bytes_out"].as_u64().unwrap()).sum();
+    assert!(total_in >= data.len() as u64 && total_out >= data.len() as u64, "in {total_in} out {total_out}");
 }
 
 #[test]
@@ -135,19 +86,10 @@ fn sftp_batch_listing() {
         write_file(&dir.path().join(n), n.as_bytes());
     }
     let batch = dir.path().join("batch");
-    write_file(
-        &batch,
-        format!("cd {}\nls -1\npwd\n", dir.path().display()).as_bytes(),
-    );
+    write_file(&batch, format!("cd {}\nls -1\npwd\n", dir.path().display()).as_bytes());
     let mut c = Command::new("sftp");
-    c.args(["-F", "/dev/null", "-P", &s.port.to_string(), "-b"])
-        .arg(&batch);
-    for o in [
-        "StrictHostKeyChecking=no",
-        "UserKnownHostsFile=/dev/null",
-        "BatchMode=yes",
-        "LogLevel=ERROR",
-    ] {
+    c.args(["-F", "/dev/null", "-P", &s.port.to_string(), "-b"]).arg(&batch);
+    for o in ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes", "LogLevel=ERROR"] {
         c.args(["-o", o]);
     }
     c.arg("root@127.0.0.1");
@@ -155,16 +97,7 @@ fn sftp_batch_listing() {
     assert_eq!(o.code(), 0, "{o:?}");
     let out = o.out();
     for n in ["alpha.txt", "beta.txt", "gamma dir", "batch"] {
-        assert!(
-            out.lines().any(|l| l.trim() == n),
-            "{n} missing from listing:\n{out}"
-        );
+        assert!(out.lines().any(|l| l.trim() == n), "{n} missing from listing:\n{out}");
     }
-    assert!(
-        out.contains(&format!(
-            "Remote working directory: {}",
-            dir.path().display()
-        )),
-        "{out}"
-    );
+    assert!(out.contains(&format!("Remote working directory: {}", dir.path().display())), "{out}");
 }

@@ -97,22 +97,10 @@ fn no_leaked_descriptors_or_zombies() {
     // Sessions see only stdin/stdout/stderr (bash may keep 255 for itself).
     let o = run(s.ssh("root").arg("ls /proc/$$/fd; true"), b"", T);
     let fds: Vec<String> = o.out().split_whitespace().map(String::from).collect();
-    assert!(
-        fds.len() >= 3
-            && fds
-                .iter()
-                .all(|f| ["0", "1", "2", "255"].contains(&f.as_str())),
-        "session inherited fds: {fds:?}"
-    );
+    assert!(fds.len() >= 3 && fds.iter().all(|f| ["0", "1", "2", "255"].contains(&f.as_str())), "session inherited fds: {fds:?}");
     let o = run(s.ssh("root").arg("-tt").arg("ls /proc/$$/fd; true"), b"", T);
     let fds: Vec<String> = o.out().split_whitespace().map(String::from).collect();
-    assert!(
-        fds.len() >= 3
-            && fds
-                .iter()
-                .all(|f| ["0", "1", "2", "255"].contains(&f.as_str())),
-        "pty session inherited fds: {fds:?}"
-    );
+    assert!(fds.len() >= 3 && fds.iter().all(|f| ["0", "1", "2", "255"].contains(&f.as_str())), "pty session inherited fds: {fds:?}");
 
     for i in 0..5 {
         let o = run(s.ssh("root").arg(format!("echo {i}; exit {i}")), b"", T);
@@ -122,29 +110,14 @@ fn no_leaked_descriptors_or_zombies() {
     assert_eq!(o.code(), 9);
     let mut sftp = Command::new("sftp");
     sftp.args(["-F", "/dev/null", "-P", &s.port.to_string(), "-b", "-"])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-        ])
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
         .arg("root@127.0.0.1");
     assert_eq!(run(&mut sftp, b"ls /\n", T).code(), 0);
 
-    wait_until("all sessions ended", T, || {
-        events(&s.audit(), "session_end").len() >= 10
-    });
-    wait_until("descriptors released", Duration::from_secs(10), || {
-        open_fds() <= before
-    });
+    wait_until("all sessions ended", T, || events(&s.audit(), "session_end").len() >= 10);
+    wait_until("descriptors released", Duration::from_secs(10), || open_fds() <= before);
     assert_eq!(open_fds(), before, "descriptor leak");
-    assert!(
-        zombie_children().is_empty(),
-        "zombies: {:?}",
-        zombie_children()
-    );
+    assert!(zombie_children().is_empty(), "zombies: {:?}", zombie_children());
 }
 
 #[test]
@@ -152,27 +125,16 @@ fn closing_the_connection_kills_the_process_group() {
     let _g = serial();
     let s = TestServer::start(&policy("\"root\""));
     let mut c = s.ssh("root");
-    c.arg("sleep 3011 & sleep 3012; echo never")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    c.arg("sleep 3011 & sleep 3012; echo never").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut client = KillOnDrop(c.spawn().unwrap());
-    wait_until("both sleeps running", T, || {
-        sleepers("3011").len() == 1 && sleepers("3012").len() == 1
-    });
+    wait_until("both sleeps running", T, || sleepers("3011").len() == 1 && sleepers("3012").len() == 1);
     // The client vanishes without closing anything.
     client.0.kill().unwrap();
     let _ = client.0.wait();
-    wait_until("process group gone", Duration::from_secs(10), || {
-        sleepers("3011").is_empty() && sleepers("3012").is_empty()
-    });
+    wait_until("process group gone", Duration::from_secs(10), || sleepers("3011").is_empty() && sleepers("3012").is_empty());
     let end = s.wait_audit("session_end", |v| v["event"] == "session_end");
     assert_eq!(end["reason"], "closed by client");
-    assert!(
-        zombie_children().is_empty(),
-        "zombies: {:?}",
-        zombie_children()
-    );
+    assert!(zombie_children().is_empty(), "zombies: {:?}", zombie_children());
 }
 
 #[test]
@@ -182,14 +144,8 @@ fn background_job_does_not_hold_the_session_open() {
     let t0 = Instant::now();
     let o = run(s.ssh("root").arg("sleep 3021 & echo started"), b"", T);
     assert_eq!((o.code(), o.out().as_str()), (0, "started\n"));
-    assert!(
-        t0.elapsed() < Duration::from_secs(8),
-        "session lingered {:?}",
-        t0.elapsed()
-    );
-    wait_until("background job hung up", Duration::from_secs(10), || {
-        sleepers("3021").is_empty()
-    });
+    assert!(t0.elapsed() < Duration::from_secs(8), "session lingered {:?}", t0.elapsed());
+    wait_until("background job hung up", Duration::from_secs(10), || sleepers("3021").is_empty());
 }
 
 /// A local user created for the test and removed afterwards.
@@ -198,18 +154,9 @@ struct TempUser(String);
 impl TempUser {
     fn create() -> TempUser {
         let name = format!("tgssh{}", std::process::id() % 100_000);
-        let _ = Command::new("userdel")
-            .args(["-r", &name])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("groupadd")
-            .arg("tgsshextra")
-            .stderr(Stdio::null())
-            .status();
-        let st = Command::new("useradd")
-            .args(["-m", "-s", "/bin/sh", "-G", "tgsshextra", &name])
-            .status()
-            .unwrap();
+        let _ = Command::new("userdel").args(["-r", &name]).stderr(Stdio::null()).status();
+        let _ = Command::new("groupadd").arg("tgsshextra").stderr(Stdio::null()).status();
+        let st = Command::new("useradd").args(["-m", "-s", "/bin/sh", "-G", "tgsshextra", &name]).status().unwrap();
         assert!(st.success(), "useradd failed");
         TempUser(name)
     }
@@ -217,17 +164,9 @@ impl TempUser {
 
 impl Drop for TempUser {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-u", &self.0])
-            .status();
-        let _ = Command::new("userdel")
-            .args(["-r", &self.0])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("groupdel")
-            .arg("tgsshextra")
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("pkill").args(["-KILL", "-u", &self.0]).status();
+        let _ = Command::new("userdel").args(["-r", &self.0]).stderr(Stdio::null()).status();
+        let _ = Command::new("groupdel").arg("tgsshextra").stderr(Stdio::null()).status();
     }
 }
 
@@ -259,12 +198,7 @@ fn sessions_run_as_the_login_user() {
     assert!(ids[0] == ids[1] && ids[1] == ids[2], "pid/pgid/sid {ids:?}");
 
     // The user owns their terminal; files they create are theirs.
-    let o = run(
-        s.ssh(u)
-            .args(["-tt", "stat -c %U $(tty); touch f; stat -c %U f"]),
-        b"",
-        T,
-    );
+    let o = run(s.ssh(u).args(["-tt", "stat -c %U $(tty); touch f; stat -c %U f"]), b"", T);
     assert_eq!(o.code(), 0, "{o:?}");
     let out = o.out().replace('\r', "");
     assert_eq!(out, format!("{u}\n{u}\n"));

@@ -26,19 +26,12 @@ action = "accept"
 record = true
 {}
 "#,
-        max_duration
-            .map(|d| format!("max_duration = \"{d}\""))
-            .unwrap_or_default()
+        max_duration.map(|d| format!("max_duration = \"{d}\"")).unwrap_or_default()
     )
 }
 
 fn winsize(fd: i32, cols: u16, rows: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     assert_eq!(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }, 0);
 }
 
@@ -53,24 +46,14 @@ struct Terminal {
 impl Terminal {
     fn open(mut cmd: Command, cols: u16, rows: u16) -> Terminal {
         let (mut m, mut s) = (0, 0);
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        assert_eq!(
-            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) },
-            0
-        );
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        assert_eq!(unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) }, 0);
         let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
         unsafe {
             libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
             libc::fcntl(slave.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
         }
-        cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
-            .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave));
+        cmd.stdin(Stdio::from(slave.try_clone().unwrap())).stdout(Stdio::from(slave.try_clone().unwrap())).stderr(Stdio::from(slave));
         unsafe {
             cmd.pre_exec(|| {
                 libc::setsid();
@@ -92,12 +75,7 @@ impl Terminal {
                 seen2.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Terminal {
-            master,
-            seen,
-            child,
-            reader: Some(reader),
-        }
+        Terminal { master, seen, child, reader: Some(reader) }
     }
 
     fn seen(&self) -> String {
@@ -133,8 +111,7 @@ impl Terminal {
 
     /// Waits for the client to exit and the output to drain; returns (exit code, bytes seen).
     fn finish(mut self) -> (i32, Vec<u8>) {
-        let st =
-            wait_timeout(&mut self.child.0, Duration::from_secs(20)).expect("ssh did not exit");
+        let st = wait_timeout(&mut self.child.0, Duration::from_secs(20)).expect("ssh did not exit");
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
@@ -147,18 +124,7 @@ impl Terminal {
 /// insists on opening /dev/tty, so it gets a pty as controlling terminal.
 fn asciinema_cat(cast: &str) -> Out {
     let (mut m, mut s) = (0, 0);
-    assert_eq!(
-        unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        },
-        0
-    );
+    assert_eq!(unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), std::ptr::null(),) }, 0);
     let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
     let mut cmd = Command::new("asciinema");
     cmd.arg("cat").arg(cast);
@@ -169,12 +135,7 @@ fn asciinema_cat(cast: &str) -> Out {
             Ok(())
         });
     }
-    let mut child = cmd
-        .stdin(Stdio::from(slave))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(Stdio::from(slave)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let ro = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -183,20 +144,13 @@ fn asciinema_cat(cast: &str) -> Out {
     });
     let mut stderr = Vec::new();
     let _ = se.read_to_end(&mut stderr);
-    let status =
-        wait_timeout(&mut child, Duration::from_secs(30)).expect("asciinema cat timed out");
-    Out {
-        status,
-        stdout: ro.join().unwrap(),
-        stderr,
-    }
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("asciinema cat timed out");
+    Out { status, stdout: ro.join().unwrap(), stderr }
 }
 
 fn ssh_tt(s: &TestServer) -> Command {
     let mut c = s.ssh("root");
-    c.arg("-tt")
-        .env("TERM", "xterm-256color")
-        .env_remove("LANG");
+    c.arg("-tt").env("TERM", "xterm-256color").env_remove("LANG");
     c
 }
 
@@ -208,11 +162,7 @@ fn interactive_shell_resize_and_recording_replays() {
     // A login shell in root's home, on a terminal of the client's size.
     let start = s.wait_audit("session_start", |v| v["event"] == "session_start");
     assert_eq!(
-        (
-            start["kind"].as_str(),
-            start["pty"].as_bool(),
-            start["term"].as_str()
-        ),
+        (start["kind"].as_str(), start["pty"].as_bool(), start["term"].as_str()),
         (Some("shell"), Some(true), Some("xterm-256color"))
     );
     let pos = term.len();
@@ -220,10 +170,7 @@ fn interactive_shell_resize_and_recording_replays() {
     let pos = term.expect(pos, "hi-3");
     let pos = term.expect(pos, "-");
     let shell_line = term.seen()[pos - 1..].lines().next().unwrap().to_string();
-    assert!(
-        shell_line.contains(" in /root on /dev/pts/"),
-        "login shell argv0 / home / tty: {shell_line:?}"
-    );
+    assert!(shell_line.contains(" in /root on /dev/pts/"), "login shell argv0 / home / tty: {shell_line:?}");
 
     term.type_line("stty size");
     let pos = term.expect(pos, "30 100");
@@ -246,28 +193,15 @@ fn interactive_shell_resize_and_recording_replays() {
     assert_eq!(start["recording"].as_str(), Some(cast.as_str()));
     assert!(cast.ends_with(&format!("{}.cast", end["session"].as_str().unwrap())));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&cast).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&cast).unwrap().permissions().mode() & 0o777, 0o600);
 
     let text = std::fs::read_to_string(&cast).unwrap();
     let mut lines = text.lines();
     let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
-    assert_eq!(
-        (
-            header["version"].as_u64(),
-            header["width"].as_u64(),
-            header["height"].as_u64()
-        ),
-        (Some(2), Some(100), Some(30))
-    );
+    assert_eq!((header["version"].as_u64(), header["width"].as_u64(), header["height"].as_u64()), (Some(2), Some(100), Some(30)));
     assert!(header["timestamp"].as_u64().unwrap() > 1_600_000_000);
     let events: Vec<serde_json::Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(
-        events.iter().any(|e| e[1] == "r" && e[2] == "120x40"),
-        "resize event missing"
-    );
+    assert!(events.iter().any(|e| e[1] == "r" && e[2] == "120x40"), "resize event missing");
     let mut last = 0.0;
     for e in &events {
         let t = e[0].as_f64().unwrap();
@@ -278,22 +212,13 @@ fn interactive_shell_resize_and_recording_replays() {
     let o = asciinema_cat(&cast);
     assert_eq!(o.code(), 0, "{o:?}");
     if o.stdout != seen {
-        let common = o
-            .stdout
-            .iter()
-            .zip(&seen)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = o.stdout.iter().zip(&seen).take_while(|(a, b)| a == b).count();
         panic!(
             "asciinema cat differs from what the terminal got at byte {common} (replay {} bytes, terminal {} bytes)\nreplay: {:?}\nterminal: {:?}",
             o.stdout.len(),
             seen.len(),
-            String::from_utf8_lossy(
-                &o.stdout[common.saturating_sub(40)..(common + 40).min(o.stdout.len())]
-            ),
-            String::from_utf8_lossy(
-                &seen[common.saturating_sub(40)..(common + 40).min(seen.len())]
-            ),
+            String::from_utf8_lossy(&o.stdout[common.saturating_sub(40)..(common + 40).min(o.stdout.len())]),
+            String::from_utf8_lossy(&seen[common.saturating_sub(40)..(common + 40).min(seen.len())]),
         );
     }
 }
@@ -310,10 +235,7 @@ fn signals_reach_the_foreground_job() {
     term.master.write_all(&[3]).unwrap();
     term.type_line("echo after-$((2+3))");
     let pos = term.expect(pos, "after-5");
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "sleep was not interrupted"
-    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "sleep was not interrupted");
     term.type_line("exit 7");
     let _ = pos;
     let (code, _) = term.finish();
@@ -324,22 +246,11 @@ fn signals_reach_the_foreground_job() {
 fn max_duration_ends_the_session() {
     let s = TestServer::start(&policy(Some("2s")));
     let t0 = Instant::now();
-    let o = run(
-        s.ssh("root").arg("sleep 30; echo not-reached"),
-        b"",
-        Duration::from_secs(20),
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t0.elapsed()
-    );
+    let o = run(s.ssh("root").arg("sleep 30; echo not-reached"), b"", Duration::from_secs(20));
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     assert_ne!(o.code(), 0, "{o:?}");
     assert!(o.err().contains("session time limit (2s) reached"), "{o:?}");
     assert!(!o.out().contains("not-reached"));
     let end = s.wait_audit("session_end", |v| v["event"] == "session_end");
-    assert!(
-        end["reason"].as_str().unwrap().contains("time limit"),
-        "{end}"
-    );
+    assert!(end["reason"].as_str().unwrap().contains("time limit"), "{end}");
 }

@@ -63,25 +63,15 @@ fn exec_exit_status_stdout_stderr() {
     assert_eq!(auth[0]["caller"]["node"], "laptop");
     assert_eq!(auth[0]["caller"]["ip"], "100.64.0.2");
     assert_eq!(auth[0]["target"], "web1");
-    assert!(
-        auth[0]["rule"].as_str().unwrap().contains("ssh[0]"),
-        "{:?}",
-        auth[0]
-    );
-    let end = s.wait_audit("session_end exit 3", |v| {
-        v["event"] == "session_end" && v["exit_status"] == 3
-    });
+    assert!(auth[0]["rule"].as_str().unwrap().contains("ssh[0]"), "{:?}", auth[0]);
+    let end = s.wait_audit("session_end exit 3", |v| v["event"] == "session_end" && v["exit_status"] == 3);
     assert_eq!(end["kind"], "exec");
     assert_eq!(end["command"], "echo out; echo err >&2; exit 3");
     assert_eq!(end["pty"], false);
     assert_eq!(end["bytes_out"], 8);
     assert!(end["duration_ms"].is_u64());
     let start = events(&log, "session_start");
-    assert!(
-        start
-            .iter()
-            .any(|v| v["session"] == end["session"] && v["conn"] == end["conn"])
-    );
+    assert!(start.iter().any(|v| v["session"] == end["session"] && v["conn"] == end["conn"]));
     for v in &log {
         assert!(v["time"].as_str().unwrap().ends_with('Z'), "{v}");
     }
@@ -109,20 +99,10 @@ fn stdin_is_passed_and_eof_closes_it() {
     let big = pseudo_random(8 << 20, 9);
     let o = run(s.ssh("root").arg("cat"), &big, Duration::from_secs(60));
     assert_eq!(o.code(), 0, "{}", o.err());
-    assert!(
-        o.stdout == big,
-        "echoed {} bytes of {}",
-        o.stdout.len(),
-        big.len()
-    );
+    assert!(o.stdout == big, "echoed {} bytes of {}", o.stdout.len(), big.len());
     // A program that stops reading: the client is held back, then the rest
     // is discarded when the program exits, and the session ends normally.
-    let o = run(
-        s.ssh("root")
-            .arg("head -c 10 >/dev/null; sleep 1; echo done"),
-        &vec![b'x'; 24 << 20],
-        Duration::from_secs(60),
-    );
+    let o = run(s.ssh("root").arg("head -c 10 >/dev/null; sleep 1; echo done"), &vec![b'x'; 24 << 20], Duration::from_secs(60));
     assert_eq!((o.code(), o.out().as_str()), (0, "done\n"), "{}", o.err());
 }
 
@@ -139,44 +119,16 @@ fn login_environment_is_clean_and_env_follows_accept_env() {
         T,
     );
     assert_eq!(o.code(), 0, "{o:?}");
-    let mut lines = o
-        .out()
-        .lines()
-        .map(String::from)
-        .collect::<Vec<_>>()
-        .into_iter();
-    let shell = tailgate::ssh::account::lookup("root")
-        .unwrap()
-        .unwrap()
-        .shell;
-    assert_eq!(
-        lines.next().unwrap(),
-        format!("C.UTF-8|yes||/root|root|root|{}||/root", shell.display())
-    );
+    let mut lines = o.out().lines().map(String::from).collect::<Vec<_>>().into_iter();
+    let shell = tailgate::ssh::account::lookup("root").unwrap().unwrap().shell;
+    assert_eq!(lines.next().unwrap(), format!("C.UTF-8|yes||/root|root|root|{}||/root", shell.display()));
     let names = lines.next().unwrap();
-    assert!(
-        names.contains("SSH_CONNECTION") && names.contains("PATH"),
-        "{names}"
-    );
-    assert!(
-        !names.contains("CARGO") && !names.contains("RUST"),
-        "daemon environment leaked: {names}"
-    );
+    assert!(names.contains("SSH_CONNECTION") && names.contains("PATH"), "{names}");
+    assert!(!names.contains("CARGO") && !names.contains("RUST"), "daemon environment leaked: {names}");
     let start = s.wait_audit("session_start", |v| v["event"] == "session_start");
-    let env: Vec<&str> = start["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert!(
-        env.contains(&"LANG") && env.contains(&"TG_OK_A") && !env.contains(&"TG_NOPE"),
-        "{env:?}"
-    );
-    assert!(
-        !start.to_string().contains("yes"),
-        "env values must not be audited: {start}"
-    );
+    let env: Vec<&str> = start["env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(env.contains(&"LANG") && env.contains(&"TG_OK_A") && !env.contains(&"TG_NOPE"), "{env:?}");
+    assert!(!start.to_string().contains("yes"), "env values must not be audited: {start}");
 }
 
 #[test]
@@ -187,19 +139,13 @@ fn denied_login_user_is_told_why() {
     assert!(o.out().is_empty(), "{o:?}");
     let err = o.err();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("tailgate: access denied: no ssh rule"),
-        "{err}"
-    );
+    assert!(err.starts_with("tailgate: access denied: no ssh rule"), "{err}");
     assert!(err.contains("as bin"), "{err}");
     let auth = s.wait_audit("auth deny", |v| v["event"] == "auth");
     assert_eq!(auth["allowed"], false);
     assert_eq!(auth["action"], "reject");
     assert_eq!(auth["login"], "bin");
-    assert!(
-        auth.get("rule").is_none(),
-        "default deny has no rule: {auth}"
-    );
+    assert!(auth.get("rule").is_none(), "default deny has no rule: {auth}");
     let denied = s.wait_audit("session_denied", |v| v["event"] == "session_denied");
     assert_eq!(denied["command"], "id");
     assert!(events(&s.audit(), "session_start").is_empty());
@@ -211,10 +157,7 @@ fn check_rule_is_denied_until_checks_exist() {
     let o = run(s.ssh("daemon").arg("id"), b"", T);
     assert_eq!(o.code(), 1, "{o:?}");
     let err = o.err();
-    assert!(
-        err.contains("requires a check") && err.contains("cannot perform"),
-        "{err}"
-    );
+    assert!(err.contains("requires a check") && err.contains("cannot perform"), "{err}");
     assert!(err.contains("ssh[1]"), "names the rule: {err}");
     let auth = s.wait_audit("auth", |v| v["event"] == "auth");
     assert_eq!(auth["action"], "check");
@@ -226,16 +169,9 @@ fn login_user_must_exist_locally() {
     let s = TestServer::start(&policy(""));
     let o = run(s.ssh("tg-no-such-user").arg("id"), b"", T);
     assert_eq!(o.code(), 1, "{o:?}");
-    assert!(
-        o.err()
-            .contains("there is no user \"tg-no-such-user\" on web1"),
-        "{o:?}"
-    );
+    assert!(o.err().contains("there is no user \"tg-no-such-user\" on web1"), "{o:?}");
     let auth = s.wait_audit("auth", |v| v["event"] == "auth");
-    assert_eq!(
-        (auth["action"].as_str(), auth["allowed"].as_bool()),
-        (Some("accept"), Some(false))
-    );
+    assert_eq!((auth["action"].as_str(), auth["allowed"].as_bool()), (Some("accept"), Some(false)));
 }
 
 #[test]
@@ -246,18 +182,14 @@ fn denied_login_without_session_is_disconnected_with_reason() {
     c.args(["-N", "-o", "LogLevel=INFO"]);
     let o = run(&mut c, b"", T);
     assert_eq!(o.code(), 255, "{o:?}");
-    assert!(
-        o.err().contains("tailgate: access denied: no ssh rule"),
-        "{o:?}"
-    );
+    assert!(o.err().contains("tailgate: access denied: no ssh rule"), "{o:?}");
 }
 
 #[test]
 fn policy_swap_applies_to_next_session() {
     let s = TestServer::start(&policy(""));
     assert_eq!(run(s.ssh("root").arg("true"), b"", T).code(), 0);
-    s.policy
-        .replace(tailgate::policy::Policy::parse(POLICY_HEAD, "empty.toml").unwrap());
+    s.policy.replace(tailgate::policy::Policy::parse(POLICY_HEAD, "empty.toml").unwrap());
     let o = run(s.ssh("root").arg("true"), b"", T);
     assert_eq!(o.code(), 1, "{o:?}");
     assert!(o.err().contains("no ssh rule"), "{o:?}");
@@ -269,14 +201,7 @@ fn dbclient_exec_and_denial() {
     let home = tempfile::tempdir().unwrap();
     let db = |user: &str, cmd: &str| {
         let mut c = Command::new("dbclient");
-        c.env("HOME", home.path()).args([
-            "-y",
-            "-y",
-            "-p",
-            &s.port.to_string(),
-            &format!("{user}@127.0.0.1"),
-            cmd,
-        ]);
+        c.env("HOME", home.path()).args(["-y", "-y", "-p", &s.port.to_string(), &format!("{user}@127.0.0.1"), cmd]);
         run(&mut c, b"", T)
     };
     let o = db("root", "echo ok; echo e >&2; exit 4");
@@ -285,10 +210,7 @@ fn dbclient_exec_and_denial() {
     assert!(o.err().contains("e\n"), "{o:?}");
     let o = db("bin", "id");
     assert_ne!(o.code(), 0, "{o:?}");
-    assert!(
-        o.err().contains("tailgate: access denied: no ssh rule"),
-        "{o:?}"
-    );
+    assert!(o.err().contains("tailgate: access denied: no ssh rule"), "{o:?}");
 }
 
 /// A TCP echo server on 127.0.0.1; returns its port.
@@ -308,11 +230,7 @@ fn echo_server() -> u16 {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Connects to a local forward (retrying while ssh sets it up) and echoes a line.
@@ -354,34 +272,19 @@ dst = ["tag:test:{allowed}"]
         "-L",
         &format!("{lx}:10.1.2.3:{allowed}"),
     ]);
-    let _ssh = KillOnDrop(
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _ssh = KillOnDrop(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
 
     assert_eq!(through_forward(la).unwrap(), "ping through tailgate\n");
     // Refused channels: ssh accepted the local connection, then closes it.
     assert_eq!(through_forward(ld).unwrap_or_default(), "");
     assert_eq!(through_forward(lx).unwrap_or_default(), "");
 
-    let ok = s.wait_audit("forward allowed", |v| {
-        v["event"] == "forward" && v["allowed"] == true
-    });
+    let ok = s.wait_audit("forward allowed", |v| v["event"] == "forward" && v["allowed"] == true);
     assert_eq!(ok["dest"], format!("127.0.0.1:{allowed}"));
-    let no = s.wait_audit("forward denied", |v| {
-        v["event"] == "forward" && v["dest"] == format!("localhost:{denied}")
-    });
+    let no = s.wait_audit("forward denied", |v| v["event"] == "forward" && v["dest"] == format!("localhost:{denied}"));
     assert_eq!(no["allowed"], false);
-    assert!(
-        no["reason"].as_str().unwrap().contains("network policy"),
-        "{no}"
-    );
-    let off = s.wait_audit("forward off-node", |v| {
-        v["event"] == "forward" && v["dest"] == format!("10.1.2.3:{allowed}")
-    });
+    assert!(no["reason"].as_str().unwrap().contains("network policy"), "{no}");
+    let off = s.wait_audit("forward off-node", |v| v["event"] == "forward" && v["dest"] == format!("10.1.2.3:{allowed}"));
     assert_eq!(off["allowed"], false);
     drop(_ssh);
     let end = s.wait_audit("forward_end", |v| v["event"] == "forward_end");
@@ -391,31 +294,15 @@ dst = ["tag:test:{allowed}"]
 #[test]
 fn remote_agent_and_x11_forwarding_refused() {
     let s = TestServer::start(&policy(""));
-    let o = run(
-        s.ssh("root").args([
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-R",
-            "0:127.0.0.1:9",
-        ]),
-        b"",
-        T,
-    );
+    let o = run(s.ssh("root").args(["-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"]), b"", T);
     assert_eq!(o.code(), 255, "{o:?}");
-    s.wait_audit("tcpip-forward refused", |v| {
-        v["event"] == "forward" && v["kind"] == "tcpip-forward" && v["allowed"] == false
-    });
+    s.wait_audit("tcpip-forward refused", |v| v["event"] == "forward" && v["kind"] == "tcpip-forward" && v["allowed"] == false);
 
     // Agent forwarding is requested when the client has an agent socket.
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");
     let mut agent = Command::new("ssh-agent");
-    agent
-        .args(["-D", "-a"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    agent.args(["-D", "-a"]).arg(&sock).stdout(Stdio::null()).stderr(Stdio::null());
     let _agent = KillOnDrop(agent.spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sock.exists() && Instant::now() < deadline {
@@ -432,10 +319,6 @@ fn remote_agent_and_x11_forwarding_refused() {
     );
     assert_eq!(o.code(), 0, "{o:?}");
     assert_eq!(o.out(), "\n\n");
-    s.wait_audit("agent refused", |v| {
-        v["event"] == "forward" && v["kind"] == "agent" && v["allowed"] == false
-    });
-    s.wait_audit("x11 refused", |v| {
-        v["event"] == "forward" && v["kind"] == "x11" && v["allowed"] == false
-    });
+    s.wait_audit("agent refused", |v| v["event"] == "forward" && v["kind"] == "agent" && v["allowed"] == false);
+    s.wait_audit("x11 refused", |v| v["event"] == "forward" && v["kind"] == "x11" && v["allowed"] == false);
 }

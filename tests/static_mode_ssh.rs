@@ -56,7 +56,8 @@ fn write(dir: &Path, name: &str, body: &str) -> String {
     p.display().to_string()
 }
 
-const SSH_OPTS: &str = "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10";
+const SSH_OPTS: &str =
+    "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10";
 
 fn lab() -> (Lab, Proc) {
     let k = Netns::new("tsk");
@@ -155,8 +156,10 @@ fn ssh_over_wireguard_go_and_proxycommand() {
     assert!(replayed.contains("hi-3"), "asciinema replays the recorded session");
 
     // -L to a port the policy allows, and one it does not.
-    let _svc = lab.t.spawn("socat TCP-LISTEN:9000,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo forwarded-ok'", &lab.dir.path().join("svc.log"));
-    let _svc2 = lab.t.spawn("socat TCP-LISTEN:9001,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo must-not-see'", &lab.dir.path().join("svc2.log"));
+    let _svc =
+        lab.t.spawn("socat TCP-LISTEN:9000,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo forwarded-ok'", &lab.dir.path().join("svc.log"));
+    let _svc2 =
+        lab.t.spawn("socat TCP-LISTEN:9001,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo must-not-see'", &lab.dir.path().join("svc2.log"));
     let (_, out, _) = lab.k.run(
         &format!("{ssh} -f -N -o ExitOnForwardFailure=yes -L 127.0.0.1:19000:127.0.0.1:9000 -L 127.0.0.1:19001:127.0.0.1:9001 root@100.64.0.2; sleep 0.5; nc -w 3 127.0.0.1 19000; nc -w 3 127.0.0.1 19001; pkill -f 'ssh.*19000'"),
         20,

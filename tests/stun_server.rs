@@ -84,10 +84,7 @@ async fn a_standard_stun_client_reads_our_answer() {
     let s = start(dir.path()).await;
     let port = s.stun_addr().unwrap().port();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("timeout")
-            .args(["10", bin, "-p", &port.to_string(), "-L", "127.0.0.1", "127.0.0.1"])
-            .output()
-            .expect("runs")
+        Command::new("timeout").args(["10", bin, "-p", &port.to_string(), "-L", "127.0.0.1", "127.0.0.1"]).output().expect("runs")
     })
     .await
     .unwrap();

@@ -121,11 +121,15 @@ pub enum ControlCommand {
 #[derive(Subcommand, Debug, Clone)]
 pub enum UsersCommand {
     /// Add a user (e.g. alice or alice@example.com, as the policy names them).
-    Add { name: String },
+    Add {
+        name: String,
+    },
     List,
     /// Remove a user: their nodes are removed from the tailnet (peers drop
     /// them at once) and their auth keys deleted. Tagged nodes stay.
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -150,18 +154,27 @@ pub enum KeysCommand {
     },
     List,
     /// Revoke a key by id (nodes already registered stay).
-    Revoke { id: i64 },
+    Revoke {
+        id: i64,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum NodesCommand {
     List,
     /// Rename a node (name, id, IP or key prefix) to NEW_NAME.
-    Rename { node: String, new_name: String },
+    Rename {
+        node: String,
+        new_name: String,
+    },
     /// Expire a node's key now: peers drop it; it needs a new auth key.
-    Expire { node: String },
+    Expire {
+        node: String,
+    },
     /// Delete a node.
-    Remove { node: String },
+    Remove {
+        node: String,
+    },
     /// Set a node's tags (replacing them); --untag makes it its user's again.
     Tag {
         node: String,
@@ -381,8 +394,14 @@ pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
     match req {
         AdminRequest::Status => format!(
             "url:               {}\nserver public key: {}\ndomain:            {}\nnodes:             {} ({} online)\nusers:             {}\npolicy:            version {} ({})\n",
-            s(&v["url"]), s(&v["server_public_key"]), s(&v["domain"]), s(&v["nodes"]), s(&v["online"]), s(&v["users"]),
-            s(&v["policy_version"]), s(&v["policy_source"])
+            s(&v["url"]),
+            s(&v["server_public_key"]),
+            s(&v["domain"]),
+            s(&v["nodes"]),
+            s(&v["online"]),
+            s(&v["users"]),
+            s(&v["policy_version"]),
+            s(&v["policy_source"])
         ),
         AdminRequest::UsersAdd { .. } => format!("added user {}\n", s(&v["name"])),
         AdminRequest::UsersRemove { .. } => format!("removed user {} and {} node(s)\n", s(&v["removed"]), s(&v["nodes_removed"])),
@@ -493,7 +512,10 @@ mod tests {
         assert!(a.json);
         match request_for(a.command.unwrap()).unwrap() {
             AdminRequest::KeysCreate { user, reusable, expiry_secs, tags, .. } => {
-                assert_eq!((user.as_deref(), reusable, expiry_secs, tags), (Some("alice"), true, Some(86400), vec!["tag:prod".to_string()]));
+                assert_eq!(
+                    (user.as_deref(), reusable, expiry_secs, tags),
+                    (Some("alice"), true, Some(86400), vec!["tag:prod".to_string()])
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -510,7 +532,8 @@ mod tests {
     #[test]
     fn keys_create_prints_token_last() {
         let v = serde_json::json!({"id": 3, "user": "alice", "tags": [], "reusable": false, "ephemeral": true, "expires": 0, "token": "tg1-abc"});
-        let out = render(&AdminRequest::KeysCreate { user: None, reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] }, &v, false);
+        let out =
+            render(&AdminRequest::KeysCreate { user: None, reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] }, &v, false);
         assert_eq!(out.lines().last(), Some("tg1-abc"));
         assert!(out.contains("one-off, ephemeral"), "{out}");
     }

@@ -225,9 +225,8 @@ impl ControlClient {
                 Ok(n) => wire.push(&rbuf[..n]),
             }
         };
-        let mut chan = init
-            .finish(&msg2, wire, DEFAULT_MAX_SERVER_FRAME)
-            .map_err(|_| ControlError::WrongServerKey { url: target.url.clone() })?;
+        let mut chan =
+            init.finish(&msg2, wire, DEFAULT_MAX_SERVER_FRAME).map_err(|_| ControlError::WrongServerKey { url: target.url.clone() })?;
         let mut out = Vec::new();
         seal(&mut chan, &hello.message(), &mut out)?;
         s.write_all(&out).await.map_err(|e| ControlError::Closed(e.to_string()))?;
@@ -300,10 +299,7 @@ impl ControlClient {
 
     /// Tells the server where this node's WireGuard socket can be reached.
     pub async fn report_endpoints(&self, endpoints: Vec<SocketAddr>) -> Result<(), ControlError> {
-        self.cmds
-            .send(ClientMsg::ReportEndpoints { endpoints })
-            .await
-            .map_err(|_| ControlError::Closed("connection ended".into()))
+        self.cmds.send(ClientMsg::ReportEndpoints { endpoints }).await.map_err(|_| ControlError::Closed("connection ended".into()))
     }
 
     /// Leaves the tailnet: an ephemeral node is deleted, another node's key
@@ -319,9 +315,7 @@ impl ControlClient {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .map_err(|_| ControlError::Timeout("no answer to logout".into()))?
+        tokio::time::timeout(Duration::from_secs(10), wait).await.map_err(|_| ControlError::Timeout("no answer to logout".into()))?
     }
 }
 
@@ -337,9 +331,9 @@ fn seal(chan: &mut SecureChannel, msg: &ClientMsg, out: &mut Vec<u8>) -> Result<
 fn next_msg(chan: &mut SecureChannel) -> Result<Option<ServerMsg>, ControlError> {
     match chan.next_frame().map_err(chan_err)? {
         None => Ok(None),
-        Some(f) => serde_json::from_slice(&f)
-            .map(Some)
-            .map_err(|e| ControlError::Protocol(format!("malformed message from the server: {e}"))),
+        Some(f) => {
+            serde_json::from_slice(&f).map(Some).map_err(|e| ControlError::Protocol(format!("malformed message from the server: {e}")))
+        }
     }
 }
 

@@ -50,8 +50,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErr
     let mut lines = text.split("\r\n");
     let request_line = lines.next().ok_or(HttpError::Malformed("empty"))?;
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(method), Some(path), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(HttpError::Malformed("bad request line"));
     };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -71,10 +70,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErr
         }
         headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
     }
-    Ok(Some((
-        RequestHead { method: method.into(), path: path.into(), version: version.into(), headers },
-        end + 4,
-    )))
+    Ok(Some((RequestHead { method: method.into(), path: path.into(), version: version.into(), headers }, end + 4)))
 }
 
 /// A complete non-upgrade response that closes the connection.

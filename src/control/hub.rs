@@ -15,11 +15,11 @@ use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::fmt_time;
 use super::netmap::{Engine, NodeEntry};
 use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut};
 use super::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
 use super::token::{AuthKeyToken, hash_secret};
-use super::fmt_time;
 use crate::identity::Identity;
 use crate::policy::{DEFAULT_POLICY_TOML, Policy};
 use crate::wg::{self, Key};
@@ -74,9 +74,13 @@ pub enum Out {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
-    UsersAdd { name: String },
+    UsersAdd {
+        name: String,
+    },
     UsersList,
-    UsersRemove { name: String },
+    UsersRemove {
+        name: String,
+    },
     KeysCreate {
         user: Option<String>,
         #[serde(default)]
@@ -90,16 +94,36 @@ pub enum AdminRequest {
         tags: Vec<String>,
     },
     KeysList,
-    KeysRevoke { id: i64 },
+    KeysRevoke {
+        id: i64,
+    },
     NodesList,
-    NodesRename { node: String, name: String },
-    NodesExpire { node: String },
-    NodesRemove { node: String },
-    NodesTag { node: String, tags: Vec<String> },
+    NodesRename {
+        node: String,
+        name: String,
+    },
+    NodesExpire {
+        node: String,
+    },
+    NodesRemove {
+        node: String,
+    },
+    NodesTag {
+        node: String,
+        tags: Vec<String>,
+    },
     PolicyGet,
-    PolicySet { text: String, name: String },
-    PolicyCheck { text: String, name: String },
-    AuditList { limit: usize },
+    PolicySet {
+        text: String,
+        name: String,
+    },
+    PolicyCheck {
+        text: String,
+        name: String,
+    },
+    AuditList {
+        limit: usize,
+    },
 }
 
 /// The policy in force.
@@ -130,10 +154,7 @@ pub struct Hub {
 /// lowercase letters, digits and '-', at most 63 characters.
 pub fn sanitize_hostname(h: &str) -> String {
     let first = h.trim().split('.').next().unwrap_or("");
-    let mut s: String = first
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-        .collect();
+    let mut s: String = first.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     while s.contains("--") {
         s = s.replace("--", "-");
     }
@@ -191,15 +212,20 @@ impl Hub {
         let latest = store.policy_latest()?;
         let policy = match (policy_file, latest) {
             (Some((text, name)), latest) => {
-                let p = Policy::parse_and_test(&text, &name)
-                    .map_err(|e| anyhow!("policy {name} is not valid, not starting:\n{e}"))?;
+                let p = Policy::parse_and_test(&text, &name).map_err(|e| anyhow!("policy {name} is not valid, not starting:\n{e}"))?;
                 let version = match latest {
                     Some(l) if l.text == text => l.version,
                     Some(l) => l.version + 1,
                     None => 1,
                 };
                 if store.policy_latest()?.map(|l| l.version) != Some(version) {
-                    store.policy_insert(&PolicyRow { version, name: name.clone(), text: text.clone(), source: "file".into(), set_at: now })?;
+                    store.policy_insert(&PolicyRow {
+                        version,
+                        name: name.clone(),
+                        text: text.clone(),
+                        source: "file".into(),
+                        set_at: now,
+                    })?;
                     store.audit(now, "server", "policy.set", &name, &format!("version {version} from file"))?;
                 }
                 (p, PolicyState { version, name, text, source: "file".into() })
@@ -212,14 +238,37 @@ impl Hub {
                     Err(e) => {
                         tracing::error!("stored policy version {} no longer validates, using the built-in default:\n{e}", l.version);
                         let version = l.version + 1;
-                        store.policy_insert(&PolicyRow { version, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into(), set_at: now })?;
-                        (Policy::default_static(), PolicyState { version, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into() })
+                        store.policy_insert(&PolicyRow {
+                            version,
+                            name: "default.toml".into(),
+                            text: DEFAULT_POLICY_TOML.into(),
+                            source: "built-in".into(),
+                            set_at: now,
+                        })?;
+                        (
+                            Policy::default_static(),
+                            PolicyState {
+                                version,
+                                name: "default.toml".into(),
+                                text: DEFAULT_POLICY_TOML.into(),
+                                source: "built-in".into(),
+                            },
+                        )
                     }
                 }
             }
             (None, None) => {
-                store.policy_insert(&PolicyRow { version: 1, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into(), set_at: now })?;
-                (Policy::default_static(), PolicyState { version: 1, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into() })
+                store.policy_insert(&PolicyRow {
+                    version: 1,
+                    name: "default.toml".into(),
+                    text: DEFAULT_POLICY_TOML.into(),
+                    source: "built-in".into(),
+                    set_at: now,
+                })?;
+                (
+                    Policy::default_static(),
+                    PolicyState { version: 1, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into() },
+                )
             }
         };
         let info = PolicyInfo { version: policy.1.version, name: policy.1.name.clone(), text: policy.1.text.clone() };
@@ -409,10 +458,7 @@ impl Hub {
                 self.register(node_key, &auth_key, &hostname, ssh_host_key, endpoints, previous_node_key, now)
             }
             ClientMsg::Login { hostname, ssh_host_key, endpoints } => self.login(node_key, hostname, ssh_host_key, endpoints, now),
-            other => Err((
-                ErrorCode::Protocol,
-                format!("the first message must be register or login, not {}", msg_name(&other)),
-            )),
+            other => Err((ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other)))),
         };
         let (id, new_node) = match r {
             Ok(x) => x,
@@ -425,7 +471,10 @@ impl Hub {
         // One connection per node: the newer one wins.
         if let Some(old) = self.conns.insert(id, conn) {
             self.engine.detach(id as u64);
-            self.out.push(Out::Send(old, ServerOut::Error { code: ErrorCode::Replaced, message: "another connection with this node key replaced this one".into() }));
+            self.out.push(Out::Send(
+                old,
+                ServerOut::Error { code: ErrorCode::Replaced, message: "another connection with this node key replaced this one".into() },
+            ));
             self.out.push(Out::Close(old, "replaced by a newer connection".into()));
         }
         self.offline_since.remove(&id);
@@ -506,16 +555,14 @@ impl Hub {
 
     fn check_auth_key(&self, secret: &str, now: i64) -> Result<AuthKeyRow, (ErrorCode, String)> {
         let ask = "ask an admin for a new one with `tailgate control keys create`";
-        let k = self
-            .store
-            .key_by_hash(&hash_secret(secret))
-            .map_err(internal)?
-            .ok_or_else(|| {
-                (
-                    ErrorCode::AuthKey,
-                    format!("auth key not recognised by this control server (it may belong to another tailnet, or was deleted with its user); {ask}"),
-                )
-            })?;
+        let k = self.store.key_by_hash(&hash_secret(secret)).map_err(internal)?.ok_or_else(|| {
+            (
+                ErrorCode::AuthKey,
+                format!(
+                    "auth key not recognised by this control server (it may belong to another tailnet, or was deleted with its user); {ask}"
+                ),
+            )
+        })?;
         if let Some(r) = k.revoked {
             return Err((ErrorCode::AuthKey, format!("auth key #{} was revoked on {}; {ask}", k.id, fmt_time(r))));
         }
@@ -536,7 +583,10 @@ impl Hub {
             if !self.engine.policy().tags().any(|d| d == t) {
                 return Err((
                     ErrorCode::AuthKey,
-                    format!("auth key #{} applies {t}, which the policy in force does not declare in [tag_owners]; fix the policy, or {ask}", k.id),
+                    format!(
+                        "auth key #{} applies {t}, which the policy in force does not declare in [tag_owners]; fix the policy, or {ask}",
+                        k.id
+                    ),
                 ));
             }
         }
@@ -778,7 +828,8 @@ impl Hub {
     /// fails its tests is refused with the diagnostics; the old one stays.
     /// Returns the version in force (unchanged if the text is the same).
     pub fn set_policy(&mut self, text: &str, name: &str, source: &str, now: i64) -> Result<u64, String> {
-        let p = Policy::parse_and_test(text, name).map_err(|e| format!("policy refused, the previous one (version {}) stays in force:\n{e}", self.policy.version))?;
+        let p = Policy::parse_and_test(text, name)
+            .map_err(|e| format!("policy refused, the previous one (version {}) stays in force:\n{e}", self.policy.version))?;
         if text == self.policy.text {
             return Ok(self.policy.version);
         }
@@ -815,8 +866,7 @@ impl Hub {
             return Ok(n.id);
         }
         if q.len() >= 6 {
-            let hits: Vec<i64> =
-                self.nodes.values().filter(|n| wg::key_to_base64(&n.node_key).starts_with(q)).map(|n| n.id).collect();
+            let hits: Vec<i64> = self.nodes.values().filter(|n| wg::key_to_base64(&n.node_key).starts_with(q)).map(|n| n.id).collect();
             if hits.len() == 1 {
                 return Ok(hits[0]);
             }
@@ -900,8 +950,7 @@ impl Hub {
             }
             AdminRequest::UsersRemove { name } => {
                 let u = self.store.user_by_name(&name).map_err(st)?.ok_or_else(|| format!("no user {name}"))?;
-                let owned: Vec<i64> =
-                    self.nodes.values().filter(|n| n.user_id == Some(u.id) && n.tags.is_empty()).map(|n| n.id).collect();
+                let owned: Vec<i64> = self.nodes.values().filter(|n| n.user_id == Some(u.id) && n.tags.is_empty()).map(|n| n.id).collect();
                 for id in &owned {
                     self.delete_node(*id, now, "admin", &format!("user {name} removed")).map_err(st)?;
                 }
@@ -917,9 +966,12 @@ impl Hub {
             }
             AdminRequest::KeysCreate { user, reusable, ephemeral, expiry_secs, tags } => {
                 let user_row = match &user {
-                    Some(u) => Some(self.store.user_by_name(u).map_err(st)?.ok_or_else(|| {
-                        format!("no user {u}; add it first with `tailgate control users add {u}`")
-                    })?),
+                    Some(u) => Some(
+                        self.store
+                            .user_by_name(u)
+                            .map_err(st)?
+                            .ok_or_else(|| format!("no user {u}; add it first with `tailgate control users add {u}`"))?,
+                    ),
                     None if tags.is_empty() => {
                         return Err("give --user NAME (the node's owner) or --tag tag:NAME (a tagged node)".into());
                     }
@@ -942,7 +994,8 @@ impl Hub {
                     last_used: None,
                 };
                 let id = self.store.key_insert(&row).map_err(st)?;
-                let owner = if tags.is_empty() { format!("user {}", user.as_deref().unwrap_or("-")) } else { format!("tags {}", tags.join(",")) };
+                let owner =
+                    if tags.is_empty() { format!("user {}", user.as_deref().unwrap_or("-")) } else { format!("tags {}", tags.join(",")) };
                 let kind = format!("{}{}", if reusable { "reusable" } else { "one-off" }, if ephemeral { ", ephemeral" } else { "" });
                 let _ = self.store.audit(now, "admin", "key.create", &format!("#{id}"), &format!("{owner} ({kind})"));
                 let token = AuthKeyToken { url: self.cfg.url.clone(), server_public: self.cfg.server_public, secret };
@@ -1050,7 +1103,13 @@ impl Hub {
                 }
                 let name = n.name.clone();
                 self.save(n).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "node.tag", &name, &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") });
+                let _ = self.store.audit(
+                    now,
+                    "admin",
+                    "node.tag",
+                    &name,
+                    &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") },
+                );
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
             }
@@ -1118,7 +1177,13 @@ mod tests {
     }
 
     fn reg(secret: &str, host: &str) -> ClientMsg {
-        ClientMsg::Register { auth_key: secret.into(), hostname: host.into(), ssh_host_key: None, endpoints: vec![], previous_node_key: None }
+        ClientMsg::Register {
+            auth_key: secret.into(),
+            hostname: host.into(),
+            ssh_host_key: None,
+            endpoints: vec![],
+            previous_node_key: None,
+        }
     }
 
     /// Splits outputs into per-connection decoded messages.
@@ -1204,9 +1269,25 @@ mod tests {
         assert!(e.1.contains("revoked"), "{}", e.1);
         let e = h.hello(5, [5; 32], reg("nonsense-secret-value", "d"), 1000).unwrap_err();
         assert!(e.1.contains("not recognised"), "{}", e.1);
-        let e = h.admin(AdminRequest::KeysCreate { user: Some("bob".into()), reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] }, 1000).unwrap_err();
+        let e = h
+            .admin(
+                AdminRequest::KeysCreate { user: Some("bob".into()), reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] },
+                1000,
+            )
+            .unwrap_err();
         assert!(e.contains("users add bob"), "{e}");
-        let e = h.admin(AdminRequest::KeysCreate { user: None, reusable: false, ephemeral: false, expiry_secs: None, tags: vec!["tag:prod".into()] }, 1000).unwrap_err();
+        let e = h
+            .admin(
+                AdminRequest::KeysCreate {
+                    user: None,
+                    reusable: false,
+                    ephemeral: false,
+                    expiry_secs: None,
+                    tags: vec!["tag:prod".into()],
+                },
+                1000,
+            )
+            .unwrap_err();
         assert!(e.contains("not declared"), "{e}");
     }
 

@@ -91,11 +91,7 @@ fn port_starts(spec: &str) -> Option<Vec<u16>> {
     spec.split(',')
         .map(|item| {
             let item = item.trim();
-            if item == "*" {
-                Some(1)
-            } else {
-                item.split('-').next()?.parse::<u16>().ok()
-            }
+            if item == "*" { Some(1) } else { item.split('-').next()?.parse::<u16>().ok() }
         })
         .collect()
 }
@@ -154,13 +150,7 @@ impl Analysis {
         let lname = id.node_name.to_ascii_lowercase();
         let first = lname.split('.').next().unwrap_or("");
         let name = (self.lower.contains(&lname) || self.lower.contains(first)).then_some(lname.clone());
-        let nets = self
-            .nets
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.contains(&id.ip))
-            .map(|(i, _)| i as u32)
-            .collect();
+        let nets = self.nets.iter().enumerate().filter(|(_, n)| n.contains(&id.ip)).map(|(i, _)| i as u32).collect();
         ClassKey { user, tags, name, nets }
     }
 }
@@ -430,8 +420,9 @@ impl Engine {
         let before: HashSet<NodeId> = self.visible(node).into_iter().collect();
         let old = self.nodes.remove(&node);
         let class = match &old {
-            Some(o) if self.an.key(&o.entry.identity) == self.an.key(&entry.identity)
-                && eff_user(&o.entry.identity) == eff_user(&entry.identity) =>
+            Some(o)
+                if self.an.key(&o.entry.identity) == self.an.key(&entry.identity)
+                    && eff_user(&o.entry.identity) == eff_user(&entry.identity) =>
             {
                 o.class
             }
@@ -604,11 +595,7 @@ pub fn candidate_ports(policy_text: &str) -> Vec<u16> {
 pub fn naive_visible(policy: &Policy, policy_text: &str, nodes: &[(NodeId, Identity)], me: NodeId) -> Vec<NodeId> {
     let ports = candidate_ports(policy_text);
     let Some((_, mine)) = nodes.iter().find(|(i, _)| *i == me) else { return Vec::new() };
-    let mut v: Vec<NodeId> = nodes
-        .iter()
-        .filter(|(i, id)| *i != me && may_talk(policy, &ports, mine, id))
-        .map(|(i, _)| *i)
-        .collect();
+    let mut v: Vec<NodeId> = nodes.iter().filter(|(i, id)| *i != me && may_talk(policy, &ports, mine, id)).map(|(i, _)| *i).collect();
     v.sort_unstable();
     v
 }
@@ -657,13 +644,7 @@ mod tests {
         };
         let tags: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
         let user = if tags.is_empty() { user.map(String::from) } else { None };
-        let identity = Identity {
-            node_key: wg::key_to_base64(&key),
-            node_name: name.into(),
-            user: user.clone(),
-            tags: tags.clone(),
-            ip,
-        };
+        let identity = Identity { node_key: wg::key_to_base64(&key), node_name: name.into(), user: user.clone(), tags: tags.clone(), ip };
         let peer = Arc::new(PeerInfo {
             node_id: id,
             node_key: key,

@@ -65,9 +65,7 @@ impl Initiator {
     /// message came from: bytes after it belong to the channel.
     pub fn finish(mut self, msg2: &[u8], wire: WireDecoder, max_frame: usize) -> Result<SecureChannel, ChannelError> {
         let mut payload = vec![0u8; msg2.len()];
-        self.hs
-            .read_message(msg2, &mut payload)
-            .map_err(|e| ChannelError::Handshake(format!("reading the server's reply: {e}")))?;
+        self.hs.read_message(msg2, &mut payload).map_err(|e| ChannelError::Handshake(format!("reading the server's reply: {e}")))?;
         let ts = self.hs.into_transport_mode().map_err(|e| ChannelError::Handshake(e.to_string()))?;
         Ok(SecureChannel::new(ts, wire, max_frame))
     }
@@ -95,10 +93,8 @@ pub fn respond(
             "cannot read the node's first message ({e}); it was not made for this server's key, or is not Noise"
         ))
     })?;
-    let remote: Key = hs
-        .get_remote_static()
-        .and_then(|k| k.try_into().ok())
-        .ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
+    let remote: Key =
+        hs.get_remote_static().and_then(|k| k.try_into().ok()).ok_or_else(|| ChannelError::Handshake("no remote static key".into()))?;
     let mut buf = [0u8; HANDSHAKE_BUF];
     let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
     let mut out = Vec::with_capacity(n + 2);
@@ -139,10 +135,7 @@ impl SecureChannel {
             out.extend_from_slice(&(len as u16).to_be_bytes());
             let start = out.len();
             out.resize(start + len, 0);
-            let n = self
-                .ts
-                .write_message(chunk, &mut out[start..])
-                .map_err(|e| ChannelError::Handshake(format!("encrypt: {e}")))?;
+            let n = self.ts.write_message(chunk, &mut out[start..]).map_err(|e| ChannelError::Handshake(format!("encrypt: {e}")))?;
             debug_assert_eq!(n, len);
         }
         Ok(())

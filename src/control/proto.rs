@@ -59,7 +59,9 @@ pub enum ClientMsg {
         endpoints: Vec<SocketAddr>,
     },
     /// Replace the node's reported endpoints (peers get a delta).
-    ReportEndpoints { endpoints: Vec<SocketAddr> },
+    ReportEndpoints {
+        endpoints: Vec<SocketAddr>,
+    },
     /// Leave the tailnet: an ephemeral node is deleted, any other node's key
     /// expires (it needs a new auth key to come back).
     Logout,
@@ -101,7 +103,10 @@ pub enum ServerMsg {
         /// The node should send something at least this often (seconds).
         keepalive_secs: u32,
     },
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     MapFull(MapFull),
     MapDelta(MapDelta),
     KeepAlive,
@@ -250,12 +255,7 @@ pub struct NetMap {
 
 impl NetMap {
     pub fn from_full(m: MapFull) -> NetMap {
-        NetMap {
-            self_node: m.self_node,
-            domain: m.domain,
-            peers: m.peers.into_iter().map(|p| (p.node_key, p)).collect(),
-            policy: m.policy,
-        }
+        NetMap { self_node: m.self_node, domain: m.domain, peers: m.peers.into_iter().map(|p| (p.node_key, p)).collect(), policy: m.policy }
     }
 
     /// Applies a delta (removed, then added, then changed).
@@ -291,9 +291,7 @@ impl NetMap {
 
     /// The peer with this name (short or fully qualified, case-insensitive).
     pub fn peer_by_name(&self, name: &str) -> Option<&PeerInfo> {
-        self.peers
-            .values()
-            .find(|p| p.name.eq_ignore_ascii_case(name) || p.fqdn.eq_ignore_ascii_case(name))
+        self.peers.values().find(|p| p.name.eq_ignore_ascii_case(name) || p.fqdn.eq_ignore_ascii_case(name))
     }
 
     /// Compiles the map's policy (already validated by the server).

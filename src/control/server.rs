@@ -587,9 +587,7 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>) {
         (_, _, Some(token)) if token == UPGRADE_RELAY || shared.opts.upgrades.iter().any(|(t, _)| t == token) => {
             match shared.opts.upgrades.iter().find(|(t, _)| t == token) {
                 Some((_, h)) => h.handle(Box::new(s), head, leftover).await,
-                None => {
-                    write_and_close(&mut s, &http::simple_response(501, "Not Implemented", "relay not enabled on this server\n")).await
-                }
+                None => write_and_close(&mut s, &http::simple_response(501, "Not Implemented", "relay not enabled on this server\n")).await,
             }
         }
         ("GET", "/tailgate/health", None) => write_and_close(&mut s, &http::simple_response(200, "OK", "ok\n")).await,
@@ -666,10 +664,7 @@ async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared:
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
     let (rtx, rrx) = oneshot::channel();
-    shared
-        .hub
-        .send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx })
-        .map_err(|_| "server shutting down".to_string())?;
+    shared.hub.send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx }).map_err(|_| "server shutting down".to_string())?;
     let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
 
     // 4. Message loop.

@@ -268,11 +268,7 @@ impl Store {
     // --- meta -------------------------------------------------------------
 
     pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-            .query_row([key], |r| r.get(0))
-            .optional()?)
+        Ok(self.conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
     }
 
     pub fn meta_set(&self, key: &str, value: &str) -> Result<()> {
@@ -371,9 +367,7 @@ impl Store {
 
     /// Cheap update for connect/disconnect.
     pub fn node_set_online(&self, id: i64, online: bool, last_seen: i64) -> Result<()> {
-        self.conn
-            .prepare_cached("UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1")?
-            .execute(params![id, online, last_seen])?;
+        self.conn.prepare_cached("UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1")?.execute(params![id, online, last_seen])?;
         Ok(())
     }
 
@@ -412,11 +406,7 @@ impl Store {
     }
 
     pub fn key_by_hash(&self, hash: &str) -> Result<Option<AuthKeyRow>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT * FROM auth_keys WHERE hash = ?1")?
-            .query_row([hash], key_from_row)
-            .optional()?)
+        Ok(self.conn.prepare_cached("SELECT * FROM auth_keys WHERE hash = ?1")?.query_row([hash], key_from_row).optional()?)
     }
 
     pub fn key_by_id(&self, id: i64) -> Result<Option<AuthKeyRow>> {
@@ -437,10 +427,8 @@ impl Store {
     }
 
     pub fn key_revoke(&self, id: i64, now: i64) -> Result<bool> {
-        let n = self
-            .conn
-            .prepare_cached("UPDATE auth_keys SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL")?
-            .execute(params![id, now])?;
+        let n =
+            self.conn.prepare_cached("UPDATE auth_keys SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL")?.execute(params![id, now])?;
         Ok(n > 0)
     }
 
@@ -479,9 +467,7 @@ impl Store {
     }
 
     pub fn audit_recent(&self, limit: usize) -> Result<Vec<AuditRow>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT id, at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
+        let mut st = self.conn.prepare_cached("SELECT id, at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
         let rows = st.query_map([limit as i64], |r| {
             Ok(AuditRow { id: r.get(0)?, at: r.get(1)?, actor: r.get(2)?, action: r.get(3)?, target: r.get(4)?, detail: r.get(5)? })
         })?;

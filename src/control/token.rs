@@ -99,9 +99,8 @@ pub fn hash_secret(secret: &str) -> String {
 /// channel is secured by Noise, not TLS. (Behind a TLS proxy on 443, the
 /// proxy must pass the `Upgrade` through.)
 pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("control URL {url:?} must start with http:// (Noise secures the channel)"))?;
+    let rest =
+        url.strip_prefix("http://").ok_or_else(|| format!("control URL {url:?} must start with http:// (Noise secures the channel)"))?;
     let hostport = rest.trim_end_matches('/');
     if hostport.contains('/') {
         return Err(format!("control URL {url:?} must not have a path"));
@@ -135,7 +134,10 @@ mod tests {
         assert!(e.contains("should start with `tg1-`"), "{e}");
         let e = AuthKeyToken::parse(&s[..s.len() - 10]).unwrap_err().to_string();
         assert!(e.contains("damaged or truncated"), "{e}");
-        let bad = format!("tg1-{}", URL_SAFE_NO_PAD.encode(br#"{"u":"ftp://x","k":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","s":"0123456789abcdefgh"}"#));
+        let bad = format!(
+            "tg1-{}",
+            URL_SAFE_NO_PAD.encode(br#"{"u":"ftp://x","k":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","s":"0123456789abcdefgh"}"#)
+        );
         assert!(matches!(AuthKeyToken::parse(&bad), Err(TokenError::Url(_))));
     }
 

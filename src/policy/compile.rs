@@ -103,11 +103,7 @@ impl<'a> LineIndex<'a> {
         let offset = offset.min(self.src.len());
         let line = self.starts.partition_point(|&s| s <= offset) - 1;
         let start = self.starts[line];
-        let col = self
-            .src
-            .get(start..offset)
-            .map_or(offset - start, |t| t.chars().count())
-            + 1;
+        let col = self.src.get(start..offset).map_or(offset - start, |t| t.chars().count()) + 1;
         (line + 1, col)
     }
 }
@@ -121,12 +117,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
         let (line, col) = self.lines.pos(span.start);
-        self.diags.push(Diagnostic {
-            file: self.file.to_string(),
-            line,
-            col,
-            message: message.into(),
-        });
+        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, message: message.into() });
     }
     fn pos(&self, span: Range<usize>) -> (usize, usize) {
         self.lines.pos(span.start)
@@ -134,11 +125,7 @@ impl Ctx<'_> {
 }
 
 pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErrors> {
-    let mut cx = Ctx {
-        file,
-        lines: LineIndex::new(src),
-        diags: Vec::new(),
-    };
+    let mut cx = Ctx { file, lines: LineIndex::new(src), diags: Vec::new() };
     let raw: RawPolicy = match toml::from_str(src) {
         Ok(r) => r,
         Err(e) => {
@@ -150,11 +137,7 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
     let groups = compile_groups(&mut cx, &raw);
     let (tags, tag_owners) = compile_tag_owners(&mut cx, &raw, &groups);
     let hosts = compile_hosts(&mut cx, &raw);
-    let names = Names {
-        groups: &groups,
-        tags: &tags,
-        hosts: &hosts,
-    };
+    let names = Names { groups: &groups, tags: &tags, hosts: &hosts };
 
     let mut acls = Vec::new();
     for (i, a) in raw.acl.iter().flatten().enumerate() {
@@ -166,24 +149,13 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
         {
             cx.err(
                 act.span(),
-                format!(
-                    "bad acl action '{}': acl rules can only \"accept\" (anything not accepted is denied)",
-                    act.get_ref()
-                ),
+                format!("bad acl action '{}': acl rules can only \"accept\" (anything not accepted is denied)", act.get_ref()),
             );
         }
-        let src = node_list(&mut cx, &rule.src, "src", |s| {
-            pattern::parse_node(s, Side::Src, &names)
-        });
-        let dst = node_list(&mut cx, &rule.dst, "dst", |s| {
-            pattern::parse_acl_dst(s, &names)
-        });
+        let src = node_list(&mut cx, &rule.src, "src", |s| pattern::parse_node(s, Side::Src, &names));
+        let dst = node_list(&mut cx, &rule.dst, "dst", |s| pattern::parse_acl_dst(s, &names));
         if cx.diags.len() == before {
-            acls.push(AclRule {
-                label: format!("acl[{i}] at {file}:{line}"),
-                src,
-                dst,
-            });
+            acls.push(AclRule { label: format!("acl[{i}] at {file}:{line}"), src, dst });
         }
     }
 
@@ -197,19 +169,12 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
             "check" => Some(Action::Check),
             "reject" => Some(Action::Reject),
             other => {
-                cx.err(
-                    rule.action.span(),
-                    format!("bad action '{other}': expected \"accept\", \"check\" or \"reject\""),
-                );
+                cx.err(rule.action.span(), format!("bad action '{other}': expected \"accept\", \"check\" or \"reject\""));
                 None
             }
         };
-        let src = node_list(&mut cx, &rule.src, "src", |s| {
-            pattern::parse_node(s, Side::Src, &names)
-        });
-        let dst = node_list(&mut cx, &rule.dst, "dst", |s| {
-            pattern::parse_node(s, Side::Dst, &names)
-        });
+        let src = node_list(&mut cx, &rule.src, "src", |s| pattern::parse_node(s, Side::Src, &names));
+        let dst = node_list(&mut cx, &rule.dst, "dst", |s| pattern::parse_node(s, Side::Dst, &names));
         let users = node_list(&mut cx, &rule.users, "users", pattern::parse_login);
         let record = rule.record.as_ref().is_some_and(|r| *r.get_ref());
         let mut max_duration = None;
@@ -236,10 +201,7 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
             ];
             for (name, span) in opts {
                 if let Some(span) = span {
-                    cx.err(
-                        span,
-                        format!("{name} has no effect on a reject rule; remove it"),
-                    );
+                    cx.err(span, format!("{name} has no effect on a reject rule; remove it"));
                 }
             }
         }
@@ -276,28 +238,12 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
         d.sort_by_key(|a| (a.line, a.col));
         return Err(PolicyErrors(d));
     }
-    Ok(Policy {
-        file: file.to_string(),
-        groups,
-        tag_owners,
-        hosts,
-        acls,
-        ssh,
-        tests,
-    })
+    Ok(Policy { file: file.to_string(), groups, tag_owners, hosts, acls, ssh, tests })
 }
 
-fn node_list<T>(
-    cx: &mut Ctx,
-    list: &SList,
-    what: &str,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Vec<T> {
+fn node_list<T>(cx: &mut Ctx, list: &SList, what: &str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
     if list.get_ref().is_empty() {
-        cx.err(
-            list.span(),
-            format!("empty {what} list: it would match nothing"),
-        );
+        cx.err(list.span(), format!("empty {what} list: it would match nothing"));
     }
     let mut out = Vec::new();
     for s in list.get_ref() {
@@ -324,10 +270,7 @@ fn compile_groups(cx: &mut Ctx, raw: &RawPolicy) -> BTreeMap<String, BTreeSet<St
             if s.starts_with("group:") {
                 refs.push(m);
             } else if s.starts_with("tag:") || s.starts_with("autogroup:") || s == "*" {
-                cx.err(
-                    m.span(),
-                    format!("groups list users and other groups, not '{s}'"),
-                );
+                cx.err(m.span(), format!("groups list users and other groups, not '{s}'"));
             } else if let Err(e) = pattern::check_user_name(s) {
                 cx.err(m.span(), e);
             } else {
@@ -339,10 +282,7 @@ fn compile_groups(cx: &mut Ctx, raw: &RawPolicy) -> BTreeMap<String, BTreeSet<St
     for (_, refs) in direct.values() {
         for r in refs {
             if !direct.contains_key(r.get_ref()) {
-                cx.err(
-                    r.span(),
-                    format!("unknown group '{}' (not defined in [groups])", r.get_ref()),
-                );
+                cx.err(r.span(), format!("unknown group '{}' (not defined in [groups])", r.get_ref()));
             }
         }
     }
@@ -419,34 +359,22 @@ fn compile_tag_owners(
         if !tags.contains(k.get_ref()) {
             continue;
         }
-        let mut o = TagOwners {
-            users: BTreeSet::new(),
-            tags: BTreeSet::new(),
-        };
+        let mut o = TagOwners { users: BTreeSet::new(), tags: BTreeSet::new() };
         for m in list {
             let s = m.get_ref().as_str();
             if s.starts_with("group:") {
                 match groups.get(s) {
                     Some(u) => o.users.extend(u.iter().cloned()),
-                    None => cx.err(
-                        m.span(),
-                        format!("unknown group '{s}' (not defined in [groups])"),
-                    ),
+                    None => cx.err(m.span(), format!("unknown group '{s}' (not defined in [groups])")),
                 }
             } else if s.starts_with("tag:") {
                 if tags.contains(s) {
                     o.tags.insert(s.to_string());
                 } else {
-                    cx.err(
-                        m.span(),
-                        format!("{s} has no entry in [tag_owners]; declare it there first"),
-                    );
+                    cx.err(m.span(), format!("{s} has no entry in [tag_owners]; declare it there first"));
                 }
             } else if s.starts_with("autogroup:") || s == "*" {
-                cx.err(
-                    m.span(),
-                    format!("tag owners are users, groups or tags, not '{s}'"),
-                );
+                cx.err(m.span(), format!("tag owners are users, groups or tags, not '{s}'"));
             } else if let Err(e) = pattern::check_user_name(s) {
                 cx.err(m.span(), e);
             } else {
@@ -469,10 +397,7 @@ fn compile_hosts(cx: &mut Ctx, raw: &RawPolicy) -> BTreeMap<String, IpNet> {
             Ok(Some(net)) => {
                 hosts.insert(k.get_ref().clone(), net);
             }
-            Ok(None) => cx.err(
-                v.span(),
-                format!("bad host address '{}': expected an IP or CIDR", v.get_ref()),
-            ),
+            Ok(None) => cx.err(v.span(), format!("bad host address '{}': expected an IP or CIDR", v.get_ref())),
             Err(m) => cx.err(v.span(), m),
         }
     }
@@ -523,13 +448,7 @@ fn check_shadowed(cx: &mut Ctx, rules: &[SshRule]) {
     }
 }
 
-fn compile_test(
-    cx: &mut Ctx,
-    i: usize,
-    t: &RawTest,
-    span: Range<usize>,
-    names: &Names,
-) -> Option<PolicyTest> {
+fn compile_test(cx: &mut Ctx, i: usize, t: &RawTest, span: Range<usize>, names: &Names) -> Option<PolicyTest> {
     let before = cx.diags.len();
     let check_tags = |cx: &mut Ctx, s: &SStr| -> Vec<String> {
         let mut out = Vec::new();
@@ -537,10 +456,7 @@ fn compile_test(
             if let Err(m) = pattern::check_tag_name(tag) {
                 cx.err(s.span(), m);
             } else if !names.tags.contains(tag) {
-                cx.err(
-                    s.span(),
-                    format!("{tag} has no entry in [tag_owners]; declare it there first"),
-                );
+                cx.err(s.span(), format!("{tag} has no entry in [tag_owners]; declare it there first"));
             } else {
                 out.push(tag.to_string());
             }
@@ -550,20 +466,10 @@ fn compile_test(
 
     // The caller.
     let src_s = t.src.get_ref().as_str();
-    let mut src = Identity {
-        node_key: "test-src".into(),
-        node_name: "test-src".into(),
-        user: None,
-        tags: Vec::new(),
-        ip: TEST_SRC_IP,
-    };
+    let mut src = Identity { node_key: "test-src".into(), node_name: "test-src".into(), user: None, tags: Vec::new(), ip: TEST_SRC_IP };
     if src_s.starts_with("tag:") {
         src.tags = check_tags(cx, &t.src);
-    } else if src_s.starts_with("group:")
-        || src_s.starts_with("autogroup:")
-        || src_s == "*"
-        || src_s.contains(':')
-    {
+    } else if src_s.starts_with("group:") || src_s.starts_with("autogroup:") || src_s == "*" || src_s.contains(':') {
         cx.err(
             t.src.span(),
             format!("test src must be one concrete caller, a user name or tag(s) (e.g. \"alice\" or \"tag:ci\"), not '{src_s}'"),
@@ -582,21 +488,12 @@ fn compile_test(
 
     // The target.
     let dst_s = t.dst.get_ref().as_str();
-    let mut dst = Identity {
-        node_key: "test-dst".into(),
-        node_name: dst_s.to_string(),
-        user: None,
-        tags: Vec::new(),
-        ip: TEST_DST_IP,
-    };
+    let mut dst = Identity { node_key: "test-dst".into(), node_name: dst_s.to_string(), user: None, tags: Vec::new(), ip: TEST_DST_IP };
     if dst_s == "autogroup:self" {
         match &src.user {
             Some(u) => dst.user = Some(u.clone()),
             None if src.tags.is_empty() => {}
-            None => cx.err(
-                t.dst.span(),
-                "dst = \"autogroup:self\" needs a user as src (tagged nodes own no nodes)",
-            ),
+            None => cx.err(t.dst.span(), "dst = \"autogroup:self\" needs a user as src (tagged nodes own no nodes)"),
         }
         if let Some(dt) = &t.dst_tags {
             cx.err(dt.span(), "dst_tags can't be used with dst = \"autogroup:self\" (a tagged node belongs to no user)");
@@ -611,10 +508,7 @@ fn compile_test(
     } else {
         match pattern::parse_net(dst_s) {
             Ok(Some(net)) if net.prefix_len() == net.max_prefix_len() => dst.ip = net.addr(),
-            Ok(Some(_)) => cx.err(
-                t.dst.span(),
-                format!("test dst must be one node, not the network '{dst_s}'"),
-            ),
+            Ok(Some(_)) => cx.err(t.dst.span(), format!("test dst must be one node, not the network '{dst_s}'")),
             Err(m) => cx.err(t.dst.span(), m),
             Ok(None) => match pattern::check_host_name(dst_s) {
                 Ok(()) => {
@@ -633,13 +527,7 @@ fn compile_test(
             if let Err(m) = pattern::check_tag_name(tag.get_ref()) {
                 cx.err(tag.span(), m);
             } else if !names.tags.contains(tag.get_ref()) {
-                cx.err(
-                    tag.span(),
-                    format!(
-                        "{} has no entry in [tag_owners]; declare it there first",
-                        tag.get_ref()
-                    ),
-                );
+                cx.err(tag.span(), format!("{} has no entry in [tag_owners]; declare it there first", tag.get_ref()));
             } else if !dst.tags.contains(tag.get_ref()) {
                 dst.tags.push(tag.get_ref().clone());
             }
@@ -649,30 +537,15 @@ fn compile_test(
     // The assertions.
     let mut logins = Vec::new();
     let mut seen = BTreeSet::new();
-    for (list, expect) in [
-        (&t.accept, Action::Accept),
-        (&t.check, Action::Check),
-        (&t.deny, Action::Reject),
-    ] {
+    for (list, expect) in [(&t.accept, Action::Accept), (&t.check, Action::Check), (&t.deny, Action::Reject)] {
         for l in list {
             let (line, col) = cx.pos(l.span());
             if let Err(m) = pattern::check_login_name(l.get_ref()) {
-                cx.err(
-                    l.span(),
-                    format!("{m} (tests list concrete login names, not patterns)"),
-                );
+                cx.err(l.span(), format!("{m} (tests list concrete login names, not patterns)"));
             } else if !seen.insert(l.get_ref().clone()) {
-                cx.err(
-                    l.span(),
-                    format!("login '{}' is listed twice in this test", l.get_ref()),
-                );
+                cx.err(l.span(), format!("login '{}' is listed twice in this test", l.get_ref()));
             } else {
-                logins.push(LoginExpect {
-                    login: l.get_ref().clone(),
-                    expect,
-                    line,
-                    col,
-                });
+                logins.push(LoginExpect { login: l.get_ref().clone(), expect, line, col });
             }
         }
     }
@@ -681,33 +554,16 @@ fn compile_test(
         for p in list {
             let (line, col) = cx.pos(p.span());
             match u16::try_from(*p.get_ref()) {
-                Ok(port) if port > 0 => ports.push(PortExpect {
-                    port,
-                    reachable,
-                    line,
-                    col,
-                }),
-                _ => cx.err(
-                    p.span(),
-                    format!("bad port {} (ports are 1-65535)", p.get_ref()),
-                ),
+                Ok(port) if port > 0 => ports.push(PortExpect { port, reachable, line, col }),
+                _ => cx.err(p.span(), format!("bad port {} (ports are 1-65535)", p.get_ref())),
             }
         }
     }
     if logins.is_empty() && ports.is_empty() && cx.diags.len() == before {
-        cx.err(
-            span,
-            "this test asserts nothing: add accept, check, deny, reach or no_reach",
-        );
+        cx.err(span, "this test asserts nothing: add accept, check, deny, reach or no_reach");
     }
     if cx.diags.len() != before {
         return None;
     }
-    Some(PolicyTest {
-        label: format!("tests[{i}] ({src_s} -> {dst_s})"),
-        src,
-        dst,
-        logins,
-        ports,
-    })
+    Some(PolicyTest { label: format!("tests[{i}] ({src_s} -> {dst_s})"), src, dst, logins, ports })
 }

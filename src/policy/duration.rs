@@ -14,11 +14,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     for c in t.chars() {
         if let Some(d) = c.to_digit(10) {
             let n = num.unwrap_or(0);
-            num = Some(
-                n.checked_mul(10)
-                    .and_then(|n| n.checked_add(d as u64))
-                    .ok_or_else(too_big)?,
-            );
+            num = Some(n.checked_mul(10).and_then(|n| n.checked_add(d as u64)).ok_or_else(too_big)?);
             continue;
         }
         let unit = match c {
@@ -27,23 +23,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             'h' => 3600,
             'd' => 86400,
             _ => {
-                return Err(format!(
-                    "bad duration \"{s}\": unexpected '{c}' (units are s, m, h, d; e.g. \"1h30m\")"
-                ));
+                return Err(format!("bad duration \"{s}\": unexpected '{c}' (units are s, m, h, d; e.g. \"1h30m\")"));
             }
         };
-        let n = num.take().ok_or_else(|| {
-            format!("bad duration \"{s}\": unit '{c}' without a number before it")
-        })?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(too_big)?;
+        let n = num.take().ok_or_else(|| format!("bad duration \"{s}\": unit '{c}' without a number before it"))?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(too_big)?;
     }
     if num.is_some() {
-        return Err(format!(
-            "bad duration \"{s}\": number without a unit at the end (units are s, m, h, d)"
-        ));
+        return Err(format!("bad duration \"{s}\": number without a unit at the end (units are s, m, h, d)"));
     }
     if total == 0 {
         return Err(format!("bad duration \"{s}\": must be longer than zero"));
@@ -65,24 +52,12 @@ mod tests {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_duration("8h").unwrap(), Duration::from_secs(8 * 3600));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(
-            parse_duration("2d").unwrap(),
-            Duration::from_secs(2 * 86400)
-        );
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(2 * 86400));
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "",
-            "10",
-            "h",
-            "1x",
-            "0m",
-            "1 h",
-            "-1h",
-            "99999999999999999999d",
-        ] {
+        for bad in ["", "10", "h", "1x", "0m", "1 h", "-1h", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
     }

@@ -16,19 +16,13 @@ impl SshRule {
 
     /// The (caller, target) part of the match, ignoring the login.
     pub(crate) fn matches_nodes(&self, caller: &Identity, target: &Identity) -> bool {
-        self.src.iter().any(|p| p.matches(caller, caller))
-            && self.dst.iter().any(|p| p.matches(target, caller))
+        self.src.iter().any(|p| p.matches(caller, caller)) && self.dst.iter().any(|p| p.matches(target, caller))
     }
 }
 
 impl Policy {
     /// The rule that decides an SSH login, if any (see module docs for order).
-    pub(crate) fn deciding_ssh_rule(
-        &self,
-        caller: &Identity,
-        target: &Identity,
-        login: &str,
-    ) -> Option<&SshRule> {
+    pub(crate) fn deciding_ssh_rule(&self, caller: &Identity, target: &Identity, login: &str) -> Option<&SshRule> {
         let mut first_allow = None;
         for r in &self.ssh {
             if r.matches(caller, target, login) {
@@ -41,21 +35,14 @@ impl Policy {
         first_allow
     }
 
-    pub(crate) fn eval_ssh(
-        &self,
-        caller: &Identity,
-        target: &Identity,
-        login: &str,
-    ) -> SshDecision {
+    pub(crate) fn eval_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
         let who = caller.who();
         let host = &target.node_name;
         let Some(r) = self.deciding_ssh_rule(caller, target, login) else {
             return SshDecision {
                 action: Action::Reject,
                 rule: None,
-                reason: format!(
-                    "no ssh rule in the policy allows {who} to log in to {host} as {login}"
-                ),
+                reason: format!("no ssh rule in the policy allows {who} to log in to {host} as {login}"),
                 record: false,
                 max_duration: None,
                 accept_env: Vec::new(),
@@ -64,10 +51,7 @@ impl Policy {
         let reason = match r.action {
             Action::Accept => format!("{} allows {who} to log in to {host} as {login}", r.label),
             Action::Check => {
-                format!(
-                    "{} requires a check before {who} may log in to {host} as {login}",
-                    r.label
-                )
+                format!("{} requires a check before {who} may log in to {host} as {login}", r.label)
             }
             Action::Reject => format!("{} rejects {who} logging in to {host} as {login}", r.label),
         };
@@ -78,11 +62,7 @@ impl Policy {
             reason,
             record: allowed && r.record,
             max_duration: if allowed { r.max_duration } else { None },
-            accept_env: if allowed {
-                r.accept_env.clone()
-            } else {
-                Vec::new()
-            },
+            accept_env: if allowed { r.accept_env.clone() } else { Vec::new() },
         }
     }
 
@@ -91,11 +71,7 @@ impl Policy {
     /// src and dst match.
     pub(crate) fn network_rule(&self, src: &Identity, dst: &Identity, port: u16) -> Option<String> {
         for a in &self.acls {
-            if a.src.iter().any(|p| p.matches(src, src))
-                && a.dst
-                    .iter()
-                    .any(|(p, ports)| ports.contains(port) && p.matches(dst, src))
-            {
+            if a.src.iter().any(|p| p.matches(src, src)) && a.dst.iter().any(|(p, ports)| ports.contains(port) && p.matches(dst, src)) {
                 return Some(a.label.clone());
             }
         }

@@ -90,11 +90,7 @@ pub struct SshDecision {
 impl SshDecision {
     /// May the client set environment variable `name` (per `accept_env`)?
     pub fn allows_env(&self, name: &str) -> bool {
-        self.action != Action::Reject
-            && self
-                .accept_env
-                .iter()
-                .any(|p| pattern::env_matches(p, name))
+        self.action != Action::Reject && self.accept_env.iter().any(|p| pattern::env_matches(p, name))
     }
 }
 
@@ -109,11 +105,7 @@ pub struct Diagnostic {
 
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.col, self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
     }
 }
 
@@ -159,22 +151,14 @@ impl Policy {
     pub fn parse_and_test(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
         let p = Self::parse(src, file_name)?;
         let failures = p.run_tests();
-        if failures.is_empty() {
-            Ok(p)
-        } else {
-            Err(PolicyErrors(failures))
-        }
+        if failures.is_empty() { Ok(p) } else { Err(PolicyErrors(failures)) }
     }
 
     /// [`Policy::load`] + [`Policy::run_tests`], as [`Policy::parse_and_test`].
     pub fn load_and_test(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
         let p = Self::load(path)?;
         let failures = p.run_tests();
-        if failures.is_empty() {
-            Ok(p)
-        } else {
-            Err(PolicyErrors(failures))
-        }
+        if failures.is_empty() { Ok(p) } else { Err(PolicyErrors(failures)) }
     }
 
     /// The built-in policy for a node started without one
@@ -220,10 +204,7 @@ impl Policy {
 
     /// Number of single assertions (logins and ports) across all tests.
     pub fn assertion_count(&self) -> usize {
-        self.tests
-            .iter()
-            .map(|t| t.logins.len() + t.ports.len())
-            .sum()
+        self.tests.iter().map(|t| t.logins.len() + t.ports.len()).sum()
     }
 
     /// Number of `[[ssh]]` rules.
@@ -252,8 +233,7 @@ impl Policy {
         let Some(o) = self.tag_owners.get(tag) else {
             return false;
         };
-        pattern::effective_user(who).is_some_and(|u| o.users.contains(u))
-            || who.tags.iter().any(|t| o.tags.contains(t))
+        pattern::effective_user(who).is_some_and(|u| o.users.contains(u)) || who.tags.iter().any(|t| o.tags.contains(t))
     }
 }
 
@@ -268,11 +248,7 @@ pub fn cli_check(path: &std::path::Path) -> i32 {
             for d in &diags {
                 eprintln!("{d}");
             }
-            eprintln!(
-                "{name}: {} problem{}",
-                diags.len(),
-                if diags.len() == 1 { "" } else { "s" }
-            );
+            eprintln!("{name}: {} problem{}", diags.len(), if diags.len() == 1 { "" } else { "s" });
             return 1;
         }
     };
@@ -281,11 +257,7 @@ pub fn cli_check(path: &std::path::Path) -> i32 {
         for d in &failures {
             eprintln!("{d}");
         }
-        eprintln!(
-            "{name}: {} of {} test assertions failed",
-            failures.len(),
-            policy.assertion_count()
-        );
+        eprintln!("{name}: {} of {} test assertions failed", failures.len(), policy.assertion_count());
         return 1;
     }
     println!(

@@ -12,11 +12,7 @@ use crate::identity::Identity;
 /// The user a node acts for. Tagged nodes have no user, even if the identity
 /// happens to carry one: a node is either user-owned or tagged.
 pub fn effective_user(id: &Identity) -> Option<&str> {
-    if id.tags.is_empty() {
-        id.user.as_deref()
-    } else {
-        None
-    }
+    if id.tags.is_empty() { id.user.as_deref() } else { None }
 }
 
 /// Which side of a rule a pattern is on. It changes what a bare name means:
@@ -41,10 +37,7 @@ pub enum NodePat {
     /// A bare name in `src`: the nodes owned by this user.
     User(String),
     /// `group:NAME`: nodes owned by any (transitive) member.
-    Group {
-        name: String,
-        members: BTreeSet<String>,
-    },
+    Group { name: String, members: BTreeSet<String> },
     /// `tag:NAME`: nodes carrying this tag.
     Tag(String),
     /// A bare name in `dst`: the node with this name (`web1` also matches
@@ -62,9 +55,7 @@ pub struct Names<'a> {
 }
 
 fn name_chars_ok(s: &str, extra: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || extra.contains(c))
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || extra.contains(c))
 }
 
 /// Checks `tag:NAME`.
@@ -76,9 +67,7 @@ pub fn check_tag_name(s: &str) -> Result<(), String> {
         return Err(format!("empty tag name in '{s}'"));
     }
     if !name_chars_ok(rest, "") {
-        return Err(format!(
-            "bad tag name '{s}': use letters, digits, '-', '_' and '.'"
-        ));
+        return Err(format!("bad tag name '{s}': use letters, digits, '-', '_' and '.'"));
     }
     Ok(())
 }
@@ -86,17 +75,13 @@ pub fn check_tag_name(s: &str) -> Result<(), String> {
 /// Checks `group:NAME`.
 pub fn check_group_name(s: &str) -> Result<(), String> {
     let Some(rest) = s.strip_prefix("group:") else {
-        return Err(format!(
-            "'{s}' is not a group name: groups are written group:NAME"
-        ));
+        return Err(format!("'{s}' is not a group name: groups are written group:NAME"));
     };
     if rest.is_empty() {
         return Err(format!("empty group name in '{s}'"));
     }
     if !name_chars_ok(rest, "@") {
-        return Err(format!(
-            "bad group name '{s}': use letters, digits, '-', '_', '.' and '@'"
-        ));
+        return Err(format!("bad group name '{s}': use letters, digits, '-', '_', '.' and '@'"));
     }
     Ok(())
 }
@@ -106,13 +91,8 @@ pub fn check_user_name(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("empty user name".into());
     }
-    if let Some(c) = s
-        .chars()
-        .find(|c| c.is_whitespace() || ",:*\"'/\\".contains(*c))
-    {
-        return Err(format!(
-            "bad user name '{s}': '{c}' is not allowed in user names"
-        ));
+    if let Some(c) = s.chars().find(|c| c.is_whitespace() || ",:*\"'/\\".contains(*c)) {
+        return Err(format!("bad user name '{s}': '{c}' is not allowed in user names"));
     }
     Ok(())
 }
@@ -126,9 +106,7 @@ pub fn check_host_name(s: &str) -> Result<(), String> {
         ));
     }
     if !name_chars_ok(s, "") || s.starts_with(['-', '.']) || s.ends_with('.') {
-        return Err(format!(
-            "bad host name '{s}': use letters, digits, '-', '_' and '.'"
-        ));
+        return Err(format!("bad host name '{s}': use letters, digits, '-', '_' and '.'"));
     }
     Ok(())
 }
@@ -137,9 +115,7 @@ pub fn check_host_name(s: &str) -> Result<(), String> {
 pub fn check_login_name(s: &str) -> Result<(), String> {
     let body = s.strip_suffix('$').unwrap_or(s);
     if body.is_empty() || body.len() > 32 || body.starts_with('-') || !name_chars_ok(body, "") {
-        return Err(format!(
-            "bad login name '{s}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'"
-        ));
+        return Err(format!("bad login name '{s}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'"));
     }
     Ok(())
 }
@@ -156,8 +132,7 @@ pub fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Some(IpNet::from(ip)));
     }
-    let looks_v4 =
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') && s.contains('.');
+    let looks_v4 = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') && s.contains('.');
     let looks_v6 = s.contains("::");
     if looks_v4 || looks_v6 {
         return Err(format!("bad IP address '{s}'"));
@@ -175,24 +150,15 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
             ("member", _) => Ok(NodePat::Member),
             ("tagged", _) => Ok(NodePat::Tagged),
             ("self", Side::Dst) => Ok(NodePat::SelfNodes),
-            ("self", Side::Src) => {
-                Err("autogroup:self only works in dst (it means the caller's own nodes)".into())
-            }
-            ("nonroot" | "caller", _) => Err(format!(
-                "{s} is a login pattern; it belongs in users = [...] of an ssh rule"
-            )),
-            _ => Err(format!(
-                "unknown autogroup '{s}' (known: autogroup:member, autogroup:tagged, autogroup:self)"
-            )),
+            ("self", Side::Src) => Err("autogroup:self only works in dst (it means the caller's own nodes)".into()),
+            ("nonroot" | "caller", _) => Err(format!("{s} is a login pattern; it belongs in users = [...] of an ssh rule")),
+            _ => Err(format!("unknown autogroup '{s}' (known: autogroup:member, autogroup:tagged, autogroup:self)")),
         };
     }
     if s.starts_with("group:") {
         check_group_name(s)?;
         return match names.groups.get(s) {
-            Some(m) => Ok(NodePat::Group {
-                name: s.to_string(),
-                members: m.clone(),
-            }),
+            Some(m) => Ok(NodePat::Group { name: s.to_string(), members: m.clone() }),
             None => Err(format!("unknown group '{s}' (not defined in [groups])")),
         };
     }
@@ -201,9 +167,7 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
         return if names.tags.contains(s) {
             Ok(NodePat::Tag(s.to_string()))
         } else {
-            Err(format!(
-                "{s} has no entry in [tag_owners]; declare it there first"
-            ))
+            Err(format!("{s} has no entry in [tag_owners]; declare it there first"))
         };
     }
     if let Some(net) = parse_net(s)? {
@@ -216,10 +180,7 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
         ));
     }
     if let Some(net) = names.hosts.get(s) {
-        return Ok(NodePat::Net {
-            net: *net,
-            alias: Some(s.to_string()),
-        });
+        return Ok(NodePat::Net { net: *net, alias: Some(s.to_string()) });
     }
     match side {
         Side::Src => {
@@ -235,11 +196,7 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
 
 fn host_matches(pat: &str, node_name: &str) -> bool {
     node_name.eq_ignore_ascii_case(pat)
-        || (!pat.contains('.')
-            && node_name
-                .split('.')
-                .next()
-                .is_some_and(|first| first.eq_ignore_ascii_case(pat)))
+        || (!pat.contains('.') && node_name.split('.').next().is_some_and(|first| first.eq_ignore_ascii_case(pat)))
 }
 
 impl NodePat {
@@ -255,9 +212,7 @@ impl NodePat {
                 _ => false,
             },
             NodePat::User(u) => effective_user(node) == Some(u.as_str()),
-            NodePat::Group { members, .. } => {
-                effective_user(node).is_some_and(|u| members.contains(u))
-            }
+            NodePat::Group { members, .. } => effective_user(node).is_some_and(|u| members.contains(u)),
             NodePat::Tag(t) => node.tags.iter().any(|x| x == t),
             NodePat::Host(h) => host_matches(h, &node.node_name),
             NodePat::Net { net, .. } => net.contains(&node.ip),
@@ -314,9 +269,7 @@ pub fn parse_login(s: &str) -> Result<LoginPat, String> {
         "*" => Ok(LoginPat::Any),
         "autogroup:nonroot" => Ok(LoginPat::NonRoot),
         "autogroup:caller" => Ok(LoginPat::Caller),
-        _ if s.starts_with("autogroup:") => Err(format!(
-            "unknown login pattern '{s}' (known: autogroup:nonroot, autogroup:caller, *)"
-        )),
+        _ if s.starts_with("autogroup:") => Err(format!("unknown login pattern '{s}' (known: autogroup:nonroot, autogroup:caller, *)")),
         _ if s.starts_with("group:") || s.starts_with("tag:") => Err(format!(
             "'{s}' is not a login name: users = [...] lists local accounts \
              (root, deploy, autogroup:nonroot, autogroup:caller)"
@@ -333,10 +286,8 @@ impl LoginPat {
         match self {
             LoginPat::Any => true,
             LoginPat::NonRoot => login != "root",
-            LoginPat::Caller => effective_user(caller).is_some_and(|u| {
-                !login.is_empty()
-                    && (login == u || u.split_once('@').is_some_and(|(local, _)| local == login))
-            }),
+            LoginPat::Caller => effective_user(caller)
+                .is_some_and(|u| !login.is_empty() && (login == u || u.split_once('@').is_some_and(|(local, _)| local == login))),
             LoginPat::Name(n) => n == login,
         }
     }
@@ -376,9 +327,7 @@ impl Ports {
 fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!(
-            "bad port '{s}' in port list '{whole}' (ports are 1-65535)"
-        )),
+        _ => Err(format!("bad port '{s}' in port list '{whole}' (ports are 1-65535)")),
     }
 }
 
@@ -400,9 +349,7 @@ pub fn parse_ports(s: &str) -> Result<Ports, String> {
             }
         };
         if lo > hi {
-            return Err(format!(
-                "bad port range '{part}' in '{s}': start is after end"
-            ));
+            return Err(format!("bad port range '{part}' in '{s}': start is after end"));
         }
         out.push((lo, hi));
     }
@@ -421,9 +368,7 @@ pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), String>
         match s.rsplit_once(':') {
             Some((t, p)) if !matches!(t, "tag" | "group" | "autogroup") => (t, p),
             _ => {
-                return Err(format!(
-                    "acl dst '{s}' needs a port list: write {s}:22, {s}:80,443 or {s}:*"
-                ));
+                return Err(format!("acl dst '{s}' needs a port list: write {s}:22, {s}:80,443 or {s}:*"));
             }
         }
     };
@@ -434,14 +379,8 @@ pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), String>
 
 /// Checks an `accept_env` pattern: a variable name with `*` wildcards.
 pub fn check_env_pattern(s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*')
-    {
-        return Err(format!(
-            "bad accept_env pattern '{s}': use letters, digits, '_' and '*' wildcards"
-        ));
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*') {
+        return Err(format!("bad accept_env pattern '{s}': use letters, digits, '_' and '*' wildcards"));
     }
     Ok(())
 }

@@ -50,35 +50,10 @@ const SRC: &[&str] = &[
     "db",
 ];
 /// Sources that only ever match user-owned nodes.
-const USER_SRC: &[&str] = &[
-    "autogroup:member",
-    "alice",
-    "bob",
-    "carol@x.org",
-    "group:a",
-    "group:ab",
-    "group:nested",
-];
-const DST: &[&str] = &[
-    "*",
-    "autogroup:self",
-    "autogroup:member",
-    "autogroup:tagged",
-    "tag:prod",
-    "tag:ci",
-    "web1",
-    "db1",
-    "100.64.0.0/24",
-    "db",
-];
-const LOGINS: &[&str] = &[
-    "*",
-    "autogroup:nonroot",
-    "autogroup:caller",
-    "root",
-    "alice",
-    "deploy",
-];
+const USER_SRC: &[&str] = &["autogroup:member", "alice", "bob", "carol@x.org", "group:a", "group:ab", "group:nested"];
+const DST: &[&str] =
+    &["*", "autogroup:self", "autogroup:member", "autogroup:tagged", "tag:prod", "tag:ci", "web1", "db1", "100.64.0.0/24", "db"];
+const LOGINS: &[&str] = &["*", "autogroup:nonroot", "autogroup:caller", "root", "alice", "deploy"];
 const ACTIONS: &[&str] = &["accept", "check", "reject"];
 
 #[derive(Clone, Debug)]
@@ -95,10 +70,7 @@ fn pick(from: &'static [&'static str]) -> impl Strategy<Value = Vec<&'static str
     proptest::sample::subsequence(from, 1..=from.len().min(3))
 }
 
-fn rule_from(
-    src: &'static [&'static str],
-    dst: &'static [&'static str],
-) -> impl Strategy<Value = Rule> {
+fn rule_from(src: &'static [&'static str], dst: &'static [&'static str]) -> impl Strategy<Value = Rule> {
     (
         pick(src),
         pick(dst),
@@ -122,12 +94,7 @@ fn rule() -> impl Strategy<Value = Rule> {
 }
 
 fn render(rules: &[Rule]) -> String {
-    let list = |v: &[&str]| {
-        v.iter()
-            .map(|s| format!("{s:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     let mut s = HEADER.to_string();
     for r in rules {
         s += &format!(
@@ -148,20 +115,12 @@ fn render(rules: &[Rule]) -> String {
 }
 
 fn build(rules: &[Rule]) -> Policy {
-    compile(
-        &render(rules),
-        "p.toml",
-        Options {
-            shadow_check: false,
-        },
-    )
-    .unwrap_or_else(|e| panic!("generated policy must compile:\n{e}\n{}", render(rules)))
+    compile(&render(rules), "p.toml", Options { shadow_check: false })
+        .unwrap_or_else(|e| panic!("generated policy must compile:\n{e}\n{}", render(rules)))
 }
 
 fn identity() -> impl Strategy<Value = Identity> {
-    let owner = proptest::option::of(proptest::sample::select(
-        &["alice", "bob", "carol@x.org", "dave"][..],
-    ));
+    let owner = proptest::option::of(proptest::sample::select(&["alice", "bob", "carol@x.org", "dave"][..]));
     let tags = proptest::sample::subsequence(&["tag:prod", "tag:ci"][..], 0..=2);
     let name = proptest::sample::select(&["web1", "db1", "web1.ts.example", "laptop"][..]);
     let ip = proptest::sample::select(&["100.64.0.5", "100.64.0.9", "100.64.1.1"][..]);
@@ -182,23 +141,13 @@ fn login() -> impl Strategy<Value = &'static str> {
 /// per-rule match: first matching reject, else first matching accept/check.
 fn oracle<'a>(p: &'a Policy, c: &Identity, t: &Identity, l: &str) -> Option<&'a compile::SshRule> {
     let matching: Vec<_> = p.ssh.iter().filter(|r| r.matches(c, t, l)).collect();
-    matching
-        .iter()
-        .find(|r| r.action == Action::Reject)
-        .or_else(|| matching.first())
-        .copied()
+    matching.iter().find(|r| r.action == Action::Reject).or_else(|| matching.first()).copied()
 }
 
 /// A decision without the rule label (labels carry positions, which move
 /// when rules are inserted).
 fn outcome(d: &SshDecision) -> (Action, bool, bool, Option<std::time::Duration>, Vec<String>) {
-    (
-        d.action,
-        d.rule.is_some(),
-        d.record,
-        d.max_duration,
-        d.accept_env.clone(),
-    )
+    (d.action, d.rule.is_some(), d.record, d.max_duration, d.accept_env.clone())
 }
 
 proptest! {

@@ -32,21 +32,15 @@ impl Policy {
                 let got = rule.is_some();
                 if got != p.reachable {
                     let message = match rule {
-                        Some(r) => format!(
-                            "test failed: {}: port {}: expected unreachable, got reachable (allowed by {r})",
-                            t.label, p.port
-                        ),
+                        Some(r) => {
+                            format!("test failed: {}: port {}: expected unreachable, got reachable (allowed by {r})", t.label, p.port)
+                        }
                         None => format!(
                             "test failed: {}: port {}: expected reachable, got unreachable (no acl or ssh rule allows it)",
                             t.label, p.port
                         ),
                     };
-                    out.push(Diagnostic {
-                        file: self.file.clone(),
-                        line: p.line,
-                        col: p.col,
-                        message,
-                    });
+                    out.push(Diagnostic { file: self.file.clone(), line: p.line, col: p.col, message });
                 }
             }
         }

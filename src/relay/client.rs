@@ -313,9 +313,7 @@ async fn handshake<S: Stream>(
 ) -> Result<(RelaySender, RelayReceiver), RelayError> {
     let (host, port) = parse_url(url).map_err(RelayError::Http)?;
     let hosthdr = if port == 80 { host.clone() } else { format!("{host}:{port}") };
-    s.write_all(&http::upgrade_request(&hosthdr, RELAY_PATH, UPGRADE_RELAY))
-        .await
-        .map_err(|e| RelayError::Closed(e.to_string()))?;
+    s.write_all(&http::upgrade_request(&hosthdr, RELAY_PATH, UPGRADE_RELAY)).await.map_err(|e| RelayError::Closed(e.to_string()))?;
     let mut rbuf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();
     let (code, reason, used) = loop {

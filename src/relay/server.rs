@@ -475,12 +475,7 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
 
 /// Encrypts queued `PeerGone` notices and datagrams into `out` (emptying
 /// `gone` and `batch`).
-fn seal_batch(
-    chan: &Mutex<SecureChannel>,
-    gone: &mut Vec<Key>,
-    batch: &mut Vec<(Key, Vec<u8>)>,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
+fn seal_batch(chan: &Mutex<SecureChannel>, gone: &mut Vec<Key>, batch: &mut Vec<(Key, Vec<u8>)>, out: &mut Vec<u8>) -> Result<(), String> {
     let mut ch = chan.lock().unwrap();
     let mut frame = Vec::with_capacity(2048);
     for key in gone.drain(..) {

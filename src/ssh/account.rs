@@ -35,52 +35,24 @@ pub fn lookup(name: &str) -> std::io::Result<Option<Account>> {
     let groups = nix::unistd::getgrouplist(&cname, user.gid)
         .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
         .unwrap_or_else(|_| vec![user.gid.as_raw()]);
-    let shell = if user.shell.as_os_str().is_empty() {
-        PathBuf::from("/bin/sh")
-    } else {
-        user.shell
-    };
-    Ok(Some(Account {
-        name: user.name,
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        home: user.dir,
-        shell,
-        groups,
-    }))
+    let shell = if user.shell.as_os_str().is_empty() { PathBuf::from("/bin/sh") } else { user.shell };
+    Ok(Some(Account { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir, shell, groups }))
 }
 
 /// The account tailgate itself runs as (for the unprivileged mode).
 pub fn current_user_name() -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
+    nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten().map(|u| u.name)
 }
 
 /// Variables the client may never set, whatever `accept_env` says: they
 /// define who the session is (or how the dynamic loader behaves for it).
-const RESERVED_ENV: &[&str] = &[
-    "USER",
-    "LOGNAME",
-    "HOME",
-    "SHELL",
-    "MAIL",
-    "SSH_CONNECTION",
-    "SSH_CLIENT",
-    "SSH_TTY",
-    "TAILGATE_CALLER",
-];
+const RESERVED_ENV: &[&str] = &["USER", "LOGNAME", "HOME", "SHELL", "MAIL", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "TAILGATE_CALLER"];
 
 /// Whether a client may set `name` at all: a sane name that is not one of
 /// the variables defining the session. The policy's `accept_env` patterns
 /// are applied on top (`SshDecision::allows_env`).
 pub fn env_name_acceptable(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 256
-        && !name.contains(['=', '\0'])
-        && !RESERVED_ENV.contains(&name)
-        && !name.starts_with("LD_")
+    !name.is_empty() && name.len() <= 256 && !name.contains(['=', '\0']) && !RESERVED_ENV.contains(&name) && !name.starts_with("LD_")
 }
 
 /// What the login environment is built from.
@@ -124,23 +96,10 @@ pub fn login_env(e: &LoginEnv<'_>) -> Vec<(String, String)> {
     // know they run under SSH. The ports are not meaningful on the tailnet's
     // userspace stack, so report the conventional ones.
     set("SSH_CLIENT", format!("{} 0 22", e.caller.ip));
-    set(
-        "SSH_CONNECTION",
-        format!("{} 0 {} 22", e.caller.ip, e.target.ip),
-    );
-    set(
-        "TAILGATE_CALLER",
-        format!("{}@{}", e.caller.who(), e.caller.node_name),
-    );
+    set("SSH_CONNECTION", format!("{} 0 {} 22", e.caller.ip, e.target.ip));
+    set("TAILGATE_CALLER", format!("{}@{}", e.caller.who(), e.caller.node_name));
     if let Some(t) = e.term {
-        set(
-            "TERM",
-            if t.is_empty() {
-                "dumb".into()
-            } else {
-                t.to_string()
-            },
-        );
+        set("TERM", if t.is_empty() { "dumb".into() } else { t.to_string() });
     }
     if let Some(t) = e.tty {
         set("SSH_TTY", t.to_string());
@@ -155,16 +114,7 @@ mod tests {
 
     #[test]
     fn reserved_and_malformed_names_are_never_accepted() {
-        for n in [
-            "USER",
-            "HOME",
-            "LD_PRELOAD",
-            "LD_LIBRARY_PATH",
-            "SSH_CONNECTION",
-            "TAILGATE_CALLER",
-            "",
-            "A=B",
-        ] {
+        for n in ["USER", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "SSH_CONNECTION", "TAILGATE_CALLER", "", "A=B"] {
             assert!(!env_name_acceptable(n), "{n}");
         }
         for n in ["LANG", "LC_ALL", "TERM", "GIT_AUTHOR_NAME"] {
@@ -174,14 +124,8 @@ mod tests {
 
     #[test]
     fn login_env_is_clean_and_identity_wins() {
-        let acct = Account {
-            name: "bob".into(),
-            uid: 1001,
-            gid: 1001,
-            home: "/home/bob".into(),
-            shell: "/bin/bash".into(),
-            groups: vec![1001],
-        };
+        let acct =
+            Account { name: "bob".into(), uid: 1001, gid: 1001, home: "/home/bob".into(), shell: "/bin/bash".into(), groups: vec![1001] };
         let id = Identity {
             node_key: "k".into(),
             node_name: "laptop".into(),
@@ -189,23 +133,9 @@ mod tests {
             tags: vec![],
             ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
         };
-        let me = Identity {
-            node_name: "web1".into(),
-            ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)),
-            ..id.clone()
-        };
-        let client = vec![
-            ("LANG".to_string(), "C.UTF-8".to_string()),
-            ("PATH".to_string(), "/x".to_string()),
-        ];
-        let env = login_env(&LoginEnv {
-            account: &acct,
-            caller: &id,
-            target: &me,
-            term: Some("xterm"),
-            tty: None,
-            client: &client,
-        });
+        let me = Identity { node_name: "web1".into(), ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)), ..id.clone() };
+        let client = vec![("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/x".to_string())];
+        let env = login_env(&LoginEnv { account: &acct, caller: &id, target: &me, term: Some("xterm"), tty: None, client: &client });
         let get = |k: &str| env.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
         assert_eq!(get("USER"), Some("bob"));
         assert_eq!(get("HOME"), Some("/home/bob"));

@@ -112,13 +112,7 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn new(
-        event: EventKind,
-        conn: &str,
-        caller: &Identity,
-        target: &Identity,
-        now: SystemTime,
-    ) -> Self {
+    pub fn new(event: EventKind, conn: &str, caller: &Identity, target: &Identity, now: SystemTime) -> Self {
         AuditEvent {
             time: rfc3339_utc(now),
             event,
@@ -170,19 +164,10 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn open(path: &Path) -> Result<AuditLog, SshError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| SshError::io(path, e))?;
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| SshError::io(path, e))?;
         // An existing file created by something else keeps its mode on open; enforce ours.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| SshError::io(path, e))?;
-        Ok(AuditLog {
-            path: path.to_path_buf(),
-            file: Mutex::new(file),
-        })
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(path, e))?;
+        Ok(AuditLog { path: path.to_path_buf(), file: Mutex::new(file) })
     }
 
     pub fn path(&self) -> &Path {
@@ -210,12 +195,7 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, (sod / 60) % 60, sod % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -279,8 +259,7 @@ mod tests {
             max_duration: None,
             accept_env: vec![],
         };
-        let mut ev = AuditEvent::new(EventKind::Auth, "c1", &alice(), &web1(), UNIX_EPOCH)
-            .decision("root", &d);
+        let mut ev = AuditEvent::new(EventKind::Auth, "c1", &alice(), &web1(), UNIX_EPOCH).decision("root", &d);
         ev.allowed = Some(false);
         let line = ev.to_line();
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
@@ -304,22 +283,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&p).unwrap();
-        let ev = AuditEvent::new(
-            EventKind::SessionStart,
-            "c",
-            &alice(),
-            &web1(),
-            SystemTime::now(),
-        );
+        let ev = AuditEvent::new(EventKind::SessionStart, "c", &alice(), &web1(), SystemTime::now());
         log.write(&ev);
         log.write(&ev);
         drop(log);
         let log = AuditLog::open(&p).unwrap();
         log.write(&ev);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
         for l in text.lines() {

@@ -26,9 +26,7 @@ pub fn local_destination(host: &str, port: u32, self_ip: IpAddr) -> Option<Socke
         _ => match host.parse::<IpAddr>() {
             Ok(ip) if ip.is_loopback() => ip,
             Ok(ip) if ip == self_ip => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()) => {
-                IpAddr::V6(Ipv6Addr::LOCALHOST)
-            }
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             _ => return None,
         },
     };
@@ -46,12 +44,7 @@ pub async fn run(
     deadline: Option<Instant>,
 ) {
     let started = Instant::now();
-    let tcp = match tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect(dest),
-    )
-    .await
-    {
+    let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,
         _ => {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -70,13 +63,7 @@ pub async fn run(
         },
         None => copy.await.unwrap_or((0, 0)),
     };
-    let mut ev = AuditEvent::new(
-        EventKind::ForwardEnd,
-        &ctx.conn_id,
-        &ctx.caller,
-        &ctx.target,
-        SystemTime::now(),
-    );
+    let mut ev = AuditEvent::new(EventKind::ForwardEnd, &ctx.conn_id, &ctx.caller, &ctx.target, SystemTime::now());
     ev.login = Some(login);
     ev.kind = Some("direct-tcpip".into());
     ev.dest = Some(dest.to_string());
@@ -93,30 +80,12 @@ mod tests {
     #[test]
     fn only_this_machine() {
         let me: IpAddr = "100.64.0.3".parse().unwrap();
-        assert_eq!(
-            local_destination("localhost", 80, me),
-            Some("127.0.0.1:80".parse().unwrap())
-        );
-        assert_eq!(
-            local_destination("127.0.0.1", 8080, me),
-            Some("127.0.0.1:8080".parse().unwrap())
-        );
-        assert_eq!(
-            local_destination("127.1.2.3", 8080, me),
-            Some("127.1.2.3:8080".parse().unwrap())
-        );
-        assert_eq!(
-            local_destination("::1", 22, me),
-            Some("[::1]:22".parse().unwrap())
-        );
-        assert_eq!(
-            local_destination("[::1]", 22, me),
-            Some("[::1]:22".parse().unwrap())
-        );
-        assert_eq!(
-            local_destination("100.64.0.3", 5432, me),
-            Some("127.0.0.1:5432".parse().unwrap())
-        );
+        assert_eq!(local_destination("localhost", 80, me), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(local_destination("127.0.0.1", 8080, me), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(local_destination("127.1.2.3", 8080, me), Some("127.1.2.3:8080".parse().unwrap()));
+        assert_eq!(local_destination("::1", 22, me), Some("[::1]:22".parse().unwrap()));
+        assert_eq!(local_destination("[::1]", 22, me), Some("[::1]:22".parse().unwrap()));
+        assert_eq!(local_destination("100.64.0.3", 5432, me), Some("127.0.0.1:5432".parse().unwrap()));
         assert_eq!(local_destination("100.64.0.4", 5432, me), None);
         assert_eq!(local_destination("10.0.0.1", 80, me), None);
         assert_eq!(local_destination("example.com", 80, me), None);

@@ -50,13 +50,7 @@ pub(crate) struct ConnCtx {
 
 impl ConnCtx {
     fn event(&self, kind: EventKind) -> AuditEvent {
-        AuditEvent::new(
-            kind,
-            &self.conn_id,
-            &self.caller,
-            &self.target,
-            SystemTime::now(),
-        )
+        AuditEvent::new(kind, &self.conn_id, &self.caller, &self.target, SystemTime::now())
     }
 }
 
@@ -76,8 +70,7 @@ struct Login {
 impl Login {
     fn deadline(&self) -> Option<(Instant, Duration)> {
         // A limit too large to represent is no limit.
-        self.max_duration
-            .and_then(|d| Some((self.at.checked_add(d)?, d)))
+        self.max_duration.and_then(|d| Some((self.at.checked_add(d)?, d)))
     }
 }
 
@@ -136,11 +129,7 @@ impl Request<'_> {
 
 /// Keeps a policy-supplied message to one printable line.
 fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_string()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
 }
 
 fn deny_message(d: &SshDecision) -> String {
@@ -156,9 +145,7 @@ fn deny_message(d: &SshDecision) -> String {
         }
         _ if reason.is_empty() => match rule {
             Some(r) => format!("tailgate: access denied by {r}"),
-            None => {
-                "tailgate: access denied: no policy rule allows this login (default deny)".into()
-            }
+            None => "tailgate: access denied: no policy rule allows this login (default deny)".into(),
         },
         _ => format!("tailgate: access denied: {reason}"),
     }
@@ -178,12 +165,7 @@ fn unprivileged_denial(euid: u32, acct: &Account, me: &str, node: &str) -> Optio
 impl Conn {
     pub(crate) fn new(server: Arc<SshServer>, caller: Identity, target: Identity) -> Self {
         Conn {
-            ctx: Arc::new(ConnCtx {
-                server,
-                conn_id: new_id(),
-                caller,
-                target,
-            }),
+            ctx: Arc::new(ConnCtx { server, conn_id: new_id(), caller, target }),
             login: None,
             sessions: HashMap::new(),
             timers: Vec::new(),
@@ -201,12 +183,7 @@ impl Conn {
     }
 
     fn decide(&self, login: &str) -> SshDecision {
-        self.ctx
-            .server
-            .cfg
-            .policy
-            .current()
-            .check_ssh(&self.ctx.caller, &self.ctx.target, login)
+        self.ctx.server.cfg.policy.current().check_ssh(&self.ctx.caller, &self.ctx.target, login)
     }
 
     /// The answer to every authentication method: the identity decides.
@@ -228,12 +205,7 @@ impl Conn {
             }
         }
         self.ctx.server.audit.write(&ev);
-        self.login = Some(Login {
-            user: user.to_string(),
-            verdict,
-            at: Instant::now(),
-            max_duration: decision.max_duration,
-        });
+        self.login = Some(Login { user: user.to_string(), verdict, at: Instant::now(), max_duration: decision.max_duration });
         Ok(Auth::Accept)
     }
 
@@ -246,27 +218,17 @@ impl Conn {
         let acct = match looked_up {
             Ok(Ok(Some(a))) => a,
             Ok(Ok(None)) => {
-                return Verdict::Deny(format!(
-                    "tailgate: access denied: there is no user {user:?} on {node}"
-                ));
+                return Verdict::Deny(format!("tailgate: access denied: there is no user {user:?} on {node}"));
             }
             Ok(Err(e)) => {
-                return Verdict::Deny(format!(
-                    "tailgate: access denied: cannot look up user {user:?} on {node}: {e}"
-                ));
+                return Verdict::Deny(format!("tailgate: access denied: cannot look up user {user:?} on {node}: {e}"));
             }
             Err(_) => {
-                return Verdict::Deny(
-                    "tailgate: access denied: internal error looking up the user".into(),
-                );
+                return Verdict::Deny("tailgate: access denied: internal error looking up the user".into());
             }
         };
         let euid = nix::unistd::geteuid().as_raw();
-        let me = if euid == 0 {
-            String::new()
-        } else {
-            account::current_user_name().unwrap_or_else(|| format!("uid {euid}"))
-        };
+        let me = if euid == 0 { String::new() } else { account::current_user_name().unwrap_or_else(|| format!("uid {euid}")) };
         match unprivileged_denial(euid, &acct, &me, node) {
             Some(msg) => Verdict::Deny(msg),
             None => Verdict::Admit(acct),
@@ -284,12 +246,7 @@ impl Conn {
     }
 
     /// Starts a shell, command or subsystem on a session channel.
-    async fn start(
-        &mut self,
-        channel: ChannelId,
-        req: Request<'_>,
-        session: &mut Session,
-    ) -> Result<(), russh::Error> {
+    async fn start(&mut self, channel: ChannelId, req: Request<'_>, session: &mut Session) -> Result<(), russh::Error> {
         let Some(login) = self.login.as_ref() else {
             return session.channel_failure(channel);
         };
@@ -313,18 +270,10 @@ impl Conn {
         let admitted = match &login.verdict {
             Verdict::Deny(msg) => Err(msg.clone()),
             Verdict::Admit(acct) => {
-                let d = ctx.server.cfg.policy.current().check_ssh(
-                    &ctx.caller,
-                    &ctx.target,
-                    &login.user,
-                );
+                let d = ctx.server.cfg.policy.current().check_ssh(&ctx.caller, &ctx.target, &login.user);
                 ev.rule = d.rule.clone();
                 ev.action = Some(d.action);
-                if d.action == Action::Accept {
-                    Ok((acct.clone(), d))
-                } else {
-                    Err(deny_message(&d))
-                }
+                if d.action == Action::Accept { Ok((acct.clone(), d)) } else { Err(deny_message(&d)) }
             }
         };
         let (acct, decision) = match admitted {
@@ -342,11 +291,9 @@ impl Conn {
 
         let (program, arg0, args) = match &req {
             Request::Shell => (acct.shell.clone(), login_arg0(&acct.shell), vec![]),
-            Request::Exec(cmd) => (
-                acct.shell.clone(),
-                base_name(&acct.shell),
-                vec![OsString::from("-c"), OsString::from_vec(cmd.to_vec())],
-            ),
+            Request::Exec(cmd) => {
+                (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), OsString::from_vec(cmd.to_vec())])
+            }
             Request::Subsystem("sftp") => match &ctx.server.sftp_server {
                 Some(p) => (p.clone(), OsString::from("sftp-server"), vec![]),
                 None => {
@@ -375,29 +322,14 @@ impl Conn {
         // session does not happen. Subsystems (sftp) speak a binary protocol
         // that a terminal recording cannot represent; the audit log covers them.
         let recorder = if decision.record && !matches!(req, Request::Subsystem(_)) {
-            let (w, h) = sc
-                .pty
-                .as_ref()
-                .map(|p| (p.cols, p.rows))
-                .unwrap_or((80, 24));
+            let (w, h) = sc.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
             let mut header = CastHeader::new(w, h, SystemTime::now());
-            header.command = Some(
-                req.command()
-                    .unwrap_or_else(|| acct.shell.display().to_string()),
-            );
-            header.title = Some(format!(
-                "{}@{} as {} on {}",
-                ctx.caller.who(),
-                ctx.caller.node_name,
-                login.user,
-                ctx.target.node_name
-            ));
+            header.command = Some(req.command().unwrap_or_else(|| acct.shell.display().to_string()));
+            header.title = Some(format!("{}@{} as {} on {}", ctx.caller.who(), ctx.caller.node_name, login.user, ctx.target.node_name));
             if let Some(p) = &sc.pty {
                 header.env.insert("TERM".into(), p.term.clone());
             }
-            header
-                .env
-                .insert("SHELL".into(), acct.shell.display().to_string());
+            header.env.insert("SHELL".into(), acct.shell.display().to_string());
             match Recorder::create(&ctx.server.recordings_dir, &sc.id, &header) {
                 Ok(r) => Some(Arc::new(Mutex::new(r))),
                 Err(e) => {
@@ -431,8 +363,7 @@ impl Conn {
             Err(e) => {
                 tracing::warn!("session {}: {e}", sc.id);
                 if let Some(r) = &recorder {
-                    let _ =
-                        std::fs::remove_file(r.lock().unwrap_or_else(|e| e.into_inner()).path());
+                    let _ = std::fs::remove_file(r.lock().unwrap_or_else(|e| e.into_inner()).path());
                 }
                 ev.reason = Some(e.to_string());
                 ctx.server.audit.write(&ev);
@@ -451,22 +382,13 @@ impl Conn {
         start.action = Some(decision.action);
         start.allowed = Some(true);
         start.kind = Some(req.kind().into());
-        start.command = Some(
-            req.command()
-                .unwrap_or_else(|| program.display().to_string()),
-        );
+        start.command = Some(req.command().unwrap_or_else(|| program.display().to_string()));
         start.pty = Some(sc.pty.is_some());
         start.term = sc.pty.as_ref().map(|p| p.term.clone());
         if !sc.env.is_empty() {
             start.env = Some(sc.env.iter().map(|(k, _)| k.clone()).collect());
         }
-        start.recording = recorder.as_ref().map(|r| {
-            r.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .path()
-                .display()
-                .to_string()
-        });
+        start.recording = recorder.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).path().display().to_string());
         ctx.server.audit.write(&start);
 
         let control = session::start(
@@ -492,9 +414,7 @@ impl Conn {
 }
 
 fn base_name(p: &Path) -> OsString {
-    p.file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_else(|| p.as_os_str().to_os_string())
+    p.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| p.as_os_str().to_os_string())
 }
 
 /// `-bash`: the leading dash tells the shell it is a login shell.
@@ -505,11 +425,7 @@ fn login_arg0(shell: &Path) -> OsString {
 }
 
 async fn report_denial(w: ChannelWriteHalf<Msg>, msg: String, pty: bool) {
-    let line = if pty {
-        format!("{msg}\r\n")
-    } else {
-        format!("{msg}\n")
-    };
+    let line = if pty { format!("{msg}\r\n") } else { format!("{msg}\n") };
     let _ = w.extended_data_bytes(1, Bytes::from(line)).await;
     let _ = w.exit_status(1).await;
     let _ = w.eof().await;
@@ -528,27 +444,15 @@ impl russh::server::Handler for Conn {
         self.authenticate(user).await
     }
 
-    async fn auth_publickey_offered(
-        &mut self,
-        _user: &str,
-        _offer: russh::server::PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(&mut self, _user: &str, _offer: russh::server::PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
         Ok(Auth::Accept)
     }
 
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        _key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(&mut self, user: &str, _key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         self.authenticate(user).await
     }
 
-    async fn auth_openssh_certificate(
-        &mut self,
-        user: &str,
-        _c: &russh::keys::Certificate,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_openssh_certificate(&mut self, user: &str, _c: &russh::keys::Certificate) -> Result<Auth, Self::Error> {
         self.authenticate(user).await
     }
 
@@ -573,9 +477,7 @@ impl russh::server::Handler for Conn {
             let msg = msg.clone();
             self.timers.push(tokio::spawn(async move {
                 tokio::time::sleep(DENIED_LINGER).await;
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, msg, "en".into())
-                    .await;
+                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
             }));
         } else if let Some((at, d)) = login.deadline() {
             // Sessions end themselves at the deadline; this also ends forwards
@@ -584,24 +486,14 @@ impl russh::server::Handler for Conn {
                 tokio::time::sleep_until(at.into()).await;
                 // Sessions end themselves at `at`; give them a moment to report.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let msg = format!(
-                    "tailgate: session time limit ({}) reached",
-                    session::human_duration(d)
-                );
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, msg, "en".into())
-                    .await;
+                let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
+                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
             }));
         }
         Ok(())
     }
 
-    async fn channel_open_session(
-        &mut self,
-        channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _s: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_open_session(&mut self, channel: Channel<Msg>, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
         if self.login.is_none() || self.sessions.len() >= MAX_SESSIONS {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
@@ -610,17 +502,8 @@ impl russh::server::Handler for Conn {
         // Requests and data reach us through the handler callbacks; the read
         // half would only duplicate them (and block russh once full).
         let (_read, writer) = channel.split();
-        self.sessions.insert(
-            id,
-            SessionChan {
-                id: new_id(),
-                writer: Some(writer),
-                pty: None,
-                env: Vec::new(),
-                started: false,
-                control: None,
-            },
-        );
+        self.sessions
+            .insert(id, SessionChan { id: new_id(), writer: Some(writer), pty: None, env: Vec::new(), started: false, control: None });
         reply.accept().await;
         Ok(())
     }
@@ -637,34 +520,20 @@ impl russh::server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         let dest_label = format!("{host}:{port}");
         let Some(login) = &self.login else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
         if let Verdict::Deny(_) = login.verdict {
             self.refuse_forward("direct-tcpip", Some(dest_label), "login denied");
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
         let Some(dest) = forward::local_destination(host, port, self.ctx.target.ip) else {
-            self.refuse_forward(
-                "direct-tcpip",
-                Some(dest_label),
-                "only ports on this node can be forwarded",
-            );
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            self.refuse_forward("direct-tcpip", Some(dest_label), "only ports on this node can be forwarded");
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
-        let allowed = self.ctx.server.cfg.policy.current().check_network(
-            &self.ctx.caller,
-            &self.ctx.target,
-            dest.port(),
-        );
+        let allowed = self.ctx.server.cfg.policy.current().check_network(&self.ctx.caller, &self.ctx.target, dest.port());
         let (ctx_clone, user) = (self.ctx.clone(), login.user.clone());
         let mut ev = self.ctx.event(EventKind::Forward);
         ev.login = Some(login.user.clone());
@@ -672,21 +541,14 @@ impl russh::server::Handler for Conn {
         ev.dest = Some(dest_label);
         ev.allowed = Some(allowed);
         if !allowed {
-            ev.reason = Some(format!(
-                "network policy does not allow port {}",
-                dest.port()
-            ));
+            ev.reason = Some(format!("network policy does not allow port {}", dest.port()));
             self.ctx.server.audit.write(&ev);
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
         if Arc::strong_count(&self.forwards) > MAX_FORWARDS {
             ev.allowed = Some(false);
-            ev.reason = Some(format!(
-                "more than {MAX_FORWARDS} forwards open on this connection"
-            ));
+            ev.reason = Some(format!("more than {MAX_FORWARDS} forwards open on this connection"));
             self.ctx.server.audit.write(&ev);
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
@@ -710,9 +572,7 @@ impl russh::server::Handler for Conn {
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse_forward("x11", None, "X11 forwarding is not supported");
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
         Ok(())
     }
 
@@ -726,9 +586,7 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
         Ok(())
     }
 
@@ -739,49 +597,22 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_forward(
-            "direct-streamlocal",
-            Some(path.to_string()),
-            "unix socket forwarding is not supported",
-        );
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        self.refuse_forward("direct-streamlocal", Some(path.to_string()), "unix socket forwarding is not supported");
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
         Ok(())
     }
 
-    async fn tcpip_forward(
-        &mut self,
-        address: &str,
-        port: &mut u32,
-        _s: &mut Session,
-    ) -> Result<bool, Self::Error> {
-        self.refuse_forward(
-            "tcpip-forward",
-            Some(format!("{address}:{port}")),
-            "remote forwarding is not supported",
-        );
+    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _s: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse_forward("tcpip-forward", Some(format!("{address}:{port}")), "remote forwarding is not supported");
         Ok(false)
     }
 
-    async fn streamlocal_forward(
-        &mut self,
-        path: &str,
-        _s: &mut Session,
-    ) -> Result<bool, Self::Error> {
-        self.refuse_forward(
-            "streamlocal-forward",
-            Some(path.to_string()),
-            "remote forwarding is not supported",
-        );
+    async fn streamlocal_forward(&mut self, path: &str, _s: &mut Session) -> Result<bool, Self::Error> {
+        self.refuse_forward("streamlocal-forward", Some(path.to_string()), "remote forwarding is not supported");
         Ok(false)
     }
 
-    async fn agent_request(
-        &mut self,
-        _channel: ChannelId,
-        _s: &mut Session,
-    ) -> Result<bool, Self::Error> {
+    async fn agent_request(&mut self, _channel: ChannelId, _s: &mut Session) -> Result<bool, Self::Error> {
         self.refuse_forward("agent", None, "agent forwarding is not supported");
         Ok(false)
     }
@@ -813,42 +644,23 @@ impl russh::server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         match self.sessions.get_mut(&channel) {
             Some(sc) if !sc.started => {
-                let term: String = term
-                    .chars()
-                    .filter(|c| c.is_ascii_graphic())
-                    .take(64)
-                    .collect();
-                sc.pty = Some(PtyParams {
-                    term,
-                    cols,
-                    rows,
-                    px_width,
-                    px_height,
-                    modes: modes.to_vec(),
-                });
+                let term: String = term.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+                sc.pty = Some(PtyParams { term, cols, rows, px_width, px_height, modes: modes.to_vec() });
                 session.channel_success(channel)
             }
             _ => session.channel_failure(channel),
         }
     }
 
-    async fn env_request(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        value: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
         let Some(login) = &self.login else {
             return session.channel_failure(channel);
         };
         let Verdict::Admit(_) = login.verdict else {
             return session.channel_failure(channel);
         };
-        let ok = account::env_name_acceptable(name)
-            && value.len() <= 4096
-            && !value.contains('\0')
-            && self.decide(&login.user).allows_env(name);
+        let ok =
+            account::env_name_acceptable(name) && value.len() <= 4096 && !value.contains('\0') && self.decide(&login.user).allows_env(name);
         match self.sessions.get_mut(&channel) {
             Some(sc) if ok && !sc.started && sc.env.len() < MAX_ENV => {
                 sc.env.retain(|(k, _)| k != name);
@@ -859,29 +671,15 @@ impl russh::server::Handler for Conn {
         }
     }
 
-    async fn shell_request(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
         self.start(channel, Request::Shell, session).await
     }
 
-    async fn exec_request(
-        &mut self,
-        channel: ChannelId,
-        data: &[u8],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
         self.start(channel, Request::Exec(data), session).await
     }
 
-    async fn subsystem_request(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
         self.start(channel, Request::Subsystem(name), session).await
     }
 
@@ -906,31 +704,15 @@ impl russh::server::Handler for Conn {
         session.channel_failure(channel)
     }
 
-    async fn signal(
-        &mut self,
-        channel: ChannelId,
-        signal: Sig,
-        _s: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let (Some(c), Some(n)) = (
-            self.sessions.get(&channel).and_then(|s| s.control.as_ref()),
-            session::sig_number(&signal),
-        ) {
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _s: &mut Session) -> Result<(), Self::Error> {
+        if let (Some(c), Some(n)) = (self.sessions.get(&channel).and_then(|s| s.control.as_ref()), session::sig_number(&signal)) {
             c.signal(n);
         }
         Ok(())
     }
 
-    async fn data(
-        &mut self,
-        channel: ChannelId,
-        data: &[u8],
-        _s: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(c) = self
-            .sessions
-            .get_mut(&channel)
-            .and_then(|s| s.control.as_mut())
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _s: &mut Session) -> Result<(), Self::Error> {
+        if let Some(c) = self.sessions.get_mut(&channel).and_then(|s| s.control.as_mut())
             && let Some(q) = &c.stdin
         {
             match q.push(data).await {
@@ -945,27 +727,14 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
-    async fn channel_eof(
-        &mut self,
-        channel: ChannelId,
-        _s: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(q) = self
-            .sessions
-            .get(&channel)
-            .and_then(|s| s.control.as_ref())
-            .and_then(|c| c.stdin.as_ref())
-        {
+    async fn channel_eof(&mut self, channel: ChannelId, _s: &mut Session) -> Result<(), Self::Error> {
+        if let Some(q) = self.sessions.get(&channel).and_then(|s| s.control.as_ref()).and_then(|c| c.stdin.as_ref()) {
             q.eof();
         }
         Ok(())
     }
 
-    async fn channel_close(
-        &mut self,
-        channel: ChannelId,
-        _s: &mut Session,
-    ) -> Result<(), Self::Error> {
+    async fn channel_close(&mut self, channel: ChannelId, _s: &mut Session) -> Result<(), Self::Error> {
         // Dropping the session's control ends its process group.
         self.sessions.remove(&channel);
         Ok(())
@@ -977,41 +746,17 @@ mod tests {
     use super::*;
 
     fn decision(action: Action, rule: Option<&str>, reason: &str) -> SshDecision {
-        SshDecision {
-            action,
-            rule: rule.map(String::from),
-            reason: reason.into(),
-            record: false,
-            max_duration: None,
-            accept_env: vec![],
-        }
+        SshDecision { action, rule: rule.map(String::from), reason: reason.into(), record: false, max_duration: None, accept_env: vec![] }
     }
 
     #[test]
     fn denial_messages_are_one_line_and_name_the_cause() {
-        let m = deny_message(&decision(
-            Action::Reject,
-            None,
-            "no ssh rule allows a to log in to b as c",
-        ));
-        assert_eq!(
-            m,
-            "tailgate: access denied: no ssh rule allows a to log in to b as c"
-        );
+        let m = deny_message(&decision(Action::Reject, None, "no ssh rule allows a to log in to b as c"));
+        assert_eq!(m, "tailgate: access denied: no ssh rule allows a to log in to b as c");
         let m = deny_message(&decision(Action::Reject, Some("ssh[2] at p.toml:9"), ""));
-        assert_eq!(
-            m,
-            "tailgate: access denied by policy rule ssh[2] at p.toml:9"
-        );
-        let m = deny_message(&decision(
-            Action::Check,
-            Some("ssh[1]"),
-            "ssh[1] requires a check\nbefore x",
-        ));
-        assert_eq!(
-            m,
-            "tailgate: access denied: ssh[1] requires a check before x; this node cannot perform that check yet"
-        );
+        assert_eq!(m, "tailgate: access denied by policy rule ssh[2] at p.toml:9");
+        let m = deny_message(&decision(Action::Check, Some("ssh[1]"), "ssh[1] requires a check\nbefore x"));
+        assert_eq!(m, "tailgate: access denied: ssh[1] requires a check before x; this node cannot perform that check yet");
         let m = deny_message(&decision(Action::Check, Some("ssh[1]"), ""));
         assert!(m.contains("policy rule ssh[1] requires a check") && m.contains("cannot perform"));
         let m = deny_message(&decision(Action::Reject, None, "\x1b[31mred\r\n"));
@@ -1020,19 +765,10 @@ mod tests {
 
     #[test]
     fn unprivileged_server_only_logs_in_its_own_user() {
-        let acct = |name: &str, uid| Account {
-            name: name.into(),
-            uid,
-            gid: uid,
-            home: "/".into(),
-            shell: "/bin/sh".into(),
-            groups: vec![],
-        };
+        let acct =
+            |name: &str, uid| Account { name: name.into(), uid, gid: uid, home: "/".into(), shell: "/bin/sh".into(), groups: vec![] };
         assert_eq!(unprivileged_denial(0, &acct("bob", 1001), "", "web1"), None);
-        assert_eq!(
-            unprivileged_denial(1000, &acct("me", 1000), "me", "web1"),
-            None
-        );
+        assert_eq!(unprivileged_denial(1000, &acct("me", 1000), "me", "web1"), None);
         let m = unprivileged_denial(1000, &acct("root", 0), "me", "web1").unwrap();
         assert_eq!(
             m,

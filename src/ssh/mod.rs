@@ -50,30 +50,18 @@ pub const RECORDINGS_DIR: &str = "recordings";
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("host key {path}: {source}")]
-    HostKey {
-        path: PathBuf,
-        source: russh::keys::ssh_key::Error,
-    },
+    HostKey { path: PathBuf, source: russh::keys::ssh_key::Error },
     #[error("spawning {program}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    Spawn { program: String, source: std::io::Error },
     #[error("pty: {0}")]
     Pty(#[from] nix::Error),
 }
 
 impl SshError {
     fn io(path: &Path, source: std::io::Error) -> Self {
-        SshError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        SshError::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -128,17 +116,8 @@ pub struct SshServerConfig {
 }
 
 impl SshServerConfig {
-    pub fn new(
-        state_dir: impl Into<PathBuf>,
-        policy: PolicyHandle,
-        self_identity: Identity,
-    ) -> Self {
-        SshServerConfig {
-            state_dir: state_dir.into(),
-            policy,
-            self_identity: Arc::new(move || self_identity.clone()),
-            sftp_server: None,
-        }
+    pub fn new(state_dir: impl Into<PathBuf>, policy: PolicyHandle, self_identity: Identity) -> Self {
+        SshServerConfig { state_dir: state_dir.into(), policy, self_identity: Arc::new(move || self_identity.clone()), sftp_server: None }
     }
 }
 
@@ -165,35 +144,18 @@ impl SshServer {
     pub fn new(cfg: SshServerConfig) -> anyhow::Result<Arc<Self>> {
         ensure_private_dir(&cfg.state_dir)?;
         let key = load_or_create_host_key(&cfg.state_dir.join(HOST_KEY_FILE))?;
-        let host_public = key
-            .public_key()
-            .to_openssh()
-            .map_err(|e| SshError::HostKey {
-                path: cfg.state_dir.join(HOST_KEY_FILE),
-                source: e,
-            })?;
+        let host_public =
+            key.public_key().to_openssh().map_err(|e| SshError::HostKey { path: cfg.state_dir.join(HOST_KEY_FILE), source: e })?;
         // Strip the comment: known_hosts wants "type base64".
         let host_public = host_public.split(' ').take(2).collect::<Vec<_>>().join(" ");
         let audit = AuditLog::open(&cfg.state_dir.join(AUDIT_FILE))?;
         let recordings_dir = cfg.state_dir.join(RECORDINGS_DIR);
-        let sftp_server = cfg.sftp_server.clone().or_else(|| {
-            SFTP_SERVER_PATHS
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.exists())
-        });
+        let sftp_server = cfg.sftp_server.clone().or_else(|| SFTP_SERVER_PATHS.iter().map(PathBuf::from).find(|p| p.exists()));
 
         let russh_config = russh::server::Config {
-            server_id: russh::SshId::Standard(
-                format!("SSH-2.0-tailgate_{}", env!("CARGO_PKG_VERSION")).into(),
-            ),
+            server_id: russh::SshId::Standard(format!("SSH-2.0-tailgate_{}", env!("CARGO_PKG_VERSION")).into()),
             methods: russh::MethodSet::from(
-                &[
-                    MethodKind::None,
-                    MethodKind::PublicKey,
-                    MethodKind::Password,
-                    MethodKind::KeyboardInteractive,
-                ][..],
+                &[MethodKind::None, MethodKind::PublicKey, MethodKind::Password, MethodKind::KeyboardInteractive][..],
             ),
             keys: vec![key],
             // Every attempt is answered from the identity, so there is no secret
@@ -207,14 +169,7 @@ impl SshServer {
             nodelay: true,
             ..Default::default()
         };
-        Ok(Arc::new(SshServer {
-            cfg,
-            russh_config: Arc::new(russh_config),
-            host_public,
-            audit,
-            recordings_dir,
-            sftp_server,
-        }))
+        Ok(Arc::new(SshServer { cfg, russh_config: Arc::new(russh_config), host_public, audit, recordings_dir, sftp_server }))
     }
 
     /// `ssh-ed25519 AAAA...`, for known_hosts lines and the netmap.
@@ -239,12 +194,7 @@ impl SshServer {
         let authed = conn.authenticated_flag();
         // No inactivity timeout in russh (idle shells are fine), so bound the
         // unauthenticated phase here: banner, key exchange and login.
-        let running = match tokio::time::timeout(
-            LOGIN_GRACE,
-            russh::server::run_stream(self.russh_config.clone(), stream, conn),
-        )
-        .await
-        {
+        let running = match tokio::time::timeout(LOGIN_GRACE, russh::server::run_stream(self.russh_config.clone(), stream, conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::debug!(conn = %conn_id, "ssh handshake failed: {e}");
@@ -259,13 +209,7 @@ impl SshServer {
         let watchdog = tokio::spawn(async move {
             tokio::time::sleep(LOGIN_GRACE).await;
             if !authed.load(std::sync::atomic::Ordering::Acquire) {
-                let _ = handle
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "tailgate: login timed out".into(),
-                        "en".into(),
-                    )
-                    .await;
+                let _ = handle.disconnect(russh::Disconnect::ByApplication, "tailgate: login timed out".into(), "en".into()).await;
             }
         });
         if let Err(e) = running.await {
@@ -281,8 +225,7 @@ const LOGIN_GRACE: Duration = Duration::from_secs(60);
 fn ensure_private_dir(dir: &Path) -> Result<(), SshError> {
     if !dir.exists() {
         fs::create_dir_all(dir).map_err(|e| SshError::io(dir, e))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| SshError::io(dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| SshError::io(dir, e))?;
     }
     Ok(())
 }
@@ -292,43 +235,22 @@ fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, SshError> {
         Ok(text) => {
             let meta = fs::metadata(path).map_err(|e| SshError::io(path, e))?;
             if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    "{}: host key was readable by others; fixing mode to 0600",
-                    path.display()
-                );
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                    .map_err(|e| SshError::io(path, e))?;
+                tracing::warn!("{}: host key was readable by others; fixing mode to 0600", path.display());
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(path, e))?;
             }
-            PrivateKey::from_openssh(text.as_bytes()).map_err(|e| SshError::HostKey {
-                path: path.into(),
-                source: e,
-            })
+            PrivateKey::from_openssh(text.as_bytes()).map_err(|e| SshError::HostKey { path: path.into(), source: e })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|e| {
-                SshError::HostKey {
-                    path: path.into(),
-                    source: e,
-                }
-            })?;
-            let text = key
-                .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-                .map_err(|e| SshError::HostKey {
-                    path: path.into(),
-                    source: e,
-                })?;
+            let key =
+                PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|e| SshError::HostKey { path: path.into(), source: e })?;
+            let text =
+                key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| SshError::HostKey { path: path.into(), source: e })?;
             // Write to a temporary name and rename, so a crash never leaves a
             // truncated key that would change the host identity.
             let tmp = path.with_extension("tmp");
             let _ = fs::remove_file(&tmp);
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| SshError::io(&tmp, e))?;
-            f.write_all(text.as_bytes())
-                .map_err(|e| SshError::io(&tmp, e))?;
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|e| SshError::io(&tmp, e))?;
+            f.write_all(text.as_bytes()).map_err(|e| SshError::io(&tmp, e))?;
             f.sync_all().map_err(|e| SshError::io(&tmp, e))?;
             fs::rename(&tmp, path).map_err(|e| SshError::io(path, e))?;
             Ok(key)
@@ -352,10 +274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(HOST_KEY_FILE);
         let k1 = load_or_create_host_key(&p).unwrap();
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let k2 = load_or_create_host_key(&p).unwrap();
         assert_eq!(k1.public_key(), k2.public_key());
     }

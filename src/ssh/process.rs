@@ -49,15 +49,8 @@ pub struct SpawnSpec {
 
 /// The child side handed back to the session.
 pub enum ChildIo {
-    Pipes {
-        stdin: tokio::process::ChildStdin,
-        stdout: tokio::process::ChildStdout,
-        stderr: tokio::process::ChildStderr,
-    },
-    Pty {
-        master: PtyMaster,
-        tty_name: String,
-    },
+    Pipes { stdin: tokio::process::ChildStdin, stdout: tokio::process::ChildStdout, stderr: tokio::process::ChildStderr },
+    Pty { master: PtyMaster, tty_name: String },
 }
 
 pub struct Spawned {
@@ -85,29 +78,17 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd, String), SshError> {
             return Err(Errno::last().into());
         }
         let name = std::ffi::CStr::from_ptr(buf.as_ptr()).to_owned();
-        let s = libc::open(
-            name.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        );
+        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
         if s < 0 {
             return Err(Errno::last().into());
         }
-        Ok((
-            master,
-            OwnedFd::from_raw_fd(s),
-            name.to_string_lossy().into_owned(),
-        ))
+        Ok((master, OwnedFd::from_raw_fd(s), name.to_string_lossy().into_owned()))
     }
 }
 
 pub fn set_winsize(fd: RawFd, cols: u32, rows: u32, px_w: u32, px_h: u32) {
     let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
-    let ws = libc::winsize {
-        ws_row: clamp(rows),
-        ws_col: clamp(cols),
-        ws_xpixel: clamp(px_w),
-        ws_ypixel: clamp(px_h),
-    };
+    let ws = libc::winsize { ws_row: clamp(rows), ws_col: clamp(cols), ws_xpixel: clamp(px_w), ws_ypixel: clamp(px_h) };
     // SAFETY: TIOCSWINSZ reads a winsize struct we own; failure is harmless.
     unsafe {
         libc::ioctl(fd, libc::TIOCSWINSZ, &ws);
@@ -127,9 +108,7 @@ fn apply_modes(fd: RawFd, modes: &[(Pty, u32)]) {
     }
     for &(op, v) in modes {
         let on = v != 0;
-        let cc = |t: &mut libc::termios, i: usize| {
-            t.c_cc[i] = if v == 255 { 0 } else { v as libc::cc_t }
-        };
+        let cc = |t: &mut libc::termios, i: usize| t.c_cc[i] = if v == 255 { 0 } else { v as libc::cc_t };
         match op {
             Pty::VINTR => cc(&mut t, libc::VINTR),
             Pty::VQUIT => cc(&mut t, libc::VQUIT),
@@ -203,16 +182,10 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// Spawns `spec`. Must be called within a tokio runtime.
 pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
     let program_name = spec.program.display().to_string();
-    let spawn_err = |e: io::Error| SshError::Spawn {
-        program: program_name.clone(),
-        source: e,
-    };
+    let spawn_err = |e: io::Error| SshError::Spawn { program: program_name.clone(), source: e };
 
     let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.arg0(&spec.arg0)
-        .args(&spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)));
+    cmd.arg0(&spec.arg0).args(&spec.args).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v)));
     // Dropping the Child (runtime shutdown) must not leave the process behind.
     cmd.kill_on_drop(true);
 
@@ -223,11 +196,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
         set_winsize(master.as_raw_fd(), p.cols, p.rows, p.px_width, p.px_height);
         if spec.switch_user {
             // As sshd does: the user owns their terminal, group tty may write to it.
-            let tty_gid = nix::unistd::Group::from_name("tty")
-                .ok()
-                .flatten()
-                .map(|g| g.gid.as_raw())
-                .unwrap_or(spec.account.gid);
+            let tty_gid = nix::unistd::Group::from_name("tty").ok().flatten().map(|g| g.gid.as_raw()).unwrap_or(spec.account.gid);
             // SAFETY: fchown/fchmod on a descriptor we own.
             unsafe {
                 libc::fchown(slave.as_raw_fd(), spec.account.uid, tty_gid);
@@ -236,21 +205,16 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
         }
         let s_in = slave.try_clone().map_err(spawn_err)?;
         let s_out = slave.try_clone().map_err(spawn_err)?;
-        cmd.stdin(Stdio::from(s_in))
-            .stdout(Stdio::from(s_out))
-            .stderr(Stdio::from(slave));
+        cmd.stdin(Stdio::from(s_in)).stdout(Stdio::from(s_out)).stderr(Stdio::from(slave));
         cmd.env("SSH_TTY", &name);
         pty = Some((master, name));
     } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     }
 
     // Everything the child needs is prepared here: between fork and exec only
     // async-signal-safe calls are allowed (no allocation, no NSS lookups).
-    let home =
-        CString::new(spec.account.home.as_os_str().as_bytes()).unwrap_or_else(|_| c"/".into());
+    let home = CString::new(spec.account.home.as_os_str().as_bytes()).unwrap_or_else(|_| c"/".into());
     let groups: Vec<libc::gid_t> = spec.account.groups.clone();
     let (uid, gid) = (spec.account.uid, spec.account.gid);
     let switch_user = spec.switch_user;
@@ -266,10 +230,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
                 return Err(io::Error::last_os_error());
             }
             if switch_user {
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // Paranoia, as in OpenSSH: privileges must be gone for good.
@@ -282,12 +243,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
             }
             // Defence in depth against descriptors some library opened without
             // O_CLOEXEC. CLOEXEC rather than close keeps std's exec-error pipe working.
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
             Ok(())
         });
     }
@@ -295,23 +251,11 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(-1);
     let io = match pty {
-        Some((master, tty_name)) => ChildIo::Pty {
-            master: PtyMaster::new(master).map_err(spawn_err)?,
-            tty_name,
-        },
+        Some((master, tty_name)) => ChildIo::Pty { master: PtyMaster::new(master).map_err(spawn_err)?, tty_name },
         None => ChildIo::Pipes {
-            stdin: child
-                .stdin
-                .take()
-                .ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
-            stdout: child
-                .stdout
-                .take()
-                .ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
-            stderr: child
-                .stderr
-                .take()
-                .ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
+            stdin: child.stdin.take().ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
+            stdout: child.stdout.take().ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
+            stderr: child.stderr.take().ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
         },
     };
     Ok(Spawned { child, pgid, io })
@@ -346,24 +290,14 @@ impl PtyMaster {
 }
 
 impl AsyncRead for PtyMaster {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.0.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let res = guard.try_io(|fd| {
                 // SAFETY: reading into an initialized buffer we own.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                let n = unsafe { libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len()) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
             });
             match res {
                 Ok(Ok(n)) => {
@@ -380,21 +314,13 @@ impl AsyncRead for PtyMaster {
 }
 
 impl AsyncWrite for PtyMaster {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.0.poll_write_ready(cx))?;
             let res = guard.try_io(|fd| {
                 // SAFETY: writing from a buffer we borrow.
                 let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
             });
             match res {
                 Ok(r) => return Poll::Ready(r),
@@ -421,9 +347,7 @@ pub fn signal_name(sig: i32) -> String {
 /// Maps an SSH signal name to a number.
 pub fn signal_number(name: &str) -> Option<i32> {
     use std::str::FromStr;
-    nix::sys::signal::Signal::from_str(&format!("SIG{name}"))
-        .ok()
-        .map(|s| s as i32)
+    nix::sys::signal::Signal::from_str(&format!("SIG{name}")).ok().map(|s| s as i32)
 }
 
 #[cfg(test)]

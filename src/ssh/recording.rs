@@ -40,10 +40,7 @@ impl CastHeader {
             // asciinema refuses a 0x0 terminal; clients without a pty report none.
             width: if width == 0 { 80 } else { width },
             height: if height == 0 { 24 } else { height },
-            timestamp: started
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            timestamp: started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             command: None,
             title: None,
             env: Default::default(),
@@ -85,11 +82,7 @@ impl CastEncoder {
     pub fn output(&mut self, t: Duration, data: &[u8]) -> Option<String> {
         self.pending.extend_from_slice(data);
         let text = self.take_decodable(false);
-        if text.is_empty() {
-            None
-        } else {
-            Some(event_line(t, "o", &text))
-        }
+        if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
     }
 
     /// A resize event.
@@ -100,11 +93,7 @@ impl CastEncoder {
     /// Emits whatever is still held back (a truncated character at the very end).
     pub fn finish(&mut self, t: Duration) -> Option<String> {
         let text = self.take_decodable(true);
-        if text.is_empty() {
-            None
-        } else {
-            Some(event_line(t, "o", &text))
-        }
+        if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
     }
 
     /// Decodes the longest prefix of `pending`; invalid sequences become
@@ -160,30 +149,14 @@ impl Recorder {
     /// Creates `dir/<id>.cast` (0600; `dir` 0700) and writes the header.
     pub fn create(dir: &Path, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
         if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| SshError::io(dir, e))?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| SshError::io(dir, e))?;
         }
         let path = dir.join(format!("{id}.cast"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| SshError::io(&path, e))?;
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| SshError::io(&path, e))?;
         let mut out = BufWriter::new(file);
-        out.write_all(header.to_line().as_bytes())
-            .map_err(|e| SshError::io(&path, e))?;
+        out.write_all(header.to_line().as_bytes()).map_err(|e| SshError::io(&path, e))?;
         out.flush().map_err(|e| SshError::io(&path, e))?;
-        Ok(Recorder {
-            path,
-            out,
-            enc: CastEncoder::new(),
-            start: Instant::now(),
-            failed: false,
-        })
+        Ok(Recorder { path, out, enc: CastEncoder::new(), start: Instant::now(), failed: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -214,15 +187,8 @@ impl Recorder {
             return;
         }
         // Flushed per event: a recording must survive the node crashing mid-session.
-        if let Err(e) = self
-            .out
-            .write_all(line.as_bytes())
-            .and_then(|_| self.out.flush())
-        {
-            tracing::error!(
-                "recording {}: {e}; further output of this session is not recorded",
-                self.path.display()
-            );
+        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
+            tracing::error!("recording {}: {e}; further output of this session is not recorded", self.path.display());
             self.failed = true;
         }
     }
@@ -261,9 +227,7 @@ mod tests {
     fn incomplete_char_alone_emits_nothing() {
         let mut e = CastEncoder::new();
         assert!(e.output(Duration::ZERO, &[0xE2, 0x82]).is_none());
-        let l = e
-            .output(Duration::from_millis(1500), &[0xAC, b'x'])
-            .unwrap();
+        let l = e.output(Duration::from_millis(1500), &[0xAC, b'x']).unwrap();
         let (t, code, d) = data_of(&l);
         assert_eq!((t, code.as_str(), d.as_str()), (1.5, "o", "€x"));
     }
@@ -281,9 +245,7 @@ mod tests {
     fn control_characters_round_trip_through_json() {
         let mut e = CastEncoder::new();
         let raw = "\x1b[1;31mred\x1b[0m\r\n\t\"q\"\\";
-        let l = e
-            .output(Duration::from_micros(1_234_567), raw.as_bytes())
-            .unwrap();
+        let l = e.output(Duration::from_micros(1_234_567), raw.as_bytes()).unwrap();
         let (t, _, d) = data_of(&l);
         assert_eq!(t, 1.234567);
         assert_eq!(d, raw);
@@ -300,10 +262,7 @@ mod tests {
         assert_eq!(v["timestamp"], 42);
         assert_eq!(v["command"], "/bin/bash");
         let e = CastEncoder::new();
-        assert_eq!(
-            data_of(&e.resize(Duration::from_secs(2), 100, 40)),
-            (2.0, "r".into(), "100x40".into())
-        );
+        assert_eq!(data_of(&e.resize(Duration::from_secs(2), 100, 40)), (2.0, "r".into(), "100x40".into()));
     }
 
     #[test]
@@ -311,20 +270,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let rdir = dir.path().join("recordings");
-        let mut r =
-            Recorder::create(&rdir, "s1", &CastHeader::new(80, 24, SystemTime::now())).unwrap();
+        let mut r = Recorder::create(&rdir, "s1", &CastHeader::new(80, 24, SystemTime::now())).unwrap();
         r.output(b"hi\r\n");
         r.resize(90, 30);
         let p = r.path().to_path_buf();
         drop(r);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            std::fs::metadata(&rdir).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&rdir).unwrap().permissions().mode() & 0o777, 0o700);
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
     }

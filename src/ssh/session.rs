@@ -104,24 +104,14 @@ impl StdinQueue {
             let notified = f.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if f.queued.load(Ordering::Acquire) < STDIN_SOFT_LIMIT
-                || f.output_busy.load(Ordering::Acquire) > 0
-            {
+            if f.queued.load(Ordering::Acquire) < STDIN_SOFT_LIMIT || f.output_busy.load(Ordering::Acquire) > 0 {
                 continue;
             }
             // The timeout only guards against a task that died without notifying.
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
         f.queued.fetch_add(data.len(), Ordering::AcqRel);
-        if self
-            .tx
-            .send(Input::Data(Bytes::copy_from_slice(data)))
-            .is_ok()
-        {
-            Pushed::Queued
-        } else {
-            Pushed::Closed
-        }
+        if self.tx.send(Input::Data(Bytes::copy_from_slice(data))).is_ok() { Pushed::Queued } else { Pushed::Closed }
     }
 
     pub fn eof(&self) {
@@ -156,9 +146,7 @@ impl Control {
             process::set_winsize(p.raw_fd(), cols, rows, px_w, px_h);
         }
         if let Some(r) = &self.recorder {
-            r.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .resize(cols, rows);
+            r.lock().unwrap_or_else(|e| e.into_inner()).resize(cols, rows);
         }
     }
 
@@ -190,26 +178,15 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     let bytes_in = Arc::new(AtomicU64::new(0));
     let bytes_out = Arc::new(AtomicU64::new(0));
     let flow = Arc::new(Flow::default());
-    let queue = StdinQueue {
-        tx: stdin_tx,
-        flow: flow.clone(),
-    };
-    let mut feed = Feed {
-        rx: stdin_rx,
-        flow: flow.clone(),
-        count: bytes_in.clone(),
-    };
+    let queue = StdinQueue { tx: stdin_tx, flow: flow.clone() };
+    let mut feed = Feed { rx: stdin_rx, flow: flow.clone(), count: bytes_in.clone() };
     let (stop_tx, stop_rx) = watch::channel(None);
     let (exited_tx, exited_rx) = watch::channel(false);
 
     let mut pumps = Vec::new();
     let pty_master;
     let stdin_task = match io {
-        ChildIo::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => {
+        ChildIo::Pipes { stdin, stdout, stderr } => {
             pty_master = None;
             pumps.push(tokio::spawn(pump(
                 stdout,
@@ -245,16 +222,8 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
         }
     };
 
-    let control = Control {
-        stdin: Some(queue),
-        pgid,
-        pty: pty_master,
-        recorder: run.recorder.clone(),
-        stop: stop_tx,
-    };
-    tokio::spawn(supervise(
-        child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out,
-    ));
+    let control = Control { stdin: Some(queue), pgid, pty: pty_master, recorder: run.recorder.clone(), stop: stop_tx };
+    tokio::spawn(supervise(child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out));
     control
 }
 
@@ -326,9 +295,7 @@ async fn pump<R, W>(
         };
         count.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(rec) = &recorder {
-            rec.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .output(&buf[..n]);
+            rec.lock().unwrap_or_else(|e| e.into_inner()).output(&buf[..n]);
         }
         flow.output_busy.fetch_add(1, Ordering::AcqRel);
         flow.wake.notify_waiters();
@@ -429,16 +396,7 @@ async fn supervise(
         if let Some(code) = exit_status {
             let _ = run.writer.exit_status(code).await;
         } else if let Some((name, core)) = &exit_signal {
-            let _ = run
-                .handle
-                .exit_signal_request(
-                    run.channel,
-                    ssh_sig(name),
-                    *core,
-                    String::new(),
-                    "en".into(),
-                )
-                .await;
+            let _ = run.handle.exit_signal_request(run.channel, ssh_sig(name), *core, String::new(), "en".into()).await;
         }
         let _ = run.writer.close().await;
     }
@@ -448,13 +406,7 @@ async fn supervise(
         r.finish();
         r.path().display().to_string()
     });
-    let mut ev = AuditEvent::new(
-        EventKind::SessionEnd,
-        &run.ctx.conn_id,
-        &run.ctx.caller,
-        &run.ctx.target,
-        SystemTime::now(),
-    );
+    let mut ev = AuditEvent::new(EventKind::SessionEnd, &run.ctx.conn_id, &run.ctx.caller, &run.ctx.target, SystemTime::now());
     ev.session = Some(run.session_id.clone());
     ev.login = Some(run.login.clone());
     ev.kind = Some(run.kind.to_string());
@@ -469,9 +421,7 @@ async fn supervise(
     ev.reason = match stopped {
         Some(Stop::Closed) => Some("closed by client".into()),
         Some(Stop::TimeLimit(d)) => Some(format!("time limit {} reached", human_duration(d))),
-        Some(Stop::Overflow) => {
-            Some("input overflow: the program stopped reading while its output was blocked".into())
-        }
+        Some(Stop::Overflow) => Some("input overflow: the program stopped reading while its output was blocked".into()),
         None => None,
     };
     run.ctx.server.audit.write(&ev);

@@ -44,11 +44,7 @@ pub fn run_timeout(cmd: &str, secs: u64) -> (i32, String, String) {
         .stdin(Stdio::null())
         .output()
         .expect("spawn timeout");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 pub fn is_root() -> bool {

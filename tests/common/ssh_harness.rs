@@ -55,21 +55,14 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server for `policy_toml` (parsed with the real policy engine).
     pub fn start(policy_toml: &str) -> TestServer {
-        let policy =
-            Policy::parse(policy_toml, "test.toml").unwrap_or_else(|e| panic!("test policy: {e}"));
+        let policy = Policy::parse(policy_toml, "test.toml").unwrap_or_else(|e| panic!("test policy: {e}"));
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let handle = PolicyHandle::new(policy);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let cfg = SshServerConfig::new(state.clone(), handle.clone(), web1());
         let server = SshServer::new(cfg).unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let port = listener.local_addr().unwrap().port();
         let srv = server.clone();
         rt.spawn(async move {
@@ -81,14 +74,7 @@ impl TestServer {
                 tokio::spawn(srv.clone().serve(s, alice()));
             }
         });
-        TestServer {
-            port,
-            dir,
-            state,
-            server,
-            policy: handle,
-            rt: Some(rt),
-        }
+        TestServer { port, dir, state, server, policy: handle, rt: Some(rt) }
     }
 
     pub fn ssh(&self, user: &str) -> Command {
@@ -99,19 +85,11 @@ impl TestServer {
 
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.state.join("audit.jsonl")).unwrap_or_default();
-        text.lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
-            })
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))).collect()
     }
 
     /// Waits (bounded) until an audit event matching `pred` appears.
-    pub fn wait_audit(
-        &self,
-        what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(v) = self.audit().into_iter().find(|v| pred(v)) {
@@ -181,24 +159,13 @@ impl Out {
 
 impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.status,
-            self.out(),
-            self.err()
-        )
+        write!(f, "status {:?}\n--- stdout\n{}\n--- stderr\n{}", self.status, self.out(), self.err())
     }
 }
 
 /// Runs `cmd` with `input` on stdin; kills it and panics after `timeout`.
 pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Out {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn client");
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn client");
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let w = std::thread::spawn(move || {
@@ -216,14 +183,9 @@ pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Out {
         let _ = se.read_to_end(&mut v);
         v
     });
-    let status = wait_timeout(&mut child, timeout)
-        .unwrap_or_else(|| panic!("client timed out after {timeout:?}: {cmd:?}"));
+    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("client timed out after {timeout:?}: {cmd:?}"));
     let _ = w.join();
-    Out {
-        status,
-        stdout: ro.join().unwrap(),
-        stderr: re.join().unwrap(),
-    }
+    Out { status, stdout: ro.join().unwrap(), stderr: re.join().unwrap() }
 }
 
 /// Waits for `child` at most `timeout`; on timeout kills it, reaps it, returns None.
