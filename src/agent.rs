@@ -180,16 +180,14 @@ impl Applier {
         }
         self.resolver.replace(map.self_node.identity(), map.identities());
         let policy_changed = self.current.as_ref().map(|m| &m.policy) != Some(&map.policy);
-        if policy_changed {
-            if let Some(handle) = &self.policy {
-                match Policy::parse(&map.policy.text, &map.policy.name) {
-                    Ok(p) => {
-                        tracing::info!(version = map.policy.version, "policy in force");
-                        handle.replace(p);
-                    }
-                    Err(e) => {
-                        tracing::error!("policy version {} from control does not parse; keeping the previous one: {e}", map.policy.version)
-                    }
+        if policy_changed && let Some(handle) = &self.policy {
+            match Policy::parse(&map.policy.text, &map.policy.name) {
+                Ok(p) => {
+                    tracing::info!(version = map.policy.version, "policy in force");
+                    handle.replace(p);
+                }
+                Err(e) => {
+                    tracing::error!("policy version {} from control does not parse; keeping the previous one: {e}", map.policy.version)
                 }
             }
         }
@@ -198,10 +196,10 @@ impl Applier {
             tracing::warn!("cannot write known_hosts: {e:#}");
         }
         *self.daemon.directory.write().unwrap_or_else(|e| e.into_inner()) = dir;
-        if let Ok(json) = serde_json::to_vec_pretty(&CachedMap::from(&map)) {
-            if let Err(e) = write_secret(&self.state_dir.join(NETMAP_CACHE_FILE), &json) {
-                tracing::warn!("cannot cache the netmap: {e}");
-            }
+        if let Ok(json) = serde_json::to_vec_pretty(&CachedMap::from(&map))
+            && let Err(e) = write_secret(&self.state_dir.join(NETMAP_CACHE_FILE), &json)
+        {
+            tracing::warn!("cannot cache the netmap: {e}");
         }
         self.current = Some(map);
     }
@@ -292,10 +290,10 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let node = Arc::new(Node::start(nc).await?);
     node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
     // The control server answers STUN on the UDP port matching its TCP port.
-    if let Ok((host, port)) = crate::control::token::parse_url(&target.url) {
-        if let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await {
-            node.set_stun_server(addrs.find(|a| a.is_ipv4()));
-        }
+    if let Ok((host, port)) = crate::control::token::parse_url(&target.url)
+        && let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await
+    {
+        node.set_stun_server(addrs.find(|a| a.is_ipv4()));
     }
     tokio::spawn(keep_relay(node.clone(), target.clone(), key));
     let resolver = TableResolver::new(placeholder_identity(&key), []);

@@ -86,7 +86,8 @@ struct UpArgs {
     /// tailnet, like `ssh -L`: 127.0.0.1:2222=100.64.0.2:22 (repeatable).
     #[arg(long, value_name = "LOCAL=HOST:PORT")]
     local_forward: Vec<String>,
-    /// Policy file for the SSH server; without it the embedded default applies.
+    /// Static mode: the SSH policy file (without it the embedded default
+    /// applies). In control mode the policy comes from the control server.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
     /// Where the SSH host key, audit log and recordings live.
@@ -280,6 +281,11 @@ async fn up(args: UpArgs) -> Result<()> {
     };
     let state_dir = state_dir_or_default(args.state_dir.clone())?;
     let Some(wg_config) = args.wg_config.as_deref() else {
+        if args.policy.is_some() {
+            bail!(
+                "--policy is for static mode (--wg-config); with a control server, set the policy there: `tailgate control policy set FILE`"
+            );
+        }
         let agent = crate::agent::start(crate::agent::AgentOptions {
             state_dir: state_dir.clone(),
             authkey: args.authkey.clone(),

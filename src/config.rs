@@ -334,15 +334,15 @@ mod tests {
     #[test]
     fn errors_name_file_and_line() {
         let cases = [
-            (format!("[Interface]\nPrivateKey = abc!\n"), 2, "not valid base64"),
-            (format!("[Interface]\nPrivateKey = AAAA\n"), 2, "32 bytes"),
+            ("[Interface]\nPrivateKey = abc!\n".to_string(), 2, "not valid base64"),
+            ("[Interface]\nPrivateKey = AAAA\n".to_string(), 2, "32 bytes"),
             (format!("[Peer]\nPublicKey = {PUB}\n"), 1, "no [Interface]"),
             (format!("[Interface]\nPrivateKey = {KEY}\nAddress = 100.64.0.300/32\n"), 3, "not an address"),
             (format!("[Interface]\nPrivateKey = {KEY}\nAddress = 100.64.0.1/40\n"), 3, "not an address"),
             (format!("[Interface]\nPrivateKey = {KEY}\n"), 1, "no Address"),
             (format!("[Interface]\nPrivateKey = {KEY}\nAddress = 100.64.0.1\n[Peer]\nAllowedIPs = 1.2.3.4/32\n"), 4, "no PublicKey"),
             (format!("[Interface]\nPrivateKey = {KEY}\nAddress = 100.64.0.1\n[Peer]\n# tailgate-tags = prod\n"), 5, "tag:name"),
-            (format!("[Interface]\nBogus = 1\n"), 2, "unknown [Interface] key"),
+            ("[Interface]\nBogus = 1\n".to_string(), 2, "unknown [Interface] key"),
             (format!("[Interface]\nPrivateKey = {KEY}\nListenPort = 99999\n"), 3, "not a port"),
         ];
         for (src, line, needle) in cases {

@@ -47,10 +47,10 @@ impl Directory {
     /// Find a node by name, fully qualified name, or tailnet IP.
     pub fn lookup(&self, host: &str) -> Result<&Entry, ResolveError> {
         let want = host.trim_end_matches('.').to_ascii_lowercase();
-        if let Ok(ip) = want.parse::<IpAddr>() {
-            if let Some(e) = self.all().find(|e| e.ips.contains(&ip)) {
-                return Ok(e);
-            }
+        if let Ok(ip) = want.parse::<IpAddr>()
+            && let Some(e) = self.all().find(|e| e.ips.contains(&ip))
+        {
+            return Ok(e);
         }
         let short = match &self.domain {
             Some(d) => want.strip_suffix(&format!(".{}", d.to_ascii_lowercase())).unwrap_or(&want).to_string(),

@@ -218,15 +218,15 @@ impl Stack {
     /// Queue one decrypted packet for the stack. SYNs to a listening port get
     /// a fresh listening socket so concurrent connects are not refused.
     pub fn push_inbound(&mut self, packet: &[u8]) {
-        if let Some(port) = syn_dst_port(packet) {
-            if let Some(l) = self.listeners.get_mut(&port) {
-                l.syns_in_batch += 1;
-                let listening = l.sockets.iter().filter(|h| self.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen).count();
-                if listening < l.syns_in_batch && l.sockets.len() < MAX_PENDING_PER_PORT {
-                    let mut s = Self::new_socket();
-                    if s.listen(port).is_ok() {
-                        l.sockets.push(self.sockets.add(s));
-                    }
+        if let Some(port) = syn_dst_port(packet)
+            && let Some(l) = self.listeners.get_mut(&port)
+        {
+            l.syns_in_batch += 1;
+            let listening = l.sockets.iter().filter(|h| self.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen).count();
+            if listening < l.syns_in_batch && l.sockets.len() < MAX_PENDING_PER_PORT {
+                let mut s = Self::new_socket();
+                if s.listen(port).is_ok() {
+                    l.sockets.push(self.sockets.add(s));
                 }
             }
         }
@@ -321,10 +321,10 @@ impl Stack {
     /// Abort every connection from `remote_ip` (a peer was removed).
     pub fn abort_from(&mut self, remote_ip: IpAddr) {
         for (_, s) in self.sockets.iter_mut() {
-            if let smoltcp::socket::Socket::Tcp(t) = s {
-                if t.remote_endpoint().map(|e| IpAddr::from(e.addr)) == Some(remote_ip) {
-                    t.abort();
-                }
+            if let smoltcp::socket::Socket::Tcp(t) = s
+                && t.remote_endpoint().map(|e| IpAddr::from(e.addr)) == Some(remote_ip)
+            {
+                t.abort();
             }
         }
     }

@@ -369,19 +369,19 @@ enum Dest {
 
 impl Paths {
     fn dest(&self, peer: Option<Key>, to: Option<SocketAddr>, now: Instant) -> Dest {
-        if self.enabled {
-            if let Some(k) = peer {
-                if to == Some(wg::RELAYED) {
-                    return Dest::Relay(k);
-                }
-                if let Some(st) = self.states.get(&k) {
-                    return match st.route(now) {
-                        Route::Direct(a) => Dest::Udp(a),
-                        Route::Relay if self.relay.is_some() => Dest::Relay(k),
-                        // No relay: best effort straight at what WireGuard knows.
-                        Route::Relay => to.map_or(Dest::Nowhere, Dest::Udp),
-                    };
-                }
+        if self.enabled
+            && let Some(k) = peer
+        {
+            if to == Some(wg::RELAYED) {
+                return Dest::Relay(k);
+            }
+            if let Some(st) = self.states.get(&k) {
+                return match st.route(now) {
+                    Route::Direct(a) => Dest::Udp(a),
+                    Route::Relay if self.relay.is_some() => Dest::Relay(k),
+                    // No relay: best effort straight at what WireGuard knows.
+                    Route::Relay => to.map_or(Dest::Nowhere, Dest::Udp),
+                };
             }
         }
         match to {
@@ -431,10 +431,10 @@ impl Sender<'_> {
         match paths.dest(peer, to, now) {
             Dest::Udp(a) => self.send(a, data),
             Dest::Relay(k) => {
-                if let Some(r) = &paths.relay {
-                    if r.send(&k, data) {
-                        paths.relayed_out += 1;
-                    }
+                if let Some(r) = &paths.relay
+                    && r.send(&k, data)
+                {
+                    paths.relayed_out += 1;
                 }
             }
             Dest::Nowhere => {}
@@ -493,15 +493,16 @@ fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Send
             }
         }
         disco::DatagramKind::Stun => {
-            if let Some((tx, mapped)) = crate::stun::parse_binding_response(data) {
-                if paths.stun_tx == Some(tx) && Some(from) == paths.stun_server {
-                    paths.stun_tx = None;
-                    paths.public_endpoint.send_if_modified(|cur| {
-                        let changed = *cur != Some(mapped);
-                        *cur = Some(mapped);
-                        changed
-                    });
-                }
+            if let Some((tx, mapped)) = crate::stun::parse_binding_response(data)
+                && paths.stun_tx == Some(tx)
+                && Some(from) == paths.stun_server
+            {
+                paths.stun_tx = None;
+                paths.public_endpoint.send_if_modified(|cur| {
+                    let changed = *cur != Some(mapped);
+                    *cur = Some(mapped);
+                    changed
+                });
             }
         }
         _ => {
@@ -509,19 +510,20 @@ fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Send
                 // An answer to an authenticated handshake that came straight
                 // from `from` goes straight back: that path just worked.
                 Output::Network { peer: Some(key), to: Some(to), data } if to == from && from != wg::RELAYED => {
-                    if paths.enabled {
-                        if let Some(st) = paths.states.get_mut(&key) {
-                            st.on_direct_traffic(from, now);
-                        }
+                    if paths.enabled
+                        && let Some(st) = paths.states.get_mut(&key)
+                    {
+                        st.on_direct_traffic(from, now);
                     }
                     out.send(from, data)
                 }
                 Output::Network { peer, to, data } => out.output(paths, now, peer, to, data),
                 Output::Tunnel { key, packet, .. } => {
-                    if paths.enabled && from != wg::RELAYED {
-                        if let Some(st) = paths.states.get_mut(&key) {
-                            st.on_direct_traffic(from, now);
-                        }
+                    if paths.enabled
+                        && from != wg::RELAYED
+                        && let Some(st) = paths.states.get_mut(&key)
+                    {
+                        st.on_direct_traffic(from, now);
                     }
                     stack.push_inbound(packet)
                 }
@@ -557,13 +559,13 @@ fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
             }
         }
     }
-    if let Some(server) = paths.stun_server {
-        if now >= paths.next_stun {
-            let tx = disco::new_tx_id();
-            paths.stun_tx = Some(tx);
-            out.send(server, &crate::stun::encode_binding_request(tx));
-            paths.next_stun = now + STUN_INTERVAL;
-        }
+    if let Some(server) = paths.stun_server
+        && now >= paths.next_stun
+    {
+        let tx = disco::new_tx_id();
+        paths.stun_tx = Some(tx);
+        out.send(server, &crate::stun::encode_binding_request(tx));
+        paths.next_stun = now + STUN_INTERVAL;
     }
 }
 

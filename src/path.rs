@@ -238,10 +238,10 @@ impl PathState {
 
     pub fn next_deadline(&self) -> Instant {
         let mut d = self.next_probe;
-        if let Some(b) = self.best {
-            if let Some(t) = self.candidates.get(&b).and_then(|c| c.proven_at) {
-                d = d.min(t + TRUST);
-            }
+        if let Some(b) = self.best
+            && let Some(t) = self.candidates.get(&b).and_then(|c| c.proven_at)
+        {
+            d = d.min(t + TRUST);
         }
         d
     }

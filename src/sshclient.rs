@@ -57,7 +57,7 @@ pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, target: &str, res
 /// An OpenSSH config block for every node in the directory.
 pub fn ssh_config(exe: &Path, state_dir: &Path, dir: &Directory) -> String {
     let mut out =
-        format!("# tailgate ssh-config: add to ~/.ssh/config (or `Include` it) so plain ssh/scp/sftp/rsync/ansible reach the tailnet\n");
+        "# tailgate ssh-config: add to ~/.ssh/config (or `Include` it) so plain ssh/scp/sftp/rsync/ansible reach the tailnet\n".to_string();
     for e in &dir.peers {
         let mut names = vec![e.name.clone()];
         if let Some(d) = &dir.domain {

@@ -495,7 +495,7 @@ impl Routes {
             }
             None => {
                 self.tables.push((key, HashMap::from([(net.network(), id)])));
-                self.tables.sort_by(|a, b| b.0.0.cmp(&a.0.0));
+                self.tables.sort_by_key(|t| std::cmp::Reverse(t.0.0));
             }
         }
     }
