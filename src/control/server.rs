@@ -607,6 +607,29 @@ fn seal(chan: &mut SecureChannel, msg: &ServerOut, out: &mut Vec<u8>) -> Result<
     chan.seal_frame(&json, out).map_err(|e| e.to_string())
 }
 
+/// Read the first Noise message after an upgrade (control and relay alike),
+/// within `timeout`.
+pub(crate) async fn read_handshake_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    wire: &mut WireDecoder,
+    rbuf: &mut [u8],
+    timeout: Duration,
+) -> Result<bytes::BytesMut, String> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
+                return Ok::<_, String>(m);
+            }
+            match r.read(rbuf).await {
+                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
+                Ok(n) => wire.push(&rbuf[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "handshake timed out".to_string())?
+}
+
 /// After the 101: handshake, first message, then the message loop.
 /// Returns why the connection ended.
 async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared: &Arc<Shared>) -> Result<(), String> {
@@ -617,19 +640,7 @@ async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared:
     let mut wire = WireDecoder::new();
     wire.push(&leftover);
     // 2. Noise IK message 1.
-    let msg1 = tokio::time::timeout(timeout, async {
-        loop {
-            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
-                return Ok::<_, String>(m);
-            }
-            match r.read(&mut rbuf).await {
-                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
-                Ok(n) => wire.push(&rbuf[..n]),
-            }
-        }
-    })
-    .await
-    .map_err(|_| "handshake timed out".to_string())??;
+    let msg1 = read_handshake_message(&mut r, &mut wire, &mut rbuf, timeout).await?;
     let (mut chan, node_key, msg2) =
         noise::respond(&shared.private, &msg1, wire, shared.opts.max_client_frame).map_err(|e| e.to_string())?;
     w.write_all(&msg2).await.map_err(|e| e.to_string())?;

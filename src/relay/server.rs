@@ -305,19 +305,7 @@ async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftov
     let mut rbuf = vec![0u8; inner.cfg.read_buffer.max(1024)];
     let mut wire = WireDecoder::new();
     wire.push(&leftover);
-    let msg1 = tokio::time::timeout(timeout, async {
-        loop {
-            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
-                return Ok::<_, String>(m);
-            }
-            match s.read(&mut rbuf).await {
-                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
-                Ok(n) => wire.push(&rbuf[..n]),
-            }
-        }
-    })
-    .await
-    .map_err(|_| "handshake timed out".to_string())??;
+    let msg1 = crate::control::server::read_handshake_message(&mut s, &mut wire, &mut rbuf, timeout).await?;
     let (chan, node_key, msg2) = noise::respond(&inner.private, &msg1, wire, MAX_FRAME).map_err(|e| e.to_string())?;
     s.write_all(&msg2).await.map_err(|e| e.to_string())?;
     let chan = Arc::new(Mutex::new(chan));
