@@ -8,7 +8,6 @@
 mod common;
 use common::*;
 
-use std::path::Path;
 
 struct Lab {
     k: Netns,
@@ -21,11 +20,6 @@ struct Lab {
     peers_cmd: String,
 }
 
-fn write(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
 
 fn lab() -> Lab {
     let k = Netns::new("tgk");

@@ -7,7 +7,6 @@
 mod common;
 use common::*;
 
-use std::path::Path;
 
 const POLICY: &str = r#"
 [tag_owners]
@@ -50,11 +49,6 @@ struct Lab {
     state: String,
 }
 
-fn write(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
 
 const SSH_OPTS: &str =
     "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10";

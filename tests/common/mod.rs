@@ -204,6 +204,13 @@ pub fn wireguard_go(ns: &Netns, dev: &str, dir: &Path, private: &str, addr: &str
     ns.exec(&format!("ip addr add {addr} dev {dev} && ip link set {dev} up"));
 }
 
+/// Write `body` to `dir/name`; returns the path as a string for commands.
+pub fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("tailgate-test").tempdir().unwrap()
 }
