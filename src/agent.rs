@@ -217,23 +217,12 @@ impl Applier {
     }
 }
 
-fn entry_of(name: &str, ips: &[IpAddr], key: &Key, user: &Option<String>, tags: &[String], host_key: Option<String>) -> Entry {
-    Entry {
-        name: name.to_string(),
-        ips: ips.to_vec(),
-        node_key: wg::key_to_base64(key),
-        user: user.clone(),
-        tags: tags.to_vec(),
-        ssh_host_key: host_key,
-    }
-}
-
 pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
     let s = &map.self_node;
     Directory {
         domain: Some(map.domain.clone()),
-        me: Some(entry_of(&s.name, &s.ips, &s.node_key, &s.user, &s.tags, own_host_key)),
-        peers: map.peers.values().map(|p| entry_of(&p.name, &p.ips, &p.node_key, &p.user, &p.tags, p.ssh_host_key.clone())).collect(),
+        me: Some(Entry::from_identity(s.identity(), s.ips.clone(), own_host_key)),
+        peers: map.peers.values().map(|p| Entry::from_identity(p.identity(), p.ips.clone(), p.ssh_host_key.clone())).collect(),
     }
 }
 

@@ -243,21 +243,13 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
 /// Names and addresses from a static config, for `nc`, `ssh` and `status`.
 pub fn static_directory(c: &QuickConfig) -> Directory {
     let resolver = static_resolver(c);
-    let entry = |id: Identity, ips: Vec<IpAddr>| Entry {
-        name: id.node_name,
-        ips,
-        node_key: id.node_key,
-        user: id.user,
-        tags: id.tags,
-        ssh_host_key: None,
-    };
-    let me = entry(resolver.self_identity(), c.addresses.iter().map(|n| n.addr()).collect());
+    let me = Entry::from_identity(resolver.self_identity(), c.addresses.iter().map(|n| n.addr()).collect(), None);
     let peers = c
         .peers
         .iter()
         .filter_map(|p| {
             let id = resolver.resolve(&p.config.public_key)?;
-            Some(entry(id, p.config.allowed_ips.iter().map(|n| n.addr()).collect()))
+            Some(Entry::from_identity(id, p.config.allowed_ips.iter().map(|n| n.addr()).collect(), None))
         })
         .collect();
     Directory { domain: None, me: Some(me), peers }
@@ -498,8 +490,13 @@ async fn nc_oneshot(state_dir: &Path, host: &str, port: u16) -> Result<()> {
     let ip = dir.resolve(host)?;
     let mut nc = NodeConfig::new(key, map.self_node.ips.clone());
     nc.peers = map.peer_configs();
-    let node = Node::start(nc).await?;
-    let stream = node.connect(SocketAddr::new(ip, port)).await?;
+    dial_once(nc, SocketAddr::new(ip, port)).await
+}
+
+/// Bring up a node just for one connection to `remote`, piped to stdio.
+async fn dial_once(config: NodeConfig, remote: SocketAddr) -> Result<()> {
+    let node = Node::start(config).await?;
+    let stream = node.connect(remote).await?;
     let (rd, wr) = tokio::io::split(stream);
     pipe_stdio(rd, wr).await?;
     node.shutdown().await;
@@ -511,10 +508,5 @@ async fn nc_static(wg_config: &Path, host: &str, port: u16) -> Result<()> {
     let ip = static_directory(&c).resolve(host).map_err(|e| anyhow::anyhow!("{e} (in {})", wg_config.display()))?;
     // An ephemeral UDP port: a daemon may hold the configured ListenPort, and
     // the peer learns where we are from our authenticated handshake.
-    let node = Node::start(node_config(&c, 0)).await?;
-    let stream = node.connect(SocketAddr::new(ip, port)).await?;
-    let (rd, wr) = tokio::io::split(stream);
-    pipe_stdio(rd, wr).await?;
-    node.shutdown().await;
-    Ok(())
+    dial_once(node_config(&c, 0), SocketAddr::new(ip, port)).await
 }

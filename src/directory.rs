@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Identity;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
     pub name: String,
@@ -15,6 +17,13 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// `ssh-ed25519 AAAA...` when known (the netmap carries it).
     pub ssh_host_key: Option<String>,
+}
+
+impl Entry {
+    /// The entry for a node whose identity is known; `ips` are all its addresses.
+    pub fn from_identity(id: Identity, ips: Vec<IpAddr>, ssh_host_key: Option<String>) -> Entry {
+        Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

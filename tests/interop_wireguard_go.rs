@@ -8,7 +8,6 @@
 mod common;
 use common::*;
 
-
 struct Lab {
     k: Netns,
     t: Netns,
@@ -19,7 +18,6 @@ struct Lab {
     conf_nc: String,
     peers_cmd: String,
 }
-
 
 fn lab() -> Lab {
     let k = Netns::new("tgk");

@@ -7,7 +7,6 @@
 mod common;
 use common::*;
 
-
 const POLICY: &str = r#"
 [tag_owners]
 "tag:prod" = ["alice"]
@@ -48,7 +47,6 @@ struct Lab {
     conf_nc: String,
     state: String,
 }
-
 
 const SSH_OPTS: &str =
     "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10";

@@ -134,6 +134,19 @@ struct PolicyState {
     source: String,
 }
 
+/// Store the built-in default policy as `version` and put it in force.
+fn install_builtin_policy(store: &Store, version: u64, now: i64) -> Result<(Policy, PolicyState)> {
+    let state = PolicyState { version, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into() };
+    store.policy_insert(&PolicyRow {
+        version,
+        name: state.name.clone(),
+        text: state.text.clone(),
+        source: state.source.clone(),
+        set_at: now,
+    })?;
+    Ok((Policy::default_static(), state))
+}
+
 pub struct Hub {
     store: Store,
     cfg: HubConfig,
@@ -237,39 +250,11 @@ impl Hub {
                     Ok(p) => (p, PolicyState { version: l.version, name: l.name, text: l.text, source: l.source }),
                     Err(e) => {
                         tracing::error!("stored policy version {} no longer validates, using the built-in default:\n{e}", l.version);
-                        let version = l.version + 1;
-                        store.policy_insert(&PolicyRow {
-                            version,
-                            name: "default.toml".into(),
-                            text: DEFAULT_POLICY_TOML.into(),
-                            source: "built-in".into(),
-                            set_at: now,
-                        })?;
-                        (
-                            Policy::default_static(),
-                            PolicyState {
-                                version,
-                                name: "default.toml".into(),
-                                text: DEFAULT_POLICY_TOML.into(),
-                                source: "built-in".into(),
-                            },
-                        )
+                        install_builtin_policy(&store, l.version + 1, now)?
                     }
                 }
             }
-            (None, None) => {
-                store.policy_insert(&PolicyRow {
-                    version: 1,
-                    name: "default.toml".into(),
-                    text: DEFAULT_POLICY_TOML.into(),
-                    source: "built-in".into(),
-                    set_at: now,
-                })?;
-                (
-                    Policy::default_static(),
-                    PolicyState { version: 1, name: "default.toml".into(), text: DEFAULT_POLICY_TOML.into(), source: "built-in".into() },
-                )
-            }
+            (None, None) => install_builtin_policy(&store, 1, now)?,
         };
         let info = PolicyInfo { version: policy.1.version, name: policy.1.name.clone(), text: policy.1.text.clone() };
         let engine = Engine::new(policy.0, info, &cfg.domain);

@@ -207,27 +207,26 @@ impl MapDelta {
     }
 }
 
+/// The identity of a node as the map describes it (self or peer alike).
+fn identity_of(key: &Key, name: &str, user: &Option<String>, tags: &[String], ips: &[IpAddr]) -> Identity {
+    Identity {
+        node_key: wg::key_to_base64(key),
+        node_name: name.to_string(),
+        user: user.clone(),
+        tags: tags.to_vec(),
+        ip: ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+    }
+}
+
 impl SelfInfo {
     pub fn identity(&self) -> Identity {
-        Identity {
-            node_key: wg::key_to_base64(&self.node_key),
-            node_name: self.name.clone(),
-            user: self.user.clone(),
-            tags: self.tags.clone(),
-            ip: self.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        }
+        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.ips)
     }
 }
 
 impl PeerInfo {
     pub fn identity(&self) -> Identity {
-        Identity {
-            node_key: wg::key_to_base64(&self.node_key),
-            node_name: self.name.clone(),
-            user: self.user.clone(),
-            tags: self.tags.clone(),
-            ip: self.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        }
+        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.ips)
     }
 
     /// WireGuard config: allowed IPs = the peer's addresses as host routes,
