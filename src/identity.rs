@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 /// The verified identity of a tailnet node (and the person or tags that own it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,6 +45,10 @@ pub trait IdentityResolver: Send + Sync {
     fn resolve(&self, peer_key: &[u8; 32]) -> Option<Identity>;
     /// The identity of this node itself (target of inbound SSH).
     fn self_identity(&self) -> Identity;
+    /// A receiver that changes whenever the table may have changed (a new
+    /// netmap). Holders of live decisions (the inbound filter, open SSH
+    /// connections) re-judge what they admitted when it fires.
+    fn changes(&self) -> watch::Receiver<u64>;
 }
 
 /// A resolver backed by a table that can be replaced at runtime (the netmap
@@ -51,6 +56,7 @@ pub trait IdentityResolver: Send + Sync {
 #[derive(Clone)]
 pub struct TableResolver {
     inner: Arc<RwLock<Table>>,
+    generation: Arc<watch::Sender<u64>>,
 }
 
 struct Table {
@@ -60,7 +66,10 @@ struct Table {
 
 impl TableResolver {
     pub fn new(me: Identity, peers: impl IntoIterator<Item = ([u8; 32], Identity)>) -> Self {
-        TableResolver { inner: Arc::new(RwLock::new(Table { me, peers: peers.into_iter().collect() })) }
+        TableResolver {
+            inner: Arc::new(RwLock::new(Table { me, peers: peers.into_iter().collect() })),
+            generation: Arc::new(watch::Sender::new(0)),
+        }
     }
 
     /// Replace the whole table (a new netmap).
@@ -68,6 +77,8 @@ impl TableResolver {
         let mut t = self.inner.write().unwrap_or_else(|e| e.into_inner());
         t.me = me;
         t.peers = peers.into_iter().collect();
+        drop(t);
+        self.generation.send_modify(|g| *g += 1);
     }
 }
 
@@ -78,5 +89,8 @@ impl IdentityResolver for TableResolver {
     }
     fn self_identity(&self) -> Identity {
         self.inner.read().unwrap_or_else(|e| e.into_inner()).me.clone()
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod demo;
 pub mod directory;
 pub mod disco;
+pub mod endpoint;
 pub mod forward;
 pub mod identity;
 pub mod localapi;

@@ -82,24 +82,33 @@ impl AccessPolicy for Policy {
     }
 }
 
-/// The policy in force, swappable at runtime. Decisions already taken (a
-/// logged-in connection) keep their snapshot; every new session or forward
-/// asks the current policy again.
+/// The policy in force, swappable at runtime. Every new session or forward
+/// asks the current policy; [`PolicyHandle::changes`] tells holders of live
+/// decisions (the inbound filter, open SSH connections) to re-judge them.
 #[derive(Clone)]
-pub struct PolicyHandle(Arc<RwLock<Arc<dyn AccessPolicy>>>);
+pub struct PolicyHandle {
+    current: Arc<RwLock<Arc<dyn AccessPolicy>>>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
 
 impl PolicyHandle {
     pub fn new(policy: impl AccessPolicy) -> Self {
-        PolicyHandle(Arc::new(RwLock::new(Arc::new(policy))))
+        PolicyHandle { current: Arc::new(RwLock::new(Arc::new(policy))), generation: Arc::new(tokio::sync::watch::Sender::new(0)) }
     }
     /// Replace the policy for all future decisions.
     pub fn replace(&self, policy: impl AccessPolicy) {
-        let mut g = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.current.write().unwrap_or_else(|e| e.into_inner());
         *g = Arc::new(policy);
+        drop(g);
+        self.generation.send_modify(|g| *g += 1);
+    }
+    /// A receiver that changes on every [`PolicyHandle::replace`].
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
     /// The policy in force now.
     pub fn current(&self) -> Arc<dyn AccessPolicy> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
