@@ -108,20 +108,21 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
     Ok((saved.target()?, None))
 }
 
-/// Addresses where peers may reach our UDP socket: every interface address,
-/// loopback last (it only helps nodes on the same host).
+/// Addresses where peers may reach our UDP socket: every interface address
+/// that [`crate::endpoint::is_valid_endpoint`] accepts. Loopback and
+/// link-local are left out: peers never probe them and control refuses them,
+/// so nodes on one host meet on another interface address or the relay.
 pub fn local_endpoints(port: u16) -> Vec<SocketAddr> {
     let mut v: Vec<SocketAddr> = Vec::new();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
             let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else { continue };
-            let ip = IpAddr::V4(sa.ip());
-            if !v.iter().any(|e| e.ip() == ip) {
-                v.push(SocketAddr::new(ip, port));
+            let e = SocketAddr::new(IpAddr::V4(sa.ip()), port);
+            if crate::endpoint::is_valid_endpoint(&e) && !v.iter().any(|x| x.ip() == e.ip()) {
+                v.push(e);
             }
         }
     }
-    v.sort_by_key(|e| e.ip().is_loopback());
     v
 }
 
@@ -376,7 +377,8 @@ async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
 /// Our endpoints as peers should try them: the public one STUN saw first.
 fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
     let mut v = local_endpoints(node.udp_addr().port());
-    if let Some(p) = public {
+    // A control server on loopback sees us at 127.0.0.1: not an endpoint.
+    if let Some(p) = public.filter(crate::endpoint::is_valid_endpoint) {
         v.retain(|e| *e != p);
         v.insert(0, p);
     }

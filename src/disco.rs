@@ -18,14 +18,14 @@
 //! MAGIC (6) | sender public key (32) | nonce (24) | XChaCha20-Poly1305 ciphertext (plaintext + 16)
 //! ```
 //!
-//! The key is `BLAKE2s-256("tailgate-disco/1" | X25519(sender, receiver) |
+//! The key is `BLAKE2s-256("tailgate-disco/2" | X25519(sender, receiver) |
 //! sender public | receiver public)`: one key per *direction*, so a message
 //! cannot be reflected back to its sender as if the peer had sent it. The
 //! header (magic and sender key) is the AEAD's associated data. Nonces are
 //! random; 24 bytes make collisions a non-issue. A low-order public key
 //! (all-zero shared secret) is refused.
 //!
-//! Plaintext: a type byte, then
+//! Plaintext: `counter (8, big-endian) | type (1)`, then
 //! - `1` Ping: `tx_id (12)`
 //! - `2` Pong: `tx_id (12) | addr`
 //! - `3` CallMeMaybe: `count (1) | addr * count` (at most [`MAX_ENDPOINTS`])
@@ -36,11 +36,23 @@
 //! [`open`] never panics: bad authentication, unknown senders, truncation or
 //! an unknown type are all `None`. It checks `is_known_peer` *before* the
 //! Diffie-Hellman, so junk from strangers costs no scalar multiplication.
-//! There is no replay protection: a replayed Ping earns a Pong to wherever
-//! the replayer sent it from (like an unauthenticated STUN answer), and a
-//! replayed Pong carries a `tx_id` that is no longer outstanding. Callers
-//! must only act on a Pong whose `tx_id` they sent and still wait for.
+//!
+//! **Replays.** A captured sealed Ping replayed from many source ports would
+//! otherwise earn a Pong at each (traffic reflected where the attacker
+//! chooses) and a candidate endpoint each. So every message carries a
+//! sender counter ([`Counter`]): strictly increasing per sender, and never
+//! below the sender's wall clock in microseconds, so it keeps increasing
+//! across restarts (the same assumption WireGuard makes of its handshake
+//! timestamps: a sender's clock does not jump back past its last message).
+//! The receiver keeps a [`ReplayWindow`] per peer and drops any counter it
+//! has accepted, or that is older than the last [`REPLAY_WINDOW`] accepted
+//! ones. The window counts messages rather than counter values, so
+//! reordering between the relay and direct UDP (milliseconds apart, which is
+//! thousands of counter values) does not lose messages. What remains: a
+//! receiver that restarts forgets its windows, so each message captured
+//! before that restart can be replayed once more afterwards.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use blake2::{Blake2s256, Digest};
@@ -50,8 +62,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::wg::Key;
 
-/// First six bytes of every disco datagram (version 1).
-pub const MAGIC: &[u8; 6] = b"TGDSC\x01";
+/// First six bytes of every disco datagram (version 2: with a counter).
+pub const MAGIC: &[u8; 6] = b"TGDSC\x02";
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
@@ -61,7 +73,10 @@ pub const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
 pub const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Most endpoints a CallMeMaybe carries (more are dropped by `seal`).
 pub const MAX_ENDPOINTS: usize = 32;
-const KDF_LABEL: &[u8] = b"tailgate-disco/1";
+const KDF_LABEL: &[u8] = b"tailgate-disco/2";
+const COUNTER_LEN: usize = 8;
+/// How many of a peer's most recent counters a [`ReplayWindow`] remembers.
+pub const REPLAY_WINDOW: usize = 64;
 
 /// Transaction id of a ping, echoed by the pong.
 pub type TxId = [u8; 12];
@@ -208,11 +223,11 @@ fn box_key(our_private: &Key, their_public: &Key, sender: &Key, receiver: &Key) 
     Some(h.finalize().into())
 }
 
-/// Seals `msg` from us (`our_private`) to the node with `their_public`.
-/// The result goes out as one UDP datagram (or through the relay). A
-/// low-order `their_public` (never a real node key) yields a datagram no
-/// one can open.
-pub fn seal(our_private: &Key, their_public: &Key, msg: &Message) -> Vec<u8> {
+/// Seals `msg` from us (`our_private`) to the node with `their_public`,
+/// numbered `counter` (from our [`Counter`]). The result goes out as one UDP
+/// datagram (or through the relay). A low-order `their_public` (never a real
+/// node key) yields a datagram no one can open.
+pub fn seal(our_private: &Key, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
     let ours = crate::wg::public_key_of(our_private);
     let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -221,7 +236,8 @@ pub fn seal(our_private: &Key, their_public: &Key, msg: &Message) -> Vec<u8> {
     out.extend_from_slice(&ours);
     let aad_len = out.len();
     out.extend_from_slice(&nonce);
-    let plain = msg.encode();
+    let mut plain = counter.to_be_bytes().to_vec();
+    plain.extend_from_slice(&msg.encode());
     let ct = XChaCha20Poly1305::new((&key).into())
         .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: &out[..aad_len] })
         .expect("XChaCha20-Poly1305 encryption of a small message cannot fail");
@@ -229,10 +245,19 @@ pub fn seal(our_private: &Key, their_public: &Key, msg: &Message) -> Vec<u8> {
     out
 }
 
-/// Opens a disco datagram addressed to us. Returns the sender's node key
-/// and the message, or `None` (not disco, sender not a known peer, bad
+/// An authenticated disco message. Its `counter` must still pass the
+/// sender's [`ReplayWindow`] before anything acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub sender: Key,
+    pub counter: u64,
+    pub msg: Message,
+}
+
+/// Opens a disco datagram addressed to us. Returns the sender's node key,
+/// counter and message, or `None` (not disco, sender not a known peer, bad
 /// authentication, truncated, unknown type).
-pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<(Key, Message)> {
+pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
     if !is_disco(datagram) {
         return None;
     }
@@ -248,7 +273,60 @@ pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> 
     let aad = &datagram[..MAGIC.len() + KEY_LEN];
     let nonce = XNonce::from_slice(&datagram[MAGIC.len() + KEY_LEN..HEADER_LEN]);
     let plain = XChaCha20Poly1305::new((&key).into()).decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad }).ok()?;
-    Some((sender, Message::decode(&plain)?))
+    let counter = u64::from_be_bytes(plain.get(..COUNTER_LEN)?.try_into().ok()?);
+    Some(Opened { sender, counter, msg: Message::decode(&plain[COUNTER_LEN..])? })
+}
+
+/// Our sending counter, shared by all peers (each sees an increasing
+/// subsequence, which is all its [`ReplayWindow`] needs).
+#[derive(Clone, Debug, Default)]
+pub struct Counter {
+    last: u64,
+}
+
+impl Counter {
+    /// The next counter: above every earlier one, and at least `unix_micros`
+    /// (the wall clock, see [`unix_micros`]) so a restarted node starts above
+    /// what its peers saw from it before.
+    pub fn next(&mut self, unix_micros: u64) -> u64 {
+        self.last = self.last.saturating_add(1).max(unix_micros);
+        self.last
+    }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Which of one peer's counters were already accepted.
+///
+/// Remembers the [`REPLAY_WINDOW`] highest accepted counters; anything at or
+/// below the lowest of those once the window is full is refused. Only
+/// authenticated messages update it, so no one but the peer moves it.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayWindow {
+    floor: u64,
+    recent: BTreeSet<u64>,
+}
+
+impl ReplayWindow {
+    /// True (and remembered) if `counter` was not seen and is recent enough.
+    pub fn accept(&mut self, counter: u64) -> bool {
+        // 0 is never sent (`Counter::next` starts at 1).
+        if counter <= self.floor {
+            return false;
+        }
+        if !self.recent.insert(counter) {
+            return false;
+        }
+        if self.recent.len() > REPLAY_WINDOW
+            && let Some(low) = self.recent.pop_first()
+        {
+            self.floor = low;
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -274,12 +352,58 @@ mod tests {
         let (a, b) = (generate_private_key(), generate_private_key());
         let (pa, pb) = (public_key_of(&a), public_key_of(&b));
         for m in msgs() {
-            let d = seal(&a, &pb, &m);
+            let d = seal(&a, &pb, 1, &m);
             assert_eq!(classify(&d), DatagramKind::Disco);
-            assert_eq!(open(&b, &d, |k| *k == pa), Some((pa, m.clone())));
+            assert_eq!(open(&b, &d, |k| *k == pa), Some(Opened { sender: pa, counter: 1, msg: m.clone() }));
             // Fresh nonce each time.
-            assert_ne!(seal(&a, &pb, &m), d);
+            assert_ne!(seal(&a, &pb, 1, &m), d);
         }
+    }
+
+    #[test]
+    fn replayed_datagram_is_refused_by_the_window() {
+        let (a, b) = (generate_private_key(), generate_private_key());
+        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let mut counter = Counter::default();
+        let mut window = ReplayWindow::default();
+        let now_us = 1_700_000_000_000_000;
+        let ping = seal(&a, &pb, counter.next(now_us), &Message::Ping { tx_id: [9; 12] });
+        let first = open(&b, &ping, |k| *k == pa).unwrap();
+        assert!(window.accept(first.counter));
+        // The same bytes again, however often: authentic, but not new.
+        for _ in 0..1000 {
+            let again = open(&b, &ping, |k| *k == pa).unwrap();
+            assert!(!window.accept(again.counter));
+        }
+        // The sender's next message is still accepted.
+        let next = seal(&a, &pb, counter.next(now_us), &Message::Ping { tx_id: [10; 12] });
+        assert!(window.accept(open(&b, &next, |k| *k == pa).unwrap().counter));
+    }
+
+    #[test]
+    fn window_tolerates_reordering_but_not_ancient_counters() {
+        let mut w = ReplayWindow::default();
+        // Counters thousands apart (microsecond clock), arriving out of order.
+        let cs: Vec<u64> = (1..=200u64).map(|i| 1_000_000 + i * 5000).collect();
+        for pair in cs.chunks(2) {
+            assert!(w.accept(pair[1]));
+            assert!(w.accept(pair[0]), "one step out of order is fine");
+        }
+        assert!(!w.accept(cs[0]), "older than the window");
+        assert!(!w.accept(cs[199]), "seen");
+        assert!(!w.accept(0));
+        assert!(w.accept(cs[199] + 1));
+    }
+
+    #[test]
+    fn counter_increases_and_follows_the_wall_clock() {
+        let mut c = Counter::default();
+        let a = c.next(1000);
+        let b = c.next(1000);
+        let d = c.next(5);
+        assert!(a < b && b < d, "{a} {b} {d}");
+        assert_eq!(c.next(10_000), 10_000, "a restart at a later time starts above the old run");
+        assert!(Counter::default().next(0) > 0);
     }
 
     #[test]
@@ -295,7 +419,7 @@ mod tests {
     fn unknown_sender_wrong_receiver_and_self_are_refused() {
         let (a, b, c) = (generate_private_key(), generate_private_key(), generate_private_key());
         let (pa, pb) = (public_key_of(&a), public_key_of(&b));
-        let d = seal(&a, &pb, &Message::Ping { tx_id: [3; 12] });
+        let d = seal(&a, &pb, 1, &Message::Ping { tx_id: [3; 12] });
         assert_eq!(open(&b, &d, |_| false), None, "unknown sender");
         assert_eq!(open(&c, &d, |_| true), None, "not for us");
         // The known-peer check runs before any crypto.
@@ -306,7 +430,7 @@ mod tests {
         });
         assert_eq!(called.get(), 1);
         // Our own key as sender.
-        let own = seal(&b, &pb, &Message::Ping { tx_id: [3; 12] });
+        let own = seal(&b, &pb, 1, &Message::Ping { tx_id: [3; 12] });
         assert_eq!(open(&b, &own, |_| true), None);
     }
 
@@ -316,7 +440,7 @@ mod tests {
         // same DH secret, but the key is directional.
         let (a, b) = (generate_private_key(), generate_private_key());
         let (pa, pb) = (public_key_of(&a), public_key_of(&b));
-        let mut d = seal(&a, &pb, &Message::Ping { tx_id: [4; 12] });
+        let mut d = seal(&a, &pb, 1, &Message::Ping { tx_id: [4; 12] });
         d[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&pb);
         assert_eq!(open(&a, &d, |k| *k == pb), None);
         let _ = pa;
@@ -326,7 +450,7 @@ mod tests {
     fn every_flipped_byte_and_every_truncation_is_refused() {
         let (a, b) = (generate_private_key(), generate_private_key());
         let (pa, pb) = (public_key_of(&a), public_key_of(&b));
-        let d = seal(&a, &pb, &msgs()[4]);
+        let d = seal(&a, &pb, 1, &msgs()[4]);
         for i in 0..d.len() {
             let mut t = d.clone();
             t[i] ^= 0x01;
@@ -350,7 +474,7 @@ mod tests {
             k[0] = 1;
             k
         }] {
-            let d = seal(&b, &bad, &Message::Ping { tx_id: [0; 12] });
+            let d = seal(&b, &bad, 1, &Message::Ping { tx_id: [0; 12] });
             // Forge: "from" the low-order key, key derived from zero secret.
             let mut forged = d.clone();
             forged[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&bad);
@@ -408,8 +532,8 @@ mod tests {
                 SocketAddr::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into(), port)
             };
             let m = Message::Pong { tx_id: tx, observed };
-            let d = seal(&a, &public_key_of(&b), &m);
-            prop_assert_eq!(open(&b, &d, |k| *k == pa), Some((pa, m)));
+            let d = seal(&a, &public_key_of(&b), 1, &m);
+            prop_assert_eq!(open(&b, &d, |k| *k == pa), Some(Opened { sender: pa, counter: 1, msg: m }));
         }
     }
 }

@@ -140,6 +140,7 @@ impl Node {
             public_endpoint,
             relayed_out: 0,
             relayed_in: 0,
+            disco_counter: disco::Counter::default(),
         };
         let (relay_tx, relay_rx) = mpsc::channel(4096);
         let inner = Arc::new(Inner {
@@ -356,6 +357,8 @@ struct Paths {
     public_endpoint: tokio::sync::watch::Sender<Option<SocketAddr>>,
     relayed_out: u64,
     relayed_in: u64,
+    /// Numbers every disco message we send (peers drop replays by it).
+    disco_counter: disco::Counter,
 }
 
 const STUN_INTERVAL: Duration = Duration::from_secs(20);
@@ -368,6 +371,11 @@ enum Dest {
 }
 
 impl Paths {
+    fn seal(&mut self, to: &Key, msg: &disco::Message) -> Vec<u8> {
+        let counter = self.disco_counter.next(disco::unix_micros());
+        disco::seal(&self.private_key, to, counter, msg)
+    }
+
     fn dest(&self, peer: Option<Key>, to: Option<SocketAddr>, now: Instant) -> Dest {
         if self.enabled
             && let Some(k) = peer
@@ -379,8 +387,9 @@ impl Paths {
                 return match st.route(now) {
                     Route::Direct(a) => Dest::Udp(a),
                     Route::Relay if self.relay.is_some() => Dest::Relay(k),
-                    // No relay: best effort straight at what WireGuard knows.
-                    Route::Relay => to.map_or(Dest::Nowhere, Dest::Udp),
+                    // No relay: best effort straight at what WireGuard knows,
+                    // under the same address rule as probes.
+                    Route::Relay => to.filter(crate::endpoint::is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
                 };
             }
         }
@@ -456,26 +465,33 @@ impl Sender<'_> {
     }
 }
 
-/// Handle a disco message from `sender` that arrived from `from` (or via the relay).
-fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, sender: Key, msg: disco::Message, from: SocketAddr, now: Instant) {
+/// Handle an authenticated disco message that arrived from `from` (or via the relay).
+fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, opened: disco::Opened, from: SocketAddr, now: Instant) {
+    let disco::Opened { sender, counter, msg } = opened;
     tracing::debug!(%from, peer = %wg::key_to_base64(&sender), ?msg, "disco");
     let Some(st) = paths.states.get_mut(&sender) else { return };
+    if !st.accept_counter(counter) {
+        tracing::debug!(%from, peer = %wg::key_to_base64(&sender), "replayed disco message dropped");
+        return;
+    }
     match msg {
         disco::Message::Ping { tx_id } => {
-            if from == wg::RELAYED {
-                return; // pings only mean something on the path they took
+            // Pings only mean something on the path they took.
+            if from != wg::RELAYED && st.on_ping(from, now) {
+                let pong = paths.seal(&sender, &disco::Message::Pong { tx_id, observed: from });
+                out.send(from, &pong);
             }
-            let pong = disco::seal(&paths.private_key, &sender, &disco::Message::Pong { tx_id, observed: from });
-            out.send(from, &pong);
-            // They can reach us from there; check the way back too.
-            st.add_candidates(&[from], now);
         }
         disco::Message::Pong { tx_id, observed } => {
             if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
                 tracing::debug!(%from, %observed, "direct path confirmed");
             }
         }
-        disco::Message::CallMeMaybe { endpoints } => st.add_candidates(&endpoints, now),
+        disco::Message::CallMeMaybe { endpoints } => {
+            if !st.on_call_me_maybe(&endpoints, now) {
+                tracing::debug!(peer = %wg::key_to_base64(&sender), "call-me-maybe over the rate limit dropped");
+            }
+        }
     }
 }
 
@@ -488,8 +504,8 @@ fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Send
                 return;
             }
             let known = |k: &Key| wg.peer_id(k).is_some();
-            if let Some((sender, msg)) = disco::open(&paths.private_key, data, known) {
-                on_disco(paths, out, sender, msg, from, now);
+            if let Some(opened) = disco::open(&paths.private_key, data, known) {
+                on_disco(paths, out, opened, from, now);
             }
         }
         disco::DatagramKind::Stun => {
@@ -547,14 +563,16 @@ fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
         match a {
             PathAction::Ping { to, tx_id } => {
                 tracing::trace!(%to, "ping");
-                let d = disco::seal(&paths.private_key, &k, &disco::Message::Ping { tx_id });
+                let d = paths.seal(&k, &disco::Message::Ping { tx_id });
                 out.send(to, &d);
             }
             PathAction::CallMeMaybe => {
                 tracing::debug!(peer = %wg::key_to_base64(&k), relay = paths.relay.is_some(), "call me maybe");
-                if let Some(r) = &paths.relay {
-                    let d = disco::seal(&paths.private_key, &k, &disco::Message::CallMeMaybe { endpoints: paths.my_endpoints.clone() });
-                    r.send(&k, &d);
+                if paths.relay.is_some() {
+                    let d = paths.seal(&k, &disco::Message::CallMeMaybe { endpoints: paths.my_endpoints.clone() });
+                    if let Some(r) = &paths.relay {
+                        r.send(&k, &d);
+                    }
                 }
             }
         }

@@ -15,10 +15,35 @@
 //!   [`REPROBE_INTERVAL`] to find a faster one; the lowest RTT wins.
 //! - [`PathState::reset`] (a network change) distrusts everything and
 //!   restarts probing at once.
+//!
+//! What the peer (or someone replaying its messages) can make us do is
+//! bounded:
+//! - Only addresses passing [`crate::endpoint::is_valid_endpoint`] become
+//!   candidates or get a pong, so we never probe loopback, link-local (the
+//!   metadata service), multicast or unspecified addresses.
+//! - At most [`MAX_CANDIDATES`] per peer. Netmap ones are kept over learned
+//!   ones (from pings, call-me-maybe or direct traffic), which give way
+//!   unproven-first and expire [`LEARNED_TTL`] after they were last seen.
+//! - Received pings and call-me-maybes pass a per-peer token bucket
+//!   ([`PING_RATE`], [`CALL_ME_MAYBE_RATE`]), and every disco message must be
+//!   new to the peer's [`crate::disco::ReplayWindow`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::disco::ReplayWindow;
+use crate::endpoint::is_valid_endpoint;
+use crate::relay::limits::TokenBucket;
+
+/// Spend one token if there is one.
+fn take_one(bucket: &mut TokenBucket, now: Instant) -> bool {
+    if bucket.available(now) < 1.0 {
+        return false;
+    }
+    bucket.take(1, now);
+    true
+}
 
 pub const TRUST: Duration = Duration::from_millis(6500);
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
@@ -30,6 +55,18 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(2);
 /// A ping not answered within this long is forgotten.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Candidates kept per peer. A peer has a handful of interfaces plus a
+/// public mapping; more is either a misconfiguration or an attack.
+pub const MAX_CANDIDATES: usize = 16;
+/// A learned candidate neither re-announced nor proven for this long is dropped.
+pub const LEARNED_TTL: Duration = Duration::from_secs(60);
+/// Received pings per second (and burst) per peer. A peer pings each of our
+/// candidates once a round; rounds are at most every [`PROBE_INTERVAL`] plus
+/// one per call-me-maybe.
+pub const PING_RATE: (u64, u64) = (10, 2 * MAX_CANDIDATES as u64);
+/// Received call-me-maybes per second (and burst) per peer; peers send one
+/// per [`CALL_ME_MAYBE_INTERVAL`].
+pub const CALL_ME_MAYBE_RATE: (u64, u64) = (1, 3);
 
 /// Where packets for the peer should go now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +84,25 @@ pub enum Action {
     CallMeMaybe,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Candidate {
+    /// From the netmap (kept until the netmap drops it), else learned.
+    from_netmap: bool,
+    /// When a learned candidate was last announced or seen.
+    seen_at: Instant,
     /// Last proof that this address reaches the peer.
     proven_at: Option<Instant>,
     rtt: Option<Duration>,
+}
+
+impl Candidate {
+    fn new(from_netmap: bool, now: Instant) -> Self {
+        Candidate { from_netmap, seen_at: now, proven_at: None, rtt: None }
+    }
+
+    fn last_sign_of_life(&self) -> Instant {
+        self.proven_at.map_or(self.seen_at, |p| p.max(self.seen_at))
+    }
 }
 
 #[derive(Debug)]
@@ -67,6 +118,9 @@ pub struct PathState {
     tx_counter: u64,
     salt: u32,
     last_call_me_maybe: Option<Instant>,
+    replay: ReplayWindow,
+    pings_in: TokenBucket,
+    call_me_maybes_in: TokenBucket,
 }
 
 impl PathState {
@@ -82,23 +136,35 @@ impl PathState {
             tx_counter: 0,
             salt: rand::random(),
             last_call_me_maybe: None,
+            replay: ReplayWindow::default(),
+            pings_in: TokenBucket::new(PING_RATE.0, PING_RATE.1, now),
+            call_me_maybes_in: TokenBucket::new(CALL_ME_MAYBE_RATE.0, CALL_ME_MAYBE_RATE.1, now),
         }
     }
 
-    /// The peer's candidate endpoints changed (netmap, call-me-maybe).
+    /// The peer's endpoints from the netmap changed. Learned candidates stay
+    /// (they expire on their own); netmap ones no longer listed go.
     pub fn set_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
-        let before = self.candidates.len();
-        self.candidates.retain(|a, _| endpoints.contains(a));
-        let mut added = false;
-        for e in endpoints {
-            if !self.candidates.contains_key(e) {
-                self.candidates.insert(*e, Candidate::default());
-                added = true;
+        let mut wanted: Vec<SocketAddr> = Vec::new();
+        for e in endpoints.iter().filter(|e| is_valid_endpoint(e)) {
+            if !wanted.contains(e) && wanted.len() < MAX_CANDIDATES {
+                wanted.push(*e);
             }
         }
-        if self.best.is_some_and(|b| !self.candidates.contains_key(&b)) {
-            self.best = None;
+        let before = self.candidates.len();
+        self.candidates.retain(|a, c| !c.from_netmap || wanted.contains(a));
+        let mut added = false;
+        for e in &wanted {
+            match self.candidates.get_mut(e) {
+                Some(c) => c.from_netmap = true,
+                None => {
+                    self.make_room();
+                    self.candidates.insert(*e, Candidate::new(true, now));
+                    added = true;
+                }
+            }
         }
+        self.forget_best_if_gone();
         if added || before != self.candidates.len() {
             // New addresses are worth trying right away.
             self.next_probe = now;
@@ -106,16 +172,87 @@ impl PathState {
         }
     }
 
-    /// Add candidates without dropping the known ones (call-me-maybe).
-    pub fn add_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
-        let mut all: Vec<SocketAddr> = self.candidates.keys().copied().collect();
-        for e in endpoints {
-            if !all.contains(e) {
-                all.push(*e);
-            }
+    /// Learn (or refresh) `addr` as a candidate, if it is a valid endpoint
+    /// and there is room. Returns whether it is a candidate now.
+    fn learn(&mut self, addr: SocketAddr, now: Instant) -> bool {
+        if !is_valid_endpoint(&addr) {
+            return false;
         }
-        self.set_candidates(&all, now);
+        if let Some(c) = self.candidates.get_mut(&addr) {
+            c.seen_at = c.seen_at.max(now);
+            return true;
+        }
+        if self.candidates.len() >= MAX_CANDIDATES && !self.make_room() {
+            return false;
+        }
+        self.candidates.insert(addr, Candidate::new(false, now));
+        true
+    }
+
+    /// If full, evict the least useful learned candidate (never a netmap one
+    /// or the current path): unproven before proven, then the stalest.
+    /// Returns whether there is room now.
+    fn make_room(&mut self) -> bool {
+        if self.candidates.len() < MAX_CANDIDATES {
+            return true;
+        }
+        let victim = self
+            .candidates
+            .iter()
+            .filter(|(a, c)| !c.from_netmap && Some(**a) != self.best)
+            .min_by_key(|(_, c)| (c.proven_at.is_some(), c.last_sign_of_life()))
+            .map(|(a, _)| *a);
+        match victim {
+            Some(v) => {
+                self.candidates.remove(&v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget_best_if_gone(&mut self) {
+        if self.best.is_some_and(|b| !self.candidates.contains_key(&b)) {
+            self.best = None;
+        }
+    }
+
+    /// Add candidates without dropping the known ones.
+    pub fn add_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
+        for e in endpoints.iter().take(MAX_CANDIDATES) {
+            self.learn(*e, now);
+        }
         self.next_probe = now;
+    }
+
+    /// An authenticated disco message from the peer carried `counter`: true
+    /// if it is new (act on it), false for a replay (drop it).
+    pub fn accept_counter(&mut self, counter: u64) -> bool {
+        self.replay.accept(counter)
+    }
+
+    /// A (fresh, authenticated) ping from the peer arrived from `from`.
+    /// Returns whether to answer it with a pong there.
+    pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
+        if !is_valid_endpoint(&from) || !take_one(&mut self.pings_in, now) {
+            return false;
+        }
+        // They can reach us from there; check the way back too.
+        let known = self.candidates.contains_key(&from);
+        if self.learn(from, now) && !known {
+            self.next_probe = now;
+        }
+        true
+    }
+
+    /// A (fresh, authenticated) call-me-maybe: probe these endpoints now.
+    /// Returns false if it was dropped by the rate limit.
+    pub fn on_call_me_maybe(&mut self, endpoints: &[SocketAddr], now: Instant) -> bool {
+        if !take_one(&mut self.call_me_maybes_in, now) {
+            return false;
+        }
+        self.add_candidates(endpoints, now);
+        true
     }
 
     pub fn candidates(&self) -> impl Iterator<Item = &SocketAddr> {
@@ -130,7 +267,8 @@ impl PathState {
             return false;
         }
         let rtt = now.saturating_duration_since(sent);
-        let c = self.candidates.entry(from).or_default();
+        // Evicted since the ping went out: the answer proves nothing we keep.
+        let Some(c) = self.candidates.get_mut(&from) else { return false };
         c.proven_at = Some(now);
         c.rtt = Some(rtt);
         self.last_result = Some(format!("pong from {from} in {:.1} ms", rtt.as_secs_f64() * 1e3));
@@ -141,7 +279,10 @@ impl PathState {
     /// Authenticated WireGuard traffic came straight from `from`: that
     /// address works (the peer roamed, or our probes were answered by data).
     pub fn on_direct_traffic(&mut self, from: SocketAddr, now: Instant) {
-        let c = self.candidates.entry(from).or_default();
+        if !self.learn(from, now) {
+            return;
+        }
+        let Some(c) = self.candidates.get_mut(&from) else { return };
         c.proven_at = Some(now);
         if self.best.is_none() {
             self.choose(now);
@@ -195,6 +336,10 @@ impl PathState {
     /// Probes due now. Call again at [`PathState::next_deadline`].
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         self.pending.retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
+        let best = self.best;
+        self.candidates.retain(|a, c| {
+            c.from_netmap || Some(*a) == best || now.saturating_duration_since(c.last_sign_of_life()) < LEARNED_TTL
+        });
         if self.best.is_some_and(|b| !self.trusted(&b, now)) {
             self.last_result = Some(format!("direct path {} stopped answering; using the relay", self.best.unwrap()));
             self.best = None;
