@@ -234,6 +234,15 @@ impl Node {
         self.inner.shared.wake.notify_one();
     }
 
+    /// The candidate endpoints path management holds for a peer (at most
+    /// [`crate::path::MAX_CANDIDATES`]).
+    pub fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
+        let p = self.inner.paths();
+        let mut v: Vec<SocketAddr> = p.states.get(key).map(|s| s.candidates().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Our own endpoints, offered to peers in call-me-maybe.
     pub fn set_my_endpoints(&self, endpoints: Vec<SocketAddr>) {
         self.inner.paths().my_endpoints = endpoints;
