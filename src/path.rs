@@ -158,7 +158,10 @@ impl PathState {
             match self.candidates.get_mut(e) {
                 Some(c) => c.from_netmap = true,
                 None => {
-                    self.make_room();
+                    // The netmap wins over a learned path, even the current one.
+                    if !self.make_room(true) {
+                        continue;
+                    }
                     self.candidates.insert(*e, Candidate::new(true, now));
                     added = true;
                 }
@@ -182,29 +185,30 @@ impl PathState {
             c.seen_at = c.seen_at.max(now);
             return true;
         }
-        if self.candidates.len() >= MAX_CANDIDATES && !self.make_room() {
+        if !self.make_room(false) {
             return false;
         }
         self.candidates.insert(addr, Candidate::new(false, now));
         true
     }
 
-    /// If full, evict the least useful learned candidate (never a netmap one
-    /// or the current path): unproven before proven, then the stalest.
-    /// Returns whether there is room now.
-    fn make_room(&mut self) -> bool {
+    /// If full, evict the least useful learned candidate (never a netmap one,
+    /// nor the current path unless `even_best`): unproven before proven, then
+    /// the stalest. Returns whether there is room now.
+    fn make_room(&mut self, even_best: bool) -> bool {
         if self.candidates.len() < MAX_CANDIDATES {
             return true;
         }
         let victim = self
             .candidates
             .iter()
-            .filter(|(a, c)| !c.from_netmap && Some(**a) != self.best)
+            .filter(|(a, c)| !c.from_netmap && (even_best || Some(**a) != self.best))
             .min_by_key(|(_, c)| (c.proven_at.is_some(), c.last_sign_of_life()))
             .map(|(a, _)| *a);
         match victim {
             Some(v) => {
                 self.candidates.remove(&v);
+                self.forget_best_if_gone();
                 true
             }
             None => false,
@@ -596,6 +600,20 @@ mod hardening {
         assert!(p.candidates().any(|a| *a == netmap));
         assert!(p.candidates().any(|a| *a == proven), "the proven path outlives unproven newcomers");
         assert!(p.candidates().any(|a| *a == port(199)), "the newest unproven one is kept");
+    }
+
+    #[test]
+    fn a_full_netmap_list_never_exceeds_the_bound() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let learned = port(1);
+        p.on_direct_traffic(learned, t0);
+        assert_eq!(p.route(t0), Route::Direct(learned));
+        let netmap: Vec<SocketAddr> = (0..40u16).map(|i| SocketAddr::from(([192, 0, 2, 1], 1000 + i))).collect();
+        p.set_candidates(&netmap, t0);
+        assert_eq!(p.candidates().count(), MAX_CANDIDATES);
+        assert!(p.candidates().all(|a| netmap[..MAX_CANDIDATES].contains(a)));
+        assert_eq!(p.route(t0), Route::Relay, "the evicted path is no longer used");
     }
 
     #[test]
