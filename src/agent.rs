@@ -460,3 +460,16 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_endpoints_leave_out_loopback_and_link_local() {
+        // Every host has lo (127.0.0.1); it used to be reported, last.
+        let eps = local_endpoints(41641);
+        assert!(eps.iter().all(crate::endpoint::is_valid_endpoint), "{eps:?}");
+        assert!(!eps.iter().any(|e| e.ip().is_loopback()), "{eps:?}");
+    }
+}
