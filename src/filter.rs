@@ -299,7 +299,7 @@ mod tests {
     const A: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
     const B: Ipv4Address = Ipv4Address::new(100, 64, 0, 2);
 
-    fn tcp(control: TcpControl, ack: Option<u32>, port: u16) -> Vec<u8> {
+    fn tcp(control: TcpControl, ack: Option<i32>, port: u16) -> Vec<u8> {
         let t = TcpRepr {
             src_port: 40000,
             dst_port: port,
