@@ -397,6 +397,63 @@ mod tests {
         assert!(t.verify_checksum(&B.into(), &A.into()));
     }
 
+    fn identity(key: &Key, name: &str, user: Option<&str>, tags: &[&str], ip: &str) -> crate::identity::Identity {
+        crate::identity::Identity {
+            node_key: wg::key_to_base64(key),
+            node_name: name.into(),
+            user: user.map(Into::into),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ip: ip.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn policy_judge_opens_acl_ports_and_the_ssh_port_only_to_ssh_callers() {
+        let policy = crate::policy::Policy::parse(
+            r#"
+[tag_owners]
+"tag:prod" = ["alice"]
+[[acl]]
+src = ["bob"]
+dst = ["tag:prod:9000"]
+[[ssh]]
+src = ["alice"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+[[ssh]]
+src = ["carol"]
+dst = ["tag:prod"]
+users = ["*"]
+action = "reject"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let (alice, bob, carol, stranger) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32]);
+        let me = identity(&[9u8; 32], "web1", None, &["tag:prod"], "100.64.0.9");
+        let resolver = crate::identity::TableResolver::new(
+            me,
+            [
+                (alice, identity(&alice, "a", Some("alice"), &[], "100.64.0.1")),
+                (bob, identity(&bob, "b", Some("bob"), &[], "100.64.0.2")),
+                (carol, identity(&carol, "c", Some("carol"), &[], "100.64.0.3")),
+            ],
+        );
+        // The SSH server on a non-standard port: the [[ssh]] rules open that port.
+        let judge = PolicyJudge { resolver: Arc::new(resolver), policy: PolicyHandle::new(policy), ssh_port: Some(2222) };
+        assert!(judge.admit_tcp(&alice, 2222).is_ok());
+        assert!(judge.admit_tcp(&alice, 9000).is_err());
+        assert!(judge.admit_tcp(&bob, 9000).is_ok());
+        assert!(judge.admit_tcp(&bob, 2222).is_err(), "an acl elsewhere does not open SSH");
+        assert!(judge.admit_tcp(&carol, 2222).is_err(), "reject-only rules open nothing");
+        let why = judge.admit_tcp(&stranger, 9000).unwrap_err();
+        assert!(why.contains("no identity"), "{why}");
+        let why = judge.admit_tcp(&alice, 9000).unwrap_err();
+        assert!(why.contains("web1:9000"), "the refusal says what to add: {why}");
+        assert!(!judge.rejudges(2222) && judge.rejudges(9000));
+    }
+
     #[test]
     fn refusals_are_counted_but_logged_at_most_once_a_second() {
         let mut f = Filter::new(Arc::new(Only22));
