@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpControl,
-    TcpPacket, TcpRepr, TcpSeqNumber,
+    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber,
 };
 
 use crate::identity::IdentityResolver;
@@ -149,11 +149,7 @@ pub trait Judge: Send + Sync {
     fn admit_tcp(&self, peer: &Key, port: u16) -> Result<(), Refusal>;
     /// May it ping this node? `listening` are the TCP ports served here.
     fn admit_echo(&self, peer: &Key, listening: &[u16]) -> Result<(), Refusal> {
-        if listening.iter().any(|p| self.admit_tcp(peer, *p).is_ok()) {
-            Ok(())
-        } else {
-            Err("it may reach no port on this node".into())
-        }
+        if listening.iter().any(|p| self.admit_tcp(peer, *p).is_ok()) { Ok(()) } else { Err("it may reach no port on this node".into()) }
     }
     /// Whether established connections to `port` are re-judged here when
     /// the policy or identities change (false: another layer does it).

@@ -65,13 +65,7 @@ impl World {
     fn refused_json(&self, on: &Netns, state: &str, peer: &str) -> u64 {
         let (_, out, _) = on.run(&format!("{TAILGATE} status --json --state-dir {}/{state}", self.d()), 10);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        v["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == peer)
-            .and_then(|p| p["refused_inbound"].as_u64())
-            .unwrap_or(0)
+        v["peers"].as_array().into_iter().flatten().find(|p| p["name"] == peer).and_then(|p| p["refused_inbound"].as_u64()).unwrap_or(0)
     }
 }
 
@@ -99,8 +93,9 @@ fn control_mode_ports_follow_the_policy_live() {
     let laptop_key = w.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
 
     let _vps_svc = w.vps.spawn("socat TCP-LISTEN:9000,bind=127.0.0.1,fork,reuseaddr EXEC:cat", &w.dir.path().join("svc9000.log"));
-    let _laptop_svc =
-        w.laptop.spawn("socat TCP-LISTEN:9100,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo laptop-secret'", &w.dir.path().join("svc9100.log"));
+    let _laptop_svc = w
+        .laptop
+        .spawn("socat TCP-LISTEN:9100,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo laptop-secret'", &w.dir.path().join("svc9100.log"));
     let mut vps_proc = w.vps.spawn(
         &format!(
             "env RUST_LOG=tailgate=info {TAILGATE} up --authkey {server_key} --state-dir {d}/vps --hostname vps --forward 9000=127.0.0.1:9000"
