@@ -186,10 +186,10 @@ impl Filter {
         &self.judge
     }
 
-    /// Judge one decrypted packet from `peer`. `listening` is asked only for
-    /// echo requests.
-    pub fn check(&mut self, peer: &Key, packet: &[u8], listening: impl FnOnce() -> Vec<u16>, now: Instant) -> Verdict {
-        let (what, result) = match classify(packet) {
+    /// Judge one decrypted packet from `peer`, as [`classify`] saw it.
+    /// `listening` is asked only for echo requests.
+    pub fn check(&mut self, peer: &Key, packet: Inbound, listening: impl FnOnce() -> Vec<u16>, now: Instant) -> Verdict {
+        let (what, result) = match packet {
             Inbound::Other => return Verdict::Pass,
             Inbound::Unwanted => return Verdict::Drop,
             Inbound::Syn { port } => (format!("TCP port {port}"), self.judge.admit_tcp(peer, port)),
@@ -340,11 +340,11 @@ mod tests {
         let k = [1u8; 32];
         let now = Instant::now();
         let none = Vec::new;
-        assert_eq!(f.check(&k, &tcp(TcpControl::Syn, None, 22), none, now), Verdict::Pass);
-        assert_eq!(f.check(&k, &tcp(TcpControl::Syn, None, 9000), none, now), Verdict::Reset);
+        assert_eq!(f.check(&k, classify(&tcp(TcpControl::Syn, None, 22)), none, now), Verdict::Pass);
+        assert_eq!(f.check(&k, classify(&tcp(TcpControl::Syn, None, 9000)), none, now), Verdict::Reset);
         // A SYN-ACK answers a connection we opened; an ACK belongs to one.
-        assert_eq!(f.check(&k, &tcp(TcpControl::Syn, Some(5), 9000), none, now), Verdict::Pass);
-        assert_eq!(f.check(&k, &tcp(TcpControl::None, Some(5), 9000), none, now), Verdict::Pass);
+        assert_eq!(f.check(&k, classify(&tcp(TcpControl::Syn, Some(5), 9000)), none, now), Verdict::Pass);
+        assert_eq!(f.check(&k, classify(&tcp(TcpControl::None, Some(5), 9000)), none, now), Verdict::Pass);
         assert_eq!(f.refused(&k), 1);
         assert_eq!(f.refused(&[2u8; 32]), 0);
     }
@@ -354,8 +354,8 @@ mod tests {
         let mut f = Filter::new(Arc::new(Only22));
         let k = [1u8; 32];
         let now = Instant::now();
-        assert_eq!(f.check(&k, &echo(), || vec![9000], now), Verdict::Drop);
-        assert_eq!(f.check(&k, &echo(), || vec![9000, 22], now), Verdict::Pass);
+        assert_eq!(f.check(&k, classify(&echo()), || vec![9000], now), Verdict::Drop);
+        assert_eq!(f.check(&k, classify(&echo()), || vec![9000, 22], now), Verdict::Pass);
         assert_eq!(f.refused(&k), 1);
     }
 
@@ -366,11 +366,11 @@ mod tests {
         let now = Instant::now();
         let mut frag = tcp(TcpControl::Syn, None, 9000);
         frag[6] |= 0x20; // more fragments
-        assert_eq!(f.check(&k, &frag, Vec::new, now), Verdict::Drop);
+        assert_eq!(f.check(&k, classify(&frag), Vec::new, now), Verdict::Drop);
         let syn = tcp(TcpControl::Syn, None, 9000);
-        assert_eq!(f.check(&k, &syn[..30], Vec::new, now), Verdict::Drop);
-        assert_eq!(f.check(&k, &[], Vec::new, now), Verdict::Drop);
-        assert_eq!(f.check(&k, &[0x45; 3], Vec::new, now), Verdict::Drop);
+        assert_eq!(f.check(&k, classify(&syn[..30]), Vec::new, now), Verdict::Drop);
+        assert_eq!(f.check(&k, classify(&[]), Vec::new, now), Verdict::Drop);
+        assert_eq!(f.check(&k, classify(&[0x45; 3]), Vec::new, now), Verdict::Drop);
         // IPv6 with a hop-by-hop header in front of TCP.
         let mut v6 = vec![0x60, 0, 0, 0, 0, 28, 0, 64];
         v6.extend_from_slice(&[0u8; 32]);
@@ -456,11 +456,11 @@ action = "reject"
         let k = [1u8; 32];
         let t0 = Instant::now();
         for i in 0..10 {
-            f.check(&k, &tcp(TcpControl::Syn, None, 80), Vec::new, t0 + Duration::from_millis(i * 10));
+            f.check(&k, classify(&tcp(TcpControl::Syn, None, 80)), Vec::new, t0 + Duration::from_millis(i * 10));
         }
         let c = &f.peers[&k];
         assert_eq!((c.refused, c.unlogged, c.last_log), (10, 9, Some(t0)));
-        f.check(&k, &tcp(TcpControl::Syn, None, 80), Vec::new, t0 + Duration::from_secs(2));
+        f.check(&k, classify(&tcp(TcpControl::Syn, None, 80)), Vec::new, t0 + Duration::from_secs(2));
         assert_eq!(f.peers[&k].unlogged, 0);
     }
 }

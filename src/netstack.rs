@@ -245,9 +245,10 @@ impl Stack {
     /// listening port get a fresh listening socket so concurrent connects
     /// are not refused.
     pub fn push_inbound(&mut self, peer: &Key, packet: &[u8], now: Instant) {
+        let kind = filter::classify(packet);
         if let Some(f) = self.filter.as_mut() {
             let listeners = &self.listeners;
-            match f.check(peer, packet, || listeners.keys().copied().collect(), now) {
+            match f.check(peer, kind, || listeners.keys().copied().collect(), now) {
                 Verdict::Pass => {}
                 Verdict::Drop => return,
                 Verdict::Reset => {
@@ -258,7 +259,7 @@ impl Stack {
                 }
             }
         }
-        if let filter::Inbound::Syn { port } = filter::classify(packet)
+        if let filter::Inbound::Syn { port } = kind
             && let Some(l) = self.listeners.get_mut(&port)
         {
             l.syns_in_batch += 1;
