@@ -63,12 +63,19 @@ PrivateKey = $(cat $D/tb.key)
 Address = 100.64.0.2/32
 ListenPort = 51820
 [Peer]
+# tailgate-user = bencher
 PublicKey = $(cat $D/ta.pub)
 AllowedIPs = 100.64.0.1/32
 CONF
+# The inbound filter opens only what the policy grants.
+cat > $D/policy.toml <<CONF
+[[acl]]
+src = ["bencher"]
+dst = ["*:5201,7001"]
+CONF
 ip netns exec $B iperf3 -s -D -B 127.0.0.1 -p 5201
 (ip netns exec $B socat TCP-LISTEN:7001,bind=127.0.0.1,fork,reuseaddr EXEC:cat &)
-(ip netns exec $B $BIN up --wg-config $D/tb.conf --state-dir $D/sb --no-ssh --forward 5201=127.0.0.1:5201 --forward 7001=127.0.0.1:7001 > $D/tb.log 2>&1 &)
+(ip netns exec $B $BIN up --wg-config $D/tb.conf --policy $D/policy.toml --state-dir $D/sb --no-ssh --forward 5201=127.0.0.1:5201 --forward 7001=127.0.0.1:7001 > $D/tb.log 2>&1 &)
 sleep 0.5
 (ip netns exec $A $BIN up --wg-config $D/ta.conf --state-dir $D/sa --no-ssh --local-forward 127.0.0.1:15201=100.64.0.2:5201 --local-forward 127.0.0.1:17001=100.64.0.2:7001 > $D/ta.log 2>&1 &)
 sleep 1

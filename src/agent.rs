@@ -277,6 +277,8 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let mut nc = NodeConfig::new(key, vec![]);
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
     nc.manage_paths = true;
+    // Refuse inbound connections until the policy's filter is installed.
+    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
     let node = Arc::new(Node::start(nc).await?);
     node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
     // The control server answers STUN on the UDP port matching its TCP port.
@@ -292,10 +294,13 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let (policy, host_key) = match opts.ssh_port {
         Some(port) => {
             let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
-            (Some(svc.policy), Some(svc.server.host_public_key_openssh()))
+            (svc.policy, Some(svc.server.host_public_key_openssh()))
         }
-        None => (None, None),
+        // No SSH server, but the inbound filter still follows control's policy.
+        None => (PolicyHandle::new(Policy::default_static()), None),
     };
+    crate::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
+    let policy = Some(policy);
     let daemon = Daemon::new(node.clone(), Directory::default());
     if let Err(e) = crate::localapi::serve(daemon.clone(), &opts.state_dir) {
         tracing::warn!("local API unavailable: {e:#}");

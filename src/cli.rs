@@ -213,6 +213,8 @@ fn node_config(c: &QuickConfig, listen_port: u16) -> NodeConfig {
     let mut nc = NodeConfig::new(c.private_key, c.addresses.iter().map(|n| n.addr()).collect());
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), listen_port);
     nc.peers = c.peers.iter().map(|p| p.config.clone()).collect();
+    // Refuse inbound connections until the policy's filter is installed.
+    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
     nc
 }
 
@@ -309,13 +311,18 @@ async fn up(args: UpArgs) -> Result<()> {
         forward::spawn_local_forward(node.clone(), local, remote).await?;
     }
     let mut directory = static_directory(&c);
-    if !args.no_ssh {
-        let svc = crate::serve::serve_ssh(&node, Arc::new(static_resolver(&c)), policy, &state_dir, args.ssh_port)?;
+    let resolver: Arc<dyn IdentityResolver> = Arc::new(static_resolver(&c));
+    let policy = if args.no_ssh {
+        crate::ssh::PolicyHandle::new(policy)
+    } else {
+        let svc = crate::serve::serve_ssh(&node, resolver.clone(), policy, &state_dir, args.ssh_port)?;
         tracing::info!(host_key = %svc.server.host_public_key_openssh(), port = args.ssh_port, "ssh server up");
         if let Some(me) = directory.me.as_mut() {
             me.ssh_host_key = Some(svc.server.host_public_key_openssh());
         }
-    }
+        svc.policy
+    };
+    crate::filter::install(&node, resolver, policy, (!args.no_ssh).then_some(args.ssh_port));
     let daemon = localapi::Daemon::new(node.clone(), directory);
     if let Err(e) = localapi::serve(daemon, &state_dir) {
         // The node still serves; only `tailgate nc/status` without --wg-config lose it.
@@ -401,14 +408,14 @@ fn format_status(st: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}",
-        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX"
+        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
+        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX", "REFUSED"
     );
     for p in st["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12}",
+            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
             s(&p["name"]),
             first_ip(p),
             who(p),
@@ -417,6 +424,7 @@ fn format_status(st: &serde_json::Value) -> String {
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),
             p["tx_bytes"].as_u64().unwrap_or(0),
+            p["refused_inbound"].as_u64().unwrap_or(0),
         );
     }
     out
@@ -490,6 +498,7 @@ async fn nc_oneshot(state_dir: &Path, host: &str, port: u16) -> Result<()> {
     let ip = dir.resolve(host)?;
     let mut nc = NodeConfig::new(key, map.self_node.ips.clone());
     nc.peers = map.peer_configs();
+    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
     dial_once(nc, SocketAddr::new(ip, port)).await
 }
 

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod directory;
 pub mod disco;
 pub mod endpoint;
+pub mod filter;
 pub mod forward;
 pub mod identity;
 pub mod localapi;

@@ -81,6 +81,7 @@ impl Daemon {
                     "rx_bytes": live.map(|p| p.stats.rx_bytes).unwrap_or(0),
                     "tx_bytes": live.map(|p| p.stats.tx_bytes).unwrap_or(0),
                     "spoofed_dropped": live.map(|p| p.stats.spoofed).unwrap_or(0),
+                    "refused_inbound": live.map(|p| p.refused_inbound).unwrap_or(0),
                 })
             })
             .collect();
@@ -104,9 +105,24 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
 }
 
+/// Bind a unix socket at `path` that is 0600 from the moment it has that
+/// name. `bind` creates the file with the process umask, so it is bound in a
+/// fresh 0700 directory beside `path`, narrowed there, and only then linked
+/// into place; nobody else can open it in between. The link (unlike a rename)
+/// fails if `path` exists, so a racing second daemon cannot replace ours.
+pub fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let private = tempfile::Builder::new().prefix(".tailgate-sock").tempdir_in(parent)?;
+    let tmp = private.path().join(SOCKET_NAME);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::hard_link(&tmp, path)?;
+    Ok(listener)
+}
+
 /// Listen on `state_dir/tailgate.sock` until the process ends.
 pub fn serve(daemon: Daemon, state_dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let path = socket_path(state_dir);
     // A socket file left by a crashed daemon blocks bind; a live daemon
     // answers, and then we must not steal its socket.
@@ -116,8 +132,9 @@ pub fn serve(daemon: Daemon, state_dir: &Path) -> Result<()> {
         }
         let _ = std::fs::remove_file(&path);
     }
-    let listener = UnixListener::bind(&path).with_context(|| format!("binding the local API socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(&path).with_context(|| format!("binding the local API socket {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     tokio::spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else { continue };
@@ -212,5 +229,30 @@ pub async fn fetch_directory(state_dir: &Path) -> Result<Directory> {
     match (a.ok, a.status) {
         (true, Some(v)) => Ok(serde_json::from_value(v)?),
         _ => bail!("{}", a.error.unwrap_or_else(|| "the daemon sent no directory".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    #[test]
+    fn socket_is_0600_from_creation_even_under_a_permissive_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = super::socket_path(dir.path());
+        // With umask 0 a plain bind() makes the socket 0777 until a chmod.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let bound = super::bind_private(&path);
+        nix::sys::stat::umask(old);
+        let _listener = bound.unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Only the socket is left in the state directory, and it answers.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(super::SOCKET_NAME)]);
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        // A second bind on the same path fails instead of replacing it.
+        assert!(super::bind_private(&path).is_err());
     }
 }

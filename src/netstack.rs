@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 
+use crate::filter::{self, Filter, Verdict};
 use crate::wg::Key;
 
 /// The tunnel MTU (WireGuard's default on a 1500-byte path).
@@ -111,8 +112,11 @@ struct Listener {
 }
 
 /// Per-connection bookkeeping the stack keeps for streams.
+#[derive(Default)]
 struct ConnState {
     dropped_at: Option<Instant>,
+    /// Accepted from a listener (re-judged when the policy changes).
+    inbound: bool,
 }
 
 pub struct Stack {
@@ -123,6 +127,9 @@ pub struct Stack {
     conns: HashMap<SocketHandle, ConnState>,
     epoch: Instant,
     next_port: u16,
+    /// Admission of new inbound connections; `None` admits everything
+    /// (library use: the CLI always installs one).
+    filter: Option<Filter>,
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
@@ -145,6 +152,7 @@ impl Stack {
             conns: HashMap::new(),
             epoch,
             next_port: 49152 + (rand::random::<u16>() % 16000),
+            filter: None,
         }
     }
 
@@ -180,7 +188,7 @@ impl Stack {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.sockets {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
-                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()) });
+                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()), inbound: true });
             }
         }
     }
@@ -193,7 +201,7 @@ impl Stack {
         s.connect(self.iface.context(), IpEndpoint::from(remote), IpEndpoint::from(local))
             .map_err(|e| io::Error::other(format!("connect to {remote}: {e}")))?;
         let h = self.sockets.add(s);
-        self.conns.insert(h, ConnState { dropped_at: None });
+        self.conns.insert(h, ConnState::default());
         Ok((h, local))
     }
 
@@ -215,10 +223,43 @@ impl Stack {
         }
     }
 
-    /// Queue one decrypted packet for the stack. SYNs to a listening port get
-    /// a fresh listening socket so concurrent connects are not refused.
-    pub fn push_inbound(&mut self, packet: &[u8]) {
-        if let Some(port) = syn_dst_port(packet)
+    /// Install (or remove) the inbound filter.
+    pub fn set_filter(&mut self, filter: Option<Filter>) {
+        self.filter = filter;
+    }
+
+    /// Connections from `peer` the filter refused so far.
+    pub fn refused(&self, peer: &Key) -> u64 {
+        self.filter.as_ref().map_or(0, |f| f.refused(peer))
+    }
+
+    /// Forget a removed peer's filter counters.
+    pub fn forget_peer(&mut self, peer: &Key) {
+        if let Some(f) = self.filter.as_mut() {
+            f.forget(peer);
+        }
+    }
+
+    /// Queue one decrypted packet from `peer` for the stack, unless the
+    /// filter refuses it (a refused SYN is answered with a RST). SYNs to a
+    /// listening port get a fresh listening socket so concurrent connects
+    /// are not refused.
+    pub fn push_inbound(&mut self, peer: &Key, packet: &[u8], now: Instant) {
+        let kind = filter::classify(packet);
+        if let Some(f) = self.filter.as_mut() {
+            let listeners = &self.listeners;
+            match f.check(peer, kind, || listeners.keys().copied().collect(), now) {
+                Verdict::Pass => {}
+                Verdict::Drop => return,
+                Verdict::Reset => {
+                    if let Some(rst) = filter::rst_for(packet) {
+                        self.device.tx.push_back(rst);
+                    }
+                    return;
+                }
+            }
+        }
+        if let filter::Inbound::Syn { port } = kind
             && let Some(l) = self.listeners.get_mut(&port)
         {
             l.syns_in_batch += 1;
@@ -252,7 +293,7 @@ impl Stack {
                         continue;
                     };
                     l.sockets.swap_remove(i);
-                    self.conns.insert(h, ConnState { dropped_at: None });
+                    self.conns.insert(h, ConnState { dropped_at: None, inbound: true });
                     accepted.push(Accepted { port: *port, handle: h, local: endpoint(local), remote: endpoint(remote) });
                 } else {
                     i += 1;
@@ -329,6 +370,38 @@ impl Stack {
         }
     }
 
+    /// Ask the filter again about every inbound connection (established or
+    /// half-open) and reset those it no longer admits. `peer_of` maps a
+    /// remote tailnet address to the peer that owns it now. Returns how many
+    /// were reset.
+    pub fn rejudge(&mut self, peer_of: impl Fn(IpAddr) -> Option<Key>) -> usize {
+        let Some(judge) = self.filter.as_ref().map(|f| f.judge().clone()) else { return 0 };
+        let half_open = self.listeners.values().flat_map(|l| l.sockets.iter().copied());
+        let accepted = self.conns.iter().filter(|(_, c)| c.inbound).map(|(h, _)| *h);
+        let handles: Vec<SocketHandle> = half_open.chain(accepted).collect();
+        let mut reset = 0;
+        for h in handles {
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if matches!(s.state(), tcp::State::Listen | tcp::State::Closed | tcp::State::TimeWait) {
+                continue;
+            }
+            let (Some(local), Some(remote)) = (s.local_endpoint(), s.remote_endpoint()) else { continue };
+            if !judge.rejudges(local.port) {
+                continue;
+            }
+            let verdict = match peer_of(IpAddr::from(remote.addr)) {
+                Some(k) => judge.admit_tcp(&k, local.port),
+                None => Err("the peer left the tailnet".into()),
+            };
+            if let Err(why) = verdict {
+                tracing::warn!(remote = %endpoint(remote), port = local.port, "resetting a connection the policy no longer allows: {why}");
+                s.abort();
+                reset += 1;
+            }
+        }
+        reset
+    }
+
     /// Number of TCP sockets, for leak checks.
     pub fn socket_count(&self) -> usize {
         self.sockets.iter().count()
@@ -368,31 +441,6 @@ fn set_addresses(iface: &mut Interface, addresses: &[IpAddr]) {
 
 fn endpoint(e: IpEndpoint) -> SocketAddr {
     SocketAddr::new(e.addr.into(), e.port)
-}
-
-/// The destination port of a pure TCP SYN, if `packet` is one.
-fn syn_dst_port(packet: &[u8]) -> Option<u16> {
-    let (proto, payload) = match packet.first()? >> 4 {
-        4 => {
-            let p = Ipv4Packet::new_checked(packet).ok()?;
-            if p.frag_offset() != 0 {
-                return None;
-            }
-            let hl = p.header_len() as usize;
-            let total = (p.total_len() as usize).min(packet.len());
-            (p.next_header(), packet.get(hl..total)?)
-        }
-        6 => {
-            let p = Ipv6Packet::new_checked(packet).ok()?;
-            (p.next_header(), packet.get(40..)?)
-        }
-        _ => return None,
-    };
-    if proto != IpProtocol::Tcp {
-        return None;
-    }
-    let tcp = TcpPacket::new_checked(payload).ok()?;
-    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
 }
 
 /// The stack plus the handle that wakes its driver; shared with streams.
@@ -542,7 +590,7 @@ impl Drop for TcpStream {
         if s.recv_queue() > 0 {
             s.abort();
         }
-        st.conns.insert(self.handle, ConnState { dropped_at: Some(Instant::now()) });
+        st.conns.entry(self.handle).or_default().dropped_at = Some(Instant::now());
         drop(st);
         self.shared.wake.notify_one();
     }

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::disco;
+use crate::filter::{Filter, Judge};
 use crate::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
 use crate::path::{Action as PathAction, PathState, Route};
 use crate::wg::{self, Key, Output, PeerConfig, Wg};
@@ -39,6 +40,10 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Choose per peer between direct UDP (proven by probes) and the relay.
     pub manage_paths: bool,
+    /// The inbound filter from the first packet on (`None`: admit every
+    /// connection, for library use). Nodes the CLI starts begin with
+    /// [`crate::filter::DenyAll`] and switch to the policy once it is wired.
+    pub inbound: Option<Arc<dyn Judge>>,
 }
 
 impl NodeConfig {
@@ -49,6 +54,7 @@ impl NodeConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             peers: Vec::new(),
             manage_paths: false,
+            inbound: None,
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct PeerStatus {
     /// "direct ADDR" or "relay" under path management.
     pub path: Option<String>,
     pub last_probe: Option<String>,
+    /// New connections (SYNs, pings) from this peer the inbound filter refused.
+    pub refused_inbound: u64,
     #[serde(flatten)]
     pub stats: wg::PeerStats,
 }
@@ -126,7 +134,8 @@ impl Node {
         }
         let udp = bind_udp(config.listen)?;
         let udp_addr = udp.local_addr()?;
-        let stack = Stack::new(&config.addresses, now);
+        let mut stack = Stack::new(&config.addresses, now);
+        stack.set_filter(config.inbound.map(Filter::new));
         let (public_endpoint, _) = tokio::sync::watch::channel(None);
         let paths = Paths {
             enabled: config.manage_paths,
@@ -216,6 +225,32 @@ impl Node {
         }
     }
 
+    /// Judge every new inbound connection with `judge` from now on (see
+    /// [`crate::filter`]). Without a filter the node admits everything.
+    pub fn set_inbound_filter(&self, judge: Arc<dyn Judge>) {
+        self.inner.shared.lock().set_filter(Some(Filter::new(judge)));
+    }
+
+    /// Re-judge open inbound connections now; returns how many were reset.
+    pub fn rejudge_inbound(&self) -> usize {
+        rejudge(&self.inner)
+    }
+
+    /// Re-judge open inbound connections whenever one of `changes` fires
+    /// (policy or identity table replaced), for as long as the node runs.
+    pub fn rejudge_on(&self, changes: Vec<tokio::sync::watch::Receiver<u64>>) {
+        let inner = Arc::downgrade(&self.inner);
+        for mut rx in changes {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let Some(inner) = inner.upgrade() else { return };
+                    rejudge(&inner);
+                }
+            });
+        }
+    }
+
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
     pub fn upsert_peer(&self, config: PeerConfig) -> anyhow::Result<()> {
         self.inner.wg().upsert_peer(config)?;
@@ -290,6 +325,7 @@ impl Node {
         for ip in allowed_ips {
             st.abort_from(*ip);
         }
+        st.forget_peer(key);
         drop(st);
         self.inner.shared.wake.notify_one();
     }
@@ -297,6 +333,7 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let now = Instant::now();
         let wg = self.inner.wg();
+        let stack = self.inner.shared.lock();
         let paths = self.inner.paths();
         let peers = wg
             .peer_ids()
@@ -311,6 +348,7 @@ impl Node {
                         Route::Relay => "relay (not connected)".to_string(),
                     }),
                     last_probe: st.and_then(|s| s.last_result.clone()),
+                    refused_inbound: stack.refused(&cfg.public_key),
                     public_key: wg::key_to_base64(&cfg.public_key),
                     allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     endpoint: wg.peer_endpoint(id),
@@ -325,7 +363,7 @@ impl Node {
             listen: self.udp_addr,
             peers,
             stats: wg.stats().clone(),
-            tcp_sockets: self.inner.shared.lock().socket_count(),
+            tcp_sockets: stack.socket_count(),
         }
     }
 
@@ -550,7 +588,7 @@ fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Send
                     {
                         st.on_direct_traffic(from, now);
                     }
-                    stack.push_inbound(packet)
+                    stack.push_inbound(&key, packet, now)
                 }
             });
         }
@@ -708,6 +746,19 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
     }
+}
+
+fn rejudge(inner: &Inner) -> usize {
+    let wg = inner.wg();
+    let mut stack = inner.shared.lock();
+    // Inner sources were checked against their peer's AllowedIPs on receipt,
+    // so the route of a remote address names the peer that owns it.
+    let n = stack.rejudge(|ip| wg.route(ip).and_then(|id| wg.peer_key(id)));
+    drop((stack, wg));
+    if n > 0 {
+        inner.shared.wake.notify_one();
+    }
+    n
 }
 
 fn deliver_accepted(inner: &Arc<Inner>, accepted: &mut Vec<Accepted>) {

@@ -26,8 +26,10 @@ accept = ["root"]
 deny = ["nobody"]
 "#;
 
-/// Alice loses SSH but keeps web access, so vps stays in her netmap and the
-/// SSH server itself must say no at the next login.
+/// Alice loses root but keeps web access and a non-root login, so vps stays
+/// in her netmap, its SSH port stays open to her (the inbound filter opens
+/// it to callers some ssh rule could admit) and the SSH server itself must
+/// say no to root at the next login.
 const REVOKED: &str = r#"
 [groups]
 "group:admins" = ["bob"]
@@ -43,6 +45,12 @@ dst = ["tag:prod:80"]
 src = ["group:admins"]
 dst = ["tag:prod"]
 users = ["root"]
+action = "accept"
+
+[[ssh]]
+src = ["alice"]
+dst = ["tag:prod"]
+users = ["nobody"]
 action = "accept"
 
 [[tests]]

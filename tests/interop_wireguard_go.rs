@@ -52,11 +52,20 @@ fn lab() -> Lab {
     Lab { k, t, dir, wgdev, k_private, conf_up, conf_nc, peers_cmd }
 }
 
+/// The inbound filter admits only what the policy grants: the kernel side
+/// may use the forwarded port (which also lets it ping).
+const POLICY: &str = r#"
+[[acl]]
+src = ["kernel-admin"]
+dst = ["*:8080"]
+"#;
+
 fn start_up(lab: &Lab, n: u32) -> Proc {
     let log = lab.dir.path().join(format!("up{n}.log"));
+    let policy = write(lab.dir.path(), "policy.toml", POLICY);
     let mut p = lab.t.spawn(
         &format!(
-            "env RUST_LOG=tailgate=debug {TAILGATE} up --wg-config {} --forward 8080=127.0.0.1:9000 --no-ssh --state-dir {}/state",
+            "env RUST_LOG=tailgate=debug {TAILGATE} up --wg-config {} --policy {policy} --forward 8080=127.0.0.1:9000 --no-ssh --state-dir {}/state",
             lab.conf_up,
             lab.dir.path().display()
         ),

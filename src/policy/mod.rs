@@ -185,6 +185,13 @@ impl Policy {
         self.network_rule(src, dst, port).is_some()
     }
 
+    /// Could some `accept`/`check` `[[ssh]]` rule admit `caller` on `target`
+    /// for some login? The node's inbound filter opens its SSH port on this;
+    /// reject-only matches open nothing. (Added for the inbound filter.)
+    pub fn ssh_reachable(&self, caller: &Identity, target: &Identity) -> bool {
+        self.ssh.iter().any(|r| r.action != Action::Reject && r.matches_nodes(caller, target))
+    }
+
     /// Runs the `[[tests]]`; one diagnostic per failed assertion, empty when
     /// all pass.
     pub fn run_tests(&self) -> Vec<Diagnostic> {

@@ -71,6 +71,8 @@ impl SshError {
 pub trait AccessPolicy: Send + Sync + 'static {
     fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision;
     fn check_network(&self, src: &Identity, dst: &Identity, port: u16) -> bool;
+    /// Could some SSH rule admit `caller` on `target` for some login?
+    fn ssh_reachable(&self, caller: &Identity, target: &Identity) -> bool;
 }
 
 impl AccessPolicy for Policy {
@@ -79,6 +81,9 @@ impl AccessPolicy for Policy {
     }
     fn check_network(&self, src: &Identity, dst: &Identity, port: u16) -> bool {
         Policy::check_network(self, src, dst, port)
+    }
+    fn ssh_reachable(&self, caller: &Identity, target: &Identity) -> bool {
+        Policy::ssh_reachable(self, caller, target)
     }
 }
 
