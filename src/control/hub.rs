@@ -1123,6 +1123,10 @@ impl Hub {
                     None => None,
                 };
                 self.check_tags(&tags)?;
+                // The admin socket takes any u64; keep the Unix-time sum in range.
+                if expiry_secs.is_some_and(|e| e == 0 || e > 100 * 365 * 86400) {
+                    return Err("an auth key lifetime is between 1 second and 100 years".into());
+                }
                 let expiry = expiry_secs.map(Duration::from_secs).unwrap_or(self.cfg.default_auth_key_expiry);
                 let secret = AuthKeyToken::new_secret();
                 let row = AuthKeyRow {
