@@ -1483,6 +1483,16 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_audit_write_is_counted_and_the_action_stands() {
+        let mut h = hub();
+        h.store.break_audit();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        assert!(h.users.values().any(|u| u == "alice"));
+        assert_eq!(h.audit_failures(), 1);
+        assert_eq!(h.admin(AdminRequest::Status, 1000).unwrap()["audit_write_failures"], 1);
+    }
+
+    #[test]
     fn relay_authorization_is_a_key_lookup() {
         let mut h = hub();
         h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
