@@ -67,7 +67,10 @@ pub fn ssh_config(exe: &Path, state_dir: &Path, dir: &Directory) -> String {
     let domain = dir.domain.as_deref().filter(|d| check_domain(d).is_ok());
     for e in &dir.peers {
         if let Err(err) = check_node_name(&e.name) {
-            out.push_str(&format!("\n# skipped a peer ({}): its name is not valid\n", e.node_key.replace(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '/' && c != '=', "")));
+            out.push_str(&format!(
+                "\n# skipped a peer ({}): its name is not valid\n",
+                e.node_key.replace(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '/' && c != '=', "")
+            ));
             tracing::warn!("ssh-config: skipped peer {}: {err}", e.node_key);
             continue;
         }

@@ -841,9 +841,8 @@ impl Hub {
         }
         // Gates of nodes that are gone or idle long enough to be full again.
         let idle = cfg.endpoint_interval * cfg.endpoint_burst.max(1);
-        self.endpoint_gates.retain(|id, g| {
-            g.pending.is_some() || (self.conns.contains_key(id) && now_i.saturating_duration_since(g.refilled) < idle)
-        });
+        self.endpoint_gates
+            .retain(|id, g| g.pending.is_some() || (self.conns.contains_key(id) && now_i.saturating_duration_since(g.refilled) < idle));
     }
 
     /// A message on an established connection.
@@ -925,10 +924,10 @@ impl Hub {
             .collect();
         for id in gone {
             self.offline_since.remove(&id);
-            if self.nodes.get(&id).is_some_and(|n| n.ephemeral) {
-                if let Err(e) = self.delete_node(id, now, "server", "ephemeral node offline") {
-                    tracing::error!("store: cannot delete offline ephemeral node #{id}: {e:#}");
-                }
+            if self.nodes.get(&id).is_some_and(|n| n.ephemeral)
+                && let Err(e) = self.delete_node(id, now, "server", "ephemeral node offline")
+            {
+                tracing::error!("store: cannot delete offline ephemeral node #{id}: {e:#}");
             }
         }
         let expired: Vec<i64> =
@@ -1252,13 +1251,7 @@ impl Hub {
                 }
                 let name = n.name.clone();
                 self.save(n).map_err(st)?;
-                self.audit(
-                    now,
-                    "admin",
-                    "node.tag",
-                    &name,
-                    &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") },
-                );
+                self.audit(now, "admin", "node.tag", &name, &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") });
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
             }

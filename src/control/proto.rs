@@ -428,8 +428,16 @@ pub struct FullOut {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerOut {
-    LoginOk { new_node: bool, node: SelfInfo, domain: String, keepalive_secs: u32 },
-    Error { code: ErrorCode, message: String },
+    LoginOk {
+        new_node: bool,
+        node: SelfInfo,
+        domain: String,
+        keepalive_secs: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     MapFull(FullOut),
     MapDelta(DeltaOut),
     KeepAlive,

@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -799,11 +799,7 @@ async fn control_session<S: Stream>(
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
     let (rtx, rrx) = oneshot::channel();
-    shared
-        .hub
-        .send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx })
-        .await
-        .map_err(|_| "server shutting down".to_string())?;
+    shared.hub.send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx }).await.map_err(|_| "server shutting down".to_string())?;
     let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
     // Authenticated (or refused and about to close): no longer counted.
     drop(permit);
