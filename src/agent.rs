@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ensure_private_dir, write_secret};
-use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo};
+use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
 use crate::control::{AuthKeyToken, ControlClient, ControlTarget, NetMap, NodeHello};
 use crate::directory::{Directory, Entry};
 use crate::identity::{Identity, TableResolver};
@@ -218,27 +218,72 @@ impl Applier {
     }
 }
 
+/// The name directory for `map`. Names, the domain and host keys come from
+/// the control server but originate with other nodes, and they end up in
+/// `known_hosts`, ssh_config blocks and ssh command lines, so they are
+/// checked again here: a peer whose name or host key is not in the one
+/// accepted form is left out (with a warning) rather than written, and a
+/// bad domain is dropped. Leaving a peer out (instead of keeping it without
+/// a key) matters: without a pinned key `tailgate ssh` would fall back to
+/// trust on first use.
 pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
     let s = &map.self_node;
-    Directory {
-        domain: Some(map.domain.clone()),
-        me: Some(Entry::from_identity(s.identity(), s.ips.clone(), own_host_key)),
-        peers: map.peers.values().map(|p| Entry::from_identity(p.identity(), p.ips.clone(), p.ssh_host_key.clone())).collect(),
-    }
+    let domain = match crate::directory::check_domain(&map.domain) {
+        Ok(()) => Some(map.domain.clone()),
+        Err(e) => {
+            tracing::warn!("control sent an unusable tailnet domain; names work without it: {e}");
+            None
+        }
+    };
+    let me = match check_node_name(&s.name) {
+        Ok(()) => Some(Entry::from_identity(s.identity(), s.ips.clone(), own_host_key)),
+        Err(e) => {
+            tracing::warn!("control sent an unusable name for this node: {e}");
+            None
+        }
+    };
+    let peers = map
+        .peers
+        .values()
+        .filter_map(|p| {
+            let key = match p.ssh_host_key.as_deref().map(canonical_ssh_host_key).transpose() {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                    return None;
+                }
+            };
+            if let Err(e) = check_node_name(&p.name) {
+                tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                return None;
+            }
+            Some(Entry::from_identity(p.identity(), p.ips.clone(), key))
+        })
+        .collect();
+    Directory { domain, me, peers }
 }
 
 /// `state_dir/known_hosts`: one line per peer with a host key, keyed by its
 /// short name (clients pin with `HostKeyAlias`), fully qualified name and IPs.
+/// Every field is checked at the point of writing too, whoever built `dir`.
 pub fn write_known_hosts(state_dir: &Path, dir: &Directory) -> Result<()> {
     let mut out = String::from("# written by tailgate from the netmap; do not edit\n");
+    let domain = dir.domain.as_deref().filter(|d| crate::directory::check_domain(d).is_ok());
     for e in &dir.peers {
         let Some(key) = &e.ssh_host_key else { continue };
-        let mut names = vec![e.name.clone()];
-        if let Some(d) = &dir.domain {
-            names.push(format!("{}.{d}", e.name));
+        let (key, name) = match (canonical_ssh_host_key(key), check_node_name(&e.name)) {
+            (Ok(k), Ok(())) => (k, &e.name),
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!("not writing a known_hosts line for peer {}: {err}", e.node_key);
+                continue;
+            }
+        };
+        let mut names = vec![name.clone()];
+        if let Some(d) = domain {
+            names.push(format!("{name}.{d}"));
         }
         names.extend(e.ips.iter().map(|ip| ip.to_string()));
-        out.push_str(&format!("{} {}\n", names.join(","), key));
+        out.push_str(&format!("{} {key}\n", names.join(",")));
     }
     write_secret(&state_dir.join(KNOWN_HOSTS_FILE), out.as_bytes())?;
     Ok(())
@@ -311,7 +356,6 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         hostname: opts.hostname.clone(),
         ssh_host_key: host_key,
         endpoints: local_endpoints(node.udp_addr().port()),
-        previous_node_key: None,
     };
     // The first contact decides whether we can start at all: a refused auth
     // key is fatal; an unreachable server is not if we have a cached map.

@@ -9,7 +9,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::agent::KNOWN_HOSTS_FILE;
-use crate::directory::Directory;
+use crate::control::proto::check_node_name;
+use crate::directory::{Directory, check_domain};
 
 /// Options that route ssh through `tailgate nc` and pin host keys for `name`.
 pub fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {
@@ -44,6 +45,8 @@ pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, target: &str, res
     use std::os::unix::process::CommandExt;
     let (user, host) = split_target(target);
     let entry = dir.lookup(host)?;
+    // The name becomes `HostKeyAlias=` and the ssh destination.
+    check_node_name(&entry.name).with_context(|| format!("refusing to ssh to {host}"))?;
     let mut cmd = std::process::Command::new("ssh");
     cmd.args(ssh_options(exe, state_dir, &entry.name, entry.ssh_host_key.is_some()));
     if let Some(u) = user {
@@ -58,17 +61,30 @@ pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, target: &str, res
 pub fn ssh_config(exe: &Path, state_dir: &Path, dir: &Directory) -> String {
     let mut out =
         "# tailgate ssh-config: add to ~/.ssh/config (or `Include` it) so plain ssh/scp/sftp/rsync/ansible reach the tailnet\n".to_string();
+    // Every word here is ssh_config syntax: a name with a space or a line
+    // break would add directives (a ProxyCommand runs code), so entries and
+    // a domain that fail the name rules are skipped.
+    let domain = dir.domain.as_deref().filter(|d| check_domain(d).is_ok());
     for e in &dir.peers {
+        if let Err(err) = check_node_name(&e.name) {
+            out.push_str(&format!(
+                "\n# skipped a peer ({}): its name is not valid\n",
+                e.node_key.replace(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '/' && c != '=', "")
+            ));
+            tracing::warn!("ssh-config: skipped peer {}: {err}", e.node_key);
+            continue;
+        }
         let mut names = vec![e.name.clone()];
-        if let Some(d) = &dir.domain {
+        if let Some(d) = domain {
             names.push(format!("{}.{d}", e.name));
         }
         names.extend(e.ips.iter().map(|ip| ip.to_string()));
         out.push_str(&format!("\nHost {}\n", names.join(" ")));
         let opts = ssh_options(exe, state_dir, &e.name, e.ssh_host_key.is_some());
         for pair in opts.chunks(2) {
-            let (k, v) = pair[1].split_once('=').expect("key=value option");
-            out.push_str(&format!("    {k} {v}\n"));
+            if let Some((k, v)) = pair.get(1).and_then(|o| o.split_once('=')) {
+                out.push_str(&format!("    {k} {v}\n"));
+            }
         }
     }
     out

@@ -173,3 +173,33 @@ async fn the_policy_file_is_hot_reloaded_and_a_bad_one_never_wins() {
     b.wait_for("prod1 gone again", |m| m.peers.is_empty()).await;
     s.shutdown().await;
 }
+
+#[test]
+fn a_zero_node_key_lifetime_is_refused_at_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .args(["control", "--listen", "127.0.0.1:0", "--node-key-expiry", "0s", "--state-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // With the old parser this started a server: bound the wait, then kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let status = status.expect("refused at once instead of starting a server");
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("too short") && err.contains("--node-key-expiry"), "{err}");
+}

@@ -72,7 +72,7 @@ async fn maps_only_show_peers_the_policy_lets_talk() {
     assert_eq!(prod.peer_config().allowed_ips[0].to_string(), "100.64.0.3/32");
     assert_eq!(prod.identity().tags, vec!["tag:prod"]);
     assert!(prod.ssh_host_key.as_deref().unwrap().starts_with("ssh-ed25519 "));
-    assert_eq!(prod.endpoints, vec!["127.0.0.1:41641".parse().unwrap()]);
+    assert_eq!(prod.endpoints, vec![ENDPOINT.parse().unwrap()]);
     assert!(prod.online);
     // A second node of bob's sees his first one, nothing else.
     let kb = make_key(&s, Some("bob"), &[], false, false).await;
@@ -213,7 +213,7 @@ async fn rename_endpoints_tags_and_expiry_flow_to_peers() {
     assert!(e.contains("taken"), "{e}");
 
     // Endpoints reported by a node reach its peers.
-    let ep: std::net::SocketAddr = "127.0.0.1:5555".parse().unwrap();
+    let ep: std::net::SocketAddr = "198.51.100.9:5555".parse().unwrap();
     p.client.report_endpoints(vec![ep]).await.unwrap();
     a.wait_for("new endpoint", |m| m.peer_by_name("db1").is_some_and(|x| x.endpoints == vec![ep])).await;
 
@@ -265,7 +265,7 @@ async fn ephemeral_nodes_disappear_after_going_offline() {
 }
 
 #[tokio::test]
-async fn a_new_node_key_takes_over_the_old_node() {
+async fn a_key_rotation_is_proven_by_a_session_of_the_old_key() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path()).await;
     setup_users(&s, &["alice"]).await;
@@ -273,16 +273,188 @@ async fn a_new_node_key_takes_over_the_old_node() {
     let mut other = join(&k, "other").await;
     let old = join(&k, "web").await;
     let ip = old.map.self_node.ips[0];
-    let old_pub = wg::public_key_of(&old.key);
-    drop(old);
+    let old_key = old.key;
     let new_key = wg::generate_private_key();
-    let mut h = hello(&k, "web");
-    h.previous_node_key = Some(old_pub);
-    let (c, map) = tailgate::control::ControlClient::connect(&tailgate::control::ControlTarget::from(&k), &new_key, h).await.unwrap();
-    assert_eq!((map.self_node.name.as_str(), map.self_node.ips[0]), ("web", ip), "same node, new key");
-    assert_eq!(map.self_node.node_key, wg::public_key_of(&new_key));
+    old.client.rotate_key(wg::public_key_of(&new_key)).await.unwrap();
+    let target = ControlTarget::from(&k);
+    let new = login(&target, "web", new_key).await.unwrap();
+    assert_eq!((new.map.self_node.name.as_str(), new.map.self_node.ips[0]), ("web", ip), "same node, new key");
+    assert_eq!(new.map.self_node.node_key, wg::public_key_of(&new_key));
     other.wait_for("web under its new key", |m| m.peer_by_name("web").is_some_and(|p| p.node_key == wg::public_key_of(&new_key))).await;
-    drop(c);
+    match login(&target, "web", old_key).await {
+        Err(ControlError::Refused { code: ErrorCode::NotRegistered, .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("the old key still logs in"),
+    }
+    // A key that already belongs to a node cannot be rotated onto.
+    let web = new.client.rotate_key(wg::public_key_of(&other.key)).await;
+    assert!(matches!(web, Err(ControlError::Refused { code: ErrorCode::Protocol, .. })), "{web:?}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_host_key_with_extra_lines_is_refused_and_reaches_no_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let mut peer = join(&k, "peer").await;
+    let good = host_key(1);
+    let bad = [
+        format!("{good}\n@revoked * {}", host_key(2)),
+        format!("{good}\n* {}", host_key(2)),
+        format!("{good} root@evil"),
+        format!("{good} "),
+        format!(" {good}"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9uZQ".into(),
+        "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ".into(),
+        good.replace("ssh-ed25519", "ssh-ed25519\t"),
+    ];
+    for (i, key) in bad.iter().enumerate() {
+        let mut h = hello(&k, &format!("evil{i}"));
+        h.ssh_host_key = Some(key.clone());
+        match tailgate::control::ControlClient::connect(&ControlTarget::from(&k), &wg::generate_private_key(), h).await {
+            Err(ControlError::Refused { code: ErrorCode::HostInfo, message }) => {
+                assert!(message.contains("ssh-ed25519 BASE64"), "{message}")
+            }
+            Err(e) => panic!("{key:?}: {e}"),
+            Ok(_) => panic!("{key:?} accepted"),
+        }
+    }
+    // A registered node cannot slip one in at login either.
+    let mut h = tailgate::control::NodeHello::login("peer2");
+    h.ssh_host_key = Some(bad[0].clone());
+    let p2 = join(&k, "peer2").await;
+    let key2 = p2.key;
+    drop(p2);
+    match tailgate::control::ControlClient::connect(&ControlTarget::from(&k), &key2, h).await {
+        Err(ControlError::Refused { code: ErrorCode::HostInfo, .. }) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let nodes = admin(&s, AdminRequest::NodesList).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+    assert!(!nodes.to_string().contains("revoked"), "{nodes}");
+    // What the peer writes to known_hosts holds one line per peer, no markers.
+    peer.wait_for("peer2", |m| m.peer_by_name("peer2").is_some()).await;
+    let kh = tempfile::tempdir().unwrap();
+    tailgate::agent::write_known_hosts(kh.path(), &tailgate::agent::directory_of(peer.client.netmap(), None)).unwrap();
+    let text = std::fs::read_to_string(kh.path().join("known_hosts")).unwrap();
+    assert!(!text.contains('@') && !text.contains('*'), "{text}");
+    assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 1, "{text}");
+    s.shutdown().await;
+}
+
+/// A control server (compromised, or older than the checks) vouching for
+/// bad names or keys: the client leaves those peers out of `known_hosts`,
+/// the directory and `ssh-config` rather than writing them.
+#[tokio::test]
+async fn clients_check_names_and_host_keys_again_before_writing_them() {
+    use tailgate::control::proto::{MapFull, PeerInfo, PolicyInfo, SelfInfo};
+    let peer = |n: u8, name: &str, key: Option<String>| PeerInfo {
+        node_id: n as u64,
+        node_key: [n; 32],
+        name: name.into(),
+        fqdn: format!("{name}.tailnet.internal"),
+        ips: vec![IpAddr::from([100, 64, 0, n])],
+        user: Some("alice".into()),
+        tags: vec![],
+        endpoints: vec![],
+        ssh_host_key: key,
+        online: true,
+    };
+    let good = host_key(1);
+    let map = tailgate::control::NetMap::from_full(MapFull {
+        self_node: SelfInfo {
+            node_id: 9,
+            node_key: [9; 32],
+            name: "me".into(),
+            fqdn: "me.tailnet.internal".into(),
+            ips: vec![IpAddr::from([100, 64, 0, 9])],
+            user: Some("alice".into()),
+            tags: vec![],
+            key_expiry: None,
+            ephemeral: false,
+        },
+        domain: "tailnet.internal".into(),
+        peers: vec![
+            peer(1, "web", Some(good.clone())),
+            peer(2, "evil", Some(format!("{good}\n@revoked * {good}"))),
+            peer(3, "*", Some(host_key(3))),
+            peer(4, "a,b", Some(host_key(4))),
+            peer(5, "x\nProxyCommand touch /tmp/pwned", Some(host_key(5))),
+            peer(6, "comment", Some(format!("{} root@h", host_key(6)))),
+        ],
+        policy: PolicyInfo { version: 1, name: "p".into(), text: String::new() },
+    });
+    let dir = tailgate::agent::directory_of(&map, None);
+    let names: Vec<&str> = dir.peers.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    let kh = tempfile::tempdir().unwrap();
+    tailgate::agent::write_known_hosts(kh.path(), &dir).unwrap();
+    let text = std::fs::read_to_string(kh.path().join("known_hosts")).unwrap();
+    assert_eq!(text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>(), [format!("web,web.tailnet.internal,100.64.0.1 {good}")]);
+    // A directory built some other way is checked at writing time too.
+    let mut raw = dir.clone();
+    raw.peers.push(tailgate::directory::Entry {
+        name: "*".into(),
+        ips: vec![],
+        node_key: "k".into(),
+        user: None,
+        tags: vec![],
+        ssh_host_key: Some(format!("{good}\n@revoked * {good}")),
+    });
+    tailgate::agent::write_known_hosts(kh.path(), &raw).unwrap();
+    assert_eq!(std::fs::read_to_string(kh.path().join("known_hosts")).unwrap(), text);
+    let cfg = tailgate::sshclient::ssh_config(std::path::Path::new("/usr/bin/tailgate"), kh.path(), &raw);
+    assert!(!cfg.contains("Host *") && cfg.matches("\nHost ").count() == 1, "{cfg}");
+}
+
+#[tokio::test]
+async fn endpoint_reports_are_filtered_and_coalesced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path());
+    let interval = Duration::from_secs(1);
+    o.endpoint_burst = 4;
+    o.endpoint_interval = interval;
+    let s = tailgate::control::ControlServer::start(o).await.unwrap();
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let mut viewer = join(&k, "viewer").await;
+    let good: std::net::SocketAddr = "198.51.100.20:41641".parse().unwrap();
+    let bad: Vec<std::net::SocketAddr> =
+        ["127.0.0.1:41641", "169.254.169.254:80", "224.0.0.1:41641", "0.0.0.0:41641", "[::1]:41641", "[fe80::1]:41641", "198.51.100.20:0"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+    // At registration and in reports alike, only usable endpoints pass.
+    let mut h = hello(&k, "noisy");
+    h.endpoints = bad.clone();
+    let (noisy, _) = tailgate::control::ControlClient::connect(&ControlTarget::from(&k), &wg::generate_private_key(), h).await.unwrap();
+    let mut seen = viewer.wait_for("noisy", |m| m.peer_by_name("noisy").is_some()).await;
+    assert_eq!(viewer.client.netmap().peer_by_name("noisy").unwrap().endpoints, vec![]);
+    let mut with_good = bad.clone();
+    with_good.push(good);
+    noisy.report_endpoints(with_good).await.unwrap();
+    seen.extend(viewer.wait_for("good endpoint", |m| m.peer_by_name("noisy").is_some_and(|p| p.endpoints == vec![good])).await);
+    // A flood of reports: a few reach the viewer, the last one always does.
+    let n = 200u16;
+    let ep = |i: u16| std::net::SocketAddr::from(([198, 51, 100, 30], 1000 + i));
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        noisy.report_endpoints(vec![ep(i)]).await.unwrap();
+    }
+    let flood = viewer.wait_for("the last report", |m| m.peer_by_name("noisy").is_some_and(|p| p.endpoints == vec![ep(n - 1)])).await;
+    let elapsed = t0.elapsed();
+    let changes = flood.iter().filter(|d| d.peers_changed.iter().any(|p| p.name == "noisy")).count();
+    // The burst left after the earlier report, plus one per interval passed.
+    let bound = 4 + (elapsed.as_secs_f64() / interval.as_secs_f64()).ceil() as usize + 1;
+    assert!(changes <= bound, "{changes} endpoint deltas for {n} reports in {elapsed:?} (bound {bound})");
+    seen.extend(flood);
+    for d in &seen {
+        for p in d.peers_added.iter().chain(&d.peers_changed) {
+            assert!(p.endpoints.iter().all(|e| !bad.contains(e)), "a bad endpoint reached a viewer: {p:?}");
+        }
+    }
     s.shutdown().await;
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tailgate::control::frame::WireDecoder;
 use tailgate::control::hub::AdminRequest;
 use tailgate::control::noise::{Initiator, SecureChannel};
-use tailgate::control::proto::{ErrorCode, NetMap, ServerMsg};
+use tailgate::control::proto::{ClientMsg, ErrorCode, NetMap, ServerMsg};
 use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, NodeHello, http};
 use tailgate::wg::{self, Key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,4 +334,101 @@ async fn restart_keeps_state_and_nodes_reconnect_on_their_own() {
     assert_eq!(n.map.self_node.ips[0].to_string(), "100.64.0.4");
     drop((a, p, a2));
     s2.shutdown().await;
+}
+
+/// Sends one client message on a fresh raw session and returns what the
+/// server said before closing.
+async fn raw_first_message(addr: SocketAddr, server: &Key, msg: &ClientMsg) -> Vec<ServerMsg> {
+    let (mut s, mut chan) = raw_channel(addr, server).await;
+    let mut out = Vec::new();
+    chan.seal_frame(&serde_json::to_vec(msg).unwrap(), &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    read_until_closed(&mut s, &mut chan).await
+}
+
+#[tokio::test]
+async fn an_auth_key_of_the_same_owner_cannot_take_over_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let mut victim = join(&k, "web").await;
+    let before = admin(&s, AdminRequest::NodesList).await[0].clone();
+    // Another of alice's auth keys (ephemeral, so a takeover would also
+    // have made the victim ephemeral), used with the victim's public key.
+    let other = make_key(&s, Some("alice"), &[], true, true).await;
+    let attack = ClientMsg::Register {
+        auth_key: other.secret.clone(),
+        hostname: "web".into(),
+        ssh_host_key: Some(host_key(99)),
+        endpoints: vec![],
+        previous_node_key: Some(wg::key_to_base64(&wg::public_key_of(&victim.key))),
+    };
+    let msgs = raw_first_message(s.addr(), &s.public_key(), &attack).await;
+    let (code, message) = error_of(&msgs);
+    assert_eq!(code, ErrorCode::Protocol, "{message}");
+    assert!(message.contains("rotate_key"), "{message}");
+    let after = admin(&s, AdminRequest::NodesList).await;
+    assert_eq!(after.as_array().unwrap().len(), 1, "{after}");
+    for f in ["name", "ip", "node_key", "ssh_host_key", "ephemeral", "tags", "online"] {
+        assert_eq!(after[0][f], before[f], "{f} changed: {after}");
+    }
+    assert_eq!(after[0]["online"], true);
+    // Still connected: the victim hears about a new peer.
+    let _p = join(&k, "peer").await;
+    victim.wait_for("a new peer", |m| m.peer_by_name("peer").is_some()).await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_capped_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path());
+    o.max_unauthenticated_per_ip = 4;
+    // Long enough that only the cap, not the handshake timer, can close
+    // the extra connection within the test's wait.
+    o.handshake_timeout = Duration::from_secs(120);
+    let s = ControlServer::start(o).await.unwrap();
+    setup_users(&s, &["alice"]).await;
+    let k = make_key(&s, Some("alice"), &[], true, false).await;
+    let mut early = join(&k, "early").await;
+    // Four connections from 127.0.0.1 that never authenticate.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(s.addr()).await.unwrap();
+        c.write_all(b"GET /tailgate/control HTTP/1.1\r\n").await.unwrap();
+        idle.push(c);
+    }
+    tokio::time::timeout(TIMEOUT, async {
+        while s.unauthenticated_connections() < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the server counts the idle connections");
+    // The fifth from the same address is closed at once.
+    let mut fifth = TcpStream::connect(s.addr()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(TIMEOUT, fifth.read(&mut buf)).await.expect("the fifth connection is closed, not left waiting");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // Another address is not affected, and neither is a node that is
+    // already logged in from the capped one.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = sock.connect(s.addr()).await.unwrap();
+    let key = wg::generate_private_key();
+    let (_c2, map) = ControlClient::connect_stream(stream, &ControlTarget::from(&k), &key, hello(&k, "other-addr")).await.unwrap();
+    assert_eq!(map.self_node.name, "other-addr");
+    early.wait_for("the node from 127.0.0.2", |m| m.peer_by_name("other-addr").is_some()).await;
+    // Slots come back when the idle connections go away.
+    drop(idle);
+    tokio::time::timeout(TIMEOUT, async {
+        while s.unauthenticated_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("slots released");
+    let _late = join(&k, "late").await;
+    s.shutdown().await;
 }

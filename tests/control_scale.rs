@@ -31,6 +31,11 @@ use tailgate::control::proto::{MapFull, ServerMsg};
 use tailgate::control::{AuthKeyToken, ControlClient, ControlServer, ControlTarget, NetMap, NodeHello, ServerOptions};
 use tailgate::wg;
 
+fn bench_host_key() -> String {
+    use russh::keys::ssh_key::public::{Ed25519PublicKey, KeyData};
+    russh::keys::PublicKey::new(KeyData::Ed25519(Ed25519PublicKey([7; 32])), "").to_openssh().unwrap()
+}
+
 fn raise_nofile() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a valid struct.
@@ -234,9 +239,8 @@ async fn control_scale_bench() {
             let hello = NodeHello {
                 auth_key: Some(secret),
                 hostname: host,
-                ssh_host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchBenchBenchBenchBenchBenchBenchBench root@h".into()),
-                endpoints: vec!["127.0.0.1:41641".parse().unwrap(), "[::1]:41641".parse().unwrap()],
-                previous_node_key: None,
+                ssh_host_key: Some(bench_host_key()),
+                endpoints: vec!["198.51.100.7:41641".parse().unwrap(), "[2a01:4f8::7]:41641".parse().unwrap()],
             };
             ControlClient::connect(&target, &key, hello).await.unwrap()
         }));

@@ -144,13 +144,21 @@ pub async fn join(token: &AuthKeyToken, host: &str) -> Node {
     join_with(token, host, wg::generate_private_key()).await.unwrap_or_else(|e| panic!("{host} joins: {e}"))
 }
 
+/// A well-formed SSH host key (`ssh-ed25519 BASE64`, the only form control accepts).
+pub fn host_key(seed: u8) -> String {
+    use russh::keys::ssh_key::public::{Ed25519PublicKey, KeyData};
+    russh::keys::PublicKey::new(KeyData::Ed25519(Ed25519PublicKey([seed; 32])), "").to_openssh().unwrap()
+}
+
+/// An endpoint peers may be told about (TEST-NET-2; loopback is filtered).
+pub const ENDPOINT: &str = "198.51.100.7:41641";
+
 pub fn hello(token: &AuthKeyToken, host: &str) -> NodeHello {
     NodeHello {
         auth_key: Some(token.secret.clone()),
         hostname: host.into(),
-        ssh_host_key: Some(format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9uZQ root@{host}")),
-        endpoints: vec!["127.0.0.1:41641".parse().unwrap()],
-        previous_node_key: None,
+        ssh_host_key: Some(host_key(host.len() as u8)),
+        endpoints: vec![ENDPOINT.parse().unwrap()],
     }
 }
 

@@ -251,3 +251,45 @@ async fn the_client_drops_what_its_owner_does_not_read() {
     assert_eq!(rb.try_recv_event().unwrap(), None);
     lab.server.shutdown().await;
 }
+
+/// Says yes once (the connection is accepted), then never answers: a hub
+/// that is stuck or gone quiet.
+struct AnswersOnce(AtomicBool);
+
+impl NodeAuthorizer for AnswersOnce {
+    fn allowed<'a>(&'a self, _node: &'a Key) -> futures::future::BoxFuture<'a, bool> {
+        let first = !self.0.swap(true, Ordering::SeqCst);
+        Box::pin(async move {
+            if !first {
+                std::future::pending::<()>().await;
+            }
+            true
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_reauthorization_that_never_answers_ends_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, _) = load_or_create_server_key(dir.path()).unwrap();
+    // Keepalive far beyond the wait below, so only the re-check can end it.
+    let cfg = RelayConfig {
+        reauth_interval: Duration::from_millis(200),
+        handshake_timeout: Duration::from_millis(500),
+        keepalive: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let relay = RelayServer::new(private, cfg, Arc::new(AnswersOnce(AtomicBool::new(false))));
+    let mut opts = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    opts.admin_socket = false;
+    opts.upgrades.push((UPGRADE_RELAY.into(), Arc::new(relay.clone())));
+    let server = ControlServer::start(opts).await.unwrap();
+    let a = wg::generate_private_key();
+    let (_ta, mut ra) = RelayClient::connect(server.url(), &server.public_key(), &a).await.expect("first check says yes");
+    match tokio::time::timeout(TIMEOUT, ra.recv()).await.expect("closed instead of hanging on the authorizer") {
+        Err(RelayError::Closed(m)) => assert!(m.contains("did not answer"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!relay.is_connected(&wg::public_key_of(&a)));
+    server.shutdown().await;
+}

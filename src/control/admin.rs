@@ -26,6 +26,24 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 24h, 7d, 180days)"))
 }
 
+/// A lifetime or period: zero would expire every key (or spin every timer)
+/// at once, and more than a century overflows the Unix-seconds arithmetic.
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = parse_dur(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s} is too short: give at least 1s (examples: 30s, 24h, 7d, 180days)"));
+    }
+    if d > Duration::from_secs(100 * 365 * 86400) {
+        return Err(format!("{s} is too long: at most 100years"));
+    }
+    Ok(d)
+}
+
+fn parse_domain(s: &str) -> Result<String, String> {
+    crate::directory::check_domain(s)?;
+    Ok(s.to_string())
+}
+
 /// `tailgate control`: the coordination server and its admin commands.
 #[derive(Args, Debug, Clone)]
 pub struct ControlArgs {
@@ -56,19 +74,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// Tailnet DNS domain: nodes are NAME.DOMAIN [default: tailnet.internal].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_domain)]
     pub domain: Option<String>,
     /// Lifetime of a node key; tagged nodes do not expire [default: 180days].
-    #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
     pub node_key_expiry: Option<Duration>,
     /// How long an ephemeral node may be offline before it is deleted [default: 30s].
     #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
     pub ephemeral_grace: Option<Duration>,
     /// Lifetime of auth keys created without --expiry [default: 7days].
-    #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
     pub auth_key_expiry: Option<Duration>,
     /// Keepalive period on node connections [default: 30s].
-    #[arg(long, value_parser = parse_dur, hide = true)]
+    #[arg(long, value_parser = parse_lifetime, hide = true)]
     pub keepalive: Option<Duration>,
 }
 
@@ -146,7 +164,7 @@ pub enum KeysCommand {
         #[arg(long)]
         ephemeral: bool,
         /// Key lifetime, e.g. 1h, 24h, 30d (default: the server's, 7 days).
-        #[arg(long, value_parser = parse_dur)]
+        #[arg(long, value_parser = parse_lifetime)]
         expiry: Option<Duration>,
         /// Tag the nodes (repeatable): they belong to the tag, not a user.
         #[arg(long = "tag", value_name = "tag:NAME")]
@@ -479,6 +497,19 @@ pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_that_make_no_sense_are_refused_when_parsed() {
+        for bad in ["0s", "500ms", "1000years"] {
+            let e = super::parse_lifetime(bad).unwrap_err();
+            assert!(e.contains("too short") || e.contains("too long"), "{bad}: {e}");
+        }
+        assert_eq!(super::parse_lifetime("1h").unwrap(), std::time::Duration::from_secs(3600));
+        assert!(super::parse_domain("tailnet.internal").is_ok());
+        for bad in ["a b", "x,y", "*.evil", "evil\n@revoked", ""] {
+            assert!(super::parse_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
     use clap::Parser;
 

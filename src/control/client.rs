@@ -69,8 +69,6 @@ pub struct NodeHello {
     pub ssh_host_key: Option<String>,
     /// Endpoints where peers may reach the node's WireGuard UDP socket.
     pub endpoints: Vec<SocketAddr>,
-    /// Re-login with a new node key: the previous one (see `ClientMsg::Register`).
-    pub previous_node_key: Option<Key>,
 }
 
 impl NodeHello {
@@ -89,7 +87,7 @@ impl NodeHello {
                 hostname: self.hostname.clone(),
                 ssh_host_key: self.ssh_host_key.clone(),
                 endpoints: self.endpoints.clone(),
-                previous_node_key: self.previous_node_key.map(|k| wg::key_to_base64(&k)),
+                previous_node_key: None,
             },
             None => ClientMsg::Login {
                 hostname: Some(self.hostname.clone()),
@@ -120,13 +118,17 @@ pub enum ControlError {
     Closed(String),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The server moved this node to another key ([`ControlClient::rotate_key`]);
+    /// connect again with that key's private half.
+    #[error("the node key was rotated to {}; log in with the new key", wg::key_to_base64(.0))]
+    KeyRotated(Key),
 }
 
 impl ControlError {
     /// Worth reconnecting automatically (as opposed to needing a person)?
     pub fn is_transient(&self) -> bool {
         match self {
-            ControlError::Connect { .. } | ControlError::Closed(_) | ControlError::Timeout(_) => true,
+            ControlError::Connect { .. } | ControlError::Closed(_) | ControlError::Timeout(_) | ControlError::KeyRotated(_) => true,
             ControlError::Refused { code, .. } => matches!(code, ErrorCode::Internal | ErrorCode::Replaced),
             _ => false,
         }
@@ -302,6 +304,26 @@ impl ControlClient {
         self.cmds.send(ClientMsg::ReportEndpoints { endpoints }).await.map_err(|_| ControlError::Closed("connection ended".into()))
     }
 
+    /// Moves this node (name, IP, owner, host key) to the key whose public
+    /// half is `new_public`. This session, authenticated as the current key,
+    /// is the proof. The server answers and closes; connect again with the
+    /// new private key (a plain login). Returns once the server confirmed.
+    pub async fn rotate_key(mut self, new_public: Key) -> Result<(), ControlError> {
+        let gone = || ControlError::Closed("connection ended".into());
+        self.cmds.send(ClientMsg::RotateKey { new_node_key: new_public }).await.map_err(|_| gone())?;
+        let wait = async {
+            loop {
+                match self.updates.recv().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(ControlError::KeyRotated(k))) if k == new_public => return Ok(()),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(gone()),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait).await.map_err(|_| ControlError::Timeout("no answer to rotate_key".into()))?
+    }
+
     /// Leaves the tailnet: an ephemeral node is deleted, another node's key
     /// expires (it needs a new auth key to come back). Waits for the answer.
     pub async fn logout(mut self) -> Result<(), ControlError> {
@@ -372,6 +394,7 @@ async fn run<S: Stream>(
                 }
                 Ok(Some(ServerMsg::KeepAlive)) => {}
                 Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
+                Ok(Some(ServerMsg::KeyRotated { node_key })) => break 'outer Err(ControlError::KeyRotated(node_key)),
                 Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),
                 Ok(Some(other)) => {
                     break 'outer Err(ControlError::Protocol(format!("unexpected message {other:?}")));

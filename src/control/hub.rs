@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::fmt_time;
 use super::netmap::{Engine, NodeEntry};
-use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut};
+use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name};
 use super::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
 use super::token::{AuthKeyToken, hash_secret};
 use crate::identity::Identity;
@@ -30,7 +30,9 @@ pub type ConnId = u64;
 const IP_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
 const IP_RANGE: u32 = 1 << 22;
 const MAX_ENDPOINTS: usize = 32;
-const MAX_HOST_KEY: usize = 16 * 1024;
+/// The raw hostname a node reports is only shown to admins, but it is
+/// stored and printed, so it gets a bound and no control characters.
+const MAX_HOSTNAME: usize = 255;
 
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -45,6 +47,11 @@ pub struct HubConfig {
     pub keepalive: Duration,
     /// Default lifetime of an auth key when `keys create` gives none.
     pub default_auth_key_expiry: Duration,
+    /// Endpoint reports applied at once per node before coalescing starts.
+    pub endpoint_burst: u32,
+    /// Once the burst is spent, at most one endpoint change per node per
+    /// this interval reaches the store and the viewers (the latest wins).
+    pub endpoint_interval: Duration,
 }
 
 impl HubConfig {
@@ -57,6 +64,37 @@ impl HubConfig {
             ephemeral_grace: Duration::from_secs(30),
             keepalive: Duration::from_secs(30),
             default_auth_key_expiry: Duration::from_secs(7 * 86400),
+            endpoint_burst: 4,
+            endpoint_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Per-node endpoint report pacing: a token bucket plus the latest report
+/// that had to wait. Every applied report is a SQLite write and a delta to
+/// every viewer, so a node may not make the server do that at will.
+struct EndpointGate {
+    tokens: f64,
+    refilled: Instant,
+    pending: Option<Vec<SocketAddr>>,
+}
+
+impl EndpointGate {
+    fn new(burst: u32, now: Instant) -> EndpointGate {
+        EndpointGate { tokens: burst as f64, refilled: now, pending: None }
+    }
+
+    /// Refills, then takes a token if one is there.
+    fn take(&mut self, cfg: &HubConfig, now: Instant) -> bool {
+        let per = cfg.endpoint_interval.as_secs_f64();
+        let gained = if per > 0.0 { now.saturating_duration_since(self.refilled).as_secs_f64() / per } else { f64::INFINITY };
+        self.tokens = (self.tokens + gained).min(cfg.endpoint_burst.max(1) as f64);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -159,8 +197,11 @@ pub struct Hub {
     users: HashMap<i64, String>,
     conns: HashMap<i64, ConnId>,
     offline_since: HashMap<i64, Instant>,
+    endpoint_gates: HashMap<i64, EndpointGate>,
     next_ip: u32,
     out: Vec<Out>,
+    /// Audit rows that could not be written (see [`Hub::audit`]).
+    audit_failures: u64,
 }
 
 /// `web1.example.com` / `Web 1` → `web1` / `web-1`: the first label,
@@ -194,18 +235,38 @@ fn valid_user_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn valid_ssh_host_key(k: &str) -> Result<(), String> {
-    let mut parts = k.split_whitespace();
-    let (Some(kind), Some(b64)) = (parts.next(), parts.next()) else {
-        return Err("ssh host key must be an OpenSSH public key (`TYPE BASE64 [COMMENT]`)".into());
-    };
-    if k.len() > MAX_HOST_KEY
-        || !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-        || !b64.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '=')
+/// Validates what a node says about itself. The host key comes back in
+/// canonical form (what peers will write to `known_hosts`); endpoints come
+/// back without the ones no peer may be sent to (loopback, link-local,
+/// metadata, multicast, ...), deduplicated.
+fn check_hostinfo(
+    hostname: Option<&str>,
+    ssh_host_key: Option<String>,
+    endpoints: Vec<SocketAddr>,
+) -> Result<(Option<String>, Vec<SocketAddr>), (ErrorCode, String)> {
+    if let Some(h) = hostname
+        && (h.len() > MAX_HOSTNAME || h.chars().any(char::is_control))
     {
-        return Err(format!("ssh host key {:?} is not an OpenSSH public key", k.chars().take(40).collect::<String>()));
+        return Err((ErrorCode::HostInfo, format!("hostname must be at most {MAX_HOSTNAME} bytes without control characters")));
     }
-    Ok(())
+    let key = match ssh_host_key {
+        Some(k) => Some(canonical_ssh_host_key(&k).map_err(|e| (ErrorCode::HostInfo, e.to_string()))?),
+        None => None,
+    };
+    Ok((key, clean_endpoints(endpoints)?))
+}
+
+fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, (ErrorCode, String)> {
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err((ErrorCode::Protocol, format!("{} endpoints reported, at most {MAX_ENDPOINTS}", endpoints.len())));
+    }
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        if crate::endpoint::is_valid_endpoint(&e) && !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 fn short_key(k: &Key) -> String {
@@ -271,8 +332,10 @@ impl Hub {
             users: HashMap::new(),
             conns: HashMap::new(),
             offline_since: HashMap::new(),
+            endpoint_gates: HashMap::new(),
             next_ip,
             out: Vec::new(),
+            audit_failures: 0,
         };
         for u in hub.store.users()? {
             hub.users.insert(u.id, u.name);
@@ -313,6 +376,30 @@ impl Hub {
 
     pub fn policy_version(&self) -> u64 {
         self.policy.version
+    }
+
+    /// Audit rows lost to store errors since the server started.
+    pub fn audit_failures(&self) -> u64 {
+        self.audit_failures
+    }
+
+    /// Writes an audit row. The action already happened, so a failed write
+    /// must not undo it, but it must not vanish either: it is logged as an
+    /// error with the whole row and counted (`control status`).
+    fn audit(&mut self, now: i64, actor: &str, action: &str, target: &str, detail: &str) {
+        if let Err(e) = self.store.audit(now, actor, action, target, detail) {
+            self.audit_failures += 1;
+            tracing::error!(
+                "AUDIT WRITE FAILED ({} so far): {e:#}; lost row: at={now} actor={actor} action={action} target={target:?} detail={detail:?}",
+                self.audit_failures
+            );
+        }
+    }
+
+    /// May this node key use the relay? Known, not expired. The relay asks
+    /// this for each connecting key (a lookup, not a node listing).
+    pub fn relay_allowed(&self, key: &Key, now: i64) -> bool {
+        self.by_key.get(key).is_some_and(|id| !self.expired(*id, now))
     }
 
     fn index(&mut self, n: &NodeRow) {
@@ -398,6 +485,7 @@ impl Hub {
     }
 
     fn save(&mut self, n: NodeRow) -> Result<()> {
+        check_node_name(&n.name)?;
         self.store.node_update(&n)?;
         let id = n.id;
         if let Some(old) = self.nodes.remove(&id) {
@@ -423,13 +511,23 @@ impl Hub {
         Err(anyhow!("no free address left in 100.64.0.0/10"))
     }
 
-    fn alloc_name(&self, hostname: &str, for_node: Option<i64>) -> String {
+    fn alloc_name(&self, hostname: &str, for_node: Option<i64>) -> Result<String> {
         let base = sanitize_hostname(hostname);
         let free = |n: &str| self.names.get(n).is_none_or(|id| Some(*id) == for_node);
         if free(&base) {
-            return base;
+            return Ok(base);
         }
-        (2..).map(|i| format!("{base}-{i}")).find(|n| free(n)).expect("some suffix is free")
+        // There are fewer nodes than suffixes tried, so one is free; the
+        // suffix may need room, so the base is cut to keep 63 characters.
+        for i in 2..=self.names.len() as u64 + 2 {
+            let suffix = format!("-{i}");
+            let stem: String = base.chars().take(63 - suffix.len()).collect();
+            let name = format!("{}{suffix}", stem.trim_end_matches('-'));
+            if free(&name) {
+                return Ok(name);
+            }
+        }
+        Err(anyhow!("no free name for {base}"))
     }
 
     // --- connections --------------------------------------------------------
@@ -440,18 +538,23 @@ impl Hub {
     pub fn hello(&mut self, conn: ConnId, node_key: Key, msg: ClientMsg, now: i64) -> Result<i64, (ErrorCode, String)> {
         let r = match msg {
             ClientMsg::Register { auth_key, hostname, ssh_host_key, endpoints, previous_node_key } => {
-                self.register(node_key, &auth_key, &hostname, ssh_host_key, endpoints, previous_node_key, now)
+                if previous_node_key.is_some() {
+                    Err((
+                        ErrorCode::Protocol,
+                        "previous_node_key is no longer accepted (an auth key does not prove you hold the old node key); \
+                         rotate keys with rotate_key over a session of the old key, or register as a new node"
+                            .into(),
+                    ))
+                } else {
+                    self.register(node_key, &auth_key, &hostname, ssh_host_key, endpoints, now)
+                }
             }
             ClientMsg::Login { hostname, ssh_host_key, endpoints } => self.login(node_key, hostname, ssh_host_key, endpoints, now),
             other => Err((ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other)))),
         };
         let (id, new_node) = match r {
             Ok(x) => x,
-            Err(e) => {
-                self.out.push(Out::Send(conn, ServerOut::Error { code: e.0, message: e.1.clone() }));
-                self.out.push(Out::Close(conn, e.1.clone()));
-                return Err(e);
-            }
+            Err(e) => return Err(self.refuse(conn, e)),
         };
         // One connection per node: the newer one wins.
         if let Some(old) = self.conns.insert(id, conn) {
@@ -471,7 +574,19 @@ impl Hub {
             tracing::warn!("store: {e:#}");
         }
         self.refresh(id, now);
-        let me = self.self_info(&self.nodes[&id]);
+        // The node may be gone from the engine (a key lifetime so short it
+        // expired on arrival): refuse rather than assume it is there.
+        let (Some(n), Some(full)) = (self.nodes.get(&id), self.engine.attach(id as u64)) else {
+            self.conns.remove(&id);
+            self.engine.detach(id as u64);
+            if let Err(e) = self.store.node_set_online(id, false, now) {
+                tracing::warn!("store: {e:#}");
+            }
+            self.refresh(id, now);
+            let e = (ErrorCode::NodeKeyExpired, "the node key expired as it logged in; log in again with an auth key".to_string());
+            return Err(self.refuse(conn, e));
+        };
+        let me = self.self_info(n);
         self.out.push(Out::Send(
             conn,
             ServerOut::LoginOk {
@@ -481,19 +596,14 @@ impl Hub {
                 keepalive_secs: self.cfg.keepalive.as_secs().max(1) as u32,
             },
         ));
-        let full = self.engine.attach(id as u64).expect("node is live");
         self.out.push(Out::Send(conn, ServerOut::MapFull(full)));
         Ok(id)
     }
 
-    fn check_hostinfo(ssh_host_key: &Option<String>, endpoints: &[SocketAddr]) -> Result<(), (ErrorCode, String)> {
-        if let Some(k) = ssh_host_key {
-            valid_ssh_host_key(k).map_err(|m| (ErrorCode::Protocol, m))?;
-        }
-        if endpoints.len() > MAX_ENDPOINTS {
-            return Err((ErrorCode::Protocol, format!("{} endpoints reported, at most {MAX_ENDPOINTS}", endpoints.len())));
-        }
-        Ok(())
+    fn refuse(&mut self, conn: ConnId, e: (ErrorCode, String)) -> (ErrorCode, String) {
+        self.out.push(Out::Send(conn, ServerOut::Error { code: e.0, message: e.1.clone() }));
+        self.out.push(Out::Close(conn, e.1.clone()));
+        e
     }
 
     fn login(
@@ -504,7 +614,7 @@ impl Hub {
         endpoints: Vec<SocketAddr>,
         now: i64,
     ) -> Result<(i64, bool), (ErrorCode, String)> {
-        Self::check_hostinfo(&ssh_host_key, &endpoints)?;
+        let (ssh_host_key, endpoints) = check_hostinfo(hostname.as_deref(), ssh_host_key, endpoints)?;
         let Some(&id) = self.by_key.get(&node_key) else {
             return Err((
                 ErrorCode::NotRegistered,
@@ -515,8 +625,10 @@ impl Hub {
                 ),
             ));
         };
+        let Some(mut n) = self.nodes.get(&id).cloned() else {
+            return Err((ErrorCode::Internal, "node index out of step; try again".into()));
+        };
         if self.expired(id, now) {
-            let n = &self.nodes[&id];
             return Err((
                 ErrorCode::NodeKeyExpired,
                 format!(
@@ -526,7 +638,6 @@ impl Hub {
                 ),
             ));
         }
-        let mut n = self.nodes[&id].clone();
         if let Some(h) = hostname {
             n.hostname = h;
         }
@@ -534,6 +645,8 @@ impl Hub {
             n.ssh_host_key = ssh_host_key;
         }
         n.endpoints = endpoints;
+        // A fresh login starts a fresh report budget.
+        self.endpoint_gates.remove(&id);
         self.save(n).map_err(internal)?;
         Ok((id, false))
     }
@@ -578,7 +691,10 @@ impl Hub {
         Ok(k)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Registers a new node, or re-authenticates the node that holds
+    /// `node_key` (proven by the Noise handshake) after its key expired.
+    /// It never touches a node under another key: moving a node to a new
+    /// key is [`ClientMsg::RotateKey`], proven by a session of the old key.
     fn register(
         &mut self,
         node_key: Key,
@@ -586,10 +702,9 @@ impl Hub {
         hostname: &str,
         ssh_host_key: Option<String>,
         endpoints: Vec<SocketAddr>,
-        previous_node_key: Option<String>,
         now: i64,
     ) -> Result<(i64, bool), (ErrorCode, String)> {
-        Self::check_hostinfo(&ssh_host_key, &endpoints)?;
+        let (ssh_host_key, endpoints) = check_hostinfo(Some(hostname), ssh_host_key, endpoints)?;
         // A known, valid node key: this is a login; the auth key is not used.
         if let Some(&id) = self.by_key.get(&node_key)
             && !self.expired(id, now)
@@ -599,36 +714,9 @@ impl Hub {
         let key = self.check_auth_key(secret, now)?;
         let lifetime = self.cfg.node_key_expiry.as_secs() as i64;
         let key_expiry = |tags: &[String]| if tags.is_empty() { Some(now + lifetime) } else { None };
-        // Which existing node does this re-authenticate, if any?
-        let same_owner = |n: &NodeRow| {
-            if key.tags.is_empty() { n.tags.is_empty() && n.user_id == key.user_id } else { n.tags == key.tags }
-        };
-        let existing = if let Some(&id) = self.by_key.get(&node_key) {
-            Some(id) // expired key, re-auth
-        } else if let Some(prev) = previous_node_key {
-            let pk = wg::key_from_base64(&prev).map_err(|e| (ErrorCode::Protocol, format!("previous_node_key: {e}")))?;
-            match self.by_key.get(&pk) {
-                Some(&id) if same_owner(&self.nodes[&id]) => Some(id),
-                Some(_) => {
-                    return Err((
-                        ErrorCode::AuthKey,
-                        "the auth key belongs to another owner than the node being re-keyed; use an auth key of the node's owner".into(),
-                    ));
-                }
-                None => None,
-            }
-        } else {
-            None
-        };
-        let res = self.store.tx(|s| {
-            s.key_mark_used(key.id, now)?;
-            Ok(())
-        });
-        res.map_err(internal)?;
-        if let Some(id) = existing {
-            let mut n = self.nodes[&id].clone();
-            let old_key = n.node_key;
-            n.node_key = node_key;
+        self.store.key_mark_used(key.id, now).map_err(internal)?;
+        // An expired key of our own: re-auth revives the same node.
+        if let Some(mut n) = self.by_key.get(&node_key).and_then(|id| self.nodes.get(id)).cloned() {
             n.hostname = hostname.into();
             if ssh_host_key.is_some() {
                 n.ssh_host_key = ssh_host_key;
@@ -639,15 +727,15 @@ impl Hub {
             n.key_expiry = key_expiry(&n.tags);
             n.ephemeral = key.ephemeral;
             n.auth_key_id = Some(key.id);
-            let name = n.name.clone();
+            let (id, name) = (n.id, n.name.clone());
             self.save(n).map_err(internal)?;
-            let detail = if old_key != node_key { format!("re-keyed from {}", short_key(&old_key)) } else { "re-authenticated".into() };
-            let _ = self.store.audit(now, &format!("authkey#{}", key.id), "node.reauth", &name, &detail);
-            // A re-keyed node's old connection (old key) is now stale.
+            self.endpoint_gates.remove(&id);
+            self.audit(now, &format!("authkey#{}", key.id), "node.reauth", &name, "re-authenticated");
             return Ok((id, false));
         }
         let ip = self.alloc_ip().map_err(internal)?;
-        let name = self.alloc_name(hostname, None);
+        let name = self.alloc_name(hostname, None).map_err(internal)?;
+        check_node_name(&name).map_err(|e| internal(e.into()))?;
         let mut n = NodeRow {
             id: 0,
             node_key,
@@ -682,6 +770,81 @@ impl Hub {
         Ok((id, true))
     }
 
+    /// Moves the node on `conn` to `new_key`. The session is authenticated
+    /// as the old key, which is the proof; the new key must be unused. The
+    /// old session ends; the node logs in again with the new key.
+    fn rotate_key(&mut self, conn: ConnId, node: i64, new_key: Key, now: i64) {
+        let Some(mut n) = self.nodes.get(&node).cloned() else { return };
+        if new_key == n.node_key || self.by_key.contains_key(&new_key) {
+            self.protocol_error(conn, "rotate_key: the new node key is already registered; generate a fresh key".into());
+            return;
+        }
+        let old_key = std::mem::replace(&mut n.node_key, new_key);
+        n.online = false;
+        n.last_seen = Some(now);
+        let name = n.name.clone();
+        if let Err(e) = self.save(n) {
+            let (code, message) = internal(e);
+            self.out.push(Out::Send(conn, ServerOut::Error { code, message: message.clone() }));
+            self.out.push(Out::Close(conn, message));
+            return;
+        }
+        self.audit(now, "node", "node.rekey", &name, &format!("{} -> {}", short_key(&old_key), short_key(&new_key)));
+        self.conns.remove(&node);
+        self.engine.detach(node as u64);
+        if self.nodes.get(&node).is_some_and(|n| n.ephemeral) {
+            self.offline_since.insert(node, Instant::now());
+        }
+        self.out.push(Out::Send(conn, ServerOut::KeyRotated { node_key: new_key }));
+        self.out.push(Out::Close(conn, "node key rotated".into()));
+        self.refresh(node, now);
+    }
+
+    /// A (validated) endpoint report: applied now if the node's budget
+    /// allows, else kept as the node's pending report for [`Hub::tick`].
+    fn report_endpoints(&mut self, node: i64, endpoints: Vec<SocketAddr>, now: i64, now_i: Instant) {
+        let Some(current) = self.nodes.get(&node).map(|n| &n.endpoints) else { return };
+        let gate = self.endpoint_gates.entry(node).or_insert_with(|| EndpointGate::new(self.cfg.endpoint_burst, now_i));
+        if gate.pending.is_none() && *current == endpoints {
+            return;
+        }
+        if gate.pending.is_some() || !gate.take(&self.cfg, now_i) {
+            gate.pending = Some(endpoints);
+            return;
+        }
+        self.apply_endpoints(node, endpoints, now);
+    }
+
+    fn apply_endpoints(&mut self, node: i64, endpoints: Vec<SocketAddr>, now: i64) {
+        let Some(mut n) = self.nodes.get(&node).cloned() else { return };
+        if n.endpoints == endpoints {
+            return;
+        }
+        n.endpoints = endpoints;
+        if let Err(e) = self.save(n) {
+            tracing::warn!("store: {e:#}");
+        }
+        self.refresh(node, now);
+    }
+
+    /// Applies pending endpoint reports whose node has budget again.
+    fn flush_endpoints(&mut self, now: i64, now_i: Instant) {
+        let cfg = self.cfg.clone();
+        let ready: Vec<(i64, Vec<SocketAddr>)> = self
+            .endpoint_gates
+            .iter_mut()
+            .filter(|(_, g)| g.pending.is_some())
+            .filter_map(|(id, g)| if g.take(&cfg, now_i) { g.pending.take().map(|p| (*id, p)) } else { None })
+            .collect();
+        for (id, eps) in ready {
+            self.apply_endpoints(id, eps, now);
+        }
+        // Gates of nodes that are gone or idle long enough to be full again.
+        let idle = cfg.endpoint_interval * cfg.endpoint_burst.max(1);
+        self.endpoint_gates
+            .retain(|id, g| g.pending.is_some() || (self.conns.contains_key(id) && now_i.saturating_duration_since(g.refilled) < idle));
+    }
+
     /// A message on an established connection.
     pub fn client_msg(&mut self, conn: ConnId, node: i64, msg: ClientMsg, now: i64) {
         if self.conns.get(&node) != Some(&conn) {
@@ -689,21 +852,11 @@ impl Hub {
         }
         match msg {
             ClientMsg::KeepAlive => {}
-            ClientMsg::ReportEndpoints { endpoints } => {
-                if endpoints.len() > MAX_ENDPOINTS {
-                    self.protocol_error(conn, format!("{} endpoints reported, at most {MAX_ENDPOINTS}", endpoints.len()));
-                    return;
-                }
-                let Some(mut n) = self.nodes.get(&node).cloned() else { return };
-                if n.endpoints == endpoints {
-                    return;
-                }
-                n.endpoints = endpoints;
-                if let Err(e) = self.save(n) {
-                    tracing::warn!("store: {e:#}");
-                }
-                self.refresh(node, now);
-            }
+            ClientMsg::ReportEndpoints { endpoints } => match clean_endpoints(endpoints) {
+                Ok(eps) => self.report_endpoints(node, eps, now, Instant::now()),
+                Err((_, m)) => self.protocol_error(conn, m),
+            },
+            ClientMsg::RotateKey { new_node_key } => self.rotate_key(conn, node, new_node_key, now),
             ClientMsg::Logout => {
                 let Some(n) = self.nodes.get(&node).cloned() else { return };
                 self.out.push(Out::Send(conn, ServerOut::LoggedOut));
@@ -711,7 +864,9 @@ impl Hub {
                 self.conns.remove(&node);
                 self.engine.detach(node as u64);
                 if n.ephemeral {
-                    let _ = self.delete_node(node, now, "node", "logged out");
+                    if let Err(e) = self.delete_node(node, now, "node", "logged out") {
+                        tracing::error!("store: cannot delete ephemeral node #{node} at logout: {e:#}");
+                    }
                 } else {
                     let mut n = n;
                     n.key_expiry = Some(now);
@@ -720,7 +875,7 @@ impl Hub {
                     if let Err(e) = self.save(n) {
                         tracing::warn!("store: {e:#}");
                     }
-                    let _ = self.store.audit(now, "node", "node.logout", &name, "key expired by logout");
+                    self.audit(now, "node", "node.logout", &name, "key expired by logout");
                     self.refresh(node, now);
                 }
             }
@@ -759,6 +914,7 @@ impl Hub {
     /// Timers: ephemeral nodes offline past their grace are deleted; nodes
     /// whose key expired drop out of every map.
     pub fn tick(&mut self, now: i64, now_i: Instant) {
+        self.flush_endpoints(now, now_i);
         let grace = self.cfg.ephemeral_grace;
         let gone: Vec<i64> = self
             .offline_since
@@ -768,15 +924,17 @@ impl Hub {
             .collect();
         for id in gone {
             self.offline_since.remove(&id);
-            if self.nodes.get(&id).is_some_and(|n| n.ephemeral) {
-                let _ = self.delete_node(id, now, "server", "ephemeral node offline");
+            if self.nodes.get(&id).is_some_and(|n| n.ephemeral)
+                && let Err(e) = self.delete_node(id, now, "server", "ephemeral node offline")
+            {
+                tracing::error!("store: cannot delete offline ephemeral node #{id}: {e:#}");
             }
         }
         let expired: Vec<i64> =
             self.nodes.keys().copied().filter(|id| self.expired(*id, now) && self.engine.contains(*id as u64)).collect();
         for id in expired {
             let name = self.nodes[&id].name.clone();
-            let _ = self.store.audit(now, "server", "node.key_expired", &name, "");
+            self.audit(now, "server", "node.key_expired", &name, "");
             self.cut_off(id, ErrorCode::NodeKeyExpired);
             self.refresh(id, now);
         }
@@ -910,6 +1068,7 @@ impl Hub {
                 "users": self.users.len(),
                 "policy_version": self.policy.version,
                 "policy_source": self.policy.source,
+                "audit_write_failures": self.audit_failures,
             })),
             AdminRequest::UsersAdd { name } => {
                 valid_user_name(&name)?;
@@ -917,7 +1076,7 @@ impl Hub {
                     return Err(format!("user {name} already exists"));
                 }
                 let u = self.store.user_add(&name, now).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "user.add", &name, "");
+                self.audit(now, "admin", "user.add", &name, "");
                 self.users.insert(u.id, u.name.clone());
                 Ok(json!({"id": u.id, "name": u.name, "created": u.created}))
             }
@@ -940,7 +1099,7 @@ impl Hub {
                     self.delete_node(*id, now, "admin", &format!("user {name} removed")).map_err(st)?;
                 }
                 self.store.user_delete(u.id).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "user.remove", &name, &format!("{} nodes removed", owned.len()));
+                self.audit(now, "admin", "user.remove", &name, &format!("{} nodes removed", owned.len()));
                 self.users.remove(&u.id);
                 for n in self.nodes.values_mut() {
                     if n.user_id == Some(u.id) {
@@ -963,6 +1122,10 @@ impl Hub {
                     None => None,
                 };
                 self.check_tags(&tags)?;
+                // The admin socket takes any u64; keep the Unix-time sum in range.
+                if expiry_secs.is_some_and(|e| e == 0 || e > 100 * 365 * 86400) {
+                    return Err("an auth key lifetime is between 1 second and 100 years".into());
+                }
                 let expiry = expiry_secs.map(Duration::from_secs).unwrap_or(self.cfg.default_auth_key_expiry);
                 let secret = AuthKeyToken::new_secret();
                 let row = AuthKeyRow {
@@ -982,7 +1145,7 @@ impl Hub {
                 let owner =
                     if tags.is_empty() { format!("user {}", user.as_deref().unwrap_or("-")) } else { format!("tags {}", tags.join(",")) };
                 let kind = format!("{}{}", if reusable { "reusable" } else { "one-off" }, if ephemeral { ", ephemeral" } else { "" });
-                let _ = self.store.audit(now, "admin", "key.create", &format!("#{id}"), &format!("{owner} ({kind})"));
+                self.audit(now, "admin", "key.create", &format!("#{id}"), &format!("{owner} ({kind})"));
                 let token = AuthKeyToken { url: self.cfg.url.clone(), server_public: self.cfg.server_public, secret };
                 Ok(json!({
                     "id": id,
@@ -1027,7 +1190,7 @@ impl Hub {
             AdminRequest::KeysRevoke { id } => {
                 self.store.key_by_id(id).map_err(st)?.ok_or_else(|| format!("no auth key #{id}"))?;
                 let changed = self.store.key_revoke(id, now).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "key.revoke", &format!("#{id}"), "");
+                self.audit(now, "admin", "key.revoke", &format!("#{id}"), "");
                 Ok(json!({"id": id, "revoked": true, "already_revoked": !changed}))
             }
             AdminRequest::NodesList => {
@@ -1048,7 +1211,7 @@ impl Hub {
                 let mut n = self.nodes[&id].clone();
                 let old = std::mem::replace(&mut n.name, clean.clone());
                 self.save(n).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "node.rename", &old, &clean);
+                self.audit(now, "admin", "node.rename", &old, &clean);
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
             }
@@ -1058,7 +1221,7 @@ impl Hub {
                 n.key_expiry = Some(now);
                 let name = n.name.clone();
                 self.save(n).map_err(st)?;
-                let _ = self.store.audit(now, "admin", "node.expire", &name, "");
+                self.audit(now, "admin", "node.expire", &name, "");
                 self.cut_off(id, ErrorCode::NodeKeyExpired);
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
@@ -1088,13 +1251,7 @@ impl Hub {
                 }
                 let name = n.name.clone();
                 self.save(n).map_err(st)?;
-                let _ = self.store.audit(
-                    now,
-                    "admin",
-                    "node.tag",
-                    &name,
-                    &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") },
-                );
+                self.audit(now, "admin", "node.tag", &name, &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") });
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
             }
@@ -1137,6 +1294,7 @@ fn msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::Login { .. } => "login",
         ClientMsg::ReportEndpoints { .. } => "report_endpoints",
         ClientMsg::Logout => "logout",
+        ClientMsg::RotateKey { .. } => "rotate_key",
         ClientMsg::KeepAlive => "keep_alive",
     }
 }
@@ -1292,7 +1450,8 @@ mod tests {
         // Re-auth with an auth key revives the same node (same IP and name).
         let id2 = h.hello(4, [2; 32], reg(&s, "a"), 1002).unwrap();
         assert_eq!(id2, id);
-        // Re-key: a new node key takes over the old record.
+        // An auth key never moves a node to another key, even of the same
+        // owner: that is a takeover unless the old key proves it.
         h.disconnected(4, id, 1002);
         let msg = ClientMsg::Register {
             auth_key: s.clone(),
@@ -1301,10 +1460,95 @@ mod tests {
             endpoints: vec![],
             previous_node_key: Some(wg::key_to_base64(&[2; 32])),
         };
-        let id3 = h.hello(5, [3; 32], msg, 1003).unwrap();
-        assert_eq!(id3, id);
+        let e = h.hello(5, [3; 32], msg, 1003).unwrap_err();
+        assert_eq!(e.0, ErrorCode::Protocol);
+        assert_eq!(h.nodes[&id].node_key, [2; 32]);
+        assert!(!h.by_key.contains_key(&[3; 32]));
+        // Rotation over a session of the old key does move it.
+        let id4 = h.hello(6, [2; 32], ClientMsg::Login { hostname: None, ssh_host_key: None, endpoints: vec![] }, 1004).unwrap();
+        drain(&mut h);
+        h.client_msg(6, id4, ClientMsg::RotateKey { new_node_key: [3; 32] }, 1004);
+        let out = drain(&mut h);
+        assert!(out[&6].contains(&ServerMsg::KeyRotated { node_key: [3; 32] }), "{out:?}");
         assert_eq!(h.nodes[&id].node_key, [3; 32]);
         assert!(!h.by_key.contains_key(&[2; 32]));
+        assert!(h.conns.is_empty(), "the old-key session ends");
+    }
+
+    #[test]
+    fn a_failed_audit_write_is_counted_and_the_action_stands() {
+        let mut h = hub();
+        h.store.break_audit();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        assert!(h.users.values().any(|u| u == "alice"));
+        assert_eq!(h.audit_failures(), 1);
+        assert_eq!(h.admin(AdminRequest::Status, 1000).unwrap()["audit_write_failures"], 1);
+    }
+
+    #[test]
+    fn relay_authorization_is_a_key_lookup() {
+        let mut h = hub();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        let s = token(&mut h, key_for("alice"));
+        h.hello(1, [1; 32], reg(&s, "a"), 1000).unwrap();
+        assert!(h.relay_allowed(&[1; 32], 1000));
+        assert!(!h.relay_allowed(&[2; 32], 1000), "unknown key");
+        h.admin(AdminRequest::NodesExpire { node: "a".into() }, 1001).unwrap();
+        assert!(!h.relay_allowed(&[1; 32], 1001), "expired key");
+    }
+
+    #[test]
+    fn endpoint_reports_are_paced_and_the_latest_wins() {
+        let mut h = hub();
+        h.cfg.endpoint_burst = 2;
+        h.cfg.endpoint_interval = Duration::from_secs(10);
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        let s = token(&mut h, key_for("alice"));
+        h.hello(1, [1; 32], reg(&s, "viewer"), 1000).unwrap();
+        let id = h.hello(2, [2; 32], reg(&s, "noisy"), 1000).unwrap();
+        drain(&mut h);
+        let t0 = Instant::now();
+        let ep = |i: u16| SocketAddr::from(([198, 51, 100, 1], 1000 + i));
+        for i in 0..50 {
+            h.report_endpoints(id, vec![ep(i)], 1000, t0);
+        }
+        // A bad endpoint is dropped before it is even paced.
+        h.client_msg(2, id, ClientMsg::ReportEndpoints { endpoints: vec!["127.0.0.1:1".parse().unwrap(), ep(50)] }, 1000);
+        let changes = |h: &mut Hub| drain(h).get(&1).map_or(0, |m| m.iter().filter(|m| matches!(m, ServerMsg::MapDelta(_))).count());
+        assert_eq!(changes(&mut h), 2, "the burst");
+        assert_eq!(h.nodes[&id].endpoints, vec![ep(1)]);
+        h.tick(1000, t0 + Duration::from_secs(1));
+        assert_eq!(changes(&mut h), 0, "no budget yet");
+        h.tick(1010, t0 + Duration::from_secs(10));
+        assert_eq!(changes(&mut h), 1, "one coalesced change");
+        assert_eq!(h.nodes[&id].endpoints, vec![ep(50)]);
+        assert_eq!(h.store.nodes().unwrap().iter().find(|n| n.id == id).unwrap().endpoints, vec![ep(50)]);
+    }
+
+    #[test]
+    fn a_key_lifetime_of_zero_refuses_instead_of_panicking() {
+        let mut cfg = HubConfig::new("http://127.0.0.1:1", [1; 32]);
+        cfg.node_key_expiry = Duration::ZERO;
+        let mut h = Hub::open(Store::open_memory().unwrap(), cfg, None, 1000).unwrap();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        let s = token(&mut h, key_for("alice"));
+        let e = h.hello(1, [1; 32], reg(&s, "a"), 1000).unwrap_err();
+        assert_eq!(e.0, ErrorCode::NodeKeyExpired);
+        assert!(h.conns.is_empty());
+    }
+
+    #[test]
+    fn long_names_keep_their_suffix_within_63_characters() {
+        let mut h = hub();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
+        let s = token(&mut h, key_for("alice"));
+        let long = "x".repeat(100);
+        let a = h.hello(1, [1; 32], reg(&s, &long), 1000).unwrap();
+        let b = h.hello(2, [2; 32], reg(&s, &long), 1000).unwrap();
+        assert_eq!(h.nodes[&a].name.len(), 63);
+        assert!(h.nodes[&b].name.ends_with("-2") && h.nodes[&b].name.len() == 63, "{}", h.nodes[&b].name);
+        let e = h.hello(3, [3; 32], reg(&s, "bad\nname"), 1000).unwrap_err();
+        assert_eq!(e.0, ErrorCode::HostInfo);
     }
 
     #[test]

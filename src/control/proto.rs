@@ -28,6 +28,52 @@ pub mod b64key {
     }
 }
 
+/// Why a host key or node name from the network was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostInfoError {
+    #[error(
+        "ssh host key {0:?} is not accepted: it must be exactly `ssh-ed25519 BASE64` \
+         (one Ed25519 public key, no comment, no other bytes)"
+    )]
+    HostKey(String),
+    #[error("node name {0:?} is not valid: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'")]
+    Name(String),
+}
+
+/// The one host key form a node may publish: `ssh-ed25519 <base64 blob>`,
+/// parsed by `ssh-key` and re-encoded, so a string that is not byte for byte
+/// the canonical encoding (a comment, a second line, `@revoked`, padding
+/// tricks) is refused. Every peer writes this string into `known_hosts`,
+/// so anything beyond one key would let one node edit every peer's pins.
+pub fn canonical_ssh_host_key(k: &str) -> Result<String, HostInfoError> {
+    let refuse = || HostInfoError::HostKey(k.chars().take(60).collect());
+    // 80 covers `ssh-ed25519 ` plus the 68-character base64 of a 51-byte blob.
+    if k.len() > 128 || !k.starts_with("ssh-ed25519 ") || k.bytes().filter(|b| *b == b' ').count() != 1 {
+        return Err(refuse());
+    }
+    let key = russh::keys::PublicKey::from_openssh(k).map_err(|_| refuse())?;
+    if key.algorithm() != russh::keys::Algorithm::Ed25519 || !key.comment().is_empty() {
+        return Err(refuse());
+    }
+    let canon = key.to_openssh().map_err(|_| refuse())?;
+    if canon != k {
+        return Err(refuse());
+    }
+    Ok(canon)
+}
+
+/// A node name as the control server assigns it (`sanitize_hostname`'s
+/// alphabet): safe as a `known_hosts` host, an ssh_config `Host` word and a
+/// DNS label, with no pattern characters (`*`, `?`, `!`, `,`).
+pub fn check_node_name(name: &str) -> Result<(), HostInfoError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok { Ok(()) } else { Err(HostInfoError::Name(name.chars().take(80).collect())) }
+}
+
 /// Node → server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -43,9 +89,10 @@ pub enum ClientMsg {
         ssh_host_key: Option<String>,
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
-        /// Re-login with a new node key: the node's previous key. The node
-        /// record (IP, name) moves to the new key if the auth key has the same
-        /// owner (user, or tags) as that node.
+        /// Refused when present: an auth key does not prove possession of
+        /// another node's key, so it cannot move that node. Key rotation is
+        /// [`ClientMsg::RotateKey`] over a session of the old key. Kept in
+        /// the schema so an old node gets a clear refusal, not a parse error.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         previous_node_key: Option<String>,
     },
@@ -65,6 +112,14 @@ pub enum ClientMsg {
     /// Leave the tailnet: an ephemeral node is deleted, any other node's key
     /// expires (it needs a new auth key to come back).
     Logout,
+    /// Move this node (name, IP, owner, host key) to `new_node_key`. Only
+    /// valid on a session authenticated (Noise) as the current key, which is
+    /// what proves the rotation. The server answers `key_rotated` and closes;
+    /// the node then logs in with the new key.
+    RotateKey {
+        #[serde(with = "b64key")]
+        new_node_key: Key,
+    },
     KeepAlive,
 }
 
@@ -86,6 +141,8 @@ pub enum ErrorCode {
     Replaced,
     /// The node was removed by an admin (or its user was).
     Removed,
+    /// The SSH host key or host name the node reported is not acceptable.
+    HostInfo,
     #[serde(other)]
     Other,
 }
@@ -112,6 +169,12 @@ pub enum ServerMsg {
     KeepAlive,
     /// Answer to Logout; the server closes the connection after it.
     LoggedOut,
+    /// Answer to RotateKey: the node now lives under `node_key`; the server
+    /// closes this (old-key) connection after it.
+    KeyRotated {
+        #[serde(with = "b64key")]
+        node_key: Key,
+    },
 }
 
 /// This node, as the control server sees it.
@@ -365,12 +428,24 @@ pub struct FullOut {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerOut {
-    LoginOk { new_node: bool, node: SelfInfo, domain: String, keepalive_secs: u32 },
-    Error { code: ErrorCode, message: String },
+    LoginOk {
+        new_node: bool,
+        node: SelfInfo,
+        domain: String,
+        keepalive_secs: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     MapFull(FullOut),
     MapDelta(DeltaOut),
     KeepAlive,
     LoggedOut,
+    KeyRotated {
+        #[serde(with = "b64key")]
+        node_key: Key,
+    },
 }
 
 impl From<FullOut> for MapFull {
@@ -454,6 +529,39 @@ mod tests {
         let json = serde_json::to_vec(&ServerOut::MapFull(full.clone())).unwrap();
         let back: ServerMsg = serde_json::from_slice(&json).unwrap();
         assert_eq!(back, ServerMsg::MapFull(full.into()));
+    }
+
+    fn ed25519(seed: u8) -> String {
+        use russh::keys::ssh_key::public::{Ed25519PublicKey, KeyData};
+        russh::keys::PublicKey::new(KeyData::Ed25519(Ed25519PublicKey([seed; 32])), "").to_openssh().unwrap()
+    }
+
+    #[test]
+    fn only_one_canonical_ed25519_host_key_is_accepted() {
+        let good = ed25519(1);
+        assert_eq!(good.split(' ').count(), 2, "{good}");
+        assert_eq!(canonical_ssh_host_key(&good).unwrap(), good);
+        let b64 = good.split(' ').nth(1).unwrap();
+        for bad in [
+            format!("{good}\n@revoked * {}", ed25519(2)),
+            format!("{good}\r\n"),
+            format!("{good} comment"),
+            format!("{good}="),
+            format!("ssh-ed25519  {b64}"),
+            format!("ssh-ed25519 {}", &b64[..b64.len() - 4]),
+            format!("ssh-rsa {b64}"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9uZQ".into(),
+            "ssh-ed25519 !!!!".into(),
+            String::new(),
+        ] {
+            assert!(canonical_ssh_host_key(&bad).is_err(), "{bad:?}");
+        }
+        for n in ["web1", "a", "web-2", &"x".repeat(63)] {
+            assert!(check_node_name(n).is_ok(), "{n}");
+        }
+        for n in ["", "-a", "a-", "Web", "a.b", "a,b", "*", "a b", "a\nb", "@revoked", &"x".repeat(64)] {
+            assert!(check_node_name(n).is_err(), "{n:?}");
+        }
     }
 
     #[test]

@@ -15,10 +15,10 @@
 //!   watcher (mtime poll), admin unix socket.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -44,9 +44,85 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
 /// Handles another protocol upgraded on the same port (the relay). It gets
 /// the stream right after the request head (it writes its own 101), the
-/// head, and any bytes that came after the head.
+/// head, any bytes that came after the head, and the connection's
+/// [`PreAuthPermit`], to drop once the peer has authenticated.
 pub trait UpgradeHandler: Send + Sync {
-    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>) -> BoxFuture<'static, ()>;
+    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) -> BoxFuture<'static, ()>;
+}
+
+/// Counts connections that have not authenticated yet, in total and per
+/// source address. Until a peer has proven a node key it costs the server a
+/// task, buffers and a handshake timer for nothing, so that is what gets a
+/// cap; authenticated connections are bounded by the number of nodes.
+pub struct PreAuthLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    state: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl PreAuthLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<PreAuthLimits> {
+        Arc::new(PreAuthLimits { max_total, max_per_ip, state: Mutex::new((0, HashMap::new())) })
+    }
+
+    /// A permit for one more unauthenticated connection from `ip` (`None`:
+    /// in-memory streams, counted in the total only), or `None` if a cap
+    /// is reached.
+    pub fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<PreAuthPermit> {
+        // Nothing panics under this lock; recovering keeps the counts usable.
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0 >= self.max_total {
+            return None;
+        }
+        if let Some(ip) = ip {
+            let n = st.1.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                return None;
+            }
+            *n += 1;
+        }
+        st.0 += 1;
+        Some(PreAuthPermit { limits: Some(self.clone()), ip })
+    }
+
+    /// Unauthenticated connections right now.
+    pub fn current(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    fn release(&self, ip: Option<IpAddr>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if let Some(ip) = ip
+            && let Some(n) = st.1.get_mut(&ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.1.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One unauthenticated connection's slot; freed when dropped.
+pub struct PreAuthPermit {
+    limits: Option<Arc<PreAuthLimits>>,
+    ip: Option<IpAddr>,
+}
+
+impl PreAuthPermit {
+    /// A permit that counts nowhere (handlers driven outside a server).
+    pub fn none() -> PreAuthPermit {
+        PreAuthPermit { limits: None, ip: None }
+    }
+}
+
+impl Drop for PreAuthPermit {
+    fn drop(&mut self) {
+        if let Some(l) = self.limits.take() {
+            l.release(self.ip);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -75,6 +151,17 @@ pub struct ServerOptions {
     pub outbound_queue: usize,
     /// Other `Upgrade:` protocols on this port (e.g. `tailgate-relay`).
     pub upgrades: Vec<(String, Arc<dyn UpgradeHandler>)>,
+    /// Connections not authenticated yet (request head, Noise, first
+    /// message): at most this many in total and from one IP address; more
+    /// are closed as soon as they are accepted.
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_ip: usize,
+    /// Commands queued for the hub thread before connection tasks wait
+    /// (backpressure: a flooding node's reads stall, not the server's memory).
+    pub hub_queue: usize,
+    /// Endpoint reports applied at once per node, then one per interval.
+    pub endpoint_burst: u32,
+    pub endpoint_interval: Duration,
 }
 
 impl ServerOptions {
@@ -96,6 +183,11 @@ impl ServerOptions {
             max_client_frame: DEFAULT_MAX_CLIENT_FRAME,
             outbound_queue: 1024,
             upgrades: Vec::new(),
+            max_unauthenticated: 2048,
+            max_unauthenticated_per_ip: 128,
+            hub_queue: 4096,
+            endpoint_burst: 4,
+            endpoint_interval: Duration::from_secs(2),
         }
     }
 }
@@ -158,13 +250,15 @@ enum HubCmd {
     Msg { conn: ConnId, node: i64, msg: ClientMsg },
     Disconnected { conn: ConnId, node: i64 },
     Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, String>> },
+    RelayAllowed { key: Key, reply: oneshot::Sender<bool> },
     PolicyFile { text: String, name: String },
     Tick,
     Shutdown,
 }
 
 struct Shared {
-    hub: mpsc::UnboundedSender<HubCmd>,
+    hub: mpsc::Sender<HubCmd>,
+    preauth: Arc<PreAuthLimits>,
     private: Key,
     opts: ServerOptions,
     next_conn: AtomicU64,
@@ -229,6 +323,8 @@ impl ControlServer {
         cfg.ephemeral_grace = opts.ephemeral_grace;
         cfg.keepalive = opts.keepalive;
         cfg.default_auth_key_expiry = opts.default_auth_key_expiry;
+        cfg.endpoint_burst = opts.endpoint_burst;
+        cfg.endpoint_interval = opts.endpoint_interval;
         let policy = match &opts.policy_file {
             Some(p) => Some(read_policy_file(p)?),
             None => None,
@@ -236,7 +332,7 @@ impl ControlServer {
         let store = Store::open_dir(&opts.state_dir)?;
         let hub = Hub::open(store, cfg, policy, unix_now())?;
 
-        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
         let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx))?;
         let (stop, shutdown) = watch::channel(false);
         // The relay (issue 6) on this port, unless the caller brought one.
@@ -245,7 +341,8 @@ impl ControlServer {
             let relay = crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), Arc::new(relay)));
         }
-        let shared = Arc::new(Shared { hub: hub_tx, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
+        let preauth = PreAuthLimits::new(opts.max_unauthenticated, opts.max_unauthenticated_per_ip);
+        let shared = Arc::new(Shared { hub: hub_tx, preauth, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
 
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(listener, shared.clone())));
@@ -309,9 +406,19 @@ impl ControlServer {
     }
 
     /// Serves one already-connected stream (in-memory transports, tests).
+    /// It counts against the total cap on unauthenticated connections.
     pub fn serve_stream<S: Stream>(&self, stream: S) {
         let shared = self.shared.clone();
-        tokio::spawn(async move { handle_conn(stream, "in-memory".into(), shared).await });
+        let Some(permit) = shared.preauth.try_acquire(None) else {
+            tracing::warn!("control: too many unauthenticated connections; dropping an in-memory one");
+            return;
+        };
+        tokio::spawn(async move { handle_conn(stream, "in-memory".into(), shared, permit).await });
+    }
+
+    /// Connections accepted that have not authenticated yet.
+    pub fn unauthenticated_connections(&self) -> usize {
+        self.shared.preauth.current()
     }
 
     /// Stops listening, closes every connection, stops the hub, removes the
@@ -322,7 +429,7 @@ impl ControlServer {
             t.abort();
             let _ = t.await;
         }
-        let _ = self.shared.hub.send(HubCmd::Shutdown);
+        let _ = self.shared.hub.send(HubCmd::Shutdown).await;
         if let Some(h) = self.hub_thread.take() {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -338,7 +445,7 @@ impl Drop for ControlServer {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = self.shared.hub.send(HubCmd::Shutdown);
+        let _ = self.shared.hub.try_send(HubCmd::Shutdown);
     }
 }
 
@@ -370,32 +477,33 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     Ok(())
 }
 
-/// Relay access (issue 6): nodes the hub knows whose key has not expired
-/// (from `nodes list`, cached by [`crate::relay::CachedKeySet`]).
-fn relay_auth(hub: &mpsc::UnboundedSender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorizer> {
-    let hub = hub.downgrade();
-    Arc::new(crate::relay::CachedKeySet::new(Box::new(move || {
-        let hub = hub.clone();
+/// Relay access: a node key the hub knows and whose key has not expired,
+/// asked of the hub as one typed lookup per check.
+struct HubRelayAuth {
+    hub: mpsc::WeakSender<HubCmd>,
+}
+
+impl crate::relay::NodeAuthorizer for HubRelayAuth {
+    fn allowed<'a>(&'a self, node: &'a Key) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            let gone = || "control server stopped".to_string();
-            let hub = hub.upgrade().ok_or_else(gone)?;
-            let (tx, rx) = oneshot::channel();
-            hub.send(HubCmd::Admin { req: AdminRequest::NodesList, reply: tx }).map_err(|_| gone())?;
-            let nodes = rx.await.map_err(|_| gone())??;
-            Ok(nodes
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| n["expired"] == false)
-                .filter_map(|n| wg::key_from_base64(n["node_key"].as_str()?).ok())
-                .collect())
+            let Some(hub) = self.hub.upgrade() else { return false };
+            let (reply, rx) = oneshot::channel();
+            if hub.send(HubCmd::RelayAllowed { key: *node, reply }).await.is_err() {
+                return false;
+            }
+            drop(hub);
+            rx.await.unwrap_or(false)
         })
-    })))
+    }
+}
+
+fn relay_auth(hub: &mpsc::Sender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorizer> {
+    Arc::new(HubRelayAuth { hub: hub.downgrade() })
 }
 
 // --- hub thread ---------------------------------------------------------------
 
-fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
+fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>) {
     let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         let now = unix_now();
@@ -415,6 +523,9 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubCmd>) {
             }
             HubCmd::Admin { req, reply } => {
                 let _ = reply.send(hub.admin(req, now));
+            }
+            HubCmd::RelayAllowed { key, reply } => {
+                let _ = reply.send(hub.relay_allowed(&key, now));
             }
             HubCmd::PolicyFile { text, name } => match hub.set_policy(&text, &name, "file", now) {
                 Ok(v) => tracing::info!("policy file {name}: version {v} in force"),
@@ -450,7 +561,7 @@ fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out) {
 
 async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String> {
     let (tx, rx) = oneshot::channel();
-    shared.hub.send(HubCmd::Admin { req, reply: tx }).map_err(|_| "control server is shutting down".to_string())?;
+    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| "control server is shutting down".to_string())?;
     rx.await.map_err(|_| "control server is shutting down".to_string())?
 }
 
@@ -460,9 +571,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
+                // Over a cap: close at once (dropping the socket), before
+                // spending a task or a buffer on it.
+                let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
+                    tracing::debug!("control: {peer}: too many unauthenticated connections; closed");
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let shared = shared.clone();
-                tokio::spawn(async move { handle_conn(s, peer.to_string(), shared).await });
+                tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
             }
             Err(e) => {
                 tracing::warn!("control: accept: {e}");
@@ -477,7 +594,8 @@ async fn tick_loop(shared: Arc<Shared>) {
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         iv.tick().await;
-        if shared.hub.send(HubCmd::Tick).is_err() {
+        // A busy hub skips a tick rather than queueing them up.
+        if let Err(mpsc::error::TrySendError::Closed(_)) = shared.hub.try_send(HubCmd::Tick) {
             return;
         }
     }
@@ -497,7 +615,7 @@ async fn policy_watch(path: PathBuf, shared: Arc<Shared>) {
         last = now;
         match read_policy_file(&path) {
             Ok((text, name)) => {
-                if shared.hub.send(HubCmd::PolicyFile { text, name }).is_err() {
+                if shared.hub.send(HubCmd::PolicyFile { text, name }).await.is_err() {
                     return;
                 }
             }
@@ -542,7 +660,7 @@ async fn write_and_close<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
     .await;
 }
 
-async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>) {
+async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, permit: PreAuthPermit) {
     let timeout = shared.opts.handshake_timeout;
     // 1. HTTP request head.
     let mut buf = Vec::with_capacity(1024);
@@ -580,13 +698,13 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>) {
             if s.write_all(&http::switching_protocols(UPGRADE_CONTROL)).await.is_err() {
                 return;
             }
-            if let Err(reason) = control_session(s, leftover, &peer, &shared).await {
+            if let Err(reason) = control_session(s, leftover, &peer, &shared, permit).await {
                 tracing::info!("control: {peer}: connection closed: {reason}");
             }
         }
         (_, _, Some(token)) if token == UPGRADE_RELAY || shared.opts.upgrades.iter().any(|(t, _)| t == token) => {
             match shared.opts.upgrades.iter().find(|(t, _)| t == token) {
-                Some((_, h)) => h.handle(Box::new(s), head, leftover).await,
+                Some((_, h)) => h.handle(Box::new(s), head, leftover, permit).await,
                 None => write_and_close(&mut s, &http::simple_response(501, "Not Implemented", "relay not enabled on this server\n")).await,
             }
         }
@@ -632,7 +750,13 @@ pub(crate) async fn read_handshake_message<R: AsyncRead + Unpin>(
 
 /// After the 101: handshake, first message, then the message loop.
 /// Returns why the connection ended.
-async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared: &Arc<Shared>) -> Result<(), String> {
+async fn control_session<S: Stream>(
+    s: S,
+    leftover: Vec<u8>,
+    peer: &str,
+    shared: &Arc<Shared>,
+    permit: PreAuthPermit,
+) -> Result<(), String> {
     let timeout = shared.opts.handshake_timeout;
     let (mut r, mut w) = tokio::io::split(s);
     // Nodes send small messages; keep per-connection memory small.
@@ -675,13 +799,15 @@ async fn control_session<S: Stream>(s: S, leftover: Vec<u8>, peer: &str, shared:
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
     let (rtx, rrx) = oneshot::channel();
-    shared.hub.send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx }).map_err(|_| "server shutting down".to_string())?;
+    shared.hub.send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx }).await.map_err(|_| "server shutting down".to_string())?;
     let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
+    // Authenticated (or refused and about to close): no longer counted.
+    drop(permit);
 
     // 4. Message loop.
     let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared).await;
     if let Some(node) = node {
-        let _ = shared.hub.send(HubCmd::Disconnected { conn, node });
+        let _ = shared.hub.send(HubCmd::Disconnected { conn, node }).await;
     }
     result
 }
@@ -705,7 +831,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut shutdown = shared.shutdown.clone();
     let mut out = Vec::new();
     // Frames that came in with the first message.
-    if let Err(e) = drain_frames(chan, conn, node, shared) {
+    if let Err(e) = drain_frames(chan, conn, node, shared).await {
         let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
         let _ = w.write_all(&out).await;
         let _ = w.shutdown().await;
@@ -746,7 +872,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let bad = match chan.push_wire(&rbuf[..n]) {
                     Err(ChannelError::Decrypt) => return Err(format!("{who}: undecryptable message")),
                     Err(e) => Some(e.to_string()),
-                    Ok(()) => drain_frames(chan, conn, node, shared).err(),
+                    Ok(()) => drain_frames(chan, conn, node, shared).await.err(),
                 };
                 if let Some(e) = bad {
                     out.clear();
@@ -768,12 +894,15 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// Forwards every complete frame to the hub; `Err` = a bad frame.
-fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared) -> Result<(), String> {
+/// Forwards every complete frame to the hub; `Err` = a bad frame. Waits
+/// when the hub's queue is full, so a node sending faster than the hub
+/// works is simply read more slowly.
+async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared) -> Result<(), String> {
     while let Some(f) = chan.next_frame().map_err(|e| e.to_string())? {
         let msg = parse_client(&f)?;
-        if let Some(node) = node {
-            let _ = shared.hub.send(HubCmd::Msg { conn, node, msg });
+        // Keepalives only prove liveness (the read already did that).
+        if let (Some(node), false) = (node, matches!(msg, ClientMsg::KeepAlive)) {
+            shared.hub.send(HubCmd::Msg { conn, node, msg }).await.map_err(|_| "server shutting down".to_string())?;
         }
     }
     Ok(())

@@ -258,6 +258,12 @@ impl Store {
     }
 
     /// Runs `f` in one transaction.
+    /// Makes every audit write fail (a full disk, a broken table), for tests.
+    #[cfg(test)]
+    pub(crate) fn break_audit(&self) {
+        self.conn.execute_batch("DROP TABLE audit").expect("drop audit table");
+    }
+
     pub fn tx<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
         let tx = self.conn.unchecked_transaction()?;
         let out = f(self)?;

@@ -147,7 +147,7 @@ struct Shared {
 impl Shared {
     /// Records why the connection ended (first reason wins) and stops both tasks.
     fn finish(&self, e: RelayError) {
-        let mut end = self.end.lock().unwrap();
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
         if end.is_none() {
             *end = Some(e);
         }
@@ -238,7 +238,7 @@ impl RelayReceiver {
     }
 
     fn end_reason(&self) -> RelayError {
-        self.shared.end.lock().unwrap().clone().unwrap_or_else(|| RelayError::Closed("connection ended".into()))
+        self.shared.end.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| RelayError::Closed("connection ended".into()))
     }
 
     /// Closes the connection now.
@@ -407,7 +407,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let end = 'outer: loop {
         // Frames may already be buffered (they can arrive with Accepted).
         {
-            let mut ch = chan.lock().unwrap();
+            let mut ch = chan.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 match ch.next_frame() {
                     Ok(Some(f)) => frames.push(f),
@@ -431,7 +431,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     Err(e) => break RelayError::Closed(e.to_string()),
                 };
                 last_rx = Instant::now();
-                if let Err(e) = chan.lock().unwrap().push_wire(&rbuf[..n]) {
+                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).push_wire(&rbuf[..n]) {
                     break proto_err(e);
                 }
             }
@@ -467,7 +467,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             m = out_rx.recv(), if !senders_gone => {
                 let Some(mut m) = m else { senders_gone = true; continue };
                 let sealed = {
-                    let mut ch = chan.lock().unwrap();
+                    let mut ch = chan.lock().unwrap_or_else(|e| e.into_inner());
                     loop {
                         frame.clear();
                         Frame::Send { dst: m.0, datagram: &m.1 }.encode(&mut frame);
@@ -490,7 +490,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
             _ = ka.tick() => {
-                if let Err(e) = chan.lock().unwrap().seal_frame(&Frame::KeepAlive.to_vec(), &mut out) {
+                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_frame(&Frame::KeepAlive.to_vec(), &mut out) {
                     break Some(proto_err(e));
                 }
             }

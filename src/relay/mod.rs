@@ -13,7 +13,8 @@
 //! 3. The relay asks its [`NodeAuthorizer`] whether that key may relay (the
 //!    control server's: a known node whose key has not expired) and answers
 //!    `Accepted { keepalive_secs }` or `Closing { reason }`. It asks again
-//!    every `reauth_interval`, so removed or expired nodes are dropped.
+//!    every `reauth_interval`, so removed or expired nodes are dropped; an
+//!    answer that does not come within `handshake_timeout` counts as no.
 //! 4. Frames ([`proto`]): node → relay `Send { dst, datagram }`, relay →
 //!    node `Recv { src, datagram }` (src is the *authenticated* sender),
 //!    `KeepAlive` both ways, `PeerGone` when the destination is not

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -32,7 +32,7 @@ use crate::control::UPGRADE_RELAY;
 use crate::control::frame::WireDecoder;
 use crate::control::http::{self, RequestHead};
 use crate::control::noise::{self, SecureChannel};
-use crate::control::server::{Stream, UpgradeHandler};
+use crate::control::server::{PreAuthPermit, Stream, UpgradeHandler};
 use crate::wg::{self, Key};
 
 /// Relay limits and timers.
@@ -104,6 +104,22 @@ struct Counters {
     rate_limited: AtomicU64,
 }
 
+// Lock policy: nothing that can panic runs under these locks (queue pushes
+// and pops, map lookups, sealing into a Vec), and what they guard stays
+// consistent between statements, so a poisoned lock is recovered rather
+// than turning one panic into a relay outage for every node (as node.rs).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -131,7 +147,7 @@ struct Conn {
 
 impl Conn {
     fn push(&self, src: Key, datagram: Vec<u8>) -> bool {
-        let ok = self.out.lock().unwrap().data.push(src, datagram);
+        let ok = lock(&self.out).data.push(src, datagram);
         if ok {
             self.notify.notify_one();
         }
@@ -139,7 +155,7 @@ impl Conn {
     }
 
     fn push_gone(&self, key: Key) {
-        let mut q = self.out.lock().unwrap();
+        let mut q = lock(&self.out);
         if q.gone.len() < MAX_GONE_QUEUED && !q.gone.contains(&key) {
             q.gone.push(key);
             drop(q);
@@ -239,14 +255,14 @@ impl RelayServer {
 
     /// Is this node connected?
     pub fn is_connected(&self, node: &Key) -> bool {
-        self.inner.conns.read().unwrap().contains_key(node)
+        read(&self.inner.conns).contains_key(node)
     }
 
     pub fn stats(&self) -> RelayStats {
         let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         RelayStats {
-            connections: self.inner.conns.read().unwrap().len(),
+            connections: read(&self.inner.conns).len(),
             accepted: l(&c.accepted),
             refused: l(&c.refused),
             replaced: l(&c.replaced),
@@ -262,16 +278,22 @@ impl RelayServer {
     /// Serves one connection from just after its request head (what the
     /// control server's upgrade dispatch calls).
     pub async fn serve<S: Stream>(&self, stream: S, head: RequestHead, leftover: Vec<u8>) {
-        if let Err(e) = serve(self.inner.clone(), stream, head, leftover).await {
+        self.serve_counted(stream, head, leftover, PreAuthPermit::none()).await
+    }
+
+    /// [`serve`](Self::serve), holding `permit` (the server's count of
+    /// unauthenticated connections) until the node is authorized.
+    pub async fn serve_counted<S: Stream>(&self, stream: S, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) {
+        if let Err(e) = serve(self.inner.clone(), stream, head, leftover, permit).await {
             tracing::debug!("relay: connection ended: {e}");
         }
     }
 }
 
 impl UpgradeHandler for RelayServer {
-    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>) -> BoxFuture<'static, ()> {
+    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) -> BoxFuture<'static, ()> {
         let this = self.clone();
-        Box::pin(async move { this.serve(stream, head, leftover).await })
+        Box::pin(async move { this.serve_counted(stream, head, leftover, permit).await })
     }
 }
 
@@ -288,10 +310,10 @@ async fn write_and_close<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) {
 }
 
 fn seal(chan: &Mutex<SecureChannel>, f: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), String> {
-    chan.lock().unwrap().seal_frame(&f.to_vec(), out).map_err(|e| e.to_string())
+    lock(chan).seal_frame(&f.to_vec(), out).map_err(|e| e.to_string())
 }
 
-async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftover: Vec<u8>) -> Result<(), String> {
+async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) -> Result<(), String> {
     if *inner.stop.borrow() || inner.external_stop.get().is_some_and(|r| *r.borrow()) {
         write_and_close(&mut s, &http::simple_response(503, "Service Unavailable", "relay shutting down\n")).await;
         return Err("relay shutting down".into());
@@ -319,6 +341,7 @@ async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftov
         write_and_close(&mut s, &out).await;
         return Err(format!("{who}: refused (unknown or expired)"));
     }
+    drop(permit);
     let ka_secs = inner.cfg.keepalive.as_secs().clamp(1, u16::MAX as u64) as u16;
     seal(&chan, &Frame::Accepted { keepalive_secs: ka_secs }, &mut out)?;
     s.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -331,7 +354,7 @@ async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftov
         notify: Notify::new(),
         close,
     });
-    let old = inner.conns.write().unwrap().insert(node_key, conn.clone());
+    let old = write(&inner.conns).insert(node_key, conn.clone());
     if let Some(old) = old {
         bump(&inner.counters.replaced, 1);
         old.close("replaced by a newer relay connection of the same node");
@@ -343,7 +366,7 @@ async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftov
     let writer = tokio::spawn(write_loop(inner.clone(), conn.clone(), chan.clone(), w));
     let result = read_loop(&inner, &conn, &chan, r, rbuf).await;
     {
-        let mut conns = inner.conns.write().unwrap();
+        let mut conns = write(&inner.conns);
         if conns.get(&node_key).is_some_and(|c| c.id == conn.id) {
             conns.remove(&node_key);
         }
@@ -386,7 +409,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 };
                 last_rx = Instant::now();
                 let decoded = {
-                    let mut ch = chan.lock().unwrap();
+                    let mut ch = lock(chan);
                     ch.push_wire(&rbuf[..n]).map_err(|e| e.to_string()).and_then(|()| loop {
                         match ch.next_frame() {
                             Ok(Some(f)) => frames.push(f),
@@ -419,8 +442,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Err(format!("silent for {:?}", last_rx.elapsed()));
             }
             _ = reauth.tick() => {
-                if !inner.auth.allowed(&conn.key).await {
-                    return Err("this node may no longer use the relay (key expired or node removed)".into());
+                // Bounded like the first check: an authorizer that never
+                // answers must not stall this node's datagrams for good;
+                // no answer is no (deny by default), the node reconnects.
+                match tokio::time::timeout(cfg.handshake_timeout, inner.auth.allowed(&conn.key)).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err("this node may no longer use the relay (key expired or node removed)".into()),
+                    Err(_) => return Err(format!("relay authorization did not answer within {:?}; reconnect", cfg.handshake_timeout)),
                 }
                 if gone_sent.len() > 1024 {
                     gone_sent.retain(|_, t| t.elapsed() < PEER_GONE_EVERY);
@@ -436,7 +464,7 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
         Frame::KeepAlive => return Ok(()),
         other => return Err(format!("unexpected frame from a node: {other:?}")),
     };
-    let target = inner.conns.read().unwrap().get(&dst).cloned();
+    let target = read(&inner.conns).get(&dst).cloned();
     let c = &inner.counters;
     match target {
         Some(t) => {
@@ -464,7 +492,7 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
 /// Encrypts queued `PeerGone` notices and datagrams into `out` (emptying
 /// `gone` and `batch`).
 fn seal_batch(chan: &Mutex<SecureChannel>, gone: &mut Vec<Key>, batch: &mut Vec<(Key, Vec<u8>)>, out: &mut Vec<u8>) -> Result<(), String> {
-    let mut ch = chan.lock().unwrap();
+    let mut ch = lock(chan);
     let mut frame = Vec::with_capacity(2048);
     for key in gone.drain(..) {
         frame.clear();
@@ -496,7 +524,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
             _ = close.changed() => break close.borrow().clone().unwrap_or_default(),
             _ = conn.notify.notified() => loop {
                 {
-                    let mut q = conn.out.lock().unwrap();
+                    let mut q = lock(&conn.out);
                     gone.append(&mut q.gone);
                     let mut bytes = 0;
                     while bytes < WRITE_BATCH {
