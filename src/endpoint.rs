@@ -38,10 +38,7 @@ fn valid_v4(ip: Ipv4Addr) -> bool {
 
 fn valid_v6(ip: Ipv6Addr) -> bool {
     let first = ip.segments()[0];
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (first & 0xffc0) == 0xfe80) // link-local
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || (first & 0xffc0) == 0xfe80) // link-local
 }
 
 #[cfg(test)]
@@ -78,7 +75,9 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_unicast() {
-        for good in ["10.96.0.2:41641", "192.168.1.10:5000", "203.0.113.7:41641", "[2a01:4f8::1]:41641", "[fd00::2]:41641", "[::ffff:10.0.0.1]:9"] {
+        for good in
+            ["10.96.0.2:41641", "192.168.1.10:5000", "203.0.113.7:41641", "[2a01:4f8::1]:41641", "[fd00::2]:41641", "[::ffff:10.0.0.1]:9"]
+        {
             assert!(ok(good), "{good} must be accepted");
         }
     }

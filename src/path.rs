@@ -341,9 +341,8 @@ impl PathState {
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         self.pending.retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
         let best = self.best;
-        self.candidates.retain(|a, c| {
-            c.from_netmap || Some(*a) == best || now.saturating_duration_since(c.last_sign_of_life()) < LEARNED_TTL
-        });
+        self.candidates
+            .retain(|a, c| c.from_netmap || Some(*a) == best || now.saturating_duration_since(c.last_sign_of_life()) < LEARNED_TTL);
         if self.best.is_some_and(|b| !self.trusted(&b, now)) {
             self.last_result = Some(format!("direct path {} stopped answering; using the relay", self.best.unwrap()));
             self.best = None;
