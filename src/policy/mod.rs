@@ -174,8 +174,18 @@ impl Policy {
             .clone()
     }
 
+    /// Judges `login` by its name only (what `[[tests]]` and `policy check`
+    /// can do without the target's account database).
     pub fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
-        self.eval_ssh(caller, target, login)
+        self.eval_ssh(caller, target, login, false)
+    }
+
+    /// Judges a login whose local account has uid 0 (`toor`, a second
+    /// root): an accept/check rule must admit both the name and `root`; a
+    /// reject rule for either refuses it. The SSH server uses this once it
+    /// has looked the account up.
+    pub fn check_ssh_superuser(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
+        self.eval_ssh(caller, target, login, true)
     }
 
     /// May `src` open a TCP connection to `dst` on `port`? True iff an
