@@ -110,12 +110,14 @@ fn nologin_account_gets_no_exec_sftp_or_scp() {
     assert!((o.out() + &o.err()).contains("This account is currently not available."), "{o:?}");
     assert!(!o.out().contains("service data"), "{o:?}");
 
-    let o = run(&mut sftp(&s, &svc.name), b"get secret /dev/stdout\nput /etc/hostname planted\n", T);
-    assert_ne!(o.code(), 0, "sftp went around nologin: {o:?}");
-    assert!(!o.out().contains("service data"), "{o:?}");
-    assert!(!std::path::Path::new(&home).join("planted").exists());
-
     let dir = tempfile::tempdir().unwrap();
+    let got = dir.path().join("got");
+    let batch = format!("put /etc/hostname planted\nget secret {}\n", got.display());
+    let o = run(&mut sftp(&s, &svc.name), batch.as_bytes(), T);
+    assert_ne!(o.code(), 0, "sftp went around nologin: {o:?}");
+    assert!(!std::path::Path::new(&home).join("planted").exists(), "sftp wrote into the account: {o:?}");
+    assert!(!got.exists(), "sftp read the account's files: {o:?}");
+
     let mut scp = Command::new("scp");
     scp.args(["-O", "-F", "/dev/null", "-P", &s.port.to_string(), "-o", "StrictHostKeyChecking=no"]);
     scp.args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]);
