@@ -4,6 +4,8 @@
 //! - `Policy::parse(src, file_name) -> Result<Policy, PolicyErrors>`
 //! - `Policy::load(path) -> Result<Policy, PolicyErrors>`
 //! - `Policy::check_ssh(&caller, &target, login_user) -> SshDecision`
+//! - `Policy::check_ssh_superuser(&caller, &target, login_user) -> SshDecision`
+//!   (the login's account has uid 0: judged as root too)
 //! - `Policy::check_network(&src, &dst, port) -> bool`
 //! - `Policy::run_tests() -> Vec<Diagnostic>`
 //! - `Policy::default_static()` the embedded default policy

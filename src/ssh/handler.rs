@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -396,7 +396,7 @@ impl Conn {
             // As sshd does: the subsystem command goes through the account's
             // shell, so an account whose shell is nologin or false gets no sftp.
             Request::Subsystem("sftp") => match &ctx.server.sftp_server {
-                Some(p) => (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), p.as_os_str().to_os_string()]),
+                Some(p) => (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), sh_quote(p)]),
                 None => {
                     ev.reason = Some("no sftp-server binary on this node".into());
                     ctx.server.audit.write(&ev);
@@ -517,6 +517,21 @@ impl Conn {
 
 fn base_name(p: &Path) -> OsString {
     p.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| p.as_os_str().to_os_string())
+}
+
+/// `path` as one single-quoted shell word (the configured sftp-server path
+/// may contain spaces).
+fn sh_quote(path: &Path) -> OsString {
+    let mut out = vec![b'\''];
+    for &b in path.as_os_str().as_bytes() {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    OsString::from_vec(out)
 }
 
 /// `-bash`: the leading dash tells the shell it is a login shell.
@@ -944,5 +959,7 @@ mod tests {
     fn login_shell_argv0() {
         assert_eq!(login_arg0(Path::new("/bin/bash")), OsString::from("-bash"));
         assert_eq!(base_name(Path::new("/usr/bin/zsh")), OsString::from("zsh"));
+        assert_eq!(sh_quote(Path::new("/usr/lib/openssh/sftp-server")), OsString::from("'/usr/lib/openssh/sftp-server'"));
+        assert_eq!(sh_quote(Path::new("/opt/it's here/sftp")), OsString::from("'/opt/it'\\''s here/sftp'"));
     }
 }
