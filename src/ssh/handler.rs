@@ -99,7 +99,7 @@ impl ConnCtx {
             return Judged::No(msg, None);
         }
         let Some((caller, target)) = self.refresh() else {
-            return Judged::No("tailgate: access revoked: your node is no longer on this tailnet".into(), None);
+            return Judged::No("tailgate: access denied: your node is no longer on this tailnet".into(), None);
         };
         let policy = self.server.cfg.policy.current();
         let d = if acct.uid == 0 { policy.check_ssh_superuser(&caller, &target, login) } else { policy.check_ssh(&caller, &target, login) };
@@ -557,7 +557,8 @@ async fn watch_live(ctx: Arc<ConnCtx>, user: String, acct: Account, at: Instant,
                 ctx.live.send_modify(|l| l.deadline = deadline(at, d.max_duration));
             }
             Judged::No(msg, d) => {
-                let msg = format!("tailgate: access revoked (policy or identity changed): {}", msg.trim_start_matches("tailgate: "));
+                let why = msg.strip_prefix("tailgate: access denied: ").unwrap_or_else(|| msg.trim_start_matches("tailgate: "));
+                let msg = format!("tailgate: access revoked (the policy or your identity changed): {why}");
                 let mut ev = ctx.event(EventKind::Revoked);
                 ev.login = Some(user.clone());
                 ev.rule = d.as_ref().and_then(|d| d.rule.clone());
