@@ -550,11 +550,36 @@ async fn watch_live(ctx: Arc<ConnCtx>, user: String, acct: Account, at: Instant,
     // Subscribed before the first judgement, so no change can slip in between.
     let mut ids = Some(ctx.resolver.changes());
     let mut policy = Some(ctx.server.cfg.policy.changes());
+    let mut first = true;
     loop {
+        if !first {
+            let limit = ctx.live.borrow().deadline;
+            let expired = async {
+                match limit {
+                    Some((t, _)) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = changed(&mut ids) => if r.is_err() { ids = None },
+                r = changed(&mut policy) => if r.is_err() { policy = None },
+                _ = expired => {
+                    // Sessions end themselves at the limit and say so; this also
+                    // ends forwards and idle connections.
+                    tokio::time::sleep(REVOKE_GRACE).await;
+                    let d = limit.map(|(_, d)| d).unwrap_or_default();
+                    let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
+                    let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
+                    return;
+                }
+            }
+        }
+        first = false;
         match ctx.judge(&user, &acct) {
             Judged::Yes(d) => {
+                let limit = deadline(at, d.max_duration);
                 // Always notify: forwards re-check their port on every change.
-                ctx.live.send_modify(|l| l.deadline = deadline(at, d.max_duration));
+                ctx.live.send_modify(|l| l.deadline = limit);
             }
             Judged::No(msg, d) => {
                 let why = msg.strip_prefix("tailgate: access denied: ").unwrap_or_else(|| msg.trim_start_matches("tailgate: "));
@@ -568,26 +593,6 @@ async fn watch_live(ctx: Arc<ConnCtx>, user: String, acct: Account, at: Instant,
                 ctx.server.audit.write(&ev);
                 ctx.live.send_modify(|l| l.revoked = Some(msg.clone()));
                 tokio::time::sleep(REVOKE_GRACE).await;
-                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
-                return;
-            }
-        }
-        let limit = ctx.live.borrow().deadline;
-        let expired = async {
-            match limit {
-                Some((t, _)) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = changed(&mut ids) => if r.is_err() { ids = None },
-            r = changed(&mut policy) => if r.is_err() { policy = None },
-            _ = expired => {
-                // Sessions end themselves at the limit and say so; this also
-                // ends forwards and idle connections.
-                tokio::time::sleep(REVOKE_GRACE).await;
-                let d = limit.map(|(_, d)| d).unwrap_or_default();
-                let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
                 let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
                 return;
             }
