@@ -289,7 +289,7 @@ dst = ["tag:test:{allowed}"]
     assert_eq!(off["allowed"], false);
     drop(_ssh);
     let end = s.wait_audit("forward_end", |v| v["event"] == "forward_end");
-    assert_eq!(end["bytes_in"], 22);
+    assert_eq!(end["bytes_in"], 22, "{end}");
 }
 
 #[test]
