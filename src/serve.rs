@@ -4,7 +4,9 @@
 //! says which WireGuard key carried a connection, the resolver turns that key
 //! into an [`Identity`](crate::identity::Identity), and only then does the
 //! SSH server see the stream. A connection from a key the resolver does not
-//! know is reset before a single SSH byte is exchanged.
+//! know is reset before a single SSH byte is exchanged. The server keeps the
+//! key and the resolver, not the identity, so later netmaps apply to open
+//! connections too.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,7 +40,7 @@ pub fn serve_ssh(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: Polic
             match resolver.resolve(&key) {
                 Some(caller) => {
                     tracing::info!(from = %stream.peer_addr(), who = %caller.who(), "ssh connection");
-                    tokio::spawn(srv.clone().serve(stream, caller));
+                    tokio::spawn(srv.clone().serve(stream, key, resolver.clone()));
                 }
                 None => {
                     tracing::warn!(from = %stream.peer_addr(), key = %wg::key_to_base64(&key), "ssh from a peer with no identity; reset");

@@ -10,8 +10,24 @@ use crate::identity::Identity;
 
 impl SshRule {
     /// Does this rule apply to `caller` logging in to `target` as `login`?
+    #[cfg(test)]
     pub(crate) fn matches(&self, caller: &Identity, target: &Identity, login: &str) -> bool {
-        self.matches_nodes(caller, target) && self.users.iter().any(|u| u.matches(login, caller))
+        self.matches_as(caller, target, login, false)
+    }
+
+    /// As [`SshRule::matches`], for an account that may have uid 0
+    /// (`superuser`). Such an account is root whatever its name, so a rule
+    /// admits it only if its `users` admit both the name and `root`, and a
+    /// `reject` rule refuses it if its `users` match either: the alias gets
+    /// no more than root gets and no more than its name gets.
+    pub(crate) fn matches_as(&self, caller: &Identity, target: &Identity, login: &str, superuser: bool) -> bool {
+        let users = |l: &str| self.users.iter().any(|u| u.matches(l, caller));
+        let users_ok = match (superuser, self.action) {
+            (false, _) => users(login),
+            (true, Action::Reject) => users(login) || users("root"),
+            (true, _) => users(login) && users("root"),
+        };
+        users_ok && self.matches_nodes(caller, target)
     }
 
     /// The (caller, target) part of the match, ignoring the login.
@@ -22,10 +38,15 @@ impl SshRule {
 
 impl Policy {
     /// The rule that decides an SSH login, if any (see module docs for order).
+    #[cfg(test)]
     pub(crate) fn deciding_ssh_rule(&self, caller: &Identity, target: &Identity, login: &str) -> Option<&SshRule> {
+        self.deciding_ssh_rule_as(caller, target, login, false)
+    }
+
+    fn deciding_ssh_rule_as(&self, caller: &Identity, target: &Identity, login: &str, superuser: bool) -> Option<&SshRule> {
         let mut first_allow = None;
         for r in &self.ssh {
-            if r.matches(caller, target, login) {
+            if r.matches_as(caller, target, login, superuser) {
                 if r.action == Action::Reject {
                     return Some(r);
                 }
@@ -35,10 +56,14 @@ impl Policy {
         first_allow
     }
 
-    pub(crate) fn eval_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
+    /// `superuser`: the login's account has uid 0 (see [`SshRule::matches_as`]).
+    pub(crate) fn eval_ssh(&self, caller: &Identity, target: &Identity, login: &str, superuser: bool) -> SshDecision {
         let who = caller.who();
         let host = &target.node_name;
-        let Some(r) = self.deciding_ssh_rule(caller, target, login) else {
+        let rule = self.deciding_ssh_rule_as(caller, target, login, superuser);
+        let shown = if superuser && login != "root" { format!("{login} (uid 0, judged as root)") } else { login.to_string() };
+        let login = shown.as_str();
+        let Some(r) = rule else {
             return SshDecision {
                 action: Action::Reject,
                 rule: None,

@@ -4,6 +4,8 @@
 //! - `Policy::parse(src, file_name) -> Result<Policy, PolicyErrors>`
 //! - `Policy::load(path) -> Result<Policy, PolicyErrors>`
 //! - `Policy::check_ssh(&caller, &target, login_user) -> SshDecision`
+//! - `Policy::check_ssh_superuser(&caller, &target, login_user) -> SshDecision`
+//!   (the login's account has uid 0: judged as root too)
 //! - `Policy::check_network(&src, &dst, port) -> bool`
 //! - `Policy::run_tests() -> Vec<Diagnostic>`
 //! - `Policy::default_static()` the embedded default policy
@@ -174,8 +176,18 @@ impl Policy {
             .clone()
     }
 
+    /// Judges `login` by its name only (what `[[tests]]` and `policy check`
+    /// can do without the target's account database).
     pub fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
-        self.eval_ssh(caller, target, login)
+        self.eval_ssh(caller, target, login, false)
+    }
+
+    /// Judges a login whose local account has uid 0 (`toor`, a second
+    /// root): an accept/check rule must admit both the name and `root`; a
+    /// reject rule for either refuses it. The SSH server uses this once it
+    /// has looked the account up.
+    pub fn check_ssh_superuser(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
+        self.eval_ssh(caller, target, login, true)
     }
 
     /// May `src` open a TCP connection to `dst` on `port`? True iff an

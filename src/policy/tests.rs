@@ -183,6 +183,35 @@ fn autogroup_caller_and_nonroot() {
 }
 
 #[test]
+fn uid0_alias_is_judged_as_root() {
+    let p = parse(
+        "[[ssh]]\nsrc = [\"bob\"]\ndst = [\"*\"]\nusers = [\"autogroup:nonroot\"]\naction = \"accept\"\n\
+         [[ssh]]\nsrc = [\"carol\"]\ndst = [\"*\"]\nusers = [\"toor\"]\naction = \"accept\"\n\
+         [[ssh]]\nsrc = [\"dave\"]\ndst = [\"*\"]\nusers = [\"toor\", \"root\"]\naction = \"accept\"\nmax_duration = \"1h\"\n\
+         [[ssh]]\nsrc = [\"erin\"]\ndst = [\"*\"]\nusers = [\"*\"]\naction = \"accept\"\n\
+         [[ssh]]\nsrc = [\"erin\"]\ndst = [\"*\"]\nusers = [\"root\"]\naction = \"reject\"\n",
+    );
+    let w = user("x", "web1");
+    let (bob, carol, dave, erin) = (user("bob", "l"), user("carol", "l"), user("dave", "l"), user("erin", "l"));
+    // By name (policy tests), toor is just another non-root login.
+    assert_eq!(p.check_ssh(&bob, &w, "toor").action, Action::Accept);
+    // With uid 0 it is root: nonroot never admits it, nor a rule naming only toor.
+    let d = p.check_ssh_superuser(&bob, &w, "toor");
+    assert_eq!(d.action, Action::Reject);
+    assert!(d.reason.contains("as toor (uid 0, judged as root)"), "{}", d.reason);
+    assert_eq!(p.check_ssh_superuser(&carol, &w, "toor").action, Action::Reject);
+    // A rule admitting both the name and root admits it, with its options.
+    let d = p.check_ssh_superuser(&dave, &w, "toor");
+    assert_eq!(d.action, Action::Accept);
+    assert_eq!(d.max_duration, Some(Duration::from_secs(3600)));
+    assert_eq!(p.check_ssh_superuser(&dave, &w, "root").action, Action::Accept);
+    // A reject of root also rejects every uid-0 alias.
+    assert_eq!(p.check_ssh_superuser(&erin, &w, "toor").action, Action::Reject);
+    assert_eq!(p.check_ssh_superuser(&erin, &w, "erin").action, Action::Reject);
+    assert_eq!(p.check_ssh(&erin, &w, "erin").action, Action::Accept);
+}
+
+#[test]
 fn hosts_by_name_alias_and_cidr() {
     let p = parse(
         "[hosts]\ndb = \"100.64.0.5\"\n\

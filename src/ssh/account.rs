@@ -39,6 +39,17 @@ pub fn lookup(name: &str) -> std::io::Result<Option<Account>> {
     Ok(Some(Account { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir, shell, groups }))
 }
 
+/// Is `name` a login name tailgate will look up at all: `[a-z_][a-z0-9_.-]*`,
+/// at most 32 characters (the portable useradd rule). Anything else (upper
+/// case, shell metacharacters, `$`, non-ASCII) is refused before the policy
+/// or NSS ever see it.
+pub fn valid_login_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 32
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 /// The account tailgate itself runs as (for the unprivileged mode).
 pub fn current_user_name() -> Option<String> {
     nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten().map(|u| u.name)
@@ -150,6 +161,16 @@ mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), env.len());
+    }
+
+    #[test]
+    fn login_names() {
+        for n in ["root", "_apt", "www-data", "a.b", "tg_x9", &"a".repeat(32)] {
+            assert!(valid_login_name(n), "{n}");
+        }
+        for n in ["", "Root", "a;b", "-x", "9a", ".a", "a b", "a$", "é", "a/b", "a\n", &"a".repeat(33)] {
+            assert!(!valid_login_name(n), "{n:?}");
+        }
     }
 
     #[test]

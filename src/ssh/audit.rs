@@ -34,6 +34,9 @@ pub enum EventKind {
     Forward,
     /// An allowed forward finished.
     ForwardEnd,
+    /// An admitted login stopped being allowed (the policy or the caller's
+    /// identity changed); its sessions and forwards are being ended.
+    Revoked,
 }
 
 /// The caller as recorded: the verified tailnet identity.

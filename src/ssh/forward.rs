@@ -7,12 +7,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 
-use super::audit::{AuditEvent, EventKind};
+use super::audit::EventKind;
 use super::handler::ConnCtx;
 
 /// Where a `direct-tcpip` request may connect, if anywhere: loopback names
@@ -34,15 +34,9 @@ pub fn local_destination(host: &str, port: u32, self_ip: IpAddr) -> Option<Socke
 }
 
 /// Answers an allowed request: connects, then accepts or refuses the channel,
-/// then copies bytes both ways until either side closes or the deadline.
-pub async fn run(
-    ctx: Arc<ConnCtx>,
-    login: String,
-    channel: Channel<Msg>,
-    reply: ChannelOpenHandle,
-    dest: SocketAddr,
-    deadline: Option<Instant>,
-) {
+/// then copies bytes both ways until either side closes, the connection's
+/// time limit passes, or a change of policy or identity no longer allows it.
+pub async fn run(ctx: Arc<ConnCtx>, login: String, channel: Channel<Msg>, reply: ChannelOpenHandle, dest: SocketAddr) {
     let started = Instant::now();
     let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,
@@ -56,21 +50,48 @@ pub async fn run(
     let mut tcp = tcp;
     let mut stream = channel.into_stream();
     let copy = tokio::io::copy_bidirectional(&mut stream, &mut tcp);
-    let (up, down) = match deadline {
-        Some(at) => match tokio::time::timeout_at(at.into(), copy).await {
-            Ok(r) => r.unwrap_or((0, 0)),
-            Err(_) => (0, 0),
-        },
-        None => copy.await.unwrap_or((0, 0)),
+    let (counts, ended) = tokio::select! {
+        r = copy => (r.unwrap_or((0, 0)), None),
+        why = until_disallowed(&ctx, dest.port()) => ((0, 0), Some(why)),
     };
-    let mut ev = AuditEvent::new(EventKind::ForwardEnd, &ctx.conn_id, &ctx.caller, &ctx.target, SystemTime::now());
+    // Dropping the stream closes the channel.
+    drop(stream);
+    let mut ev = ctx.event(EventKind::ForwardEnd);
     ev.login = Some(login);
     ev.kind = Some("direct-tcpip".into());
     ev.dest = Some(dest.to_string());
-    ev.bytes_in = Some(up);
-    ev.bytes_out = Some(down);
+    ev.bytes_in = Some(counts.0);
+    ev.bytes_out = Some(counts.1);
     ev.duration_ms = Some(started.elapsed().as_millis() as u64);
+    ev.reason = ended;
     ctx.server.audit.write(&ev);
+}
+
+/// Resolves, with the reason, once the forward must end: the time limit
+/// passed or, after a change, the login or the port is no longer allowed.
+async fn until_disallowed(ctx: &ConnCtx, port: u16) -> String {
+    let mut live = ctx.live.subscribe();
+    loop {
+        let limit = live.borrow_and_update().deadline;
+        let expired = async {
+            match limit {
+                Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = live.changed() => {
+                // The connection is gone; russh closes the channel itself.
+                if r.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Err(why) = ctx.forward_allowed(port) {
+                    return format!("access revoked: {why}");
+                }
+            }
+            _ = expired => return "time limit reached".into(),
+        }
+    }
 }
 
 #[cfg(test)]

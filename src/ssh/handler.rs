@@ -9,10 +9,18 @@
 //! disconnected with the reason. This is the only way the reason reaches
 //! both OpenSSH and dropbear users (dbclient ignores disconnect messages).
 //! The audit log records the denial at authentication time.
+//!
+//! ## Live decisions
+//! A connection holds the caller's WireGuard key, not a copy of its
+//! identity: every new channel is judged on the identity and policy in force
+//! now, and a watcher task re-judges the login whenever either changes (see
+//! [`watch_live`]). Open sessions and forwards follow the connection's
+//! [`Live`] state: a revocation ends them with a message, a new
+//! `max_duration` moves their deadline.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, Pty, Sig};
+use tokio::sync::watch;
 
 use super::account::{self, Account, LoginEnv};
 use super::audit::{AuditEvent, EventKind};
@@ -28,7 +37,7 @@ use super::process::{self, PtyParams, SpawnSpec};
 use super::recording::{CastHeader, Recorder};
 use super::session::{self, Control};
 use super::{SshServer, forward, new_id};
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityResolver};
 use crate::policy::{Action, SshDecision};
 
 /// Session channels one connection may have open at once.
@@ -40,18 +49,83 @@ const MAX_FORWARDS: usize = 64;
 /// How long a denied login may stay connected without opening a session.
 const DENIED_LINGER: Duration = Duration::from_secs(5);
 
+/// How long revoked sessions get to show their message before the
+/// connection is dropped.
+const REVOKE_GRACE: Duration = Duration::from_secs(1);
+
+/// What every open session and forward of a connection follows.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Live {
+    /// Set once the login no longer holds: the line shown to the client.
+    pub revoked: Option<String>,
+    /// The connection's time limit (login time + `max_duration` of the
+    /// decision in force), and that duration.
+    pub deadline: Option<(Instant, Duration)>,
+}
+
 /// Per-connection facts shared with session and forward tasks.
 pub(crate) struct ConnCtx {
     pub server: Arc<SshServer>,
     pub conn_id: String,
-    pub caller: Identity,
-    pub target: Identity,
+    peer_key: [u8; 32],
+    resolver: Arc<dyn IdentityResolver>,
+    /// (caller, target) as last resolved: what audit lines name.
+    seen: Mutex<(Identity, Identity)>,
+    pub live: watch::Sender<Live>,
 }
 
 impl ConnCtx {
-    fn event(&self, kind: EventKind) -> AuditEvent {
-        AuditEvent::new(kind, &self.conn_id, &self.caller, &self.target, SystemTime::now())
+    pub(crate) fn event(&self, kind: EventKind) -> AuditEvent {
+        let (caller, target) = self.seen();
+        AuditEvent::new(kind, &self.conn_id, &caller, &target, SystemTime::now())
     }
+
+    pub(crate) fn seen(&self) -> (Identity, Identity) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The caller and this node as they are now; `None` once the caller's
+    /// key has left the tailnet.
+    fn refresh(&self) -> Option<(Identity, Identity)> {
+        let caller = self.resolver.resolve(&self.peer_key)?;
+        let target = (self.server.cfg.self_identity)();
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (caller.clone(), target.clone());
+        Some((caller, target))
+    }
+
+    /// Is the login as `acct` accepted by the current identity and policy?
+    fn judge(&self, login: &str, acct: &Account) -> Judged {
+        if let Some(msg) = self.live.borrow().revoked.clone() {
+            return Judged::No(msg, None);
+        }
+        let Some((caller, target)) = self.refresh() else {
+            return Judged::No("tailgate: access denied: your node is no longer on this tailnet".into(), None);
+        };
+        let policy = self.server.cfg.policy.current();
+        let d = if acct.uid == 0 { policy.check_ssh_superuser(&caller, &target, login) } else { policy.check_ssh(&caller, &target, login) };
+        if d.action == Action::Accept { Judged::Yes(d) } else { Judged::No(deny_message(&d), Some(d)) }
+    }
+
+    /// May this connection (still) forward to `port` on this node?
+    pub(crate) fn forward_allowed(&self, port: u16) -> Result<(), String> {
+        if self.live.borrow().revoked.is_some() {
+            return Err("login revoked".into());
+        }
+        let Some((caller, target)) = self.refresh() else {
+            return Err("the caller's node is no longer on this tailnet".into());
+        };
+        if self.server.cfg.policy.current().check_network(&caller, &target, port) {
+            Ok(())
+        } else {
+            Err(format!("network policy does not allow port {port}"))
+        }
+    }
+}
+
+enum Judged {
+    Yes(SshDecision),
+    /// The line shown to the user, and the decision if the policy made one.
+    No(String, Option<SshDecision>),
 }
 
 enum Verdict {
@@ -64,14 +138,12 @@ struct Login {
     user: String,
     verdict: Verdict,
     at: Instant,
-    max_duration: Option<Duration>,
 }
 
-impl Login {
-    fn deadline(&self) -> Option<(Instant, Duration)> {
-        // A limit too large to represent is no limit.
-        self.max_duration.and_then(|d| Some((self.at.checked_add(d)?, d)))
-    }
+/// The connection deadline for a decision's `max_duration`, counted from the login.
+fn deadline(at: Instant, max_duration: Option<Duration>) -> Option<(Instant, Duration)> {
+    // A limit too large to represent is no limit.
+    max_duration.and_then(|d| Some((at.checked_add(d)?, d)))
 }
 
 struct SessionChan {
@@ -163,9 +235,16 @@ fn unprivileged_denial(euid: u32, acct: &Account, me: &str, node: &str) -> Optio
 }
 
 impl Conn {
-    pub(crate) fn new(server: Arc<SshServer>, caller: Identity, target: Identity) -> Self {
+    pub(crate) fn new(
+        server: Arc<SshServer>,
+        peer_key: [u8; 32],
+        resolver: Arc<dyn IdentityResolver>,
+        caller: Identity,
+        target: Identity,
+    ) -> Self {
+        let seen = Mutex::new((caller, target));
         Conn {
-            ctx: Arc::new(ConnCtx { server, conn_id: new_id(), caller, target }),
+            ctx: Arc::new(ConnCtx { server, conn_id: new_id(), peer_key, resolver, seen, live: watch::Sender::new(Live::default()) }),
             login: None,
             sessions: HashMap::new(),
             timers: Vec::new(),
@@ -182,21 +261,19 @@ impl Conn {
         self.authenticated.clone()
     }
 
-    fn decide(&self, login: &str) -> SshDecision {
-        self.ctx.server.cfg.policy.current().check_ssh(&self.ctx.caller, &self.ctx.target, login)
-    }
-
     /// The answer to every authentication method: the identity decides.
     async fn authenticate(&mut self, user: &str) -> Result<Auth, russh::Error> {
         if self.login.as_ref().is_some_and(|l| l.user == user) {
             return Ok(Auth::Accept);
         }
-        let decision = self.decide(user);
-        let verdict = match decision.action {
-            Action::Accept => self.local_account(user).await,
-            _ => Verdict::Deny(deny_message(&decision)),
-        };
-        let mut ev = self.ctx.event(EventKind::Auth).decision(user, &decision);
+        let at = Instant::now();
+        let (verdict, decision) = self.admit(user).await;
+        let mut ev = self.ctx.event(EventKind::Auth);
+        match &decision {
+            Some(d) => ev = ev.decision(user, d),
+            // Refused before the policy ran; the name may be anything the client sent.
+            None => ev.login = Some(user.chars().take(64).collect()),
+        }
         match &verdict {
             Verdict::Admit(_) => ev.allowed = Some(true),
             Verdict::Deny(msg) => {
@@ -205,33 +282,48 @@ impl Conn {
             }
         }
         self.ctx.server.audit.write(&ev);
-        self.login = Some(Login { user: user.to_string(), verdict, at: Instant::now(), max_duration: decision.max_duration });
+        let limit = match (&verdict, &decision) {
+            (Verdict::Admit(_), Some(d)) => deadline(at, d.max_duration),
+            _ => None,
+        };
+        self.ctx.live.send_modify(|l| l.deadline = limit);
+        self.login = Some(Login { user: user.to_string(), verdict, at });
         Ok(Auth::Accept)
     }
 
-    /// The policy said yes; can this node actually log the caller in as `user`?
-    async fn local_account(&self, user: &str) -> Verdict {
+    /// The login name is resolved to its local account first, so that the
+    /// policy judges the account (uid 0 is root under any name).
+    async fn admit(&self, user: &str) -> (Verdict, Option<SshDecision>) {
+        let node = self.ctx.seen().1.node_name;
+        if !account::valid_login_name(user) {
+            let shown: String = user.chars().take(64).collect();
+            return (
+                Verdict::Deny(format!(
+                    "tailgate: access denied: {shown:?} is not a valid login name (lower-case letters, digits, '_', '.', '-'; \
+                     starting with a letter or '_'; at most 32 characters)"
+                )),
+                None,
+            );
+        }
         let name = user.to_string();
         // getpwnam may consult NSS (LDAP, sssd): keep it off the async workers.
-        let looked_up = tokio::task::spawn_blocking(move || account::lookup(&name)).await;
-        let node = &self.ctx.target.node_name;
-        let acct = match looked_up {
+        let acct = match tokio::task::spawn_blocking(move || account::lookup(&name)).await {
             Ok(Ok(Some(a))) => a,
-            Ok(Ok(None)) => {
-                return Verdict::Deny(format!("tailgate: access denied: there is no user {user:?} on {node}"));
-            }
+            Ok(Ok(None)) => return (Verdict::Deny(format!("tailgate: access denied: there is no user {user:?} on {node}")), None),
             Ok(Err(e)) => {
-                return Verdict::Deny(format!("tailgate: access denied: cannot look up user {user:?} on {node}: {e}"));
+                return (Verdict::Deny(format!("tailgate: access denied: cannot look up user {user:?} on {node}: {e}")), None);
             }
-            Err(_) => {
-                return Verdict::Deny("tailgate: access denied: internal error looking up the user".into());
-            }
+            Err(_) => return (Verdict::Deny("tailgate: access denied: internal error looking up the user".into()), None),
+        };
+        let decision = match self.ctx.judge(user, &acct) {
+            Judged::Yes(d) => d,
+            Judged::No(msg, d) => return (Verdict::Deny(msg), d),
         };
         let euid = nix::unistd::geteuid().as_raw();
         let me = if euid == 0 { String::new() } else { account::current_user_name().unwrap_or_else(|| format!("uid {euid}")) };
-        match unprivileged_denial(euid, &acct, &me, node) {
-            Some(msg) => Verdict::Deny(msg),
-            None => Verdict::Admit(acct),
+        match unprivileged_denial(euid, &acct, &me, &node) {
+            Some(msg) => (Verdict::Deny(msg), Some(decision)),
+            None => (Verdict::Admit(acct), Some(decision)),
         }
     }
 
@@ -266,14 +358,21 @@ impl Conn {
         ev.command = req.command();
         ev.pty = Some(sc.pty.is_some());
 
-        // Re-ask the policy: it may have been replaced since the login.
+        // Judge on the identity and policy in force now, not at login.
         let admitted = match &login.verdict {
             Verdict::Deny(msg) => Err(msg.clone()),
             Verdict::Admit(acct) => {
-                let d = ctx.server.cfg.policy.current().check_ssh(&ctx.caller, &ctx.target, &login.user);
-                ev.rule = d.rule.clone();
-                ev.action = Some(d.action);
-                if d.action == Action::Accept { Ok((acct.clone(), d)) } else { Err(deny_message(&d)) }
+                let judged = ctx.judge(&login.user, acct);
+                let d = match &judged {
+                    Judged::Yes(d) | Judged::No(_, Some(d)) => Some(d),
+                    Judged::No(_, None) => None,
+                };
+                ev.rule = d.and_then(|d| d.rule.clone());
+                ev.action = d.map(|d| d.action);
+                match judged {
+                    Judged::Yes(d) => Ok((acct.clone(), d)),
+                    Judged::No(msg, _) => Err(msg),
+                }
             }
         };
         let (acct, decision) = match admitted {
@@ -294,8 +393,10 @@ impl Conn {
             Request::Exec(cmd) => {
                 (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), OsString::from_vec(cmd.to_vec())])
             }
+            // As sshd does: the subsystem command goes through the account's
+            // shell, so an account whose shell is nologin or false gets no sftp.
             Request::Subsystem("sftp") => match &ctx.server.sftp_server {
-                Some(p) => (p.clone(), OsString::from("sftp-server"), vec![]),
+                Some(p) => (acct.shell.clone(), base_name(&acct.shell), vec![OsString::from("-c"), sh_quote(p)]),
                 None => {
                     ev.reason = Some("no sftp-server binary on this node".into());
                     ctx.server.audit.write(&ev);
@@ -309,10 +410,11 @@ impl Conn {
             }
         };
 
+        let (caller, target) = ctx.seen();
         let env = account::login_env(&LoginEnv {
             account: &acct,
-            caller: &ctx.caller,
-            target: &ctx.target,
+            caller: &caller,
+            target: &target,
             term: sc.pty.as_ref().map(|p| p.term.as_str()),
             tty: None,
             client: &sc.env,
@@ -325,7 +427,7 @@ impl Conn {
             let (w, h) = sc.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
             let mut header = CastHeader::new(w, h, SystemTime::now());
             header.command = Some(req.command().unwrap_or_else(|| acct.shell.display().to_string()));
-            header.title = Some(format!("{}@{} as {} on {}", ctx.caller.who(), ctx.caller.node_name, login.user, ctx.target.node_name));
+            header.title = Some(format!("{}@{} as {} on {}", caller.who(), caller.node_name, login.user, target.node_name));
             if let Some(p) = &sc.pty {
                 header.env.insert("TERM".into(), p.term.clone());
             }
@@ -403,7 +505,7 @@ impl Conn {
                 channel,
                 writer,
                 handle: session.handle(),
-                deadline: login.deadline(),
+                live: ctx.live.subscribe(),
                 recorder,
                 started: Instant::now(),
             },
@@ -417,11 +519,93 @@ fn base_name(p: &Path) -> OsString {
     p.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| p.as_os_str().to_os_string())
 }
 
+/// `path` as one single-quoted shell word (the configured sftp-server path
+/// may contain spaces).
+fn sh_quote(path: &Path) -> OsString {
+    let mut out = vec![b'\''];
+    for &b in path.as_os_str().as_bytes() {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    OsString::from_vec(out)
+}
+
 /// `-bash`: the leading dash tells the shell it is a login shell.
 fn login_arg0(shell: &Path) -> OsString {
     let mut s = OsString::from("-");
     s.push(base_name(shell));
     s
+}
+
+/// Keeps an admitted login true to the identity and policy in force: judges
+/// it again on every change of either, moves the time limit when the
+/// deciding rule's `max_duration` changes, and on revocation tells every
+/// session and forward to end (they show the message), writes an audit line
+/// and drops the connection. Also ends the connection at its time limit.
+async fn watch_live(ctx: Arc<ConnCtx>, user: String, acct: Account, at: Instant, handle: russh::server::Handle) {
+    // Subscribed before the first judgement, so no change can slip in between.
+    let mut ids = Some(ctx.resolver.changes());
+    let mut policy = Some(ctx.server.cfg.policy.changes());
+    let mut first = true;
+    loop {
+        if !first {
+            let limit = ctx.live.borrow().deadline;
+            let expired = async {
+                match limit {
+                    Some((t, _)) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = changed(&mut ids) => if r.is_err() { ids = None },
+                r = changed(&mut policy) => if r.is_err() { policy = None },
+                _ = expired => {
+                    // Sessions end themselves at the limit and say so; this also
+                    // ends forwards and idle connections.
+                    tokio::time::sleep(REVOKE_GRACE).await;
+                    let d = limit.map(|(_, d)| d).unwrap_or_default();
+                    let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
+                    let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
+                    return;
+                }
+            }
+        }
+        first = false;
+        match ctx.judge(&user, &acct) {
+            Judged::Yes(d) => {
+                let limit = deadline(at, d.max_duration);
+                // Always notify: forwards re-check their port on every change.
+                ctx.live.send_modify(|l| l.deadline = limit);
+            }
+            Judged::No(msg, d) => {
+                let why = msg.strip_prefix("tailgate: access denied: ").unwrap_or_else(|| msg.trim_start_matches("tailgate: "));
+                let msg = format!("tailgate: access revoked (the policy or your identity changed): {why}");
+                let mut ev = ctx.event(EventKind::Revoked);
+                ev.login = Some(user.clone());
+                ev.rule = d.as_ref().and_then(|d| d.rule.clone());
+                ev.action = d.as_ref().map(|d| d.action);
+                ev.allowed = Some(false);
+                ev.reason = Some(msg.trim_start_matches("tailgate: ").to_string());
+                ctx.server.audit.write(&ev);
+                ctx.live.send_modify(|l| l.revoked = Some(msg.clone()));
+                tokio::time::sleep(REVOKE_GRACE).await;
+                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// `rx.changed()`, or never once the sender is gone.
+async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn report_denial(w: ChannelWriteHalf<Msg>, msg: String, pty: bool) {
@@ -479,16 +663,8 @@ impl russh::server::Handler for Conn {
                 tokio::time::sleep(DENIED_LINGER).await;
                 let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
             }));
-        } else if let Some((at, d)) = login.deadline() {
-            // Sessions end themselves at the deadline; this also ends forwards
-            // and idle connections.
-            self.timers.push(tokio::spawn(async move {
-                tokio::time::sleep_until(at.into()).await;
-                // Sessions end themselves at `at`; give them a moment to report.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let msg = format!("tailgate: session time limit ({}) reached", session::human_duration(d));
-                let _ = handle.disconnect(Disconnect::ByApplication, msg, "en".into()).await;
-            }));
+        } else if let Verdict::Admit(acct) = &login.verdict {
+            self.timers.push(tokio::spawn(watch_live(self.ctx.clone(), login.user.clone(), acct.clone(), login.at, handle)));
         }
         Ok(())
     }
@@ -523,25 +699,33 @@ impl russh::server::Handler for Conn {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
-        if let Verdict::Deny(_) = login.verdict {
-            self.refuse_forward("direct-tcpip", Some(dest_label), "login denied");
+        let acct = match &login.verdict {
+            Verdict::Deny(_) => {
+                self.refuse_forward("direct-tcpip", Some(dest_label), "login denied");
+                reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+                return Ok(());
+            }
+            Verdict::Admit(acct) => acct,
+        };
+        if let Judged::No(msg, _) = self.ctx.judge(&login.user, acct) {
+            self.refuse_forward("direct-tcpip", Some(dest_label), msg.trim_start_matches("tailgate: "));
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         }
-        let Some(dest) = forward::local_destination(host, port, self.ctx.target.ip) else {
+        let Some(dest) = forward::local_destination(host, port, self.ctx.seen().1.ip) else {
             self.refuse_forward("direct-tcpip", Some(dest_label), "only ports on this node can be forwarded");
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
-        let allowed = self.ctx.server.cfg.policy.current().check_network(&self.ctx.caller, &self.ctx.target, dest.port());
+        let allowed = self.ctx.forward_allowed(dest.port());
         let (ctx_clone, user) = (self.ctx.clone(), login.user.clone());
         let mut ev = self.ctx.event(EventKind::Forward);
         ev.login = Some(login.user.clone());
         ev.kind = Some("direct-tcpip".into());
         ev.dest = Some(dest_label);
-        ev.allowed = Some(allowed);
-        if !allowed {
-            ev.reason = Some(format!("network policy does not allow port {}", dest.port()));
+        ev.allowed = Some(allowed.is_ok());
+        if let Err(why) = allowed {
+            ev.reason = Some(why);
             self.ctx.server.audit.write(&ev);
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
@@ -554,10 +738,9 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         self.ctx.server.audit.write(&ev);
-        let deadline = login.deadline().map(|(at, _)| at);
         let slot = self.forwards.clone();
         tokio::spawn(async move {
-            forward::run(ctx_clone, user, channel, reply, dest, deadline).await;
+            forward::run(ctx_clone, user, channel, reply, dest).await;
             drop(slot);
         });
         Ok(())
@@ -656,11 +839,13 @@ impl russh::server::Handler for Conn {
         let Some(login) = &self.login else {
             return session.channel_failure(channel);
         };
-        let Verdict::Admit(_) = login.verdict else {
+        let Verdict::Admit(acct) = &login.verdict else {
             return session.channel_failure(channel);
         };
-        let ok =
-            account::env_name_acceptable(name) && value.len() <= 4096 && !value.contains('\0') && self.decide(&login.user).allows_env(name);
+        let ok = account::env_name_acceptable(name)
+            && value.len() <= 4096
+            && !value.contains('\0')
+            && matches!(self.ctx.judge(&login.user, acct), Judged::Yes(d) if d.allows_env(name));
         match self.sessions.get_mut(&channel) {
             Some(sc) if ok && !sc.started && sc.env.len() < MAX_ENV => {
                 sc.env.retain(|(k, _)| k != name);
@@ -780,5 +965,7 @@ mod tests {
     fn login_shell_argv0() {
         assert_eq!(login_arg0(Path::new("/bin/bash")), OsString::from("-bash"));
         assert_eq!(base_name(Path::new("/usr/bin/zsh")), OsString::from("zsh"));
+        assert_eq!(sh_quote(Path::new("/usr/lib/openssh/sftp-server")), OsString::from("'/usr/lib/openssh/sftp-server'"));
+        assert_eq!(sh_quote(Path::new("/opt/it's here/sftp")), OsString::from("'/opt/it'\\''s here/sftp'"));
     }
 }

@@ -1,10 +1,12 @@
 //! Embedded SSH server: admits callers by their tailnet identity and the policy.
 //!
 //! The server is handed already-accepted byte streams together with the
-//! verified [`Identity`] of the peer that carried them (the netstack resolves
-//! it from the WireGuard key). It never looks at IP addresses, passwords or
-//! `authorized_keys`: whatever authentication method the client offers, the
-//! answer is the policy decision for `(caller, this node, login user)`.
+//! WireGuard key of the peer that carried them and the live
+//! [`IdentityResolver`] that maps it to an [`Identity`]. It never looks at IP
+//! addresses, passwords or `authorized_keys`: whatever authentication method
+//! the client offers, the answer is the policy decision for `(caller, this
+//! node, login account)`, and it is judged again whenever the identity table
+//! or the policy changes.
 //!
 //! Layout:
 //! - [`handler`]: the russh `Handler` — authentication and channel dispatch.
@@ -34,7 +36,7 @@ use russh::MethodKind;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityResolver};
 use crate::policy::{Policy, SshDecision};
 
 pub use audit::AuditLog;
@@ -70,6 +72,8 @@ impl SshError {
 /// being compiled elsewhere).
 pub trait AccessPolicy: Send + Sync + 'static {
     fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision;
+    /// The decision for a login whose account has uid 0: root by another name.
+    fn check_ssh_superuser(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision;
     fn check_network(&self, src: &Identity, dst: &Identity, port: u16) -> bool;
     /// Could some SSH rule admit `caller` on `target` for some login?
     fn ssh_reachable(&self, caller: &Identity, target: &Identity) -> bool;
@@ -78,6 +82,9 @@ pub trait AccessPolicy: Send + Sync + 'static {
 impl AccessPolicy for Policy {
     fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
         Policy::check_ssh(self, caller, target, login)
+    }
+    fn check_ssh_superuser(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision {
+        Policy::check_ssh_superuser(self, caller, target, login)
     }
     fn check_network(&self, src: &Identity, dst: &Identity, port: u16) -> bool {
         Policy::check_network(self, src, dst, port)
@@ -196,14 +203,19 @@ impl SshServer {
         self.audit.path()
     }
 
-    /// Runs one SSH connection to completion. `caller` is the verified tailnet
-    /// identity of the peer; nothing the client says can change it.
-    pub async fn serve<S>(self: Arc<Self>, stream: S, caller: Identity)
+    /// Runs one SSH connection to completion. `peer_key` is the WireGuard key
+    /// that carried the stream; `resolver` says who that is, now and after
+    /// every change. Nothing the client says can change it. A key the
+    /// resolver does not know is dropped without a word.
+    pub async fn serve<S>(self: Arc<Self>, stream: S, peer_key: [u8; 32], resolver: Arc<dyn IdentityResolver>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Some(caller) = resolver.resolve(&peer_key) else {
+            return;
+        };
         let target = (self.cfg.self_identity)();
-        let conn = handler::Conn::new(self.clone(), caller, target);
+        let conn = handler::Conn::new(self.clone(), peer_key, resolver, caller, target);
         let conn_id = conn.conn_id().to_string();
         let authed = conn.authenticated_flag();
         // No inactivity timeout in russh (idle shells are fine), so bound the

@@ -18,7 +18,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use russh::server::{Handle, Msg};
@@ -26,8 +26,8 @@ use russh::{ChannelId, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::audit::{AuditEvent, EventKind};
-use super::handler::ConnCtx;
+use super::audit::EventKind;
+use super::handler::{ConnCtx, Live};
 use super::process::{self, ChildIo, PtyMaster, Spawned};
 use super::recording::Recorder;
 
@@ -128,6 +128,8 @@ pub enum Stop {
     TimeLimit(Duration),
     /// Client input piled up with nobody draining it (see module docs).
     Overflow,
+    /// The login no longer holds (policy or identity changed): the message shown.
+    Revoked(String),
 }
 
 /// What the handler keeps to steer a running session.
@@ -166,7 +168,8 @@ pub struct Running {
     pub channel: ChannelId,
     pub writer: ChannelWriteHalf<Msg>,
     pub handle: Handle,
-    pub deadline: Option<(Instant, Duration)>,
+    /// The connection's live state: revocation and the current time limit.
+    pub live: watch::Receiver<Live>,
     pub recorder: Option<Arc<Mutex<Recorder>>>,
     pub started: Instant,
 }
@@ -319,17 +322,28 @@ async fn supervise(
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
 ) {
-    let deadline = async {
-        match run.deadline {
-            Some((at, _)) => tokio::time::sleep_until(at.into()).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-
+    let mut live = run.live.clone();
+    let mut live_open = true;
     let mut stopped: Option<Stop> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
     let status = loop {
+        let (revoked, limit) = {
+            let l = live.borrow_and_update();
+            (l.revoked.clone(), l.deadline)
+        };
+        if let (Some(msg), None) = (revoked, &stopped) {
+            let _ = run.writer.extended_data_bytes(1, Bytes::from(format!("\r\n{msg}\r\n"))).await;
+            stopped = Some(Stop::Revoked(msg));
+            terminate(pgid);
+            kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+        }
+        // Re-armed every turn: a policy change may add, move or drop the limit.
+        let deadline = async {
+            match limit {
+                Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let kill_timer = async {
             match kill_at {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -349,8 +363,9 @@ async fn supervise(
                 terminate(pgid);
                 kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
             }
-            _ = &mut deadline, if stopped.is_none() => {
-                let limit = run.deadline.map(|(_, d)| d).unwrap_or_default();
+            r = live.changed(), if live_open && stopped.is_none() => live_open = r.is_ok(),
+            _ = deadline, if stopped.is_none() => {
+                let limit = limit.map(|(_, d)| d).unwrap_or_default();
                 let msg = format!("\r\ntailgate: session time limit ({}) reached, closing\r\n", human_duration(limit));
                 let _ = run.writer.extended_data_bytes(1, Bytes::from(msg)).await;
                 stopped = Some(Stop::TimeLimit(limit));
@@ -406,7 +421,7 @@ async fn supervise(
         r.finish();
         r.path().display().to_string()
     });
-    let mut ev = AuditEvent::new(EventKind::SessionEnd, &run.ctx.conn_id, &run.ctx.caller, &run.ctx.target, SystemTime::now());
+    let mut ev = run.ctx.event(EventKind::SessionEnd);
     ev.session = Some(run.session_id.clone());
     ev.login = Some(run.login.clone());
     ev.kind = Some(run.kind.to_string());
@@ -422,6 +437,7 @@ async fn supervise(
         Some(Stop::Closed) => Some("closed by client".into()),
         Some(Stop::TimeLimit(d)) => Some(format!("time limit {} reached", human_duration(d))),
         Some(Stop::Overflow) => Some("input overflow: the program stopped reading while its output was blocked".into()),
+        Some(Stop::Revoked(msg)) => Some(msg.trim_start_matches("tailgate: ").to_string()),
         None => None,
     };
     run.ctx.server.audit.write(&ev);

@@ -1,5 +1,6 @@
 //! Test harness for the embedded SSH server: the server runs in-process on a
-//! plain TCP listener (every connection is "alice on her laptop"), and stock
+//! plain TCP listener (every connection comes from alice's laptop key, which
+//! `TestServer::resolver` maps to an identity tests may change), and stock
 //! clients (`ssh`, `scp`, `sftp`, `dbclient`) are driven as subprocesses with
 //! a timeout on every wait.
 #![allow(dead_code)]
@@ -11,11 +12,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tailgate::identity::Identity;
+use tailgate::identity::{Identity, IdentityResolver, TableResolver};
 use tailgate::policy::Policy;
 use tailgate::ssh::{PolicyHandle, SshServer, SshServerConfig};
 
 pub const ALICE: &str = "alice@example.com";
+/// The WireGuard key every test connection arrives with.
+pub const ALICE_KEY: [u8; 32] = [0xa1; 32];
 
 pub fn alice() -> Identity {
     Identity {
@@ -49,6 +52,8 @@ pub struct TestServer {
     pub state: PathBuf,
     pub server: Arc<SshServer>,
     pub policy: PolicyHandle,
+    /// Who `ALICE_KEY` is, and who this node is; `replace` it to change identities live.
+    pub resolver: TableResolver,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -60,7 +65,11 @@ impl TestServer {
         let state = dir.path().join("state");
         let handle = PolicyHandle::new(policy);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cfg = SshServerConfig::new(state.clone(), handle.clone(), web1());
+        let resolver = TableResolver::new(web1(), [(ALICE_KEY, alice())]);
+        let mut cfg = SshServerConfig::new(state.clone(), handle.clone(), web1());
+        let me = resolver.clone();
+        cfg.self_identity = Arc::new(move || me.self_identity());
+        let shared: Arc<dyn IdentityResolver> = Arc::new(resolver.clone());
         let server = SshServer::new(cfg).unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -71,10 +80,10 @@ impl TestServer {
                     return;
                 };
                 let _ = s.set_nodelay(true);
-                tokio::spawn(srv.clone().serve(s, alice()));
+                tokio::spawn(srv.clone().serve(s, ALICE_KEY, shared.clone()));
             }
         });
-        TestServer { port, dir, state, server, policy: handle, rt: Some(rt) }
+        TestServer { port, dir, state, server, policy: handle, resolver, rt: Some(rt) }
     }
 
     pub fn ssh(&self, user: &str) -> Command {
@@ -234,4 +243,45 @@ pub fn write_file(p: &Path, data: &[u8]) {
 /// Events of a kind from the audit log.
 pub fn events<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
     log.iter().filter(|v| v["event"] == kind).collect()
+}
+
+/// A local account created for one test and removed when dropped (even when
+/// the test panics). Names are unique per process and call.
+pub struct TempUser {
+    pub name: String,
+    uid0: bool,
+}
+
+impl TempUser {
+    /// `useradd` with `shell` and extra arguments; `prefix` must be a short
+    /// lower-case word (`--badname` is passed, so odd prefixes work too).
+    pub fn create(prefix: &str, shell: &str, extra: &[&str]) -> TempUser {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
+        let uid0 = extra.windows(2).any(|w| w == ["-u", "0"]);
+        let _ = Command::new("userdel").args(["-f", &name]).stderr(Stdio::null()).status();
+        let mut c = Command::new("useradd");
+        c.args(["--badname", "-s", shell]).args(extra).arg(&name);
+        let st = c.status().expect("useradd");
+        assert!(st.success(), "useradd failed: {c:?}");
+        TempUser { name, uid0 }
+    }
+
+    /// An account with uid 0 under another name (like BSD's `toor`); no home
+    /// directory of its own, so removing it touches nothing of root's.
+    pub fn root_alias(prefix: &str) -> TempUser {
+        Self::create(prefix, "/bin/sh", &["-o", "-u", "0", "-g", "0", "-M", "-d", "/nonexistent"])
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        if !self.uid0 {
+            // Never for a uid-0 alias: that would be every root process.
+            let _ = Command::new("pkill").args(["-KILL", "-u", &self.name]).status();
+        }
+        let args: &[&str] = if self.uid0 { &["-f"] } else { &["-f", "-r"] };
+        let _ = Command::new("userdel").args(args).arg(&self.name).stderr(Stdio::null()).status();
+    }
 }
