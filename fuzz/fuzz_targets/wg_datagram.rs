@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::LazyLock;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +24,8 @@ const C: Key = [0x0c; 32];
 const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const C_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
+// Scalar multiplications dominate an execution; do these once.
+static PUB: LazyLock<[Key; 3]> = LazyLock::new(|| [public_key_of(&A), public_key_of(&B), public_key_of(&C)]);
 
 /// Input layout: `flags (u8: bit 0 = B handshakes first) | op*`, each op
 /// `kind (u8) | len (u16 BE) | body (len bytes, cut at the input's end)`,
@@ -70,9 +73,9 @@ fn parse_ops(mut d: &[u8]) -> Vec<Op<'_>> {
     ops
 }
 
-fn peer(key: &Key, ip: Ipv4Addr, port: u16) -> PeerConfig {
+fn peer(public_key: Key, ip: Ipv4Addr, port: u16) -> PeerConfig {
     PeerConfig {
-        public_key: public_key_of(key),
+        public_key,
         preshared_key: None,
         allowed_ips: vec![IpAddr::V4(ip).into()],
         endpoint: Some(SocketAddr::from((ip.octets(), port))),
@@ -121,7 +124,7 @@ impl Net {
 
     fn deliver_to_a(&mut self, from: SocketAddr, d: &[u8], tampered: bool) {
         self.last_to_a = Some(d.to_vec());
-        let b_key = public_key_of(&B);
+        let b_key = PUB[1];
         let sent = &self.sent_by_b;
         let queue = &mut self.queue;
         self.a.recv_datagram(from, d, &mut |o| match o {
@@ -136,7 +139,7 @@ impl Net {
     }
 
     fn deliver_to_b(&mut self, d: &[u8]) {
-        let a_key = public_key_of(&A);
+        let a_key = PUB[0];
         let queue = &mut self.queue;
         self.b.recv_datagram(A_ADDR, d, &mut |o| match o {
             Output::Network { data, .. } => queue.push_back((true, data.to_vec(), false)),
@@ -175,10 +178,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, ops)) = data.split_first() else { return };
     let now = Instant::now();
     let mut a = Wg::new(A, now);
-    a.add_peer(peer(&B, B_IP, 41641)).unwrap();
-    a.add_peer(peer(&C, C_IP, 41641)).unwrap();
+    a.add_peer(peer(PUB[1], B_IP, 41641)).unwrap();
+    a.add_peer(peer(PUB[2], C_IP, 41641)).unwrap();
     let mut b = Wg::new(B, now);
-    b.add_peer(peer(&A, A_IP, 41641)).unwrap();
+    b.add_peer(peer(PUB[0], A_IP, 41641)).unwrap();
     let mut net = Net { a, b, queue: VecDeque::new(), last_to_a: None, sent_by_b: Vec::new() };
     if flags & 1 == 1 {
         net.b_send(&ipv4(B_IP.octets(), A_IP, 17, b"hello"), 0, 0);
