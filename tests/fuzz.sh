@@ -44,9 +44,10 @@ for t in $(cargo +nightly fuzz list); do
     cov="$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)"
     printf '%-14s %12s %8s  %s\n' "$t" "${execs:-?}" "${cov:-?}" "$result"
     if [ "$result" != ok ]; then
-        # The panic message, the stack and libFuzzer's "Test unit written
-        # to fuzz/artifacts/..." line with the reproducer's path.
-        grep -v '^#[0-9]' "$log" | tail -n 60 | sed "s/^/  $t: /"
+        # What went wrong (panic message or sanitizer report) and where
+        # libFuzzer left the reproducer ("Test unit written to ...").
+        grep -E -A4 'panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)' "$log" | head -n 12 | sed "s/^/  $t: /"
+        grep -E 'Test unit written to|SUMMARY' "$log" | sed "s/^/  $t: /"
     fi
 done
 
