@@ -72,6 +72,8 @@ add("wg_datagram", "ipv4", b"\x01" + op(2, b"\x00" + bytes(4) + b"\x11" + udp) +
 add("wg_datagram", "spoofed", b"\x01" + op(2, b"\x01" + bytes([100, 64, 0, 3]) + b"\x11" + udp))
 add("wg_datagram", "tampered", b"\x01" + op(1, struct.pack(">HB", 20, 1) + bytes([0x45]) + bytes(19)))
 add("wg_datagram", "from-a", b"\x01" + op(3, bytes([0x45, 0, 0, 20]) + bytes(8) + bytes([100, 64, 0, 1, 100, 64, 0, 2])) + op(5))
+# Found by fuzzing: an IPv4 total length (1) shorter than the header.
+add("wg_datagram", "short-total-length", b"\x01" + op(1, struct.pack(">HB", 0, 0) + bytes([0x45, 0, 0, 1]) + bytes(8) + bytes([100, 64, 0, 2, 100, 64, 0, 1])))
 add("wg_datagram", "raw-init", b"\x00" + op(0, b"\x00" + b"\x01\x00\x00\x00" + bytes(144)))
 
 # policy: the shipped policies plus a tiny one
