@@ -68,9 +68,8 @@ fn seal_raw(nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&peer_pub);
     let aad_len = out.len();
     out.extend_from_slice(nonce);
-    let ct = XChaCha20Poly1305::new((&key).into())
-        .encrypt(XNonce::from_slice(nonce), Payload { msg: plaintext, aad: &out[..aad_len] })
-        .unwrap();
+    let ct =
+        XChaCha20Poly1305::new((&key).into()).encrypt(XNonce::from_slice(nonce), Payload { msg: plaintext, aad: &out[..aad_len] }).unwrap();
     out.extend_from_slice(&ct);
     out
 }

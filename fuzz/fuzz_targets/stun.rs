@@ -17,11 +17,7 @@ use tailgate::stun;
 fn parse(d: &[u8]) -> Option<(SocketAddr, &[u8])> {
     let v6 = d.first()? & 1 == 1;
     let n = if v6 { 16 } else { 4 };
-    let ip: IpAddr = if v6 {
-        <[u8; 16]>::try_from(d.get(1..17)?).ok()?.into()
-    } else {
-        <[u8; 4]>::try_from(d.get(1..5)?).ok()?.into()
-    };
+    let ip: IpAddr = if v6 { <[u8; 16]>::try_from(d.get(1..17)?).ok()?.into() } else { <[u8; 4]>::try_from(d.get(1..5)?).ok()?.into() };
     let port = u16::from_be_bytes(d.get(1 + n..3 + n)?.try_into().ok()?);
     Some((SocketAddr::new(ip, port), &d[3 + n..]))
 }

@@ -60,11 +60,7 @@ fn parse_ops(mut d: &[u8]) -> Vec<Op<'_>> {
         ops.push(match kind % 6 {
             0 => Op::Raw { relayed: byte(0) & 1 == 1, datagram: from(1) },
             1 => Op::Send { at: u16::from_be_bytes([byte(0), byte(1)]), xor: byte(2), packet: from(3) },
-            2 => Op::SendIpv4 {
-                spoof: (byte(0) & 1 == 1).then(|| [byte(1), byte(2), byte(3), byte(4)]),
-                proto: byte(5),
-                payload: from(6),
-            },
+            2 => Op::SendIpv4 { spoof: (byte(0) & 1 == 1).then(|| [byte(1), byte(2), byte(3), byte(4)]), proto: byte(5), payload: from(6) },
             3 => Op::FromA { packet: body },
             4 => Op::Replay,
             _ => Op::Timers,
