@@ -325,7 +325,7 @@ impl Wg {
 
     fn deliver(
         routes: &Routes,
-        _stats: &mut GlobalStats,
+        stats: &mut GlobalStats,
         peer: &mut Peer,
         id: PeerId,
         src: IpAddr,
@@ -336,6 +336,16 @@ impl Wg {
         peer.stats.rx_bytes += packet.len() as u64;
         if packet.is_empty() {
             return; // keepalive
+        }
+        // boringtun cuts the packet at the IPv4 total-length field even when
+        // that is shorter than the header it read `src` from: such a stub
+        // carries no source at all, so the check below would vouch for bytes
+        // the stack never sees (found by fuzz/wg_datagram).
+        let min_header = if src.is_ipv4() { 20 } else { 40 };
+        if packet.len() < min_header {
+            stats.invalid += 1;
+            tracing::debug!(peer = id, len = packet.len(), "dropping packet shorter than its IP header");
+            return;
         }
         if routes.lookup(src) != Some(id) {
             peer.stats.spoofed += 1;
@@ -613,6 +623,24 @@ mod tests {
         // b learned a's endpoint from the authenticated handshake (roaming).
         assert_eq!(b.peer_endpoint(0), Some(ea));
         assert_eq!(b.peer_stats(0).unwrap().rx_packets, 1);
+    }
+
+    #[test]
+    fn packet_shorter_than_its_ip_header_is_dropped() {
+        let (mut a, mut b, ea, eb) = pair();
+        // The crashing input of fuzz/wg_datagram: a valid source, but an
+        // IPv4 total length of 1, so boringtun delivered a 1-byte "packet".
+        let mut stub = ipv4([100, 64, 0, 1], [100, 64, 0, 2], b"");
+        stub[2..4].copy_from_slice(&1u16.to_be_bytes());
+        let mut sent = vec![];
+        a.send_ip(&stub, &mut |o| {
+            if let Output::Network { data, .. } = o {
+                sent.push(data.to_vec())
+            }
+        });
+        let (_, got_b) = run(&mut a, &mut b, ea, eb, sent);
+        assert!(got_b.is_empty(), "delivered {got_b:?}");
+        assert_eq!(b.stats().invalid, 1);
     }
 
     #[test]
