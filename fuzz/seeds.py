@@ -25,22 +25,22 @@ add("control_http", "101", "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgr
 # relay_frame: type | body
 k = bytes(range(32))
 add("relay_frame", "send", b"\x01" + k + b"\x04\x00\x00\x00wireguard")
-add("relay_frame", "recv", b"\x02" + k + b"TGDSC\x01")
+add("relay_frame", "recv", b"\x02" + k + b"TGDSC\x02")
 add("relay_frame", "keepalive", b"\x03")
 add("relay_frame", "accepted", b"\x04\x00\x1e")
 add("relay_frame", "closing", b"\x05replaced by a newer connection")
 add("relay_frame", "peer-gone", b"\x06" + k)
 
-# disco: mode | body (mode 0 raw datagram, 1 nonce|plaintext, 2 at|xor|plaintext)
+# disco: mode | body (mode 0 raw datagram, 1 nonce|counter|plaintext, 2 at|xor|plaintext)
 tx = bytes(range(12))
 ping = b"\x01" + tx
 pong4 = b"\x02" + tx + b"\x04" + bytes([203, 0, 113, 7]) + struct.pack(">H", 41641)
 pong6 = b"\x02" + tx + b"\x06" + bytes.fromhex("20010db8000000000000000000000007") + struct.pack(">H", 41641)
 cmm = b"\x03\x02" + b"\x04" + bytes([192, 0, 2, 1]) + struct.pack(">H", 1) + b"\x06" + bytes(16) + struct.pack(">H", 2)
-add("disco", "raw", b"\x00" + b"TGDSC\x01" + bytes(32) + bytes(24) + bytes(16) + ping)
-add("disco", "plain-ping", b"\x01" + bytes(24) + ping)
-add("disco", "plain-pong6", b"\x01" + bytes(24) + pong6)
-add("disco", "plain-cmm", b"\x01" + bytes(24) + cmm)
+add("disco", "raw", b"\x00" + b"TGDSC\x02" + bytes(32) + bytes(24) + bytes(16) + ping)
+add("disco", "plain-ping", b"\x01" + bytes(24) + struct.pack(">Q", 1) + ping)
+add("disco", "plain-pong6", b"\x01" + bytes(24) + struct.pack(">Q", 2) + pong6)
+add("disco", "plain-cmm", b"\x01" + bytes(24) + struct.pack(">Q", 3) + cmm)
 add("disco", "mutate-pong4", b"\x02" + struct.pack(">HB", 40, 0x80) + pong4)
 add("disco", "mutate-cmm", b"\x02" + struct.pack(">HB", 0, 0) + cmm)
 

@@ -227,4 +227,3 @@ fn forward_ends_when_its_port_is_revoked() {
     assert_eq!(echo_once(&mut connect_retrying(local)), "");
     assert!(s.audit().iter().all(|v| v["event"] != "revoked"));
 }
-

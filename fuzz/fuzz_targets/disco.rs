@@ -5,7 +5,7 @@
 //!   the real peer known and once with every sender "known" (reaches the
 //!   Diffie-Hellman with attacker-chosen, possibly low-order, keys).
 //! - `Plain`: arbitrary plaintexts sealed by the real peer with a valid tag
-//!   (the post-decryption parser), sealed here from the documented wire
+//!   (the post-decryption parser: `counter (8) | message`), sealed here from the documented wire
 //!   format because `disco::seal` only takes a well-formed `Message`.
 //! - `Mutate`: a real `seal`ed message with one byte flipped.
 //!
@@ -59,7 +59,7 @@ fn seal_raw(nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
     let (ours_pub, peer_pub) = (*OURS_PUB, *PEER_PUB);
     let shared = x25519_dalek::StaticSecret::from(PEER).diffie_hellman(&x25519_dalek::PublicKey::from(ours_pub));
     let mut h = Blake2s256::new();
-    h.update(b"tailgate-disco/1");
+    h.update(b"tailgate-disco/2");
     h.update(shared.as_bytes());
     h.update(peer_pub);
     h.update(ours_pub);
@@ -74,14 +74,12 @@ fn seal_raw(nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
     out
 }
 
-fn open(d: &[u8], any_sender: bool) -> Option<(Key, Message)> {
+fn open(d: &[u8], any_sender: bool) -> Option<(Key, u64, Message)> {
     let peer_pub = *PEER_PUB;
-    let r = disco::open(&OURS, d, |k| any_sender || *k == peer_pub);
-    if let Some((k, _)) = &r {
-        assert_ne!(*k, *OURS_PUB, "opened a datagram claiming our own key");
-        assert!(any_sender || *k == peer_pub, "opened a datagram from an unknown sender");
-    }
-    r
+    let r = disco::open(&OURS, d, |k| any_sender || *k == peer_pub)?;
+    assert_ne!(r.sender, *OURS_PUB, "opened a datagram claiming our own key");
+    assert!(any_sender || r.sender == peer_pub, "opened a datagram from an unknown sender");
+    Some((r.sender, r.counter, r.msg))
 }
 
 fn check_decode(plain: &[u8]) -> Option<Message> {
@@ -106,14 +104,16 @@ fuzz_target!(|data: &[u8]| {
         }
         Input::Plain { nonce, plaintext } => {
             let d = seal_raw(&nonce, plaintext);
-            let decoded = check_decode(plaintext);
-            let opened = open(&d, false).map(|(_, m)| m);
+            // The sealed plaintext is `counter (u64 BE) | message`.
+            let decoded = plaintext.get(8..).and_then(check_decode);
+            let opened = open(&d, false).map(|(_, _, m)| m);
             assert_eq!(opened, decoded, "open disagrees with decode of the same plaintext");
         }
         Input::Mutate { msg, at, xor } => {
-            let mut d = disco::seal(&PEER, &OURS_PUB, &msg);
+            let counter = u64::from(at) << 8 | u64::from(xor);
+            let mut d = disco::seal(&PEER, &OURS_PUB, counter, &msg);
             assert!(d.len() > HEADER_LEN);
-            assert_eq!(open(&d, false), Some((*PEER_PUB, msg)), "seal/open does not round-trip");
+            assert_eq!(open(&d, false), Some((*PEER_PUB, counter, msg)), "seal/open does not round-trip");
             let i = at as usize % d.len();
             if xor != 0 {
                 d[i] ^= xor;
