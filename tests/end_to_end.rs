@@ -59,64 +59,23 @@ dst = "tag:prod"
 deny = ["root"]
 "#;
 
-struct World {
-    ctl: Netns,
-    vps: Netns,
-    laptop: Netns,
-    _hub: Netns,
-    dir: tempfile::TempDir,
-}
-
-impl World {
-    fn d(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-    fn admin(&self, args: &str) -> String {
-        self.ctl.exec(&format!("{TAILGATE} control --state-dir {}/ctl {args}", self.d()))
-    }
-    fn start_control(&self, n: u32) -> Proc {
-        let mut p = self.ctl.spawn(
-            &format!("{TAILGATE} control --state-dir {0}/ctl --listen 10.96.0.1:8443 --policy {0}/policy.toml", self.d()),
-            &self.dir.path().join(format!("ctl{n}.log")),
-        );
-        p.wait_log("listening on", 15);
-        p
-    }
-    fn start_vps(&self, n: u32, authkey: Option<&str>) -> Proc {
-        let key = authkey.map(|k| format!("--authkey {k}")).unwrap_or_default();
-        let mut p = self.vps.spawn(
-            &format!("env RUST_LOG=tailgate=info {TAILGATE} up {key} --state-dir {}/vps --hostname vps", self.d()),
-            &self.dir.path().join(format!("vps{n}.log")),
-        );
-        p.wait_log("tailgate: up at", 15);
-        p
-    }
-    fn laptop_run(&self, cmd: &str, secs: u64) -> (i32, String, String) {
-        self.laptop.run(&format!("export TAILGATE_STATE_DIR={}/laptop; {cmd}", self.d()), secs)
-    }
-}
-
 #[test]
 fn control_vps_laptop_end_to_end() {
     if !require(&["ssh", "scp", "sftp", "rsync"]) {
         return;
     }
-    let ctl = Netns::new("e2c");
-    let vps = Netns::new("e2v");
-    let laptop = Netns::new("e2l");
-    let hub = lan(&[&ctl, &vps, &laptop], &["10.96.0.1", "10.96.0.2", "10.96.0.3"]);
-    let w = World { ctl, vps, laptop, _hub: hub, dir: tempdir() };
+    let w = ControlLab::new("e2", "10.96.0");
     let d = w.d();
     std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
     std::fs::write(format!("{d}/revoked.toml"), REVOKED).unwrap();
 
-    let mut control = w.start_control(1);
+    let mut control = w.start_control(&format!("{d}/policy.toml"), 1);
     w.admin("users add alice");
-    let server_key = w.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
-    let laptop_key = w.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
+    let server_key = w.authkey("--tag tag:prod");
+    let laptop_key = w.authkey("--user alice");
     assert!(server_key.starts_with("tg1-"), "{server_key}");
 
-    let mut vps_proc = w.start_vps(1, Some(&server_key));
+    let mut vps_proc = w.start_node(&w.vps, "vps", &format!("--authkey {server_key}"), 1);
     let mut laptop_proc = w.laptop.spawn(
         &format!("env RUST_LOG=tailgate=info {TAILGATE} up --authkey {laptop_key} --state-dir {d}/laptop --hostname laptop --no-ssh"),
         &w.dir.path().join("laptop.log"),
@@ -127,7 +86,7 @@ fn control_vps_laptop_end_to_end() {
     let mut r = (0, String::new(), String::new());
     assert!(
         eventually(20, || {
-            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps id -u"), 20);
+            r = w.on_laptop(&format!("{TAILGATE} ssh root@vps id -u"), 20);
             r.0 == 0
         }),
         "tailgate ssh root@vps: {r:?}\nvps log:\n{}",
@@ -137,20 +96,20 @@ fn control_vps_laptop_end_to_end() {
     assert!(!r.2.contains("Permanently added"), "no trust-on-first-use: {}", r.2);
 
     // status lists the peer with its path.
-    let (_, out, _) = w.laptop_run(&format!("{TAILGATE} status"), 10);
+    let (_, out, _) = w.on_laptop(&format!("{TAILGATE} status"), 10);
     assert!(out.contains("vps") && out.contains("tag:prod") && out.contains("direct 10.96.0.2"), "{out}");
 
     // Plain ssh / scp / sftp / rsync through `tailgate ssh-config`.
-    w.laptop_run(&format!("{TAILGATE} ssh-config > {d}/ssh_config"), 10);
+    w.on_laptop(&format!("{TAILGATE} ssh-config > {d}/ssh_config"), 10);
     let ssh = format!("ssh -F {d}/ssh_config -o BatchMode=yes");
-    let (code, out, err) = w.laptop_run(&format!("{ssh} root@vps.tailnet.internal echo plain-ssh"), 20);
+    let (code, out, err) = w.on_laptop(&format!("{ssh} root@vps.tailnet.internal echo plain-ssh"), 20);
     assert_eq!((code, out.trim()), (0, "plain-ssh"), "{err}");
     must(&format!("head -c 2000000 /dev/urandom > {d}/blob"));
-    let (code, _, err) = w.laptop_run(&format!("scp -F {d}/ssh_config {d}/blob root@vps:{d}/blob.scp"), 30);
+    let (code, _, err) = w.on_laptop(&format!("scp -F {d}/ssh_config {d}/blob root@vps:{d}/blob.scp"), 30);
     assert_eq!(code, 0, "scp: {err}");
-    let (code, _, err) = w.laptop_run(&format!("rsync -a -e '{ssh}' {d}/blob root@vps:{d}/blob.rsync"), 30);
+    let (code, _, err) = w.on_laptop(&format!("rsync -a -e '{ssh}' {d}/blob root@vps:{d}/blob.rsync"), 30);
     assert_eq!(code, 0, "rsync: {err}");
-    let (code, out, err) = w.laptop_run(&format!("echo 'ls {d}' | sftp -F {d}/ssh_config -b - root@vps"), 20);
+    let (code, out, err) = w.on_laptop(&format!("echo 'ls {d}' | sftp -F {d}/ssh_config -b - root@vps"), 20);
     assert_eq!(code, 0, "sftp: {err}");
     assert!(out.contains("blob.scp") && out.contains("blob.rsync"), "{out}");
     let sums = must(&format!("sha256sum < {d}/blob; sha256sum < {d}/blob.scp; sha256sum < {d}/blob.rsync"));
@@ -158,7 +117,7 @@ fn control_vps_laptop_end_to_end() {
     assert!(sums[0] == sums[1] && sums[1] == sums[2], "{sums:?}");
 
     // A login the policy denies.
-    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh nobody@vps true"), 20);
+    let (code, _, err) = w.on_laptop(&format!("{TAILGATE} ssh nobody@vps true"), 20);
     assert_ne!(code, 0);
     assert!(err.contains("denied"), "{err}");
 
@@ -179,7 +138,7 @@ fn control_vps_laptop_end_to_end() {
         })
         .collect();
     std::fs::write(&kh, tampered).unwrap();
-    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    let (code, _, err) = w.on_laptop(&format!("{TAILGATE} ssh root@vps true"), 20);
     assert_ne!(code, 0, "a host key differing from the netmap must be refused");
     assert!(err.contains("Host key verification failed") || err.contains("IDENTIFICATION HAS CHANGED"), "{err}");
     std::fs::write(&kh, good).unwrap();
@@ -191,18 +150,18 @@ fn control_vps_laptop_end_to_end() {
     );
     std::thread::sleep(Duration::from_millis(1500));
     control.kill();
-    let (code, _, err) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    let (code, _, err) = w.on_laptop(&format!("{TAILGATE} ssh root@vps true"), 20);
     assert_eq!(code, 0, "login with control down: {err}");
     let mut long = long;
     long.wait_log("survived", 15);
 
     // Control back; a policy change revoking access applies at the next login.
-    let _control = w.start_control(2);
+    let _control = w.start_control(&format!("{d}/policy.toml"), 2);
     w.admin(&format!("policy set {d}/revoked.toml"));
     let mut r = (0, String::new(), String::new());
     assert!(
         eventually(20, || {
-            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+            r = w.on_laptop(&format!("{TAILGATE} ssh root@vps true"), 20);
             r.0 != 0 && r.2.contains("denied")
         }),
         "revoked access must be denied at the next login: {r:?}"
@@ -211,11 +170,11 @@ fn control_vps_laptop_end_to_end() {
 
     // vps restarts (new UDP port, same identity): laptop reconnects on its own.
     vps_proc.kill();
-    let _vps2 = w.start_vps(2, None);
+    let _vps2 = w.start_node(&w.vps, "vps", "", 2);
     let mut r = (0, String::new(), String::new());
     assert!(
         eventually(30, || {
-            r = w.laptop_run(&format!("{TAILGATE} ssh root@vps echo back"), 20);
+            r = w.on_laptop(&format!("{TAILGATE} ssh root@vps echo back"), 20);
             r.0 == 0
         }),
         "after vps restart: {r:?}\nlaptop log:\n{}",
@@ -242,6 +201,6 @@ fn control_vps_laptop_end_to_end() {
     assert!(eventually(10, vps_sees_laptop), "vps lists laptop before removal");
     w.admin("users remove alice");
     assert!(eventually(10, || !vps_sees_laptop()), "vps must drop alice's node");
-    let (code, _, _) = w.laptop_run(&format!("{TAILGATE} ssh root@vps true"), 20);
+    let (code, _, _) = w.on_laptop(&format!("{TAILGATE} ssh root@vps true"), 20);
     assert_ne!(code, 0, "a removed user's node can no longer log in");
 }

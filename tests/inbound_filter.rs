@@ -37,27 +37,13 @@ users = ["root"]
 action = "accept"
 "#;
 
-struct World {
-    ctl: Netns,
-    vps: Netns,
-    laptop: Netns,
-    _hub: Netns,
-    dir: tempfile::TempDir,
+/// What this test adds to the shared lab.
+trait FilterLab {
+    fn echo_9000(&self) -> (i32, String, String);
+    fn refused_json(&self, on: &Netns, state: &str, peer: &str) -> u64;
 }
 
-impl World {
-    fn d(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-    fn admin(&self, args: &str) -> String {
-        self.ctl.exec(&format!("{TAILGATE} control --state-dir {}/ctl {args}", self.d()))
-    }
-    fn on_laptop(&self, cmd: &str, secs: u64) -> (i32, String, String) {
-        self.laptop.run(&format!("export TAILGATE_STATE_DIR={}/laptop; {cmd}", self.d()), secs)
-    }
-    fn on_vps(&self, cmd: &str, secs: u64) -> (i32, String, String) {
-        self.vps.run(&format!("export TAILGATE_STATE_DIR={}/vps; {cmd}", self.d()), secs)
-    }
+impl FilterLab for ControlLab {
     /// One line through laptop -> vps:9000 (an echo service behind `--forward`).
     fn echo_9000(&self) -> (i32, String, String) {
         self.on_laptop(&format!("echo through-9000 | {TAILGATE} nc vps 9000"), 15)
@@ -74,42 +60,22 @@ fn control_mode_ports_follow_the_policy_live() {
     if !require(&["ssh", "socat"]) {
         return;
     }
-    let ctl = Netns::new("ifc");
-    let vps = Netns::new("ifv");
-    let laptop = Netns::new("ifl");
-    let hub = lan(&[&ctl, &vps, &laptop], &["10.93.0.1", "10.93.0.2", "10.93.0.3"]);
-    let w = World { ctl, vps, laptop, _hub: hub, dir: tempdir() };
+    let w = ControlLab::new("if", "10.93.0");
     let d = w.d();
     let ssh_only = write(w.dir.path(), "ssh_only.toml", SSH_ONLY);
     let with_acl = write(w.dir.path(), "with_acl.toml", WITH_ACL);
 
-    let mut control = w.ctl.spawn(
-        &format!("{TAILGATE} control --state-dir {d}/ctl --listen 10.93.0.1:8443 --policy {ssh_only}"),
-        &w.dir.path().join("ctl.log"),
-    );
-    control.wait_log("listening on", 15);
+    let _control = w.start_control(&ssh_only, 1);
     w.admin("users add alice");
-    let server_key = w.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
-    let laptop_key = w.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
+    let server_key = w.authkey("--tag tag:prod");
+    let laptop_key = w.authkey("--user alice");
 
     let _vps_svc = w.vps.spawn("socat TCP-LISTEN:9000,bind=127.0.0.1,fork,reuseaddr EXEC:cat", &w.dir.path().join("svc9000.log"));
     let _laptop_svc = w
         .laptop
         .spawn("socat TCP-LISTEN:9100,bind=127.0.0.1,fork,reuseaddr SYSTEM:'echo laptop-secret'", &w.dir.path().join("svc9100.log"));
-    let mut vps_proc = w.vps.spawn(
-        &format!(
-            "env RUST_LOG=tailgate=info {TAILGATE} up --authkey {server_key} --state-dir {d}/vps --hostname vps --forward 9000=127.0.0.1:9000"
-        ),
-        &w.dir.path().join("vps.log"),
-    );
-    vps_proc.wait_log("tailgate: up at", 15);
-    let mut laptop_proc = w.laptop.spawn(
-        &format!(
-            "env RUST_LOG=tailgate=info {TAILGATE} up --authkey {laptop_key} --state-dir {d}/laptop --hostname laptop --no-ssh --forward 9100=127.0.0.1:9100"
-        ),
-        &w.dir.path().join("laptop.log"),
-    );
-    laptop_proc.wait_log("tailgate: up at", 15);
+    let vps_proc = w.start_node(&w.vps, "vps", &format!("--authkey {server_key} --forward 9000=127.0.0.1:9000"), 1);
+    let _laptop_proc = w.start_node(&w.laptop, "laptop", &format!("--authkey {laptop_key} --no-ssh --forward 9100=127.0.0.1:9100"), 1);
 
     // SSH is granted by the [[ssh]] rule alone; the laptop's own outbound
     // connection passes its filter (the SYN-ACK is a reply).

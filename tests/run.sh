@@ -4,8 +4,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked
+
+# The tests log in as root through our SSH server, so root's shell startup
+# runs. Where root's .bashrc runs `pyenv init` (these machines), a session the
+# tests end inside pyenv-rehash's lock window (between taking the lock file
+# and arming its cleanup trap) strands the lock, and every later root login
+# waits 60 s for it. While the tests run, clear a lock that no pyenv process
+# holds any more.
+pyenv_lock="${PYENV_ROOT:-$HOME/.pyenv}/shims/.pyenv-shim"
+if [ -d "$(dirname "$pyenv_lock")" ]; then
+    (
+        while sleep 2; do
+            # Older than 3 s and no rehash running: nobody will remove it.
+            if [ -n "$(find "$pyenv_lock" ! -newermt '-3 seconds' 2>/dev/null)" ] && ! pgrep -f pyenv-rehash >/dev/null; then
+                rm -f "$pyenv_lock"
+            fi
+        done
+    ) &
+    watchdog=$!
+    trap 'kill $watchdog 2>/dev/null || true' EXIT
+fi
+
 # Namespace tests start many processes; two threads keep a 2-core box responsive.
 cargo test --release --locked -- --test-threads=2
 # Every network-facing parser under libFuzzer for a fixed budget (skipped,
 # with a message, without a nightly toolchain).
-exec ./tests/fuzz.sh "${FUZZ_SECONDS:-15}"
+./tests/fuzz.sh "${FUZZ_SECONDS:-15}"

@@ -382,7 +382,18 @@ async fn supervise(
     // The main process is gone. Whatever else it left in its process group
     // is hung up (killed outright if we are the ones ending the session).
     if stopped.is_some() {
-        process::signal_group(pgid, libc::SIGKILL);
+        // The rest of the group got HUP/TERM with the main process; give it
+        // the same grace to run its exit handlers before SIGKILL. Killing it
+        // at once stranded lock files mid-cleanup (a root .bashrc's `pyenv
+        // rehash` lock then hung every later root login for a minute).
+        if kill_at.is_some() {
+            tokio::spawn(async move {
+                tokio::time::sleep(KILL_GRACE).await;
+                process::signal_group(pgid, libc::SIGKILL);
+            });
+        } else {
+            process::signal_group(pgid, libc::SIGKILL);
+        }
     } else {
         process::signal_group(pgid, libc::SIGHUP);
     }

@@ -230,3 +230,65 @@ pub fn lan(nss: &[&Netns], ips: &[&str]) -> Netns {
     }
     hub
 }
+
+/// The control-mode lab: control, a "vps" and a "laptop", each its own
+/// namespace, on one LAN `NET.1` / `NET.2` / `NET.3`, with one scratch
+/// directory holding every state dir (`ctl`, `vps`, `laptop`) and log.
+pub struct ControlLab {
+    pub ctl: Netns,
+    pub vps: Netns,
+    pub laptop: Netns,
+    _hub: Netns,
+    pub dir: tempfile::TempDir,
+    net: String,
+}
+
+impl ControlLab {
+    /// `prefix`: two letters naming the namespaces; `net`: the first three
+    /// octets of the lab LAN, e.g. `10.96.0`.
+    pub fn new(prefix: &str, net: &str) -> ControlLab {
+        let ctl = Netns::new(&format!("{prefix}c"));
+        let vps = Netns::new(&format!("{prefix}v"));
+        let laptop = Netns::new(&format!("{prefix}l"));
+        let hub = lan(&[&ctl, &vps, &laptop], &[&format!("{net}.1"), &format!("{net}.2"), &format!("{net}.3")]);
+        ControlLab { ctl, vps, laptop, _hub: hub, dir: tempdir(), net: net.to_string() }
+    }
+    pub fn d(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+    /// `tailgate control ARGS` on the control server's state directory.
+    pub fn admin(&self, args: &str) -> String {
+        self.ctl.exec(&format!("{TAILGATE} control --state-dir {}/ctl {args}", self.d()))
+    }
+    /// A new auth key (`keys create ARGS`), the token alone.
+    pub fn authkey(&self, args: &str) -> String {
+        self.admin(&format!("keys create {args}")).lines().last().unwrap_or_default().trim().to_string()
+    }
+    /// Starts control on `NET.1:8443` with `--policy POLICY_FILE`; `n` numbers the log.
+    pub fn start_control(&self, policy_file: &str, n: u32) -> Proc {
+        let mut p = self.ctl.spawn(
+            &format!("{TAILGATE} control --state-dir {}/ctl --listen {}.1:8443 --policy {policy_file}", self.d(), self.net),
+            &self.dir.path().join(format!("ctl{n}.log")),
+        );
+        p.wait_log("listening on", 15);
+        p
+    }
+    /// Starts `tailgate up --state-dir DIR/NAME --hostname NAME ARGS` in `ns`
+    /// and waits until it is up; the log is `NAME{n}.log`.
+    pub fn start_node(&self, ns: &Netns, name: &str, args: &str, n: u32) -> Proc {
+        let mut p = ns.spawn(
+            &format!("env RUST_LOG=tailgate=info {TAILGATE} up --state-dir {0}/{name} --hostname {name} {args}", self.d()),
+            &self.dir.path().join(format!("{name}{n}.log")),
+        );
+        p.wait_log("tailgate: up at", 15);
+        p
+    }
+    /// A shell command on the laptop, with its state dir as the default.
+    pub fn on_laptop(&self, cmd: &str, secs: u64) -> (i32, String, String) {
+        self.laptop.run(&format!("export TAILGATE_STATE_DIR={}/laptop; {cmd}", self.d()), secs)
+    }
+    /// A shell command on the vps, with its state dir as the default.
+    pub fn on_vps(&self, cmd: &str, secs: u64) -> (i32, String, String) {
+        self.vps.run(&format!("export TAILGATE_STATE_DIR={}/vps; {cmd}", self.d()), secs)
+    }
+}
