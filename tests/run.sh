@@ -9,14 +9,14 @@ cargo build --release --locked
 # runs. Where root's .bashrc runs `pyenv init` (these machines), a session the
 # tests end inside pyenv-rehash's lock window (between taking the lock file
 # and arming its cleanup trap) strands the lock, and every later root login
-# waits 60 s for it. While the tests run, clear a lock that no pyenv process
-# holds any more.
+# waits 60 s for it. While the tests run, clear a lock older than 5 s (a
+# rehash takes well under a second; the waiters are pyenv-rehash processes
+# too, so "no rehash running" cannot tell a stale lock from a held one).
 pyenv_lock="${PYENV_ROOT:-$HOME/.pyenv}/shims/.pyenv-shim"
 if [ -d "$(dirname "$pyenv_lock")" ]; then
     (
-        while sleep 2; do
-            # Older than 3 s and no rehash running: nobody will remove it.
-            if [ -n "$(find "$pyenv_lock" ! -newermt '-3 seconds' 2>/dev/null)" ] && ! pgrep -f pyenv-rehash >/dev/null; then
+        while sleep 1; do
+            if [ -n "$(find "$pyenv_lock" ! -newermt '-5 seconds' 2>/dev/null)" ]; then
                 rm -f "$pyenv_lock"
             fi
         done
