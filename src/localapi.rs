@@ -337,7 +337,7 @@ where
                 rd.read_exact(&mut buf[..len]).await.map_err(vanished)?;
                 if tag == Frame::FAILED {
                     let _ = out.flush().await;
-                    return Err(Error::other(format!("the tailnet connection failed: {}", String::from_utf8_lossy(&buf[..len]))));
+                    return Err(Error::other(String::from_utf8_lossy(&buf[..len]).into_owned()));
                 }
                 out.write_all(&buf[..len]).await?;
             }
