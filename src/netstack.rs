@@ -602,6 +602,9 @@ pub struct TcpStream {
     remote: SocketAddr,
     peer: Key,
     closed: bool,
+    /// End of stream was reported; smoltcp forgets the FIN when TIME-WAIT
+    /// expires, and a later read must not turn into a timeout error.
+    eof: bool,
 }
 
 impl std::fmt::Debug for TcpStream {
@@ -612,7 +615,7 @@ impl std::fmt::Debug for TcpStream {
 
 impl TcpStream {
     pub(crate) fn new(shared: Arc<Shared>, handle: SocketHandle, local: SocketAddr, remote: SocketAddr, peer: Key) -> Self {
-        TcpStream { shared, handle, local, remote, peer, closed: false }
+        TcpStream { shared, handle, local, remote, peer, closed: false, eof: false }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -654,7 +657,10 @@ impl TcpStream {
 }
 
 impl AsyncRead for TcpStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.eof {
+            return Poll::Ready(Ok(()));
+        }
         let mut st = self.shared.lock();
         let s = st.socket(self.handle);
         if s.can_recv() {
@@ -673,10 +679,10 @@ impl AsyncRead for TcpStream {
         if !s.may_recv() {
             // A clean FIN is end of stream; a reset or timeout must not look
             // like one, or a cut transfer would pass for a complete one.
-            return Poll::Ready(match st.close_error(self.handle, self.local, self.remote) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            });
+            let error = st.close_error(self.handle, self.local, self.remote);
+            drop(st);
+            self.eof = error.is_none();
+            return Poll::Ready(error.map_or(Ok(()), Err));
         }
         s.register_recv_waker(cx.waker());
         Poll::Pending
