@@ -56,7 +56,8 @@ fn data() -> Vec<u8> {
 }
 
 /// Accept one connection and send `data()`, then FIN or (`reset`) RST.
-async fn serve_one(listener: &mut tailgate::netstack::TcpListener, reset: bool) {
+/// Returns the stream so it outlives the client.
+async fn serve_one(listener: &mut tailgate::netstack::TcpListener, reset: bool) -> TcpStream {
     let mut s: TcpStream = listener.accept().await.unwrap();
     let d = data();
     if reset {
@@ -66,34 +67,35 @@ async fn serve_one(listener: &mut tailgate::netstack::TcpListener, reset: bool) 
     } else {
         s.write_all(&d).await.unwrap();
         s.shutdown().await.unwrap();
-        // Keep the stream until the client has read everything.
-        let mut sink = Vec::new();
-        let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
     }
+    s
 }
 
 /// Run `tailgate nc ARGS` against a remote serving once; returns (status, stdout, stderr).
 async fn nc(remote: &mut Remote, args: &str, reset: bool) -> (Option<i32>, Vec<u8>, String) {
-    let child = tokio::process::Command::new("sh")
+    let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(format!("exec {TAILGATE} nc {args}"))
         .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // stdin stays open, as under ssh: the remote's end decides.
+    let stdin = child.stdin.take();
     let run = async {
-        let (out, ()) = tokio::join!(child.wait_with_output(), serve_one(&mut remote.listener, reset));
+        let (out, _stream) = tokio::join!(child.wait_with_output(), serve_one(&mut remote.listener, reset));
         out.unwrap()
     };
     let out = tokio::time::timeout(Duration::from_secs(60), run).await.expect("nc finished");
+    drop(stdin);
     (out.status.code(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn check(clean: (Option<i32>, Vec<u8>, String), cut: (Option<i32>, Vec<u8>, String)) {
-    assert_eq!(clean.0, Some(0), "a clean transfer exits 0: {}", clean.2);
+    assert_eq!(clean.0, Some(0), "a clean transfer exits 0 ({} bytes): {}", clean.1.len(), clean.2);
     assert!(clean.1 == data(), "a clean transfer delivers everything ({} of {LEN} bytes)", clean.1.len());
     assert_ne!(cut.0, Some(0), "a reset transfer must exit non-zero (got {} of {LEN} bytes)", cut.1.len());
     assert!(cut.2.contains("reset"), "the error names the reset: {}", cut.2);
