@@ -320,7 +320,8 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use std::io::{Error, ErrorKind};
-    let vanished = |_| Error::new(ErrorKind::UnexpectedEof, "the tailgate daemon closed the connection without saying how it ended (did it stop?)");
+    let vanished =
+        |_| Error::new(ErrorKind::UnexpectedEof, "the tailgate daemon closed the connection without saying how it ended (did it stop?)");
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         let tag = rd.read_u8().await.map_err(vanished)?;
