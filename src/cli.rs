@@ -430,12 +430,14 @@ fn format_status(st: &serde_json::Value) -> String {
     out
 }
 
-/// Copy stdin to `wr` and `rd` to stdout. The remote closing ends the
-/// session; our stdin closing only half-closes, as ssh expects of a proxy.
-async fn pipe_stdio<R, W>(mut rd: R, mut wr: W) -> Result<()>
+/// Copy stdin to `wr` and run `downstream` (the remote's bytes to stdout).
+/// The remote closing ends the session; our stdin closing only half-closes,
+/// as ssh expects of a proxy. A connection that was reset or timed out is an
+/// error, so the exit status tells a cut transfer from a complete one.
+async fn pipe_stdio<W, D>(downstream: D, mut wr: W) -> Result<()>
 where
-    R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
+    D: std::future::Future<Output = std::io::Result<()>>,
 {
     let upstream = async {
         let mut stdin = tokio::io::stdin();
@@ -449,18 +451,29 @@ where
             wr.write_all(&buf[..n]).await?;
         }
     };
-    let downstream = async {
-        let mut stdout = tokio::io::stdout();
-        tokio::io::copy(&mut rd, &mut stdout).await?;
-        stdout.flush().await?;
-        Ok::<_, std::io::Error>(())
-    };
     tokio::pin!(downstream);
     tokio::select! {
-        r = &mut downstream => r?,
-        r = upstream => { r?; downstream.await?; }
+        r = &mut downstream => r.context("tailnet connection")?,
+        r = upstream => {
+            if let Err(e) = r {
+                // The remote side usually knows better why sending failed
+                // (e.g. a reset); give it a moment to say so.
+                if let Ok(Err(down)) = tokio::time::timeout(std::time::Duration::from_secs(2), &mut downstream).await {
+                    return Err(anyhow::Error::new(down).context("tailnet connection"));
+                }
+                return Err(anyhow::Error::new(e).context("sending to the tailnet connection"));
+            }
+            downstream.await.context("tailnet connection")?;
+        }
     }
     Ok(())
+}
+
+/// The remote's bytes from `rd` to stdout.
+async fn to_stdout<R: tokio::io::AsyncRead + Unpin>(mut rd: R) -> std::io::Result<()> {
+    let mut stdout = tokio::io::stdout();
+    tokio::io::copy(&mut rd, &mut stdout).await?;
+    stdout.flush().await
 }
 
 async fn nc(args: NcArgs) -> Result<()> {
@@ -469,13 +482,17 @@ async fn nc(args: NcArgs) -> Result<()> {
         if !localapi::daemon_running(&state_dir) {
             return nc_oneshot(&state_dir, &args.host, args.port).await;
         }
-        let req = localapi::Request::Connect { host: args.host.clone(), port: args.port };
+        let req = localapi::Request::Connect { host: args.host.clone(), port: args.port, framed: true };
         let (answer, conn) = localapi::request(&state_dir, &req).await?;
         if !answer.ok {
             bail!("{}", answer.error.unwrap_or_else(|| "connect failed".into()));
         }
         let (rd, wr) = conn.into_split();
-        return pipe_stdio(rd, wr).await;
+        if !answer.framed {
+            // An older daemon: a reset looks like a clean end on its pipe.
+            return pipe_stdio(to_stdout(rd), wr).await;
+        }
+        return pipe_stdio(localapi::copy_framed(rd, tokio::io::stdout()), wr).await;
     };
     nc_static(wg_config, &args.host, args.port).await
 }
@@ -507,9 +524,9 @@ async fn dial_once(config: NodeConfig, remote: SocketAddr) -> Result<()> {
     let node = Node::start(config).await?;
     let stream = node.connect(remote).await?;
     let (rd, wr) = tokio::io::split(stream);
-    pipe_stdio(rd, wr).await?;
+    let piped = pipe_stdio(to_stdout(rd), wr).await;
     node.shutdown().await;
-    Ok(())
+    piped
 }
 
 async fn nc_static(wg_config: &Path, host: &str, port: u16) -> Result<()> {

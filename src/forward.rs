@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
+use crate::netstack::TcpStream;
 use crate::node::Node;
 
 pub fn parse_forward(s: &str) -> Result<(u16, String)> {
@@ -38,9 +39,9 @@ pub fn spawn_forward(node: &Node, port: u16, target: String) -> Result<()> {
             tokio::spawn(async move {
                 let from = stream.peer_addr();
                 match tokio::net::TcpStream::connect(&target).await {
-                    Ok(mut local) => {
+                    Ok(local) => {
                         let _ = local.set_nodelay(true);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut local).await {
+                        if let Err(e) = splice(stream, local).await {
                             tracing::debug!(%from, %target, error = %e, "forward ended");
                         }
                     }
@@ -61,13 +62,15 @@ pub async fn spawn_local_forward(node: Arc<Node>, local: SocketAddr, remote: Soc
     let listener = tokio::net::TcpListener::bind(local).await.with_context(|| format!("--local-forward: cannot listen on {local}"))?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, from)) = listener.accept().await else { continue };
+            let Ok((client, from)) = listener.accept().await else { continue };
             let _ = client.set_nodelay(true);
             let node = node.clone();
             tokio::spawn(async move {
                 match node.connect(remote).await {
-                    Ok(mut stream) => {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                    Ok(stream) => {
+                        if let Err(e) = splice(stream, client).await {
+                            tracing::debug!(%from, %remote, error = %e, "local forward ended");
+                        }
                     }
                     Err(e) => tracing::warn!(%from, %remote, error = %e, "local forward could not connect"),
                 }
@@ -75,4 +78,17 @@ pub async fn spawn_local_forward(node: Arc<Node>, local: SocketAddr, remote: Soc
         }
     });
     Ok(())
+}
+
+/// Copy both ways until both sides have closed. If either side fails (reset,
+/// timeout), both are reset: a local socket closed with a FIN would tell its
+/// client that a cut transfer was complete.
+async fn splice(mut tailnet: TcpStream, mut local: tokio::net::TcpStream) -> std::io::Result<()> {
+    let r = tokio::io::copy_bidirectional(&mut tailnet, &mut local).await;
+    if r.is_err() {
+        tailnet.abort();
+        // Closing with a zero linger sends a RST instead of a FIN.
+        let _ = local.set_zero_linger();
+    }
+    r.map(drop)
 }

@@ -1,8 +1,13 @@
 //! The daemon's local API: a unix socket (0600) in the state directory.
 //!
 //! One JSON line per request, one JSON line per answer. `connect` turns the
-//! socket into a raw byte pipe to a tailnet TCP connection after the answer,
+//! socket into a byte pipe to a tailnet TCP connection after the answer,
 //! which is what `tailgate nc` (and so `ssh` via ProxyCommand) rides on.
+//! Client to daemon is raw bytes (closing the write half sends a FIN). Daemon
+//! to client is framed when both ask for it (see [`Frame`]), so that a
+//! connection the peer reset or that timed out ends with an error the client
+//! can exit non-zero on, instead of an end of stream indistinguishable from a
+//! complete transfer.
 //! Access control is the file mode: whoever can open the socket can use the
 //! node's identity, exactly like whoever can read its private key.
 
@@ -29,8 +34,24 @@ pub enum Request {
     Connect {
         host: String,
         port: u16,
+        /// The client decodes [`Frame`]s; older clients get a raw pipe.
+        #[serde(default)]
+        framed: bool,
     },
 }
+
+/// Frame tags on the daemon-to-client side of a framed `connect` pipe.
+/// `D` + u32 big-endian length + that many bytes (at most [`MAX_FRAME`]);
+/// `E`: the peer closed cleanly (FIN); `X` + u32 length + UTF-8 reason: the
+/// connection failed. A pipe that ends without `E` or `X` means the daemon
+/// went away, which is a failure too.
+pub struct Frame;
+impl Frame {
+    pub const DATA: u8 = b'D';
+    pub const END: u8 = b'E';
+    pub const FAILED: u8 = b'X';
+}
+pub const MAX_FRAME: usize = 64 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Answer {
@@ -39,6 +60,19 @@ pub struct Answer {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// The pipe after this `connect` answer is framed (the daemon speaks it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub framed: bool,
+}
+
+impl Answer {
+    fn failed(error: String) -> Self {
+        Answer { ok: false, error: Some(error), status: None, framed: false }
+    }
+
+    fn status(status: serde_json::Value) -> Self {
+        Answer { ok: true, error: None, status: Some(status), framed: false }
+    }
 }
 
 /// What the local API serves from.
@@ -166,28 +200,149 @@ async fn handle(d: Daemon, mut conn: UnixStream) -> Result<()> {
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            return answer(&mut conn, &Answer { ok: false, error: Some(format!("bad request: {e}")), status: None }).await;
+            return answer(&mut conn, &Answer::failed(format!("bad request: {e}"))).await;
         }
     };
     match req {
-        Request::Status => answer(&mut conn, &Answer { ok: true, error: None, status: Some(d.status()) }).await,
+        Request::Status => answer(&mut conn, &Answer::status(d.status())).await,
         Request::Directory => {
             let dir = serde_json::to_value(d.directory())?;
-            answer(&mut conn, &Answer { ok: true, error: None, status: Some(dir) }).await
+            answer(&mut conn, &Answer::status(dir)).await
         }
-        Request::Connect { host, port } => {
+        Request::Connect { host, port, framed } => {
             let ip = match d.directory().resolve(&host) {
                 Ok(ip) => ip,
-                Err(e) => return answer(&mut conn, &Answer { ok: false, error: Some(e.to_string()), status: None }).await,
+                Err(e) => return answer(&mut conn, &Answer::failed(e.to_string())).await,
             };
             match d.node.connect(SocketAddr::new(ip, port)).await {
                 Ok(mut stream) => {
-                    answer(&mut conn, &Answer { ok: true, error: None, status: None }).await?;
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
-                    Ok(())
+                    answer(&mut conn, &Answer { ok: true, error: None, status: None, framed }).await?;
+                    if framed {
+                        pipe_framed(conn, stream).await
+                    } else {
+                        // An older client: it cannot be told about a failure
+                        // except by the pipe closing.
+                        if tokio::io::copy_bidirectional(&mut conn, &mut stream).await.is_err() {
+                            stream.abort();
+                        }
+                        Ok(())
+                    }
                 }
-                Err(e) => answer(&mut conn, &Answer { ok: false, error: Some(format!("{host}:{port}: {e}")), status: None }).await,
+                Err(e) => answer(&mut conn, &Answer::failed(format!("{host}:{port}: {e}"))).await,
             }
+        }
+    }
+}
+
+/// How a framed pipe's tailnet side ended.
+enum PipeEnd {
+    /// The peer sent FIN (downstream) or the client half-closed (upstream).
+    Clean,
+    /// The tailnet connection failed; the client is told why.
+    Failed(std::io::Error),
+    /// The local client went away; nobody is left to tell.
+    ClientGone,
+}
+
+/// Splice `conn` (framed towards it) and a tailnet stream until the peer
+/// closes, the connection fails or the client leaves.
+async fn pipe_framed(conn: UnixStream, stream: crate::netstack::TcpStream) -> Result<()> {
+    let (mut urd, mut uwr) = conn.into_split();
+    let (mut trd, mut twr) = tokio::io::split(stream);
+    let end = {
+        let down = async {
+            let mut buf = vec![0u8; MAX_FRAME];
+            loop {
+                let n = match trd.read(&mut buf).await {
+                    Ok(0) => return PipeEnd::Clean,
+                    Ok(n) => n,
+                    Err(e) => return PipeEnd::Failed(e),
+                };
+                let mut head = [Frame::DATA, 0, 0, 0, 0];
+                head[1..].copy_from_slice(&(n as u32).to_be_bytes());
+                if uwr.write_all(&head).await.is_err() || uwr.write_all(&buf[..n]).await.is_err() {
+                    return PipeEnd::ClientGone;
+                }
+            }
+        };
+        let up = async {
+            let mut buf = vec![0u8; MAX_FRAME];
+            loop {
+                let n = match urd.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(_) => return PipeEnd::ClientGone,
+                };
+                if let Err(e) = twr.write_all(&buf[..n]).await {
+                    return PipeEnd::Failed(e);
+                }
+            }
+            match twr.shutdown().await {
+                Ok(()) => PipeEnd::Clean,
+                Err(e) => PipeEnd::Failed(e),
+            }
+        };
+        tokio::pin!(down, up);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                end = &mut down => break end,
+                end = &mut up, if !up_done => match end {
+                    PipeEnd::Clean => up_done = true,
+                    other => break other,
+                },
+            }
+        }
+    };
+    let mut stream = trd.unsplit(twr);
+    match end {
+        PipeEnd::Clean => uwr.write_all(&[Frame::END]).await?,
+        PipeEnd::Failed(e) => {
+            stream.abort();
+            let why: String = e.to_string().chars().take(1024).collect();
+            let mut frame = vec![Frame::FAILED];
+            frame.extend_from_slice(&(why.len() as u32).to_be_bytes());
+            frame.extend_from_slice(why.as_bytes());
+            uwr.write_all(&frame).await?;
+            return Err(e.into());
+        }
+        PipeEnd::ClientGone => stream.abort(),
+    }
+    Ok(())
+}
+
+/// The client side of a framed pipe: copy the data frames to `out` until the
+/// daemon reports the end. A failure frame, or the daemon vanishing without
+/// one, is an error.
+pub async fn copy_framed<R, W>(mut rd: R, mut out: W) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use std::io::{Error, ErrorKind};
+    let vanished =
+        |_| Error::new(ErrorKind::UnexpectedEof, "the tailgate daemon closed the connection without saying how it ended (did it stop?)");
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let tag = rd.read_u8().await.map_err(vanished)?;
+        match tag {
+            Frame::END => {
+                out.flush().await?;
+                return Ok(());
+            }
+            Frame::DATA | Frame::FAILED => {
+                let len = rd.read_u32().await.map_err(vanished)? as usize;
+                if len > MAX_FRAME {
+                    return Err(Error::new(ErrorKind::InvalidData, "the daemon sent an oversized frame"));
+                }
+                rd.read_exact(&mut buf[..len]).await.map_err(vanished)?;
+                if tag == Frame::FAILED {
+                    let _ = out.flush().await;
+                    return Err(Error::other(String::from_utf8_lossy(&buf[..len]).into_owned()));
+                }
+                out.write_all(&buf[..len]).await?;
+            }
+            _ => return Err(Error::new(ErrorKind::InvalidData, format!("the daemon sent an unknown frame tag {tag:#04x}"))),
         }
     }
 }

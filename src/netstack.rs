@@ -8,9 +8,10 @@
 //! smoltcp sockets accept one connection each, so a listener keeps a pool of
 //! listening sockets and grows it when SYNs arrive (the accept backlog).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 
@@ -38,6 +39,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long a stream dropped without a clean close may linger before abort.
 const LINGER: Duration = Duration::from_secs(30);
+/// Local ports for outbound connections (IANA's dynamic range).
+const EPHEMERAL: RangeInclusive<u16> = 49152..=65535;
+/// Inbound RSTs remembered per poll to tell a reset from a timeout; more in
+/// one batch are only counted as timeouts in error messages.
+const MAX_PENDING_RSTS: usize = 256;
 
 struct VirtualDevice {
     rx: VecDeque<Vec<u8>>,
@@ -117,6 +123,21 @@ struct ConnState {
     dropped_at: Option<Instant>,
     /// Accepted from a listener (re-judged when the policy changes).
     inbound: bool,
+    /// The ephemeral port this outbound connection holds until reaped.
+    ephemeral_port: Option<u16>,
+    /// Why the connection ended abnormally, when the stack knows.
+    ended: Option<Ended>,
+}
+
+/// How a connection ended without a FIN. smoltcp only reports "closed", so
+/// the stack records the cause it saw; a socket that closed with no recorded
+/// cause ran into smoltcp's idle timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The peer sent a RST.
+    Reset,
+    /// This node aborted it (policy change, peer removed, stream aborted).
+    Aborted(&'static str),
 }
 
 pub struct Stack {
@@ -127,6 +148,12 @@ pub struct Stack {
     conns: HashMap<SocketHandle, ConnState>,
     epoch: Instant,
     next_port: u16,
+    ephemeral: RangeInclusive<u16>,
+    /// Ephemeral ports held by outbound connections, so connect does not
+    /// have to scan every socket.
+    ports_in_use: HashSet<u16>,
+    /// (local, remote) of RSTs pushed since the last poll.
+    pending_rsts: Vec<(SocketAddr, SocketAddr)>,
     /// Admission of new inbound connections; `None` admits everything
     /// (library use: the CLI always installs one).
     filter: Option<Filter>,
@@ -151,9 +178,19 @@ impl Stack {
             listeners: HashMap::new(),
             conns: HashMap::new(),
             epoch,
-            next_port: 49152 + (rand::random::<u16>() % 16000),
+            next_port: *EPHEMERAL.start() + rand::random::<u16>() % (EPHEMERAL.len() as u16),
+            ephemeral: EPHEMERAL,
+            ports_in_use: HashSet::new(),
+            pending_rsts: Vec::new(),
             filter: None,
         }
+    }
+
+    /// Narrow the ephemeral port range (tests exhaust a small one).
+    #[doc(hidden)]
+    pub fn set_ephemeral_range(&mut self, range: RangeInclusive<u16>) {
+        self.next_port = *range.start();
+        self.ephemeral = range;
     }
 
     /// Replace the node's addresses (a netmap assigned or changed them).
@@ -188,7 +225,7 @@ impl Stack {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.sockets {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
-                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()), inbound: true });
+                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()), inbound: true, ..Default::default() });
             }
         }
     }
@@ -196,31 +233,34 @@ impl Stack {
     /// Open a connection; the returned handle becomes usable once established.
     pub fn connect(&mut self, local_ip: IpAddr, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
         let mut s = Self::new_socket();
-        let port = self.alloc_port();
+        let port = self.alloc_port()?;
         let local = SocketAddr::new(local_ip, port);
         s.connect(self.iface.context(), IpEndpoint::from(remote), IpEndpoint::from(local))
             .map_err(|e| io::Error::other(format!("connect to {remote}: {e}")))?;
         let h = self.sockets.add(s);
-        self.conns.insert(h, ConnState::default());
+        self.ports_in_use.insert(port);
+        self.conns.insert(h, ConnState { ephemeral_port: Some(port), ..Default::default() });
         Ok((h, local))
     }
 
-    fn alloc_port(&mut self) -> u16 {
-        let in_use: std::collections::HashSet<u16> = self
-            .sockets
-            .iter()
-            .filter_map(|(_, s)| match s {
-                smoltcp::socket::Socket::Tcp(t) => t.local_endpoint().map(|e| e.port),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            })
-            .collect();
-        loop {
-            self.next_port = if self.next_port >= 65000 { 49152 } else { self.next_port + 1 };
-            if !in_use.contains(&self.next_port) && !self.listeners.contains_key(&self.next_port) {
-                return self.next_port;
+    /// The next free ephemeral port, trying each port of the range once.
+    fn alloc_port(&mut self) -> io::Result<u16> {
+        let (first, last) = (*self.ephemeral.start(), *self.ephemeral.end());
+        for _ in 0..self.ephemeral.len() {
+            self.next_port = if self.next_port >= last || self.next_port < first { first } else { self.next_port + 1 };
+            if !self.ports_in_use.contains(&self.next_port) && !self.listeners.contains_key(&self.next_port) {
+                return Ok(self.next_port);
             }
         }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "all {} local ports of the tailnet stack are held by open connections; close some \
+                 (or wait up to {}s for dropped ones to finish closing) and try again",
+                self.ephemeral.len(),
+                LINGER.as_secs()
+            ),
+        ))
     }
 
     /// Install (or remove) the inbound filter.
@@ -246,6 +286,11 @@ impl Stack {
     /// are not refused.
     pub fn push_inbound(&mut self, peer: &Key, packet: &[u8], now: Instant) {
         let kind = filter::classify(packet);
+        if self.pending_rsts.len() < MAX_PENDING_RSTS
+            && let Some(tuple) = rst_tuple(packet)
+        {
+            self.pending_rsts.push(tuple);
+        }
         if let Some(f) = self.filter.as_mut() {
             let listeners = &self.listeners;
             match f.check(peer, kind, || listeners.keys().copied().collect(), now) {
@@ -280,7 +325,15 @@ impl Stack {
     /// Run the stack. Returns newly established inbound connections.
     pub fn poll(&mut self, now: Instant, accepted: &mut Vec<Accepted>) {
         let ts = smol_now(self.epoch, now);
+        let resetting = self.open_conns_matching_rsts();
         self.iface.poll(ts, &mut self.device, &mut self.sockets);
+        for h in resetting {
+            if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed
+                && let Some(c) = self.conns.get_mut(&h)
+            {
+                c.ended.get_or_insert(Ended::Reset);
+            }
+        }
         for (port, l) in self.listeners.iter_mut() {
             l.syns_in_batch = 0;
             let mut i = 0;
@@ -293,7 +346,7 @@ impl Stack {
                         continue;
                     };
                     l.sockets.swap_remove(i);
-                    self.conns.insert(h, ConnState { dropped_at: None, inbound: true });
+                    self.conns.insert(h, ConnState { inbound: true, ..Default::default() });
                     accepted.push(Accepted { port: *port, handle: h, local: endpoint(local), remote: endpoint(remote) });
                 } else {
                     i += 1;
@@ -322,6 +375,59 @@ impl Stack {
         self.reap(now);
     }
 
+    /// Open connections that an RST pushed since the last poll is aimed at.
+    /// smoltcp forgets a socket's endpoints when a RST closes it, so they are
+    /// matched before the poll; an RST that smoltcp rejects (bad sequence
+    /// number) leaves the socket open and is ignored after the poll.
+    fn open_conns_matching_rsts(&mut self) -> Vec<SocketHandle> {
+        if self.pending_rsts.is_empty() {
+            return Vec::new();
+        }
+        let rsts: HashSet<(SocketAddr, SocketAddr)> = self.pending_rsts.drain(..).collect();
+        let mut hit = Vec::new();
+        for h in self.conns.keys() {
+            let s = self.sockets.get::<tcp::Socket>(*h);
+            if let (Some(l), Some(r)) = (s.local_endpoint(), s.remote_endpoint())
+                && rsts.contains(&(endpoint(l), endpoint(r)))
+            {
+                hit.push(*h);
+            }
+        }
+        hit
+    }
+
+    /// Abort a stream's socket, remembering why for its reader and writer.
+    fn abort_conn(&mut self, h: SocketHandle, why: &'static str) {
+        self.sockets.get_mut::<tcp::Socket>(h).abort();
+        if let Some(c) = self.conns.get_mut(&h) {
+            c.ended.get_or_insert(Ended::Aborted(why));
+        }
+    }
+
+    /// The error a read or write on a closed socket `h` should return, or
+    /// `None` if it ended cleanly (the peer's FIN was received).
+    fn close_error(&mut self, h: SocketHandle, local: SocketAddr, remote: SocketAddr) -> Option<io::Error> {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if s.state() != tcp::State::Closed {
+            return None;
+        }
+        let fin_received = matches!(s.recv(|_| (0, ())), Err(tcp::RecvError::Finished));
+        let ended = self.conns.get(&h).and_then(|c| c.ended);
+        Some(match ended {
+            Some(Ended::Reset) => io::Error::new(io::ErrorKind::ConnectionReset, format!("{remote} reset the connection")),
+            Some(Ended::Aborted(why)) => io::Error::new(io::ErrorKind::ConnectionAborted, format!("connection to {remote} aborted: {why}")),
+            None if fin_received => return None,
+            None if !self.iface.has_ip_addr(local.ip()) => io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("connection to {remote} aborted: this node no longer has the address {}", local.ip()),
+            ),
+            None => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connection to {remote} timed out: nothing heard for {}s (is the peer still up?)", IDLE_TIMEOUT.as_secs()),
+            ),
+        })
+    }
+
     /// Free sockets whose streams are gone and which have finished closing.
     fn reap(&mut self, now: Instant) {
         let mut gone = Vec::new();
@@ -335,7 +441,9 @@ impl Stack {
             }
         }
         for h in gone {
-            self.conns.remove(&h);
+            if let Some(port) = self.conns.remove(&h).and_then(|c| c.ephemeral_port) {
+                self.ports_in_use.remove(&port);
+            }
             self.sockets.remove(h);
         }
     }
@@ -361,12 +469,16 @@ impl Stack {
 
     /// Abort every connection from `remote_ip` (a peer was removed).
     pub fn abort_from(&mut self, remote_ip: IpAddr) {
-        for (_, s) in self.sockets.iter_mut() {
+        let mut hit = Vec::new();
+        for (h, s) in self.sockets.iter_mut() {
             if let smoltcp::socket::Socket::Tcp(t) = s
                 && t.remote_endpoint().map(|e| IpAddr::from(e.addr)) == Some(remote_ip)
             {
-                t.abort();
+                hit.push(h);
             }
+        }
+        for h in hit {
+            self.abort_conn(h, "the peer was removed from the tailnet");
         }
     }
 
@@ -395,7 +507,7 @@ impl Stack {
             };
             if let Err(why) = verdict {
                 tracing::warn!(remote = %endpoint(remote), port = local.port, "resetting a connection the policy no longer allows: {why}");
-                s.abort();
+                self.abort_conn(h, "the policy no longer allows it");
                 reset += 1;
             }
         }
@@ -439,6 +551,29 @@ fn set_addresses(iface: &mut Interface, addresses: &[IpAddr]) {
     }
 }
 
+/// (local, remote) of an inbound TCP RST, or `None` for anything else.
+fn rst_tuple(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let (src, dst, payload): (IpAddr, IpAddr, &[u8]) = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            (ip.src_addr().into(), ip.dst_addr().into(), &packet[ip.header_len() as usize..ip.total_len() as usize])
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (ip.src_addr().into(), ip.dst_addr().into(), &packet[ip.header_len()..ip.total_len()])
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    tcp.rst().then(|| (SocketAddr::new(dst, tcp.dst_port()), SocketAddr::new(src, tcp.src_port())))
+}
+
 fn endpoint(e: IpEndpoint) -> SocketAddr {
     SocketAddr::new(e.addr.into(), e.port)
 }
@@ -467,6 +602,9 @@ pub struct TcpStream {
     remote: SocketAddr,
     peer: Key,
     closed: bool,
+    /// End of stream was reported; smoltcp forgets the FIN when TIME-WAIT
+    /// expires, and a later read must not turn into a timeout error.
+    eof: bool,
 }
 
 impl std::fmt::Debug for TcpStream {
@@ -477,7 +615,7 @@ impl std::fmt::Debug for TcpStream {
 
 impl TcpStream {
     pub(crate) fn new(shared: Arc<Shared>, handle: SocketHandle, local: SocketAddr, remote: SocketAddr, peer: Key) -> Self {
-        TcpStream { shared, handle, local, remote, peer, closed: false }
+        TcpStream { shared, handle, local, remote, peer, closed: false, eof: false }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -512,14 +650,17 @@ impl TcpStream {
 
     /// Abort the connection with a RST.
     pub fn abort(&mut self) {
-        self.shared.lock().socket(self.handle).abort();
+        self.shared.lock().abort_conn(self.handle, "this side aborted it");
         self.closed = true;
         self.shared.wake.notify_one();
     }
 }
 
 impl AsyncRead for TcpStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.eof {
+            return Poll::Ready(Ok(()));
+        }
         let mut st = self.shared.lock();
         let s = st.socket(self.handle);
         if s.can_recv() {
@@ -536,11 +677,12 @@ impl AsyncRead for TcpStream {
             return Poll::Ready(Ok(()));
         }
         if !s.may_recv() {
-            if s.state() == tcp::State::Closed && !self.closed && s.remote_endpoint().is_none() {
-                // Closed without a FIN from the peer: reset or timed out.
-                return Poll::Ready(Ok(()));
-            }
-            return Poll::Ready(Ok(())); // EOF
+            // A clean FIN is end of stream; a reset or timeout must not look
+            // like one, or a cut transfer would pass for a complete one.
+            let error = st.close_error(self.handle, self.local, self.remote);
+            drop(st);
+            self.eof = error.is_none();
+            return Poll::Ready(error.map_or(Ok(()), Err));
         }
         s.register_recv_waker(cx.waker());
         Poll::Pending
@@ -552,7 +694,10 @@ impl AsyncWrite for TcpStream {
         let mut st = self.shared.lock();
         let s = st.socket(self.handle);
         if !s.may_send() {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection closed")));
+            let e = st.close_error(self.handle, self.local, self.remote);
+            return Poll::Ready(Err(e.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::BrokenPipe, format!("the connection to {} is closed for sending", self.remote))
+            })));
         }
         if s.can_send() {
             let n = s.send_slice(data).map_err(|e| io::Error::other(e.to_string()))?;
@@ -616,5 +761,154 @@ impl TcpListener {
 impl Drop for TcpListener {
     fn drop(&mut self) {
         self.shared.lock().unlisten(self.port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: [u8; 4] = [100, 64, 0, 1];
+    const B: [u8; 4] = [100, 64, 0, 2];
+
+    /// Two stacks joined by an in-memory wire that can be cut.
+    struct Wire {
+        a: Arc<Shared>,
+        b: Arc<Shared>,
+        now: Instant,
+        cut: bool,
+    }
+
+    impl Wire {
+        fn new() -> Self {
+            let now = Instant::now();
+            let a = Shared::new(Stack::new(&[IpAddr::from(A)], now));
+            let b = Shared::new(Stack::new(&[IpAddr::from(B)], now));
+            Wire { a, b, now, cut: false }
+        }
+
+        /// Move packets both ways until quiet; returns connections accepted by `b`.
+        fn pump(&mut self) -> Vec<Accepted> {
+            let mut accepted = Vec::new();
+            for _ in 0..20 {
+                let mut moved = 0;
+                for (from, to, key) in [(&self.a, &self.b, [1u8; 32]), (&self.b, &self.a, [2u8; 32])] {
+                    let mut out = Vec::new();
+                    {
+                        let mut st = from.lock();
+                        st.poll(self.now, &mut accepted);
+                        out.extend(st.take_outbound());
+                    }
+                    if self.cut {
+                        continue;
+                    }
+                    moved += out.len();
+                    let mut st = to.lock();
+                    for p in out {
+                        st.push_inbound(&key, &p, self.now);
+                    }
+                    st.poll(self.now, &mut accepted);
+                }
+                if moved == 0 {
+                    break;
+                }
+            }
+            accepted
+        }
+
+        /// A connected pair: (client on a, server on b).
+        fn connect(&mut self, port: u16) -> (TcpStream, TcpStream) {
+            self.b.lock().listen(port).ok();
+            let remote = SocketAddr::from((B, port));
+            let (h, local) = self.a.lock().connect(IpAddr::from(A), remote).unwrap();
+            let client = TcpStream::new(self.a.clone(), h, local, remote, [2; 32]);
+            let acc = self.pump().pop().expect("the server accepted");
+            let server = TcpStream::new(self.b.clone(), acc.handle, acc.local, acc.remote, [1; 32]);
+            (client, server)
+        }
+    }
+
+    fn read(s: &mut TcpStream) -> Poll<io::Result<Vec<u8>>> {
+        let mut buf = [0u8; 256];
+        let mut rb = ReadBuf::new(&mut buf);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(&mut *s).poll_read(&mut cx, &mut rb).map_ok(|()| rb.filled().to_vec())
+    }
+
+    fn write(s: &mut TcpStream, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(&mut *s).poll_write(&mut cx, data)
+    }
+
+    fn shutdown(s: &mut TcpStream) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut *s).poll_shutdown(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn fin_reads_as_end_of_stream() {
+        let mut w = Wire::new();
+        let (mut client, mut server) = w.connect(80);
+        assert!(matches!(write(&mut client, b"all of it"), Poll::Ready(Ok(9))));
+        shutdown(&mut client);
+        w.pump();
+        assert_eq!(read(&mut server).map(|r| r.unwrap()), Poll::Ready(b"all of it".to_vec()));
+        assert_eq!(read(&mut server).map(|r| r.unwrap()), Poll::Ready(Vec::new()));
+    }
+
+    #[test]
+    fn rst_reads_and_writes_as_connection_reset_after_the_data() {
+        let mut w = Wire::new();
+        let (mut client, mut server) = w.connect(80);
+        assert!(matches!(write(&mut server, b"partial"), Poll::Ready(Ok(7))));
+        w.pump();
+        server.abort();
+        w.pump();
+        // Data that arrived before the reset is still delivered, then the error.
+        assert_eq!(read(&mut client).map(|r| r.unwrap()), Poll::Ready(b"partial".to_vec()));
+        let Poll::Ready(Err(e)) = read(&mut client) else { panic!("a reset must not read as end of stream") };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        let Poll::Ready(Err(e)) = write(&mut client, b"more") else { panic!("write after reset") };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        // The side that aborted is told so too.
+        let Poll::Ready(Err(e)) = read(&mut server) else { panic!("read after own abort") };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+    }
+
+    #[test]
+    fn silence_past_the_idle_timeout_reads_as_timed_out() {
+        let mut w = Wire::new();
+        let (mut client, _server) = w.connect(80);
+        w.cut = true;
+        for _ in 0..(IDLE_TIMEOUT.as_secs() / 10 + 2) {
+            w.now += Duration::from_secs(10);
+            w.pump();
+        }
+        let Poll::Ready(Err(e)) = read(&mut client) else { panic!("a timed-out connection must not read as end of stream") };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    }
+
+    #[test]
+    fn exhausted_ephemeral_ports_give_an_error_and_free_up_again() {
+        let mut w = Wire::new();
+        w.a.lock().set_ephemeral_range(50000..=50003);
+        w.b.lock().listen(80).unwrap();
+        let remote = SocketAddr::from((B, 80));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (h, local) = w.a.lock().connect(IpAddr::from(A), remote).unwrap();
+            held.push(TcpStream::new(w.a.clone(), h, local, remote, [2; 32]));
+        }
+        let ports: HashSet<u16> = held.iter().map(|s| s.local_addr().port()).collect();
+        assert_eq!(ports.len(), 4);
+        let e = w.a.lock().connect(IpAddr::from(A), remote).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("close some"), "{e}");
+        // A closed and reaped connection gives its port back.
+        let mut gone = held.pop().unwrap();
+        gone.abort();
+        drop(gone);
+        w.pump();
+        w.a.lock().connect(IpAddr::from(A), remote).unwrap();
     }
 }

@@ -262,3 +262,21 @@ async fn hostile_datagrams_are_dropped_and_node_keeps_serving() {
     .await;
     assert!(p.b.status().stats.invalid > 1000, "garbage counted: {:?}", p.b.status().stats);
 }
+
+/// A `--forward` whose tailnet client resets must reset the local service's
+/// connection too, not close it with a FIN that reads as a complete request.
+#[tokio::test]
+async fn forward_passes_a_tailnet_reset_on_to_the_local_side() {
+    let p = pair().await;
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tailgate::forward::spawn_forward(&p.b, 8080, local.local_addr().unwrap().to_string()).unwrap();
+    let mut client = timed(p.a.connect(addr(B_IP, 8080))).await.unwrap();
+    let (mut served, _) = timed(local.accept()).await.unwrap();
+    client.write_all(b"half a request").await.unwrap();
+    let mut got = vec![0u8; 14];
+    timed(served.read_exact(&mut got)).await.unwrap();
+    client.abort();
+    let mut rest = Vec::new();
+    let e = timed(served.read_to_end(&mut rest)).await.expect_err("the local side must see the reset, not end of stream");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
