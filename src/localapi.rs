@@ -314,7 +314,7 @@ async fn pipe_framed(conn: UnixStream, stream: crate::netstack::TcpStream) -> Re
 /// The client side of a framed pipe: copy the data frames to `out` until the
 /// daemon reports the end. A failure frame, or the daemon vanishing without
 /// one, is an error.
-pub async fn copy_framed<R, W>(mut rd: R, mut out: W) -> std::io::Result<()>
+pub async fn copy_framed<R, W>(rd: R, mut out: W) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -323,7 +323,15 @@ where
     let vanished =
         |_| Error::new(ErrorKind::UnexpectedEof, "the tailgate daemon closed the connection without saying how it ended (did it stop?)");
     let mut buf = vec![0u8; MAX_FRAME];
+    // Buffered so that a frame's header is not a syscall of its own, and so
+    // we know when the daemon has nothing more queued: that is when `out`
+    // must be flushed (std's stdout under tokio's is line-buffered, and an
+    // SSH key exchange has no newlines; unflushed, it waits forever).
+    let mut rd = tokio::io::BufReader::with_capacity(MAX_FRAME + 5, rd);
     loop {
+        if rd.buffer().is_empty() {
+            out.flush().await?;
+        }
         let tag = rd.read_u8().await.map_err(vanished)?;
         match tag {
             Frame::END => {
@@ -390,6 +398,24 @@ pub async fn fetch_directory(state_dir: &Path) -> Result<Directory> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    #[tokio::test]
+    async fn framed_data_is_flushed_while_the_pipe_stays_open() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut daemon, client) = tokio::io::duplex(1024);
+        let (out_w, mut out_r) = tokio::io::duplex(1024);
+        // Holds bytes until flushed, as std's line-buffered stdout holds binary data.
+        let task = tokio::spawn(super::copy_framed(client, tokio::io::BufWriter::new(out_w)));
+        daemon.write_all(&[b'D', 0, 0, 0, 3, 1, 2, 3]).await.unwrap();
+        let mut got = [0u8; 3];
+        tokio::time::timeout(std::time::Duration::from_secs(5), out_r.read_exact(&mut got))
+            .await
+            .expect("a data frame must reach the output while the pipe stays open")
+            .unwrap();
+        assert_eq!(got, [1, 2, 3]);
+        daemon.write_all(&[b'E']).await.unwrap();
+        task.await.unwrap().unwrap();
+    }
 
     #[test]
     fn socket_is_0600_from_creation_even_under_a_permissive_umask() {
