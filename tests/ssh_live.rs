@@ -158,22 +158,6 @@ fn max_duration_added_later_applies() {
     assert!(end["reason"].as_str().unwrap().contains("time limit 3s"), "{end}");
 }
 
-/// A TCP echo server on 127.0.0.1; returns its port.
-fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    port
-}
-
 fn connect_retrying(port: u16) -> TcpStream {
     let deadline = Instant::now() + T;
     loop {

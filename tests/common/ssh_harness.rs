@@ -285,3 +285,19 @@ impl Drop for TempUser {
         let _ = Command::new("userdel").args(args).arg(&self.name).stderr(Stdio::null()).status();
     }
 }
+
+/// A TCP echo server on 127.0.0.1; returns its port.
+pub fn echo_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    port
+}
