@@ -14,18 +14,6 @@ use ssh_harness::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn policy(users: &str) -> String {
-    format!(
-        r#"{POLICY_HEAD}
-[[ssh]]
-src = ["alice@example.com"]
-dst = ["tag:test"]
-users = [{users}]
-action = "accept"
-"#
-    )
-}
-
 fn auth_event(s: &TestServer, login: &str) -> serde_json::Value {
     s.wait_audit(&format!("auth as {login}"), |v| v["event"] == "auth" && v["login"] == login)
 }
@@ -34,7 +22,7 @@ fn auth_event(s: &TestServer, login: &str) -> serde_json::Value {
 fn uid0_alias_is_refused_by_autogroup_nonroot() {
     let toor = TempUser::root_alias("tgtoor");
     let plain = TempUser::create("tgplain", "/bin/sh", &["-M", "-d", "/nonexistent"]);
-    let s = TestServer::start(&policy(r#""autogroup:nonroot""#));
+    let s = TestServer::start(&accept_alice(r#""autogroup:nonroot""#, ""));
 
     let o = run(s.ssh(&toor.name).arg("id -u"), b"", T);
     assert_eq!(o.code(), 1, "a uid-0 alias got in under autogroup:nonroot: {o:?}");
@@ -52,13 +40,13 @@ fn uid0_alias_is_refused_by_autogroup_nonroot() {
 fn uid0_alias_needs_a_rule_that_also_admits_root() {
     let toor = TempUser::root_alias("tgtoor");
     // Naming the alias alone is not enough: it is root.
-    let s = TestServer::start(&policy(&format!("\"{}\"", toor.name)));
+    let s = TestServer::start(&accept_alice(&format!("\"{}\"", toor.name), ""));
     let o = run(s.ssh(&toor.name).arg("id -u"), b"", T);
     assert_eq!(o.code(), 1, "{o:?}");
     assert!(o.err().contains("uid 0, judged as root"), "{o:?}");
     drop(s);
 
-    let s = TestServer::start(&policy(&format!("\"{}\", \"root\"", toor.name)));
+    let s = TestServer::start(&accept_alice(&format!("\"{}\", \"root\"", toor.name), ""));
     let o = run(s.ssh(&toor.name).arg("id -u"), b"", T);
     assert_eq!((o.code(), o.out().as_str()), (0, "0\n"), "{o:?}");
 }
@@ -67,7 +55,7 @@ fn uid0_alias_needs_a_rule_that_also_admits_root() {
 fn malformed_and_unknown_names_are_refused_before_the_policy() {
     // An account that exists but has a name outside [a-z_][a-z0-9_.-]*.
     let odd = TempUser::create("TgOdd", "/bin/sh", &["-M", "-d", "/nonexistent"]);
-    let s = TestServer::start(&policy(r#""*""#));
+    let s = TestServer::start(&accept_alice(r#""*""#, ""));
 
     let o = run(s.ssh(&odd.name).arg("id -u"), b"", T);
     assert_eq!(o.code(), 1, "{o:?}");
@@ -102,7 +90,7 @@ fn nologin_account_gets_no_exec_sftp_or_scp() {
     let svc = TempUser::create("tgsvc", "/usr/sbin/nologin", &["-m"]);
     let home = format!("/home/{}", svc.name);
     write_file(&std::path::Path::new(&home).join("secret"), b"service data\n");
-    let s = TestServer::start(&policy(r#""autogroup:nonroot""#));
+    let s = TestServer::start(&accept_alice(r#""autogroup:nonroot""#, ""));
 
     let o = run(s.ssh(&svc.name).arg("cat secret"), b"", T);
     assert_ne!(o.code(), 0, "{o:?}");

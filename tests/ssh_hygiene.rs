@@ -20,20 +20,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Alice may log in as `users` and reach every port of the test node.
 fn policy(users: &str) -> String {
-    format!(
-        r#"{POLICY_HEAD}
-[[ssh]]
-src = ["alice@example.com"]
-dst = ["tag:test"]
-users = [{users}]
-action = "accept"
-
-[[acl]]
-src = ["alice@example.com"]
-dst = ["tag:test:*"]
-"#
-    )
+    accept_alice(users, "\n[[acl]]\nsrc = [\"alice@example.com\"]\ndst = [\"tag:test:*\"]")
 }
 
 fn open_fds() -> usize {

@@ -19,19 +19,6 @@ use tailgate::policy::Policy;
 
 const T: Duration = Duration::from_secs(30);
 
-fn rule(users: &str, extra: &str) -> String {
-    format!(
-        r#"{POLICY_HEAD}
-[[ssh]]
-src = ["alice@example.com"]
-dst = ["tag:test"]
-users = [{users}]
-action = "accept"
-{extra}
-"#
-    )
-}
-
 fn parse(text: &str) -> Policy {
     Policy::parse(text, "changed.toml").unwrap_or_else(|e| panic!("{e}"))
 }
@@ -90,7 +77,7 @@ fn wait_path(p: &Path) {
 
 #[test]
 fn policy_change_ends_sessions_and_the_control_master() {
-    let s = TestServer::start(&rule(r#""root""#, ""));
+    let s = TestServer::start(&accept_alice(r#""root""#, ""));
     let dir = tempfile::tempdir().unwrap();
     let cp = dir.path().join("cm");
     let control_path = format!("ControlPath={}", cp.display());
@@ -108,7 +95,7 @@ fn policy_change_ends_sessions_and_the_control_master() {
 
     let session = long_session(&s, &mut mux(), "cm-session");
     // The new policy no longer lets alice log in as root.
-    s.policy.replace(parse(&rule(r#""autogroup:nonroot""#, "")));
+    s.policy.replace(parse(&accept_alice(r#""autogroup:nonroot""#, "")));
 
     assert_revoked(&session.finish());
     let ev = s.wait_audit("revoked", |v| v["event"] == "revoked");
@@ -126,7 +113,7 @@ fn policy_change_ends_sessions_and_the_control_master() {
 
 #[test]
 fn identity_change_ends_sessions() {
-    let s = TestServer::start(&rule(r#""root""#, ""));
+    let s = TestServer::start(&accept_alice(r#""root""#, ""));
     let session = long_session(&s, &mut s.ssh("root"), "retagged");
     // alice's laptop becomes a tagged node: it no longer belongs to alice.
     let mut retagged = alice();
@@ -148,9 +135,9 @@ fn identity_change_ends_sessions() {
 
 #[test]
 fn max_duration_added_later_applies() {
-    let s = TestServer::start(&rule(r#""root""#, ""));
+    let s = TestServer::start(&accept_alice(r#""root""#, ""));
     let session = long_session(&s, &mut s.ssh("root"), "limited");
-    s.policy.replace(parse(&rule(r#""root""#, "max_duration = \"3s\"")));
+    s.policy.replace(parse(&accept_alice(r#""root""#, "max_duration = \"3s\"")));
     let o = session.finish();
     assert_ne!(o.code(), 0, "{o:?}");
     assert!(o.err().contains("session time limit (3s) reached"), "{o:?}");
@@ -187,7 +174,7 @@ fn echo_once(c: &mut TcpStream) -> String {
 fn forward_ends_when_its_port_is_revoked() {
     let echo = echo_server();
     let acl = format!("[[acl]]\nsrc = [\"alice@example.com\"]\ndst = [\"tag:test:{echo}\"]\n");
-    let s = TestServer::start(&rule(r#""root""#, &acl));
+    let s = TestServer::start(&accept_alice(r#""root""#, &acl));
     let local = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut c = s.ssh("root");
     c.args(["-N", "-L", &format!("{local}:127.0.0.1:{echo}")]);
@@ -196,7 +183,7 @@ fn forward_ends_when_its_port_is_revoked() {
     assert_eq!(echo_once(&mut open), "ping\n");
 
     // Same login rule, but no acl for the port any more.
-    s.policy.replace(parse(&rule(r#""root""#, "")));
+    s.policy.replace(parse(&accept_alice(r#""root""#, "")));
     let mut rest = String::new();
     let _ = open.set_read_timeout(Some(T));
     match open.read_to_string(&mut rest) {

@@ -301,3 +301,19 @@ pub fn echo_server() -> u16 {
     });
     port
 }
+
+/// [`POLICY_HEAD`] plus one rule accepting alice on `tag:test` as `users`
+/// (TOML list items, e.g. `"root"`); `extra` lines follow the rule (more
+/// keys of it, or further sections).
+pub fn accept_alice(users: &str, extra: &str) -> String {
+    format!(
+        r#"{POLICY_HEAD}
+[[ssh]]
+src = ["alice@example.com"]
+dst = ["tag:test"]
+users = [{users}]
+action = "accept"
+{extra}
+"#
+    )
+}
