@@ -148,6 +148,22 @@ pub enum UsersCommand {
     Remove {
         name: String,
     },
+    /// Verification codes (TOTP) for SSH `check` rules.
+    Totp {
+        #[command(subcommand)]
+        command: TotpCommand,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TotpCommand {
+    /// Create a user's secret: prints an otpauth:// URI, a QR code to scan
+    /// with an authenticator app, and the current code to compare.
+    Enroll { user: String },
+    /// Remove a user's secret (and their approvals and lockouts).
+    Reset { user: String },
+    /// Who is enrolled, when a code was last used, current lockouts.
+    Status { user: Option<String> },
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -283,6 +299,9 @@ pub fn request_for(c: ControlCommand) -> Result<AdminRequest> {
             UsersCommand::Add { name } => AdminRequest::UsersAdd { name },
             UsersCommand::List => AdminRequest::UsersList,
             UsersCommand::Remove { name } => AdminRequest::UsersRemove { name },
+            UsersCommand::Totp { command: TotpCommand::Enroll { user } } => AdminRequest::TotpEnroll { user },
+            UsersCommand::Totp { command: TotpCommand::Reset { user } } => AdminRequest::TotpReset { user },
+            UsersCommand::Totp { command: TotpCommand::Status { user } } => AdminRequest::TotpStatus { user },
         },
         ControlCommand::Keys { command } => match command {
             KeysCommand::Create { user, reusable, ephemeral, expiry, tags } => {
@@ -402,6 +421,18 @@ fn owner(v: &Value) -> String {
     if tags.is_empty() { s(&v["user"]) } else { tags.join(",") }
 }
 
+/// The enrolment answer: what to scan (or type), and a code to compare.
+fn render_enroll(v: &Value) -> String {
+    let uri = s(&v["uri"]);
+    let qr = crate::control::totp::qr_text(&uri).unwrap_or_else(|e| format!("({e}; type the secret instead)\n"));
+    format!(
+        "Scan this with an authenticator app (or enter the secret by hand):\n\n{qr}\n\n{uri}\n\nsecret:       {}\ncurrent code: {}          (the app should show the same code now)\n\n{} can now pass `check` rules. This secret is shown only once.\n",
+        s(&v["secret"]),
+        s(&v["code"]),
+        s(&v["user"]),
+    )
+}
+
 /// Human (or JSON) rendering of an admin answer.
 pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
     if json {
@@ -487,6 +518,21 @@ pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
         }
         AdminRequest::PolicySet { .. } => format!("policy version {} ({}) in force\n", s(&v["version"]), s(&v["name"])),
         AdminRequest::PolicyCheck { .. } => format!("{}: ok, {} tests passed\n", s(&v["name"]), s(&v["tests"])),
+        AdminRequest::TotpEnroll { .. } => render_enroll(v),
+        AdminRequest::TotpReset { .. } => format!("removed the verification code secret of {}\n", s(&v["user"])),
+        AdminRequest::TotpStatus { .. } => {
+            let mut rows = vec![vec!["USER".into(), "ENROLLED".into(), "LAST USED".into(), "LOCKED OUT".into()]];
+            rows.extend(arr.iter().map(|u| {
+                let enrolled = if u["enrolled"].as_bool() == Some(true) { when(&u["enrolled_at"]) } else { "no".into() };
+                let locks: Vec<String> = u["locked_out"]
+                    .as_array()
+                    .map(|a| a.iter().map(|l| format!("{} until {}", s(&l["node"]), when(&l["until"]))).collect())
+                    .unwrap_or_default();
+                let locks = if locks.is_empty() { "-".to_string() } else { locks.join(", ") };
+                vec![s(&u["user"]), enrolled, when(&u["last_used"]), locks]
+            }));
+            table(rows)
+        }
         AdminRequest::AuditList { .. } => {
             let mut rows = vec![vec!["TIME".into(), "ACTOR".into(), "ACTION".into(), "TARGET".into(), "DETAIL".into()]];
             rows.extend(arr.iter().rev().map(|a| vec![when(&a["at"]), s(&a["actor"]), s(&a["action"]), s(&a["target"]), s(&a["detail"])]));

@@ -24,6 +24,8 @@ use crate::identity::Identity;
 use crate::policy::{DEFAULT_POLICY_TOML, Policy};
 use crate::wg::{self, Key};
 
+mod check;
+
 pub type ConnId = u64;
 
 /// First address handed out is 100.64.0.1; the range is 100.64.0.0/10.
@@ -161,6 +163,16 @@ pub enum AdminRequest {
     },
     AuditList {
         limit: usize,
+    },
+    TotpEnroll {
+        user: String,
+    },
+    TotpReset {
+        user: String,
+    },
+    TotpStatus {
+        #[serde(default)]
+        user: Option<String>,
     },
 }
 
@@ -857,6 +869,7 @@ impl Hub {
                 Err((_, m)) => self.protocol_error(conn, m),
             },
             ClientMsg::RotateKey { new_node_key } => self.rotate_key(conn, node, new_node_key, now),
+            ClientMsg::Check { id, source, code, max_age_secs } => self.check_request(conn, node, id, source, code, max_age_secs, now),
             ClientMsg::Logout => {
                 let Some(n) = self.nodes.get(&node).cloned() else { return };
                 self.out.push(Out::Send(conn, ServerOut::LoggedOut));
@@ -1275,6 +1288,9 @@ impl Hub {
                     "ssh_rules": p.ssh_rule_count(),
                 }))
             }
+            req @ (AdminRequest::TotpEnroll { .. } | AdminRequest::TotpReset { .. } | AdminRequest::TotpStatus { .. }) => {
+                self.totp_admin(req, now)
+            }
             AdminRequest::AuditList { limit } => {
                 let rows = self.store.audit_recent(limit).map_err(st)?;
                 Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
@@ -1296,6 +1312,7 @@ fn msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::Logout => "logout",
         ClientMsg::RotateKey { .. } => "rotate_key",
         ClientMsg::KeepAlive => "keep_alive",
+        ClientMsg::Check { .. } => "check",
     }
 }
 

@@ -28,6 +28,7 @@ pub mod proto;
 pub mod server;
 pub mod store;
 pub mod token;
+pub mod totp;
 
 pub use admin::{ControlArgs, admin_main};
 pub use client::{ControlClient, ControlError, ControlTarget, NodeHello};

@@ -121,6 +121,32 @@ pub enum ClientMsg {
         new_node_key: Key,
     },
     KeepAlive,
+    /// Second factor for an SSH `check` rule: may the user owning the node
+    /// `source` log in now? Without `code`: is a recent approval on record
+    /// (younger than `max_age_secs`; `None` = never reuse one), or must the
+    /// user type a code? With `code`: verify it. Answered by
+    /// [`ServerMsg::CheckResult`] with the same `id`.
+    Check {
+        id: u64,
+        #[serde(with = "b64key")]
+        source: Key,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_age_secs: Option<u64>,
+    },
+}
+
+/// What the control server says to a [`ClientMsg::Check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckOutcome {
+    /// The user passed (this code, or an approval within the period).
+    Approved,
+    /// Enrolled, not locked out, no usable approval: ask for a code.
+    CodeNeeded,
+    /// Refused; the message says why and what to do.
+    Denied,
 }
 
 /// Why the server refused something; the `message` is for humans.
@@ -174,6 +200,16 @@ pub enum ServerMsg {
     KeyRotated {
         #[serde(with = "b64key")]
         node_key: Key,
+    },
+    /// Answer to [`ClientMsg::Check`]. `user` is who was checked (the owner
+    /// of the source node); `message` is for the person logging in.
+    CheckResult {
+        id: u64,
+        outcome: CheckOutcome,
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        message: String,
     },
 }
 
@@ -445,6 +481,12 @@ pub enum ServerOut {
     KeyRotated {
         #[serde(with = "b64key")]
         node_key: Key,
+    },
+    CheckResult {
+        id: u64,
+        outcome: CheckOutcome,
+        user: String,
+        message: String,
     },
 }
 

@@ -12,6 +12,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::wg::{self, Key};
 
+mod check;
+pub use check::{CheckStateRow, TotpRow};
+
 /// Schema migrations; `PRAGMA user_version` = how many have run.
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema
@@ -68,6 +71,24 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX audit_at ON audit(at);
+    "#,
+    // check: TOTP secrets, replay guard, approvals and lockouts (src/control/store/check.rs)
+    r#"
+    CREATE TABLE totp (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+        secret TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        last_step INTEGER
+    );
+    CREATE TABLE check_state (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        source_key TEXT NOT NULL,
+        approved_at INTEGER,
+        failures INTEGER NOT NULL DEFAULT 0,
+        last_failure INTEGER,
+        locked_until INTEGER,
+        PRIMARY KEY (user_id, source_key)
+    );
     "#,
 ];
 

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::pattern::{self, LoginPat, Names, NodePat, Ports, Side};
 use super::raw::{RawPolicy, RawTest, SList, SStr};
-use super::{Action, Diagnostic, Policy, PolicyErrors};
+use super::{Action, CheckPeriod, Diagnostic, Policy, PolicyErrors};
 use crate::identity::Identity;
 
 /// The address given to synthesized test callers (TEST-NET-1, never a
@@ -46,6 +46,7 @@ pub struct SshRule {
     pub record: bool,
     pub max_duration: Option<Duration>,
     pub accept_env: Vec<String>,
+    pub check_period: CheckPeriod,
 }
 
 #[derive(Clone, Debug)]
@@ -193,6 +194,16 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
                 }
             }
         }
+        let mut check_period = CheckPeriod::default();
+        if let Some(p) = &rule.check_period {
+            if action.is_some_and(|a| a != Action::Check) {
+                cx.err(p.span(), "check_period only applies to a check rule (action = \"check\"); remove it".to_string());
+            }
+            match CheckPeriod::parse(p.get_ref()) {
+                Ok(v) => check_period = v,
+                Err(e) => cx.err(p.span(), e),
+            }
+        }
         if action == Some(Action::Reject) {
             let opts: [(&str, Option<Range<usize>>); 3] = [
                 ("record", rule.record.as_ref().map(|r| r.span())),
@@ -219,6 +230,7 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
                 record,
                 max_duration,
                 accept_env,
+                check_period,
             });
         }
     }

@@ -38,6 +38,48 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// How long a passed `check` counts for one (user, source node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckPeriod {
+    /// Every login asks for a code.
+    Always,
+    /// A passed check admits the same user from the same node for this long.
+    For(Duration),
+}
+
+impl Default for CheckPeriod {
+    fn default() -> Self {
+        CheckPeriod::For(CheckPeriod::DEFAULT)
+    }
+}
+
+impl CheckPeriod {
+    pub const DEFAULT: Duration = Duration::from_secs(12 * 3600);
+    /// An approval older than a year is not a second factor any more.
+    pub const MAX: Duration = Duration::from_secs(366 * 86400);
+
+    /// `"always"` or a duration (`"12h"`, `"30m"`, `"1h30m"`), at most a year.
+    pub fn parse(s: &str) -> Result<CheckPeriod, String> {
+        if s.trim() == "always" {
+            return Ok(CheckPeriod::Always);
+        }
+        let d = parse_duration(s).map_err(|e| format!("check_period: {e}; or write \"always\" to ask every time"))?;
+        if d > Self::MAX {
+            return Err(format!("check_period \"{s}\" is longer than a year; use at most \"366d\""));
+        }
+        Ok(CheckPeriod::For(d))
+    }
+
+    /// How old an approval may be, `None` for `always`.
+    pub fn max_age(self) -> Option<Duration> {
+        match self {
+            CheckPeriod::Always => None,
+            CheckPeriod::For(d) => Some(d),
+        }
+    }
+}
+
 fn too_big() -> String {
     "duration too large".into()
 }
@@ -53,6 +95,16 @@ mod tests {
         assert_eq!(parse_duration("8h").unwrap(), Duration::from_secs(8 * 3600));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn check_periods() {
+        assert_eq!(CheckPeriod::parse("always").unwrap(), CheckPeriod::Always);
+        assert_eq!(CheckPeriod::parse("12h").unwrap(), CheckPeriod::For(Duration::from_secs(43200)));
+        assert_eq!(CheckPeriod::default().max_age(), Some(CheckPeriod::DEFAULT));
+        for bad in ["never", "", "0s", "400d", "Always"] {
+            assert!(CheckPeriod::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

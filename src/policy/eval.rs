@@ -5,7 +5,7 @@
 //! `accept` or `check` rule in file order; otherwise default deny.
 
 use super::compile::SshRule;
-use super::{Action, Policy, SSH_PORT, SshDecision};
+use super::{Action, CheckPeriod, Policy, SSH_PORT, SshDecision};
 use crate::identity::Identity;
 
 impl SshRule {
@@ -71,6 +71,7 @@ impl Policy {
                 record: false,
                 max_duration: None,
                 accept_env: Vec::new(),
+                check_period: CheckPeriod::default(),
             };
         };
         let reason = match r.action {
@@ -88,6 +89,7 @@ impl Policy {
             record: allowed && r.record,
             max_duration: if allowed { r.max_duration } else { None },
             accept_env: if allowed { r.accept_env.clone() } else { Vec::new() },
+            check_period: r.check_period,
         }
     }
 

@@ -41,7 +41,7 @@ use ipnet::IpNet;
 
 use crate::identity::Identity;
 
-pub use duration::parse_duration;
+pub use duration::{CheckPeriod, parse_duration};
 
 /// The port of the embedded SSH server. Every `accept`/`check` ssh rule
 /// implies network access to this port from its `src` to its `dst`.
@@ -87,6 +87,8 @@ pub struct SshDecision {
     pub max_duration: Option<Duration>,
     /// Environment variable name patterns the client may set (`*` wildcards).
     pub accept_env: Vec<String>,
+    /// For `check`: how long a passed check admits the same (user, source node).
+    pub check_period: CheckPeriod,
 }
 
 impl SshDecision {

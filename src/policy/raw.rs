@@ -50,6 +50,9 @@ pub struct RawSsh {
     pub max_duration: Option<SStr>,
     #[serde(default)]
     pub accept_env: Option<SList>,
+    /// `check` rules: how long an approval lasts (`"12h"`) or `"always"`.
+    #[serde(default)]
+    pub check_period: Option<SStr>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -505,3 +505,18 @@ fn readme_order_example() {
     // Swapped, the specific accept can never decide: reported.
     assert_error(&format!("{head}{broad}{specific}"), "10:1", "unreachable rule: ssh[1]");
 }
+
+#[test]
+fn check_period_is_parsed_defaulted_and_validated() {
+    let rule =
+        |action: &str, period: &str| format!("[[ssh]]\nsrc = [\"alice\"]\ndst = [\"*\"]\nusers = [\"*\"]\naction = \"{action}\"\n{period}");
+    let d = parse(&rule("check", "")).check_ssh(&user("alice", "l"), &user("bob", "w"), "root");
+    assert_eq!(d.check_period, CheckPeriod::For(Duration::from_secs(12 * 3600)));
+    let d = parse(&rule("check", "check_period = \"30m\"\n")).check_ssh(&user("alice", "l"), &user("bob", "w"), "root");
+    assert_eq!(d.check_period, CheckPeriod::For(Duration::from_secs(1800)));
+    let d = parse(&rule("check", "check_period = \"always\"\n")).check_ssh(&user("alice", "l"), &user("bob", "w"), "root");
+    assert_eq!(d.check_period, CheckPeriod::Always);
+    assert_error(&rule("check", "check_period = \"sometimes\"\n"), "6:16", "or write \"always\"");
+    assert_error(&rule("check", "check_period = \"500d\"\n"), "6:16", "longer than a year");
+    assert_error(&rule("accept", "check_period = \"1h\"\n"), "6:16", "only applies to a check rule");
+}

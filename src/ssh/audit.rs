@@ -37,6 +37,9 @@ pub enum EventKind {
     /// An admitted login stopped being allowed (the policy or the caller's
     /// identity changed); its sessions and forwards are being ended.
     Revoked,
+    /// A `check` (second factor) outcome; `kind` is `passed`, `cached`,
+    /// `failed`, `lockout` or `unavailable`.
+    Check,
 }
 
 /// The caller as recorded: the verified tailnet identity.
@@ -261,6 +264,7 @@ mod tests {
             record: false,
             max_duration: None,
             accept_env: vec![],
+            check_period: Default::default(),
         };
         let mut ev = AuditEvent::new(EventKind::Auth, "c1", &alice(), &web1(), UNIX_EPOCH).decision("root", &d);
         ev.allowed = Some(false);

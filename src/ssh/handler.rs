@@ -931,7 +931,15 @@ mod tests {
     use super::*;
 
     fn decision(action: Action, rule: Option<&str>, reason: &str) -> SshDecision {
-        SshDecision { action, rule: rule.map(String::from), reason: reason.into(), record: false, max_duration: None, accept_env: vec![] }
+        SshDecision {
+            action,
+            rule: rule.map(String::from),
+            reason: reason.into(),
+            record: false,
+            max_duration: None,
+            accept_env: vec![],
+            check_period: Default::default(),
+        }
     }
 
     #[test]

@@ -1,0 +1,222 @@
+//! The control side of SSH `check`: verifying TOTP codes for nodes, keeping
+//! approvals, replay and lockout state, and the `users totp` admin ops.
+//!
+//! Who is checked comes from the *source* node key the asking node names:
+//! its owner. A node cannot name a user, only one of the tailnet's nodes, so
+//! a compromised node can probe codes only for users who own nodes, and only
+//! at the lockout rate per (user, source node).
+
+use serde_json::{Value, json};
+
+use super::{AdminRequest, ConnId, Hub, Out};
+use crate::control::fmt_time;
+use crate::control::proto::{CheckOutcome, ServerOut};
+use crate::control::store::CheckStateRow;
+use crate::control::totp;
+use crate::wg::Key;
+
+/// Wrong codes per (user, source node) before a lockout.
+pub const MAX_FAILURES: i64 = 5;
+/// How long a lockout lasts; failures older than this are forgotten.
+pub const LOCKOUT_SECS: i64 = 15 * 60;
+
+struct Answer {
+    outcome: CheckOutcome,
+    user: String,
+    message: String,
+}
+
+fn denied(user: &str, message: String) -> Answer {
+    Answer { outcome: CheckOutcome::Denied, user: user.to_string(), message }
+}
+
+impl Hub {
+    /// [`ClientMsg::Check`](crate::control::proto::ClientMsg::Check) from `node`.
+    pub(super) fn check_request(
+        &mut self,
+        conn: ConnId,
+        node: i64,
+        id: u64,
+        source: Key,
+        code: Option<String>,
+        max_age_secs: Option<u64>,
+        now: i64,
+    ) {
+        let a = self.check_answer(node, &source, code, max_age_secs, now);
+        self.out.push(Out::Send(conn, ServerOut::CheckResult { id, outcome: a.outcome, user: a.user, message: a.message }));
+    }
+
+    fn check_answer(&mut self, node: i64, source: &Key, code: Option<String>, max_age_secs: Option<u64>, now: i64) -> Answer {
+        let asker = self.nodes.get(&node).map(|n| n.name.clone()).unwrap_or_default();
+        let Some(src) = self.by_key.get(source).and_then(|id| self.nodes.get(id)).cloned() else {
+            return denied("", "your node is not registered with the control server".into());
+        };
+        if self.expired(src.id, now) {
+            return denied("", format!("your node {}'s key has expired; log in again (tailgate up)", src.name));
+        }
+        let Some((user_id, user)) = src.user_id.filter(|_| src.tags.is_empty()).and_then(|u| Some((u, self.users.get(&u)?.clone()))) else {
+            return denied("", format!("{} is a tagged node: a check needs a person, log in from your own node", src.name));
+        };
+        let store_failed = |e: anyhow::Error| {
+            tracing::error!("check for {user}: store: {e:#}");
+            denied(&user, "the control server could not read its database; try again, or ask an admin to look at its log".into())
+        };
+        let secret = match self.store.totp_get(user_id) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return denied(
+                    &user,
+                    format!("{user} has no verification code set up; ask an admin to enrol you: tailgate control users totp enroll {user}"),
+                );
+            }
+            Err(e) => return store_failed(e),
+        };
+        let mut st = match self.store.check_state_get(user_id, source) {
+            Ok(s) => s,
+            Err(e) => return store_failed(e),
+        };
+        if let Some(until) = st.locked_until.filter(|u| *u > now) {
+            let mins = (until - now + 59) / 60;
+            return denied(&user, format!("too many wrong codes from {}: locked out for {mins} more minute(s)", src.name));
+        }
+        let Some(code) = code else {
+            let fresh = match (max_age_secs, st.approved_at) {
+                (Some(age), Some(at)) => now.saturating_sub(at) < i64::try_from(age).unwrap_or(i64::MAX),
+                _ => false,
+            };
+            return if fresh {
+                let at = st.approved_at.map(fmt_time).unwrap_or_default();
+                Answer { outcome: CheckOutcome::Approved, user, message: format!("verified at {at}") }
+            } else {
+                Answer { outcome: CheckOutcome::CodeNeeded, user, message: String::new() }
+            };
+        };
+        let step = match totp::verify(&secret.secret, &code, now.max(0) as u64) {
+            Ok(s) => s.map(|s| s as i64),
+            Err(e) => {
+                tracing::error!("check for {user}: {e}");
+                return denied(&user, "the stored secret is unusable; ask an admin to reset and re-enrol you".into());
+            }
+        };
+        let why = match step {
+            Some(s) if secret.last_step.is_none_or(|l| s > l) => {
+                st.approved_at = Some(now);
+                st.failures = 0;
+                st.last_failure = None;
+                let saved = self.store.tx(|db| {
+                    db.totp_set_last_step(user_id, s)?;
+                    db.check_state_put(user_id, source, &st)
+                });
+                if let Err(e) = saved {
+                    return store_failed(e);
+                }
+                self.audit(now, &format!("node:{asker}"), "check.passed", &user, &format!("from {}", src.name));
+                return Answer { outcome: CheckOutcome::Approved, user, message: "verified".into() };
+            }
+            Some(_) => "that code was already used; wait for the next one",
+            None => "wrong verification code",
+        };
+        self.check_failed(&asker, &src.name, user_id, &user, source, st, why, now)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_failed(
+        &mut self,
+        asker: &str,
+        src_name: &str,
+        user_id: i64,
+        user: &str,
+        source: &Key,
+        mut st: CheckStateRow,
+        why: &str,
+        now: i64,
+    ) -> Answer {
+        if st.last_failure.is_some_and(|t| now - t >= LOCKOUT_SECS) {
+            st.failures = 0;
+        }
+        st.failures += 1;
+        st.last_failure = Some(now);
+        let (action, message) = if st.failures >= MAX_FAILURES {
+            st.failures = 0;
+            st.locked_until = Some(now + LOCKOUT_SECS);
+            ("check.lockout", format!("{why}; {MAX_FAILURES} wrong codes: {user} from {src_name} is locked out for 15 minutes"))
+        } else {
+            let left = MAX_FAILURES - st.failures;
+            ("check.failed", format!("{why} ({left} more wrong code(s) lock you out for 15 minutes)"))
+        };
+        if let Err(e) = self.store.check_state_put(user_id, source, &st) {
+            tracing::error!("check for {user}: store: {e:#}");
+        }
+        self.audit(now, &format!("node:{asker}"), action, user, &format!("from {src_name}: {why}"));
+        denied(user, message)
+    }
+
+    /// `users totp enroll|reset|status`.
+    pub(super) fn totp_admin(&mut self, req: AdminRequest, now: i64) -> Result<Value, String> {
+        let st = |e: anyhow::Error| format!("store error: {e:#}");
+        let find = |h: &Hub, name: &str| -> Result<i64, String> {
+            h.store
+                .user_by_name(name)
+                .map_err(st)?
+                .map(|u| u.id)
+                .ok_or_else(|| format!("no user {name}; add them first: tailgate control users add {name}"))
+        };
+        match req {
+            AdminRequest::TotpEnroll { user } => {
+                let id = find(self, &user)?;
+                if self.store.totp_get(id).map_err(st)?.is_some() {
+                    return Err(format!(
+                        "{user} is already enrolled; to replace the secret: tailgate control users totp reset {user}, then enroll again"
+                    ));
+                }
+                let secret = totp::new_secret();
+                let code = totp::code_at(&secret, now.max(0) as u64).map_err(|e| e.to_string())?;
+                self.store.totp_set(id, &secret, now).map_err(st)?;
+                self.audit(now, "admin", "totp.enroll", &user, "");
+                Ok(json!({"user": user, "secret": secret, "uri": totp::otpauth_uri(&user, &secret), "code": code}))
+            }
+            AdminRequest::TotpReset { user } => {
+                let id = find(self, &user)?;
+                let had = self.store.totp_delete(id).map_err(st)?;
+                if !had {
+                    return Err(format!("{user} has no TOTP enrolled"));
+                }
+                self.audit(now, "admin", "totp.reset", &user, "");
+                Ok(json!({"user": user, "reset": true}))
+            }
+            AdminRequest::TotpStatus { user } => {
+                let users = match user {
+                    Some(u) => vec![(find(self, &u)?, u)],
+                    None => self.store.users().map_err(st)?.into_iter().map(|u| (u.id, u.name)).collect(),
+                };
+                let mut out = Vec::new();
+                for (id, name) in users {
+                    let t = self.store.totp_get(id).map_err(st)?;
+                    let locked: Vec<Value> = self
+                        .store
+                        .check_lockouts(id, now)
+                        .map_err(st)?
+                        .into_iter()
+                        .map(|(key, until)| {
+                            let node = crate::wg::key_from_base64(&key)
+                                .ok()
+                                .and_then(|k| self.by_key.get(&k))
+                                .and_then(|i| self.nodes.get(i))
+                                .map_or(key.clone(), |n| n.name.clone());
+                            json!({"node": node, "until": until})
+                        })
+                        .collect();
+                    out.push(json!({
+                        "user": name,
+                        "enrolled": t.is_some(),
+                        "enrolled_at": t.as_ref().map(|t| t.created),
+                        "last_used": t.as_ref().and_then(|t| t.last_step).map(|s| s * totp::STEP as i64),
+                        "locked_out": locked,
+                    }));
+                }
+                Ok(Value::Array(out))
+            }
+            _ => Err("not a totp request".into()),
+        }
+    }
+}
