@@ -336,13 +336,15 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
-    let (policy, host_key) = match opts.ssh_port {
+    let (policy, host_key, check) = match opts.ssh_port {
         Some(port) => {
             let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
-            (svc.policy, Some(svc.server.host_public_key_openssh()))
+            let check = svc.server.check_link();
+            check.set_disconnected("not connected yet".into());
+            (svc.policy, Some(svc.server.host_public_key_openssh()), Some(check))
         }
         // No SSH server, but the inbound filter still follows control's policy.
-        None => (PolicyHandle::new(Policy::default_static()), None),
+        None => (PolicyHandle::new(Policy::default_static()), None, None),
     };
     crate::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
     let policy = Some(policy);
@@ -363,6 +365,9 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         Ok((client, map)) => {
             applier.apply(map);
             applier.set_control_status(format!("connected to {}", target.url));
+            if let Some(c) = &check {
+                c.set_connected(client.check_handle());
+            }
             Some(client)
         }
         Err(e) if e.is_transient() => match cached_netmap(&opts.state_dir) {
@@ -378,7 +383,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     };
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
-    let task = tokio::spawn(follow(applier, target, key, hello, first));
+    let task = tokio::spawn(follow(applier, target, key, hello, first, check));
     Ok(Agent { node, daemon, task })
 }
 
@@ -434,7 +439,14 @@ fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
     v
 }
 
-async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello: NodeHello, mut client: Option<ControlClient>) {
+async fn follow(
+    mut applier: Applier,
+    target: ControlTarget,
+    key: Key,
+    mut hello: NodeHello,
+    mut client: Option<ControlClient>,
+    check: Option<crate::ssh::check::CheckLink>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut public = applier.node.public_endpoint();
     // STUN may have answered before we subscribed: look at the value once.
@@ -491,6 +503,9 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
                     }
                 }
             }
+            if let Some(l) = &check {
+                l.set_disconnected("the connection to the control server was lost".into());
+            }
         }
         tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 250)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -500,6 +515,9 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
                 tracing::info!("reconnected to control");
                 applier.apply(map);
                 applier.set_control_status(format!("connected to {}", target.url));
+                if let Some(l) = &check {
+                    l.set_connected(c.check_handle());
+                }
                 client = Some(c);
             }
             Err(e) => {

@@ -28,16 +28,19 @@
 //! 256; the socket is not read while the queue is full, so call
 //! `next_update` continuously).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
 use super::http;
 use super::noise::{ChannelError, Initiator, SecureChannel};
-use super::proto::{ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
+use super::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
 use super::server::Stream;
 use super::token::{AuthKeyToken, parse_url};
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
@@ -143,11 +146,69 @@ pub struct ControlClient {
     cmds: mpsc::Sender<ClientMsg>,
     task: tokio::task::JoinHandle<()>,
     done: bool,
+    pending: Pending,
+    next_check_id: Arc<AtomicU64>,
+}
+
+/// Check requests waiting for their answer, by request id. The background
+/// task answers them and, when the connection ends, drops them (the waiter
+/// then learns the connection is gone).
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<CheckAnswer>>>>;
+
+/// The control server's answer to a check request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckAnswer {
+    pub outcome: CheckOutcome,
+    /// The user checked (owner of the source node).
+    pub user: String,
+    pub message: String,
+}
+
+/// Asks the control server to verify `check` codes over this node's control
+/// connection. Cheap to clone; valid while that connection lasts.
+#[derive(Clone)]
+pub struct CheckHandle {
+    cmds: mpsc::Sender<ClientMsg>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+}
+
+impl CheckHandle {
+    /// Asks about the owner of node `source`: with `code`, verify it;
+    /// without, is an approval younger than `max_age` on record (else a code
+    /// is needed)? `max_age` `None`: never reuse an approval.
+    pub async fn check(
+        &self,
+        source: Key,
+        code: Option<String>,
+        max_age: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<CheckAnswer, ControlError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let msg = ClientMsg::Check { id, source, code, max_age_secs: max_age.map(|d| d.as_secs()) };
+        let gone = || ControlError::Closed("the connection to the control server ended".into());
+        let res = async {
+            self.cmds.send(msg).await.map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())
+        };
+        let out = tokio::time::timeout(timeout, res)
+            .await
+            .unwrap_or_else(|_| Err(ControlError::Timeout(format!("the control server did not answer within {timeout:?}"))));
+        lock(&self.pending).remove(&id);
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for ControlClient {
     fn drop(&mut self) {
         self.task.abort();
+        lock(&self.pending).clear();
     }
 }
 
@@ -257,9 +318,25 @@ impl ControlClient {
         let (utx, urx) = mpsc::channel(256);
         let (ctx, crx) = mpsc::channel(16);
         let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
-        let task = tokio::spawn(run(s, chan, utx, crx, keepalive));
-        let client = ControlClient { map: map.clone(), new_node, updates: urx, cmds: ctx, task, done: false };
+        let pending = Pending::default();
+        let task = tokio::spawn(run(s, chan, utx, crx, keepalive, pending.clone()));
+        let client = ControlClient {
+            map: map.clone(),
+            new_node,
+            updates: urx,
+            cmds: ctx,
+            task,
+            done: false,
+            pending,
+            next_check_id: Arc::new(AtomicU64::new(1)),
+        };
         Ok((client, map))
+    }
+
+    /// A handle for `check` verification over this connection (for the SSH
+    /// server, which does not own the client).
+    pub fn check_handle(&self) -> CheckHandle {
+        CheckHandle { cmds: self.cmds.clone(), pending: self.pending.clone(), next_id: self.next_check_id.clone() }
     }
 
     /// Did this connection create the node (first registration)?
@@ -367,6 +444,7 @@ async fn run<S: Stream>(
     updates: mpsc::Sender<Result<MapDelta, ControlError>>,
     mut cmds: mpsc::Receiver<ClientMsg>,
     keepalive: Duration,
+    pending: Pending,
 ) {
     let (mut r, mut w) = tokio::io::split(s);
     let mut rbuf = vec![0u8; 16 * 1024];
@@ -393,6 +471,12 @@ async fn run<S: Stream>(
                     }
                 }
                 Ok(Some(ServerMsg::KeepAlive)) => {}
+                Ok(Some(ServerMsg::CheckResult { id, outcome, user, message })) => {
+                    // No waiter: it timed out meanwhile.
+                    if let Some(tx) = lock(&pending).remove(&id) {
+                        let _ = tx.send(CheckAnswer { outcome, user, message });
+                    }
+                }
                 Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
                 Ok(Some(ServerMsg::KeyRotated { node_key })) => break 'outer Err(ControlError::KeyRotated(node_key)),
                 Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),
@@ -429,6 +513,8 @@ async fn run<S: Stream>(
             }
         }
     };
+    // Waiting checks learn at once that no answer will come.
+    lock(&pending).clear();
     if let Err(e) = end {
         let _ = updates.send(Err(e)).await;
     }

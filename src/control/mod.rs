@@ -31,7 +31,7 @@ pub mod token;
 pub mod totp;
 
 pub use admin::{ControlArgs, admin_main};
-pub use client::{ControlClient, ControlError, ControlTarget, NodeHello};
+pub use client::{CheckAnswer, CheckHandle, ControlClient, ControlError, ControlTarget, NodeHello};
 pub use proto::{MapDelta, NetMap, PeerInfo, PolicyInfo, SelfInfo};
 pub use server::{ControlServer, ServerOptions, run_server};
 pub use token::AuthKeyToken;

@@ -145,8 +145,13 @@ pub enum CheckOutcome {
     Approved,
     /// Enrolled, not locked out, no usable approval: ask for a code.
     CodeNeeded,
-    /// Refused; the message says why and what to do.
+    /// Refused; the message says why and what to do (not enrolled, a
+    /// tagged source, a server problem).
     Denied,
+    /// The code was wrong or already used (counts toward the lockout).
+    WrongCode,
+    /// Too many wrong codes from this source: locked out for a while.
+    LockedOut,
 }
 
 /// Why the server refused something; the `message` is for humans.

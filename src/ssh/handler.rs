@@ -36,7 +36,7 @@ use super::audit::{AuditEvent, EventKind};
 use super::process::{self, PtyParams, SpawnSpec};
 use super::recording::{CastHeader, Recorder};
 use super::session::{self, Control};
-use super::{SshServer, forward, new_id};
+use super::{SshServer, check, forward, new_id};
 use crate::identity::{Identity, IdentityResolver};
 use crate::policy::{Action, SshDecision};
 
@@ -72,6 +72,9 @@ pub(crate) struct ConnCtx {
     /// (caller, target) as last resolved: what audit lines name.
     seen: Mutex<(Identity, Identity)>,
     pub live: watch::Sender<Live>,
+    /// The caller passed this connection's `check` (a code or an approval
+    /// within the check period): `check` decisions admit it from now on.
+    checked: AtomicBool,
 }
 
 impl ConnCtx {
@@ -103,7 +106,8 @@ impl ConnCtx {
         };
         let policy = self.server.cfg.policy.current();
         let d = if acct.uid == 0 { policy.check_ssh_superuser(&caller, &target, login) } else { policy.check_ssh(&caller, &target, login) };
-        if d.action == Action::Accept { Judged::Yes(d) } else { Judged::No(deny_message(&d), Some(d)) }
+        let passed = d.action == Action::Check && self.checked.load(Ordering::Acquire);
+        if d.action == Action::Accept || passed { Judged::Yes(d) } else { Judged::No(deny_message(&d), Some(d)) }
     }
 
     /// May this connection (still) forward to `port` on this node?
@@ -165,6 +169,8 @@ pub(crate) struct Conn {
     forwards: Arc<()>,
     /// Set once authentication succeeded (read by the login watchdog in `serve`).
     authenticated: Arc<AtomicBool>,
+    /// A `check` login waiting for its verification code.
+    pending_check: Option<check::Pending<Account>>,
 }
 
 impl Drop for Conn {
@@ -204,16 +210,16 @@ fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
 }
 
-fn deny_message(d: &SshDecision) -> String {
+pub(crate) fn deny_message(d: &SshDecision) -> String {
     let reason = one_line(&d.reason);
     let rule = d.rule.as_deref().map(|r| format!("policy rule {r}"));
     match d.action {
         Action::Check if reason.is_empty() => format!(
-            "tailgate: access denied: {} requires a check, which this node cannot perform yet",
+            "tailgate: access denied: {} requires a check, which this node cannot perform: it has no control server to verify a code",
             rule.unwrap_or_else(|| "the policy".into())
         ),
         Action::Check => {
-            format!("tailgate: access denied: {reason}; this node cannot perform that check yet")
+            format!("tailgate: access denied: {reason}; this node cannot perform that check: it has no control server to verify a code")
         }
         _ if reason.is_empty() => match rule {
             Some(r) => format!("tailgate: access denied by {r}"),
@@ -244,12 +250,21 @@ impl Conn {
     ) -> Self {
         let seen = Mutex::new((caller, target));
         Conn {
-            ctx: Arc::new(ConnCtx { server, conn_id: new_id(), peer_key, resolver, seen, live: watch::Sender::new(Live::default()) }),
+            ctx: Arc::new(ConnCtx {
+                server,
+                conn_id: new_id(),
+                peer_key,
+                resolver,
+                seen,
+                live: watch::Sender::new(Live::default()),
+                checked: AtomicBool::new(false),
+            }),
             login: None,
             sessions: HashMap::new(),
             timers: Vec::new(),
             forwards: Arc::new(()),
             authenticated: Arc::new(AtomicBool::new(false)),
+            pending_check: None,
         }
     }
 
@@ -262,12 +277,70 @@ impl Conn {
     }
 
     /// The answer to every authentication method: the identity decides.
-    async fn authenticate(&mut self, user: &str) -> Result<Auth, russh::Error> {
+    /// `keyboard_interactive`: the method can carry a `check` prompt.
+    async fn authenticate(&mut self, user: &str, keyboard_interactive: bool) -> Result<Auth, russh::Error> {
         if self.login.as_ref().is_some_and(|l| l.user == user) {
             return Ok(Auth::Accept);
         }
+        if let Some(p) = self.pending_check.as_ref().filter(|p| p.user == user) {
+            return Ok(check::prompt(p, keyboard_interactive));
+        }
         let at = Instant::now();
         let (verdict, decision) = self.admit(user).await;
+        if let (Verdict::Admit(acct), Some(d)) = (&verdict, &decision)
+            && d.action == Action::Check
+            && !self.ctx.checked.load(Ordering::Acquire)
+        {
+            let caller = self.ctx.seen().0;
+            match check::precheck(&self.ctx.server.check, d, &caller).await {
+                check::Pre::Approved => {
+                    self.check_event(user, check::Kind::Cached, None);
+                    self.ctx.checked.store(true, Ordering::Release);
+                }
+                check::Pre::Deny(msg, kind) => {
+                    self.check_event(user, kind, Some(&msg));
+                    return Ok(self.conclude(user, at, Verdict::Deny(msg), decision));
+                }
+                check::Pre::Prompt(who) => {
+                    let p = check::Pending { user: user.to_string(), account: acct.clone(), decision: d.clone(), at, who };
+                    let auth = check::prompt(&p, keyboard_interactive);
+                    self.pending_check = Some(p);
+                    return Ok(auth);
+                }
+            }
+        }
+        Ok(self.conclude(user, at, verdict, decision))
+    }
+
+    /// The code typed at the `check` prompt.
+    async fn check_answer(&mut self, p: check::Pending<Account>, code: String) -> Auth {
+        let caller = self.ctx.seen().0;
+        let verdict = match check::verify(&self.ctx.server.check, &p.decision, &caller, code).await {
+            Ok(()) => {
+                self.check_event(&p.user, check::Kind::Passed, None);
+                self.ctx.checked.store(true, Ordering::Release);
+                Verdict::Admit(p.account)
+            }
+            Err((msg, kind)) => {
+                self.check_event(&p.user, kind, Some(&msg));
+                Verdict::Deny(msg)
+            }
+        };
+        self.conclude(&p.user, p.at, verdict, Some(p.decision))
+    }
+
+    fn check_event(&self, login: &str, kind: check::Kind, why: Option<&str>) {
+        let mut ev = self.ctx.event(EventKind::Check);
+        ev.login = Some(login.to_string());
+        ev.kind = Some(kind.as_str().into());
+        ev.allowed = Some(matches!(kind, check::Kind::Passed | check::Kind::Cached));
+        ev.reason = why.map(|m| m.trim_start_matches("tailgate: ").to_string());
+        self.ctx.server.audit.write(&ev);
+    }
+
+    /// Records the login's outcome; a denied login is admitted to the
+    /// protocol only (see the module docs).
+    fn conclude(&mut self, user: &str, at: Instant, verdict: Verdict, decision: Option<SshDecision>) -> Auth {
         let mut ev = self.ctx.event(EventKind::Auth);
         match &decision {
             Some(d) => ev = ev.decision(user, d),
@@ -288,7 +361,7 @@ impl Conn {
         };
         self.ctx.live.send_modify(|l| l.deadline = limit);
         self.login = Some(Login { user: user.to_string(), verdict, at });
-        Ok(Auth::Accept)
+        Auth::Accept
     }
 
     /// The login name is resolved to its local account first, so that the
@@ -317,6 +390,8 @@ impl Conn {
         };
         let decision = match self.ctx.judge(user, &acct) {
             Judged::Yes(d) => d,
+            // Admitted here; `authenticate` asks for the second factor.
+            Judged::No(_, Some(d)) if d.action == Action::Check => d,
             Judged::No(msg, d) => return (Verdict::Deny(msg), d),
         };
         let euid = nix::unistd::geteuid().as_raw();
@@ -620,12 +695,12 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        self.authenticate(user).await
+        self.authenticate(user, false).await
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         // The password is neither checked nor logged: identity comes from the tailnet.
-        self.authenticate(user).await
+        self.authenticate(user, false).await
     }
 
     async fn auth_publickey_offered(&mut self, _user: &str, _offer: russh::server::PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
@@ -633,20 +708,26 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_publickey(&mut self, user: &str, _key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        self.authenticate(user).await
+        self.authenticate(user, false).await
     }
 
     async fn auth_openssh_certificate(&mut self, user: &str, _c: &russh::keys::Certificate) -> Result<Auth, Self::Error> {
-        self.authenticate(user).await
+        self.authenticate(user, false).await
     }
 
     async fn auth_keyboard_interactive<'a>(
         &'a mut self,
         user: &str,
         _submethods: &str,
-        _response: Option<russh::server::Response<'a>>,
+        response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        self.authenticate(user).await
+        if let Some(answers) = response
+            && self.pending_check.as_ref().is_some_and(|p| p.user == user)
+            && let Some(p) = self.pending_check.take()
+        {
+            return Ok(self.check_answer(p, check::code_from(answers)).await);
+        }
+        self.authenticate(user, true).await
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
@@ -949,7 +1030,10 @@ mod tests {
         let m = deny_message(&decision(Action::Reject, Some("ssh[2] at p.toml:9"), ""));
         assert_eq!(m, "tailgate: access denied by policy rule ssh[2] at p.toml:9");
         let m = deny_message(&decision(Action::Check, Some("ssh[1]"), "ssh[1] requires a check\nbefore x"));
-        assert_eq!(m, "tailgate: access denied: ssh[1] requires a check before x; this node cannot perform that check yet");
+        assert_eq!(
+            m,
+            "tailgate: access denied: ssh[1] requires a check before x; this node cannot perform that check: it has no control server to verify a code"
+        );
         let m = deny_message(&decision(Action::Check, Some("ssh[1]"), ""));
         assert!(m.contains("policy rule ssh[1] requires a check") && m.contains("cannot perform"));
         let m = deny_message(&decision(Action::Reject, None, "\x1b[31mred\r\n"));

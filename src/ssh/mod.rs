@@ -16,9 +16,11 @@
 //! - [`forward`]: `direct-tcpip` (`ssh -L`) to ports on this node.
 //! - [`audit`]: one JSON line per decision or session event.
 //! - [`recording`]: asciicast v2 recordings.
+//! - [`check`]: the second factor of `check` rules (prompt, verified by control).
 
 pub mod account;
 pub mod audit;
+pub mod check;
 mod forward;
 mod handler;
 pub mod process;
@@ -150,6 +152,7 @@ pub struct SshServer {
     pub(crate) audit: AuditLog,
     pub(crate) recordings_dir: PathBuf,
     pub(crate) sftp_server: Option<PathBuf>,
+    pub(crate) check: check::CheckLink,
 }
 
 const SFTP_SERVER_PATHS: &[&str] = &[
@@ -190,12 +193,26 @@ impl SshServer {
             nodelay: true,
             ..Default::default()
         };
-        Ok(Arc::new(SshServer { cfg, russh_config: Arc::new(russh_config), host_public, audit, recordings_dir, sftp_server }))
+        Ok(Arc::new(SshServer {
+            cfg,
+            russh_config: Arc::new(russh_config),
+            host_public,
+            audit,
+            recordings_dir,
+            sftp_server,
+            check: check::CheckLink::default(),
+        }))
     }
 
     /// `ssh-ed25519 AAAA...`, for known_hosts lines and the netmap.
     pub fn host_public_key_openssh(&self) -> String {
         self.host_public.clone()
+    }
+
+    /// Where `check` logins are verified: static (nowhere) until the agent
+    /// points it at a control connection.
+    pub fn check_link(&self) -> check::CheckLink {
+        self.check.clone()
     }
 
     /// Path of the audit log (`state_dir/audit.jsonl`).

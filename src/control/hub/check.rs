@@ -77,7 +77,11 @@ impl Hub {
         };
         if let Some(until) = st.locked_until.filter(|u| *u > now) {
             let mins = (until - now + 59) / 60;
-            return denied(&user, format!("too many wrong codes from {}: locked out for {mins} more minute(s)", src.name));
+            return Answer {
+                outcome: CheckOutcome::LockedOut,
+                user: user.clone(),
+                message: format!("too many wrong codes from {}: locked out for {mins} more minute(s)", src.name),
+            };
         }
         let Some(code) = code else {
             let fresh = match (max_age_secs, st.approved_at) {
@@ -136,19 +140,23 @@ impl Hub {
         }
         st.failures += 1;
         st.last_failure = Some(now);
-        let (action, message) = if st.failures >= MAX_FAILURES {
+        let (outcome, action, message) = if st.failures >= MAX_FAILURES {
             st.failures = 0;
             st.locked_until = Some(now + LOCKOUT_SECS);
-            ("check.lockout", format!("{why}; {MAX_FAILURES} wrong codes: {user} from {src_name} is locked out for 15 minutes"))
+            (
+                CheckOutcome::LockedOut,
+                "check.lockout",
+                format!("{why}; {MAX_FAILURES} wrong codes: {user} from {src_name} is locked out for 15 minutes"),
+            )
         } else {
             let left = MAX_FAILURES - st.failures;
-            ("check.failed", format!("{why} ({left} more wrong code(s) lock you out for 15 minutes)"))
+            (CheckOutcome::WrongCode, "check.failed", format!("{why} ({left} more wrong code(s) lock you out for 15 minutes)"))
         };
         if let Err(e) = self.store.check_state_put(user_id, source, &st) {
             tracing::error!("check for {user}: store: {e:#}");
         }
         self.audit(now, &format!("node:{asker}"), action, user, &format!("from {src_name}: {why}"));
-        denied(user, message)
+        Answer { outcome, user: user.to_string(), message }
     }
 
     /// `users totp enroll|reset|status`.

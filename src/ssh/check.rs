@@ -1,0 +1,188 @@
+//! `check` rules: a second factor asked for in the SSH conversation.
+//!
+//! When the policy's decision is `check`, the handler asks the control
+//! server (over the node's control connection, [`CheckLink`]) whether the
+//! caller's user has a recent enough approval from the caller's node; if
+//! not, it prompts through keyboard-interactive ("Verification code for
+//! alice@example.com: ") and has control verify the answer. Codes, secrets,
+//! approvals and lockouts all live on control; this node only relays.
+//! Without a control server (static mode) or while it is unreachable, a
+//! `check` login is denied with the reason.
+
+use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use russh::server::Auth;
+use russh::{MethodKind, MethodSet};
+
+use crate::control::proto::CheckOutcome;
+use crate::control::{CheckAnswer, CheckHandle};
+use crate::identity::Identity;
+use crate::policy::{CheckPeriod, SshDecision};
+use crate::wg;
+
+/// How long a login waits for control's answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest answer to the prompt that is passed on (a code is 6 digits).
+const MAX_CODE: usize = 64;
+
+enum LinkState {
+    /// No control server (wg-quick config): nobody can verify.
+    Static,
+    /// Control mode, no connection right now; why.
+    Down(String),
+    Up(CheckHandle),
+}
+
+/// Where this node's SSH server sends check requests. The agent points it
+/// at each new control connection.
+#[derive(Clone)]
+pub struct CheckLink(Arc<RwLock<LinkState>>);
+
+impl Default for CheckLink {
+    fn default() -> Self {
+        CheckLink(Arc::new(RwLock::new(LinkState::Static)))
+    }
+}
+
+impl CheckLink {
+    pub fn set_connected(&self, h: CheckHandle) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Up(h);
+    }
+
+    pub fn set_disconnected(&self, why: String) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Down(why);
+    }
+
+    fn handle(&self) -> Result<CheckHandle, Option<String>> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            LinkState::Static => Err(None),
+            LinkState::Down(why) => Err(Some(why.clone())),
+            LinkState::Up(h) => Ok(h.clone()),
+        }
+    }
+}
+
+/// What the audit line calls a check outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Passed,
+    Cached,
+    Failed,
+    Lockout,
+    /// Not enrolled, tagged source, no control server, ...
+    Refused,
+}
+
+impl Kind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Passed => "passed",
+            Kind::Cached => "cached",
+            Kind::Failed => "failed",
+            Kind::Lockout => "lockout",
+            Kind::Refused => "unavailable",
+        }
+    }
+}
+
+pub(crate) enum Pre {
+    /// An approval within the check period: admit without a prompt.
+    Approved,
+    /// Ask for a code; the prompt names this user.
+    Prompt(String),
+    Deny(String, Kind),
+}
+
+/// A login waiting for its code.
+pub(crate) struct Pending<A> {
+    pub user: String,
+    pub account: A,
+    pub decision: SshDecision,
+    pub at: std::time::Instant,
+    /// Who the prompt names (the tailnet user).
+    pub who: String,
+}
+
+fn source_key(caller: &Identity) -> Option<wg::Key> {
+    wg::key_from_base64(&caller.node_key).ok()
+}
+
+fn unreachable_message(d: &SshDecision, why: &str) -> String {
+    format!(
+        "tailgate: access denied: {} needs a verification code, but this node cannot reach the control server to check it ({why}); \
+         try again when it is back",
+        d.rule.as_deref().map_or("the policy".into(), |r| format!("policy rule {r}"))
+    )
+}
+
+async fn ask(link: &CheckLink, d: &SshDecision, caller: &Identity, code: Option<String>) -> Result<CheckAnswer, String> {
+    let h = match link.handle() {
+        Ok(h) => h,
+        Err(None) => return Err(super::handler::deny_message(d)),
+        Err(Some(why)) => return Err(unreachable_message(d, &why)),
+    };
+    let Some(source) = source_key(caller) else {
+        return Err("tailgate: access denied: your node's key is not valid".into());
+    };
+    let max_age = match d.check_period {
+        CheckPeriod::Always => None,
+        CheckPeriod::For(p) => Some(p),
+    };
+    h.check(source, code, max_age, CHECK_TIMEOUT).await.map_err(|e| unreachable_message(d, &e.to_string()))
+}
+
+/// Before prompting: a cached approval, a prompt, or a denial with its reason.
+pub(crate) async fn precheck(link: &CheckLink, d: &SshDecision, caller: &Identity) -> Pre {
+    match ask(link, d, caller, None).await {
+        Err(msg) => Pre::Deny(msg, Kind::Refused),
+        Ok(a) => match a.outcome {
+            CheckOutcome::Approved => Pre::Approved,
+            CheckOutcome::CodeNeeded => Pre::Prompt(if a.user.is_empty() { caller.who() } else { a.user }),
+            other => Pre::Deny(denial(&a.message), kind_of(other)),
+        },
+    }
+}
+
+/// Verifies the code typed at the prompt: `Ok` = passed.
+pub(crate) async fn verify(link: &CheckLink, d: &SshDecision, caller: &Identity, code: String) -> Result<(), (String, Kind)> {
+    match ask(link, d, caller, Some(code)).await {
+        Err(msg) => Err((msg, Kind::Refused)),
+        Ok(a) if a.outcome == CheckOutcome::Approved => Ok(()),
+        Ok(a) => Err((denial(&a.message), kind_of(a.outcome))),
+    }
+}
+
+fn kind_of(o: CheckOutcome) -> Kind {
+    match o {
+        CheckOutcome::WrongCode => Kind::Failed,
+        CheckOutcome::LockedOut => Kind::Lockout,
+        _ => Kind::Refused,
+    }
+}
+
+fn denial(message: &str) -> String {
+    let m: String = message.chars().filter(|c| !c.is_control()).take(300).collect();
+    format!("tailgate: access denied: {m}")
+}
+
+/// The first answer of a keyboard-interactive response, as text.
+pub(crate) fn code_from(mut answers: impl Iterator<Item = bytes::Bytes>) -> String {
+    let a = answers.next().unwrap_or_default();
+    String::from_utf8_lossy(&a[..a.len().min(MAX_CODE)]).trim().to_string()
+}
+
+/// The answer to an authentication attempt while a code is due: the prompt
+/// for keyboard-interactive, for any other method "use keyboard-interactive".
+pub(crate) fn prompt<A>(p: &Pending<A>, keyboard_interactive: bool) -> Auth {
+    if keyboard_interactive {
+        Auth::Partial {
+            name: Cow::Borrowed("tailgate check"),
+            instructions: Cow::Borrowed(""),
+            prompts: Cow::Owned(vec![(Cow::Owned(format!("Verification code for {}: ", p.who)), false)]),
+        }
+    } else {
+        Auth::Reject { proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])), partial_success: false }
+    }
+}
