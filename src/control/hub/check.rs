@@ -228,3 +228,106 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::hub::HubConfig;
+    use crate::control::proto::{ClientMsg, ServerMsg};
+    use crate::control::store::Store;
+    use crate::control::token::AuthKeyToken;
+
+    const T0: i64 = 1_700_000_000;
+
+    /// A hub with alice's laptop (key [7; 32]) and a tagged web node (key [8; 32]), connected.
+    fn lab() -> (Hub, i64) {
+        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, T0).unwrap();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, T0).unwrap();
+        let key = |h: &mut Hub, user: Option<&str>, tags: Vec<String>| {
+            let req = AdminRequest::KeysCreate { user: user.map(Into::into), reusable: false, ephemeral: false, expiry_secs: None, tags };
+            let v = h.admin(req, T0).unwrap();
+            AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret
+        };
+        let reg = |secret: String, host: &str| ClientMsg::Register {
+            auth_key: secret,
+            hostname: host.into(),
+            ssh_host_key: None,
+            endpoints: vec![],
+            previous_node_key: None,
+        };
+        h.admin(AdminRequest::PolicySet { text: "[tag_owners]\n\"tag:web\" = [\"alice\"]\n".into(), name: "p".into() }, T0).unwrap();
+        let k = key(&mut h, Some("alice"), vec![]);
+        h.hello(1, [7; 32], reg(k, "laptop"), T0).unwrap();
+        let k = key(&mut h, None, vec!["tag:web".into()]);
+        let web = h.hello(2, [8; 32], reg(k, "web"), T0).unwrap();
+        h.take_outputs();
+        (h, web)
+    }
+
+    fn ask(h: &mut Hub, web: i64, source: Key, code: Option<String>, max_age: Option<u64>, now: i64) -> (CheckOutcome, String) {
+        h.client_msg(2, web, ClientMsg::Check { id: 9, source, code, max_age_secs: max_age }, now);
+        let outs = h.take_outputs();
+        let msg = outs
+            .into_iter()
+            .find_map(|o| match o {
+                Out::Send(2, m) => serde_json::from_value::<ServerMsg>(serde_json::to_value(m).unwrap()).ok(),
+                _ => None,
+            })
+            .expect("an answer");
+        match msg {
+            ServerMsg::CheckResult { id: 9, outcome, message, .. } => (outcome, message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn enrolment_codes_replay_lockout_and_approval_age() {
+        let (mut h, web) = lab();
+        let (o, m) = ask(&mut h, web, [7; 32], None, Some(3600), T0);
+        assert_eq!(o, CheckOutcome::Denied);
+        assert!(m.contains("tailgate control users totp enroll alice"), "{m}");
+        let (o, m) = ask(&mut h, web, [8; 32], None, Some(3600), T0);
+        assert!(o == CheckOutcome::Denied && m.contains("tagged"), "{m}");
+        let (o, _) = ask(&mut h, web, [3; 32], None, Some(3600), T0);
+        assert_eq!(o, CheckOutcome::Denied);
+
+        let v = h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap();
+        let secret = v["secret"].as_str().unwrap().to_string();
+        assert!(h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap_err().contains("already enrolled"));
+        assert_eq!(ask(&mut h, web, [7; 32], None, Some(3600), T0).0, CheckOutcome::CodeNeeded);
+
+        let code = totp::code_at(&secret, T0 as u64).unwrap();
+        assert_eq!(ask(&mut h, web, [7; 32], Some(code.clone()), Some(3600), T0).0, CheckOutcome::Approved);
+        // Approved within the period, not beyond it, never for "always".
+        assert_eq!(ask(&mut h, web, [7; 32], None, Some(3600), T0 + 3599).0, CheckOutcome::Approved);
+        assert_eq!(ask(&mut h, web, [7; 32], None, Some(3600), T0 + 3600).0, CheckOutcome::CodeNeeded);
+        assert_eq!(ask(&mut h, web, [7; 32], None, None, T0 + 1).0, CheckOutcome::CodeNeeded);
+        // Replays, also of an older step inside the skew window.
+        let (o, m) = ask(&mut h, web, [7; 32], Some(code), None, T0 + 5);
+        assert!(o == CheckOutcome::WrongCode && m.contains("already used"), "{m}");
+        let older = totp::code_at(&secret, T0 as u64 - 30).unwrap();
+        assert_eq!(ask(&mut h, web, [7; 32], Some(older), None, T0 + 5).0, CheckOutcome::WrongCode);
+        for i in 0..2 {
+            assert_eq!(ask(&mut h, web, [7; 32], Some("000000x".into()), None, T0 + 6 + i).0, CheckOutcome::WrongCode);
+        }
+        let (o, m) = ask(&mut h, web, [7; 32], Some("abc".into()), None, T0 + 9);
+        assert!(o == CheckOutcome::LockedOut && m.contains("locked out for 15 minutes"), "{m}");
+        // Locked out: even the right code is refused, until 15 minutes pass.
+        let next = totp::code_at(&secret, T0 as u64 + 60).unwrap();
+        assert_eq!(ask(&mut h, web, [7; 32], Some(next.clone()), None, T0 + 60).0, CheckOutcome::LockedOut);
+        let status = h.admin(AdminRequest::TotpStatus { user: Some("alice".into()) }, T0 + 60).unwrap();
+        assert_eq!(status[0]["locked_out"][0]["node"], "laptop", "{status}");
+        let later = T0 + 9 + LOCKOUT_SECS;
+        let code = totp::code_at(&secret, later as u64).unwrap();
+        assert_eq!(ask(&mut h, web, [7; 32], Some(code), None, later).0, CheckOutcome::Approved);
+        let audit: Vec<String> =
+            h.store.audit_recent(100).unwrap().into_iter().filter(|a| a.action.starts_with("check.")).map(|a| a.action).collect();
+        assert_eq!(audit.iter().filter(|a| *a == "check.lockout").count(), 1, "{audit:?}");
+        assert_eq!(audit.iter().filter(|a| *a == "check.failed").count(), 4, "{audit:?}");
+        // Reset forgets the secret; the secret never shows in status.
+        h.admin(AdminRequest::TotpReset { user: "alice".into() }, later).unwrap();
+        let status = h.admin(AdminRequest::TotpStatus { user: None }, later).unwrap();
+        assert_eq!(status[0]["enrolled"], false);
+        assert!(!status.to_string().contains(&secret));
+    }
+}
