@@ -213,4 +213,12 @@ fn check_with_totp_over_keyboard_interactive() {
     );
     assert_ne!(r.0, 0);
     assert!(!r.1.contains("should-not-run"));
+
+    // With the server stopped, the admin commands work on the database
+    // under the state-dir lock; the secret is in no answer but enroll's.
+    let status = w.admin(&format!("users totp status {WHO} --json"));
+    assert!(status.contains("\"enrolled\": true") && !status.contains(&secret), "{status}");
+    assert!(!status.contains("\"last_used\": null"), "a code was used: {status}");
+    let db_mode = must(&format!("stat -c %a {d}/ctl/control.db"));
+    assert_eq!(db_mode.trim(), "600");
 }

@@ -426,7 +426,7 @@ fn render_enroll(v: &Value) -> String {
     let uri = s(&v["uri"]);
     let qr = crate::control::totp::qr_text(&uri).unwrap_or_else(|e| format!("({e}; type the secret instead)\n"));
     format!(
-        "Scan this with an authenticator app (or enter the secret by hand):\n\n{qr}\n\n{uri}\n\nsecret:       {}\ncurrent code: {}          (the app should show the same code now)\n\n{} can now pass `check` rules. This secret is shown only once.\n",
+        "Scan this with an authenticator app (or enter the secret by hand):\n\n{qr}\n\n{uri}\n\nsecret:       {}\ncurrent code: {} (the app should show the same code now)\n\n{} can now pass `check` rules. This secret is shown only once.\n",
         s(&v["secret"]),
         s(&v["code"]),
         s(&v["user"]),

@@ -10,12 +10,15 @@
 //! `check` login is denied with the reason.
 
 use std::borrow::Cow;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use russh::server::Auth;
 use russh::{MethodKind, MethodSet};
 
+use super::audit::EventKind;
+use super::handler::ConnCtx;
 use crate::control::proto::CheckOutcome;
 use crate::control::{CheckAnswer, CheckHandle};
 use crate::identity::Identity;
@@ -66,7 +69,7 @@ impl CheckLink {
 
 /// What the audit line calls a check outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
+enum Kind {
     Passed,
     Cached,
     Failed,
@@ -76,7 +79,7 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Kind::Passed => "passed",
             Kind::Cached => "cached",
@@ -92,7 +95,8 @@ pub(crate) enum Pre {
     Approved,
     /// Ask for a code; the prompt names this user.
     Prompt(String),
-    Deny(String, Kind),
+    /// The line shown to the user.
+    Deny(String),
 }
 
 /// A login waiting for its code.
@@ -133,25 +137,54 @@ async fn ask(link: &CheckLink, d: &SshDecision, caller: &Identity, code: Option<
     h.check(source, code, max_age, CHECK_TIMEOUT).await.map_err(|e| unreachable_message(d, &e.to_string()))
 }
 
-/// Before prompting: a cached approval, a prompt, or a denial with its reason.
-pub(crate) async fn precheck(link: &CheckLink, d: &SshDecision, caller: &Identity) -> Pre {
-    match ask(link, d, caller, None).await {
-        Err(msg) => Pre::Deny(msg, Kind::Refused),
+/// Before prompting: a cached approval (the connection is then checked), a
+/// prompt, or a denial with its reason. Audits all but the prompt.
+pub(crate) async fn precheck(ctx: &ConnCtx, d: &SshDecision, login: &str) -> Pre {
+    let caller = ctx.seen().0;
+    let (pre, kind) = match ask(&ctx.server.check, d, &caller, None).await {
+        Err(msg) => (Pre::Deny(msg), Kind::Refused),
         Ok(a) => match a.outcome {
-            CheckOutcome::Approved => Pre::Approved,
-            CheckOutcome::CodeNeeded => Pre::Prompt(if a.user.is_empty() { caller.who() } else { a.user }),
-            other => Pre::Deny(denial(&a.message), kind_of(other)),
+            CheckOutcome::Approved => (Pre::Approved, Kind::Cached),
+            CheckOutcome::CodeNeeded => return Pre::Prompt(if a.user.is_empty() { caller.who() } else { a.user }),
+            other => (Pre::Deny(denial(&a.message)), kind_of(other)),
         },
+    };
+    match &pre {
+        Pre::Deny(msg) => audit(ctx, login, kind, Some(msg)),
+        _ => {
+            ctx.checked.store(true, Ordering::Release);
+            audit(ctx, login, kind, None);
+        }
     }
+    pre
 }
 
-/// Verifies the code typed at the prompt: `Ok` = passed.
-pub(crate) async fn verify(link: &CheckLink, d: &SshDecision, caller: &Identity, code: String) -> Result<(), (String, Kind)> {
-    match ask(link, d, caller, Some(code)).await {
-        Err(msg) => Err((msg, Kind::Refused)),
-        Ok(a) if a.outcome == CheckOutcome::Approved => Ok(()),
-        Ok(a) => Err((denial(&a.message), kind_of(a.outcome))),
+/// Verifies the code typed at the prompt: `Ok` = passed (the connection is
+/// then checked), else the line shown to the user. Audited either way.
+pub(crate) async fn verify(ctx: &ConnCtx, d: &SshDecision, login: &str, code: String) -> Result<(), String> {
+    let caller = ctx.seen().0;
+    let (res, kind) = match ask(&ctx.server.check, d, &caller, Some(code)).await {
+        Err(msg) => (Err(msg), Kind::Refused),
+        Ok(a) if a.outcome == CheckOutcome::Approved => (Ok(()), Kind::Passed),
+        Ok(a) => (Err(denial(&a.message)), kind_of(a.outcome)),
+    };
+    match &res {
+        Ok(()) => {
+            ctx.checked.store(true, Ordering::Release);
+            audit(ctx, login, kind, None);
+        }
+        Err(msg) => audit(ctx, login, kind, Some(msg)),
     }
+    res
+}
+
+fn audit(ctx: &ConnCtx, login: &str, kind: Kind, why: Option<&str>) {
+    let mut ev = ctx.event(EventKind::Check);
+    ev.login = Some(login.to_string());
+    ev.kind = Some(kind.as_str().into());
+    ev.allowed = Some(matches!(kind, Kind::Passed | Kind::Cached));
+    ev.reason = why.map(|m| m.trim_start_matches("tailgate: ").to_string());
+    ctx.server.audit.write(&ev);
 }
 
 fn kind_of(o: CheckOutcome) -> Kind {

@@ -74,7 +74,7 @@ pub(crate) struct ConnCtx {
     pub live: watch::Sender<Live>,
     /// The caller passed this connection's `check` (a code or an approval
     /// within the check period): `check` decisions admit it from now on.
-    checked: AtomicBool,
+    pub(crate) checked: AtomicBool,
 }
 
 impl ConnCtx {
@@ -291,16 +291,9 @@ impl Conn {
             && d.action == Action::Check
             && !self.ctx.checked.load(Ordering::Acquire)
         {
-            let caller = self.ctx.seen().0;
-            match check::precheck(&self.ctx.server.check, d, &caller).await {
-                check::Pre::Approved => {
-                    self.check_event(user, check::Kind::Cached, None);
-                    self.ctx.checked.store(true, Ordering::Release);
-                }
-                check::Pre::Deny(msg, kind) => {
-                    self.check_event(user, kind, Some(&msg));
-                    return Ok(self.conclude(user, at, Verdict::Deny(msg), decision));
-                }
+            match check::precheck(&self.ctx, d, user).await {
+                check::Pre::Approved => {}
+                check::Pre::Deny(msg) => return Ok(self.conclude(user, at, Verdict::Deny(msg), decision)),
                 check::Pre::Prompt(who) => {
                     let p = check::Pending { user: user.to_string(), account: acct.clone(), decision: d.clone(), at, who };
                     let auth = check::prompt(&p, keyboard_interactive);
@@ -314,28 +307,11 @@ impl Conn {
 
     /// The code typed at the `check` prompt.
     async fn check_answer(&mut self, p: check::Pending<Account>, code: String) -> Auth {
-        let caller = self.ctx.seen().0;
-        let verdict = match check::verify(&self.ctx.server.check, &p.decision, &caller, code).await {
-            Ok(()) => {
-                self.check_event(&p.user, check::Kind::Passed, None);
-                self.ctx.checked.store(true, Ordering::Release);
-                Verdict::Admit(p.account)
-            }
-            Err((msg, kind)) => {
-                self.check_event(&p.user, kind, Some(&msg));
-                Verdict::Deny(msg)
-            }
+        let verdict = match check::verify(&self.ctx, &p.decision, &p.user, code).await {
+            Ok(()) => Verdict::Admit(p.account),
+            Err(msg) => Verdict::Deny(msg),
         };
         self.conclude(&p.user, p.at, verdict, Some(p.decision))
-    }
-
-    fn check_event(&self, login: &str, kind: check::Kind, why: Option<&str>) {
-        let mut ev = self.ctx.event(EventKind::Check);
-        ev.login = Some(login.to_string());
-        ev.kind = Some(kind.as_str().into());
-        ev.allowed = Some(matches!(kind, check::Kind::Passed | check::Kind::Cached));
-        ev.reason = why.map(|m| m.trim_start_matches("tailgate: ").to_string());
-        self.ctx.server.audit.write(&ev);
     }
 
     /// Records the login's outcome; a denied login is admitted to the
