@@ -107,7 +107,15 @@ impl ConnCtx {
         let policy = self.server.cfg.policy.current();
         let d = if acct.uid == 0 { policy.check_ssh_superuser(&caller, &target, login) } else { policy.check_ssh(&caller, &target, login) };
         let passed = d.action == Action::Check && self.checked.load(Ordering::Acquire);
-        if d.action == Action::Accept || passed { Judged::Yes(d) } else { Judged::No(deny_message(&d), Some(d)) }
+        if d.action == Action::Accept || passed {
+            Judged::Yes(d)
+        } else if d.action == Action::Check {
+            // A connection admitted before the policy asked for a check: the
+            // code is asked at login only.
+            Judged::No(format!("tailgate: access denied: {}; log in again to answer it", one_line(&d.reason)), Some(d))
+        } else {
+            Judged::No(deny_message(&d), Some(d))
+        }
     }
 
     /// May this connection (still) forward to `port` on this node?
