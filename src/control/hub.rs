@@ -869,7 +869,7 @@ impl Hub {
                 Err((_, m)) => self.protocol_error(conn, m),
             },
             ClientMsg::RotateKey { new_node_key } => self.rotate_key(conn, node, new_node_key, now),
-            ClientMsg::Check { id, source, code, max_age_secs } => self.check_request(conn, node, id, source, code, max_age_secs, now),
+            msg @ ClientMsg::Check { .. } => self.check_request(conn, node, msg, now),
             ClientMsg::Logout => {
                 let Some(n) = self.nodes.get(&node).cloned() else { return };
                 self.out.push(Out::Send(conn, ServerOut::LoggedOut));

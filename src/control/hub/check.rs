@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{AdminRequest, ConnId, Hub, Out};
 use crate::control::fmt_time;
-use crate::control::proto::{CheckOutcome, ServerOut};
+use crate::control::proto::{CheckOutcome, ClientMsg, ServerOut};
 use crate::control::store::CheckStateRow;
 use crate::control::totp;
 use crate::wg::Key;
@@ -31,17 +31,9 @@ fn denied(user: &str, message: String) -> Answer {
 }
 
 impl Hub {
-    /// [`ClientMsg::Check`](crate::control::proto::ClientMsg::Check) from `node`.
-    pub(super) fn check_request(
-        &mut self,
-        conn: ConnId,
-        node: i64,
-        id: u64,
-        source: Key,
-        code: Option<String>,
-        max_age_secs: Option<u64>,
-        now: i64,
-    ) {
+    /// A [`ClientMsg::Check`] from `node`.
+    pub(super) fn check_request(&mut self, conn: ConnId, node: i64, msg: ClientMsg, now: i64) {
+        let ClientMsg::Check { id, source, code, max_age_secs } = msg else { return };
         let a = self.check_answer(node, &source, code, max_age_secs, now);
         self.out.push(Out::Send(conn, ServerOut::CheckResult { id, outcome: a.outcome, user: a.user, message: a.message }));
     }
@@ -233,7 +225,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::control::hub::HubConfig;
-    use crate::control::proto::{ClientMsg, ServerMsg};
+    use crate::control::proto::ServerMsg;
     use crate::control::store::Store;
     use crate::control::token::AuthKeyToken;
 
