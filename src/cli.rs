@@ -67,6 +67,10 @@ enum PolicyCommand {
 
 #[derive(clap::Args)]
 struct UpArgs {
+    /// Read flags from this TOML file (`listen_port = 41641`, `forward = [...]`)
+    /// [default: /etc/tailgate/node.toml when it exists]; flags given here win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Join with this auth key (first start only; later starts reuse the state dir).
     #[arg(long, value_name = "TOKEN", env = "TAILGATE_AUTHKEY", conflicts_with = "wg_config")]
     authkey: Option<String>,
@@ -135,7 +139,15 @@ struct StatusArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let argv = match crate::flagfile::expand_args(Cli::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Policy { command: PolicyCommand::Check { file } } => {
