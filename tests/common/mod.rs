@@ -134,6 +134,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Own an already spawned child (killed on drop) whose output goes to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Proc {
+        Proc { child: Some(child), log }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
