@@ -119,14 +119,18 @@ struct NcArgs {
 }
 
 #[derive(clap::Args)]
+#[command(
+    override_usage = "tailgate ssh [--state-dir DIR] [SSH OPTIONS] [user@]host [command]",
+    after_help = "Every ssh option before the destination goes to ssh (-L, -N, -p, -o, -t, -v, -i, -A, ...); \
+                  -J and ProxyCommand/ProxyJump are refused: the tailnet is the path."
+)]
 struct SshArgs {
     #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// `[user@]host`: a node name, `name.<tailnet domain>` or tailnet IP.
-    target: String,
-    /// Command to run instead of a login shell.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+    /// ssh options, `[user@]host` (a node name, `name.<tailnet domain>` or
+    /// tailnet IP), and the command to run instead of a login shell.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -147,7 +151,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    let cli = Cli::parse_from(ssh_args_verbatim(argv));
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Policy { command: PolicyCommand::Check { file } } => {
@@ -181,6 +185,37 @@ pub fn main() -> ExitCode {
             }
             eprintln!("tailgate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tailgate [flags] ssh [--state-dir DIR] REST`: REST is ssh's, and clap
+/// would otherwise take ssh's `-v` for our global `--verbose` and refuse
+/// the other letters. A `--` after our own flags makes clap pass REST on
+/// untouched; `tailgate ssh --help` still reaches clap.
+fn ssh_args_verbatim(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(pos) = argv.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')).map(|p| p + 1) else { return argv };
+    if argv[pos] != "ssh" {
+        return argv;
+    }
+    let mut i = pos + 1;
+    loop {
+        let a = argv.get(i).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        if a == "--state-dir" {
+            i += 2;
+        } else if a.starts_with("--state-dir=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    match argv.get(i).map(|a| a.to_string_lossy()) {
+        None => argv,
+        Some(a) if a == "--" || a == "--help" || a == "-h" => argv,
+        Some(_) => {
+            let mut out = argv;
+            out.insert(i.min(out.len()), "--".into());
+            out
         }
     }
 }
@@ -370,10 +405,11 @@ pub fn default_state_dir() -> Result<PathBuf> {
 }
 
 async fn ssh(args: SshArgs) -> Result<()> {
+    let inv = crate::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
     let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;
-    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &args.target, &args.command)?;
+    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &inv)?;
     Ok(())
 }
 
@@ -420,18 +456,24 @@ fn format_status(st: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
-        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX", "REFUSED"
+        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>14} {:>12} {:>12} {:>8}",
+        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "LAST HANDSHAKE", "RX", "TX", "REFUSED"
     );
     for p in st["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
+        // Online is control's view of the peer; static mode has none.
+        let online = match p["online"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
+            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>14} {:>12} {:>12} {:>8}",
             s(&p["name"]),
             first_ip(p),
             who(p),
-            if p["online"].as_bool() == Some(true) { "yes" } else { "no" },
+            online,
             p["path"].as_str().unwrap_or("-"),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),

@@ -17,12 +17,16 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// `ssh-ed25519 AAAA...` when known (the netmap carries it).
     pub ssh_host_key: Option<String>,
+    /// Connected to the control server, as the netmap says; `None` when
+    /// nobody knows (static mode, where only handshakes tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
 }
 
 impl Entry {
     /// The entry for a node whose identity is known; `ips` are all its addresses.
     pub fn from_identity(id: Identity, ips: Vec<IpAddr>, ssh_host_key: Option<String>) -> Entry {
-        Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key }
+        Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key, online: None }
     }
 }
 
@@ -111,7 +115,7 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, ip: &str) -> Entry {
-        Entry { name: name.into(), ips: vec![ip.parse().unwrap()], node_key: String::new(), user: None, tags: vec![], ssh_host_key: None }
+        Entry { name: name.into(), ips: vec![ip.parse().unwrap()], node_key: String::new(), user: None, tags: vec![], ssh_host_key: None, online: None }
     }
 
     #[test]
