@@ -115,7 +115,15 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, ip: &str) -> Entry {
-        Entry { name: name.into(), ips: vec![ip.parse().unwrap()], node_key: String::new(), user: None, tags: vec![], ssh_host_key: None, online: None }
+        Entry {
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+            node_key: String::new(),
+            user: None,
+            tags: vec![],
+            ssh_host_key: None,
+            online: None,
+        }
     }
 
     #[test]
