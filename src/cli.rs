@@ -37,7 +37,7 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Run or administer the coordination server (users, auth keys, nodes, policy).
     Control(crate::control::ControlArgs),
-    /// Run stock `ssh` to a tailnet node: `tailgate ssh [user@]host [command]`.
+    /// Run stock `ssh` to a tailnet node: `tailgate ssh [ssh options] [user@]host [command]`.
     Ssh(SshArgs),
     /// Print an OpenSSH config block so plain `ssh web1` works.
     SshConfig {
@@ -53,10 +53,24 @@ enum Command {
     },
     /// Print shell completions (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
+    /// Write man pages or completion scripts into a directory (packaging).
+    #[command(hide = true)]
+    Gen {
+        #[command(subcommand)]
+        what: GenCommand,
+    },
     /// Print a new WireGuard private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
     Pubkey,
+}
+
+#[derive(Subcommand)]
+enum GenCommand {
+    /// tailgate.1 and one page per subcommand (tailgate-up.1, ...).
+    Man { dir: PathBuf },
+    /// bash, zsh and fish completion scripts.
+    Completions { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -94,7 +108,8 @@ struct UpArgs {
     /// applies). In control mode the policy comes from the control server.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
-    /// Where the SSH host key, audit log and recordings live.
+    /// Where the node key, SSH host key, audit log and recordings live
+    /// [default: /var/lib/tailgate/node as root, else ~/.local/state/tailgate].
     #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Tailnet TCP port of the embedded SSH server.
@@ -162,6 +177,7 @@ pub fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "tailgate", &mut std::io::stdout());
             Ok(())
         }
+        Command::Gen { what } => generate(what),
         Command::Genkey => {
             println!("{}", wg::key_to_base64(&wg::generate_private_key()));
             Ok(())
@@ -238,6 +254,27 @@ fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     // A blocked stdin read must not keep the process alive after the work is done.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     r
+}
+
+fn generate(what: GenCommand) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match what {
+        GenCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Hidden subcommands (this one) get no page.
+            let cmd = cmd.mut_subcommand("gen", |c| c.hide(true));
+            clap_mangen::generate_to(cmd, &dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+        }
+        GenCommand::Completions { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+                clap_complete::generate_to(shell, &mut cmd, "tailgate", &dir)
+                    .with_context(|| format!("writing completions to {}", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pubkey() -> Result<()> {
@@ -396,7 +433,14 @@ fn state_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// Root's node is the system's (the packaged unit's state directory), so
+/// `sudo tailgate status` finds the daemon; anyone else gets their own.
+pub const SYSTEM_NODE_STATE_DIR: &str = "/var/lib/tailgate/node";
+
 pub fn default_state_dir() -> Result<PathBuf> {
+    if nix::unistd::geteuid().is_root() && std::env::var_os("XDG_STATE_HOME").is_none() {
+        return Ok(PathBuf::from(SYSTEM_NODE_STATE_DIR));
+    }
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
