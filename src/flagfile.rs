@@ -186,7 +186,7 @@ fn scalar(long: &str, v: &toml::Value) -> Result<String, String> {
 }
 
 fn unknown_key(key: &str, cmd: &Command, settable: &[&Arg]) -> String {
-    let names: Vec<&str> = settable.iter().filter_map(|a| a.get_long()).collect();
+    let names: Vec<&str> = settable.iter().filter(|a| !a.is_hide_set()).filter_map(|a| a.get_long()).collect();
     let close = names.iter().find(|n| strsim::damerau_levenshtein(n, &key.replace('_', "-")) <= 2);
     let hint = close.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
     format!("unknown key `{key}`{hint}; `tailgate {}` takes: {}", cmd.get_name(), names.join(", "))
