@@ -39,6 +39,9 @@ if ! unshare --mount --propagation private bash -euo pipefail -c '
         man -w tailgate-up
         test -s /usr/share/bash-completion/completions/tailgate
         test -s /usr/share/doc/tailgate/examples/team.toml
+        # They may hold secrets (an authkey): root only.
+        test \"\$(stat -c %a /etc/tailgate/node.toml)\" = 600
+        test \"\$(stat -c %a /etc/tailgate/control.toml)\" = 600
         tailgate policy check /usr/share/doc/tailgate/examples/team.toml >/dev/null
         # The shipped config files parse (all commented out): a key typo would stop the units.
         tailgate control policy check /usr/share/doc/tailgate/examples/solo.toml >/dev/null
