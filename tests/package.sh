@@ -32,6 +32,7 @@ if ! unshare --mount --propagation private bash -euo pipefail -c '
     mount -t overlay overlay -o "lowerdir=/,upperdir=$t/ov/upper,workdir=$t/ov/work" "$t/root"
     for d in proc sys dev; do mount --rbind "/$d" "$t/root/$d"; done
     cp "$t/tailgate.deb" "$t/root/tmp/tailgate.deb"
+    unset TAILGATE_CONFIG_DIR
     chroot "$t/root" sh -euc "
         dpkg -i /tmp/tailgate.deb
         tailgate --version

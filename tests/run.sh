@@ -14,6 +14,9 @@ cargo build --release --locked
 # count is reported at the end instead of passing silently.
 TAILGATE_SKIP_LOG=$(mktemp /tmp/tailgate-skipped.XXXXXX)
 export TAILGATE_SKIP_LOG
+# A configured /etc/tailgate/node.toml on this machine must not change
+# what the tests start.
+export TAILGATE_CONFIG_DIR=/nonexistent/tailgate-tests
 
 # The tests log in as root through our SSH server, so root's shell startup
 # runs. Where root's .bashrc runs `pyenv init` (these machines), a session the
