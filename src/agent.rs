@@ -257,7 +257,7 @@ pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
                 tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
                 return None;
             }
-            Some(Entry::from_identity(p.identity(), p.ips.clone(), key))
+            Some(Entry { online: Some(p.online), ..Entry::from_identity(p.identity(), p.ips.clone(), key) })
         })
         .collect();
     Directory { domain, me, peers }

@@ -37,7 +37,7 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Run or administer the coordination server (users, auth keys, nodes, policy).
     Control(crate::control::ControlArgs),
-    /// Run stock `ssh` to a tailnet node: `tailgate ssh [user@]host [command]`.
+    /// Run stock `ssh` to a tailnet node: `tailgate ssh [ssh options] [user@]host [command]`.
     Ssh(SshArgs),
     /// Print an OpenSSH config block so plain `ssh web1` works.
     SshConfig {
@@ -53,10 +53,24 @@ enum Command {
     },
     /// Print shell completions (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
+    /// Write man pages or completion scripts into a directory (packaging).
+    #[command(hide = true)]
+    Gen {
+        #[command(subcommand)]
+        what: GenCommand,
+    },
     /// Print a new WireGuard private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
     Pubkey,
+}
+
+#[derive(Subcommand)]
+enum GenCommand {
+    /// tailgate.1 and one page per subcommand (tailgate-up.1, ...).
+    Man { dir: PathBuf },
+    /// bash, zsh and fish completion scripts.
+    Completions { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -67,6 +81,10 @@ enum PolicyCommand {
 
 #[derive(clap::Args)]
 struct UpArgs {
+    /// Read flags from this TOML file (`listen_port = 41641`, `forward = [...]`)
+    /// [default: /etc/tailgate/node.toml when it exists]; flags given here win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Join with this auth key (first start only; later starts reuse the state dir).
     #[arg(long, value_name = "TOKEN", env = "TAILGATE_AUTHKEY", conflicts_with = "wg_config")]
     authkey: Option<String>,
@@ -90,7 +108,8 @@ struct UpArgs {
     /// applies). In control mode the policy comes from the control server.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
-    /// Where the SSH host key, audit log and recordings live.
+    /// Where the node key, SSH host key, audit log and recordings live
+    /// [default: /var/lib/tailgate/node as root, else ~/.local/state/tailgate].
     #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Tailnet TCP port of the embedded SSH server.
@@ -115,14 +134,18 @@ struct NcArgs {
 }
 
 #[derive(clap::Args)]
+#[command(
+    override_usage = "tailgate ssh [--state-dir DIR] [SSH OPTIONS] [user@]host [command]",
+    after_help = "Every ssh option before the destination goes to ssh (-L, -N, -p, -o, -t, -v, -i, -A, ...); \
+                  -J and ProxyCommand/ProxyJump are refused: the tailnet is the path."
+)]
 struct SshArgs {
     #[arg(long, env = "TAILGATE_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// `[user@]host`: a node name, `name.<tailnet domain>` or tailnet IP.
-    target: String,
-    /// Command to run instead of a login shell.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+    /// ssh options, `[user@]host` (a node name, `name.<tailnet domain>` or
+    /// tailnet IP), and the command to run instead of a login shell.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +158,15 @@ struct StatusArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    let argv = match crate::flagfile::expand_args(Cli::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tailgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(ssh_args_verbatim(argv));
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Policy { command: PolicyCommand::Check { file } } => {
@@ -146,6 +177,7 @@ pub fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "tailgate", &mut std::io::stdout());
             Ok(())
         }
+        Command::Gen { what } => generate(what),
         Command::Genkey => {
             println!("{}", wg::key_to_base64(&wg::generate_private_key()));
             Ok(())
@@ -173,6 +205,37 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `tailgate [flags] ssh [--state-dir DIR] REST`: REST is ssh's, and clap
+/// would otherwise take ssh's `-v` for our global `--verbose` and refuse
+/// the other letters. A `--` after our own flags makes clap pass REST on
+/// untouched; `tailgate ssh --help` still reaches clap.
+fn ssh_args_verbatim(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(pos) = argv.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')).map(|p| p + 1) else { return argv };
+    if argv[pos] != "ssh" {
+        return argv;
+    }
+    let mut i = pos + 1;
+    loop {
+        let a = argv.get(i).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        if a == "--state-dir" {
+            i += 2;
+        } else if a.starts_with("--state-dir=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    match argv.get(i).map(|a| a.to_string_lossy()) {
+        None => argv,
+        Some(a) if a == "--" || a == "--help" || a == "-h" => argv,
+        Some(_) => {
+            let mut out = argv;
+            out.insert(i.min(out.len()), "--".into());
+            out
+        }
+    }
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -191,6 +254,27 @@ fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     // A blocked stdin read must not keep the process alive after the work is done.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     r
+}
+
+fn generate(what: GenCommand) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match what {
+        GenCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Hidden subcommands (this one) get no page.
+            let cmd = cmd.mut_subcommand("gen", |c| c.hide(true));
+            clap_mangen::generate_to(cmd, &dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+        }
+        GenCommand::Completions { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+                clap_complete::generate_to(shell, &mut cmd, "tailgate", &dir)
+                    .with_context(|| format!("writing completions to {}", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pubkey() -> Result<()> {
@@ -349,7 +433,14 @@ fn state_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// Root's node is the system's (the packaged unit's state directory), so
+/// `sudo tailgate status` finds the daemon; anyone else gets their own.
+pub const SYSTEM_NODE_STATE_DIR: &str = "/var/lib/tailgate/node";
+
 pub fn default_state_dir() -> Result<PathBuf> {
+    if nix::unistd::geteuid().is_root() && std::env::var_os("XDG_STATE_HOME").is_none() {
+        return Ok(PathBuf::from(SYSTEM_NODE_STATE_DIR));
+    }
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
@@ -358,10 +449,11 @@ pub fn default_state_dir() -> Result<PathBuf> {
 }
 
 async fn ssh(args: SshArgs) -> Result<()> {
+    let inv = crate::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
     let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;
-    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &args.target, &args.command)?;
+    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &inv)?;
     Ok(())
 }
 
@@ -408,18 +500,24 @@ fn format_status(st: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
-        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "HANDSHAKE", "RX", "TX", "REFUSED"
+        "{:<16} {:<16} {:<20} {:<8} {:<28} {:>14} {:>12} {:>12} {:>8}",
+        "NAME", "IP", "USER/TAGS", "ONLINE", "PATH", "LAST HANDSHAKE", "RX", "TX", "REFUSED"
     );
     for p in st["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
+        // Online is control's view of the peer; static mode has none.
+        let online = match p["online"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>10} {:>12} {:>12} {:>8}",
+            "{:<16} {:<16} {:<20} {:<8} {:<28} {:>14} {:>12} {:>12} {:>8}",
             s(&p["name"]),
             first_ip(p),
             who(p),
-            if p["online"].as_bool() == Some(true) { "yes" } else { "no" },
+            online,
             p["path"].as_str().unwrap_or("-"),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),

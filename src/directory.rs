@@ -17,12 +17,16 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// `ssh-ed25519 AAAA...` when known (the netmap carries it).
     pub ssh_host_key: Option<String>,
+    /// Connected to the control server, as the netmap says; `None` when
+    /// nobody knows (static mode, where only handshakes tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
 }
 
 impl Entry {
     /// The entry for a node whose identity is known; `ips` are all its addresses.
     pub fn from_identity(id: Identity, ips: Vec<IpAddr>, ssh_host_key: Option<String>) -> Entry {
-        Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key }
+        Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key, online: None }
     }
 }
 
@@ -59,6 +63,13 @@ fn suggestions(close: &[String]) -> String {
     }
 }
 
+/// Edits (insertions, deletions, substitutions, swaps of neighbours) that
+/// still make a typed name a likely typo of `name`: one for short names,
+/// where two edits reach nearly any other short name; two from six letters.
+fn max_typos(name: &str) -> usize {
+    if name.chars().count() >= 6 { 2 } else { 1 }
+}
+
 impl Directory {
     fn all(&self) -> impl Iterator<Item = &Entry> {
         self.me.iter().chain(self.peers.iter())
@@ -79,12 +90,12 @@ impl Directory {
         if let Some(e) = self.all().find(|e| e.name.eq_ignore_ascii_case(&short)) {
             return Ok(e);
         }
-        let mut close: Vec<(f64, String)> = self
+        let mut close: Vec<(usize, String)> = self
             .all()
-            .map(|e| (strsim::jaro_winkler(&short, &e.name.to_ascii_lowercase()), e.name.clone()))
-            .filter(|(s, _)| *s >= 0.75)
+            .map(|e| (strsim::damerau_levenshtein(&short, &e.name.to_ascii_lowercase()), e.name.clone()))
+            .filter(|(d, name)| *d <= max_typos(name))
             .collect();
-        close.sort_by(|a, b| b.0.total_cmp(&a.0));
+        close.sort();
         Err(ResolveError::Unknown { host: host.to_string(), close: close.into_iter().take(3).map(|(_, n)| n).collect() })
     }
 
@@ -104,7 +115,15 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, ip: &str) -> Entry {
-        Entry { name: name.into(), ips: vec![ip.parse().unwrap()], node_key: String::new(), user: None, tags: vec![], ssh_host_key: None }
+        Entry {
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+            node_key: String::new(),
+            user: None,
+            tags: vec![],
+            ssh_host_key: None,
+            online: None,
+        }
     }
 
     #[test]
@@ -124,5 +143,31 @@ mod tests {
         assert!(msg.contains("did you mean") && msg.contains("web1") && msg.contains("web2"), "{msg}");
         assert!(!msg.contains("laptop"), "{msg}");
         assert!(d.resolve("zzzzzz").unwrap_err().to_string().contains("tailgate status"));
+    }
+
+    #[test]
+    fn typos_and_transpositions_suggest_the_name() {
+        let d = Directory {
+            domain: Some("tail.example".into()),
+            me: Some(entry("laptop", "100.64.0.1")),
+            peers: vec![entry("vps", "100.64.0.2"), entry("db", "100.64.0.3"), entry("postgres", "100.64.0.4")],
+        };
+        let suggests = |typed: &str, want: &str| {
+            let msg = d.lookup(typed).unwrap_err().to_string();
+            assert!(msg.ends_with(&format!("did you mean {want}?")), "{typed}: {msg}");
+        };
+        suggests("vsp", "vps"); // swapped neighbours
+        suggests("vpz", "vps"); // one wrong letter
+        suggests("vs", "vps"); // one missing
+        suggests("vpss", "vps"); // one extra
+        suggests("db1", "db");
+        suggests("postgers", "postgres");
+        suggests("potsgers", "postgres"); // two edits in a long name
+        suggests("laptpo", "laptop");
+        // Too far: no suggestion rather than a wrong one.
+        for typed in ["spv", "web", "xyz", "pgsql"] {
+            let msg = d.lookup(typed).unwrap_err().to_string();
+            assert!(msg.contains("tailgate status"), "{typed}: {msg}");
+        }
     }
 }

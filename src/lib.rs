@@ -8,6 +8,7 @@ pub mod directory;
 pub mod disco;
 pub mod endpoint;
 pub mod filter;
+pub mod flagfile;
 pub mod forward;
 pub mod identity;
 pub mod localapi;

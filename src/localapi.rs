@@ -111,7 +111,9 @@ impl Daemon {
                     "path": live.and_then(|p| p.path.clone().or_else(|| p.endpoint.map(|ep| format!("direct {ep}")))),
                     "last_probe": live.and_then(|p| p.last_probe.clone()),
                     "last_handshake_secs_ago": live.and_then(|p| p.last_handshake_secs_ago),
-                    "online": live.and_then(|p| p.last_handshake_secs_ago).is_some_and(|s| s < 180),
+                    // Control's word: WireGuard only handshakes when there
+                    // is traffic, so an idle peer has no recent handshake.
+                    "online": e.online,
                     "rx_bytes": live.map(|p| p.stats.rx_bytes).unwrap_or(0),
                     "tx_bytes": live.map(|p| p.stats.tx_bytes).unwrap_or(0),
                     "spoofed_dropped": live.map(|p| p.stats.spoofed).unwrap_or(0),

@@ -32,6 +32,79 @@ pub fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Ve
     v
 }
 
+/// OpenSSH's option letters (ssh.c's getopt string, OpenSSH 9.x): these
+/// take an argument, either attached (`-p22`) or as the next word.
+const SSH_OPTS_WITH_ARG: &str = "bceilmopBDEFIJLOPQRSwW";
+/// ... and these are switches, which may be clustered (`-NTv`).
+const SSH_SWITCHES: &str = "1246afgknqstvxACGKMNTVXYy";
+
+/// `tailgate ssh ARGS` taken apart as ssh would: the options before the
+/// destination, the destination, and the remote command after it.
+#[derive(Debug, PartialEq)]
+pub struct SshInvocation {
+    pub options: Vec<String>,
+    pub destination: String,
+    pub command: Vec<String>,
+}
+
+/// Reads `args` with ssh's option rules, refusing what the tailnet makes
+/// meaningless: a jump host or proxy command would replace the tailnet
+/// path that `tailgate ssh` exists to provide.
+pub fn parse_ssh_args(args: &[String]) -> Result<SshInvocation, String> {
+    let mut options = Vec::new();
+    let mut i = 0;
+    while let Some(a) = args.get(i) {
+        if a == "--" {
+            i += 1;
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            break;
+        }
+        let letters: Vec<char> = a[1..].chars().collect();
+        let mut j = 0;
+        while j < letters.len() {
+            let c = letters[j];
+            if SSH_OPTS_WITH_ARG.contains(c) {
+                let attached: String = letters[j + 1..].iter().collect();
+                let value = if attached.is_empty() {
+                    i += 1;
+                    args.get(i).cloned().ok_or_else(|| format!("ssh option -{c} needs a value"))?
+                } else {
+                    attached
+                };
+                check_option(c, &value)?;
+                options.push(format!("-{c}"));
+                options.push(value);
+                break;
+            }
+            if !SSH_SWITCHES.contains(c) {
+                return Err(format!("-{c} is not an ssh option (see `man ssh`); put tailgate's own flags before them"));
+            }
+            options.push(format!("-{c}"));
+            j += 1;
+        }
+        i += 1;
+    }
+    let destination = args.get(i).cloned().ok_or("give a destination: tailgate ssh [ssh options] [user@]host [command]")?;
+    Ok(SshInvocation { options, destination, command: args[i + 1..].to_vec() })
+}
+
+fn check_option(c: char, value: &str) -> Result<(), String> {
+    const WHY: &str = "tailgate ssh already reaches every node directly through the tailnet (ProxyCommand `tailgate nc`)";
+    if c == 'J' {
+        return Err(format!("-J (jump host) is meaningless here: {WHY}; drop it"));
+    }
+    if c == 'o' {
+        // ssh_config syntax: `Key=value` or `Key value`, keys case-insensitive.
+        let key = value.trim_start().split(|ch: char| ch == '=' || ch.is_whitespace()).next().unwrap_or_default();
+        if key.eq_ignore_ascii_case("ProxyCommand") || key.eq_ignore_ascii_case("ProxyJump") {
+            return Err(format!("-o {key} is meaningless here: {WHY}; drop it"));
+        }
+    }
+    Ok(())
+}
+
 /// Split `user@host`.
 pub fn split_target(target: &str) -> (Option<&str>, &str) {
     match target.rsplit_once('@') {
@@ -40,19 +113,22 @@ pub fn split_target(target: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// Replace this process with `ssh` to `target` over the tailnet.
-pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, target: &str, rest: &[String]) -> Result<std::convert::Infallible> {
+/// Replace this process with `ssh` to the invocation's destination over the
+/// tailnet. Our options come first: for `-o` settings ssh keeps the first
+/// value it sees, so the user's options cannot unpin the host key.
+pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, inv: &SshInvocation) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
-    let (user, host) = split_target(target);
+    let (user, host) = split_target(&inv.destination);
     let entry = dir.lookup(host)?;
     // The name becomes `HostKeyAlias=` and the ssh destination.
     check_node_name(&entry.name).with_context(|| format!("refusing to ssh to {host}"))?;
     let mut cmd = std::process::Command::new("ssh");
     cmd.args(ssh_options(exe, state_dir, &entry.name, entry.ssh_host_key.is_some()));
+    cmd.args(&inv.options);
     if let Some(u) = user {
         cmd.arg("-l").arg(u);
     }
-    cmd.arg("--").arg(&entry.name).args(rest);
+    cmd.arg("--").arg(&entry.name).args(&inv.command);
     let err = cmd.exec();
     Err(err).context("cannot run ssh (install openssh-client)")
 }
@@ -88,4 +164,36 @@ pub fn ssh_config(exe: &Path, state_dir: &Path, dir: &Directory) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<SshInvocation, String> {
+        parse_ssh_args(&line.split_whitespace().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_are_read_as_openssh_reads_them() {
+        let inv = parse("-L 8080:localhost:80 -N -p22 -o User=bob -tt -vNi key root@web1 ls -la").unwrap();
+        assert_eq!(inv.options, ["-L", "8080:localhost:80", "-N", "-p", "22", "-o", "User=bob", "-t", "-t", "-v", "-N", "-i", "key"]);
+        assert_eq!(inv.destination, "root@web1");
+        assert_eq!(inv.command, ["ls", "-la"]);
+        let inv = parse("-- -weird").unwrap();
+        assert_eq!((inv.options.len(), inv.destination.as_str()), (0, "-weird"));
+        let inv = parse("web1 -t").unwrap();
+        assert_eq!(inv.command, ["-t"], "after the destination everything is the command");
+    }
+
+    #[test]
+    fn meaningless_and_unknown_options_are_refused() {
+        assert!(parse("-J jump web1").unwrap_err().contains("-J (jump host) is meaningless"));
+        assert!(parse("-Jjump web1").unwrap_err().contains("meaningless"));
+        assert!(parse("-o ProxyCommand=nc web1").unwrap_err().contains("-o ProxyCommand is meaningless"));
+        assert!(parse("-o proxyjump=x web1").unwrap_err().contains("meaningless"));
+        assert!(parse("-Z web1").unwrap_err().contains("-Z is not an ssh option"));
+        assert!(parse("-p").unwrap_err().contains("-p needs a value"));
+        assert!(parse("-N").unwrap_err().contains("give a destination"));
+    }
 }

@@ -402,6 +402,7 @@ async fn clients_check_names_and_host_keys_again_before_writing_them() {
         user: None,
         tags: vec![],
         ssh_host_key: Some(format!("{good}\n@revoked * {good}")),
+        online: None,
     });
     tailgate::agent::write_known_hosts(kh.path(), &raw).unwrap();
     assert_eq!(std::fs::read_to_string(kh.path().join("known_hosts")).unwrap(), text);

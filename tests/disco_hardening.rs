@@ -102,7 +102,7 @@ async fn sockets(n: usize, ip: &str) -> Vec<UdpSocket> {
 
 fn lan_netns() -> Option<Netns> {
     if !is_root() {
-        eprintln!("skipped: needs root for a network namespace");
+        skip("needs root for a network namespace");
         return None;
     }
     let ns = Netns::new("dh");

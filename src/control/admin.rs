@@ -51,6 +51,10 @@ pub struct ControlArgs {
     /// Default: /var/lib/tailgate/control as root, else ~/.local/share/tailgate/control.
     #[arg(long, global = true, env = "TAILGATE_CONTROL_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Read flags from this TOML file (`listen = "0.0.0.0:443"`, ...)
+    /// [default: /etc/tailgate/control.toml when it exists]; flags given here win.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Print results as JSON.
     #[arg(long, global = true)]
     pub json: bool,

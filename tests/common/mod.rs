@@ -51,16 +51,34 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skip (with a loud message) when the machine cannot run namespace tests.
-/// CI runs as root with the packages installed, so there these always run.
+/// Reports the running test as skipped: a `SKIPPED: NAME: WHY` line on the
+/// real stderr (libtest captures only the print macros, so the line shows
+/// even for a passing test) and its name appended to `$TAILGATE_SKIP_LOG`,
+/// which tests/run.sh counts, so a skipped test never reads as passed.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {name}: {why}");
+    if let Some(log) = std::env::var_os("TAILGATE_SKIP_LOG") {
+        let bin = std::env::current_exe().ok().and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
+        let bin = bin.rsplit_once('-').map(|(b, _)| b.to_string()).unwrap_or(bin);
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{bin}::{name}");
+        }
+    }
+}
+
+/// Skip (reported, see [`skip`]) when the machine cannot run namespace
+/// tests. CI runs as root with the packages installed, so there these
+/// always run; a missing tool there is a failure, not a skip.
 pub fn require(tools: &[&str]) -> bool {
     if !is_root() {
-        eprintln!("SKIPPED: needs root for network namespaces");
+        skip("needs root for network namespaces");
         return false;
     }
     for t in tools {
         if sh(&format!("command -v {t}")).status.code() != Some(0) {
-            panic!("{t} is not installed; .ci/run installs it (apt)");
+            panic!("{t} is not installed; tests/deps.sh lists it (tests/run.sh installs it as root)");
         }
     }
     true
@@ -134,6 +152,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Own an already spawned child (killed on drop) whose output goes to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Proc {
+        Proc { child: Some(child), log }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
