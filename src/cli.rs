@@ -99,6 +99,10 @@ struct UpArgs {
     /// Do not run the embedded SSH server.
     #[arg(long)]
     no_ssh: bool,
+    /// CA certificate (PEM) the control server's TLS certificate must chain
+    /// to, instead of the system roots; remembered in the state directory.
+    #[arg(long, value_name = "FILE", conflicts_with = "wg_config")]
+    control_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -286,6 +290,7 @@ async fn up(args: UpArgs) -> Result<()> {
             hostname: args.hostname.clone().unwrap_or_else(local_hostname),
             listen_port: args.listen_port,
             ssh_port: (!args.no_ssh).then_some(args.ssh_port),
+            control_ca: args.control_ca.clone(),
         })
         .await?;
         for (port, target) in forwards {

@@ -189,7 +189,7 @@ async fn control_scale_bench() {
     })
     .await
     .unwrap();
-    let target = ControlTarget { url: url.clone(), server_public: key };
+    let target = ControlTarget { url: url.clone(), server_public: key, ca_pem: None };
     println!("  server pid {pid} at {url}, RSS at start {} MiB", rss_kib(pid, "VmRSS:") / 1024);
 
     // Users, policy, keys (admin socket).

@@ -162,6 +162,10 @@ pub struct ServerOptions {
     /// Endpoint reports applied at once per node, then one per interval.
     pub endpoint_burst: u32,
     pub endpoint_interval: Duration,
+    /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
+    pub tls: Option<super::tls::TlsSource>,
+    /// A second listener serving only `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -188,6 +192,8 @@ impl ServerOptions {
             hub_queue: 4096,
             endpoint_burst: 4,
             endpoint_interval: Duration::from_secs(2),
+            tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -280,7 +286,12 @@ pub struct ControlServer {
     _lock: DirLock,
 }
 
-fn default_url(listen: SocketAddr) -> String {
+fn default_url(listen: SocketAddr, tls: Option<&super::tls::TlsSource>) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(super::tls::TlsSource::Acme(a)) = tls {
+        // The certificate names only this domain.
+        return if listen.port() == 443 { format!("https://{}", a.domain) } else { format!("https://{}:{}", a.domain, listen.port()) };
+    }
     let host = if listen.ip().is_unspecified() {
         nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
     } else if listen.is_ipv6() {
@@ -288,7 +299,7 @@ fn default_url(listen: SocketAddr) -> String {
     } else {
         listen.ip().to_string()
     };
-    format!("http://{host}:{}", listen.port())
+    format!("{scheme}://{host}:{}", listen.port())
 }
 
 fn read_policy_file(path: &Path) -> Result<(String, String)> {
@@ -314,7 +325,7 @@ impl ControlServer {
             }
         };
         let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
-        let url = opts.url.clone().unwrap_or_else(|| default_url(addr));
+        let url = opts.url.clone().unwrap_or_else(|| default_url(addr, opts.tls.as_ref()));
         super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
 
         let mut cfg = HubConfig::new(&url, public);
@@ -335,6 +346,10 @@ impl ControlServer {
         let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
         let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx))?;
         let (stop, shutdown) = watch::channel(false);
+        let tls = match &opts.tls {
+            Some(src) => Some(super::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
+            None => None,
+        };
         // The relay (issue 6) on this port, unless the caller brought one.
         let mut opts = opts;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
@@ -345,7 +360,7 @@ impl ControlServer {
         let shared = Arc::new(Shared { hub: hub_tx, preauth, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(accept_loop(listener, shared.clone())));
+        tasks.push(tokio::spawn(accept_loop(listener, tls, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
         if let Some(s) = stun {
             tasks.push(tokio::spawn(s.run()));
@@ -567,7 +582,7 @@ async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String>
 
 // --- side tasks -----------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
@@ -579,7 +594,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 let _ = s.set_nodelay(true);
                 let shared = shared.clone();
-                tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
+                let Some(tls) = tls.clone() else {
+                    tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
+                    continue;
+                };
+                // The handshake is part of the unauthenticated phase: same
+                // permit, same time limit as the request head.
+                tokio::spawn(async move {
+                    match tokio::time::timeout(shared.opts.handshake_timeout, tls.accept(s)).await {
+                        Ok(Ok(Some(s))) => handle_conn(s, peer.to_string(), shared, permit).await,
+                        Ok(Ok(None)) => tracing::debug!("control: {peer}: answered an ACME validation"),
+                        Ok(Err(e)) => tracing::debug!("control: {peer}: TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("control: {peer}: no TLS handshake within the time limit"),
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!("control: accept: {e}");
