@@ -11,6 +11,7 @@ pub mod filter;
 pub mod forward;
 pub mod identity;
 pub mod localapi;
+pub mod metrics;
 pub mod netstack;
 pub mod node;
 pub mod path;

@@ -25,6 +25,7 @@ pub mod client;
 pub mod frame;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod netmap;
 pub mod noise;
 pub mod proto;
