@@ -285,6 +285,7 @@ pub struct ControlServer {
     created_key: bool,
     state_dir: PathBuf,
     stun_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     _lock: DirLock,
 }
 
@@ -384,9 +385,11 @@ impl ControlServer {
         if let Some(p) = opts.policy_file.clone() {
             tasks.push(tokio::spawn(policy_watch(p, shared.clone())));
         }
+        let mut metrics_addr = None;
         if let Some(addr) = opts.metrics_listen {
             let (bound, task) = crate::metrics::listen(addr, metrics_render(&shared)).await?;
             tracing::info!("control metrics at http://{bound}/metrics");
+            metrics_addr = Some(bound);
             tasks.push(task);
         }
         if opts.admin_socket {
@@ -409,6 +412,7 @@ impl ControlServer {
             created_key,
             state_dir: opts.state_dir.clone(),
             stun_addr,
+            metrics_addr,
             _lock: lock,
         })
     }
@@ -429,6 +433,11 @@ impl ControlServer {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Was the server key created by this start?
@@ -498,6 +507,9 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     }
     println!("  server public key: {}", wg::key_to_base64(&server.public_key()));
     println!("  state directory:   {}", opts.state_dir.display());
+    if let Some(a) = server.metrics_addr() {
+        println!("  metrics:           http://{a}/metrics");
+    }
     match &opts.policy_file {
         Some(p) => println!("  policy:            {} (reloaded when it changes)", p.display()),
         None => println!("  policy:            stored (`tailgate control policy set FILE`), or the built-in default"),
