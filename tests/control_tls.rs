@@ -5,37 +5,21 @@
 //! relays and carries `tailgate ssh`, and curl (a browser stand-in) reads
 //! `/tailgate/health`.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 #[path = "control_util.rs"]
 mod util;
 
 use std::path::Path;
 
+use certs::make_certs;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tailgate::control::tls::TlsSource;
 use tailgate::control::{ControlError, ControlServer, ControlTarget};
 use tailgate::relay::RelayClient;
 use tailgate::relay::client::RelayClientOptions;
 use tailgate::wg;
-
-/// A CA, and a server certificate it signs for `names` (IPs or DNS names).
-/// Writes `DIR/PREFIX-ca.pem`, `-cert.pem`, `-key.pem`; returns the CA PEM.
-pub fn make_certs(dir: &Path, prefix: &str, names: &[&str]) -> String {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, format!("{prefix} test CA"));
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-    std::fs::write(dir.join(format!("{prefix}-ca.pem")), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{prefix}-cert.pem")), leaf_cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{prefix}-key.pem")), leaf_key.serialize_pem()).unwrap();
-    ca_cert.pem()
-}
 
 async fn tls_server(dir: &Path) -> (ControlServer, String) {
     let ca = make_certs(dir, "srv", &["127.0.0.1"]);
