@@ -68,7 +68,11 @@ fn denial_reason(ev: &AuditEvent) -> String {
         _ => "session",
     };
     let why = match (&ev.action, &ev.reason) {
-        (_, Some(r)) => r.split([':', '(', '"', '\'']).next().unwrap_or("").trim().chars().take(48).collect::<String>(),
+        // Cut before the first quote or colon: names and values come after.
+        (_, Some(r)) => {
+            let r = r.trim_start_matches("access denied: ");
+            r.split([':', '(', '"', '\'']).next().unwrap_or("").trim().chars().take(48).collect::<String>()
+        }
         (Some(a), None) => format!("{a:?}").to_lowercase(),
         (None, None) => "denied".into(),
     };
@@ -272,4 +276,43 @@ pub async fn serve_node(addr: SocketAddr, daemon: crate::localapi::Daemon) -> an
     });
     let (bound, _task) = listen(addr, render).await?;
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_the_classic_format() {
+        let mut reg = Registry::with_prefix("t");
+        counter(&mut reg, "things", "Things seen", 3);
+        gauge(&mut reg, "now", "Now", 2);
+        counter_family(&mut reg, "by", "By reason", [(vec![("reason".to_string(), "a".to_string())], 1)]);
+        let out = encode(&reg);
+        assert!(out.contains("# HELP t_things_total Things seen.\n# TYPE t_things_total counter\nt_things_total 3\n"), "{out}");
+        assert!(out.contains("# TYPE t_now gauge\nt_now 2\n"), "{out}");
+        assert!(out.contains("t_by_total{reason=\"a\"} 1\n"), "{out}");
+        assert!(!out.contains("# EOF"), "{out}");
+    }
+
+    #[test]
+    fn denial_reasons_are_short_and_bounded() {
+        let id = crate::identity::Identity {
+            node_key: "k".into(),
+            node_name: "n".into(),
+            user: Some("alice".into()),
+            tags: vec![],
+            ip: "100.64.0.1".parse().unwrap(),
+        };
+        let mut ev = AuditEvent::new(EventKind::Auth, "c", &id, &id, std::time::SystemTime::now());
+        ev.allowed = Some(false);
+        ev.reason = Some("access denied: there is no user \"evil\" on web1".into());
+        assert_eq!(denial_reason(&ev), "login: there is no user");
+        for i in 0..100 {
+            ev.reason = Some(format!("reason {i}"));
+            ssh_event(&ev);
+        }
+        let d = SSH.denials.lock().unwrap();
+        assert!(d.len() <= MAX_REASONS + 1 && d.contains_key("other"), "{d:?}");
+    }
 }

@@ -28,7 +28,7 @@ async fn tls_server(dir: &Path) -> (ControlServer, String) {
     (ControlServer::start(o).await.expect("TLS server starts"), ca)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_and_relay_clients_work_through_tls_with_a_pinned_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (s, ca) = tls_server(dir.path()).await;
@@ -61,8 +61,25 @@ async fn control_and_relay_clients_work_through_tls_with_a_pinned_ca() {
     let (src, d) = tokio::time::timeout(util::TIMEOUT, rb.recv()).await.expect("in time").expect("alive");
     assert_eq!((src, d.as_slice()), (wg::public_key_of(&a.key), &b"through tls"[..]));
 
+    // Certificate files replaced in place (as certbot does): new
+    // connections get the new certificate without a restart.
+    let new_ca = make_certs(dir.path(), "srv", &["127.0.0.1"]);
+    let mut renewed = target.clone();
+    renewed.ca_pem = Some(new_ca);
+    assert!(
+        common::eventually(30, || {
+            let (t, tok) = (renewed.clone(), token.clone());
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    tailgate::control::ControlClient::connect(&t, &wg::generate_private_key(), util::hello(&tok, "r")).await.is_ok()
+                })
+            })
+        }),
+        "the replaced certificate must be served"
+    );
+
     // The Noise pin still applies inside TLS.
-    let mut wrong = target.clone();
+    let mut wrong = renewed.clone();
     wrong.server_public = wg::public_key_of(&wg::generate_private_key());
     match tailgate::control::ControlClient::connect(&wrong, &wg::generate_private_key(), util::hello(&token, "c")).await {
         Err(ControlError::WrongServerKey { .. }) => {}

@@ -1,5 +1,5 @@
-//! TLS on the control port: a certificate from files (`--tls-cert/--tls-key`)
-//! or from an ACME CA (`--acme-domain`, TLS-ALPN-01 on this same port).
+//! TLS on the control port: a certificate from files (`--tls-cert/--tls-key`,
+//! reloaded when they change) or from an ACME CA (`--acme-domain`, TLS-ALPN-01 on this same port).
 //!
 //! TLS only wraps the byte stream: the HTTP head, the control protocol's
 //! Noise channel and the relay run inside it unchanged, so the server's
@@ -19,6 +19,8 @@ use futures::StreamExt;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use super::server::Stream;
 
@@ -58,7 +60,7 @@ impl TlsAcceptor {
     /// renews certificates (it ends when `shutdown` fires).
     pub fn start(source: &TlsSource, state_dir: &Path, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<TlsAcceptor> {
         let config = match source {
-            TlsSource::Files { cert, key } => files_config(cert, key)?,
+            TlsSource::Files { cert, key } => files_config(cert, key, shutdown)?,
             TlsSource::Acme(a) => acme_config(a, state_dir, shutdown)?,
         };
         Ok(TlsAcceptor { config })
@@ -75,7 +77,11 @@ impl TlsAcceptor {
     }
 }
 
-fn files_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+/// How often certificate files are checked for changes (certbot and
+/// similar tools replace them in place before they expire).
+const FILE_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>> {
     let chain = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("--tls-cert: reading {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -85,12 +91,59 @@ fn files_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("--tls-key {}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1)", key.display()))?;
+    let ck = CertifiedKey::from_der(chain, key, &provider())
+        .context("--tls-cert/--tls-key: the key does not match the certificate, or rustls cannot use them")?;
+    Ok(Arc::new(ck))
+}
+
+/// The certificate from `--tls-cert/--tls-key`, replaced when the files change.
+#[derive(Debug)]
+struct FileCert {
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for FileCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // Nothing panics while the lock is held; recover rather than fail.
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn files_config(cert: &Path, key: &Path, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<Arc<ServerConfig>> {
+    let resolver = Arc::new(FileCert { current: std::sync::RwLock::new(load_files(cert, key)?) });
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .context("--tls-cert/--tls-key: the key does not match the certificate, or rustls cannot use them")?;
+        .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+    let (cert2, key2) = (cert.clone(), key.clone());
+    let stamp = move || {
+        let m = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+        (m(&cert), m(&key))
+    };
+    tokio::spawn(async move {
+        let mut last = stamp();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(FILE_POLL) => {}
+            }
+            let now = stamp();
+            if now == last {
+                continue;
+            }
+            // A half-written pair fails to load; the next poll tries again.
+            match load_files(&cert2, &key2) {
+                Ok(ck) => {
+                    *resolver.current.write().unwrap_or_else(|e| e.into_inner()) = ck;
+                    last = now;
+                    tracing::info!("TLS certificate reloaded from {}", cert2.display());
+                }
+                Err(e) => tracing::warn!("TLS certificate files changed but do not load ({e:#}); still serving the previous one"),
+            }
+        }
+    });
     Ok(Arc::new(cfg))
 }
 
