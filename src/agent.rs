@@ -40,6 +40,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct SavedControl {
     pub url: String,
     pub server_public: String,
+    /// PEM CA certificate(s) an `https://` URL must chain to (`--control-ca`),
+    /// kept so later starts verify the same way without the flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 impl SavedControl {
@@ -47,8 +51,19 @@ impl SavedControl {
         Ok(ControlTarget {
             url: self.url.clone(),
             server_public: wg::key_from_base64(&self.server_public).context("corrupt control.json")?,
+            ca_pem: self.ca_pem.clone(),
         })
     }
+}
+
+/// Pins the CA certificate(s) in `pem` for this state directory's control
+/// server (replacing the system roots for its `https://` URL).
+pub fn pin_control_ca(state_dir: &Path, target: &mut ControlTarget, pem: &str, from: &Path) -> Result<()> {
+    crate::control::transport::parse_ca(pem).map_err(|e| anyhow::anyhow!("--control-ca {}: {e}", from.display()))?;
+    let saved = SavedControl { url: target.url.clone(), server_public: wg::key_to_base64(&target.server_public), ca_pem: Some(pem.into()) };
+    write_secret(&state_dir.join(CONTROL_FILE), serde_json::to_string_pretty(&saved)?.as_bytes())?;
+    target.ca_pem = Some(pem.into());
+    Ok(())
 }
 
 /// The netmap as cached on disk.
@@ -97,7 +112,7 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
     let path = state_dir.join(CONTROL_FILE);
     if let Some(token) = authkey {
         let t = AuthKeyToken::parse(token.trim()).map_err(|e| anyhow::anyhow!("--authkey: {e}"))?;
-        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public) };
+        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public), ca_pem: None };
         write_secret(&path, serde_json::to_string_pretty(&saved)?.as_bytes())?;
         return Ok((ControlTarget::from(&t), Some(t.secret.clone())));
     }
@@ -305,6 +320,8 @@ pub struct AgentOptions {
     pub hostname: String,
     pub listen_port: u16,
     pub ssh_port: Option<u16>,
+    /// `--control-ca FILE`: pin this CA for an `https://` control URL.
+    pub control_ca: Option<PathBuf>,
 }
 
 /// A running agent: the node plus the task following the control server.
@@ -318,7 +335,11 @@ pub struct Agent {
 pub async fn start(opts: AgentOptions) -> Result<Agent> {
     ensure_private_dir(&opts.state_dir)?;
     let key = load_or_create_node_key(&opts.state_dir)?;
-    let (target, auth_secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
+    let (mut target, auth_secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
+    if let Some(file) = &opts.control_ca {
+        let pem = std::fs::read_to_string(file).with_context(|| format!("--control-ca: reading {}", file.display()))?;
+        pin_control_ca(&opts.state_dir, &mut target, &pem, file)?;
+    }
     let mut nc = NodeConfig::new(key, vec![]);
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
     nc.manage_paths = true;
@@ -401,7 +422,8 @@ async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
     let mut backoff = BACKOFF_MIN;
     let inbound = node.relay_inbound();
     loop {
-        match crate::relay::client::RelayClient::connect(&target.url, &target.server_public, &key).await {
+        let opts = crate::relay::client::RelayClientOptions { ca_pem: target.ca_pem.clone(), ..Default::default() };
+        match crate::relay::client::RelayClient::connect_with(&target.url, &target.server_public, &key, opts).await {
             Ok((tx, mut rx)) => {
                 tracing::info!("relay connected");
                 backoff = BACKOFF_MIN;

@@ -23,6 +23,9 @@ struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log lines as text or as one JSON object per line (journald, Loki).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -118,6 +121,13 @@ struct UpArgs {
     /// Do not run the embedded SSH server.
     #[arg(long)]
     no_ssh: bool,
+    /// CA certificate (PEM) the control server's TLS certificate must chain
+    /// to, instead of the system roots; remembered in the state directory.
+    #[arg(long, value_name = "FILE", conflicts_with = "wg_config")]
+    control_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (keep it on loopback).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -167,7 +177,7 @@ pub fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(ssh_args_verbatim(argv));
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let result = match cli.command {
         Command::Policy { command: PolicyCommand::Check { file } } => {
             return ExitCode::from(crate::policy::cli_check(&file) as u8);
@@ -236,7 +246,13 @@ fn ssh_args_verbatim(argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     }
 }
 
-fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
         0 => "warn",
@@ -245,7 +261,13 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        // Flattened: `{"timestamp","level","target","message",...fields}`,
+        // what Loki and journald's JSON readers expect.
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
@@ -370,6 +392,7 @@ async fn up(args: UpArgs) -> Result<()> {
             hostname: args.hostname.clone().unwrap_or_else(local_hostname),
             listen_port: args.listen_port,
             ssh_port: (!args.no_ssh).then_some(args.ssh_port),
+            control_ca: args.control_ca.clone(),
         })
         .await?;
         for (port, target) in forwards {
@@ -377,6 +400,10 @@ async fn up(args: UpArgs) -> Result<()> {
         }
         for (local, remote) in local_forwards {
             forward::spawn_local_forward(agent.node.clone(), local, remote).await?;
+        }
+        if let Some(addr) = args.metrics_listen {
+            let bound = crate::metrics::serve_node(addr, agent.daemon.clone()).await?;
+            println!("tailgate: metrics at http://{bound}/metrics");
         }
         let me = agent.daemon.directory().me.map(|e| e.name).unwrap_or_default();
         let ip = agent.node.addresses().first().map(|a| a.to_string()).unwrap_or_default();
@@ -408,6 +435,10 @@ async fn up(args: UpArgs) -> Result<()> {
     };
     crate::filter::install(&node, resolver, policy, (!args.no_ssh).then_some(args.ssh_port));
     let daemon = localapi::Daemon::new(node.clone(), directory);
+    if let Some(addr) = args.metrics_listen {
+        let bound = crate::metrics::serve_node(addr, daemon.clone()).await?;
+        println!("tailgate: metrics at http://{bound}/metrics");
+    }
     if let Err(e) = localapi::serve(daemon, &state_dir) {
         // The node still serves; only `tailgate nc/status` without --wg-config lose it.
         tracing::warn!("local API unavailable: {e:#}");

@@ -82,6 +82,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         authkey: Some(token.clone()),
         hostname: "vps".into(),
         listen_port: 0,
+        control_ca: None,
         ssh_port: Some(22),
     })
     .await
@@ -91,6 +92,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         authkey: Some(token),
         hostname: "laptop".into(),
         listen_port: 0,
+        control_ca: None,
         ssh_port: None,
     })
     .await

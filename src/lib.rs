@@ -12,6 +12,7 @@ pub mod flagfile;
 pub mod forward;
 pub mod identity;
 pub mod localapi;
+pub mod metrics;
 pub mod netstack;
 pub mod node;
 pub mod path;

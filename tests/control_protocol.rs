@@ -184,7 +184,7 @@ async fn removing_a_user_cuts_their_nodes_off() {
     let e = a.next().await.unwrap_err();
     assert!(!e.is_transient(), "{e}");
     // Coming back with the old key fails: the node is gone.
-    let target = ControlTarget { url: s.url().into(), server_public: s.public_key() };
+    let target = ControlTarget { url: s.url().into(), server_public: s.public_key(), ca_pem: None };
     match login(&target, "laptop", a.key).await {
         Err(ControlError::Refused { code: ErrorCode::NotRegistered, .. }) => {}
         other => panic!("{:?}", other.map(|n| n.map.self_node)),
@@ -228,7 +228,7 @@ async fn rename_endpoints_tags_and_expiry_flow_to_peers() {
     admin(&s, AdminRequest::NodesExpire { node: "laptop".into() }).await;
     a.wait_key_expired().await;
     p2.wait_for("laptop dropped", |m| m.peer_by_name("laptop").is_none()).await;
-    let target = ControlTarget { url: s.url().into(), server_public: s.public_key() };
+    let target = ControlTarget { url: s.url().into(), server_public: s.public_key(), ca_pem: None };
     match login(&target, "laptop", a.key).await {
         Err(ControlError::Refused { code: ErrorCode::NodeKeyExpired, message }) => {
             assert!(message.contains("expired on") && message.contains("--authkey"), "{message}")

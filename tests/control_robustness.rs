@@ -233,7 +233,7 @@ async fn a_wrong_server_key_is_refused_by_noise() {
             let _ = c.write_all(&http::simple_response(404, "Not Found", "")).await;
         }
     });
-    let t = ControlTarget { url: format!("http://{other}"), server_public: s.public_key() };
+    let t = ControlTarget { url: format!("http://{other}"), server_public: s.public_key(), ca_pem: None };
     let e = ControlClient::connect(&t, &wg::generate_private_key(), NodeHello::login("x")).await.err().unwrap();
     assert!(e.to_string().contains("404") && e.to_string().contains("tailgate control server"), "{e}");
     s.shutdown().await;

@@ -90,8 +90,9 @@ fn control_scale_server_process() {
     rt.block_on(async move {
         let mut o = ServerOptions::new("127.0.0.1:0".parse().unwrap(), PathBuf::from(dir));
         o.keepalive = Duration::from_secs(60);
+        o.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         let s = ControlServer::start(o).await.unwrap();
-        println!("TAILGATE_SCALE_READY {} {}", s.url(), wg::key_to_base64(&s.public_key()));
+        println!("TAILGATE_SCALE_READY {} {} {}", s.url(), wg::key_to_base64(&s.public_key()), s.metrics_addr().unwrap());
         std::io::stdout().flush().unwrap();
         // Run until the parent closes our stdin.
         tokio::task::spawn_blocking(|| {
@@ -143,6 +144,42 @@ fn full_map_size(m: &NetMap) -> usize {
     wire_size(serde_json::to_vec(&ServerMsg::MapFull(full)).unwrap().len())
 }
 
+/// Server CPU time (user + system) in ms, from /proc.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name's closing parenthesis; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Scrapes /metrics 1000 times; returns (server CPU ms per scrape minus what
+/// the server burns idle over the same wall time, body size).
+async fn scrape_cost(pid: u32, addr: std::net::SocketAddr) -> (f64, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Many scrapes: /proc counts CPU in 10 ms ticks.
+    const SCRAPES: u32 = 1000;
+    let scrape = || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.unwrap();
+        assert!(body.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&body));
+        body.len()
+    };
+    let (c0, t0) = (cpu_ms(pid), std::time::Instant::now());
+    let mut size = 0;
+    for _ in 0..SCRAPES {
+        size = scrape().await;
+    }
+    let (busy, wall) = (cpu_ms(pid) - c0, t0.elapsed());
+    let c1 = cpu_ms(pid);
+    tokio::time::sleep(wall.max(Duration::from_millis(200))).await;
+    let idle = (cpu_ms(pid) - c1) * wall.as_secs_f64() / wall.max(Duration::from_millis(200)).as_secs_f64();
+    (((busy - idle) / SCRAPES as f64).max(0.0), size)
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -172,14 +209,18 @@ async fn control_scale_bench() {
     let pid = child.id();
     let stdout = child.stdout.take().unwrap();
     let server = ServerChild { child };
-    let (url, key) = tokio::task::spawn_blocking(move || {
+    let (url, key, metrics) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
         while let Some(Ok(line)) = lines.next() {
             // The harness may print "test ... " on the same line first.
             if let Some(at) = line.find("TAILGATE_SCALE_READY ") {
                 let rest = &line[at + "TAILGATE_SCALE_READY ".len()..];
                 let mut it = rest.split_whitespace();
-                let found = (it.next().unwrap().to_string(), wg::key_from_base64(it.next().unwrap()).unwrap());
+                let found = (
+                    it.next().unwrap().to_string(),
+                    wg::key_from_base64(it.next().unwrap()).unwrap(),
+                    it.next().unwrap().parse::<std::net::SocketAddr>().unwrap(),
+                );
                 // Keep draining the child's stdout so it never hits a closed pipe.
                 std::thread::spawn(move || for _ in lines {});
                 return found;
@@ -189,7 +230,7 @@ async fn control_scale_bench() {
     })
     .await
     .unwrap();
-    let target = ControlTarget { url: url.clone(), server_public: key };
+    let target = ControlTarget { url: url.clone(), server_public: key, ca_pem: None };
     println!("  server pid {pid} at {url}, RSS at start {} MiB", rss_kib(pid, "VmRSS:") / 1024);
 
     // Users, policy, keys (admin socket).
@@ -390,6 +431,9 @@ async fn control_scale_bench() {
         rss_after / 1024,
         hwm / 1024
     );
+    let (scrape_ms, scrape_bytes) = scrape_cost(pid, metrics).await;
+    println!("  /metrics with {n} nodes online: {scrape_ms:.2} ms server CPU per scrape (idle CPU subtracted), {scrape_bytes} B");
+    println!("CONTROL_SCALE_METRICS nodes={n} cpu_ms_per_scrape={scrape_ms:.2} bytes={scrape_bytes}");
     for h in handles {
         h.abort();
     }

@@ -92,6 +92,12 @@ pub struct ServeArgs {
     /// Keepalive period on node connections [default: 30s].
     #[arg(long, value_parser = parse_lifetime, hide = true)]
     pub keepalive: Option<Duration>,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+    /// Serve Prometheus metrics on this address too (they are always at
+    /// /metrics on the control port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -104,6 +110,8 @@ impl ServeArgs {
             || self.ephemeral_grace.is_some()
             || self.auth_key_expiry.is_some()
             || self.keepalive.is_some()
+            || self.tls.any_set()
+            || self.metrics_listen.is_some()
     }
 }
 
@@ -264,6 +272,8 @@ fn server_options(state_dir: PathBuf, a: &ServeArgs) -> ServerOptions {
     if let Some(d) = a.keepalive {
         o.keepalive = d;
     }
+    o.tls = a.tls.source();
+    o.metrics_listen = a.metrics_listen;
     o
 }
 

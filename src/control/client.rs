@@ -42,22 +42,26 @@ use super::http;
 use super::noise::{ChannelError, Initiator, SecureChannel};
 use super::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
 use super::server::Stream;
-use super::token::{AuthKeyToken, parse_url};
+use super::token::AuthKeyToken;
+use super::transport::{ControlUrl, DialError};
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
 use crate::wg::{self, Key};
 
 /// Where the control server is and which key it must have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControlTarget {
-    /// `http://host:port`
+    /// `http://host:port` or `https://host[:port]`
     pub url: String,
     /// Pinned Noise static key of the server.
     pub server_public: Key,
+    /// PEM CA certificate(s) that `https://` must chain to instead of the
+    /// system roots (`tailgate up --control-ca`).
+    pub ca_pem: Option<String>,
 }
 
 impl From<&AuthKeyToken> for ControlTarget {
     fn from(t: &AuthKeyToken) -> ControlTarget {
-        ControlTarget { url: t.url.clone(), server_public: t.server_public }
+        ControlTarget { url: t.url.clone(), server_public: t.server_public, ca_pem: None }
     }
 }
 
@@ -107,6 +111,10 @@ pub enum ControlError {
     Connect { url: String, message: String },
     #[error("{0}")]
     Http(String),
+    /// The TLS layer of an `https://` URL failed (untrusted certificate,
+    /// wrong name, unreadable CA file): a person has to fix the setup.
+    #[error("{0}")]
+    Tls(String),
     #[error(
         "the control server at {url} did not complete the Noise handshake: its key is not the one pinned in the auth key \
          (another server, or the server's key changed), or it is not a tailgate control server"
@@ -227,12 +235,11 @@ impl ControlClient {
     /// node's WireGuard key), registers or logs in, and returns the client
     /// and the node's first full map.
     pub async fn connect(target: &ControlTarget, node_private: &Key, hello: NodeHello) -> Result<(ControlClient, NetMap), ControlError> {
-        let (host, port) = parse_url(&target.url).map_err(ControlError::Http)?;
-        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| ControlError::Connect { url: target.url.clone(), message: "timed out".into() })?
-            .map_err(|e| ControlError::Connect { url: target.url.clone(), message: e.to_string() })?;
-        let _ = s.set_nodelay(true);
+        let s = super::transport::dial(&target.url, target.ca_pem.as_deref(), HANDSHAKE_TIMEOUT).await.map_err(|e| match e {
+            DialError::Url(m) => ControlError::Http(m),
+            DialError::Connect { url, message } => ControlError::Connect { url, message },
+            e @ (DialError::Tls { .. } | DialError::Ca(_)) => ControlError::Tls(e.to_string()),
+        })?;
         Self::connect_stream(s, target, node_private, hello).await
     }
 
@@ -255,8 +262,7 @@ impl ControlClient {
         node_private: &Key,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
-        let (host, port) = parse_url(&target.url).map_err(ControlError::Http)?;
-        let hosthdr = if port == 80 { host.clone() } else { format!("{host}:{port}") };
+        let hosthdr = ControlUrl::parse(&target.url).map_err(ControlError::Http)?.host_header();
         s.write_all(&http::upgrade_request(&hosthdr, CONTROL_PATH, UPGRADE_CONTROL))
             .await
             .map_err(|e| ControlError::Closed(e.to_string()))?;

@@ -7,11 +7,14 @@
 //! - [`proto`]: the messages (JSON) and the node's [`NetMap`].
 //! - [`netmap`]: who sees whom (policy → visibility), full maps and deltas.
 //! - [`token`]: auth-key tokens (`tg1-…`) that embed URL and server key.
+//! - [`transport`]: the node's dialer (TCP, TLS for `https://`), shared by
+//!   the control and relay clients.
 //! - [`store`]: SQLite persistence (users, nodes, auth keys, policy, audit).
 //! - [`hub`]: the server's state machine (registration, login, admin ops,
 //!   timers) over the store and the netmap engine; no sockets.
 //! - [`server`]: the tokio driver: listener, upgrade dispatch, connections,
 //!   admin socket, policy file watcher.
+//! - [`tls`]: TLS on the control port (certificate files or ACME).
 //! - [`client`]: [`ControlClient`], what a node uses to join and follow its map.
 //! - [`admin`]: the `tailgate control …` command line.
 //!
@@ -22,13 +25,16 @@ pub mod client;
 pub mod frame;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod netmap;
 pub mod noise;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token;
 pub mod totp;
+pub mod transport;
 
 pub use admin::{ControlArgs, admin_main};
 pub use client::{CheckAnswer, CheckHandle, ControlClient, ControlError, ControlTarget, NodeHello};

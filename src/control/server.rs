@@ -162,6 +162,10 @@ pub struct ServerOptions {
     /// Endpoint reports applied at once per node, then one per interval.
     pub endpoint_burst: u32,
     pub endpoint_interval: Duration,
+    /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
+    pub tls: Option<super::tls::TlsSource>,
+    /// A second listener serving only `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -188,6 +192,8 @@ impl ServerOptions {
             hub_queue: 4096,
             endpoint_burst: 4,
             endpoint_interval: Duration::from_secs(2),
+            tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -258,6 +264,8 @@ enum HubCmd {
 
 struct Shared {
     hub: mpsc::Sender<HubCmd>,
+    metrics: Arc<super::metrics::ControlMetrics>,
+    relay: Option<Arc<crate::relay::RelayServer>>,
     preauth: Arc<PreAuthLimits>,
     private: Key,
     opts: ServerOptions,
@@ -277,10 +285,16 @@ pub struct ControlServer {
     created_key: bool,
     state_dir: PathBuf,
     stun_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     _lock: DirLock,
 }
 
-fn default_url(listen: SocketAddr) -> String {
+fn default_url(listen: SocketAddr, tls: Option<&super::tls::TlsSource>) -> String {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(super::tls::TlsSource::Acme(a)) = tls {
+        // The certificate names only this domain.
+        return if listen.port() == 443 { format!("https://{}", a.domain) } else { format!("https://{}:{}", a.domain, listen.port()) };
+    }
     let host = if listen.ip().is_unspecified() {
         nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
     } else if listen.is_ipv6() {
@@ -288,7 +302,7 @@ fn default_url(listen: SocketAddr) -> String {
     } else {
         listen.ip().to_string()
     };
-    format!("http://{host}:{}", listen.port())
+    format!("{scheme}://{host}:{}", listen.port())
 }
 
 fn read_policy_file(path: &Path) -> Result<(String, String)> {
@@ -314,7 +328,7 @@ impl ControlServer {
             }
         };
         let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
-        let url = opts.url.clone().unwrap_or_else(|| default_url(addr));
+        let url = opts.url.clone().unwrap_or_else(|| default_url(addr, opts.tls.as_ref()));
         super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
 
         let mut cfg = HubConfig::new(&url, public);
@@ -333,25 +347,50 @@ impl ControlServer {
         let hub = Hub::open(store, cfg, policy, unix_now())?;
 
         let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
-        let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx))?;
+        let metrics = Arc::new(super::metrics::ControlMetrics::default());
+        let hub_metrics = metrics.clone();
+        let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx, hub_metrics))?;
         let (stop, shutdown) = watch::channel(false);
+        let tls = match &opts.tls {
+            Some(src) => Some(super::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
+            None => None,
+        };
         // The relay (issue 6) on this port, unless the caller brought one.
         let mut opts = opts;
+        let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
-            let relay = crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone());
-            opts.upgrades.push((UPGRADE_RELAY.into(), Arc::new(relay)));
+            let relay =
+                Arc::new(crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+            relay_handle = Some(relay.clone());
+            opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }
         let preauth = PreAuthLimits::new(opts.max_unauthenticated, opts.max_unauthenticated_per_ip);
-        let shared = Arc::new(Shared { hub: hub_tx, preauth, private, opts: opts.clone(), next_conn: AtomicU64::new(1), shutdown });
+        let shared = Arc::new(Shared {
+            hub: hub_tx,
+            metrics,
+            relay: relay_handle,
+            preauth,
+            private,
+            opts: opts.clone(),
+            next_conn: AtomicU64::new(1),
+            shutdown,
+        });
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(accept_loop(listener, shared.clone())));
+        tasks.push(tokio::spawn(accept_loop(listener, tls, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
         if let Some(s) = stun {
             tasks.push(tokio::spawn(s.run()));
         }
         if let Some(p) = opts.policy_file.clone() {
             tasks.push(tokio::spawn(policy_watch(p, shared.clone())));
+        }
+        let mut metrics_addr = None;
+        if let Some(addr) = opts.metrics_listen {
+            let (bound, task) = crate::metrics::listen(addr, metrics_render(&shared)).await?;
+            tracing::info!("control metrics at http://{bound}/metrics");
+            metrics_addr = Some(bound);
+            tasks.push(task);
         }
         if opts.admin_socket {
             let path = admin_socket_path(&opts.state_dir);
@@ -373,6 +412,7 @@ impl ControlServer {
             created_key,
             state_dir: opts.state_dir.clone(),
             stun_addr,
+            metrics_addr,
             _lock: lock,
         })
     }
@@ -393,6 +433,11 @@ impl ControlServer {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Was the server key created by this start?
@@ -462,6 +507,9 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     }
     println!("  server public key: {}", wg::key_to_base64(&server.public_key()));
     println!("  state directory:   {}", opts.state_dir.display());
+    if let Some(a) = server.metrics_addr() {
+        println!("  metrics:           http://{a}/metrics");
+    }
     match &opts.policy_file {
         Some(p) => println!("  policy:            {} (reloaded when it changes)", p.display()),
         None => println!("  policy:            stored (`tailgate control policy set FILE`), or the built-in default"),
@@ -475,6 +523,19 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     eprintln!("tailgate control: shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// One scrape: the hub's status (asked like an admin request) and the counters.
+fn metrics_render(shared: &Arc<Shared>) -> crate::metrics::Render {
+    let weak = Arc::downgrade(shared);
+    Arc::new(move || {
+        let weak = weak.clone();
+        Box::pin(async move {
+            let Some(shared) = weak.upgrade() else { return String::new() };
+            let status = admin_call(&shared, AdminRequest::Status).await.unwrap_or(Value::Null);
+            shared.metrics.render(&status, shared.relay.as_ref().map(|r| r.stats()), shared.preauth.current())
+        })
+    })
 }
 
 /// Relay access: a node key the hub knows and whose key has not expired,
@@ -503,16 +564,23 @@ fn relay_auth(hub: &mpsc::Sender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorize
 
 // --- hub thread ---------------------------------------------------------------
 
-fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>) {
+fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::metrics::ControlMetrics>) {
+    use super::metrics::inc;
     let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         let now = unix_now();
         match cmd {
             HubCmd::Hello { conn, node_key, msg, tx, reply } => {
                 conns.insert(conn, tx);
+                let register = matches!(msg, ClientMsg::Register { .. });
                 let r = hub.hello(conn, node_key, msg, now);
-                if let Err((_, m)) = &r {
-                    tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                match &r {
+                    Err((_, m)) => {
+                        inc(&metrics.hellos_refused);
+                        tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                    }
+                    Ok(_) if register => inc(&metrics.registrations),
+                    Ok(_) => inc(&metrics.logins),
                 }
                 let _ = reply.send(r.ok());
             }
@@ -527,7 +595,7 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>) {
             HubCmd::RelayAllowed { key, reply } => {
                 let _ = reply.send(hub.relay_allowed(&key, now));
             }
-            HubCmd::PolicyFile { text, name } => match hub.set_policy(&text, &name, "file", now) {
+            HubCmd::PolicyFile { text, name } => match (inc(&metrics.policy_reloads), hub.set_policy(&text, &name, "file", now)).1 {
                 Ok(v) => tracing::info!("policy file {name}: version {v} in force"),
                 Err(e) => tracing::error!("policy file {name}: {e}"),
             },
@@ -567,19 +635,39 @@ async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String>
 
 // --- side tasks -----------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
                 // Over a cap: close at once (dropping the socket), before
                 // spending a task or a buffer on it.
                 let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
+                    super::metrics::inc(&shared.metrics.rejected_cap);
                     tracing::debug!("control: {peer}: too many unauthenticated connections; closed");
                     continue;
                 };
                 let _ = s.set_nodelay(true);
                 let shared = shared.clone();
-                tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
+                let Some(tls) = tls.clone() else {
+                    tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
+                    continue;
+                };
+                // The handshake is part of the unauthenticated phase: same
+                // permit, same time limit as the request head.
+                tokio::spawn(async move {
+                    match tokio::time::timeout(shared.opts.handshake_timeout, tls.accept(s)).await {
+                        Ok(Ok(Some(s))) => handle_conn(s, peer.to_string(), shared, permit).await,
+                        Ok(Ok(None)) => tracing::debug!("control: {peer}: answered an ACME validation"),
+                        Ok(Err(e)) => {
+                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            tracing::debug!("control: {peer}: TLS handshake failed: {e}")
+                        }
+                        Err(_) => {
+                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            tracing::debug!("control: {peer}: no TLS handshake within the time limit")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!("control: accept: {e}");
@@ -682,6 +770,7 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, per
     let (head, used) = match head {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
+            super::metrics::inc(&shared.metrics.rejected_request);
             tracing::debug!("control: {peer}: bad request: {e}");
             write_and_close(&mut s, &http::simple_response(400, "Bad Request", "bad request\n")).await;
             return;
@@ -848,7 +937,20 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 // Coalesce whatever is queued into one write.
                 loop {
                     match next {
-                        Some(Outbound::Msg(msg)) => seal(chan, &msg, &mut out)?,
+                        Some(Outbound::Msg(msg)) => {
+                            let before = out.len();
+                            seal(chan, &msg, &mut out)?;
+                            let m = &shared.metrics;
+                            let sends = match msg {
+                                ServerOut::MapFull(_) => Some(&m.map_full_sends),
+                                ServerOut::MapDelta(_) => Some(&m.map_delta_sends),
+                                _ => None,
+                            };
+                            if let Some(c) = sends {
+                                super::metrics::inc(c);
+                                m.map_bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
+                            }
+                        }
                         Some(Outbound::Close(reason)) => { closing = Some(reason); break; }
                         None => { closing = Some("closed by the server".into()); break; }
                     }

@@ -17,7 +17,7 @@ pub const TOKEN_PREFIX: &str = "tg1-";
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthKeyToken {
-    /// Control server URL, `http://host:port`.
+    /// Control server URL, `http://host:port` or `https://host[:port]`.
     pub url: String,
     pub server_public: Key,
     /// The secret the node sends in `Register`.
@@ -49,7 +49,7 @@ pub enum TokenError {
     Damaged(String),
     #[error("auth key holds an invalid server key: {0}")]
     ServerKey(String),
-    #[error("auth key holds an invalid control URL {0:?}: expected http://HOST:PORT")]
+    #[error("auth key holds an invalid control URL {0:?}: expected http://HOST:PORT or https://HOST[:PORT]")]
     Url(String),
 }
 
@@ -95,27 +95,10 @@ pub fn hash_secret(secret: &str) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Splits `http://host:port[/]` into (host, port). Only plain `http`: the
-/// channel is secured by Noise, not TLS. (Behind a TLS proxy on 443, the
-/// proxy must pass the `Upgrade` through.)
+/// Splits `http[s]://host:port[/]` into (host, port). `https://` means
+/// TLS around the Noise channel (see [`super::transport`]).
 pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest =
-        url.strip_prefix("http://").ok_or_else(|| format!("control URL {url:?} must start with http:// (Noise secures the channel)"))?;
-    let hostport = rest.trim_end_matches('/');
-    if hostport.contains('/') {
-        return Err(format!("control URL {url:?} must not have a path"));
-    }
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
-            (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port in {url:?}"))?)
-        }
-        _ => (hostport.to_string(), 80),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    if host.is_empty() {
-        return Err(format!("control URL {url:?} has no host"));
-    }
-    Ok((host, port))
+    super::transport::ControlUrl::parse(url).map(|u| (u.host, u.port))
 }
 
 #[cfg(test)]
@@ -146,7 +129,7 @@ mod tests {
         assert_eq!(parse_url("http://h:1/").unwrap(), ("h".into(), 1));
         assert_eq!(parse_url("http://h").unwrap(), ("h".into(), 80));
         assert_eq!(parse_url("http://[::1]:9").unwrap(), ("::1".into(), 9));
-        assert!(parse_url("https://h").is_err());
+        assert_eq!(parse_url("https://h").unwrap(), ("h".into(), 443));
         assert!(parse_url("http://h/x").is_err());
     }
 

@@ -40,7 +40,7 @@ use crate::control::frame::WireDecoder;
 use crate::control::http;
 use crate::control::noise::{Initiator, SecureChannel};
 use crate::control::server::Stream;
-use crate::control::token::parse_url;
+use crate::control::transport::{ControlUrl, DialError, dial};
 use crate::wg::Key;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -95,11 +95,13 @@ pub struct RelayClientOptions {
     pub recv_queue: usize,
     /// Limit on TCP connect + upgrade + handshake + the relay's answer.
     pub connect_timeout: Duration,
+    /// PEM CA certificate(s) for an `https://` URL instead of the system roots.
+    pub ca_pem: Option<String>,
 }
 
 impl Default for RelayClientOptions {
     fn default() -> Self {
-        RelayClientOptions { send_queue: 1024, recv_queue: 1024, connect_timeout: Duration::from_secs(15) }
+        RelayClientOptions { send_queue: 1024, recv_queue: 1024, connect_timeout: Duration::from_secs(15), ca_pem: None }
     }
 }
 
@@ -267,12 +269,11 @@ impl RelayClient {
         node_private: &Key,
         opts: RelayClientOptions,
     ) -> Result<(RelaySender, RelayReceiver), RelayError> {
-        let (host, port) = parse_url(url).map_err(RelayError::Http)?;
-        let s = tokio::time::timeout(opts.connect_timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| RelayError::Connect { url: url.into(), message: "timed out".into() })?
-            .map_err(|e| RelayError::Connect { url: url.into(), message: e.to_string() })?;
-        let _ = s.set_nodelay(true);
+        let s = dial(url, opts.ca_pem.as_deref(), opts.connect_timeout).await.map_err(|e| match e {
+            DialError::Url(m) => RelayError::Http(m),
+            DialError::Connect { url, message } => RelayError::Connect { url, message },
+            e => RelayError::Connect { url: url.into(), message: e.to_string() },
+        })?;
         Self::connect_stream(s, url, server_public, node_private, opts).await
     }
 
@@ -311,8 +312,7 @@ async fn handshake<S: Stream>(
     node_private: &Key,
     opts: RelayClientOptions,
 ) -> Result<(RelaySender, RelayReceiver), RelayError> {
-    let (host, port) = parse_url(url).map_err(RelayError::Http)?;
-    let hosthdr = if port == 80 { host.clone() } else { format!("{host}:{port}") };
+    let hosthdr = ControlUrl::parse(url).map_err(RelayError::Http)?.host_header();
     s.write_all(&http::upgrade_request(&hosthdr, RELAY_PATH, UPGRADE_RELAY)).await.map_err(|e| RelayError::Closed(e.to_string()))?;
     let mut rbuf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();

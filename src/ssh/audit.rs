@@ -183,6 +183,7 @@ impl AuditLog {
     /// Appends one event. A failing audit write is logged, not fatal: refusing
     /// service because the disk is full would lock admins out of the box.
     pub fn write(&self, ev: &AuditEvent) {
+        crate::metrics::ssh_event(ev);
         let line = ev.to_line();
         tracing::info!(target: "tailgate::audit", "{}", line.trim_end());
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
