@@ -296,6 +296,7 @@ fn placeholder_identity(key: &Key) -> Identity {
         user: None,
         tags: vec![],
         ip: IpAddr::from([0, 0, 0, 0]),
+        groups: Vec::new(),
     }
 }
 

@@ -227,6 +227,7 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
         user: None,
         tags: c.tags.clone(),
         ip: c.addresses[0].addr(),
+        groups: Vec::new(),
     };
     let peers = c.peers.iter().map(|p| {
         let key = wg::key_to_base64(&p.config.public_key);
@@ -236,6 +237,7 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
             user: p.user.clone(),
             tags: p.tags.clone(),
             ip: p.config.allowed_ips.first().map(|n| n.addr()).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            groups: Vec::new(),
         };
         (p.config.public_key, id)
     });

@@ -82,6 +82,15 @@ pub fn simple_response(status: u16, reason: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A redirect (the browser's way to the identity provider). A location
+/// with a line break would split the head, so it is refused.
+pub fn redirect(location: &str) -> Vec<u8> {
+    if location.contains(['\r', '\n']) {
+        return simple_response(500, "Internal Server Error", "bad redirect\n");
+    }
+    format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
 pub fn switching_protocols(token: &str) -> Vec<u8> {
     format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {token}\r\n\r\n").into_bytes()
 }

@@ -24,6 +24,7 @@ pub mod http;
 pub mod hub;
 pub mod netmap;
 pub mod noise;
+pub mod oidc;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -14,6 +14,7 @@ pub(crate) fn user(name: &str, node: &str) -> Identity {
         user: Some(name.into()),
         tags: vec![],
         ip: "100.64.0.1".parse().unwrap(),
+        groups: Vec::new(),
     }
 }
 
@@ -24,6 +25,7 @@ pub(crate) fn tagged(tags: &[&str], node: &str) -> Identity {
         user: None,
         tags: tags.iter().map(|s| s.to_string()).collect(),
         ip: "100.64.0.2".parse().unwrap(),
+        groups: Vec::new(),
     }
 }
 
