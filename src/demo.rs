@@ -83,6 +83,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         hostname: "vps".into(),
         listen_port: 0,
         ssh_port: Some(22),
+        login_server: None,
+        login_server_key: None,
+        force_reauth: false,
     })
     .await
     .context("starting the vps node")?;
@@ -92,6 +95,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         hostname: "laptop".into(),
         listen_port: 0,
         ssh_port: None,
+        login_server: None,
+        login_server_key: None,
+        force_reauth: false,
     })
     .await
     .context("starting the laptop node")?;

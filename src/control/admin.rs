@@ -88,6 +88,8 @@ pub struct ServeArgs {
     /// Keepalive period on node connections [default: 30s].
     #[arg(long, value_parser = parse_lifetime, hide = true)]
     pub keepalive: Option<Duration>,
+    #[command(flatten)]
+    pub oidc: super::oidc::OidcArgs,
 }
 
 impl ServeArgs {
@@ -100,6 +102,7 @@ impl ServeArgs {
             || self.ephemeral_grace.is_some()
             || self.auth_key_expiry.is_some()
             || self.keepalive.is_some()
+            || self.oidc.any_set()
     }
 }
 
@@ -225,7 +228,7 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/share/tailgate/control")
 }
 
-fn server_options(state_dir: PathBuf, a: &ServeArgs) -> ServerOptions {
+fn server_options(state_dir: PathBuf, a: &ServeArgs) -> Result<ServerOptions> {
     let mut o = ServerOptions::new(a.listen.unwrap_or_else(|| "0.0.0.0:8443".parse().expect("addr")), state_dir);
     o.policy_file = a.policy.clone();
     o.url = a.url.clone();
@@ -244,7 +247,8 @@ fn server_options(state_dir: PathBuf, a: &ServeArgs) -> ServerOptions {
     if let Some(d) = a.keepalive {
         o.keepalive = d;
     }
-    o
+    o.oidc = a.oidc.config()?;
+    Ok(o)
 }
 
 /// Entry point of `tailgate control`.
@@ -254,8 +258,8 @@ pub fn admin_main(args: ControlArgs) -> Result<()> {
         bail!("server flags (--listen, --policy, ...) go with `tailgate control [serve]`, not with admin commands");
     }
     let req = match args.command.clone() {
-        None => return serve(server_options(state_dir, &args.serve)),
-        Some(ControlCommand::Serve(s)) => return serve(server_options(state_dir, &s)),
+        None => return serve(server_options(state_dir, &args.serve)?),
+        Some(ControlCommand::Serve(s)) => return serve(server_options(state_dir, &s)?),
         Some(ControlCommand::Policy { command: PolicyCommand::Check { file } }) => {
             return match crate::policy::cli_check(&file) {
                 0 => Ok(()),

@@ -59,7 +59,7 @@ impl From<&AuthKeyToken> for ControlTarget {
 }
 
 /// What the node says about itself when it connects.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeHello {
     /// Auth key secret ([`AuthKeyToken::secret`]): `Some` = register (or log
     /// in, if the node key is already known); `None` = log in.
@@ -69,6 +69,14 @@ pub struct NodeHello {
     pub ssh_host_key: Option<String>,
     /// Endpoints where peers may reach the node's WireGuard UDP socket.
     pub endpoints: Vec<SocketAddr>,
+    /// No auth key: join by signing in with the identity provider (a node
+    /// key that is registered and valid just logs in).
+    pub interactive: bool,
+    /// With `interactive`: sign in again even if the node key is valid.
+    pub force_reauth: bool,
+    /// Where the sign-in URL goes when the server sends one (the person
+    /// must open it); without it a sign-in request fails.
+    pub sign_in_urls: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl NodeHello {
@@ -81,6 +89,14 @@ impl NodeHello {
     }
 
     fn message(&self) -> ClientMsg {
+        if self.interactive && self.auth_key.is_none() {
+            return ClientMsg::RegisterInteractive {
+                hostname: self.hostname.clone(),
+                ssh_host_key: self.ssh_host_key.clone(),
+                endpoints: self.endpoints.clone(),
+                force_reauth: self.force_reauth,
+            };
+        }
         match &self.auth_key {
             Some(k) => ClientMsg::Register {
                 auth_key: k.clone(),
@@ -152,6 +168,9 @@ impl Drop for ControlClient {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a node waits for its person to sign in (the server gives up
+/// after its own sign-in lifetime, 10 minutes by default).
+const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, ControlError> {
     match r.read(buf).await {
@@ -183,9 +202,10 @@ impl ControlClient {
         node_private: &Key,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::handshake(s, target, node_private, hello))
+        let limit = if hello.interactive { SIGN_IN_TIMEOUT } else { HANDSHAKE_TIMEOUT };
+        tokio::time::timeout(limit, Self::handshake(s, target, node_private, hello))
             .await
-            .map_err(|_| ControlError::Timeout(format!("no login answer from {} within {HANDSHAKE_TIMEOUT:?}", target.url)))?
+            .map_err(|_| ControlError::Timeout(format!("no login answer from {} within {limit:?}", target.url)))?
     }
 
     async fn handshake<S: Stream>(
@@ -248,6 +268,12 @@ impl ControlClient {
                 ServerMsg::LoginOk { new_node, node, domain, keepalive_secs } => login = Some((new_node, node, domain, keepalive_secs)),
                 ServerMsg::MapFull(full) => break NetMap::from_full(full),
                 ServerMsg::KeepAlive => {}
+                ServerMsg::SignIn { url } if login.is_none() => match &hello.sign_in_urls {
+                    Some(tx) => {
+                        let _ = tx.send(url);
+                    }
+                    None => return Err(ControlError::Protocol("the server asks for a sign-in, but this node cannot show a URL".into())),
+                },
                 other => return Err(ControlError::Protocol(format!("unexpected {other:?} before the first map"))),
             }
         };

@@ -72,6 +72,76 @@ impl OidcConfig {
     }
 }
 
+/// `tailgate control --oidc-*`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OidcArgs {
+    /// Let people join by signing in with this OpenID Connect issuer
+    /// (e.g. https://accounts.google.com). Register `<--url>/oidc/callback`
+    /// as the redirect URL there.
+    #[arg(long, value_name = "URL", requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
+    pub oidc_issuer: Option<String>,
+    /// The client id the provider gave this server.
+    #[arg(long, value_name = "ID", requires = "oidc_issuer")]
+    pub oidc_client_id: Option<String>,
+    /// File holding the client secret (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "oidc_issuer")]
+    pub oidc_client_secret_file: Option<std::path::PathBuf>,
+    /// Only emails in these domains may sign in (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "DOMAIN,...", requires = "oidc_issuer")]
+    pub oidc_allowed_domains: Vec<String>,
+    /// Only these emails may sign in (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "EMAIL,...", requires = "oidc_issuer")]
+    pub oidc_allowed_users: Vec<String>,
+    /// Only members of one of these provider groups may sign in (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "GROUP,...", requires = "oidc_issuer")]
+    pub oidc_allowed_groups: Vec<String>,
+    /// The ID token claim that lists the user's groups [default: groups].
+    #[arg(long, value_name = "CLAIM", requires = "oidc_issuer")]
+    pub oidc_groups_claim: Option<String>,
+    /// Scopes to ask for besides openid (comma-separated) [default: email,profile,groups].
+    #[arg(long, value_delimiter = ',', value_name = "SCOPE,...", requires = "oidc_issuer")]
+    pub oidc_scopes: Vec<String>,
+}
+
+impl OidcArgs {
+    pub fn any_set(&self) -> bool {
+        self.oidc_issuer.is_some()
+    }
+
+    /// The configuration, reading the secret file; `None` without `--oidc-issuer`.
+    pub fn config(&self) -> Result<Option<OidcConfig>, OidcError> {
+        let (Some(issuer), Some(id), Some(file)) = (&self.oidc_issuer, &self.oidc_client_id, &self.oidc_client_secret_file) else {
+            return Ok(None);
+        };
+        use std::os::unix::fs::MetadataExt;
+        let f = file.display();
+        let meta = std::fs::metadata(file).map_err(|e| OidcError::Config(format!("--oidc-client-secret-file {f}: {e}")))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(OidcError::Config(format!(
+                "--oidc-client-secret-file {f} is readable by others (mode {:o}); run `chmod 600 {f}`",
+                meta.mode() & 0o777
+            )));
+        }
+        let secret = std::fs::read_to_string(file).map_err(|e| OidcError::Config(format!("--oidc-client-secret-file {f}: {e}")))?;
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(OidcError::Config(format!("--oidc-client-secret-file {f} is empty")));
+        }
+        let mut c = OidcConfig::new(issuer, id, secret);
+        let clean = |v: &[String]| v.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect::<Vec<_>>();
+        c.allowed_domains = clean(&self.oidc_allowed_domains).into_iter().map(|d| d.trim_start_matches('@').to_ascii_lowercase()).collect();
+        c.allowed_users = clean(&self.oidc_allowed_users).into_iter().map(|u| u.to_ascii_lowercase()).collect();
+        c.allowed_groups = clean(&self.oidc_allowed_groups);
+        if let Some(g) = &self.oidc_groups_claim {
+            c.groups_claim = g.clone();
+        }
+        if !self.oidc_scopes.is_empty() {
+            c.scopes = clean(&self.oidc_scopes).into_iter().filter(|s| s != "openid").collect();
+        }
+        Ok(Some(c))
+    }
+}
+
 /// Who signed in, as the verified ID token says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedIn {

@@ -412,6 +412,11 @@ impl ControlServer {
         &self.url
     }
 
+    /// (issuer, redirect URL to register there) when sign-in is enabled.
+    pub fn oidc(&self) -> Option<(String, String)> {
+        self.shared.oidc.as_ref().map(|o| (o.issuer().to_string(), o.redirect_url()))
+    }
+
     /// Was the server key created by this start?
     pub fn created_key(&self) -> bool {
         self.created_key
@@ -479,6 +484,9 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     }
     println!("  server public key: {}", wg::key_to_base64(&server.public_key()));
     println!("  state directory:   {}", opts.state_dir.display());
+    if let Some((issuer, redirect)) = server.oidc() {
+        println!("  sign-in:           {issuer} (redirect URL to register there: {redirect})");
+    }
     match &opts.policy_file {
         Some(p) => println!("  policy:            {} (reloaded when it changes)", p.display()),
         None => println!("  policy:            stored (`tailgate control policy set FILE`), or the built-in default"),
