@@ -428,8 +428,10 @@ pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
         AdminRequest::UsersAdd { .. } => format!("added user {}\n", s(&v["name"])),
         AdminRequest::UsersRemove { .. } => format!("removed user {} and {} node(s)\n", s(&v["removed"]), s(&v["nodes_removed"])),
         AdminRequest::UsersList => {
-            let mut rows = vec![vec!["ID".into(), "NAME".into(), "NODES".into(), "CREATED".into()]];
-            rows.extend(arr.iter().map(|u| vec![s(&u["id"]), s(&u["name"]), s(&u["nodes"]), when(&u["created"])]));
+            let mut rows = vec![vec!["ID".into(), "NAME".into(), "NODES".into(), "CREATED".into(), "PROVIDER GROUPS".into()]];
+            let groups =
+                |u: &Value| u["provider_groups"].as_array().map(|g| g.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+            rows.extend(arr.iter().map(|u| vec![s(&u["id"]), s(&u["name"]), s(&u["nodes"]), when(&u["created"]), groups(u)]));
             table(rows)
         }
         AdminRequest::KeysCreate { .. } => {

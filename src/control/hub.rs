@@ -1125,7 +1125,8 @@ impl Hub {
                         .iter()
                         .map(|u| {
                             let nodes = self.nodes.values().filter(|n| n.user_id == Some(u.id) && n.tags.is_empty()).count();
-                            json!({"id": u.id, "name": u.name, "created": u.created, "nodes": nodes})
+                            let groups = self.user_groups.get(&u.id).cloned().unwrap_or_default();
+                            json!({"id": u.id, "name": u.name, "created": u.created, "nodes": nodes, "provider_groups": groups})
                         })
                         .collect(),
                 ))

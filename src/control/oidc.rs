@@ -168,7 +168,7 @@ impl AdditionalClaims for OtherClaims {}
 type IdFields =
     IdTokenFields<OtherClaims, EmptyExtraTokenFields, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
 type Tokens = StandardTokenResponse<IdFields, CoreTokenType>;
-type OClient = openidconnect::Client<
+pub type OClient = openidconnect::Client<
     OtherClaims,
     CoreAuthDisplay,
     CoreGenderClaim,
@@ -398,9 +398,15 @@ impl Oidc {
         Ok(SignedIn { email, groups })
     }
 
-    fn refresh_keys(&self) -> Result<OClient, String> {
+    /// Is `login` a sign-in in flight?
+    pub fn is_login(&self, login: &str) -> bool {
+        self.lock().logins.contains_key(login)
+    }
+
+    /// Fetches the provider's signing keys again (blocking).
+    pub fn refresh_keys(&self) -> Result<OClient, String> {
         let jwks = JsonWebKeySet::fetch(self.meta.jwks_uri(), &self.http)
-            .map_err(|e| format!("cannot fetch the identity provider's keys: {}", describe(&e)))?;
+            .map_err(|e| format!("the identity provider at {} cannot be reached (fetching its keys: {})", self.cfg.issuer, describe(&e)))?;
         let meta = self.meta.clone().set_jwks(jwks);
         let client = build_client(&self.cfg, &meta, &self.public_url).map_err(|e| e.to_string())?;
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client.clone();

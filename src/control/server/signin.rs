@@ -106,6 +106,7 @@ fn page(code: u16, message: &str) -> Vec<u8> {
         403 => "Forbidden",
         404 => "Not Found",
         410 => "Gone",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     http::simple_response(code, reason, &format!("tailgate: {message}\n"))
@@ -118,6 +119,21 @@ pub(super) async fn http(path: &str, shared: &Shared) -> Vec<u8> {
     };
     let (p, query) = path.split_once('?').unwrap_or((path, ""));
     if let Some(login) = p.strip_prefix("/oidc/start/") {
+        if !oidc.is_login(login) {
+            return page(404, "this sign-in link is unknown or has expired; run `tailgate up` again on the device for a new sign-in URL");
+        }
+        // The provider's keys are fetched again for every sign-in: that picks
+        // up a key rotation early and tells the person now, not after they
+        // typed a password, when the provider is down. The link stays valid.
+        let probe = oidc.clone();
+        match tokio::task::spawn_blocking(move || probe.refresh_keys()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!("control: sign-in: {e}");
+                return page(503, &format!("{e}; open this link again once the identity provider is back"));
+            }
+            Err(_) => return page(500, "internal error while signing in; try again"),
+        }
         return match oidc.start(login) {
             Ok(url) => http::redirect(&url),
             Err((code, m)) => page(code, &m),
