@@ -507,3 +507,73 @@ fn readme_order_example() {
     // Swapped, the specific accept can never decide: reported.
     assert_error(&format!("{head}{broad}{specific}"), "10:1", "unreachable rule: ssh[1]");
 }
+
+// ---- provider groups (issue 13) ------------------------------------------
+
+const PROVIDER: &str = r#"
+[groups]
+"group:admins" = ["bob@example.com"]
+
+[tag_owners]
+"tag:prod" = []
+
+[[ssh]]
+src = ["group:oidc/admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[ssh]]
+src = ["group:oidc//team/Domain Admins"]
+dst = ["tag:prod"]
+users = ["deploy"]
+action = "accept"
+
+[[tests]]
+src = "alice@example.com"
+src_groups = ["admins"]
+dst = "tag:prod"
+accept = ["root"]
+
+[[tests]]
+src = "alice@example.com"
+src_groups = ["group:oidc//team/Domain Admins"]
+dst = "tag:prod"
+accept = ["deploy"]
+deny = ["root"]
+"#;
+
+#[test]
+fn provider_groups_match_the_users_groups_and_never_policy_groups() {
+    let p = parse(PROVIDER);
+    assert!(p.run_tests().is_empty(), "{:?}", p.run_tests());
+    let prod = tagged(&["tag:prod"], "prod1");
+    let mut alice = user("alice@example.com", "laptop");
+    assert_eq!(p.check_ssh(&alice, &prod, "root").action, Action::Reject);
+    alice.groups = vec!["admins".into()];
+    assert_eq!(p.check_ssh(&alice, &prod, "root").action, Action::Accept);
+    // [groups] "group:admins" is the policy's own group, not the provider's.
+    let bob = user("bob@example.com", "bobbox");
+    assert_eq!(p.check_ssh(&bob, &prod, "root").action, Action::Reject);
+    // A tagged node has no user, so no provider groups either.
+    let mut ci = tagged(&["tag:prod"], "ci");
+    ci.groups = vec!["admins".into()];
+    assert_eq!(p.check_ssh(&ci, &prod, "root").action, Action::Reject);
+}
+
+#[test]
+fn provider_group_mistakes_are_reported() {
+    assert_error(
+        &format!("{TAGS}[[ssh]]\nsrc = [\"group:oidc/\"]\ndst = [\"tag:prod\"]\nusers = [\"root\"]\naction = \"accept\"\n"),
+        "5:8",
+        "empty provider group",
+    );
+    assert_error("[groups]\n\"group:a\" = [\"group:oidc/admins\"]\n", "2:14", "group at the identity provider");
+    assert_error(
+        &format!(
+            "{TAGS}[[ssh]]\nsrc = [\"*\"]\ndst = [\"tag:prod\"]\nusers = [\"root\"]\naction = \"accept\"\n[[tests]]\nsrc = \"tag:ci\"\nsrc_groups = [\"admins\"]\ndst = \"tag:prod\"\naccept = [\"root\"]\n"
+        ),
+        "11:14",
+        "src_groups needs a user",
+    );
+}

@@ -129,3 +129,65 @@ impl Hub {
         Ok((id, true))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{HubConfig, Out};
+    use super::*;
+    use crate::control::proto::{ClientMsg, ServerMsg};
+    use crate::control::store::Store;
+
+    fn msgs(h: &mut Hub, conn: ConnId) -> Vec<ServerMsg> {
+        h.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Send(c, m) if c == conn => Some(serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn alice(groups: &[&str]) -> SignedIn {
+        SignedIn { email: "alice@example.com".into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_sign_in_sets_the_users_groups_and_a_later_one_changes_them_at_once() {
+        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, 1000).unwrap();
+        h.hello_signed_in(1, [10; 32], "laptop", None, vec![], &alice(&["admins", "dev"]), 1000).unwrap();
+        h.take_outputs();
+        h.hello_signed_in(2, [11; 32], "phone", None, vec![], &alice(&["admins", "dev"]), 1000).unwrap();
+        // The laptop (same user: the default policy shows a user's nodes to
+        // each other) sees the phone with the provider's groups.
+        let added = msgs(&mut h, 1);
+        let phone = added
+            .iter()
+            .find_map(|m| match m {
+                ServerMsg::MapDelta(d) => d.peers_added.first().cloned(),
+                _ => None,
+            })
+            .expect("the phone reaches the laptop's map");
+        assert_eq!(phone.groups, vec!["admins".to_string(), "dev".to_string()]);
+        // Signing in again without "admins": the laptop learns at once that
+        // it lost the group (self) and so did the phone (peer).
+        h.hello_signed_in(3, [11; 32], "phone", None, vec![], &alice(&["dev"]), 1001).unwrap();
+        let deltas: Vec<_> = msgs(&mut h, 1)
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMsg::MapDelta(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert!(deltas.iter().any(|d| d.self_node.as_ref().is_some_and(|s| s.groups == vec!["dev".to_string()])), "{deltas:?}");
+        assert!(deltas.iter().any(|d| d.peers_changed.iter().any(|p| p.groups == vec!["dev".to_string()])), "{deltas:?}");
+        assert_eq!(h.user_groups.values().next(), Some(&vec!["dev".to_string()]));
+        // Only the hub's own sign-in path trusts a user: a node's message cannot.
+        let r = h.hello(
+            4,
+            [12; 32],
+            ClientMsg::RegisterInteractive { hostname: "x".into(), ssh_host_key: None, endpoints: vec![], force_reauth: false },
+            1002,
+        );
+        assert_eq!(r.unwrap_err().0, ErrorCode::SignIn);
+    }
+}
