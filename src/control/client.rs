@@ -220,12 +220,16 @@ impl ControlClient {
             .await
             .map_err(|e| ControlError::Closed(e.to_string()))?;
         let mut rbuf = vec![0u8; 64 * 1024];
+        // Every read must come within the handshake limit, except while the
+        // person signs in: a silent server is noticed in seconds either way.
+        let mut deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let late = || ControlError::Timeout(format!("no answer from {} within {HANDSHAKE_TIMEOUT:?}", target.url));
         let mut head = Vec::new();
         let (code, reason, used) = loop {
             if let Some(x) = http::parse_response(&head).map_err(|e| ControlError::Http(format!("{}: {e}", target.url)))? {
                 break x;
             }
-            let n = read_more(&mut s, &mut rbuf).await?;
+            let n = tokio::time::timeout_at(deadline, read_more(&mut s, &mut rbuf)).await.map_err(|_| late())??;
             head.extend_from_slice(&rbuf[..n]);
         };
         if code != 101 {
@@ -242,7 +246,7 @@ impl ControlClient {
             if let Some(m) = wire.next_message().map_err(|e| ControlError::Protocol(e.to_string()))? {
                 break m;
             }
-            match s.read(&mut rbuf).await {
+            match tokio::time::timeout_at(deadline, s.read(&mut rbuf)).await.map_err(|_| late())? {
                 Ok(0) | Err(_) => return Err(ControlError::WrongServerKey { url: target.url.clone() }),
                 Ok(n) => wire.push(&rbuf[..n]),
             }
@@ -258,7 +262,7 @@ impl ControlClient {
             let msg = match next_msg(&mut chan)? {
                 Some(m) => m,
                 None => {
-                    let n = read_more(&mut s, &mut rbuf).await?;
+                    let n = tokio::time::timeout_at(deadline, read_more(&mut s, &mut rbuf)).await.map_err(|_| late())??;
                     chan.push_wire(&rbuf[..n]).map_err(chan_err)?;
                     continue;
                 }
@@ -267,9 +271,12 @@ impl ControlClient {
                 ServerMsg::Error { code, message } => return Err(ControlError::Refused { code, message }),
                 ServerMsg::LoginOk { new_node, node, domain, keepalive_secs } => login = Some((new_node, node, domain, keepalive_secs)),
                 ServerMsg::MapFull(full) => break NetMap::from_full(full),
+                // The server's keepalives show it is alive while we wait.
+                ServerMsg::KeepAlive if hello.interactive => deadline = tokio::time::Instant::now() + SIGN_IN_TIMEOUT,
                 ServerMsg::KeepAlive => {}
                 ServerMsg::SignIn { url } if login.is_none() => match &hello.sign_in_urls {
                     Some(tx) => {
+                        deadline = tokio::time::Instant::now() + SIGN_IN_TIMEOUT;
                         let _ = tx.send(url);
                     }
                     None => return Err(ControlError::Protocol("the server asks for a sign-in, but this node cannot show a URL".into())),
