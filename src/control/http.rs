@@ -153,6 +153,14 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_cannot_split_the_head() {
+        let r = String::from_utf8(redirect("http://idp/auth?x=1")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 302 Found\r\nLocation: http://idp/auth?x=1\r\n"), "{r}");
+        let r = String::from_utf8(redirect("http://idp/\r\nSet-Cookie: x=1")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 500") && !r.contains("Set-Cookie"), "{r}");
+    }
+
+    #[test]
     fn parses_101() {
         let r = switching_protocols("tailgate-control");
         let (code, _, n) = parse_response(&r).unwrap().unwrap();
