@@ -44,6 +44,10 @@ pub struct SavedControl {
     /// kept so later starts verify the same way without the flag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// Joined by signing in with the identity provider: an expired node
+    /// key asks for a sign-in again instead of an auth key.
+    #[serde(default)]
+    pub sign_in: bool,
 }
 
 impl SavedControl {
@@ -60,7 +64,12 @@ impl SavedControl {
 /// server (replacing the system roots for its `https://` URL).
 pub fn pin_control_ca(state_dir: &Path, target: &mut ControlTarget, pem: &str, from: &Path) -> Result<()> {
     crate::control::transport::parse_ca(pem).map_err(|e| anyhow::anyhow!("--control-ca {}: {e}", from.display()))?;
-    let saved = SavedControl { url: target.url.clone(), server_public: wg::key_to_base64(&target.server_public), ca_pem: Some(pem.into()) };
+    let saved = SavedControl {
+        url: target.url.clone(),
+        server_public: wg::key_to_base64(&target.server_public),
+        ca_pem: Some(pem.into()),
+        sign_in: saved_control(state_dir).is_some_and(|s| s.sign_in),
+    };
     write_secret(&state_dir.join(CONTROL_FILE), serde_json::to_string_pretty(&saved)?.as_bytes())?;
     target.ca_pem = Some(pem.into());
     Ok(())
@@ -112,12 +121,16 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
     let path = state_dir.join(CONTROL_FILE);
     if let Some(token) = authkey {
         let t = AuthKeyToken::parse(token.trim()).map_err(|e| anyhow::anyhow!("--authkey: {e}"))?;
-        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public), ca_pem: None };
+        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public), ca_pem: None, sign_in: false };
         write_secret(&path, serde_json::to_string_pretty(&saved)?.as_bytes())?;
         return Ok((ControlTarget::from(&t), Some(t.secret.clone())));
     }
     let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("{} has not joined a tailnet yet; run `tailgate up --authkey TOKEN` once (an admin makes one with `tailgate control keys create`)", state_dir.display())
+        format!(
+            "{} has not joined a tailnet yet; run `tailgate up --authkey TOKEN` once (an admin makes one with `tailgate control keys create`), \
+             or `tailgate up --login-server URL` to sign in with your identity provider",
+            state_dir.display()
+        )
     })?;
     let saved: SavedControl = serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
     Ok((saved.target()?, None))
@@ -311,6 +324,7 @@ fn placeholder_identity(key: &Key) -> Identity {
         user: None,
         tags: vec![],
         ip: IpAddr::from([0, 0, 0, 0]),
+        groups: Vec::new(),
     }
 }
 
@@ -322,6 +336,41 @@ pub struct AgentOptions {
     pub ssh_port: Option<u16>,
     /// `--control-ca FILE`: pin this CA for an `https://` control URL.
     pub control_ca: Option<PathBuf>,
+    /// Join by signing in with the identity provider at this control server.
+    pub login_server: Option<String>,
+    /// The control server's key, base64, instead of asking the server.
+    pub login_server_key: Option<String>,
+    /// Sign in again even with a valid node key.
+    pub force_reauth: bool,
+}
+
+/// The saved control server, if this state directory has joined one.
+fn saved_control(state_dir: &Path) -> Option<SavedControl> {
+    serde_json::from_str(&std::fs::read_to_string(state_dir.join(CONTROL_FILE)).ok()?).ok()
+}
+
+/// Where to log in, the auth key if any, and whether to sign in with the
+/// identity provider (a `--login-server` join, a node that joined that
+/// way, or `--force-reauth`).
+async fn resolve_target(opts: &AgentOptions, ca_pem: Option<&str>) -> Result<(ControlTarget, Option<String>, bool)> {
+    if opts.authkey.is_some() {
+        let (t, secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
+        return Ok((t, secret, false));
+    }
+    let saved = saved_control(&opts.state_dir);
+    if let Some(url) = &opts.login_server {
+        let url = url.trim_end_matches('/');
+        if let Some(s) = saved.filter(|s| s.url == url && opts.login_server_key.is_none()) {
+            return Ok((s.target()?, None, true));
+        }
+        let t = crate::signin::target_for(url, opts.login_server_key.as_deref(), ca_pem).await?;
+        let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public), ca_pem: None, sign_in: true };
+        write_secret(&opts.state_dir.join(CONTROL_FILE), serde_json::to_string_pretty(&saved)?.as_bytes())?;
+        return Ok((t, None, true));
+    }
+    let (t, _) = control_target(&opts.state_dir, None)?;
+    let sign_in = opts.force_reauth || saved.is_some_and(|s| s.sign_in);
+    Ok((t, None, sign_in))
 }
 
 /// A running agent: the node plus the task following the control server.
@@ -335,10 +384,13 @@ pub struct Agent {
 pub async fn start(opts: AgentOptions) -> Result<Agent> {
     ensure_private_dir(&opts.state_dir)?;
     let key = load_or_create_node_key(&opts.state_dir)?;
-    let (mut target, auth_secret) = control_target(&opts.state_dir, opts.authkey.as_deref())?;
-    if let Some(file) = &opts.control_ca {
-        let pem = std::fs::read_to_string(file).with_context(|| format!("--control-ca: reading {}", file.display()))?;
-        pin_control_ca(&opts.state_dir, &mut target, &pem, file)?;
+    let ca = match &opts.control_ca {
+        Some(file) => Some((file, std::fs::read_to_string(file).with_context(|| format!("--control-ca: reading {}", file.display()))?)),
+        None => None,
+    };
+    let (mut target, auth_secret, interactive) = resolve_target(&opts, ca.as_ref().map(|(_, pem)| pem.as_str())).await?;
+    if let Some((file, pem)) = &ca {
+        pin_control_ca(&opts.state_dir, &mut target, pem, file)?;
     }
     let mut nc = NodeConfig::new(key, vec![]);
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
@@ -379,10 +431,19 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         hostname: opts.hostname.clone(),
         ssh_host_key: host_key,
         endpoints: local_endpoints(node.udp_addr().port()),
+        interactive,
+        force_reauth: opts.force_reauth,
+        sign_in_urls: None,
     };
+    let prompt = interactive.then(crate::signin::Prompt::start);
+    hello.sign_in_urls = prompt.as_ref().map(|p| p.urls.clone());
     // The first contact decides whether we can start at all: a refused auth
     // key is fatal; an unreachable server is not if we have a cached map.
-    let first = match ControlClient::connect(&target, &key, hello.clone()).await {
+    let first = ControlClient::connect(&target, &key, hello.clone()).await;
+    if let Some(p) = &prompt {
+        p.done();
+    }
+    let first = match first {
         Ok((client, map)) => {
             applier.apply(map);
             applier.set_control_status(format!("connected to {}", target.url));
@@ -404,6 +465,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     };
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
+    hello.force_reauth = false;
     let task = tokio::spawn(follow(applier, target, key, hello, first, check));
     Ok(Agent { node, daemon, task })
 }
@@ -508,7 +570,10 @@ async fn follow(
                 match update {
                     Ok(delta) => {
                         if delta.key_expired {
-                            tracing::error!("this node's key expired or the node was removed; rejoin with `tailgate up --authkey TOKEN`");
+                            tracing::error!(
+                                "this node's key expired or the node was removed; rejoin with `tailgate up --authkey TOKEN` \
+                                 (or `tailgate up --force-reauth` if it joined by signing in)"
+                            );
                             applier.cut_off();
                             applier.set_control_status("node key expired: rejoin with --authkey".into());
                             break;

@@ -91,6 +91,17 @@ struct UpArgs {
     /// Join with this auth key (first start only; later starts reuse the state dir).
     #[arg(long, value_name = "TOKEN", env = "TAILGATE_AUTHKEY", conflicts_with = "wg_config")]
     authkey: Option<String>,
+    /// Join this control server by signing in with its identity provider
+    /// (no auth key): prints a URL to open in a browser, here or elsewhere.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["wg_config", "authkey"])]
+    login_server: Option<String>,
+    /// The control server's public key (from `tailgate control` at start),
+    /// instead of trusting what the server says on first contact.
+    #[arg(long, value_name = "KEY", requires = "login_server")]
+    login_server_key: Option<String>,
+    /// Sign in with the identity provider again (renews the node key).
+    #[arg(long, conflicts_with_all = ["wg_config", "authkey"])]
+    force_reauth: bool,
     /// Node name to ask for (default: this machine's host name).
     #[arg(long)]
     hostname: Option<String>,
@@ -333,6 +344,7 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
         user: None,
         tags: c.tags.clone(),
         ip: c.addresses[0].addr(),
+        groups: Vec::new(),
     };
     let peers = c.peers.iter().map(|p| {
         let key = wg::key_to_base64(&p.config.public_key);
@@ -342,6 +354,7 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
             user: p.user.clone(),
             tags: p.tags.clone(),
             ip: p.config.allowed_ips.first().map(|n| n.addr()).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            groups: Vec::new(),
         };
         (p.config.public_key, id)
     });
@@ -393,6 +406,9 @@ async fn up(args: UpArgs) -> Result<()> {
             listen_port: args.listen_port,
             ssh_port: (!args.no_ssh).then_some(args.ssh_port),
             control_ca: args.control_ca.clone(),
+            login_server: args.login_server.clone(),
+            login_server_key: args.login_server_key.clone(),
+            force_reauth: args.force_reauth,
         })
         .await?;
         for (port, target) in forwards {

@@ -84,6 +84,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         listen_port: 0,
         control_ca: None,
         ssh_port: Some(22),
+        login_server: None,
+        login_server_key: None,
+        force_reauth: false,
     })
     .await
     .context("starting the vps node")?;
@@ -94,6 +97,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         listen_port: 0,
         control_ca: None,
         ssh_port: None,
+        login_server: None,
+        login_server_key: None,
+        force_reauth: false,
     })
     .await
     .context("starting the laptop node")?;

@@ -400,6 +400,7 @@ mod tests {
             user: user.map(Into::into),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             ip: ip.parse().unwrap(),
+            groups: Vec::new(),
         }
     }
 

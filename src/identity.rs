@@ -26,6 +26,11 @@ pub struct Identity {
     pub tags: Vec<String>,
     /// The node's primary tailnet address.
     pub ip: IpAddr,
+    /// The owning user's groups at the identity provider, as of their last
+    /// sign-in (`group:oidc/NAME` in the policy). Empty for tagged nodes and
+    /// for users who joined with an auth key.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 impl Identity {

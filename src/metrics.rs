@@ -302,6 +302,7 @@ mod tests {
             node_name: "n".into(),
             user: Some("alice".into()),
             tags: vec![],
+            groups: vec![],
             ip: "100.64.0.1".parse().unwrap(),
         };
         let mut ev = AuditEvent::new(EventKind::Auth, "c", &id, &id, std::time::SystemTime::now());

@@ -282,6 +282,7 @@ async fn control_scale_bench() {
                 hostname: host,
                 ssh_host_key: Some(bench_host_key()),
                 endpoints: vec!["198.51.100.7:41641".parse().unwrap(), "[2a01:4f8::7]:41641".parse().unwrap()],
+                ..Default::default()
             };
             ControlClient::connect(&target, &key, hello).await.unwrap()
         }));

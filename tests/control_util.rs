@@ -159,6 +159,7 @@ pub fn hello(token: &AuthKeyToken, host: &str) -> NodeHello {
         hostname: host.into(),
         ssh_host_key: Some(host_key(host.len() as u8)),
         endpoints: vec![ENDPOINT.parse().unwrap()],
+        ..Default::default()
     }
 }
 

@@ -57,6 +57,7 @@ fn team_policy_decisions() {
         user: user.map(Into::into),
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ip: "100.64.0.9".parse().unwrap(),
+        groups: Vec::new(),
     };
     let prod = node(None, &["tag:prod"], "prod-db1");
     let staging = node(None, &["tag:staging"], "stg-web1");

@@ -24,6 +24,7 @@ fn base() -> NetMap {
             ips: vec![[100, 64, 0, 1].into()],
             user: Some("alice@example.com".into()),
             tags: vec![],
+            groups: vec![],
             key_expiry: None,
             ephemeral: false,
         },

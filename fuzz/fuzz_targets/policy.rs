@@ -21,6 +21,7 @@ fn ident(name: &str, user: Option<&str>, tags: Vec<String>, last: u8) -> Identit
         user: user.map(Into::into),
         tags,
         ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, last)),
+        groups: Vec::new(),
     }
 }
 

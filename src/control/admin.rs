@@ -98,6 +98,8 @@ pub struct ServeArgs {
     /// /metrics on the control port).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub oidc: super::oidc::OidcArgs,
 }
 
 impl ServeArgs {
@@ -112,6 +114,7 @@ impl ServeArgs {
             || self.keepalive.is_some()
             || self.tls.any_set()
             || self.metrics_listen.is_some()
+            || self.oidc.any_set()
     }
 }
 
@@ -253,7 +256,7 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/share/tailgate/control")
 }
 
-fn server_options(state_dir: PathBuf, a: &ServeArgs) -> ServerOptions {
+fn server_options(state_dir: PathBuf, a: &ServeArgs) -> Result<ServerOptions> {
     let mut o = ServerOptions::new(a.listen.unwrap_or_else(|| "0.0.0.0:8443".parse().expect("addr")), state_dir);
     o.policy_file = a.policy.clone();
     o.url = a.url.clone();
@@ -274,7 +277,8 @@ fn server_options(state_dir: PathBuf, a: &ServeArgs) -> ServerOptions {
     }
     o.tls = a.tls.source();
     o.metrics_listen = a.metrics_listen;
-    o
+    o.oidc = a.oidc.config()?;
+    Ok(o)
 }
 
 /// Entry point of `tailgate control`.
@@ -284,8 +288,8 @@ pub fn admin_main(args: ControlArgs) -> Result<()> {
         bail!("server flags (--listen, --policy, ...) go with `tailgate control [serve]`, not with admin commands");
     }
     let req = match args.command.clone() {
-        None => return serve(server_options(state_dir, &args.serve)),
-        Some(ControlCommand::Serve(s)) => return serve(server_options(state_dir, &s)),
+        None => return serve(server_options(state_dir, &args.serve)?),
+        Some(ControlCommand::Serve(s)) => return serve(server_options(state_dir, &s)?),
         Some(ControlCommand::Policy { command: PolicyCommand::Check { file } }) => {
             return match crate::policy::cli_check(&file) {
                 0 => Ok(()),
@@ -469,8 +473,10 @@ pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
         AdminRequest::UsersAdd { .. } => format!("added user {}\n", s(&v["name"])),
         AdminRequest::UsersRemove { .. } => format!("removed user {} and {} node(s)\n", s(&v["removed"]), s(&v["nodes_removed"])),
         AdminRequest::UsersList => {
-            let mut rows = vec![vec!["ID".into(), "NAME".into(), "NODES".into(), "CREATED".into()]];
-            rows.extend(arr.iter().map(|u| vec![s(&u["id"]), s(&u["name"]), s(&u["nodes"]), when(&u["created"])]));
+            let mut rows = vec![vec!["ID".into(), "NAME".into(), "NODES".into(), "CREATED".into(), "PROVIDER GROUPS".into()]];
+            let groups =
+                |u: &Value| u["provider_groups"].as_array().map(|g| g.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+            rows.extend(arr.iter().map(|u| vec![s(&u["id"]), s(&u["name"]), s(&u["nodes"]), when(&u["created"]), groups(u)]));
             table(rows)
         }
         AdminRequest::KeysCreate { .. } => {

@@ -66,7 +66,7 @@ impl From<&AuthKeyToken> for ControlTarget {
 }
 
 /// What the node says about itself when it connects.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeHello {
     /// Auth key secret ([`AuthKeyToken::secret`]): `Some` = register (or log
     /// in, if the node key is already known); `None` = log in.
@@ -76,6 +76,14 @@ pub struct NodeHello {
     pub ssh_host_key: Option<String>,
     /// Endpoints where peers may reach the node's WireGuard UDP socket.
     pub endpoints: Vec<SocketAddr>,
+    /// No auth key: join by signing in with the identity provider (a node
+    /// key that is registered and valid just logs in).
+    pub interactive: bool,
+    /// With `interactive`: sign in again even if the node key is valid.
+    pub force_reauth: bool,
+    /// Where the sign-in URL goes when the server sends one (the person
+    /// must open it); without it a sign-in request fails.
+    pub sign_in_urls: Option<mpsc::UnboundedSender<String>>,
 }
 
 impl NodeHello {
@@ -88,6 +96,14 @@ impl NodeHello {
     }
 
     fn message(&self) -> ClientMsg {
+        if self.interactive && self.auth_key.is_none() {
+            return ClientMsg::RegisterInteractive {
+                hostname: self.hostname.clone(),
+                ssh_host_key: self.ssh_host_key.clone(),
+                endpoints: self.endpoints.clone(),
+                force_reauth: self.force_reauth,
+            };
+        }
         match &self.auth_key {
             Some(k) => ClientMsg::Register {
                 auth_key: k.clone(),
@@ -221,6 +237,9 @@ impl Drop for ControlClient {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a node waits for its person to sign in (the server gives up
+/// after its own sign-in lifetime, 10 minutes by default).
+const SIGN_IN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<usize, ControlError> {
     match r.read(buf).await {
@@ -251,9 +270,10 @@ impl ControlClient {
         node_private: &Key,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::handshake(s, target, node_private, hello))
+        let limit = if hello.interactive { SIGN_IN_TIMEOUT } else { HANDSHAKE_TIMEOUT };
+        tokio::time::timeout(limit, Self::handshake(s, target, node_private, hello))
             .await
-            .map_err(|_| ControlError::Timeout(format!("no login answer from {} within {HANDSHAKE_TIMEOUT:?}", target.url)))?
+            .map_err(|_| ControlError::Timeout(format!("no login answer from {} within {limit:?}", target.url)))?
     }
 
     async fn handshake<S: Stream>(
@@ -267,12 +287,16 @@ impl ControlClient {
             .await
             .map_err(|e| ControlError::Closed(e.to_string()))?;
         let mut rbuf = vec![0u8; 64 * 1024];
+        // Every read must come within the handshake limit, except while the
+        // person signs in: a silent server is noticed in seconds either way.
+        let mut deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let late = || ControlError::Timeout(format!("no answer from {} within {HANDSHAKE_TIMEOUT:?}", target.url));
         let mut head = Vec::new();
         let (code, reason, used) = loop {
             if let Some(x) = http::parse_response(&head).map_err(|e| ControlError::Http(format!("{}: {e}", target.url)))? {
                 break x;
             }
-            let n = read_more(&mut s, &mut rbuf).await?;
+            let n = tokio::time::timeout_at(deadline, read_more(&mut s, &mut rbuf)).await.map_err(|_| late())??;
             head.extend_from_slice(&rbuf[..n]);
         };
         if code != 101 {
@@ -289,7 +313,7 @@ impl ControlClient {
             if let Some(m) = wire.next_message().map_err(|e| ControlError::Protocol(e.to_string()))? {
                 break m;
             }
-            match s.read(&mut rbuf).await {
+            match tokio::time::timeout_at(deadline, s.read(&mut rbuf)).await.map_err(|_| late())? {
                 Ok(0) | Err(_) => return Err(ControlError::WrongServerKey { url: target.url.clone() }),
                 Ok(n) => wire.push(&rbuf[..n]),
             }
@@ -305,7 +329,7 @@ impl ControlClient {
             let msg = match next_msg(&mut chan)? {
                 Some(m) => m,
                 None => {
-                    let n = read_more(&mut s, &mut rbuf).await?;
+                    let n = tokio::time::timeout_at(deadline, read_more(&mut s, &mut rbuf)).await.map_err(|_| late())??;
                     chan.push_wire(&rbuf[..n]).map_err(chan_err)?;
                     continue;
                 }
@@ -314,7 +338,16 @@ impl ControlClient {
                 ServerMsg::Error { code, message } => return Err(ControlError::Refused { code, message }),
                 ServerMsg::LoginOk { new_node, node, domain, keepalive_secs } => login = Some((new_node, node, domain, keepalive_secs)),
                 ServerMsg::MapFull(full) => break NetMap::from_full(full),
+                // The server's keepalives show it is alive while we wait.
+                ServerMsg::KeepAlive if hello.interactive => deadline = tokio::time::Instant::now() + SIGN_IN_TIMEOUT,
                 ServerMsg::KeepAlive => {}
+                ServerMsg::SignIn { url } if login.is_none() => match &hello.sign_in_urls {
+                    Some(tx) => {
+                        deadline = tokio::time::Instant::now() + SIGN_IN_TIMEOUT;
+                        let _ = tx.send(url);
+                    }
+                    None => return Err(ControlError::Protocol("the server asks for a sign-in, but this node cannot show a URL".into())),
+                },
                 other => return Err(ControlError::Protocol(format!("unexpected {other:?} before the first map"))),
             }
         };

@@ -82,6 +82,15 @@ pub fn simple_response(status: u16, reason: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A redirect (the browser's way to the identity provider). A location
+/// with a line break would split the head, so it is refused.
+pub fn redirect(location: &str) -> Vec<u8> {
+    if location.contains(['\r', '\n']) {
+        return simple_response(500, "Internal Server Error", "bad redirect\n");
+    }
+    format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
 pub fn switching_protocols(token: &str) -> Vec<u8> {
     format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {token}\r\n\r\n").into_bytes()
 }
@@ -141,6 +150,14 @@ mod tests {
         assert!(parse_request(b"GET / HTTP/1.1 extra\r\n\r\n").is_err());
         assert!(parse_request(b"GET / HTTP/1.1\r\nno colon\r\n\r\n").is_err());
         assert_eq!(parse_request(&vec![b'a'; MAX_HEAD + 1]), Err(HttpError::TooLarge));
+    }
+
+    #[test]
+    fn a_redirect_cannot_split_the_head() {
+        let r = String::from_utf8(redirect("http://idp/auth?x=1")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 302 Found\r\nLocation: http://idp/auth?x=1\r\n"), "{r}");
+        let r = String::from_utf8(redirect("http://idp/\r\nSet-Cookie: x=1")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 500") && !r.contains("Set-Cookie"), "{r}");
     }
 
     #[test]

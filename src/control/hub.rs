@@ -36,6 +36,8 @@ const MAX_ENDPOINTS: usize = 32;
 /// stored and printed, so it gets a bound and no control characters.
 const MAX_HOSTNAME: usize = 255;
 
+mod signin;
+
 #[derive(Clone, Debug)]
 pub struct HubConfig {
     pub domain: String,
@@ -207,6 +209,8 @@ pub struct Hub {
     names: HashMap<String, i64>,
     ips: HashSet<Ipv4Addr>,
     users: HashMap<i64, String>,
+    /// Provider groups per user, as of their last sign-in (issue 13).
+    user_groups: HashMap<i64, Vec<String>>,
     conns: HashMap<i64, ConnId>,
     offline_since: HashMap<i64, Instant>,
     endpoint_gates: HashMap<i64, EndpointGate>,
@@ -342,6 +346,7 @@ impl Hub {
             names: HashMap::new(),
             ips: HashSet::new(),
             users: HashMap::new(),
+            user_groups: HashMap::new(),
             conns: HashMap::new(),
             offline_since: HashMap::new(),
             endpoint_gates: HashMap::new(),
@@ -352,6 +357,7 @@ impl Hub {
         for u in hub.store.users()? {
             hub.users.insert(u.id, u.name);
         }
+        hub.user_groups = hub.store.user_groups_all()?;
         let start = Instant::now();
         for mut n in hub.store.nodes()? {
             n.online = false;
@@ -430,6 +436,14 @@ impl Hub {
         self.nodes.get(&id).and_then(|n| n.key_expiry).is_some_and(|e| e <= now)
     }
 
+    /// Provider groups of the node's user (none for tagged nodes).
+    fn groups_of(&self, n: &NodeRow) -> Vec<String> {
+        if !n.tags.is_empty() {
+            return Vec::new();
+        }
+        n.user_id.and_then(|u| self.user_groups.get(&u).cloned()).unwrap_or_default()
+    }
+
     fn user_of(&self, n: &NodeRow) -> Option<String> {
         if n.tags.is_empty() { n.user_id.and_then(|u| self.users.get(&u).cloned()) } else { None }
     }
@@ -443,6 +457,7 @@ impl Hub {
             ips: vec![IpAddr::V4(n.ip)],
             user: self.user_of(n),
             tags: n.tags.clone(),
+            groups: self.groups_of(n),
             key_expiry: n.key_expiry,
             ephemeral: n.ephemeral,
         }
@@ -451,6 +466,7 @@ impl Hub {
     fn entry(&self, id: i64) -> NodeEntry {
         let n = &self.nodes[&id];
         let user = self.user_of(n);
+        let groups = self.groups_of(n);
         NodeEntry {
             identity: Identity {
                 node_key: wg::key_to_base64(&n.node_key),
@@ -458,6 +474,7 @@ impl Hub {
                 user: user.clone(),
                 tags: n.tags.clone(),
                 ip: IpAddr::V4(n.ip),
+                groups: groups.clone(),
             },
             peer: Arc::new(PeerInfo {
                 node_id: n.id as u64,
@@ -467,6 +484,7 @@ impl Hub {
                 ips: vec![IpAddr::V4(n.ip)],
                 user,
                 tags: n.tags.clone(),
+                groups,
                 endpoints: n.endpoints.clone(),
                 ssh_host_key: n.ssh_host_key.clone(),
                 online: self.conns.contains_key(&id),
@@ -562,8 +580,28 @@ impl Hub {
                 }
             }
             ClientMsg::Login { hostname, ssh_host_key, endpoints } => self.login(node_key, hostname, ssh_host_key, endpoints, now),
+            ClientMsg::RegisterInteractive { hostname, ssh_host_key, endpoints, force_reauth } => {
+                // Only a sign-in the server itself completed reaches
+                // `hello_signed_in`; here a valid key may just log in.
+                if !force_reauth && self.relay_allowed(&node_key, now) {
+                    self.login(node_key, Some(hostname), ssh_host_key, endpoints, now)
+                } else {
+                    Err((
+                        ErrorCode::SignIn,
+                        "signing in with an identity provider is not enabled on this control server; \
+                         join with an auth key: `tailgate up --authkey TOKEN` (an admin makes one with `tailgate control keys create`)"
+                            .into(),
+                    ))
+                }
+            }
             other => Err((ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other)))),
         };
+        self.admit(conn, r, now)
+    }
+
+    /// Puts a registered or logged-in node online on `conn` (LoginOk +
+    /// MapFull), or refuses with `r`'s error.
+    fn admit(&mut self, conn: ConnId, r: Result<(i64, bool), (ErrorCode, String)>, now: i64) -> Result<i64, (ErrorCode, String)> {
         let (id, new_node) = match r {
             Ok(x) => x,
             Err(e) => return Err(self.refuse(conn, e)),
@@ -892,7 +930,7 @@ impl Hub {
                     self.refresh(node, now);
                 }
             }
-            ClientMsg::Register { .. } | ClientMsg::Login { .. } => {
+            ClientMsg::Register { .. } | ClientMsg::Login { .. } | ClientMsg::RegisterInteractive { .. } => {
                 self.protocol_error(conn, "already logged in on this connection".into());
             }
         }
@@ -1100,7 +1138,8 @@ impl Hub {
                         .iter()
                         .map(|u| {
                             let nodes = self.nodes.values().filter(|n| n.user_id == Some(u.id) && n.tags.is_empty()).count();
-                            json!({"id": u.id, "name": u.name, "created": u.created, "nodes": nodes})
+                            let groups = self.user_groups.get(&u.id).cloned().unwrap_or_default();
+                            json!({"id": u.id, "name": u.name, "created": u.created, "nodes": nodes, "provider_groups": groups})
                         })
                         .collect(),
                 ))
@@ -1308,6 +1347,7 @@ fn msg_name(m: &ClientMsg) -> &'static str {
     match m {
         ClientMsg::Register { .. } => "register",
         ClientMsg::Login { .. } => "login",
+        ClientMsg::RegisterInteractive { .. } => "register_interactive",
         ClientMsg::ReportEndpoints { .. } => "report_endpoints",
         ClientMsg::Logout => "logout",
         ClientMsg::RotateKey { .. } => "rotate_key",

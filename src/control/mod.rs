@@ -28,6 +28,7 @@ pub mod hub;
 pub mod metrics;
 pub mod netmap;
 pub mod noise;
+pub mod oidc;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -151,7 +151,16 @@ impl Analysis {
         let first = lname.split('.').next().unwrap_or("");
         let name = (self.lower.contains(&lname) || self.lower.contains(first)).then_some(lname.clone());
         let nets = self.nets.iter().enumerate().filter(|(_, n)| n.contains(&id.ip)).map(|(i, _)| i as u32).collect();
-        ClassKey { user, tags, name, nets }
+        // Provider groups tell nodes apart only when the node acts for its
+        // user and the policy names the group.
+        let mut groups: Vec<String> = if id.tags.is_empty() && id.user.is_some() {
+            id.groups.iter().filter(|g| self.strings.contains(&format!("{}{g}", crate::policy::PROVIDER_GROUP_PREFIX))).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        groups.sort();
+        groups.dedup();
+        ClassKey { user, tags, name, nets, groups }
     }
 }
 
@@ -171,6 +180,7 @@ struct ClassKey {
     tags: Vec<String>,
     name: Option<String>,
     nets: Vec<u32>,
+    groups: Vec<String>,
 }
 
 /// Link bits between two classes.
@@ -303,6 +313,7 @@ impl Engine {
             UserKey::Named(u) => Some(u.clone()),
             UserKey::Anon => Some("\u{1}anon-a".into()),
         };
+        rep.groups = key.groups.clone();
         let mut class = Class { key: key.clone(), rep, members: HashMap::new(), len: 0, links: HashMap::new() };
         let self_bits = self.link(&class, &class);
         if self_bits != 0 {
@@ -644,7 +655,14 @@ mod tests {
         };
         let tags: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
         let user = if tags.is_empty() { user.map(String::from) } else { None };
-        let identity = Identity { node_key: wg::key_to_base64(&key), node_name: name.into(), user: user.clone(), tags: tags.clone(), ip };
+        let identity = Identity {
+            node_key: wg::key_to_base64(&key),
+            node_name: name.into(),
+            user: user.clone(),
+            tags: tags.clone(),
+            ip,
+            groups: vec![],
+        };
         let peer = Arc::new(PeerInfo {
             node_id: id,
             node_key: key,
@@ -653,6 +671,7 @@ mod tests {
             ips: vec![ip],
             user: user.clone(),
             tags: tags.clone(),
+            groups: vec![],
             endpoints: vec![],
             ssh_host_key: None,
             online: true,
@@ -665,6 +684,7 @@ mod tests {
             ips: vec![ip],
             user,
             tags,
+            groups: vec![],
             key_expiry: None,
             ephemeral: false,
         });

@@ -105,6 +105,23 @@ pub enum ClientMsg {
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
     },
+    /// First message of a node that joins by signing in with the identity
+    /// provider (no auth key). A node key that is registered, not expired
+    /// and not asking for `force_reauth` just logs in. Otherwise the server
+    /// answers [`ServerMsg::SignIn`] with a short-lived single-use URL and
+    /// holds the connection until the person has signed in there; then it
+    /// registers the node for that user and goes on as after a login.
+    RegisterInteractive {
+        hostname: String,
+        #[serde(default)]
+        ssh_host_key: Option<String>,
+        #[serde(default)]
+        endpoints: Vec<SocketAddr>,
+        /// Sign in again even though the node key is valid (renews its expiry,
+        /// refreshes the user's groups, may change the user).
+        #[serde(default)]
+        force_reauth: bool,
+    },
     /// Replace the node's reported endpoints (peers get a delta).
     ReportEndpoints {
         endpoints: Vec<SocketAddr>,
@@ -174,6 +191,8 @@ pub enum ErrorCode {
     Removed,
     /// The SSH host key or host name the node reported is not acceptable.
     HostInfo,
+    /// Signing in with the identity provider failed or was refused.
+    SignIn,
     #[serde(other)]
     Other,
 }
@@ -216,6 +235,11 @@ pub enum ServerMsg {
         #[serde(default)]
         message: String,
     },
+    /// Answer to RegisterInteractive: show this URL to the person; `LoginOk`
+    /// (or an `Error`) follows once they have signed in there.
+    SignIn {
+        url: String,
+    },
 }
 
 /// This node, as the control server sees it.
@@ -231,6 +255,9 @@ pub struct SelfInfo {
     pub ips: Vec<IpAddr>,
     pub user: Option<String>,
     pub tags: Vec<String>,
+    /// The user's groups at the identity provider (`group:oidc/NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     /// Unix seconds when the node key expires; `None` = never (tagged nodes).
     pub key_expiry: Option<i64>,
     pub ephemeral: bool,
@@ -248,6 +275,9 @@ pub struct PeerInfo {
     pub ips: Vec<IpAddr>,
     pub user: Option<String>,
     pub tags: Vec<String>,
+    /// The user's groups at the identity provider (`group:oidc/NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     /// Endpoints the peer reported (candidates for direct UDP).
     pub endpoints: Vec<SocketAddr>,
     /// The peer's SSH host public key, OpenSSH format, for pinning.
@@ -312,25 +342,26 @@ impl MapDelta {
 }
 
 /// The identity of a node as the map describes it (self or peer alike).
-fn identity_of(key: &Key, name: &str, user: &Option<String>, tags: &[String], ips: &[IpAddr]) -> Identity {
+fn identity_of(key: &Key, name: &str, user: &Option<String>, tags: &[String], groups: &[String], ips: &[IpAddr]) -> Identity {
     Identity {
         node_key: wg::key_to_base64(key),
         node_name: name.to_string(),
         user: user.clone(),
         tags: tags.to_vec(),
         ip: ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        groups: groups.to_vec(),
     }
 }
 
 impl SelfInfo {
     pub fn identity(&self) -> Identity {
-        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.ips)
+        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.groups, &self.ips)
     }
 }
 
 impl PeerInfo {
     pub fn identity(&self) -> Identity {
-        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.ips)
+        identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.groups, &self.ips)
     }
 
     /// WireGuard config: allowed IPs = the peer's addresses as host routes,
@@ -493,6 +524,9 @@ pub enum ServerOut {
         user: String,
         message: String,
     },
+    SignIn {
+        url: String,
+    },
 }
 
 impl From<FullOut> for MapFull {
@@ -532,6 +566,7 @@ mod tests {
             ips: vec![IpAddr::from([100, 64, 0, n])],
             user: Some("alice".into()),
             tags: vec![],
+            groups: vec![],
             endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
             ssh_host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO1 host".into()),
             online: true,
@@ -569,6 +604,7 @@ mod tests {
             ips: vec![IpAddr::from([100, 64, 0, 9])],
             user: None,
             tags: vec!["tag:prod".into()],
+            groups: vec![],
             key_expiry: None,
             ephemeral: false,
         };
@@ -638,6 +674,7 @@ mod tests {
             ips: vec![IpAddr::from([100, 64, 0, 9])],
             user: Some("alice".into()),
             tags: vec![],
+            groups: vec![],
             key_expiry: None,
             ephemeral: false,
         };

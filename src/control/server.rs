@@ -32,8 +32,11 @@ use super::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
 use super::http::{self, RequestHead};
 use super::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
 use super::noise::{self, ChannelError, SecureChannel};
+use super::oidc::{Oidc, SignedIn};
 use super::proto::{ClientMsg, ErrorCode, ServerOut};
 use super::store::{Store, ensure_private_dir};
+
+mod signin;
 use super::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
 use crate::config::write_secret;
 use crate::wg::{self, Key};
@@ -166,6 +169,8 @@ pub struct ServerOptions {
     pub tls: Option<super::tls::TlsSource>,
     /// A second listener serving only `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
+    pub oidc: Option<super::oidc::OidcConfig>,
 }
 
 impl ServerOptions {
@@ -194,6 +199,7 @@ impl ServerOptions {
             endpoint_interval: Duration::from_secs(2),
             tls: None,
             metrics_listen: None,
+            oidc: None,
         }
     }
 }
@@ -257,6 +263,7 @@ enum HubCmd {
     Disconnected { conn: ConnId, node: i64 },
     Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, String>> },
     RelayAllowed { key: Key, reply: oneshot::Sender<bool> },
+    SignedIn { conn: ConnId, node_key: Key, hello: signin::Hello, who: SignedIn, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
     PolicyFile { text: String, name: String },
     Tick,
     Shutdown,
@@ -266,6 +273,7 @@ struct Shared {
     hub: mpsc::Sender<HubCmd>,
     metrics: Arc<super::metrics::ControlMetrics>,
     relay: Option<Arc<crate::relay::RelayServer>>,
+    oidc: Option<Arc<Oidc>>,
     preauth: Arc<PreAuthLimits>,
     private: Key,
     opts: ServerOptions,
@@ -330,6 +338,15 @@ impl ControlServer {
         let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
         let url = opts.url.clone().unwrap_or_else(|| default_url(addr, opts.tls.as_ref()));
         super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
+        let oidc = match opts.oidc.clone() {
+            Some(cfg) => {
+                let u = url.clone();
+                let o = tokio::task::spawn_blocking(move || Oidc::discover(cfg, &u)).await??;
+                tracing::info!("sign-in with {} enabled; redirect URL {}", o.issuer(), o.redirect_url());
+                Some(Arc::new(o))
+            }
+            None => None,
+        };
 
         let mut cfg = HubConfig::new(&url, public);
         cfg.domain = opts.domain.clone();
@@ -369,6 +386,7 @@ impl ControlServer {
             hub: hub_tx,
             metrics,
             relay: relay_handle,
+            oidc,
             preauth,
             private,
             opts: opts.clone(),
@@ -438,6 +456,11 @@ impl ControlServer {
     /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// (issuer, redirect URL to register there) when sign-in is enabled.
+    pub fn oidc(&self) -> Option<(String, String)> {
+        self.shared.oidc.as_ref().map(|o| (o.issuer().to_string(), o.redirect_url()))
     }
 
     /// Was the server key created by this start?
@@ -510,6 +533,9 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     if let Some(a) = server.metrics_addr() {
         println!("  metrics:           http://{a}/metrics");
     }
+    if let Some((issuer, redirect)) = server.oidc() {
+        println!("  sign-in:           {issuer} (redirect URL to register there: {redirect})");
+    }
     match &opts.policy_file {
         Some(p) => println!("  policy:            {} (reloaded when it changes)", p.display()),
         None => println!("  policy:            stored (`tailgate control policy set FILE`), or the built-in default"),
@@ -581,6 +607,14 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::me
                     }
                     Ok(_) if register => inc(&metrics.registrations),
                     Ok(_) => inc(&metrics.logins),
+                }
+                let _ = reply.send(r.ok());
+            }
+            HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
+                conns.insert(conn, tx);
+                let r = hub.hello_signed_in(conn, node_key, &hello.hostname, hello.ssh_host_key, hello.endpoints, &who, now);
+                if let Err((_, m)) = &r {
+                    tracing::info!("control: refused signed-in node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
                 }
                 let _ = reply.send(r.ok());
             }
@@ -798,6 +832,14 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, per
             }
         }
         ("GET", "/tailgate/health", None) => write_and_close(&mut s, &http::simple_response(200, "OK", "ok\n")).await,
+        ("GET", "/tailgate/key", None) => {
+            let key = format!("{}\n", wg::key_to_base64(&wg::public_key_of(&shared.private)));
+            write_and_close(&mut s, &http::simple_response(200, "OK", &key)).await
+        }
+        ("GET", p, None) if p.starts_with("/oidc/") => {
+            let resp = signin::http(p, &shared).await;
+            write_and_close(&mut s, &resp).await
+        }
         (_, p, None) if p == CONTROL_PATH => {
             write_and_close(
                 &mut s,
@@ -888,7 +930,20 @@ async fn control_session<S: Stream>(
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
     let (rtx, rrx) = oneshot::channel();
-    shared.hub.send(HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx }).await.map_err(|_| "server shutting down".to_string())?;
+    let cmd = match signin::needs_sign_in(&first, &node_key, shared).await {
+        Some(hello) => match signin::wait(&mut r, &mut w, &mut chan, &mut rbuf, &who, shared).await {
+            Ok(who) => HubCmd::SignedIn { conn, node_key, hello, who, tx, reply: rtx },
+            Err(e) => {
+                let mut out = Vec::new();
+                let _ = seal(&mut chan, &ServerOut::Error { code: ErrorCode::SignIn, message: e.clone() }, &mut out);
+                let _ = w.write_all(&out).await;
+                let _ = w.shutdown().await;
+                return Err(format!("{who}: sign-in: {e}"));
+            }
+        },
+        None => HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx },
+    };
+    shared.hub.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
     let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
     // Authenticated (or refused and about to close): no longer counted.
     drop(permit);

@@ -72,7 +72,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_at ON audit(at);
     "#,
-    // check: TOTP secrets, replay guard, approvals and lockouts (src/control/store/check.rs)
+    // 2: check: TOTP secrets, replay guard, approvals and lockouts (src/control/store/check.rs)
     r#"
     CREATE TABLE totp (
         user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
@@ -89,6 +89,11 @@ const MIGRATIONS: &[&str] = &[
         locked_until INTEGER,
         PRIMARY KEY (user_id, source_key)
     );
+    // 3 (issue 13): provider groups of users who sign in with OIDC, as a
+    // JSON list, and when they last signed in.
+    r#"
+    ALTER TABLE users ADD COLUMN provider_groups TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE users ADD COLUMN last_sign_in INTEGER;
     "#,
 ];
 
@@ -316,6 +321,28 @@ impl Store {
         let mut st = self.conn.prepare_cached("SELECT id, name, created FROM users ORDER BY name")?;
         let rows = st.query_map([], |r| Ok(UserRow { id: r.get(0)?, name: r.get(1)?, created: r.get(2)? }))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Provider groups of every user that has any.
+    pub fn user_groups_all(&self) -> Result<std::collections::HashMap<i64, Vec<String>>> {
+        let mut st = self.conn.prepare_cached("SELECT id, provider_groups FROM users WHERE provider_groups != '[]'")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (id, json) = row?;
+            out.insert(id, serde_json::from_str(&json).with_context(|| format!("corrupt provider_groups of user {id}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Records a sign-in: the groups the provider sent this time.
+    pub fn user_signed_in(&self, id: i64, groups: &[String], now: i64) -> Result<()> {
+        self.conn.prepare_cached("UPDATE users SET provider_groups = ?2, last_sign_in = ?3 WHERE id = ?1")?.execute(params![
+            id,
+            serde_json::to_string(groups)?,
+            now
+        ])?;
+        Ok(())
     }
 
     pub fn user_by_name(&self, name: &str) -> Result<Option<UserRow>> {

@@ -279,7 +279,14 @@ fn compile_groups(cx: &mut Ctx, raw: &RawPolicy) -> BTreeMap<String, BTreeSet<St
         let mut refs = Vec::new();
         for m in members {
             let s = m.get_ref().as_str();
-            if s.starts_with("group:") {
+            if s.starts_with(pattern::PROVIDER_GROUP_PREFIX) {
+                cx.err(
+                    m.span(),
+                    format!(
+                        "'{s}' is a group at the identity provider; use it directly in src/dst, [groups] list users and other [groups]"
+                    ),
+                );
+            } else if s.starts_with("group:") {
                 refs.push(m);
             } else if s.starts_with("tag:") || s.starts_with("autogroup:") || s == "*" {
                 cx.err(m.span(), format!("groups list users and other groups, not '{s}'"));
@@ -478,7 +485,14 @@ fn compile_test(cx: &mut Ctx, i: usize, t: &RawTest, span: Range<usize>, names: 
 
     // The caller.
     let src_s = t.src.get_ref().as_str();
-    let mut src = Identity { node_key: "test-src".into(), node_name: "test-src".into(), user: None, tags: Vec::new(), ip: TEST_SRC_IP };
+    let mut src = Identity {
+        node_key: "test-src".into(),
+        node_name: "test-src".into(),
+        user: None,
+        tags: Vec::new(),
+        ip: TEST_SRC_IP,
+        groups: Vec::new(),
+    };
     if src_s.starts_with("tag:") {
         src.tags = check_tags(cx, &t.src);
     } else if src_s.starts_with("group:") || src_s.starts_with("autogroup:") || src_s == "*" || src_s.contains(':') {
@@ -491,6 +505,22 @@ fn compile_test(cx: &mut Ctx, i: usize, t: &RawTest, span: Range<usize>, names: 
     } else {
         src.user = Some(src_s.to_string());
     }
+    if let Some(groups) = &t.src_groups {
+        if src.user.is_none() {
+            cx.err(groups.span(), "src_groups needs a user as src (tagged nodes have no provider groups)");
+        }
+        for g in groups.get_ref() {
+            let full = if g.get_ref().starts_with("group:") {
+                g.get_ref().clone()
+            } else {
+                format!("{}{}", pattern::PROVIDER_GROUP_PREFIX, g.get_ref())
+            };
+            match pattern::check_provider_group(&full) {
+                Ok(name) => src.groups.push(name.to_string()),
+                Err(m) => cx.err(g.span(), m),
+            }
+        }
+    }
     if let Some(ip) = &t.src_ip {
         match ip.get_ref().parse::<IpAddr>() {
             Ok(a) => src.ip = a,
@@ -500,7 +530,14 @@ fn compile_test(cx: &mut Ctx, i: usize, t: &RawTest, span: Range<usize>, names: 
 
     // The target.
     let dst_s = t.dst.get_ref().as_str();
-    let mut dst = Identity { node_key: "test-dst".into(), node_name: dst_s.to_string(), user: None, tags: Vec::new(), ip: TEST_DST_IP };
+    let mut dst = Identity {
+        node_key: "test-dst".into(),
+        node_name: dst_s.to_string(),
+        user: None,
+        tags: Vec::new(),
+        ip: TEST_DST_IP,
+        groups: Vec::new(),
+    };
     if dst_s == "autogroup:self" {
         match &src.user {
             Some(u) => dst.user = Some(u.clone()),

@@ -42,6 +42,7 @@ use ipnet::IpNet;
 use crate::identity::Identity;
 
 pub use duration::{CheckPeriod, parse_duration};
+pub use pattern::PROVIDER_GROUP_PREFIX;
 
 /// The port of the embedded SSH server. Every `accept`/`check` ssh rule
 /// implies network access to this port from its `src` to its `dst`.

@@ -40,6 +40,9 @@ pub enum NodePat {
     Group { name: String, members: BTreeSet<String> },
     /// `tag:NAME`: nodes carrying this tag.
     Tag(String),
+    /// `group:oidc/NAME`: user-owned nodes whose user was in the identity
+    /// provider's group NAME at their last sign-in.
+    ProviderGroup(String),
     /// A bare name in `dst`: the node with this name (`web1` also matches
     /// `web1.<tailnet domain>`).
     Host(String),
@@ -84,6 +87,26 @@ pub fn check_group_name(s: &str) -> Result<(), String> {
         return Err(format!("bad group name '{s}': use letters, digits, '-', '_', '.' and '@'"));
     }
     Ok(())
+}
+
+/// Prefix of a provider group in patterns. `[groups]` names cannot contain
+/// '/', so a provider group never clashes with a policy-defined group.
+pub const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
+
+/// Checks `group:oidc/NAME` and returns NAME. Provider group names are the
+/// provider's own (Keycloak sends `/team/admins`, Google `admins@example.com`),
+/// so anything printable is allowed.
+pub fn check_provider_group(s: &str) -> Result<&str, String> {
+    let Some(name) = s.strip_prefix(PROVIDER_GROUP_PREFIX) else {
+        return Err(format!("'{s}' is not a provider group: they are written group:oidc/NAME"));
+    };
+    if name.is_empty() {
+        return Err(format!("empty provider group name in '{s}' (write group:oidc/NAME, NAME as the identity provider sends it)"));
+    }
+    if name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(format!("bad provider group name '{s}': at most 256 printable characters"));
+    }
+    Ok(name)
 }
 
 /// Checks a tailnet user name (`alice`, `alice@example.com`).
@@ -155,6 +178,9 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
             _ => Err(format!("unknown autogroup '{s}' (known: autogroup:member, autogroup:tagged, autogroup:self)")),
         };
     }
+    if s.starts_with(PROVIDER_GROUP_PREFIX) {
+        return Ok(NodePat::ProviderGroup(check_provider_group(s)?.to_string()));
+    }
     if s.starts_with("group:") {
         check_group_name(s)?;
         return match names.groups.get(s) {
@@ -214,6 +240,7 @@ impl NodePat {
             NodePat::User(u) => effective_user(node) == Some(u.as_str()),
             NodePat::Group { members, .. } => effective_user(node).is_some_and(|u| members.contains(u)),
             NodePat::Tag(t) => node.tags.iter().any(|x| x == t),
+            NodePat::ProviderGroup(g) => effective_user(node).is_some() && node.groups.iter().any(|x| x == g),
             NodePat::Host(h) => host_matches(h, &node.node_name),
             NodePat::Net { net, .. } => net.contains(&node.ip),
         }
@@ -225,7 +252,8 @@ impl NodePat {
         use NodePat::*;
         match (self, other) {
             (Any, _) => true,
-            (Member, Member | User(_) | Group { .. } | SelfNodes) => true,
+            (Member, Member | User(_) | Group { .. } | SelfNodes | ProviderGroup(_)) => true,
+            (ProviderGroup(a), ProviderGroup(b)) => a == b,
             (Tagged, Tagged | Tag(_)) => true,
             (User(a), User(b)) => a == b,
             (User(a), Group { members, .. }) => members.iter().all(|m| m == a),

@@ -130,6 +130,7 @@ fn identity() -> impl Strategy<Value = Identity> {
         user: owner.map(str::to_string),
         tags: tags.into_iter().map(str::to_string).collect(),
         ip: ip.parse::<IpAddr>().unwrap(),
+        groups: Vec::new(),
     })
 }
 

@@ -64,6 +64,9 @@ pub struct RawTest {
     pub dst: SStr,
     #[serde(default)]
     pub dst_tags: Option<SList>,
+    /// The caller's groups at the identity provider (matched by `group:oidc/NAME`).
+    #[serde(default)]
+    pub src_groups: Option<SList>,
     #[serde(default)]
     pub accept: Vec<SStr>,
     #[serde(default)]

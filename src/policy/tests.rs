@@ -14,6 +14,7 @@ pub(crate) fn user(name: &str, node: &str) -> Identity {
         user: Some(name.into()),
         tags: vec![],
         ip: "100.64.0.1".parse().unwrap(),
+        groups: Vec::new(),
     }
 }
 
@@ -24,6 +25,7 @@ pub(crate) fn tagged(tags: &[&str], node: &str) -> Identity {
         user: None,
         tags: tags.iter().map(|s| s.to_string()).collect(),
         ip: "100.64.0.2".parse().unwrap(),
+        groups: Vec::new(),
     }
 }
 
@@ -519,4 +521,74 @@ fn check_period_is_parsed_defaulted_and_validated() {
     assert_error(&rule("check", "check_period = \"sometimes\"\n"), "6:16", "or write \"always\"");
     assert_error(&rule("check", "check_period = \"500d\"\n"), "6:16", "longer than a year");
     assert_error(&rule("accept", "check_period = \"1h\"\n"), "6:16", "only applies to a check rule");
+}
+
+// ---- provider groups (issue 13) ------------------------------------------
+
+const PROVIDER: &str = r#"
+[groups]
+"group:admins" = ["bob@example.com"]
+
+[tag_owners]
+"tag:prod" = []
+
+[[ssh]]
+src = ["group:oidc/admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[ssh]]
+src = ["group:oidc//team/Domain Admins"]
+dst = ["tag:prod"]
+users = ["deploy"]
+action = "accept"
+
+[[tests]]
+src = "alice@example.com"
+src_groups = ["admins"]
+dst = "tag:prod"
+accept = ["root"]
+
+[[tests]]
+src = "alice@example.com"
+src_groups = ["group:oidc//team/Domain Admins"]
+dst = "tag:prod"
+accept = ["deploy"]
+deny = ["root"]
+"#;
+
+#[test]
+fn provider_groups_match_the_users_groups_and_never_policy_groups() {
+    let p = parse(PROVIDER);
+    assert!(p.run_tests().is_empty(), "{:?}", p.run_tests());
+    let prod = tagged(&["tag:prod"], "prod1");
+    let mut alice = user("alice@example.com", "laptop");
+    assert_eq!(p.check_ssh(&alice, &prod, "root").action, Action::Reject);
+    alice.groups = vec!["admins".into()];
+    assert_eq!(p.check_ssh(&alice, &prod, "root").action, Action::Accept);
+    // [groups] "group:admins" is the policy's own group, not the provider's.
+    let bob = user("bob@example.com", "bobbox");
+    assert_eq!(p.check_ssh(&bob, &prod, "root").action, Action::Reject);
+    // A tagged node has no user, so no provider groups either.
+    let mut ci = tagged(&["tag:prod"], "ci");
+    ci.groups = vec!["admins".into()];
+    assert_eq!(p.check_ssh(&ci, &prod, "root").action, Action::Reject);
+}
+
+#[test]
+fn provider_group_mistakes_are_reported() {
+    assert_error(
+        &format!("{TAGS}[[ssh]]\nsrc = [\"group:oidc/\"]\ndst = [\"tag:prod\"]\nusers = [\"root\"]\naction = \"accept\"\n"),
+        "5:8",
+        "empty provider group",
+    );
+    assert_error("[groups]\n\"group:a\" = [\"group:oidc/admins\"]\n", "2:14", "group at the identity provider");
+    assert_error(
+        &format!(
+            "{TAGS}[[ssh]]\nsrc = [\"*\"]\ndst = [\"tag:prod\"]\nusers = [\"root\"]\naction = \"accept\"\n[[tests]]\nsrc = \"tag:ci\"\nsrc_groups = [\"admins\"]\ndst = \"tag:prod\"\naccept = [\"root\"]\n"
+        ),
+        "11:14",
+        "src_groups needs a user",
+    );
 }

@@ -143,6 +143,7 @@ mod tests {
             user: Some("alice".into()),
             tags: vec![],
             ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
+            groups: Vec::new(),
         };
         let me = Identity { node_name: "web1".into(), ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)), ..id.clone() };
         let client = vec![("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/x".to_string())];

@@ -232,6 +232,7 @@ mod tests {
             user: Some("alice".into()),
             tags: vec![],
             ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
+            groups: Vec::new(),
         }
     }
 
@@ -242,6 +243,7 @@ mod tests {
             user: None,
             tags: vec!["tag:prod".into()],
             ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)),
+            groups: Vec::new(),
         }
     }
 

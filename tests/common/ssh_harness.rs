@@ -27,6 +27,7 @@ pub fn alice() -> Identity {
         user: Some(ALICE.into()),
         tags: vec![],
         ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
+        groups: Vec::new(),
     }
 }
 
@@ -37,6 +38,7 @@ pub fn web1() -> Identity {
         user: None,
         tags: vec!["tag:test".into()],
         ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3)),
+        groups: Vec::new(),
     }
 }
 
