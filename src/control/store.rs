@@ -89,6 +89,7 @@ const MIGRATIONS: &[&str] = &[
         locked_until INTEGER,
         PRIMARY KEY (user_id, source_key)
     );
+    "#,
     // 3 (issue 13): provider groups of users who sign in with OIDC, as a
     // JSON list, and when they last signed in.
     r#"
