@@ -69,6 +69,7 @@ impl Policy {
                 rule: None,
                 reason: format!("no ssh rule in the policy allows {who} to log in to {host} as {login}"),
                 record: false,
+                record_required: false,
                 max_duration: None,
                 accept_env: Vec::new(),
             };
@@ -86,6 +87,7 @@ impl Policy {
             rule: Some(r.label.clone()),
             reason,
             record: allowed && r.record,
+            record_required: allowed && r.record_required,
             max_duration: if allowed { r.max_duration } else { None },
             accept_env: if allowed { r.accept_env.clone() } else { Vec::new() },
         }
