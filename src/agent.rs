@@ -336,13 +336,20 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
+    // The audit shipper gets a link on every control connection.
+    let (ship_tx, ship_rx) = tokio::sync::mpsc::channel(4);
+    let mut ship_tx = Some(ship_tx);
     let (policy, host_key) = match opts.ssh_port {
         Some(port) => {
             let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
+            tokio::spawn(crate::ship::run(svc.server.journal().clone(), opts.state_dir.clone(), ship_rx));
             (svc.policy, Some(svc.server.host_public_key_openssh()))
         }
         // No SSH server, but the inbound filter still follows control's policy.
-        None => (PolicyHandle::new(Policy::default_static()), None),
+        None => {
+            ship_tx = None;
+            (PolicyHandle::new(Policy::default_static()), None)
+        }
     };
     crate::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
     let policy = Some(policy);
@@ -360,7 +367,8 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     // The first contact decides whether we can start at all: a refused auth
     // key is fatal; an unreachable server is not if we have a cached map.
     let first = match ControlClient::connect(&target, &key, hello.clone()).await {
-        Ok((client, map)) => {
+        Ok((mut client, map)) => {
+            give_ship_link(&ship_tx, &mut client);
             applier.apply(map);
             applier.set_control_status(format!("connected to {}", target.url));
             Some(client)
@@ -378,7 +386,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     };
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
-    let task = tokio::spawn(follow(applier, target, key, hello, first));
+    let task = tokio::spawn(follow(applier, target, key, hello, first, ship_tx));
     Ok(Agent { node, daemon, task })
 }
 
@@ -434,7 +442,20 @@ fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
     v
 }
 
-async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello: NodeHello, mut client: Option<ControlClient>) {
+fn give_ship_link(ship: &Option<tokio::sync::mpsc::Sender<crate::control::client::ShipLink>>, c: &mut ControlClient) {
+    if let (Some(tx), Some(link)) = (ship, c.ship_link()) {
+        let _ = tx.try_send(link);
+    }
+}
+
+async fn follow(
+    mut applier: Applier,
+    target: ControlTarget,
+    key: Key,
+    mut hello: NodeHello,
+    mut client: Option<ControlClient>,
+    ship: Option<tokio::sync::mpsc::Sender<crate::control::client::ShipLink>>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut public = applier.node.public_endpoint();
     // STUN may have answered before we subscribed: look at the value once.
@@ -496,8 +517,9 @@ async fn follow(mut applier: Applier, target: ControlTarget, key: Key, mut hello
         backoff = (backoff * 2).min(BACKOFF_MAX);
         hello.endpoints = my_endpoints(&applier.node, *public.borrow());
         match ControlClient::connect(&target, &key, hello.clone()).await {
-            Ok((c, map)) => {
+            Ok((mut c, map)) => {
                 tracing::info!("reconnected to control");
+                give_ship_link(&ship, &mut c);
                 applier.apply(map);
                 applier.set_control_status(format!("connected to {}", target.url));
                 client = Some(c);

@@ -17,6 +17,7 @@ pub mod path;
 pub mod policy;
 pub mod relay;
 pub mod serve;
+pub mod ship;
 pub mod ssh;
 pub mod sshclient;
 pub mod stun;

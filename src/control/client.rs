@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
 use super::http;
 use super::noise::{ChannelError, Initiator, SecureChannel};
-use super::proto::{ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
+use super::proto::{ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg, ShipAck};
 use super::server::Stream;
 use super::token::{AuthKeyToken, parse_url};
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
@@ -143,6 +143,14 @@ pub struct ControlClient {
     cmds: mpsc::Sender<ClientMsg>,
     task: tokio::task::JoinHandle<()>,
     done: bool,
+    acks: Option<mpsc::UnboundedReceiver<ShipAck>>,
+}
+
+/// The audit shipper's share of a connection: send shipments, read acks.
+/// Both ends close when the connection ends.
+pub struct ShipLink {
+    pub cmds: mpsc::Sender<ClientMsg>,
+    pub acks: mpsc::UnboundedReceiver<ShipAck>,
 }
 
 impl Drop for ControlClient {
@@ -257,9 +265,15 @@ impl ControlClient {
         let (utx, urx) = mpsc::channel(256);
         let (ctx, crx) = mpsc::channel(16);
         let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
-        let task = tokio::spawn(run(s, chan, utx, crx, keepalive));
-        let client = ControlClient { map: map.clone(), new_node, updates: urx, cmds: ctx, task, done: false };
+        let (atx, arx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(s, chan, utx, crx, keepalive, atx));
+        let client = ControlClient { map: map.clone(), new_node, updates: urx, cmds: ctx, task, done: false, acks: Some(arx) };
         Ok((client, map))
+    }
+
+    /// The audit shipper's link over this connection (once per connection).
+    pub fn ship_link(&mut self) -> Option<ShipLink> {
+        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()? })
     }
 
     /// Did this connection create the node (first registration)?
@@ -367,6 +381,7 @@ async fn run<S: Stream>(
     updates: mpsc::Sender<Result<MapDelta, ControlError>>,
     mut cmds: mpsc::Receiver<ClientMsg>,
     keepalive: Duration,
+    acks: mpsc::UnboundedSender<ShipAck>,
 ) {
     let (mut r, mut w) = tokio::io::split(s);
     let mut rbuf = vec![0u8; 16 * 1024];
@@ -393,6 +408,9 @@ async fn run<S: Stream>(
                     }
                 }
                 Ok(Some(ServerMsg::KeepAlive)) => {}
+                Ok(Some(ServerMsg::ShipAck(a))) => {
+                    let _ = acks.send(a);
+                }
                 Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
                 Ok(Some(ServerMsg::KeyRotated { node_key })) => break 'outer Err(ControlError::KeyRotated(node_key)),
                 Ok(Some(ServerMsg::Error { code, message })) => break 'outer Err(ControlError::Refused { code, message }),

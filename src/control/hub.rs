@@ -852,6 +852,8 @@ impl Hub {
         }
         match msg {
             ClientMsg::KeepAlive => {}
+            // The connection task hands these to the audit ingest thread.
+            ClientMsg::AuditEvents { .. } | ClientMsg::RecordingChunk { .. } => {}
             ClientMsg::ReportEndpoints { endpoints } => match clean_endpoints(endpoints) {
                 Ok(eps) => self.report_endpoints(node, eps, now, Instant::now()),
                 Err((_, m)) => self.protocol_error(conn, m),
@@ -1296,6 +1298,8 @@ fn msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::Logout => "logout",
         ClientMsg::RotateKey { .. } => "rotate_key",
         ClientMsg::KeepAlive => "keep_alive",
+        ClientMsg::AuditEvents { .. } => "audit_events",
+        ClientMsg::RecordingChunk { .. } => "recording_chunk",
     }
 }
 

@@ -129,6 +129,8 @@ pub struct Shared {
     /// Backlog beyond which recording output is no longer written.
     pub limit: AtomicU64,
     full_logged: AtomicBool,
+    /// Recordings still being written (their sessions run).
+    open: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -183,6 +185,7 @@ impl Journal {
             backlog: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
             full_logged: AtomicBool::new(false),
+            open: Default::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut w = Writer {
@@ -200,6 +203,11 @@ impl Journal {
 
     pub fn audit_path(&self) -> &Path {
         &self.audit_path
+    }
+
+    /// Sessions whose recordings are still being written.
+    pub fn open_sessions(&self) -> std::collections::HashSet<String> {
+        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Queues an audit event. Never blocks an async worker for long: when
@@ -364,6 +372,8 @@ impl Writer {
                 {
                     fail(&mut r, &e);
                 }
+                // After the flush: the shipper reads "closed" before the size.
+                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&session);
             }
             Cmd::Flush(_) => {}
         }
@@ -394,6 +404,7 @@ impl Writer {
         out.write_all(header.as_bytes()).and_then(|_| out.flush()).map_err(|e| SshError::io(&path, e))?;
         self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
         self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed });
+        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_string());
         Ok(path)
     }
 }
