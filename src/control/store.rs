@@ -69,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_at ON audit(at);
     "#,
+    // 2: the fleet audit trail shipped by nodes (control::audit)
+    super::audit::query::MIGRATION,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
