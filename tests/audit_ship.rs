@@ -328,6 +328,33 @@ fn record_required_fails_closed_without_control() {
     lab.wait_all_events_shipped();
     let denied = lab.control_events("").into_iter().filter(|e| e["event"] == "session_denied").count();
     assert!(denied >= 1, "the refusal is audited");
+
+    // Control goes away mid-session and the spool (1 MiB here) fills: the
+    // session ends with a message instead of running unrecorded.
+    let d = lab.d();
+    if let Some(mut p) = lab.vps.take() {
+        p.kill();
+    }
+    let mut vps = lab.w.vps.spawn(
+        &format!("env RUST_LOG=tailgate=info TAILGATE_SPOOL_LIMIT_MB=1 {TAILGATE} up --state-dir {d}/vps --hostname vps"),
+        &lab.w.dir.path().join("vps-small-spool.log"),
+    );
+    vps.wait_log("tailgate: up at", 15);
+    lab.vps = Some(vps);
+    lab.ssh_ok("true");
+    let mut long = lab.w.laptop.spawn(
+        &format!(
+            "env TAILGATE_STATE_DIR={d}/laptop {} root@vps 'echo started; sleep 3; head -c 4000000 /dev/zero | tr \\0 x | fold -w 100; echo END'",
+            lab.ssh
+        ),
+        &lab.w.dir.path().join("spoolfull.log"),
+    );
+    long.wait_log("started", 20);
+    lab.kill_control();
+    long.wait_log("must be recorded", 30);
+    let log = long.log_text();
+    assert!(!log.contains("END"), "the session was ended before its end");
+    assert!(lab.vps.as_ref().unwrap().log_text().contains("audit spool full"), "a clear log line on the node");
 }
 
 #[test]
