@@ -38,6 +38,8 @@ const SHIPPED_SUFFIX: &str = ".cast.shipped";
 const CHUNK: usize = 24 * 1024;
 /// JSON-escaped audit lines per message.
 const EVENTS_BATCH: usize = 40 * 1024;
+/// Silence after which unacknowledged shipments are sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(20);
 /// Unacknowledged bytes in flight before waiting for acks.
 const WINDOW: u64 = 1024 * 1024;
 
@@ -100,6 +102,11 @@ impl ShipCore {
         self.read_offset = self.acked.events_offset;
         self.inflight_events.clear();
         self.recs.clear();
+    }
+
+    /// Anything sent and not yet acknowledged?
+    pub fn waiting(&self) -> bool {
+        self.inflight() > 0
     }
 
     pub fn window_open(&self) -> bool {
@@ -360,6 +367,7 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
         if let Some(c) = core.as_mut() {
             c.rewind();
         }
+        let mut progress = tokio::time::Instant::now();
         'conn: loop {
             // Read what to send on the blocking pool, then send it.
             let (c, batch) = {
@@ -384,6 +392,7 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                 a = link.acks.recv() => {
                     let Some(a) = a else { break 'conn };
                     let c = core.as_mut().expect("core is back");
+                    progress = tokio::time::Instant::now();
                     let mut moved = c.ack(&a);
                     while let Ok(a) = link.acks.try_recv() {
                         moved |= c.ack(&a);
@@ -394,7 +403,15 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                     }
                 }
                 _ = written.changed(), if !more || window_open => {}
-                _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else { 1000 })) => {}
+                _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else { 1000 })) => {
+                    // The server logs and drops what it cannot store; after a
+                    // silence, send everything unacknowledged again.
+                    if let Some(c) = core.as_mut().filter(|c| c.waiting() && progress.elapsed() > RESEND_AFTER) {
+                        tracing::warn!("audit shipping: no ack from control for {RESEND_AFTER:?}; resending");
+                        c.rewind();
+                        progress = tokio::time::Instant::now();
+                    }
+                }
                 l = links.recv() => {
                     next_link = l;
                     if next_link.is_none() { shared.connected.store(false, Ordering::Release); return; }
