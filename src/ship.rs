@@ -258,19 +258,23 @@ impl Files {
         }
     }
 
-    fn scan(&self, open: &HashSet<String>) -> Vec<RecFile> {
+    /// The order matters: the writer marks a recording open before it
+    /// creates the file and unmarks it after the last flush. So: list the
+    /// files, then read the open set, then the sizes. A listed file not open
+    /// then is closed for good, and its size is final.
+    fn scan(&self, shared: &Shared) -> Vec<RecFile> {
         let Ok(rd) = std::fs::read_dir(&self.recordings) else { return Vec::new() };
+        let names: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".cast")).map(String::from))
+            .filter(|s| crate::control::proto::valid_session_id(s) && !self.recordings.join(format!("{s}{SHIPPED_SUFFIX}")).exists())
+            .collect();
+        let open: HashSet<String> = shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut v = Vec::new();
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(session) = name.strip_suffix(".cast") else { continue };
-            if !crate::control::proto::valid_session_id(session) || self.recordings.join(format!("{session}{SHIPPED_SUFFIX}")).exists() {
-                continue;
-            }
-            // Open before size: a closed recording's size is final.
-            let is_open = open.contains(session);
-            let Ok(m) = e.metadata() else { continue };
-            v.push(RecFile { session: session.to_string(), size: m.len(), open: is_open });
+        for session in names {
+            let Ok(m) = std::fs::metadata(self.recordings.join(format!("{session}.cast"))) else { continue };
+            let is_open = open.contains(&session);
+            v.push(RecFile { session, size: m.len(), open: is_open });
         }
         v.sort_by(|a, b| a.session.cmp(&b.session));
         v
@@ -319,9 +323,9 @@ impl Files {
 }
 
 /// Produces the next messages (file reads happen here, off the runtime).
-fn produce(core: &mut ShipCore, files: &Files, shared: &Shared, journal_open: &HashSet<String>) -> Vec<Shipment> {
+fn produce(core: &mut ShipCore, files: &Files, shared: &Shared) -> Vec<Shipment> {
     let audit_len = std::fs::metadata(&files.audit).map(|m| m.len()).unwrap_or(0);
-    let recs = files.scan(journal_open);
+    let recs = files.scan(shared);
     shared.backlog.store(core.backlog(audit_len, &recs), Ordering::Release);
     for s in core.finished.drain(..) {
         files.mark_shipped(&s);
@@ -371,10 +375,9 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
         'conn: loop {
             // Read what to send on the blocking pool, then send it.
             let (c, batch) = {
-                let (mut c, files, shared, open) =
-                    (core.take().unwrap_or_default(), files.clone(), shared.clone(), journal.open_sessions());
+                let (mut c, files, shared) = (core.take().unwrap_or_default(), files.clone(), shared.clone());
                 tokio::task::spawn_blocking(move || {
-                    let b = produce(&mut c, &files, &shared, &open);
+                    let b = produce(&mut c, &files, &shared);
                     (c, b)
                 })
                 .await

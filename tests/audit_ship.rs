@@ -150,8 +150,16 @@ impl Lab {
             for id in &local {
                 let out = format!("{d}/export-{id}.cast");
                 must(&format!("ip netns exec {} {TAILGATE} control --state-dir {d}/ctl recordings export {id} > {out}", self.w.ctl.name));
-                if std::fs::read(&out).unwrap() != std::fs::read(format!("{d}/vps/recordings/{id}.cast")).unwrap() {
-                    why = format!("recording {id} differs from the node's copy");
+                let (got, want) = (std::fs::read(&out).unwrap(), std::fs::read(format!("{d}/vps/recordings/{id}.cast")).unwrap());
+                if got != want {
+                    let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+                    why = format!(
+                        "recording {id} differs from the node's copy: control {} bytes, node {} bytes, first difference at {at}: control {:?} node {:?}",
+                        got.len(),
+                        want.len(),
+                        String::from_utf8_lossy(&got[at.saturating_sub(40)..(at + 40).min(got.len())]),
+                        String::from_utf8_lossy(&want[at.saturating_sub(40)..(at + 40).min(want.len())]),
+                    );
                     return false;
                 }
             }

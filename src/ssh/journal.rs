@@ -129,8 +129,9 @@ pub struct Shared {
     /// Backlog beyond which recording output is no longer written.
     pub limit: AtomicU64,
     full_logged: AtomicBool,
-    /// Recordings still being written (their sessions run).
-    open: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Recordings still being written (their sessions run). Marked before
+    /// the file exists, unmarked after its last flush (the shipper relies on it).
+    pub open: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -399,12 +400,23 @@ impl Writer {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| SshError::io(dir, e))?;
         }
         let path = dir.join(format!("{session}.cast"));
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| SshError::io(&path, e))?;
+        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_string());
+        let created = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+        let file = match created {
+            Ok(f) => f,
+            Err(e) => {
+                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+                return Err(SshError::io(&path, e));
+            }
+        };
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
-        out.write_all(header.as_bytes()).and_then(|_| out.flush()).map_err(|e| SshError::io(&path, e))?;
+        if let Err(e) = out.write_all(header.as_bytes()).and_then(|_| out.flush()) {
+            // Nothing will be written: not open, and the shipper ships the stub.
+            self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+            return Err(SshError::io(&path, e));
+        }
         self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
         self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed });
-        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_string());
         Ok(path)
     }
 }
