@@ -135,7 +135,7 @@ pub enum ControlCommand {
     },
     /// The fleet's session audit trail as nodes shipped it (filters, --follow);
     /// `audit verify` checks the hash chains; `audit admin` lists admin actions.
-    Audit(super::audit::cli::AuditArgs),
+    Audit(Box<super::audit::cli::AuditArgs>),
     /// Session recordings shipped by nodes: list, play, export.
     Recordings {
         #[command(subcommand)]

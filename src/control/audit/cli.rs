@@ -91,7 +91,7 @@ pub enum AuditCommand {
 #[derive(Subcommand, Debug, Clone)]
 pub enum RecordingsCommand {
     /// Recorded sessions (id, node, user, login, start, size).
-    List(FilterArgs),
+    List(Box<FilterArgs>),
     /// Replay a recording in this terminal with its recorded timing.
     Play {
         id: String,
@@ -212,13 +212,15 @@ pub fn audit_main(state_dir: &Path, a: &AuditArgs, json: bool) -> Result<()> {
             let v = execute(state_dir, &AuditRequest::List { filter: filter.clone(), after: None, limit: a.limit })?;
             let mut cursor = v["cursor"].as_i64().unwrap_or(0);
             print_events(&v, json, true)?;
-            while a.follow {
+            if !a.follow {
+                return Ok(());
+            }
+            loop {
                 std::thread::sleep(Duration::from_secs(1));
                 let v = execute(state_dir, &AuditRequest::List { filter: filter.clone(), after: Some(cursor), limit: 1000 })?;
                 cursor = v["cursor"].as_i64().unwrap_or(cursor);
                 print_events(&v, json, false)?;
             }
-            Ok(())
         }
     }
 }
