@@ -111,10 +111,29 @@ t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --state-dir $D/laptop vps 22
 ONESHOT=$(echo "($t1 - $t0)*1000" | bc -l)
 (ip netns exec $A $BIN up --state-dir $D/laptop --hostname laptop --no-ssh > $D/laptop2.log 2>&1 &)
 sleep 1
-ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true
+# The daemon needs its netmap before the first login (slow on a busy machine).
+for i in $(seq 40); do ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true 2>/dev/null && break; sleep 0.5; done
 t0=$(now); for i in $(seq $N); do ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true; done; t1=$(now)
 WARM=$(echo "($t1 - $t0) * 1000 / $N" | bc -l)
 printf "tailgate  warm daemon: tailgate ssh vps true: %6.1f ms mean of %d\n" "$WARM" "$N"
+
+echo "== recording cost: 512 MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control)"
+# Text, not zeros: a terminal recording stores output as JSON strings, where a
+# NUL byte costs six characters; both runs carry the same bytes.
+bulk_ctl() {
+  local t0 t1 n
+  t0=$(now); n=$(ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps "head -c $BYTES /dev/zero | tr '\\0' x" | wc -c); t1=$(now)
+  [ "$n" = "$BYTES" ] || { echo "recording bench: bulk transfer returned $n bytes" >&2; exit 1; }
+  echo "$t1 - $t0" | bc -l
+}
+PLAIN=$(bulk_ctl)
+sed -i 's/^action = "accept"$/action = "accept"\nrecord = true/' $D/cpolicy.toml   # control polls the file every second
+sleep 3
+REC=$(bulk_ctl)
+ls $D/vps/recordings/*.cast >/dev/null 2>&1 || { echo "recording bench: no recording was made" >&2; exit 1; }
+printf "unrecorded   512 MiB in %6.2f s (%6.1f MB/s)\n" "$PLAIN" "$(echo "$BYTES/1000000/$PLAIN" | bc -l)"
+printf "record=true  512 MiB in %6.2f s (%6.1f MB/s)\n" "$REC" "$(echo "$BYTES/1000000/$REC" | bc -l)"
+printf "recording cost (recorded/unrecorded time, 1.00 = free; target <= 1.10): %.2fx\n" "$(echo "$REC / $PLAIN" | bc -l)"
 echo
 printf "throughput ratio (tailgate/anchor, higher is better): %.2fx\n" "$(echo "$AB / $TB" | bc -l)"
 printf "login time ratio, static nc (tailgate/anchor, lower is better):  %.2fx\n" "$(echo "$TL / $AL" | bc -l)"

@@ -409,15 +409,22 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
+    // The audit shipper gets a link on every control connection.
+    let (ship_tx, ship_rx) = tokio::sync::mpsc::channel(4);
+    let mut ship_tx = Some(ship_tx);
     let (policy, host_key, check) = match opts.ssh_port {
         Some(port) => {
             let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
+            tokio::spawn(crate::ship::run(svc.server.journal().clone(), opts.state_dir.clone(), ship_rx));
             let check = svc.server.check_link();
             check.set_disconnected("not connected yet".into());
             (svc.policy, Some(svc.server.host_public_key_openssh()), Some(check))
         }
         // No SSH server, but the inbound filter still follows control's policy.
-        None => (PolicyHandle::new(Policy::default_static()), None, None),
+        None => {
+            ship_tx = None;
+            (PolicyHandle::new(Policy::default_static()), None, None)
+        }
     };
     crate::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
     let policy = Some(policy);
@@ -444,7 +451,8 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         p.done();
     }
     let first = match first {
-        Ok((client, map)) => {
+        Ok((mut client, map)) => {
+            give_ship_link(&ship_tx, &mut client);
             applier.apply(map);
             applier.set_control_status(format!("connected to {}", target.url));
             if let Some(c) = &check {
@@ -466,7 +474,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
     hello.force_reauth = false;
-    let task = tokio::spawn(follow(applier, target, key, hello, first, check));
+    let task = tokio::spawn(follow(applier, target, key, hello, first, check, ship_tx));
     Ok(Agent { node, daemon, task })
 }
 
@@ -523,6 +531,12 @@ fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
     v
 }
 
+fn give_ship_link(ship: &Option<tokio::sync::mpsc::Sender<crate::control::client::ShipLink>>, c: &mut ControlClient) {
+    if let (Some(tx), Some(link)) = (ship, c.ship_link()) {
+        let _ = tx.try_send(link);
+    }
+}
+
 async fn follow(
     mut applier: Applier,
     target: ControlTarget,
@@ -530,6 +544,7 @@ async fn follow(
     mut hello: NodeHello,
     mut client: Option<ControlClient>,
     check: Option<crate::ssh::check::CheckLink>,
+    ship: Option<tokio::sync::mpsc::Sender<crate::control::client::ShipLink>>,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut public = applier.node.public_endpoint();
@@ -598,8 +613,9 @@ async fn follow(
         backoff = (backoff * 2).min(BACKOFF_MAX);
         hello.endpoints = my_endpoints(&applier.node, *public.borrow());
         match ControlClient::connect(&target, &key, hello.clone()).await {
-            Ok((c, map)) => {
+            Ok((mut c, map)) => {
                 tracing::info!("reconnected to control");
+                give_ship_link(&ship, &mut c);
                 applier.apply(map);
                 applier.set_control_status(format!("connected to {}", target.url));
                 if let Some(l) = &check {

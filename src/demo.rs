@@ -50,6 +50,20 @@ pub struct DemoArgs {
     check: bool,
 }
 
+/// The first complete recording at control, waiting up to 15 s.
+async fn wait_shipped(ctl_dir: &std::path::Path) -> Option<String> {
+    use crate::control::audit::{AuditRequest, handle};
+    for _ in 0..60 {
+        let d = ctl_dir.to_path_buf();
+        let v = tokio::task::spawn_blocking(move || handle(&d, &AuditRequest::Recordings { filter: Default::default() })).await.ok()?;
+        if let Some(r) = v.ok().and_then(|v| v.as_array().and_then(|a| a.iter().find(|r| r["complete"] == true).cloned())) {
+            return r["id"].as_str().map(String::from);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    None
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     let scratch = args.dir.is_none();
     let dir = match args.dir {
@@ -119,6 +133,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("  {} status --state-dir {}", exe.display(), laptop_dir.display());
     println!("  {} ssh-config --state-dir {}   # then plain `ssh vps`", exe.display(), laptop_dir.display());
     println!("Audit log: {}   recordings: {}", dir.join("vps/audit.jsonl").display(), dir.join("vps/recordings").display());
+    let ctl_dir = dir.join("control");
+    println!("Root sessions are recorded and shipped to control; replay one with:");
+    println!("  {} control --state-dir {} recordings list", exe.display(), ctl_dir.display());
+    println!("  {} control --state-dir {} recordings play ID", exe.display(), ctl_dir.display());
     if args.check {
         let out = tokio::process::Command::new(&exe)
             .args(["ssh", "--state-dir"])
@@ -133,6 +151,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             bail!("demo login failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
         }
         println!("check: `tailgate ssh {user}@vps echo demo-ok` worked");
+        if user == "root" {
+            match wait_shipped(&ctl_dir).await {
+                Some(id) => println!(
+                    "check: recording {id} reached control; replay: tailgate control --state-dir {} recordings play {id}",
+                    ctl_dir.display()
+                ),
+                None => bail!("the recording of the check session did not reach the control server"),
+            }
+        }
         drop((vps, laptop));
         control.shutdown().await;
         if scratch {

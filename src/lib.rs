@@ -19,6 +19,7 @@ pub mod path;
 pub mod policy;
 pub mod relay;
 pub mod serve;
+pub mod ship;
 pub mod signin;
 pub mod ssh;
 pub mod sshclient;

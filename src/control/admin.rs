@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// Lifetime of auth keys created without --expiry [default: 7days].
     #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
     pub auth_key_expiry: Option<Duration>,
+    /// Delete shipped audit events and recordings older than this (e.g. 90days) [default: keep].
+    #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
+    pub retention: Option<Duration>,
     /// Keepalive period on node connections [default: 30s].
     #[arg(long, value_parser = parse_lifetime, hide = true)]
     pub keepalive: Option<Duration>,
@@ -115,6 +118,7 @@ impl ServeArgs {
             || self.tls.any_set()
             || self.metrics_listen.is_some()
             || self.oidc.any_set()
+            || self.retention.is_some()
     }
 }
 
@@ -144,10 +148,13 @@ pub enum ControlCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Recent audit events (registrations, admin changes, expiries).
-    Audit {
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+    /// The fleet's session audit trail as nodes shipped it (filters, --follow);
+    /// `audit verify` checks the hash chains; `audit admin` lists admin actions.
+    Audit(Box<super::audit::cli::AuditArgs>),
+    /// Session recordings shipped by nodes: list, play, export.
+    Recordings {
+        #[command(subcommand)]
+        command: super::audit::cli::RecordingsCommand,
     },
 }
 
@@ -278,6 +285,7 @@ fn server_options(state_dir: PathBuf, a: &ServeArgs) -> Result<ServerOptions> {
     o.tls = a.tls.source();
     o.metrics_listen = a.metrics_listen;
     o.oidc = a.oidc.config()?;
+    o.retention = a.retention;
     Ok(o)
 }
 
@@ -296,6 +304,8 @@ pub fn admin_main(args: ControlArgs) -> Result<()> {
                 _ => Err(anyhow!("{} is not valid (see above)", file.display())),
             };
         }
+        Some(ControlCommand::Audit(a)) => return super::audit::cli::audit_main(&state_dir, &a, args.json),
+        Some(ControlCommand::Recordings { command }) => return super::audit::cli::recordings_main(&state_dir, &command, args.json),
         Some(c) => request_for(c)?,
     };
     let out = execute(&state_dir, req.clone())?;
@@ -312,7 +322,11 @@ pub fn request_for(c: ControlCommand) -> Result<AdminRequest> {
     Ok(match c {
         ControlCommand::Serve(_) => bail!("serve is not an admin request"),
         ControlCommand::Status => AdminRequest::Status,
-        ControlCommand::Audit { limit } => AdminRequest::AuditList { limit },
+        ControlCommand::Audit(a) => match a.command {
+            Some(super::audit::cli::AuditCommand::Admin { limit }) => AdminRequest::AuditList { limit },
+            _ => bail!("`control audit` (session events) is not a hub request"),
+        },
+        ControlCommand::Recordings { .. } => bail!("`control recordings` is not a hub request"),
         ControlCommand::Users { command } => match command {
             UsersCommand::Add { name } => AdminRequest::UsersAdd { name },
             UsersCommand::List => AdminRequest::UsersList,
@@ -422,7 +436,7 @@ fn when(v: &Value) -> String {
     v.as_i64().map(fmt_time).unwrap_or_else(|| "never".into())
 }
 
-fn table(rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |x| x.len())).max().unwrap_or(0)).collect();
     let mut out = String::new();

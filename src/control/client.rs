@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
 use super::http;
 use super::noise::{ChannelError, Initiator, SecureChannel};
-use super::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg};
+use super::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg, ShipAck};
 use super::server::Stream;
 use super::token::AuthKeyToken;
 use super::transport::{ControlUrl, DialError};
@@ -170,6 +170,7 @@ pub struct ControlClient {
     cmds: mpsc::Sender<ClientMsg>,
     task: tokio::task::JoinHandle<()>,
     done: bool,
+    acks: Option<mpsc::UnboundedReceiver<ShipAck>>,
     pending: Pending,
     next_check_id: Arc<AtomicU64>,
 }
@@ -227,6 +228,13 @@ impl CheckHandle {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The audit shipper's share of a connection: send shipments, read acks.
+/// Both ends close when the connection ends.
+pub struct ShipLink {
+    pub cmds: mpsc::Sender<ClientMsg>,
+    pub acks: mpsc::UnboundedReceiver<ShipAck>,
 }
 
 impl Drop for ControlClient {
@@ -358,7 +366,8 @@ impl ControlClient {
         let (ctx, crx) = mpsc::channel(16);
         let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
         let pending = Pending::default();
-        let task = tokio::spawn(run(s, chan, utx, crx, keepalive, pending.clone()));
+        let (atx, arx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(s, chan, utx, crx, keepalive, pending.clone(), atx));
         let client = ControlClient {
             map: map.clone(),
             new_node,
@@ -368,6 +377,7 @@ impl ControlClient {
             done: false,
             pending,
             next_check_id: Arc::new(AtomicU64::new(1)),
+            acks: Some(arx),
         };
         Ok((client, map))
     }
@@ -376,6 +386,11 @@ impl ControlClient {
     /// server, which does not own the client).
     pub fn check_handle(&self) -> CheckHandle {
         CheckHandle { cmds: self.cmds.clone(), pending: self.pending.clone(), next_id: self.next_check_id.clone() }
+    }
+
+    /// The audit shipper's link over this connection (once per connection).
+    pub fn ship_link(&mut self) -> Option<ShipLink> {
+        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()? })
     }
 
     /// Did this connection create the node (first registration)?
@@ -484,6 +499,7 @@ async fn run<S: Stream>(
     mut cmds: mpsc::Receiver<ClientMsg>,
     keepalive: Duration,
     pending: Pending,
+    acks: mpsc::UnboundedSender<ShipAck>,
 ) {
     let (mut r, mut w) = tokio::io::split(s);
     let mut rbuf = vec![0u8; 16 * 1024];
@@ -515,6 +531,9 @@ async fn run<S: Stream>(
                     if let Some(tx) = lock(&pending).remove(&id) {
                         let _ = tx.send(CheckAnswer { outcome, user, message });
                     }
+                }
+                Ok(Some(ServerMsg::ShipAck(a))) => {
+                    let _ = acks.send(a);
                 }
                 Ok(Some(ServerMsg::LoggedOut)) => break 'outer Err(ControlError::Closed("logged out".into())),
                 Ok(Some(ServerMsg::KeyRotated { node_key })) => break 'outer Err(ControlError::KeyRotated(node_key)),

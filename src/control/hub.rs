@@ -902,6 +902,8 @@ impl Hub {
         }
         match msg {
             ClientMsg::KeepAlive => {}
+            // The connection task hands these to the audit ingest thread.
+            ClientMsg::AuditEvents { .. } | ClientMsg::RecordingChunk { .. } => {}
             ClientMsg::ReportEndpoints { endpoints } => match clean_endpoints(endpoints) {
                 Ok(eps) => self.report_endpoints(node, eps, now, Instant::now()),
                 Err((_, m)) => self.protocol_error(conn, m),
@@ -1353,6 +1355,8 @@ fn msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::RotateKey { .. } => "rotate_key",
         ClientMsg::KeepAlive => "keep_alive",
         ClientMsg::Check { .. } => "check",
+        ClientMsg::AuditEvents { .. } => "audit_events",
+        ClientMsg::RecordingChunk { .. } => "recording_chunk",
     }
 }
 

@@ -21,6 +21,7 @@
 //! Design notes live in ARCHITECTURE.md, section `control`.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod frame;
 pub mod http;

@@ -74,6 +74,12 @@ pub fn check_node_name(name: &str) -> Result<(), HostInfoError> {
     if ok { Ok(()) } else { Err(HostInfoError::Name(name.chars().take(80).collect())) }
 }
 
+/// A recording's session id as nodes make them (`ssh::new_id`: 32 hex
+/// digits). The server builds file names from it, so nothing else passes.
+pub fn valid_session_id(s: &str) -> bool {
+    (8..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Node → server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -138,6 +144,21 @@ pub enum ClientMsg {
         new_node_key: Key,
     },
     KeepAlive,
+    /// Audit lines from the node's journal (`audit.jsonl`), in id order. The
+    /// server stores each once per (node, id) and answers [`ServerMsg::ShipAck`].
+    AuditEvents {
+        lines: Vec<String>,
+    },
+    /// Bytes of the recording of `session` (its asciicast file), starting at
+    /// `offset`; `fin`: the recording is complete after these bytes.
+    RecordingChunk {
+        session: String,
+        offset: u64,
+        /// Standard base64.
+        data: String,
+        #[serde(default)]
+        fin: bool,
+    },
     /// Second factor for an SSH `check` rule: may the user owning the node
     /// `source` log in now? Without `code`: is a recent approval on record
     /// (younger than `max_age_secs`; `None` = never reuse one), or must the
@@ -240,6 +261,27 @@ pub enum ServerMsg {
     SignIn {
         url: String,
     },
+    /// What the server has committed (fsync/commit) of what this node shipped.
+    ShipAck(ShipAck),
+}
+
+/// Answer to [`ClientMsg::AuditEvents`] / [`ClientMsg::RecordingChunk`]:
+/// everything up to here is stored and survives a server restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipAck {
+    /// Every audit event with an id up to this one is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// This recording is stored up to `offset` bytes (and complete if `fin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub fin: bool,
+    /// The server refused the shipment (bad session id, ...); not retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// This node, as the control server sees it.
@@ -527,6 +569,7 @@ pub enum ServerOut {
     SignIn {
         url: String,
     },
+    ShipAck(ShipAck),
 }
 
 impl From<FullOut> for MapFull {

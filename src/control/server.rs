@@ -171,6 +171,8 @@ pub struct ServerOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
     pub oidc: Option<super::oidc::OidcConfig>,
+    /// Shipped audit events and recordings older than this are deleted.
+    pub retention: Option<Duration>,
 }
 
 impl ServerOptions {
@@ -200,6 +202,7 @@ impl ServerOptions {
             tls: None,
             metrics_listen: None,
             oidc: None,
+            retention: None,
         }
     }
 }
@@ -279,6 +282,8 @@ struct Shared {
     opts: ServerOptions,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    /// Stores what nodes ship (audit events, recordings), off the hub thread.
+    ingest: super::audit::ingest::Ingest,
 }
 
 /// A running control server (in-process handle).
@@ -363,6 +368,8 @@ impl ControlServer {
         let store = Store::open_dir(&opts.state_dir)?;
         let hub = Hub::open(store, cfg, policy, unix_now())?;
 
+        // After Hub::open: the store has run the migrations.
+        let (ingest, _ingest_thread) = super::audit::ingest::start(&opts.state_dir)?;
         let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
         let metrics = Arc::new(super::metrics::ControlMetrics::default());
         let hub_metrics = metrics.clone();
@@ -387,6 +394,7 @@ impl ControlServer {
             metrics,
             relay: relay_handle,
             oidc,
+            ingest,
             preauth,
             private,
             opts: opts.clone(),
@@ -397,6 +405,9 @@ impl ControlServer {
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(listener, tls, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
+        if let Some(r) = opts.retention {
+            tasks.push(tokio::spawn(super::audit::ingest::retention_loop(shared.ingest.clone(), r)));
+        }
         if let Some(s) = stun {
             tasks.push(tokio::spawn(s.run()));
         }
@@ -754,9 +765,18 @@ async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
             let (r, mut w) = s.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<AdminRequest>(&line) {
-                    Ok(req) => admin_call(&shared, req).await,
-                    Err(e) => Err(format!("bad admin request: {e}")),
+                // Fleet-audit requests (tagged `audit_op`) are reads answered
+                // from their own connection, not by the hub thread.
+                let resp = if let Ok(req) = serde_json::from_str::<super::audit::AuditRequest>(&line) {
+                    let dir = shared.opts.state_dir.clone();
+                    tokio::task::spawn_blocking(move || super::audit::handle(&dir, &req))
+                        .await
+                        .unwrap_or_else(|_| Err("audit query failed".into()))
+                } else {
+                    match serde_json::from_str::<AdminRequest>(&line) {
+                        Ok(req) => admin_call(&shared, req).await,
+                        Err(e) => Err(format!("bad admin request: {e}")),
+                    }
                 };
                 let v = match resp {
                     Ok(v) => serde_json::json!({"ok": true, "result": v}),
@@ -930,6 +950,7 @@ async fn control_session<S: Stream>(
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
     let (rtx, rrx) = oneshot::channel();
+    let acks = tx.clone();
     let cmd = match signin::needs_sign_in(&first, &node_key, shared).await {
         Some(hello) => match signin::wait(&mut r, &mut w, &mut chan, &mut rbuf, &who, shared).await {
             Ok(who) => HubCmd::SignedIn { conn, node_key, hello, who, tx, reply: rtx },
@@ -949,7 +970,8 @@ async fn control_session<S: Stream>(
     drop(permit);
 
     // 4. Message loop.
-    let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared).await;
+    let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks).await;
+    drop(acks);
     if let Some(node) = node {
         let _ = shared.hub.send(HubCmd::Disconnected { conn, node }).await;
     }
@@ -967,6 +989,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     node: Option<i64>,
     who: &str,
     shared: &Arc<Shared>,
+    acks: &ConnTx,
 ) -> Result<(), String> {
     let keepalive = shared.opts.keepalive;
     let idle_limit = keepalive * 3 + Duration::from_secs(5);
@@ -975,7 +998,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut shutdown = shared.shutdown.clone();
     let mut out = Vec::new();
     // Frames that came in with the first message.
-    if let Err(e) = drain_frames(chan, conn, node, shared).await {
+    if let Err(e) = drain_frames(chan, conn, node, shared, acks).await {
         let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
         let _ = w.write_all(&out).await;
         let _ = w.shutdown().await;
@@ -1029,7 +1052,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let bad = match chan.push_wire(&rbuf[..n]) {
                     Err(ChannelError::Decrypt) => return Err(format!("{who}: undecryptable message")),
                     Err(e) => Some(e.to_string()),
-                    Ok(()) => drain_frames(chan, conn, node, shared).await.err(),
+                    Ok(()) => drain_frames(chan, conn, node, shared, acks).await.err(),
                 };
                 if let Some(e) = bad {
                     out.clear();
@@ -1054,15 +1077,39 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 /// Forwards every complete frame to the hub; `Err` = a bad frame. Waits
 /// when the hub's queue is full, so a node sending faster than the hub
 /// works is simply read more slowly.
-async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared) -> Result<(), String> {
+async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared, acks: &ConnTx) -> Result<(), String> {
     while let Some(f) = chan.next_frame().map_err(|e| e.to_string())? {
         let msg = parse_client(&f)?;
+        let msg = match (node, msg) {
+            (Some(node), ClientMsg::AuditEvents { lines }) => {
+                let cmd = super::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
+                shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
+                continue;
+            }
+            (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
+                use base64::Engine;
+                let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| "recording chunk: bad base64".to_string())?;
+                let cmd = super::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
+                shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
+                continue;
+            }
+            (_, m) => m,
+        };
         // Keepalives only prove liveness (the read already did that).
         if let (Some(node), false) = (node, matches!(msg, ClientMsg::KeepAlive)) {
             shared.hub.send(HubCmd::Msg { conn, node, msg }).await.map_err(|_| "server shutting down".to_string())?;
         }
     }
     Ok(())
+}
+
+/// Acks go into the connection's outbound queue; a full queue (a node not
+/// reading) drops them: the node resends and the server dedupes.
+fn ack_reply(tx: &ConnTx) -> super::audit::ingest::Reply {
+    let tx = tx.clone();
+    Box::new(move |a| {
+        let _ = tx.try_send(Outbound::Msg(ServerOut::ShipAck(a)));
+    })
 }
 
 fn parse_client(frame: &[u8]) -> Result<ClientMsg, String> {

@@ -96,6 +96,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE users ADD COLUMN provider_groups TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE users ADD COLUMN last_sign_in INTEGER;
     "#,
+    // 4: the fleet audit trail shipped by nodes (control::audit)
+    super::audit::query::MIGRATION,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::pattern::{self, LoginPat, Names, NodePat, Ports, Side};
+use super::raw::RawRecord;
 use super::raw::{RawPolicy, RawTest, SList, SStr};
 use super::{Action, CheckPeriod, Diagnostic, Policy, PolicyErrors};
 use crate::identity::Identity;
@@ -44,6 +45,8 @@ pub struct SshRule {
     pub users: Vec<LoginPat>,
     pub action: Action,
     pub record: bool,
+    /// `record = "required"`: no session unless the recording reaches control.
+    pub record_required: bool,
     pub max_duration: Option<Duration>,
     pub accept_env: Vec<String>,
     pub check_period: CheckPeriod,
@@ -177,7 +180,15 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
         let src = node_list(&mut cx, &rule.src, "src", |s| pattern::parse_node(s, Side::Src, &names));
         let dst = node_list(&mut cx, &rule.dst, "dst", |s| pattern::parse_node(s, Side::Dst, &names));
         let users = node_list(&mut cx, &rule.users, "users", pattern::parse_login);
-        let record = rule.record.as_ref().is_some_and(|r| *r.get_ref());
+        let (record, record_required) = match rule.record.as_ref().map(|r| (r.get_ref(), r.span())) {
+            None | Some((RawRecord::Bool(false), _)) => (false, false),
+            Some((RawRecord::Bool(true), _)) => (true, false),
+            Some((RawRecord::Word(w), _)) if w == "required" => (true, true),
+            Some((RawRecord::Word(w), span)) => {
+                cx.err(span, format!("bad record value \"{w}\": expected a boolean (true, false) or \"required\""));
+                (false, false)
+            }
+        };
         let mut max_duration = None;
         if let Some(d) = &rule.max_duration {
             match super::duration::parse_duration(d.get_ref()) {
@@ -228,6 +239,7 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
                 users,
                 action,
                 record,
+                record_required,
                 max_duration,
                 accept_env,
                 check_period,

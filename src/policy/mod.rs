@@ -85,6 +85,9 @@ pub struct SshDecision {
     /// One line for the user explaining the decision.
     pub reason: String,
     pub record: bool,
+    /// `record = "required"`: refused when the recording cannot reach the
+    /// control server (at start), ended when it can neither be shipped nor spooled.
+    pub record_required: bool,
     pub max_duration: Option<Duration>,
     /// Environment variable name patterns the client may set (`*` wildcards).
     pub accept_env: Vec<String>,

@@ -37,6 +37,14 @@ pub struct RawAcl {
     pub dst: SList,
 }
 
+/// `record = true | false | "required"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRecord {
+    Bool(bool),
+    Word(String),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSsh {
@@ -45,7 +53,7 @@ pub struct RawSsh {
     pub dst: SList,
     pub users: SList,
     #[serde(default)]
-    pub record: Option<Spanned<bool>>,
+    pub record: Option<Spanned<RawRecord>>,
     #[serde(default)]
     pub max_duration: Option<SStr>,
     #[serde(default)]

@@ -5,16 +5,13 @@
 //! passwords offered during auth are never looked at, environment variables
 //! are logged by name only, session data only as byte counts.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use super::SshError;
+use super::journal::Journal;
 use crate::identity::Identity;
 use crate::policy::{Action, SshDecision};
 
@@ -68,6 +65,12 @@ impl From<&Identity> for Caller {
 /// One audit line. Absent fields are omitted from the JSON.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditEvent {
+    /// Node-unique, increasing by one per event (set by the writer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// SHA-256 (hex) of the previous event's line: the node's hash chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
     /// RFC 3339, UTC, millisecond precision.
     pub time: String,
     pub event: EventKind,
@@ -120,6 +123,8 @@ pub struct AuditEvent {
 impl AuditEvent {
     pub fn new(event: EventKind, conn: &str, caller: &Identity, target: &Identity, now: SystemTime) -> Self {
         AuditEvent {
+            id: None,
+            prev: None,
             time: rfc3339_utc(now),
             event,
             conn: conn.to_string(),
@@ -162,35 +167,32 @@ impl AuditEvent {
     }
 }
 
-/// Appends audit lines to a file opened once in append mode.
+/// Appends audit lines, through the writer thread ([`super::journal`]):
+/// callers never touch the file themselves.
 pub struct AuditLog {
-    path: PathBuf,
-    file: Mutex<File>,
+    journal: Journal,
 }
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<AuditLog, SshError> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| SshError::io(path, e))?;
-        // An existing file created by something else keeps its mode on open; enforce ours.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(path, e))?;
-        Ok(AuditLog { path: path.to_path_buf(), file: Mutex::new(file) })
+    /// Opens `audit.jsonl` in `state_dir` (0600) and starts the writer.
+    pub fn open(state_dir: &Path, path: &Path, recordings_dir: &Path) -> Result<AuditLog, SshError> {
+        Ok(AuditLog { journal: Journal::open(state_dir, path, recordings_dir)? })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.journal.audit_path()
     }
 
-    /// Appends one event. A failing audit write is logged, not fatal: refusing
-    /// service because the disk is full would lock admins out of the box.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Appends one event (queued; written in order by the writer thread). A
+    /// failing write is logged, not fatal: refusing service because the disk
+    /// is full would lock admins out of the box.
     pub fn write(&self, ev: &AuditEvent) {
         crate::metrics::ssh_event(ev);
-        let line = ev.to_line();
-        tracing::info!(target: "tailgate::audit", "{}", line.trim_end());
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        // One write() per line: with O_APPEND concurrent writers never interleave.
-        if let Err(e) = f.write_all(line.as_bytes()) {
-            tracing::error!("audit log {}: {e}", self.path.display());
-        }
+        self.journal.audit(ev.clone());
     }
 }
 
@@ -265,6 +267,7 @@ mod tests {
             rule: Some("ssh[1] (p.toml:3)".into()),
             reason: "nope".into(),
             record: false,
+            record_required: false,
             max_duration: None,
             accept_env: vec![],
             check_period: Default::default(),
@@ -290,21 +293,27 @@ mod tests {
 
     #[test]
     fn log_file_is_private_and_appends() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&p).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let ev = AuditEvent::new(EventKind::SessionStart, "c", &alice(), &web1(), SystemTime::now());
-        log.write(&ev);
-        log.write(&ev);
-        drop(log);
-        let log = AuditLog::open(&p).unwrap();
-        log.write(&ev);
+        rt.block_on(async {
+            let log = AuditLog::open(dir.path(), &p, &dir.path().join("r")).unwrap();
+            log.write(&ev);
+            log.write(&ev);
+            log.journal().flush().await;
+            let log = AuditLog::open(dir.path(), &p, &dir.path().join("r")).unwrap();
+            log.write(&ev);
+            log.journal().flush().await;
+        });
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3);
-        for l in text.lines() {
+        for (i, l) in text.lines().enumerate() {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             assert_eq!(v["event"], "session_start");
+            assert_eq!(v["id"], i as u64 + 1, "the chain continues across reopen");
         }
     }
 }

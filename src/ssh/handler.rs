@@ -482,7 +482,21 @@ impl Conn {
         // Recording is part of the access decision: if it cannot be made, the
         // session does not happen. Subsystems (sftp) speak a binary protocol
         // that a terminal recording cannot represent; the audit log covers them.
-        let recorder = if decision.record && !matches!(req, Request::Subsystem(_)) {
+        // `record = "required"` fails closed: without a control server to take
+        // the recording there is no session (static mode never has one).
+        if decision.record_required && !ctx.server.journal().shared.connected.load(std::sync::atomic::Ordering::Acquire) {
+            let msg = "tailgate: access denied: this session must be recorded on the control server, which this node cannot \
+                       reach now; try again when it is back"
+                .to_string();
+            ev.reason = Some("recording required but the control server is unreachable".into());
+            ctx.server.audit.write(&ev);
+            session.channel_success(channel)?;
+            if let Some(w) = sc.writer.take() {
+                tokio::spawn(report_denial(w, msg, sc.pty.is_some()));
+            }
+            return Ok(());
+        }
+        let recorder = if (decision.record || decision.record_required) && !matches!(req, Request::Subsystem(_)) {
             let (w, h) = sc.pty.as_ref().map(|p| (p.cols, p.rows)).unwrap_or((80, 24));
             let mut header = CastHeader::new(w, h, SystemTime::now());
             header.command = Some(req.command().unwrap_or_else(|| acct.shell.display().to_string()));
@@ -491,8 +505,11 @@ impl Conn {
                 header.env.insert("TERM".into(), p.term.clone());
             }
             header.env.insert("SHELL".into(), acct.shell.display().to_string());
-            match Recorder::create(&ctx.server.recordings_dir, &sc.id, &header) {
-                Ok(r) => Some(Arc::new(Mutex::new(r))),
+            match Recorder::create(ctx.server.journal(), &sc.id, &header).await {
+                Ok(mut r) => {
+                    r.required = decision.record_required;
+                    Some(Arc::new(Mutex::new(r)))
+                }
                 Err(e) => {
                     tracing::error!("cannot record session {}: {e}", sc.id);
                     let msg = "tailgate: access denied: this session must be recorded, but recording failed on this node".to_string();
@@ -1001,6 +1018,7 @@ mod tests {
             rule: rule.map(String::from),
             reason: reason.into(),
             record: false,
+            record_required: false,
             max_duration: None,
             accept_env: vec![],
             check_period: Default::default(),

@@ -17,12 +17,14 @@
 //! - [`audit`]: one JSON line per decision or session event.
 //! - [`recording`]: asciicast v2 recordings.
 //! - [`check`]: the second factor of `check` rules (prompt, verified by control).
+//! - [`journal`]: the writer thread behind both, and the audit hash chain.
 
 pub mod account;
 pub mod audit;
 pub mod check;
 mod forward;
 mod handler;
+pub mod journal;
 pub mod process;
 pub mod recording;
 mod session;
@@ -150,7 +152,6 @@ pub struct SshServer {
     russh_config: Arc<russh::server::Config>,
     host_public: String,
     pub(crate) audit: AuditLog,
-    pub(crate) recordings_dir: PathBuf,
     pub(crate) sftp_server: Option<PathBuf>,
     pub(crate) check: check::CheckLink,
 }
@@ -172,8 +173,8 @@ impl SshServer {
             key.public_key().to_openssh().map_err(|e| SshError::HostKey { path: cfg.state_dir.join(HOST_KEY_FILE), source: e })?;
         // Strip the comment: known_hosts wants "type base64".
         let host_public = host_public.split(' ').take(2).collect::<Vec<_>>().join(" ");
-        let audit = AuditLog::open(&cfg.state_dir.join(AUDIT_FILE))?;
         let recordings_dir = cfg.state_dir.join(RECORDINGS_DIR);
+        let audit = AuditLog::open(&cfg.state_dir, &cfg.state_dir.join(AUDIT_FILE), &recordings_dir)?;
         let sftp_server = cfg.sftp_server.clone().or_else(|| SFTP_SERVER_PATHS.iter().map(PathBuf::from).find(|p| p.exists()));
 
         let russh_config = russh::server::Config {
@@ -193,12 +194,12 @@ impl SshServer {
             nodelay: true,
             ..Default::default()
         };
+        process::init_tty_gid();
         Ok(Arc::new(SshServer {
             cfg,
             russh_config: Arc::new(russh_config),
             host_public,
             audit,
-            recordings_dir,
             sftp_server,
             check: check::CheckLink::default(),
         }))
@@ -213,6 +214,11 @@ impl SshServer {
     /// points it at a control connection.
     pub fn check_link(&self) -> check::CheckLink {
         self.check.clone()
+    }
+
+    /// The audit and recording writer (the shipper follows it).
+    pub fn journal(&self) -> &journal::Journal {
+        self.audit.journal()
     }
 
     /// Path of the audit log (`state_dir/audit.jsonl`).

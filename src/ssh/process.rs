@@ -179,6 +179,19 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+static TTY_GID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// Looks up group `tty` once. An NSS lookup can block (LDAP, sssd), so the
+/// SSH server calls this at startup, off the async workers.
+pub fn init_tty_gid() -> Option<u32> {
+    *TTY_GID.get_or_init(|| nix::unistd::Group::from_name("tty").ok().flatten().map(|g| g.gid.as_raw()))
+}
+
+fn tty_gid() -> Option<u32> {
+    // Not initialised (the module used without an SshServer): look up now.
+    TTY_GID.get().copied().unwrap_or_else(init_tty_gid)
+}
+
 /// Spawns `spec`. Must be called within a tokio runtime.
 pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
     let program_name = spec.program.display().to_string();
@@ -196,7 +209,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
         set_winsize(master.as_raw_fd(), p.cols, p.rows, p.px_width, p.px_height);
         if spec.switch_user {
             // As sshd does: the user owns their terminal, group tty may write to it.
-            let tty_gid = nix::unistd::Group::from_name("tty").ok().flatten().map(|g| g.gid.as_raw()).unwrap_or(spec.account.gid);
+            let tty_gid = tty_gid().unwrap_or(spec.account.gid);
             // SAFETY: fchown/fchmod on a descriptor we own.
             unsafe {
                 libc::fchown(slave.as_raw_fd(), spec.account.uid, tty_gid);

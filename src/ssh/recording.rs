@@ -1,4 +1,5 @@
-//! asciicast v2 session recordings (`state_dir/recordings/<session>.cast`, 0600).
+//! asciicast v2 session recordings (`state_dir/recordings/<session>.cast`, 0600,
+//! written by [`super::journal`]'s thread).
 //!
 //! [`CastEncoder`] turns output bytes into event lines and is pure (times are
 //! passed in). The subtle part is UTF-8: the terminal receives a byte stream
@@ -8,15 +9,14 @@
 //! saw a character. Bytes that are not UTF-8 at all (binary output) cannot be
 //! represented and become U+FFFD.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use super::SshError;
+use super::journal::{Journal, RecHandle};
 
 /// The asciicast v2 header line.
 #[derive(Clone, Debug, Serialize)]
@@ -136,61 +136,55 @@ impl CastEncoder {
     }
 }
 
-/// A recording being written to disk.
+/// A recording being written: encodes here, writes on the journal's thread.
 pub struct Recorder {
-    path: PathBuf,
-    out: BufWriter<File>,
+    handle: Arc<RecHandle>,
     enc: CastEncoder,
     start: Instant,
-    failed: bool,
+    finished: bool,
+    /// `record = "required"`: the session ends when output cannot be recorded.
+    pub required: bool,
 }
 
 impl Recorder {
-    /// Creates `dir/<id>.cast` (0600; `dir` 0700) and writes the header.
-    pub fn create(dir: &Path, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
-        if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| SshError::io(dir, e))?;
-        }
-        let path = dir.join(format!("{id}.cast"));
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| SshError::io(&path, e))?;
-        let mut out = BufWriter::new(file);
-        out.write_all(header.to_line().as_bytes()).map_err(|e| SshError::io(&path, e))?;
-        out.flush().map_err(|e| SshError::io(&path, e))?;
-        Ok(Recorder { path, out, enc: CastEncoder::new(), start: Instant::now(), failed: false })
+    /// Creates `recordings/<id>.cast` (0600; the directory 0700) with its header.
+    pub async fn create(journal: &Journal, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
+        let handle = journal.open_recording(id, header.to_line()).await?;
+        Ok(Recorder { handle: Arc::new(handle), enc: CastEncoder::new(), start: Instant::now(), finished: false, required: false })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.handle.path()
     }
 
-    pub fn output(&mut self, data: &[u8]) {
-        let t = self.start.elapsed();
-        if let Some(line) = self.enc.output(t, data) {
-            self.write(&line);
-        }
+    /// Where encoded lines go (sent outside the recorder's lock).
+    pub fn handle(&self) -> Arc<RecHandle> {
+        self.handle.clone()
+    }
+
+    /// Output could not be recorded (disk error, or the shipping spool is full).
+    pub fn failed(&self) -> bool {
+        self.handle.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The event line for `data`, to be queued with [`RecHandle::send`].
+    pub fn encode_output(&mut self, data: &[u8]) -> Option<String> {
+        self.enc.output(self.start.elapsed(), data)
     }
 
     pub fn resize(&mut self, cols: u32, rows: u32) {
         let line = self.enc.resize(self.start.elapsed(), cols, rows);
-        self.write(&line);
+        self.handle.send_sync(line);
     }
 
     pub fn finish(&mut self) {
-        if let Some(line) = self.enc.finish(self.start.elapsed()) {
-            self.write(&line);
-        }
-        let _ = self.out.flush();
-    }
-
-    fn write(&mut self, line: &str) {
-        if self.failed {
+        if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        // Flushed per event: a recording must survive the node crashing mid-session.
-        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
-            tracing::error!("recording {}: {e}; further output of this session is not recorded", self.path.display());
-            self.failed = true;
+        if let Some(line) = self.enc.finish(self.start.elapsed()) {
+            self.handle.send_sync(line);
         }
+        self.handle.close();
     }
 }
 
@@ -270,11 +264,18 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let rdir = dir.path().join("recordings");
-        let mut r = Recorder::create(&rdir, "s1", &CastHeader::new(80, 24, SystemTime::now())).unwrap();
-        r.output(b"hi\r\n");
-        r.resize(90, 30);
-        let p = r.path().to_path_buf();
-        drop(r);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let p = rt.block_on(async {
+            let j = Journal::open(dir.path(), &dir.path().join("audit.jsonl"), &rdir).unwrap();
+            let mut r = Recorder::create(&j, "s1", &CastHeader::new(80, 24, SystemTime::now())).await.unwrap();
+            let line = r.encode_output(b"hi\r\n").unwrap();
+            r.handle().send(line).await;
+            r.resize(90, 30);
+            let p = r.path().to_path_buf();
+            drop(r);
+            j.flush().await;
+            p
+        });
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&rdir).unwrap().permissions().mode() & 0o777, 0o700);
         let text = std::fs::read_to_string(&p).unwrap();

@@ -130,6 +130,8 @@ pub enum Stop {
     Overflow,
     /// The login no longer holds (policy or identity changed): the message shown.
     Revoked(String),
+    /// `record = "required"` and the recording can neither be shipped nor spooled.
+    RecordingLost,
 }
 
 /// What the handler keeps to steer a running session.
@@ -184,6 +186,9 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     let queue = StdinQueue { tx: stdin_tx, flow: flow.clone() };
     let mut feed = Feed { rx: stdin_rx, flow: flow.clone(), count: bytes_in.clone() };
     let (stop_tx, stop_rx) = watch::channel(None);
+    // Not a stop_tx clone: the supervisor treats "every sender dropped" as
+    // the channel being closed, so pumps must not hold one.
+    let lost = Arc::new(tokio::sync::Notify::new());
     let (exited_tx, exited_rx) = watch::channel(false);
 
     let mut pumps = Vec::new();
@@ -194,7 +199,7 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
             pumps.push(tokio::spawn(pump(
                 stdout,
                 run.writer.make_writer(),
-                run.recorder.clone(),
+                run.recorder.clone().map(|r| (r, lost.clone())),
                 exited_rx.clone(),
                 bytes_out.clone(),
                 flow.clone(),
@@ -202,7 +207,7 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
             pumps.push(tokio::spawn(pump(
                 stderr,
                 run.writer.make_writer_ext(Some(1)),
-                run.recorder.clone(),
+                run.recorder.clone().map(|r| (r, lost.clone())),
                 exited_rx.clone(),
                 bytes_out.clone(),
                 flow.clone(),
@@ -214,7 +219,7 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
             pumps.push(tokio::spawn(pump(
                 master.clone(),
                 run.writer.make_writer(),
-                run.recorder.clone(),
+                run.recorder.clone().map(|r| (r, lost.clone())),
                 exited_rx.clone(),
                 bytes_out.clone(),
                 flow.clone(),
@@ -226,7 +231,7 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     };
 
     let control = Control { stdin: Some(queue), pgid, pty: pty_master, recorder: run.recorder.clone(), stop: stop_tx };
-    tokio::spawn(supervise(child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out));
+    tokio::spawn(supervise(child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out, lost));
     control
 }
 
@@ -267,10 +272,13 @@ impl Feed {
     }
 }
 
+const RECORDING_LOST: &str = "\r\ntailgate: session ended: this session must be recorded, but the recording can neither \
+     reach the control server nor be spooled on this node (see the node's log)\r\n";
+
 async fn pump<R, W>(
     mut r: R,
     mut w: W,
-    recorder: Option<Arc<Mutex<Recorder>>>,
+    recorder: Option<(Arc<Mutex<Recorder>>, Arc<tokio::sync::Notify>)>,
     mut exited: watch::Receiver<bool>,
     count: Arc<AtomicU64>,
     flow: Arc<Flow>,
@@ -297,8 +305,21 @@ async fn pump<R, W>(
             Ok(n) => n,
         };
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(rec) = &recorder {
-            rec.lock().unwrap_or_else(|e| e.into_inner()).output(&buf[..n]);
+        if let Some((rec, lost_signal)) = &recorder {
+            // Encode under the lock, queue outside it: the write happens on
+            // the journal's thread, and waiting for room there is backpressure.
+            let (line, handle, lost) = {
+                let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                (r.encode_output(&buf[..n]), r.handle(), r.required && r.failed())
+            };
+            if lost {
+                // Fail closed: this output is not passed on unrecorded.
+                lost_signal.notify_one();
+                break;
+            }
+            if let Some(line) = line {
+                handle.send(line).await;
+            }
         }
         flow.output_busy.fetch_add(1, Ordering::AcqRel);
         flow.wake.notify_waiters();
@@ -321,6 +342,7 @@ async fn supervise(
     stdin_task: tokio::task::JoinHandle<()>,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
+    lost: Arc<tokio::sync::Notify>,
 ) {
     let mut live = run.live.clone();
     let mut live_open = true;
@@ -364,6 +386,12 @@ async fn supervise(
                 kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
             }
             r = live.changed(), if live_open && stopped.is_none() => live_open = r.is_ok(),
+            _ = lost.notified(), if stopped.is_none() => {
+                let _ = run.writer.extended_data_bytes(1, Bytes::from_static(RECORDING_LOST.as_bytes())).await;
+                stopped = Some(Stop::RecordingLost);
+                terminate(pgid);
+                kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+            }
             _ = deadline, if stopped.is_none() => {
                 let limit = limit.map(|(_, d)| d).unwrap_or_default();
                 let msg = format!("\r\ntailgate: session time limit ({}) reached, closing\r\n", human_duration(limit));
@@ -449,6 +477,7 @@ async fn supervise(
         Some(Stop::TimeLimit(d)) => Some(format!("time limit {} reached", human_duration(d))),
         Some(Stop::Overflow) => Some("input overflow: the program stopped reading while its output was blocked".into()),
         Some(Stop::Revoked(msg)) => Some(msg.trim_start_matches("tailgate: ").to_string()),
+        Some(Stop::RecordingLost) => Some("recording required but it can neither be shipped nor spooled".into()),
         None => None,
     };
     run.ctx.server.audit.write(&ev);

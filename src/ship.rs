@@ -1,0 +1,536 @@
+//! Ships the node's audit trail and recordings to the control server.
+//!
+//! The spool is the node's own files: `audit.jsonl` (lines carry ids, see
+//! [`crate::ssh::journal`]) and `recordings/<session>.cast`. What control
+//! has acknowledged is the cursor in `ship.json` (0600): the last event id
+//! and, per recording, the byte offset. Everything past the cursor is the
+//! backlog; it is bounded ([`crate::ssh::journal::Shared::limit`]).
+//!
+//! Delivery is at least once: after a reconnect (or a restart) everything
+//! past the cursor is sent again; the server stores each event once per
+//! (node, id) and each recording byte once per offset. Acks come only after
+//! the server committed, so an acknowledged byte is never lost.
+//!
+//! [`ShipCore`] holds the cursors and decides what to send next given what
+//! the files hold (sans-IO, unit-tested); [`run`] moves bytes.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::control::client::ShipLink;
+use crate::control::proto::{ClientMsg, ShipAck};
+use crate::ssh::journal::{Journal, Shared};
+
+/// Cursor file in the node's state directory.
+pub const STATE_FILE: &str = "ship.json";
+/// Marker written next to a recording once control holds all of it.
+const SHIPPED_SUFFIX: &str = ".cast.shipped";
+/// Raw recording bytes per chunk (base64 and JSON keep the frame < 64 KiB).
+const CHUNK: usize = 24 * 1024;
+/// JSON-escaped audit lines per message.
+const EVENTS_BATCH: usize = 40 * 1024;
+/// Silence after which unacknowledged shipments are sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(20);
+/// Unacknowledged bytes in flight before waiting for acks.
+const WINDOW: u64 = 1024 * 1024;
+
+/// What is persisted: the acknowledged cursors.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursors {
+    /// Highest audit event id control stored.
+    pub events_acked: u64,
+    /// Byte offset in `audit.jsonl` just after that event's line (a hint).
+    pub events_offset: u64,
+    /// Recording session -> bytes control stored.
+    pub recordings: BTreeMap<String, u64>,
+}
+
+/// A recording as the files show it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecFile {
+    pub session: String,
+    pub size: u64,
+    /// Still being written (its session runs).
+    pub open: bool,
+}
+
+#[derive(Debug, Default)]
+struct RecState {
+    sent: u64,
+    fin_sent: bool,
+}
+
+/// The shipping state machine.
+#[derive(Debug, Default)]
+pub struct ShipCore {
+    pub acked: Cursors,
+    events_sent: u64,
+    read_offset: u64,
+    /// (last event id, offset after its line, bytes) per batch sent but not acknowledged.
+    inflight_events: VecDeque<(u64, u64, u64)>,
+    recs: BTreeMap<String, RecState>,
+    /// Recordings control holds completely (marker to write).
+    pub finished: Vec<String>,
+}
+
+/// One message to send, with the bytes it puts in flight.
+#[derive(Debug)]
+pub struct Shipment {
+    pub msg: ClientMsg,
+    pub bytes: u64,
+}
+
+impl ShipCore {
+    pub fn new(acked: Cursors) -> ShipCore {
+        let mut c = ShipCore { acked, ..Default::default() };
+        c.rewind();
+        c
+    }
+
+    /// After a (re)connect: everything not acknowledged is sent again.
+    pub fn rewind(&mut self) {
+        self.events_sent = self.acked.events_acked;
+        self.read_offset = self.acked.events_offset;
+        self.inflight_events.clear();
+        self.recs.clear();
+    }
+
+    /// Anything sent and not yet acknowledged?
+    pub fn waiting(&self) -> bool {
+        self.inflight() > 0
+    }
+
+    pub fn window_open(&self) -> bool {
+        self.inflight() < WINDOW
+    }
+
+    fn inflight(&self) -> u64 {
+        let ev: u64 = self.inflight_events.iter().map(|e| e.2).sum();
+        let recs: u64 = self
+            .recs
+            .iter()
+            .map(|(s, st)| st.sent.saturating_sub(*self.acked.recordings.get(s).unwrap_or(&0)) + u64::from(st.fin_sent) * 64)
+            .sum();
+        ev + recs
+    }
+
+    /// Unshipped bytes: what the spool holds beyond the cursors.
+    pub fn backlog(&self, audit_len: u64, recs: &[RecFile]) -> u64 {
+        let ev = audit_len.saturating_sub(self.acked.events_offset);
+        ev + recs.iter().map(|r| r.size.saturating_sub(*self.acked.recordings.get(&r.session).unwrap_or(&0))).sum::<u64>()
+    }
+
+    /// The next audit batch from `audit.jsonl` (`read` reads lines from an
+    /// offset: `(line, offset after it)`), or `None`.
+    pub fn next_events(&mut self, audit_len: u64, read: &mut dyn FnMut(u64) -> Vec<(String, u64)>) -> Option<Shipment> {
+        if self.read_offset > audit_len {
+            // The log shrank under us (truncated): find our place by id.
+            tracing::warn!("audit.jsonl is shorter than what was already shipped; it was truncated or replaced");
+            self.read_offset = 0;
+        }
+        if self.read_offset >= audit_len {
+            return None;
+        }
+        let mut lines = Vec::new();
+        let mut size = 0;
+        let mut last = None;
+        for (line, end) in read(self.read_offset) {
+            let id = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["id"].as_u64());
+            let esc = serde_json::to_string(&line).map(|s| s.len()).unwrap_or(line.len() * 2);
+            if !lines.is_empty() && size + esc > EVENTS_BATCH {
+                break;
+            }
+            self.read_offset = end;
+            // Lines without an id predate the chain; lines at or below what was
+            // sent are already on their way (a rescan after truncation).
+            match id {
+                Some(id) if id > self.events_sent => {
+                    size += esc;
+                    lines.push(line);
+                    self.events_sent = id;
+                    last = Some((id, end));
+                }
+                _ => {}
+            }
+        }
+        let (id, end) = last?;
+        self.inflight_events.push_back((id, end, size as u64));
+        Some(Shipment { msg: ClientMsg::AuditEvents { lines }, bytes: size as u64 })
+    }
+
+    /// The next recording chunk (`read(session, offset, len)` reads bytes).
+    pub fn next_chunk(&mut self, recs: &[RecFile], read: &mut dyn FnMut(&str, u64, usize) -> Vec<u8>) -> Option<Shipment> {
+        for r in recs {
+            let acked = *self.acked.recordings.get(&r.session).unwrap_or(&0);
+            let st = self.recs.entry(r.session.clone()).or_insert(RecState { sent: acked, fin_sent: false });
+            if st.fin_sent {
+                continue;
+            }
+            let want = (r.size.saturating_sub(st.sent) as usize).min(CHUNK);
+            let data = if want > 0 { read(&r.session, st.sent, want) } else { Vec::new() };
+            let fin = !r.open && st.sent + data.len() as u64 >= r.size;
+            if data.is_empty() && !fin {
+                continue;
+            }
+            let offset = st.sent;
+            st.sent += data.len() as u64;
+            st.fin_sent = fin;
+            let bytes = data.len() as u64 + 64;
+            let data = base64::engine::general_purpose::STANDARD.encode(&data);
+            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin }, bytes });
+        }
+        None
+    }
+
+    /// Applies an ack; returns whether the cursors moved (persist them).
+    pub fn ack(&mut self, a: &ShipAck) -> bool {
+        let mut moved = false;
+        if let Some(id) = a.events {
+            while let Some(&(sent, end, _)) = self.inflight_events.front() {
+                if sent > id {
+                    break;
+                }
+                self.inflight_events.pop_front();
+                self.acked.events_offset = end;
+                moved = true;
+            }
+            if id > self.acked.events_acked {
+                self.acked.events_acked = id;
+                moved = true;
+            }
+        }
+        if let Some(s) = &a.session {
+            if let Some(e) = &a.error {
+                tracing::error!("control refused recording {s}: {e}; it stays on this node only");
+                self.acked.recordings.remove(s);
+                self.finished.push(s.clone());
+                return true;
+            }
+            let cur = self.acked.recordings.entry(s.clone()).or_insert(0);
+            if a.offset > *cur {
+                *cur = a.offset;
+                moved = true;
+            }
+            if a.fin {
+                self.acked.recordings.remove(s);
+                self.recs.remove(s);
+                self.finished.push(s.clone());
+                moved = true;
+            }
+        }
+        moved
+    }
+}
+
+// --- the driver --------------------------------------------------------------
+
+struct Files {
+    state_dir: PathBuf,
+    audit: PathBuf,
+    recordings: PathBuf,
+}
+
+impl Files {
+    fn load_cursors(&self) -> Cursors {
+        std::fs::read(self.state_dir.join(STATE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn save_cursors(&self, c: &Cursors) {
+        let path = self.state_dir.join(STATE_FILE);
+        let tmp = path.with_extension("tmp");
+        let r = (|| {
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec(c).unwrap_or_default())?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = r {
+            tracing::error!("{}: {e}", path.display());
+        }
+    }
+
+    /// The order matters: the writer marks a recording open before it
+    /// creates the file and unmarks it after the last flush. So: list the
+    /// files, then read the open set, then the sizes. A listed file not open
+    /// then is closed for good, and its size is final.
+    fn scan(&self, shared: &Shared) -> Vec<RecFile> {
+        let Ok(rd) = std::fs::read_dir(&self.recordings) else { return Vec::new() };
+        let names: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".cast")).map(String::from))
+            .filter(|s| crate::control::proto::valid_session_id(s) && !self.recordings.join(format!("{s}{SHIPPED_SUFFIX}")).exists())
+            .collect();
+        let open: HashSet<String> = shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut v = Vec::new();
+        for session in names {
+            let Ok(m) = std::fs::metadata(self.recordings.join(format!("{session}.cast"))) else { continue };
+            let is_open = open.contains(&session);
+            v.push(RecFile { session, size: m.len(), open: is_open });
+        }
+        v.sort_by(|a, b| a.session.cmp(&b.session));
+        v
+    }
+
+    fn read_lines(&self, offset: u64) -> Vec<(String, u64)> {
+        let Ok(mut f) = std::fs::File::open(&self.audit) else { return Vec::new() };
+        if f.seek(SeekFrom::Start(offset)).is_err() {
+            return Vec::new();
+        }
+        let mut r = BufReader::new(f.take(256 * 1024));
+        let mut out = Vec::new();
+        let mut pos = offset;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !line.ends_with('\n') {
+                        break; // a line still being written
+                    }
+                    pos += n as u64;
+                    out.push((line.trim_end_matches('\n').to_string(), pos));
+                }
+            }
+        }
+        out
+    }
+
+    fn read_chunk(&self, session: &str, offset: u64, len: usize) -> Vec<u8> {
+        let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
+        let mut buf = vec![0u8; len];
+        match std::os::unix::fs::FileExt::read_at(&f, &mut buf, offset) {
+            Ok(n) => {
+                buf.truncate(n);
+                buf
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn mark_shipped(&self, session: &str) {
+        let p = self.recordings.join(format!("{session}{SHIPPED_SUFFIX}"));
+        let _ = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(p);
+    }
+}
+
+/// Produces the next messages (file reads happen here, off the runtime).
+fn produce(core: &mut ShipCore, files: &Files, shared: &Shared) -> Vec<Shipment> {
+    let audit_len = std::fs::metadata(&files.audit).map(|m| m.len()).unwrap_or(0);
+    let recs = files.scan(shared);
+    shared.backlog.store(core.backlog(audit_len, &recs), Ordering::Release);
+    for s in core.finished.drain(..) {
+        files.mark_shipped(&s);
+    }
+    let mut out = Vec::new();
+    while core.window_open() && out.len() < 32 {
+        if let Some(m) = core.next_events(audit_len, &mut |o| files.read_lines(o)) {
+            out.push(m);
+            continue;
+        }
+        match core.next_chunk(&recs, &mut |s, o, l| files.read_chunk(s, o, l)) {
+            Some(m) => out.push(m),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Runs the shipper: takes a [`ShipLink`] for each control connection from
+/// `links` and ships over it until it ends.
+pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver<ShipLink>) {
+    let shared = journal.shared.clone();
+    shared.shipping.store(true, Ordering::Release);
+    let files = Arc::new(Files {
+        state_dir: state_dir.clone(),
+        audit: journal.audit_path().to_path_buf(),
+        recordings: state_dir.join(crate::ssh::RECORDINGS_DIR),
+    });
+    let f2 = files.clone();
+    let cursors = tokio::task::spawn_blocking(move || f2.load_cursors()).await.unwrap_or_default();
+    let mut core = Some(ShipCore::new(cursors));
+    let mut written = shared.written.subscribe();
+    let mut next_link = None;
+    loop {
+        let mut link = match next_link.take() {
+            Some(l) => l,
+            None => match links.recv().await {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        shared.connected.store(true, Ordering::Release);
+        if let Some(c) = core.as_mut() {
+            c.rewind();
+        }
+        let mut progress = tokio::time::Instant::now();
+        'conn: loop {
+            // Read what to send on the blocking pool, then send it.
+            let (c, batch) = {
+                let (mut c, files, shared) = (core.take().unwrap_or_default(), files.clone(), shared.clone());
+                tokio::task::spawn_blocking(move || {
+                    let b = produce(&mut c, &files, &shared);
+                    (c, b)
+                })
+                .await
+                .unwrap_or_else(|_| (ShipCore::default(), Vec::new()))
+            };
+            core = Some(c);
+            let more = !batch.is_empty();
+            for s in batch {
+                if link.cmds.send(s.msg).await.is_err() {
+                    break 'conn;
+                }
+            }
+            let window_open = core.as_ref().is_some_and(|c| c.window_open());
+            tokio::select! {
+                a = link.acks.recv() => {
+                    let Some(a) = a else { break 'conn };
+                    let c = core.as_mut().expect("core is back");
+                    progress = tokio::time::Instant::now();
+                    let mut moved = c.ack(&a);
+                    while let Ok(a) = link.acks.try_recv() {
+                        moved |= c.ack(&a);
+                    }
+                    if moved {
+                        let (cur, files) = (c.acked.clone(), files.clone());
+                        let _ = tokio::task::spawn_blocking(move || files.save_cursors(&cur)).await;
+                    }
+                }
+                _ = written.changed(), if !more || window_open => {}
+                _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else { 1000 })) => {
+                    // The server logs and drops what it cannot store; after a
+                    // silence, send everything unacknowledged again.
+                    if let Some(c) = core.as_mut().filter(|c| c.waiting() && progress.elapsed() > RESEND_AFTER) {
+                        tracing::warn!("audit shipping: no ack from control for {RESEND_AFTER:?}; resending");
+                        c.rewind();
+                        progress = tokio::time::Instant::now();
+                    }
+                }
+                l = links.recv() => {
+                    next_link = l;
+                    if next_link.is_none() { shared.connected.store(false, Ordering::Release); return; }
+                    break 'conn;
+                }
+            }
+        }
+        shared.connected.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: u64) -> String {
+        format!("{{\"id\":{id},\"prev\":\"x\",\"event\":\"auth\"}}")
+    }
+
+    /// An audit file of `ids` as (line, end offset) pairs.
+    fn log(ids: &[u64]) -> (Vec<(String, u64)>, u64) {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for &i in ids {
+            let l = line(i);
+            pos += l.len() as u64 + 1;
+            out.push((l, pos));
+        }
+        (out, pos)
+    }
+
+    fn reader(lines: Vec<(String, u64)>) -> impl FnMut(u64) -> Vec<(String, u64)> {
+        move |o| lines.iter().filter(|(l, end)| *end - l.len() as u64 > o).cloned().collect()
+    }
+
+    fn ids(m: &Shipment) -> Vec<u64> {
+        match &m.msg {
+            ClientMsg::AuditEvents { lines } => {
+                lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap()).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unacked_events_are_sent_again_after_a_reconnect() {
+        let (lines, len) = log(&[1, 2, 3]);
+        let mut c = ShipCore::new(Cursors::default());
+        let mut rd = reader(lines.clone());
+        let m = c.next_events(len, &mut rd).unwrap();
+        assert_eq!(ids(&m), vec![1, 2, 3]);
+        assert!(c.next_events(len, &mut rd).is_none(), "nothing new");
+        // The connection drops before any ack: all three go again.
+        c.rewind();
+        assert_eq!(ids(&c.next_events(len, &mut rd).unwrap()), vec![1, 2, 3]);
+        assert!(c.ack(&ShipAck { events: Some(3), ..Default::default() }));
+        assert_eq!((c.acked.events_acked, c.acked.events_offset), (3, len));
+        c.rewind();
+        assert!(c.next_events(len, &mut rd).is_none(), "acked events are not resent");
+        // A restart resumes from the persisted cursors.
+        let (lines, len2) = log(&[1, 2, 3, 4]);
+        let mut c2 = ShipCore::new(c.acked.clone());
+        assert_eq!(ids(&c2.next_events(len2, &mut reader(lines)).unwrap()), vec![4]);
+    }
+
+    #[test]
+    fn a_truncated_log_is_rescanned_by_id() {
+        let mut c = ShipCore::new(Cursors { events_acked: 5, events_offset: 10_000, ..Default::default() });
+        // The file is now shorter than the cursor: ids 1..=5 are skipped, 6 goes.
+        let (lines, len) = log(&[1, 2, 6]);
+        assert_eq!(ids(&c.next_events(len, &mut reader(lines)).unwrap()), vec![6]);
+    }
+
+    #[test]
+    fn recordings_are_chunked_resumed_and_finished() {
+        let data: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+        let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
+        let mut c = ShipCore::new(Cursors::default());
+        let open = [RecFile { session: "s".into(), size: 30_000, open: true }];
+        let mut got = Vec::new();
+        while let Some(m) = c.next_chunk(&open, &mut rd) {
+            match m.msg {
+                ClientMsg::RecordingChunk { offset, data, fin, .. } => {
+                    assert!(!fin);
+                    assert_eq!(offset as usize, got.len());
+                    got.extend(base64::engine::general_purpose::STANDARD.decode(data).unwrap());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got.len(), 30_000);
+        // Control stored 24 KiB, then the link dropped: resume from there.
+        c.ack(&ShipAck { session: Some("s".into()), offset: CHUNK as u64, ..Default::default() });
+        c.rewind();
+        let closed = [RecFile { session: "s".into(), size: 60_000, open: false }];
+        let mut offsets = Vec::new();
+        let mut fins = 0;
+        while let Some(m) = c.next_chunk(&closed, &mut rd) {
+            if let ClientMsg::RecordingChunk { offset, fin, .. } = m.msg {
+                offsets.push(offset);
+                fins += usize::from(fin);
+            }
+        }
+        assert_eq!(offsets, vec![CHUNK as u64, 2 * CHUNK as u64]);
+        assert_eq!(fins, 1, "the last chunk carries fin");
+        assert!(c.ack(&ShipAck { session: Some("s".into()), offset: 60_000, fin: true, ..Default::default() }));
+        assert_eq!(c.finished, vec!["s".to_string()]);
+        assert!(c.acked.recordings.is_empty());
+    }
+
+    #[test]
+    fn backlog_counts_what_control_has_not_acknowledged() {
+        let mut cur = Cursors { events_offset: 100, ..Default::default() };
+        cur.recordings.insert("a".into(), 50);
+        let c = ShipCore::new(cur);
+        let recs = [RecFile { session: "a".into(), size: 80, open: true }, RecFile { session: "b".into(), size: 10, open: false }];
+        assert_eq!(c.backlog(150, &recs), 50 + 30 + 10);
+    }
+}

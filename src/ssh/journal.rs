@@ -1,0 +1,528 @@
+//! The node's audit and recording writer: one OS thread owns `audit.jsonl`,
+//! the hash-chain state and every open recording, fed by one bounded queue.
+//!
+//! Why a thread: file writes and flushes must not run on async workers
+//! (issue 12, defect 4), and one consumer keeps the order in which events
+//! were produced. Why a chain: the control server can tell when lines were
+//! edited, dropped or rewritten before they were shipped (see [`Chain`]).
+//!
+//! The local files are also the shipping spool: [`crate::ship`] reads
+//! unshipped lines and recording bytes from them, so recording costs one
+//! write, not two.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::SshError;
+use super::audit::AuditEvent;
+
+/// File (in the state directory) holding the chain head: `id hash`.
+pub const CHAIN_FILE: &str = "audit.chain";
+/// The `prev` of a node's first event.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Lines longer than this have their command cut, so that every line fits a
+/// control frame (64 KiB) with room to spare.
+const MAX_LINE: usize = 16 * 1024;
+const QUEUE: usize = 4096;
+
+/// SHA-256 of one audit line (without its newline), hex.
+pub fn line_hash(line: &str) -> String {
+    hex(&Sha256::digest(line.as_bytes()))
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The head of a node's hash chain: the last event's id and line hash.
+/// Each new event gets `id = last + 1` and `prev = hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub id: u64,
+    pub hash: String,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain { id: 0, hash: GENESIS.into() }
+    }
+}
+
+impl Chain {
+    /// Stamps `ev` with the next id and the previous hash, returns its line
+    /// (no newline) and advances.
+    pub fn append(&mut self, ev: &mut AuditEvent) -> String {
+        ev.id = Some(self.id + 1);
+        ev.prev = Some(self.hash.clone());
+        let mut line = ev.to_line();
+        if line.len() > MAX_LINE {
+            if let Some(c) = &mut ev.command {
+                let mut cut = 4096.min(c.len());
+                while !c.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                c.truncate(cut);
+                c.push_str("…(cut)");
+            }
+            line = ev.to_line();
+        }
+        let line = line.trim_end_matches('\n').to_string();
+        self.id += 1;
+        self.hash = line_hash(&line);
+        line
+    }
+
+    fn encode(&self) -> String {
+        format!("{:020} {}\n", self.id, self.hash)
+    }
+
+    fn decode(s: &str) -> Option<Chain> {
+        let (id, hash) = s.trim().split_once(' ')?;
+        let id = id.parse().ok()?;
+        (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then(|| Chain { id, hash: hash.into() })
+    }
+
+    /// The chain head as saved, or as derived from the log's last line,
+    /// whichever is further: a truncated log then continues the old
+    /// numbering (the server sees the gap) instead of reusing ids.
+    pub fn load(state_dir: &Path, audit_path: &Path) -> Chain {
+        let saved = std::fs::read_to_string(state_dir.join(CHAIN_FILE)).ok().and_then(|s| Chain::decode(&s));
+        let from_log = last_line(audit_path).and_then(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).ok()?;
+            Some(Chain { id: v["id"].as_u64()?, hash: line_hash(&l) })
+        });
+        match (saved, from_log) {
+            (Some(s), Some(l)) if l.id >= s.id => l,
+            (Some(s), _) => s,
+            (None, Some(l)) => l,
+            (None, None) => Chain::default(),
+        }
+    }
+}
+
+fn last_line(path: &Path) -> Option<String> {
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = len.saturating_sub(64 * 1024);
+    f.seek(SeekFrom::Start(start)).ok()?;
+    BufReader::new(f).lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).last()
+}
+
+/// State shared between the writer thread, the SSH server and the shipper.
+pub struct Shared {
+    /// Bumped after every batch written: the shipper wakes on it.
+    pub written: watch::Sender<u64>,
+    /// The shipper holds a live control connection.
+    pub connected: AtomicBool,
+    /// A shipper exists (control mode): the backlog limit applies.
+    pub shipping: AtomicBool,
+    /// Bytes written locally but not yet acknowledged by control.
+    pub backlog: AtomicU64,
+    /// Backlog beyond which recording output is no longer written.
+    pub limit: AtomicU64,
+    full_logged: AtomicBool,
+    /// Recordings still being written (their sessions run). Marked before
+    /// the file exists, unmarked after its last flush (the shipper relies on it).
+    pub open: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Shared {
+    pub fn spool_full(&self) -> bool {
+        self.shipping.load(Ordering::Acquire) && self.backlog.load(Ordering::Acquire) > self.limit.load(Ordering::Acquire)
+    }
+}
+
+enum Cmd {
+    Audit(Box<AuditEvent>),
+    Open { session: String, header: String, failed: Arc<AtomicBool>, reply: oneshot::Sender<Result<PathBuf, SshError>> },
+    Data { session: String, line: String },
+    Close { session: String },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::Sender<Cmd>,
+    pub shared: Arc<Shared>,
+    audit_path: PathBuf,
+}
+
+/// Default backlog bound (`TAILGATE_SPOOL_LIMIT_MB` overrides).
+pub const DEFAULT_SPOOL_LIMIT: u64 = 1024 * 1024 * 1024;
+
+impl Journal {
+    /// Opens `audit.jsonl` (0600) and starts the writer thread.
+    pub fn open(state_dir: &Path, audit_path: &Path, recordings_dir: &Path) -> Result<Journal, SshError> {
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(audit_path).map_err(|e| SshError::io(audit_path, e))?;
+        // An existing file created by something else keeps its mode on open; enforce ours.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(audit_path, e))?;
+        let chain_path = state_dir.join(CHAIN_FILE);
+        let chain_file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&chain_path)
+            .map_err(|e| SshError::io(&chain_path, e))?;
+        let chain = Chain::load(state_dir, audit_path);
+        let limit = std::env::var("TAILGATE_SPOOL_LIMIT_MB")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|mb| mb * 1024 * 1024)
+            .unwrap_or(DEFAULT_SPOOL_LIMIT);
+        let shared = Arc::new(Shared {
+            written: watch::Sender::new(0),
+            connected: AtomicBool::new(false),
+            shipping: AtomicBool::new(false),
+            backlog: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+            full_logged: AtomicBool::new(false),
+            open: Default::default(),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let mut w = Writer {
+            audit: file,
+            audit_path: audit_path.to_path_buf(),
+            chain,
+            chain_file,
+            recordings_dir: recordings_dir.to_path_buf(),
+            open: HashMap::new(),
+            shared: shared.clone(),
+        };
+        std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx)).map_err(|e| SshError::io(audit_path, e))?;
+        Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf() })
+    }
+
+    pub fn audit_path(&self) -> &Path {
+        &self.audit_path
+    }
+
+    /// Sessions whose recordings are still being written.
+    pub fn open_sessions(&self) -> std::collections::HashSet<String> {
+        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Queues an audit event. Never blocks an async worker for long: when
+    /// the queue is full (the disk stalls) a multi-threaded runtime parks
+    /// this worker until there is room, keeping the order of events.
+    pub fn audit(&self, ev: AuditEvent) {
+        self.send_sync(Cmd::Audit(Box::new(ev)));
+    }
+
+    fn send_sync(&self, cmd: Cmd) {
+        let cmd = match self.tx.try_send(cmd) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer is gone; an audit event or recording output was lost");
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(c)) => c,
+        };
+        let r = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.tx.blocking_send(cmd))
+            }
+            Ok(_) => {
+                // A current-thread runtime cannot park; hand it to a task (order
+                // may slip behind later events, which is logged).
+                let tx = self.tx.clone();
+                tracing::warn!("audit queue full on a single-threaded runtime; an event may be written out of order");
+                tokio::spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+                Ok(())
+            }
+            Err(_) => self.tx.blocking_send(cmd),
+        };
+        if r.is_err() {
+            tracing::error!("audit writer is gone; an audit event or recording output was lost");
+        }
+    }
+
+    /// Creates `recordings/<session>.cast` (0600) with its header line.
+    pub async fn open_recording(&self, session: &str, header: String) -> Result<RecHandle, SshError> {
+        let failed = Arc::new(AtomicBool::new(false));
+        let (reply, rx) = oneshot::channel();
+        let gone = || SshError::io(&self.audit_path, std::io::Error::other("audit writer stopped"));
+        self.tx.send(Cmd::Open { session: session.into(), header, failed: failed.clone(), reply }).await.map_err(|_| gone())?;
+        let path = rx.await.map_err(|_| gone())??;
+        Ok(RecHandle { journal: self.clone(), session: session.into(), path, failed })
+    }
+
+    /// Waits until everything queued so far is written.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One open recording, as the session sees it.
+pub struct RecHandle {
+    journal: Journal,
+    session: String,
+    path: PathBuf,
+    /// Set by the writer when output could not be recorded (disk error, spool full).
+    pub failed: Arc<AtomicBool>,
+}
+
+impl RecHandle {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Queues one asciicast line, waiting for room in the queue.
+    pub async fn send(&self, line: String) {
+        let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), line }).await;
+    }
+    /// Queues one line from synchronous code (resize events).
+    pub fn send_sync(&self, line: String) {
+        self.journal.send_sync(Cmd::Data { session: self.session.clone(), line });
+    }
+    pub fn close(&self) {
+        self.journal.send_sync(Cmd::Close { session: self.session.clone() });
+    }
+}
+
+struct OpenRec {
+    out: std::io::BufWriter<File>,
+    path: PathBuf,
+    failed: Arc<AtomicBool>,
+}
+
+struct Writer {
+    audit: File,
+    audit_path: PathBuf,
+    chain: Chain,
+    chain_file: File,
+    recordings_dir: PathBuf,
+    open: HashMap<String, OpenRec>,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            let mut flushes = Vec::new();
+            // Everything queued is one batch: one flush per file at the end.
+            let mut n = 0;
+            while let Some(cmd) = next {
+                match cmd {
+                    Cmd::Flush(tx) => flushes.push(tx),
+                    other => self.handle(other),
+                }
+                n += 1;
+                next = if n < 1024 { rx.try_recv().ok() } else { None };
+            }
+            for r in self.open.values_mut() {
+                if let Err(e) = r.out.flush() {
+                    fail(r, &e);
+                }
+            }
+            self.shared.written.send_modify(|g| *g += 1);
+            for f in flushes {
+                let _ = f.send(());
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Audit(mut ev) => self.write_audit(&mut ev),
+            Cmd::Open { session, header, failed, reply } => {
+                let _ = reply.send(self.open(&session, &header, failed));
+            }
+            Cmd::Data { session, line } => {
+                let Some(r) = self.open.get_mut(&session) else { return };
+                if r.failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                if self.shared.spool_full() {
+                    if !self.shared.full_logged.swap(true, Ordering::AcqRel) {
+                        tracing::error!(
+                            "audit spool full: {} MiB recorded but not yet shipped to the control server; \
+                             recording output is no longer written until control takes the backlog \
+                             (sessions with record = \"required\" are ended)",
+                            self.shared.limit.load(Ordering::Relaxed) >> 20
+                        );
+                    }
+                    r.failed.store(true, Ordering::Release);
+                    return;
+                }
+                self.shared.full_logged.store(false, Ordering::Release);
+                match r.out.write_all(line.as_bytes()) {
+                    Ok(()) => {
+                        self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
+                    }
+                    Err(e) => fail(r, &e),
+                }
+            }
+            Cmd::Close { session } => {
+                if let Some(mut r) = self.open.remove(&session)
+                    && let Err(e) = r.out.flush()
+                {
+                    fail(&mut r, &e);
+                }
+                // After the flush: the shipper reads "closed" before the size.
+                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&session);
+            }
+            Cmd::Flush(_) => {}
+        }
+    }
+
+    fn write_audit(&mut self, ev: &mut AuditEvent) {
+        let mut line = self.chain.append(ev);
+        tracing::info!(target: "tailgate::audit", "{line}");
+        line.push('\n');
+        // One write() per line: with O_APPEND nothing else interleaves.
+        if let Err(e) = self.audit.write_all(line.as_bytes()) {
+            tracing::error!("audit log {}: {e}", self.audit_path.display());
+        }
+        self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
+        if let Err(e) = self.chain_file.write_all_at(self.chain.encode().as_bytes(), 0) {
+            tracing::error!("audit chain state {CHAIN_FILE}: {e}");
+        }
+    }
+
+    fn open(&mut self, session: &str, header: &str, failed: Arc<AtomicBool>) -> Result<PathBuf, SshError> {
+        let dir = &self.recordings_dir;
+        if !dir.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| SshError::io(dir, e))?;
+        }
+        let path = dir.join(format!("{session}.cast"));
+        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_string());
+        let created = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+        let file = match created {
+            Ok(f) => f,
+            Err(e) => {
+                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+                return Err(SshError::io(&path, e));
+            }
+        };
+        let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+        if let Err(e) = out.write_all(header.as_bytes()).and_then(|_| out.flush()) {
+            // Nothing will be written: not open, and the shipper ships the stub.
+            self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+            return Err(SshError::io(&path, e));
+        }
+        self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
+        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed });
+        Ok(path)
+    }
+}
+
+fn fail(r: &mut OpenRec, e: &std::io::Error) {
+    if !r.failed.swap(true, Ordering::AcqRel) {
+        tracing::error!("recording {}: {e}; further output of this session is not recorded", r.path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::audit::EventKind;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::SystemTime;
+
+    fn id(name: &str) -> crate::identity::Identity {
+        crate::identity::Identity {
+            node_key: "a2V5".into(),
+            node_name: name.into(),
+            user: Some("alice".into()),
+            tags: vec![],
+            groups: vec![],
+            ip: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
+        }
+    }
+
+    fn ev() -> AuditEvent {
+        AuditEvent::new(EventKind::SessionStart, "c", &id("laptop"), &id("web1"), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn chain_links_each_line_to_the_previous() {
+        let mut c = Chain::default();
+        let l1 = c.append(&mut ev());
+        let l2 = c.append(&mut ev());
+        let v1: serde_json::Value = serde_json::from_str(&l1).unwrap();
+        let v2: serde_json::Value = serde_json::from_str(&l2).unwrap();
+        assert_eq!((v1["id"].as_u64(), v1["prev"].as_str()), (Some(1), Some(GENESIS)));
+        assert_eq!(v2["id"], 2);
+        assert_eq!(v2["prev"].as_str().unwrap(), line_hash(&l1));
+        assert_eq!(c, Chain { id: 2, hash: line_hash(&l2) });
+        // id and prev lead the line, so a reader sees them first.
+        assert!(l1.starts_with("{\"id\":1,\"prev\":"), "{l1}");
+    }
+
+    #[test]
+    fn huge_commands_are_cut_to_fit_a_frame() {
+        let mut c = Chain::default();
+        let mut e = ev();
+        e.command = Some("é".repeat(100_000));
+        let l = c.append(&mut e);
+        assert!(l.len() < MAX_LINE, "{}", l.len());
+        assert!(serde_json::from_str::<serde_json::Value>(&l).unwrap()["command"].as_str().unwrap().ends_with("(cut)"));
+    }
+
+    #[test]
+    fn chain_survives_restart_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let j = Journal::open(dir.path(), &audit, &dir.path().join("rec")).unwrap();
+            for _ in 0..3 {
+                j.audit(ev());
+            }
+            j.flush().await;
+        });
+        let text = std::fs::read_to_string(&audit).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(Chain::load(dir.path(), &audit), Chain { id: 3, hash: line_hash(lines[2]) });
+        assert_eq!(std::fs::metadata(dir.path().join(CHAIN_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        // Someone cuts the last two lines: numbering goes on from 3, not 1.
+        std::fs::write(&audit, format!("{}\n", lines[0])).unwrap();
+        assert_eq!(Chain::load(dir.path(), &audit).id, 3);
+        // Both gone: the saved head still says where the chain was.
+        std::fs::remove_file(&audit).unwrap();
+        assert_eq!(Chain::load(dir.path(), &audit).id, 3);
+    }
+
+    #[test]
+    fn recordings_are_written_in_order_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let j = Journal::open(dir.path(), &dir.path().join("audit.jsonl"), &dir.path().join("rec")).unwrap();
+            let r = j.open_recording("s1", "{\"version\":2}\n".into()).await.unwrap();
+            for i in 0..1000 {
+                r.send(format!("[{i},\"o\",\"x\"]\n")).await;
+            }
+            r.close();
+            j.flush().await;
+            let text = std::fs::read_to_string(r.path()).unwrap();
+            assert_eq!(text.lines().count(), 1001);
+            assert!(text.lines().nth(1000).unwrap().starts_with("[999,"));
+            assert_eq!(std::fs::metadata(r.path()).unwrap().permissions().mode() & 0o777, 0o600);
+            // The spool bound: once shipping is on and the backlog is over
+            // the limit, output is refused and the handle says so.
+            j.shared.shipping.store(true, Ordering::Release);
+            j.shared.limit.store(10, Ordering::Release);
+            let r2 = j.open_recording("s2", "{}\n".into()).await.unwrap();
+            r2.send("[0,\"o\",\"y\"]\n".into()).await;
+            j.flush().await;
+            assert!(r2.failed.load(Ordering::Acquire));
+        });
+    }
+}
