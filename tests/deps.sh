@@ -3,7 +3,7 @@
 # shellcheck shell=bash
 TEST_PACKAGES="wireguard-go wireguard-tools nftables iproute2 iputils-ping netcat-openbsd socat coturn \
   openssh-client openssh-server openssh-sftp-server dropbear-bin asciinema iperf3 rsync procps \
-  man-db systemd oathtool expect curl pebble prometheus nodejs npm"
+  man-db systemd oathtool expect curl pebble prometheus"
 
 # Installs what is missing from TEST_PACKAGES when running as root; otherwise
 # stops with the exact command to run.
@@ -12,6 +12,10 @@ ensure_test_packages() {
     for p in $TEST_PACKAGES; do
         dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
     done
+    # The OIDC tests run oidc-provider on Node.js. A machine that already has
+    # node and npm (e.g. from NodeSource) keeps them: Debian's npm package
+    # conflicts with NodeSource's nodejs.
+    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
     [ -z "$missing" ] && return 0
     local line="apt-get install -y --no-install-recommends$missing"
     if [ "$(id -u)" != 0 ]; then

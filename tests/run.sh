@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . tests/deps.sh
 ensure_test_packages
+# The OpenID provider the sign-in tests run (oidc-provider, pinned in
+# tests/oidc/package-lock.json).
+if [ ! -d tests/oidc/node_modules ] || [ tests/oidc/package-lock.json -nt tests/oidc/node_modules ]; then
+    npm ci --prefix tests/oidc --no-audit --no-fund >/dev/null
+fi
 if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: not root: network-namespace tests will be SKIPPED (run with sudo for all of them)" >&2
 fi
