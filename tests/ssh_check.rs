@@ -169,7 +169,7 @@ fn check_with_totp_over_keyboard_interactive() {
     let (rc, out, err) = w.on_laptop(&lab.ssh("-o BatchMode=yes", "echo should-not-run"), 20);
     assert_ne!(rc, 0, "{out}");
     assert!(err.contains("locked out"), "{err}");
-    let audit = w.admin("audit --json");
+    let audit = w.admin("audit admin --json");
     for a in ["check.passed", "check.failed", "check.lockout"] {
         assert!(audit.contains(a), "control audit lacks {a}: {audit}");
     }
