@@ -97,8 +97,8 @@ pub struct ServeArgs {
     pub keepalive: Option<Duration>,
     #[command(flatten)]
     pub tls: super::tls::TlsArgs,
-    /// Serve Prometheus metrics on this address too (they are always at
-    /// /metrics on the control port).
+    /// Serve Prometheus metrics at /metrics on this address (a listener of
+    /// its own, never the public control port).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
