@@ -128,20 +128,6 @@ async fn a_node_with_the_wrong_ca_is_refused_with_a_clear_error() {
     s.shutdown().await;
 }
 
-const POLICY: &str = r#"
-[groups]
-"group:admins" = ["alice"]
-
-[tag_owners]
-"tag:prod" = ["group:admins"]
-
-[[ssh]]
-src = ["group:admins"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-"#;
-
 #[test]
 fn tailnet_over_tls_join_map_relay_ssh() {
     if !require(&["ssh", "curl", "nft"]) {
@@ -149,7 +135,7 @@ fn tailnet_over_tls_join_map_relay_ssh() {
     }
     let w = ControlLab::new("tl", "10.97.0");
     let d = w.d();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ADMINS_ROOT_POLICY).unwrap();
     make_certs(w.dir.path(), "ctl", &["10.97.0.1"]);
     make_certs(w.dir.path(), "wrong", &["10.97.0.1"]);
     let mut ctl = w.ctl.spawn(

@@ -7,20 +7,6 @@
 mod common;
 use common::*;
 
-const POLICY: &str = r#"
-[groups]
-"group:admins" = ["alice"]
-
-[tag_owners]
-"tag:prod" = ["group:admins"]
-
-[[ssh]]
-src = ["group:admins"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-"#;
-
 /// The value of the first sample line starting with `prefix` (name and labels).
 fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
@@ -42,7 +28,7 @@ fn metrics_validate_and_scrape_and_json_logs_hold_no_secrets() {
     }
     let w = ControlLab::new("ob", "10.98.0");
     let d = w.d();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ADMINS_ROOT_POLICY).unwrap();
     let mut ctl = w.ctl.spawn(
         &format!(
             "env RUST_LOG=debug {TAILGATE} --log-format json control --state-dir {d}/ctl --listen 10.98.0.1:8443 \

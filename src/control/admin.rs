@@ -383,7 +383,8 @@ pub fn execute(state_dir: &Path, req: AdminRequest) -> Result<Value> {
     }
 }
 
-fn via_socket(s: std::os::unix::net::UnixStream, req: &AdminRequest) -> Result<Value> {
+/// One request over the admin socket: a JSON line out, `{ok, result|error}` back.
+pub(crate) fn via_socket(s: std::os::unix::net::UnixStream, req: &impl serde::Serialize) -> Result<Value> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');

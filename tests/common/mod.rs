@@ -9,6 +9,22 @@ use std::time::{Duration, Instant};
 
 pub const TAILGATE: &str = env!("CARGO_BIN_EXE_tailgate");
 
+/// alice (group:admins) may log in as root on tag:prod nodes, nothing else.
+#[allow(dead_code)]
+pub const ADMINS_ROOT_POLICY: &str = r#"
+[groups]
+"group:admins" = ["alice"]
+
+[tag_owners]
+"tag:prod" = ["group:admins"]
+
+[[ssh]]
+src = ["group:admins"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+"#;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique tag, so parallel tests never collide on namespace names.

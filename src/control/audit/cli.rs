@@ -108,21 +108,7 @@ pub enum RecordingsCommand {
 pub fn execute(state_dir: &Path, req: &AuditRequest) -> Result<Value> {
     let sock = crate::control::server::admin_socket_path(state_dir);
     match std::os::unix::net::UnixStream::connect(&sock) {
-        Ok(s) => {
-            use std::io::{BufRead, BufReader};
-            s.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let mut line = serde_json::to_vec(req)?;
-            line.push(b'\n');
-            (&s).write_all(&line)?;
-            let mut answer = String::new();
-            BufReader::new(&s).read_line(&mut answer).context("reading the admin answer")?;
-            let v: Value = serde_json::from_str(&answer).context("malformed admin answer")?;
-            if v["ok"].as_bool() == Some(true) {
-                Ok(v["result"].clone())
-            } else {
-                Err(anyhow!("{}", v["error"].as_str().unwrap_or("admin request failed")))
-            }
-        }
+        Ok(s) => crate::control::admin::via_socket(s, req),
         Err(_) => {
             if !state_dir.join("control.db").exists() {
                 bail!("no control server state in {}; start the server first", state_dir.display());
