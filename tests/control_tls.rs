@@ -57,8 +57,17 @@ async fn control_and_relay_clients_work_through_tls_with_a_pinned_ca() {
     let opts = || RelayClientOptions { ca_pem: Some(ca.clone()), ..Default::default() };
     let (ta, _ra) = RelayClient::connect_with(s.url(), &s.public_key(), &a.key, opts()).await.expect("relay a over TLS");
     let (_tb, mut rb) = RelayClient::connect_with(s.url(), &s.public_key(), &b.key, opts()).await.expect("relay b over TLS");
-    ta.send(&wg::public_key_of(&b.key), b"through tls").unwrap();
-    let (src, d) = tokio::time::timeout(util::TIMEOUT, rb.recv()).await.expect("in time").expect("alive");
+    // b's relay session is registered once the server has authorized it,
+    // which may be just after connect returns: resend until one arrives.
+    let mut got = None;
+    for _ in 0..20 {
+        ta.send(&wg::public_key_of(&b.key), b"through tls").unwrap();
+        if let Ok(r) = tokio::time::timeout(std::time::Duration::from_millis(500), rb.recv()).await {
+            got = Some(r.expect("alive"));
+            break;
+        }
+    }
+    let (src, d) = got.expect("a datagram relayed over TLS within 10 s");
     assert_eq!((src, d.as_slice()), (wg::public_key_of(&a.key), &b"through tls"[..]));
 
     // Certificate files replaced in place (as certbot does): new
