@@ -7,23 +7,9 @@ use common::*;
 
 use std::time::Duration;
 
+/// The admins-root policy with `record` on its ssh rule.
 fn policy(record: &str) -> String {
-    format!(
-        r#"
-[groups]
-"group:admins" = ["alice"]
-
-[tag_owners]
-"tag:prod" = ["group:admins"]
-
-[[ssh]]
-src = ["group:admins"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-record = {record}
-"#
-    )
+    format!("{ADMINS_ROOT_POLICY}record = {record}\n")
 }
 
 /// Control on `NET.1:8443` with extra flags (the lab's helper has none).
