@@ -765,22 +765,46 @@ impl Hub {
         let lifetime = self.cfg.node_key_expiry.as_secs() as i64;
         let key_expiry = |tags: &[String]| if tags.is_empty() { Some(now + lifetime) } else { None };
         self.store.key_mark_used(key.id, now).map_err(internal)?;
-        // An expired key of our own: re-auth revives the same node.
+        let owner = NodeOwner {
+            user_id: key.user_id,
+            key_expiry: key_expiry(&key.tags),
+            tags: key.tags.clone(),
+            ephemeral: key.ephemeral,
+            auth_key_id: Some(key.id),
+        };
+        let host = HostInfo { hostname, ssh_host_key, endpoints };
+        self.register_node(node_key, host, owner, &format!("authkey#{}", key.id), "re-authenticated", now)
+    }
+
+    /// Registers `node_key` for `owner`. A node already holding the key
+    /// (expired: re-auth) keeps its name and IP and takes the new owner
+    /// (`reauth_detail` goes in the audit line); otherwise a new node gets
+    /// a fresh IP and name. Returns (node id, created).
+    pub(super) fn register_node(
+        &mut self,
+        node_key: Key,
+        host: HostInfo<'_>,
+        owner: NodeOwner,
+        actor: &str,
+        reauth_detail: &str,
+        now: i64,
+    ) -> Result<(i64, bool), (ErrorCode, String)> {
+        let HostInfo { hostname, ssh_host_key, endpoints } = host;
         if let Some(mut n) = self.by_key.get(&node_key).and_then(|id| self.nodes.get(id)).cloned() {
             n.hostname = hostname.into();
             if ssh_host_key.is_some() {
                 n.ssh_host_key = ssh_host_key;
             }
             n.endpoints = endpoints;
-            n.user_id = key.user_id.or(n.user_id);
-            n.tags = key.tags.clone();
-            n.key_expiry = key_expiry(&n.tags);
-            n.ephemeral = key.ephemeral;
-            n.auth_key_id = Some(key.id);
+            n.user_id = owner.user_id.or(n.user_id);
+            n.tags = owner.tags;
+            n.key_expiry = owner.key_expiry;
+            n.ephemeral = owner.ephemeral;
+            n.auth_key_id = owner.auth_key_id;
             let (id, name) = (n.id, n.name.clone());
             self.save(n).map_err(internal)?;
             self.endpoint_gates.remove(&id);
-            self.audit(now, &format!("authkey#{}", key.id), "node.reauth", &name, "re-authenticated");
+            self.audit(now, actor, "node.reauth", &name, reauth_detail);
             return Ok((id, false));
         }
         let ip = self.alloc_ip().map_err(internal)?;
@@ -792,22 +816,22 @@ impl Hub {
             name: name.clone(),
             hostname: hostname.into(),
             ip,
-            user_id: key.user_id,
-            tags: key.tags.clone(),
+            user_id: owner.user_id,
+            tags: owner.tags,
             ssh_host_key,
             endpoints,
             created: now,
             last_seen: Some(now),
-            key_expiry: key_expiry(&key.tags),
+            key_expiry: owner.key_expiry,
             online: false,
-            ephemeral: key.ephemeral,
-            auth_key_id: Some(key.id),
+            ephemeral: owner.ephemeral,
+            auth_key_id: owner.auth_key_id,
         };
         n.id = self
             .store
             .tx(|s| {
                 let id = s.node_insert(&n)?;
-                s.audit(now, &format!("authkey#{}", key.id), "node.register", &name, &format!("{ip} key {}", short_key(&node_key)))?;
+                s.audit(now, actor, "node.register", &name, &format!("{ip} key {}", short_key(&node_key)))?;
                 Ok(id)
             })
             .map_err(internal)?;
@@ -1338,6 +1362,22 @@ impl Hub {
             }
         }
     }
+}
+
+/// Who a registering node will belong to, and on what terms.
+pub(super) struct NodeOwner {
+    pub user_id: Option<i64>,
+    pub tags: Vec<String>,
+    pub key_expiry: Option<i64>,
+    pub ephemeral: bool,
+    pub auth_key_id: Option<i64>,
+}
+
+/// What a registering node says about itself (already checked).
+pub(super) struct HostInfo<'a> {
+    pub hostname: &'a str,
+    pub ssh_host_key: Option<String>,
+    pub endpoints: Vec<SocketAddr>,
 }
 
 fn internal(e: anyhow::Error) -> (ErrorCode, String) {

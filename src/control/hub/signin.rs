@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use super::{ConnId, ErrorCode, Hub, NodeRow, check_hostinfo, check_node_name, internal, short_key, valid_user_name};
+use super::{ConnId, ErrorCode, HostInfo, Hub, NodeOwner, check_hostinfo, internal, valid_user_name};
 use crate::control::oidc::SignedIn;
 use crate::wg::Key;
 
@@ -78,55 +78,9 @@ impl Hub {
         let key_expiry = Some(now + self.cfg.node_key_expiry.as_secs() as i64);
         // The node holding this key (proven by Noise) signs in again: it
         // becomes this user's, untagged, with a fresh expiry.
-        if let Some(mut n) = self.by_key.get(&node_key).and_then(|id| self.nodes.get(id)).cloned() {
-            n.hostname = hostname.into();
-            if ssh_host_key.is_some() {
-                n.ssh_host_key = ssh_host_key;
-            }
-            n.endpoints = endpoints;
-            n.user_id = Some(uid);
-            n.tags = Vec::new();
-            n.key_expiry = key_expiry;
-            n.ephemeral = false;
-            n.auth_key_id = None;
-            let (id, name) = (n.id, n.name.clone());
-            self.save(n).map_err(internal)?;
-            self.endpoint_gates.remove(&id);
-            self.audit(now, &actor, "node.reauth", &name, "signed in with the identity provider");
-            return Ok((id, false));
-        }
-        let ip = self.alloc_ip().map_err(internal)?;
-        let name = self.alloc_name(hostname, None).map_err(internal)?;
-        check_node_name(&name).map_err(|e| internal(e.into()))?;
-        let mut n = NodeRow {
-            id: 0,
-            node_key,
-            name: name.clone(),
-            hostname: hostname.into(),
-            ip,
-            user_id: Some(uid),
-            tags: Vec::new(),
-            ssh_host_key,
-            endpoints,
-            created: now,
-            last_seen: Some(now),
-            key_expiry,
-            online: false,
-            ephemeral: false,
-            auth_key_id: None,
-        };
-        n.id = self
-            .store
-            .tx(|s| {
-                let id = s.node_insert(&n)?;
-                s.audit(now, &actor, "node.register", &name, &format!("{ip} key {}", short_key(&node_key)))?;
-                Ok(id)
-            })
-            .map_err(internal)?;
-        self.index(&n);
-        let id = n.id;
-        self.nodes.insert(id, n);
-        Ok((id, true))
+        let owner = NodeOwner { user_id: Some(uid), tags: Vec::new(), key_expiry, ephemeral: false, auth_key_id: None };
+        let host = HostInfo { hostname, ssh_host_key, endpoints };
+        self.register_node(node_key, host, owner, &actor, "signed in with the identity provider", now)
     }
 }
 
