@@ -12,8 +12,8 @@ use std::time::Duration;
 use tailgate::control::hub::AdminRequest;
 use tailgate::control::proto::ErrorCode;
 use tailgate::control::{ControlError, ControlTarget};
+use tailgate::dataplane::wg;
 use tailgate::policy::Action;
-use tailgate::wg;
 use util::*;
 
 /// alice's laptop, bob's laptop and a tag:prod server under POLICY_V1.
@@ -337,7 +337,7 @@ async fn a_host_key_with_extra_lines_is_refused_and_reaches_no_peer() {
     // What the peer writes to known_hosts holds one line per peer, no markers.
     peer.wait_for("peer2", |m| m.peer_by_name("peer2").is_some()).await;
     let kh = tempfile::tempdir().unwrap();
-    tailgate::agent::write_known_hosts(kh.path(), &tailgate::agent::directory_of(peer.client.netmap(), None)).unwrap();
+    tailgate::daemon::agent::write_known_hosts(kh.path(), &tailgate::daemon::agent::directory_of(peer.client.netmap(), None)).unwrap();
     let text = std::fs::read_to_string(kh.path().join("known_hosts")).unwrap();
     assert!(!text.contains('@') && !text.contains('*'), "{text}");
     assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 1, "{text}");
@@ -388,16 +388,16 @@ async fn clients_check_names_and_host_keys_again_before_writing_them() {
         ],
         policy: PolicyInfo { version: 1, name: "p".into(), text: String::new() },
     });
-    let dir = tailgate::agent::directory_of(&map, None);
+    let dir = tailgate::daemon::agent::directory_of(&map, None);
     let names: Vec<&str> = dir.peers.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["web"]);
     let kh = tempfile::tempdir().unwrap();
-    tailgate::agent::write_known_hosts(kh.path(), &dir).unwrap();
+    tailgate::daemon::agent::write_known_hosts(kh.path(), &dir).unwrap();
     let text = std::fs::read_to_string(kh.path().join("known_hosts")).unwrap();
     assert_eq!(text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>(), [format!("web,web.tailnet.internal,100.64.0.1 {good}")]);
     // A directory built some other way is checked at writing time too.
     let mut raw = dir.clone();
-    raw.peers.push(tailgate::directory::Entry {
+    raw.peers.push(tailgate::daemon::directory::Entry {
         name: "*".into(),
         ips: vec![],
         node_key: "k".into(),
@@ -406,9 +406,9 @@ async fn clients_check_names_and_host_keys_again_before_writing_them() {
         ssh_host_key: Some(format!("{good}\n@revoked * {good}")),
         online: None,
     });
-    tailgate::agent::write_known_hosts(kh.path(), &raw).unwrap();
+    tailgate::daemon::agent::write_known_hosts(kh.path(), &raw).unwrap();
     assert_eq!(std::fs::read_to_string(kh.path().join("known_hosts")).unwrap(), text);
-    let cfg = tailgate::sshclient::ssh_config(std::path::Path::new("/usr/bin/tailgate"), kh.path(), &raw);
+    let cfg = tailgate::cli::sshclient::ssh_config(std::path::Path::new("/usr/bin/tailgate"), kh.path(), &raw);
     assert!(!cfg.contains("Host *") && cfg.matches("\nHost ").count() == 1, "{cfg}");
 }
 

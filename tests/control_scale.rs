@@ -29,7 +29,7 @@ use tailgate::control::admin::execute;
 use tailgate::control::hub::AdminRequest;
 use tailgate::control::proto::{MapFull, ServerMsg};
 use tailgate::control::{AuthKeyToken, ControlClient, ControlServer, ControlTarget, NetMap, NodeHello, ServerOptions};
-use tailgate::wg;
+use tailgate::dataplane::wg;
 
 fn bench_host_key() -> String {
     use russh::keys::ssh_key::public::{Ed25519PublicKey, KeyData};

@@ -17,9 +17,9 @@ use certs::make_certs;
 use common::*;
 use tailgate::control::tls::TlsSource;
 use tailgate::control::{ControlError, ControlServer, ControlTarget};
+use tailgate::dataplane::wg;
 use tailgate::relay::RelayClient;
 use tailgate::relay::client::RelayClientOptions;
-use tailgate::wg;
 
 async fn tls_server(dir: &Path) -> (ControlServer, String) {
     let ca = make_certs(dir, "srv", &["127.0.0.1"]);

@@ -10,7 +10,8 @@ use tailgate::control::hub::AdminRequest;
 use tailgate::control::{
     AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions,
 };
-use tailgate::wg::{self, Key};
+use tailgate::dataplane::wg;
+use tailgate::key::Key;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

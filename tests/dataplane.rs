@@ -3,9 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+use tailgate::key::Key;
 
-use tailgate::node::{Node, NodeConfig};
-use tailgate::wg::{self, PeerConfig};
+use tailgate::dataplane::node::{Node, NodeConfig};
+use tailgate::dataplane::wg::{self, PeerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const A_IP: &str = "100.64.0.1";
@@ -14,7 +15,7 @@ const B_IP: &str = "100.64.0.2";
 struct Pair {
     a: Node,
     b: Node,
-    b_key: wg::Key,
+    b_key: Key,
 }
 
 async fn pair() -> Pair {
@@ -269,7 +270,7 @@ async fn hostile_datagrams_are_dropped_and_node_keeps_serving() {
 async fn forward_passes_a_tailnet_reset_on_to_the_local_side() {
     let p = pair().await;
     let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    tailgate::forward::spawn_forward(&p.b, 8080, local.local_addr().unwrap().to_string()).unwrap();
+    tailgate::daemon::forward::spawn_forward(&p.b, 8080, local.local_addr().unwrap().to_string()).unwrap();
     let mut client = timed(p.a.connect(addr(B_IP, 8080))).await.unwrap();
     let (mut served, _) = timed(local.accept()).await.unwrap();
     client.write_all(b"half a request").await.unwrap();

@@ -9,15 +9,16 @@
 
 mod common;
 use common::*;
+use tailgate::key::Key;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use tailgate::disco::{self, Message};
-use tailgate::node::{Node, NodeConfig};
-use tailgate::path::{MAX_CANDIDATES, PING_RATE};
-use tailgate::wg::{self, PeerConfig};
+use tailgate::dataplane::disco::{self, Message};
+use tailgate::dataplane::node::{Node, NodeConfig};
+use tailgate::dataplane::path::{MAX_CANDIDATES, PING_RATE};
+use tailgate::dataplane::wg::{self, PeerConfig};
 use tokio::net::UdpSocket;
 
 const LAN_IP: &str = "10.77.0.1";
@@ -38,7 +39,7 @@ fn in_netns<F: std::future::Future<Output = ()>>(ns: &Netns, f: impl FnOnce() ->
     .expect("test thread panicked");
 }
 
-fn peer(key: &wg::Key, ip: &str) -> PeerConfig {
+fn peer(key: &Key, ip: &str) -> PeerConfig {
     PeerConfig {
         public_key: wg::public_key_of(key),
         preshared_key: None,
@@ -48,7 +49,7 @@ fn peer(key: &wg::Key, ip: &str) -> PeerConfig {
     }
 }
 
-async fn node(key: wg::Key, ip: &str, peer_cfg: PeerConfig) -> Node {
+async fn node(key: Key, ip: &str, peer_cfg: PeerConfig) -> Node {
     let mut c = NodeConfig::new(key, vec![ip.parse().unwrap()]);
     c.manage_paths = true;
     c.peers.push(peer_cfg);
@@ -69,11 +70,11 @@ async fn recv_disco(s: &UdpSocket, secs: u64) -> Option<Vec<u8>> {
 
 /// Whether `d` is a pong from B to A (B also pings addresses it learned;
 /// those do not count).
-fn is_pong(d: &[u8], ka: &wg::Key, pb: &wg::Key) -> bool {
+fn is_pong(d: &[u8], ka: &Key, pb: &Key) -> bool {
     matches!(disco::open(ka, d, |k| k == pb), Some(disco::Opened { msg: Message::Pong { .. }, .. }))
 }
 
-async fn recv_pong(s: &UdpSocket, ka: &wg::Key, pb: &wg::Key) -> bool {
+async fn recv_pong(s: &UdpSocket, ka: &Key, pb: &Key) -> bool {
     while let Some(d) = recv_disco(s, 10).await {
         if is_pong(&d, ka, pb) {
             return true;
@@ -83,7 +84,7 @@ async fn recv_pong(s: &UdpSocket, ka: &wg::Key, pb: &wg::Key) -> bool {
 }
 
 /// Pongs already waiting on `s`.
-fn pongs_pending(s: &UdpSocket, ka: &wg::Key, pb: &wg::Key) -> usize {
+fn pongs_pending(s: &UdpSocket, ka: &Key, pb: &Key) -> usize {
     let mut buf = [0u8; 2048];
     let mut n = 0;
     while let Ok((len, _)) = s.try_recv_from(&mut buf) {

@@ -51,7 +51,7 @@ fn default_static_is_policies_default_toml() {
 fn team_policy_decisions() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/team.toml");
     let p = Policy::load_and_test(&path).unwrap();
-    let node = |user: Option<&str>, tags: &[&str], name: &str| tailgate::identity::Identity {
+    let node = |user: Option<&str>, tags: &[&str], name: &str| tailgate::daemon::identity::Identity {
         node_key: format!("k-{name}"),
         node_name: name.into(),
         user: user.map(Into::into),

@@ -9,8 +9,9 @@ mod util;
 use std::time::Duration;
 
 use tailgate::control::hub::AdminRequest;
+use tailgate::dataplane::wg;
+use tailgate::key::Key;
 use tailgate::relay::{RelayClient, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};
-use tailgate::wg::{self, Key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 

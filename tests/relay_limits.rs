@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use tailgate::control::server::load_or_create_server_key;
 use tailgate::control::{ControlServer, ServerOptions, UPGRADE_RELAY};
+use tailgate::dataplane::wg;
+use tailgate::key::Key;
 use tailgate::relay::{
     NodeAuthorizer, RelayClient, RelayClientOptions, RelayConfig, RelayError, RelayReceiver, RelaySender, RelayServer, SendError,
 };
-use tailgate::wg::{self, Key};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const TIMEOUT: Duration = Duration::from_secs(15);

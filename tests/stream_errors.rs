@@ -8,9 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{TAILGATE, tempdir};
-use tailgate::netstack::TcpStream;
-use tailgate::node::{Node, NodeConfig};
-use tailgate::wg::{self, PeerConfig};
+use tailgate::dataplane::netstack::TcpStream;
+use tailgate::dataplane::node::{Node, NodeConfig};
+use tailgate::dataplane::wg::{self, PeerConfig};
 use tokio::io::AsyncWriteExt;
 
 const PORT: u16 = 7000;
@@ -21,7 +21,7 @@ const LEN: usize = 4 * 1024 * 1024;
 /// connection per call, and a wg-quick config for the `tailgate` side.
 struct Remote {
     node: Node,
-    listener: tailgate::netstack::TcpListener,
+    listener: tailgate::dataplane::netstack::TcpListener,
     config: String,
     dir: tempfile::TempDir,
 }
@@ -57,7 +57,7 @@ fn data() -> Vec<u8> {
 
 /// Accept one connection and send `data()`, then FIN or (`reset`) RST.
 /// Returns the stream so it outlives the client.
-async fn serve_one(listener: &mut tailgate::netstack::TcpListener, reset: bool) -> TcpStream {
+async fn serve_one(listener: &mut tailgate::dataplane::netstack::TcpListener, reset: bool) -> TcpStream {
     let mut s: TcpStream = listener.accept().await.unwrap();
     let d = data();
     if reset {
@@ -125,7 +125,7 @@ async fn nc_through_the_daemon_exits_nonzero_when_the_peer_resets() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let sock = tailgate::localapi::socket_path(&state);
+    let sock = tailgate::daemon::localapi::socket_path(&state);
     assert!(common::eventually(20, || std::os::unix::net::UnixStream::connect(&sock).is_ok()), "the daemon's local API comes up");
     let args = format!("--state-dir {} 100.64.0.2 {PORT}", state.display());
     let clean = nc(&mut r, &args, false).await;

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tailgate::control::{ControlServer, ServerOptions};
-use tailgate::stun;
+use tailgate::dataplane::stun;
 use tokio::net::UdpSocket;
 
 async fn start(dir: &std::path::Path) -> ControlServer {

@@ -20,8 +20,9 @@ use blake2::{Blake2s256, Digest};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use libfuzzer_sys::fuzz_target;
-use tailgate::disco::{self, HEADER_LEN, MAGIC, Message};
-use tailgate::wg::{Key, public_key_of};
+use tailgate::dataplane::disco::{self, HEADER_LEN, MAGIC, Message};
+use tailgate::key::Key;
+use tailgate::dataplane::wg::public_key_of;
 
 const OURS: Key = [0x11; 32];
 const PEER: Key = [0x22; 32];

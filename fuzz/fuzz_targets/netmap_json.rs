@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use tailgate::control::proto::{ClientMsg, MapDelta, MapFull, NetMap, PolicyInfo, SelfInfo, ServerMsg};
-use tailgate::wg::Wg;
+use tailgate::dataplane::wg::Wg;
 
 fn base() -> NetMap {
     NetMap::from_full(MapFull {

@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::identity::Identity;
+use tailgate::daemon::identity::Identity;
 use tailgate::policy::{Action, Policy, SSH_PORT};
 
 fn ident(name: &str, user: Option<&str>, tags: Vec<String>, last: u8) -> Identity {

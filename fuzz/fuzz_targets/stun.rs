@@ -10,7 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::stun;
+use tailgate::dataplane::stun;
 
 /// Input layout: `family (u8: odd = IPv6) | source IP (4 or 16) | source
 /// port (u16 BE) | datagram`.

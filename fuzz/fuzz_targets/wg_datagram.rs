@@ -16,7 +16,8 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::wg::{Key, Output, PeerConfig, RELAYED, Wg, public_key_of};
+use tailgate::key::Key;
+use tailgate::dataplane::wg::{Output, PeerConfig, RELAYED, Wg, public_key_of};
 
 const A: Key = [0x0a; 32];
 const B: Key = [0x0b; 32];

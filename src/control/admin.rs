@@ -20,7 +20,7 @@ use super::hub::{AdminRequest, Hub, HubConfig};
 use super::server::{ServerOptions, admin_socket_path, run_server, server_running};
 use super::store::Store;
 use super::{fmt_time, unix_now};
-use crate::wg;
+use crate::dataplane::wg;
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 24h, 7d, 180days)"))
@@ -40,7 +40,7 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_domain(s: &str) -> Result<String, String> {
-    crate::directory::check_domain(s)?;
+    crate::daemon::directory::check_domain(s)?;
     Ok(s.to_string())
 }
 

@@ -45,7 +45,8 @@ use super::server::Stream;
 use super::token::AuthKeyToken;
 use super::transport::{ControlUrl, DialError};
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
-use crate::wg::{self, Key};
+use crate::dataplane::wg;
+use crate::key::Key;
 
 /// Where the control server is and which key it must have.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,9 +20,10 @@ use super::netmap::{Engine, NodeEntry};
 use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name};
 use super::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
 use super::token::{AuthKeyToken, hash_secret};
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
+use crate::dataplane::wg;
+use crate::key::Key;
 use crate::policy::{DEFAULT_POLICY_TOML, Policy};
-use crate::wg::{self, Key};
 
 mod check;
 
@@ -278,7 +279,7 @@ fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, (Error
     }
     let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        if crate::endpoint::is_valid_endpoint(&e) && !out.contains(&e) {
+        if crate::dataplane::endpoint::is_valid_endpoint(&e) && !out.contains(&e) {
             out.push(e);
         }
     }

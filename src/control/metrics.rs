@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
-use crate::metrics::{counter, counter_family, gauge};
+use crate::daemon::metrics::{counter, counter_family, gauge};
 use crate::relay::RelayStats;
 
 #[derive(Default)]
@@ -86,6 +86,6 @@ impl ControlMetrics {
                 ],
             );
         }
-        crate::metrics::encode(&reg)
+        crate::daemon::metrics::encode(&reg)
     }
 }

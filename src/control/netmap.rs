@@ -27,15 +27,16 @@
 //! return the deltas to send; a node change touches only the nodes that see
 //! it (before or after), a policy change recomputes everyone.
 
+use crate::key::Key;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::proto::{DeltaOut, FullOut, MapDelta, MapFull, PeerInfo, PolicyInfo, SelfInfo};
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
+use crate::dataplane::wg;
 use crate::policy::{Policy, SSH_PORT};
-use crate::wg;
 
 pub type NodeId = u64;
 type ClassId = u32;
@@ -614,8 +615,8 @@ pub fn naive_visible(policy: &Policy, policy_text: &str, nodes: &[(NodeId, Ident
 /// The delta that turns map `old` into map `new` (pure; the engine computes
 /// the same incrementally).
 pub fn diff_maps(old: &MapFull, new: &MapFull) -> MapDelta {
-    let old_k: HashMap<wg::Key, &PeerInfo> = old.peers.iter().map(|p| (p.node_key, p)).collect();
-    let new_k: HashMap<wg::Key, &PeerInfo> = new.peers.iter().map(|p| (p.node_key, p)).collect();
+    let old_k: HashMap<Key, &PeerInfo> = old.peers.iter().map(|p| (p.node_key, p)).collect();
+    let new_k: HashMap<Key, &PeerInfo> = new.peers.iter().map(|p| (p.node_key, p)).collect();
     let mut d = MapDelta::default();
     for p in &old.peers {
         if !new_k.contains_key(&p.node_key) {

@@ -12,7 +12,7 @@
 //! the protocol version rides in every frame.
 
 use super::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
-use crate::wg::Key;
+use crate::key::Key;
 
 pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const PROLOGUE: &[u8] = b"tailgate-control/1";
@@ -171,7 +171,7 @@ impl SecureChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wg::{generate_private_key, public_key_of};
+    use crate::dataplane::wg::{generate_private_key, public_key_of};
 
     fn handshake(client: &Key, server: &Key, pinned: &Key) -> Result<(SecureChannel, SecureChannel, Key), ChannelError> {
         let (init, m1) = Initiator::start(client, pinned)?;

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
+use crate::dataplane::wg::{self, PeerConfig};
+use crate::key::Key;
 use crate::policy::{Policy, PolicyErrors};
-use crate::wg::{self, Key, PeerConfig};
 
 /// serde for [`Key`] as standard base64.
 pub mod b64key {
@@ -460,7 +461,7 @@ impl NetMap {
         self.peers.values().map(PeerInfo::peer_config).collect()
     }
 
-    /// (key, identity) pairs for [`crate::identity::TableResolver`].
+    /// (key, identity) pairs for [`crate::daemon::identity::TableResolver`].
     pub fn identities(&self) -> Vec<(Key, Identity)> {
         self.peers.values().map(|p| (p.node_key, p.identity())).collect()
     }

@@ -4,7 +4,7 @@
 //!   `Upgrade` header: `tailgate-control` (this module), `tailgate-relay`
 //!   (a pluggable [`UpgradeHandler`]; [`crate::relay::RelayServer`] by
 //!   default); anything else gets a plain 400/404/426 and is closed.
-//! - STUN Binding ([`crate::stun`]) on UDP, same IP and port as the listener.
+//! - STUN Binding ([`crate::dataplane::stun`]) on UDP, same IP and port as the listener.
 //! - One task per connection: upgrade, Noise IK, then frames. It forwards
 //!   node messages to the hub and writes what the hub sends back (coalescing
 //!   queued messages into one write). A connection whose outbound queue
@@ -38,8 +38,9 @@ use super::store::{Store, ensure_private_dir};
 
 mod signin;
 use super::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
-use crate::config::write_secret;
-use crate::wg::{self, Key};
+use crate::daemon::config::write_secret;
+use crate::dataplane::wg;
+use crate::key::Key;
 
 /// A byte stream the server can serve (TCP, or in-memory in tests).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -333,7 +334,7 @@ impl ControlServer {
         let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         // STUN (issue 6): UDP on the same IP and port number.
-        let stun = match crate::stun::StunServer::bind(addr).await {
+        let stun = match crate::dataplane::stun::StunServer::bind(addr).await {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!("control: no STUN on udp {addr}: {e}");
@@ -416,7 +417,7 @@ impl ControlServer {
         }
         let mut metrics_addr = None;
         if let Some(addr) = opts.metrics_listen {
-            let (bound, task) = crate::metrics::listen(addr, metrics_render(&shared)).await?;
+            let (bound, task) = crate::daemon::metrics::listen(addr, metrics_render(&shared)).await?;
             tracing::info!("control metrics at http://{bound}/metrics");
             metrics_addr = Some(bound);
             tasks.push(task);
@@ -563,7 +564,7 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
 }
 
 /// One scrape: the hub's status (asked like an admin request) and the counters.
-fn metrics_render(shared: &Arc<Shared>) -> crate::metrics::Render {
+fn metrics_render(shared: &Arc<Shared>) -> crate::daemon::metrics::Render {
     let weak = Arc::downgrade(shared);
     Arc::new(move || {
         let weak = weak.clone();

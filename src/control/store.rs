@@ -10,7 +10,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::wg::{self, Key};
+use crate::dataplane::wg;
+use crate::key::Key;
 
 mod check;
 pub use check::{CheckStateRow, TotpRow};

@@ -149,7 +149,7 @@ fn files_config(cert: &Path, key: &Path, mut shutdown: tokio::sync::watch::Recei
 
 fn acme_config(a: &AcmeOptions, state_dir: &Path, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<Arc<ServerConfig>> {
     let cache_dir = state_dir.join("acme");
-    crate::config::ensure_private_dir(&cache_dir)?;
+    crate::daemon::config::ensure_private_dir(&cache_dir)?;
     // The ACME directory's own HTTPS: the system roots, or a given CA.
     let roots = match &a.directory_ca {
         Some(ca) => {

@@ -11,7 +11,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::wg::{self, Key};
+use crate::dataplane::wg;
+use crate::key::Key;
 
 pub const TOKEN_PREFIX: &str = "tg1-";
 

@@ -12,7 +12,7 @@ use super::pattern::{self, LoginPat, Names, NodePat, Ports, Side};
 use super::raw::RawRecord;
 use super::raw::{RawPolicy, RawTest, SList, SStr};
 use super::{Action, CheckPeriod, Diagnostic, Policy, PolicyErrors};
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 
 /// The address given to synthesized test callers (TEST-NET-1, never a
 /// tailnet address) unless the test sets `src_ip`.

@@ -6,7 +6,7 @@
 
 use super::compile::SshRule;
 use super::{Action, CheckPeriod, Policy, SSH_PORT, SshDecision};
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 
 impl SshRule {
     /// Does this rule apply to `caller` logging in to `target` as `login`?

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 
 pub use duration::{CheckPeriod, parse_duration};
 pub use pattern::PROVIDER_GROUP_PREFIX;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 
 /// The user a node acts for. Tagged nodes have no user, even if the identity
 /// happens to carry one: a node is either user-owned or tagged.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::wg::Key;
+use crate::key::Key;
 
 /// Decides whether a node key may use the relay.
 pub trait NodeAuthorizer: Send + Sync {

@@ -41,7 +41,7 @@ use crate::control::http;
 use crate::control::noise::{Initiator, SecureChannel};
 use crate::control::server::Stream;
 use crate::control::transport::{ControlUrl, DialError, dial};
-use crate::wg::Key;
+use crate::key::Key;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RelayError {

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::wg::Key;
+use crate::key::Key;
 
 /// A token bucket over bytes. [`take`](Self::take) always succeeds but may
 /// put the bucket in debt; it answers how long the caller should wait before

@@ -21,7 +21,7 @@
 //!    connected, `Closing` before the relay hangs up.
 //!
 //! The relay never looks inside datagrams: they are WireGuard messages
-//! (end-to-end encrypted between the nodes) or sealed [`crate::disco`]
+//! (end-to-end encrypted between the nodes) or sealed [`crate::dataplane::disco`]
 //! messages. It is not a trust anchor: a node still only accepts WireGuard
 //! traffic from peers it has keys for.
 //!

@@ -18,7 +18,7 @@
 //! them. Decoding never panics; any malformed frame is an error and the
 //! connection is closed (no resynchronisation).
 
-use crate::wg::Key;
+use crate::key::Key;
 
 /// Largest datagram a `Send`/`Recv` carries (a UDP datagram's maximum).
 pub const MAX_DATAGRAM: usize = 65_535;

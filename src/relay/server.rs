@@ -33,7 +33,8 @@ use crate::control::frame::WireDecoder;
 use crate::control::http::{self, RequestHead};
 use crate::control::noise::{self, SecureChannel};
 use crate::control::server::{PreAuthPermit, Stream, UpgradeHandler};
-use crate::wg::{self, Key};
+use crate::dataplane::wg;
+use crate::key::Key;
 
 /// Relay limits and timers.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 
 /// A local user that sessions run as.
 #[derive(Clone, Debug, PartialEq, Eq)]

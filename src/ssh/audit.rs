@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::SshError;
 use super::journal::Journal;
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
 use crate::policy::{Action, SshDecision};
 
 /// What happened.
@@ -191,7 +191,7 @@ impl AuditLog {
     /// failing write is logged, not fatal: refusing service because the disk
     /// is full would lock admins out of the box.
     pub fn write(&self, ev: &AuditEvent) {
-        crate::metrics::ssh_event(ev);
+        crate::daemon::metrics::ssh_event(ev);
         self.journal.audit(ev.clone());
     }
 }

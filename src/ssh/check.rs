@@ -9,6 +9,7 @@
 //! Without a control server (static mode) or while it is unreachable, a
 //! `check` login is denied with the reason.
 
+use crate::key::Key;
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -21,9 +22,9 @@ use super::audit::EventKind;
 use super::handler::ConnCtx;
 use crate::control::proto::CheckOutcome;
 use crate::control::{CheckAnswer, CheckHandle};
-use crate::identity::Identity;
+use crate::daemon::identity::Identity;
+use crate::dataplane::wg;
 use crate::policy::{CheckPeriod, SshDecision};
-use crate::wg;
 
 /// How long a login waits for control's answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,7 +110,7 @@ pub(crate) struct Pending<A> {
     pub who: String,
 }
 
-fn source_key(caller: &Identity) -> Option<wg::Key> {
+fn source_key(caller: &Identity) -> Option<Key> {
     wg::key_from_base64(&caller.node_key).ok()
 }
 

@@ -37,7 +37,7 @@ use super::process::{self, PtyParams, SpawnSpec};
 use super::recording::{CastHeader, Recorder};
 use super::session::{self, Control};
 use super::{SshServer, check, forward, new_id};
-use crate::identity::{Identity, IdentityResolver};
+use crate::daemon::identity::{Identity, IdentityResolver};
 use crate::policy::{Action, SshDecision};
 
 /// Session channels one connection may have open at once.

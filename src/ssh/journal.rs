@@ -6,7 +6,7 @@
 //! were produced. Why a chain: the control server can tell when lines were
 //! edited, dropped or rewritten before they were shipped (see [`Chain`]).
 //!
-//! The local files are also the shipping spool: [`crate::ship`] reads
+//! The local files are also the shipping spool: [`crate::daemon::ship`] reads
 //! unshipped lines and recording bytes from them, so recording costs one
 //! write, not two.
 
@@ -434,8 +434,8 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::SystemTime;
 
-    fn id(name: &str) -> crate::identity::Identity {
-        crate::identity::Identity {
+    fn id(name: &str) -> crate::daemon::identity::Identity {
+        crate::daemon::identity::Identity {
             node_key: "a2V5".into(),
             node_name: name.into(),
             user: Some("alice".into()),

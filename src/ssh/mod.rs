@@ -40,7 +40,7 @@ use russh::MethodKind;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::identity::{Identity, IdentityResolver};
+use crate::daemon::identity::{Identity, IdentityResolver};
 use crate::policy::{Policy, SshDecision};
 
 pub use audit::AuditLog;

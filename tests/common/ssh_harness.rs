@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tailgate::identity::{Identity, IdentityResolver, TableResolver};
+use tailgate::daemon::identity::{Identity, IdentityResolver, TableResolver};
 use tailgate::policy::Policy;
 use tailgate::ssh::{PolicyHandle, SshServer, SshServerConfig};
 

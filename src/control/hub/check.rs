@@ -13,7 +13,7 @@ use crate::control::fmt_time;
 use crate::control::proto::{CheckOutcome, ClientMsg, ServerOut};
 use crate::control::store::CheckStateRow;
 use crate::control::totp;
-use crate::wg::Key;
+use crate::key::Key;
 
 /// Wrong codes per (user, source node) before a lockout.
 pub const MAX_FAILURES: i64 = 5;
@@ -198,7 +198,7 @@ impl Hub {
                         .map_err(st)?
                         .into_iter()
                         .map(|(key, until)| {
-                            let node = crate::wg::key_from_base64(&key)
+                            let node = crate::dataplane::wg::key_from_base64(&key)
                                 .ok()
                                 .and_then(|k| self.by_key.get(&k))
                                 .and_then(|i| self.nodes.get(i))

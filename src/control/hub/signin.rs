@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use super::{ConnId, ErrorCode, HostInfo, Hub, NodeOwner, check_hostinfo, internal, valid_user_name};
 use crate::control::oidc::SignedIn;
-use crate::wg::Key;
+use crate::key::Key;
 
 impl Hub {
     /// First message of a connection whose person has just signed in with

@@ -14,7 +14,7 @@ use crate::control::http;
 use crate::control::noise::SecureChannel;
 use crate::control::oidc::{Oidc, SignedIn};
 use crate::control::proto::{ClientMsg, ServerOut};
-use crate::wg::Key;
+use crate::key::Key;
 
 /// What a signing-in node said about itself.
 pub(crate) struct Hello {

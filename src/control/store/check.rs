@@ -6,7 +6,8 @@ use anyhow::Result;
 use rusqlite::{OptionalExtension, params};
 
 use super::Store;
-use crate::wg::{self, Key};
+use crate::dataplane::wg;
+use crate::key::Key;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TotpRow {

@@ -10,7 +10,8 @@ use std::path::Path;
 
 use ipnet::IpNet;
 
-use crate::wg::{Key, PeerConfig, key_from_base64};
+use crate::dataplane::wg::{PeerConfig, key_from_base64};
+use crate::key::Key;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]

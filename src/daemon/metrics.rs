@@ -133,13 +133,13 @@ pub fn encode(reg: &Registry) -> String {
     out
 }
 
-fn peer_label(p: &crate::node::PeerStatus, names: &BTreeMap<String, String>) -> Labels {
+fn peer_label(p: &crate::dataplane::node::PeerStatus, names: &BTreeMap<String, String>) -> Labels {
     let name = names.get(&p.public_key).cloned().unwrap_or_else(|| p.public_key.chars().take(8).collect());
     vec![("peer".into(), name)]
 }
 
 /// The node's metrics. `names`: node key (base64) -> peer name.
-pub fn render_node(st: &crate::node::NodeStatus, names: &BTreeMap<String, String>) -> String {
+pub fn render_node(st: &crate::dataplane::node::NodeStatus, names: &BTreeMap<String, String>) -> String {
     let mut reg = Registry::with_prefix("tailgate_node");
     let peers = &st.peers;
     counter_family(
@@ -263,7 +263,7 @@ async fn serve_one(mut s: tokio::net::TcpStream, render: Render) {
 
 /// `tailgate up --metrics-listen ADDR`: the node's metrics from its daemon
 /// (data-plane counters and the directory's peer names).
-pub async fn serve_node(addr: SocketAddr, daemon: crate::localapi::Daemon) -> anyhow::Result<SocketAddr> {
+pub async fn serve_node(addr: SocketAddr, daemon: crate::daemon::localapi::Daemon) -> anyhow::Result<SocketAddr> {
     if !addr.ip().is_loopback() {
         tracing::warn!("metrics on {addr}: not a loopback address; anyone who reaches it sees peer names and traffic counters");
     }
@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn denial_reasons_are_short_and_bounded() {
-        let id = crate::identity::Identity {
+        let id = crate::daemon::identity::Identity {
             node_key: "k".into(),
             node_name: "n".into(),
             user: Some("alice".into()),

@@ -2,7 +2,7 @@
 //!
 //! This is where identity crosses from the data plane to SSH: the netstack
 //! says which WireGuard key carried a connection, the resolver turns that key
-//! into an [`Identity`](crate::identity::Identity), and only then does the
+//! into an [`Identity`](crate::daemon::identity::Identity), and only then does the
 //! SSH server see the stream. A connection from a key the resolver does not
 //! know is reset before a single SSH byte is exchanged. The server keeps the
 //! key and the resolver, not the identity, so later netmaps apply to open
@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::identity::IdentityResolver;
-use crate::node::Node;
+use crate::daemon::identity::IdentityResolver;
+use crate::dataplane::node::Node;
+use crate::dataplane::wg;
 use crate::policy::Policy;
 use crate::ssh::{PolicyHandle, SshServer, SshServerConfig};
-use crate::wg;
 
 /// A running SSH service; keep it to swap the policy later.
 pub struct SshService {

@@ -17,11 +17,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::disco;
-use crate::filter::{Filter, Judge};
-use crate::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
-use crate::path::{Action as PathAction, PathState, Route};
-use crate::wg::{self, Key, Output, PeerConfig, Wg};
+use crate::dataplane::disco;
+use crate::dataplane::filter::{Filter, Judge};
+use crate::dataplane::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
+use crate::dataplane::path::{Action as PathAction, PathState, Route};
+use crate::dataplane::wg::{self, Output, PeerConfig, Wg};
+use crate::key::Key;
 
 /// Socket buffers large enough to ride out bursts at gigabit rates.
 const UDP_BUFFER: usize = 8 * 1024 * 1024;
@@ -42,7 +43,7 @@ pub struct NodeConfig {
     pub manage_paths: bool,
     /// The inbound filter from the first packet on (`None`: admit every
     /// connection, for library use). Nodes the CLI starts begin with
-    /// [`crate::filter::DenyAll`] and switch to the policy once it is wired.
+    /// [`crate::dataplane::filter::DenyAll`] and switch to the policy once it is wired.
     pub inbound: Option<Arc<dyn Judge>>,
 }
 
@@ -226,7 +227,7 @@ impl Node {
     }
 
     /// Judge every new inbound connection with `judge` from now on (see
-    /// [`crate::filter`]). Without a filter the node admits everything.
+    /// [`crate::dataplane::filter`]). Without a filter the node admits everything.
     pub fn set_inbound_filter(&self, judge: Arc<dyn Judge>) {
         self.inner.shared.lock().set_filter(Some(Filter::new(judge)));
     }
@@ -270,7 +271,7 @@ impl Node {
     }
 
     /// The candidate endpoints path management holds for a peer (at most
-    /// [`crate::path::MAX_CANDIDATES`]).
+    /// [`crate::dataplane::path::MAX_CANDIDATES`]).
     pub fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
         let p = self.inner.paths();
         let mut v: Vec<SocketAddr> = p.states.get(key).map(|s| s.candidates().copied().collect()).unwrap_or_default();
@@ -436,7 +437,7 @@ impl Paths {
                     Route::Relay if self.relay.is_some() => Dest::Relay(k),
                     // No relay: best effort straight at what WireGuard knows,
                     // under the same address rule as probes.
-                    Route::Relay => to.filter(crate::endpoint::is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
+                    Route::Relay => to.filter(crate::dataplane::endpoint::is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
                 };
             }
         }
@@ -556,7 +557,7 @@ fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Send
             }
         }
         disco::DatagramKind::Stun => {
-            if let Some((tx, mapped)) = crate::stun::parse_binding_response(data)
+            if let Some((tx, mapped)) = crate::dataplane::stun::parse_binding_response(data)
                 && paths.stun_tx == Some(tx)
                 && Some(from) == paths.stun_server
             {
@@ -629,7 +630,7 @@ fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
     {
         let tx = disco::new_tx_id();
         paths.stun_tx = Some(tx);
-        out.send(server, &crate::stun::encode_binding_request(tx));
+        out.send(server, &crate::dataplane::stun::encode_binding_request(tx));
         paths.next_stun = now + STUN_INTERVAL;
     }
 }

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::agent::KNOWN_HOSTS_FILE;
 use crate::control::proto::check_node_name;
-use crate::directory::{Directory, check_domain};
+use crate::daemon::agent::KNOWN_HOSTS_FILE;
+use crate::daemon::directory::{Directory, check_domain};
 
 /// Options that route ssh through `tailgate nc` and pin host keys for `name`.
 pub fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `1..=4, 0, 0, 0` | WireGuard (type byte, three reserved zero bytes) |
 //! | `"TGDSC" 0x01` | disco ([`MAGIC`]; `'T'` = 0x54 is no WireGuard type and has a top bit set, so no STUN either) |
-//! | top two bits 0, magic cookie at 4..8 | STUN ([`crate::stun::is_stun`]) |
+//! | top two bits 0, magic cookie at 4..8 | STUN ([`crate::dataplane::stun::is_stun`]) |
 //!
 //! Wire format (all lengths in bytes):
 //!
@@ -60,7 +60,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::wg::Key;
+use crate::key::Key;
 
 /// First six bytes of every disco datagram (version 2: with a counter).
 pub const MAGIC: &[u8; 6] = b"TGDSC\x02";
@@ -113,13 +113,13 @@ pub enum DatagramKind {
 }
 
 /// Demultiplexes the node's UDP socket (header checks only; `Disco` still
-/// has to pass [`open`], `Stun` [`crate::stun::parse_binding_response`]).
+/// has to pass [`open`], `Stun` [`crate::dataplane::stun::parse_binding_response`]).
 pub fn classify(d: &[u8]) -> DatagramKind {
     if is_disco(d) {
         DatagramKind::Disco
     } else if d.len() >= 4 && (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0] {
         DatagramKind::WireGuard
-    } else if crate::stun::is_stun(d) {
+    } else if crate::dataplane::stun::is_stun(d) {
         DatagramKind::Stun
     } else {
         DatagramKind::Other
@@ -228,7 +228,7 @@ fn box_key(our_private: &Key, their_public: &Key, sender: &Key, receiver: &Key) 
 /// datagram (or through the relay). A low-order `their_public` (never a real
 /// node key) yields a datagram no one can open.
 pub fn seal(our_private: &Key, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
-    let ours = crate::wg::public_key_of(our_private);
+    let ours = crate::dataplane::wg::public_key_of(our_private);
     let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut out = Vec::with_capacity(HEADER_LEN + 64);
@@ -265,7 +265,7 @@ pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> 
     if !is_known_peer(&sender) {
         return None;
     }
-    let ours = crate::wg::public_key_of(our_private);
+    let ours = crate::dataplane::wg::public_key_of(our_private);
     if sender == ours {
         return None;
     }
@@ -332,7 +332,7 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wg::{generate_private_key, public_key_of};
+    use crate::dataplane::wg::{generate_private_key, public_key_of};
     use proptest::prelude::*;
 
     fn msgs() -> Vec<Message> {
@@ -490,11 +490,11 @@ mod tests {
             m.resize(32, 0xAB);
             assert_eq!(classify(&m), DatagramKind::WireGuard);
             assert!(!is_disco(&m));
-            assert!(!crate::stun::is_stun(&m));
+            assert!(!crate::dataplane::stun::is_stun(&m));
         }
         assert_eq!(classify(&[1, 0, 0]), DatagramKind::Other);
         assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Other);
-        assert_eq!(classify(&crate::stun::encode_binding_request([1; 12])), DatagramKind::Stun);
+        assert_eq!(classify(&crate::dataplane::stun::encode_binding_request([1; 12])), DatagramKind::Stun);
         assert_eq!(classify(MAGIC), DatagramKind::Other, "magic alone is too short");
         assert_eq!(classify(b""), DatagramKind::Other);
         // The magic is neither WireGuard nor STUN by construction.

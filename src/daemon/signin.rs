@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::control::ControlTarget;
 use crate::control::transport::{ControlUrl, dial};
-use crate::wg;
+use crate::dataplane::wg;
 
 /// The control server at `url`, with its Noise key: `pinned` if given
 /// (`--login-server-key`), else as the server itself reports it at

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::directory::Directory;
-use crate::node::Node;
+use crate::daemon::directory::Directory;
+use crate::dataplane::node::Node;
 
 pub const SOCKET_NAME: &str = "tailgate.sock";
 
@@ -248,7 +248,7 @@ enum PipeEnd {
 
 /// Splice `conn` (framed towards it) and a tailnet stream until the peer
 /// closes, the connection fails or the client leaves.
-async fn pipe_framed(conn: UnixStream, stream: crate::netstack::TcpStream) -> Result<()> {
+async fn pipe_framed(conn: UnixStream, stream: crate::dataplane::netstack::TcpStream) -> Result<()> {
     let (mut urd, mut uwr) = conn.into_split();
     let (mut trd, mut twr) = tokio::io::split(stream);
     let end = {

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use crate::agent::{self, AgentOptions};
 use crate::control::hub::AdminRequest;
 use crate::control::{ControlServer, ServerOptions};
+use crate::daemon::agent::{self, AgentOptions};
 
 /// The demo's policy: the demo user may be anyone on their own nodes, and
 /// sessions as root are recorded.
@@ -71,7 +71,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         None => tempfile::Builder::new().prefix("tailgate-demo.").tempdir()?.keep(),
     };
     let dir = std::path::absolute(&dir)?;
-    crate::config::ensure_private_dir(&dir)?;
+    crate::daemon::config::ensure_private_dir(&dir)?;
     let policy_file = dir.join("policy.toml");
     std::fs::write(&policy_file, DEMO_POLICY)?;
     let mut opts = ServerOptions::new(args.listen, dir.join("control"));

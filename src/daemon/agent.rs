@@ -15,16 +15,17 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ensure_private_dir, write_secret};
 use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
 use crate::control::{AuthKeyToken, ControlClient, ControlTarget, NetMap, NodeHello};
-use crate::directory::{Directory, Entry};
-use crate::identity::{Identity, TableResolver};
-use crate::localapi::Daemon;
-use crate::node::{Node, NodeConfig};
+use crate::daemon::config::{ensure_private_dir, write_secret};
+use crate::daemon::directory::{Directory, Entry};
+use crate::daemon::identity::{Identity, TableResolver};
+use crate::daemon::localapi::Daemon;
+use crate::dataplane::node::{Node, NodeConfig};
+use crate::dataplane::wg;
+use crate::key::Key;
 use crate::policy::Policy;
 use crate::ssh::PolicyHandle;
-use crate::wg::{self, Key};
 
 pub const NODE_KEY_FILE: &str = "node.key";
 pub const CONTROL_FILE: &str = "control.json";
@@ -137,7 +138,7 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
 }
 
 /// Addresses where peers may reach our UDP socket: every interface address
-/// that [`crate::endpoint::is_valid_endpoint`] accepts. Loopback and
+/// that [`crate::dataplane::endpoint::is_valid_endpoint`] accepts. Loopback and
 /// link-local are left out: peers never probe them and control refuses them,
 /// so nodes on one host meet on another interface address or the relay.
 pub fn local_endpoints(port: u16) -> Vec<SocketAddr> {
@@ -146,7 +147,7 @@ pub fn local_endpoints(port: u16) -> Vec<SocketAddr> {
         for a in addrs {
             let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else { continue };
             let e = SocketAddr::new(IpAddr::V4(sa.ip()), port);
-            if crate::endpoint::is_valid_endpoint(&e) && !v.iter().any(|x| x.ip() == e.ip()) {
+            if crate::dataplane::endpoint::is_valid_endpoint(&e) && !v.iter().any(|x| x.ip() == e.ip()) {
                 v.push(e);
             }
         }
@@ -256,7 +257,7 @@ impl Applier {
 /// trust on first use.
 pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
     let s = &map.self_node;
-    let domain = match crate::directory::check_domain(&map.domain) {
+    let domain = match crate::daemon::directory::check_domain(&map.domain) {
         Ok(()) => Some(map.domain.clone()),
         Err(e) => {
             tracing::warn!("control sent an unusable tailnet domain; names work without it: {e}");
@@ -296,7 +297,7 @@ pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
 /// Every field is checked at the point of writing too, whoever built `dir`.
 pub fn write_known_hosts(state_dir: &Path, dir: &Directory) -> Result<()> {
     let mut out = String::from("# written by tailgate from the netmap; do not edit\n");
-    let domain = dir.domain.as_deref().filter(|d| crate::directory::check_domain(d).is_ok());
+    let domain = dir.domain.as_deref().filter(|d| crate::daemon::directory::check_domain(d).is_ok());
     for e in &dir.peers {
         let Some(key) = &e.ssh_host_key else { continue };
         let (key, name) = match (canonical_ssh_host_key(key), check_node_name(&e.name)) {
@@ -363,7 +364,7 @@ async fn resolve_target(opts: &AgentOptions, ca_pem: Option<&str>) -> Result<(Co
         if let Some(s) = saved.filter(|s| s.url == url && opts.login_server_key.is_none()) {
             return Ok((s.target()?, None, true));
         }
-        let t = crate::signin::target_for(url, opts.login_server_key.as_deref(), ca_pem).await?;
+        let t = crate::daemon::signin::target_for(url, opts.login_server_key.as_deref(), ca_pem).await?;
         let saved = SavedControl { url: t.url.clone(), server_public: wg::key_to_base64(&t.server_public), ca_pem: None, sign_in: true };
         write_secret(&opts.state_dir.join(CONTROL_FILE), serde_json::to_string_pretty(&saved)?.as_bytes())?;
         return Ok((t, None, true));
@@ -396,7 +397,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
     nc.manage_paths = true;
     // Refuse inbound connections until the policy's filter is installed.
-    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
+    nc.inbound = Some(Arc::new(crate::dataplane::filter::DenyAll));
     let node = Arc::new(Node::start(nc).await?);
     node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
     // The control server answers STUN on the UDP port matching its TCP port.
@@ -414,8 +415,8 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let mut ship_tx = Some(ship_tx);
     let (policy, host_key, check) = match opts.ssh_port {
         Some(port) => {
-            let svc = crate::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
-            tokio::spawn(crate::ship::run(svc.server.journal().clone(), opts.state_dir.clone(), ship_rx));
+            let svc = crate::daemon::serve::serve_ssh(&node, Arc::new(resolver.clone()), Policy::default_static(), &opts.state_dir, port)?;
+            tokio::spawn(crate::daemon::ship::run(svc.server.journal().clone(), opts.state_dir.clone(), ship_rx));
             let check = svc.server.check_link();
             check.set_disconnected("not connected yet".into());
             (svc.policy, Some(svc.server.host_public_key_openssh()), Some(check))
@@ -426,10 +427,10 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
             (PolicyHandle::new(Policy::default_static()), None, None)
         }
     };
-    crate::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
+    crate::dataplane::filter::install(&node, Arc::new(resolver.clone()), policy.clone(), opts.ssh_port);
     let policy = Some(policy);
     let daemon = Daemon::new(node.clone(), Directory::default());
-    if let Err(e) = crate::localapi::serve(daemon.clone(), &opts.state_dir) {
+    if let Err(e) = crate::daemon::localapi::serve(daemon.clone(), &opts.state_dir) {
         tracing::warn!("local API unavailable: {e:#}");
     }
     let mut applier = Applier::new(node.clone(), resolver, policy, daemon.clone(), opts.state_dir.clone(), host_key.clone());
@@ -442,7 +443,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         force_reauth: opts.force_reauth,
         sign_in_urls: None,
     };
-    let prompt = interactive.then(crate::signin::Prompt::start);
+    let prompt = interactive.then(crate::daemon::signin::Prompt::start);
     hello.sign_in_urls = prompt.as_ref().map(|p| p.urls.clone());
     // The first contact decides whether we can start at all: a refused auth
     // key is fatal; an unreachable server is not if we have a cached map.
@@ -481,7 +482,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
 /// Sends datagrams into the relay connection without blocking the data plane.
 struct RelayAdapter(crate::relay::client::RelaySender);
 
-impl crate::node::RelayLink for RelayAdapter {
+impl crate::dataplane::node::RelayLink for RelayAdapter {
     fn send(&self, dst: &Key, datagram: &[u8]) -> bool {
         self.0.send(dst, datagram).is_ok()
     }
@@ -524,7 +525,7 @@ async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
 fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
     let mut v = local_endpoints(node.udp_addr().port());
     // A control server on loopback sees us at 127.0.0.1: not an endpoint.
-    if let Some(p) = public.filter(crate::endpoint::is_valid_endpoint) {
+    if let Some(p) = public.filter(crate::dataplane::endpoint::is_valid_endpoint) {
         v.retain(|e| *e != p);
         v.insert(0, p);
     }
@@ -639,7 +640,7 @@ mod tests {
     fn local_endpoints_leave_out_loopback_and_link_local() {
         // Every host has lo (127.0.0.1); it used to be reported, last.
         let eps = local_endpoints(41641);
-        assert!(eps.iter().all(crate::endpoint::is_valid_endpoint), "{eps:?}");
+        assert!(eps.iter().all(crate::dataplane::endpoint::is_valid_endpoint), "{eps:?}");
         assert!(!eps.iter().any(|e| e.ip().is_loopback()), "{eps:?}");
     }
 }

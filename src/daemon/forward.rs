@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
-use crate::netstack::TcpStream;
-use crate::node::Node;
+use crate::dataplane::netstack::TcpStream;
+use crate::dataplane::node::Node;
 
 pub fn parse_forward(s: &str) -> Result<(u16, String)> {
     let (port, target) = s.split_once('=').with_context(|| format!("--forward {s:?}: expected PORT=HOST:PORT, e.g. 8080=127.0.0.1:80"))?;

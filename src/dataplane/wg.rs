@@ -32,8 +32,7 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations accepted per second before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
-/// A 32-byte WireGuard (x25519) key.
-pub type Key = [u8; 32];
+use crate::key::Key;
 
 /// Static configuration of one peer.
 #[derive(Clone, Debug)]

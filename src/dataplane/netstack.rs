@@ -24,8 +24,8 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 
-use crate::filter::{self, Filter, Verdict};
-use crate::wg::Key;
+use crate::dataplane::filter::{self, Filter, Verdict};
+use crate::key::Key;
 
 /// The tunnel MTU (WireGuard's default on a 1500-byte path).
 pub const MTU: usize = 1420;

@@ -10,12 +10,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{self, QuickConfig};
-use crate::directory::{Directory, Entry};
-use crate::identity::{Identity, IdentityResolver, TableResolver};
-use crate::node::{Node, NodeConfig};
-use crate::wg;
-use crate::{forward, localapi};
+use crate::daemon::config::{self, QuickConfig};
+use crate::daemon::directory::{Directory, Entry};
+use crate::daemon::identity::{Identity, IdentityResolver, TableResolver};
+use crate::daemon::{forward, localapi};
+use crate::dataplane::node::{Node, NodeConfig};
+use crate::dataplane::wg;
+
+pub mod demo;
+pub mod flagfile;
+pub mod sshclient;
 
 #[derive(Parser)]
 #[command(name = "tailgate", version, about = "Userspace WireGuard mesh node with an identity-aware SSH server")]
@@ -37,7 +41,7 @@ enum Command {
     /// Connect stdin/stdout to HOST:PORT through the tailnet (for ssh ProxyCommand).
     Nc(NcArgs),
     /// A control server, a "vps" and a "laptop" node on this machine, ready for `tailgate ssh`.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cli::demo::DemoArgs),
     /// Run or administer the coordination server (users, auth keys, nodes, policy).
     Control(crate::control::ControlArgs),
     /// Run stock `ssh` to a tailnet node: `tailgate ssh [ssh options] [user@]host [command]`.
@@ -180,7 +184,7 @@ struct StatusArgs {
 
 pub fn main() -> ExitCode {
     use clap::CommandFactory;
-    let argv = match crate::flagfile::expand_args(Cli::command(), std::env::args_os().collect()) {
+    let argv = match crate::cli::flagfile::expand_args(Cli::command(), std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tailgate: {e}");
@@ -210,7 +214,7 @@ pub fn main() -> ExitCode {
         Command::Ssh(args) => run_async(ssh(args)),
         Command::SshConfig { state_dir } => run_async(ssh_config(state_dir)),
         Command::Control(args) => crate::control::admin_main(args),
-        Command::Demo(args) => run_async(crate::demo::run(args)),
+        Command::Demo(args) => run_async(crate::cli::demo::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -331,7 +335,7 @@ fn node_config(c: &QuickConfig, listen_port: u16) -> NodeConfig {
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), listen_port);
     nc.peers = c.peers.iter().map(|p| p.config.clone()).collect();
     // Refuse inbound connections until the policy's filter is installed.
-    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
+    nc.inbound = Some(Arc::new(crate::dataplane::filter::DenyAll));
     nc
 }
 
@@ -399,7 +403,7 @@ async fn up(args: UpArgs) -> Result<()> {
                 "--policy is for static mode (--wg-config); with a control server, set the policy there: `tailgate control policy set FILE`"
             );
         }
-        let agent = crate::agent::start(crate::agent::AgentOptions {
+        let agent = crate::daemon::agent::start(crate::daemon::agent::AgentOptions {
             state_dir: state_dir.clone(),
             authkey: args.authkey.clone(),
             hostname: args.hostname.clone().unwrap_or_else(local_hostname),
@@ -418,7 +422,7 @@ async fn up(args: UpArgs) -> Result<()> {
             forward::spawn_local_forward(agent.node.clone(), local, remote).await?;
         }
         if let Some(addr) = args.metrics_listen {
-            let bound = crate::metrics::serve_node(addr, agent.daemon.clone()).await?;
+            let bound = crate::daemon::metrics::serve_node(addr, agent.daemon.clone()).await?;
             println!("tailgate: metrics at http://{bound}/metrics");
         }
         let me = agent.daemon.directory().me.map(|e| e.name).unwrap_or_default();
@@ -442,17 +446,17 @@ async fn up(args: UpArgs) -> Result<()> {
     let policy = if args.no_ssh {
         crate::ssh::PolicyHandle::new(policy)
     } else {
-        let svc = crate::serve::serve_ssh(&node, resolver.clone(), policy, &state_dir, args.ssh_port)?;
+        let svc = crate::daemon::serve::serve_ssh(&node, resolver.clone(), policy, &state_dir, args.ssh_port)?;
         tracing::info!(host_key = %svc.server.host_public_key_openssh(), port = args.ssh_port, "ssh server up");
         if let Some(me) = directory.me.as_mut() {
             me.ssh_host_key = Some(svc.server.host_public_key_openssh());
         }
         svc.policy
     };
-    crate::filter::install(&node, resolver, policy, (!args.no_ssh).then_some(args.ssh_port));
+    crate::dataplane::filter::install(&node, resolver, policy, (!args.no_ssh).then_some(args.ssh_port));
     let daemon = localapi::Daemon::new(node.clone(), directory);
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::metrics::serve_node(addr, daemon.clone()).await?;
+        let bound = crate::daemon::metrics::serve_node(addr, daemon.clone()).await?;
         println!("tailgate: metrics at http://{bound}/metrics");
     }
     if let Err(e) = localapi::serve(daemon, &state_dir) {
@@ -496,11 +500,11 @@ pub fn default_state_dir() -> Result<PathBuf> {
 }
 
 async fn ssh(args: SshArgs) -> Result<()> {
-    let inv = crate::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
+    let inv = crate::cli::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
     let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;
-    crate::sshclient::exec_ssh(&exe, &state_dir, &dir, &inv)?;
+    crate::cli::sshclient::exec_ssh(&exe, &state_dir, &dir, &inv)?;
     Ok(())
 }
 
@@ -508,7 +512,7 @@ async fn ssh_config(state_dir: Option<PathBuf>) -> Result<()> {
     let state_dir = std::path::absolute(state_dir_or_default(state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;
-    print!("{}", crate::sshclient::ssh_config(&exe, &state_dir, &dir));
+    print!("{}", crate::cli::sshclient::ssh_config(&exe, &state_dir, &dir));
     Ok(())
 }
 
@@ -645,22 +649,24 @@ async fn nc(args: NcArgs) -> Result<()> {
 /// No daemon: log in to control with the saved node key, take the netmap,
 /// and bring up just enough of a node for this one connection.
 async fn nc_oneshot(state_dir: &Path, host: &str, port: u16) -> Result<()> {
-    let (target, _) = crate::agent::control_target(state_dir, None)?;
-    let key = crate::agent::load_or_create_node_key(state_dir)?;
+    let (target, _) = crate::daemon::agent::control_target(state_dir, None)?;
+    let key = crate::daemon::agent::load_or_create_node_key(state_dir)?;
     let hello = crate::control::NodeHello::login(&local_hostname());
     let map = match crate::control::ControlClient::connect(&target, &key, hello).await {
         Ok((client, map)) => {
             drop(client);
             map
         }
-        Err(e) if e.is_transient() => crate::agent::cached_netmap(state_dir).with_context(|| format!("{e}, and no cached netmap"))?,
+        Err(e) if e.is_transient() => {
+            crate::daemon::agent::cached_netmap(state_dir).with_context(|| format!("{e}, and no cached netmap"))?
+        }
         Err(e) => bail!("{e}"),
     };
-    let dir = crate::agent::directory_of(&map, None);
+    let dir = crate::daemon::agent::directory_of(&map, None);
     let ip = dir.resolve(host)?;
     let mut nc = NodeConfig::new(key, map.self_node.ips.clone());
     nc.peers = map.peer_configs();
-    nc.inbound = Some(Arc::new(crate::filter::DenyAll));
+    nc.inbound = Some(Arc::new(crate::dataplane::filter::DenyAll));
     dial_once(nc, SocketAddr::new(ip, port)).await
 }
 

@@ -18,7 +18,7 @@
 //!
 //! What the peer (or someone replaying its messages) can make us do is
 //! bounded:
-//! - Only addresses passing [`crate::endpoint::is_valid_endpoint`] become
+//! - Only addresses passing [`crate::dataplane::endpoint::is_valid_endpoint`] become
 //!   candidates or get a pong, so we never probe loopback, link-local (the
 //!   metadata service), multicast or unspecified addresses.
 //! - At most [`MAX_CANDIDATES`] per peer. Netmap ones are kept over learned
@@ -26,14 +26,14 @@
 //!   unproven-first and expire [`LEARNED_TTL`] after they were last seen.
 //! - Received pings and call-me-maybes pass a per-peer token bucket
 //!   ([`PING_RATE`], [`CALL_ME_MAYBE_RATE`]), and every disco message must be
-//!   new to the peer's [`crate::disco::ReplayWindow`].
+//!   new to the peer's [`crate::dataplane::disco::ReplayWindow`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::disco::ReplayWindow;
-use crate::endpoint::is_valid_endpoint;
+use crate::dataplane::disco::ReplayWindow;
+use crate::dataplane::endpoint::is_valid_endpoint;
 use crate::relay::limits::TokenBucket;
 
 /// Spend one token if there is one.

@@ -28,10 +28,11 @@ use smoltcp::wire::{
     TcpRepr, TcpSeqNumber,
 };
 
-use crate::identity::IdentityResolver;
-use crate::node::Node;
+use crate::daemon::identity::IdentityResolver;
+use crate::dataplane::node::Node;
+use crate::dataplane::wg;
+use crate::key::Key;
 use crate::ssh::PolicyHandle;
-use crate::wg::{self, Key};
 
 /// How often a peer's refusals are logged at most.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -393,8 +394,8 @@ mod tests {
         assert!(t.verify_checksum(&B.into(), &A.into()));
     }
 
-    fn identity(key: &Key, name: &str, user: Option<&str>, tags: &[&str], ip: &str) -> crate::identity::Identity {
-        crate::identity::Identity {
+    fn identity(key: &Key, name: &str, user: Option<&str>, tags: &[&str], ip: &str) -> crate::daemon::identity::Identity {
+        crate::daemon::identity::Identity {
             node_key: wg::key_to_base64(key),
             node_name: name.into(),
             user: user.map(Into::into),
@@ -429,7 +430,7 @@ action = "reject"
         .unwrap();
         let (alice, bob, carol, stranger) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32]);
         let me = identity(&[9u8; 32], "web1", None, &["tag:prod"], "100.64.0.9");
-        let resolver = crate::identity::TableResolver::new(
+        let resolver = crate::daemon::identity::TableResolver::new(
             me,
             [
                 (alice, identity(&alice, "a", Some("alice"), &[], "100.64.0.1")),

@@ -1,0 +1,10 @@
+//! The data plane: WireGuard, the userspace TCP/IP stack, path choice
+//! (disco, STUN) and the driver that moves datagrams between them.
+pub mod disco;
+pub mod endpoint;
+pub mod filter;
+pub mod netstack;
+pub mod node;
+pub mod path;
+pub mod stun;
+pub mod wg;
