@@ -34,14 +34,25 @@ use crate::ssh::journal::{Journal, Shared};
 pub const STATE_FILE: &str = "ship.json";
 /// Marker written next to a recording once control holds all of it.
 const SHIPPED_SUFFIX: &str = ".cast.shipped";
-/// Raw recording bytes per chunk (base64 and JSON keep the frame < 64 KiB).
-const CHUNK: usize = 24 * 1024;
+/// Raw recording bytes per chunk: as many as fit one client frame (64 KiB)
+/// after base64 and the JSON around them, so a bulk session costs as few
+/// frames, ingest commands and acks as possible.
+const CHUNK: usize = 46 * 1024;
 /// JSON-escaped audit lines per message.
 const EVENTS_BATCH: usize = 40 * 1024;
 /// Silence after which unacknowledged shipments are sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(20);
-/// Unacknowledged bytes in flight before waiting for acks.
-const WINDOW: u64 = 1024 * 1024;
+/// Unacknowledged bytes in flight before waiting for acks. Control fsyncs
+/// once per batch it finds queued, so a larger window means fewer fsyncs per
+/// byte there; it is also what control may hold in memory for this node.
+const WINDOW: u64 = 4 * 1024 * 1024;
+/// How long new output is gathered before it is shipped: the lag it adds is
+/// small against a human, and a bulk session then ships full chunks.
+const GATHER: Duration = Duration::from_millis(20);
+/// How often moved cursors are written to `ship.json`. Between saves a crash
+/// only costs a resend of what control already has (it dedupes by id and
+/// offset); a write + rename per ack cost the node more than the bytes.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// What is persisted: the acknowledged cursors.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,6 +370,7 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
     let mut core = Some(ShipCore::new(cursors));
     let mut written = shared.written.subscribe();
     let mut next_link = None;
+    let (mut dirty, mut saved) = (false, tokio::time::Instant::now());
     loop {
         let mut link = match next_link.take() {
             Some(l) => l,
@@ -400,13 +412,25 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                     while let Ok(a) = link.acks.try_recv() {
                         moved |= c.ack(&a);
                     }
-                    if moved {
-                        let (cur, files) = (c.acked.clone(), files.clone());
-                        let _ = tokio::task::spawn_blocking(move || files.save_cursors(&cur)).await;
+                    dirty |= moved;
+                    // A finished recording is saved at once: its marker comes next.
+                    if dirty && (!c.finished.is_empty() || saved.elapsed() >= SAVE_EVERY) {
+                        save(c, &files).await;
+                        (dirty, saved) = (false, tokio::time::Instant::now());
                     }
                 }
-                _ = written.changed(), if !more || window_open => {}
+                _ = written.changed(), if !more => {
+                    // A busy session's writer finishes a batch every few
+                    // hundred microseconds; shipping each would cut the output
+                    // into slivers (a file scan, a frame, an fsync at control
+                    // and an ack per sliver). Gather a little first.
+                    tokio::time::sleep(GATHER).await;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else { 1000 })) => {
+                    if let Some(c) = core.as_ref().filter(|_| dirty && saved.elapsed() >= SAVE_EVERY) {
+                        save(c, &files).await;
+                        (dirty, saved) = (false, tokio::time::Instant::now());
+                    }
                     // The server logs and drops what it cannot store; after a
                     // silence, send everything unacknowledged again.
                     if let Some(c) = core.as_mut().filter(|c| c.waiting() && progress.elapsed() > RESEND_AFTER) {
@@ -417,13 +441,28 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                 }
                 l = links.recv() => {
                     next_link = l;
-                    if next_link.is_none() { shared.connected.store(false, Ordering::Release); return; }
+                    if next_link.is_none() {
+                        shared.connected.store(false, Ordering::Release);
+                        if let Some(c) = core.as_ref().filter(|_| dirty) {
+                            save(c, &files).await;
+                        }
+                        return;
+                    }
                     break 'conn;
                 }
             }
         }
         shared.connected.store(false, Ordering::Release);
+        if let Some(c) = core.as_ref().filter(|_| dirty) {
+            save(c, &files).await;
+            dirty = false;
+        }
     }
+}
+
+async fn save(c: &ShipCore, files: &Arc<Files>) {
+    let (cur, files) = (c.acked.clone(), files.clone());
+    let _ = tokio::task::spawn_blocking(move || files.save_cursors(&cur)).await;
 }
 
 #[cfg(test)]
@@ -523,6 +562,18 @@ mod tests {
         assert!(c.ack(&ShipAck { session: Some("s".into()), offset: 60_000, fin: true, ..Default::default() }));
         assert_eq!(c.finished, vec!["s".to_string()]);
         assert!(c.acked.recordings.is_empty());
+    }
+
+    #[test]
+    fn a_full_chunk_fits_a_client_frame() {
+        let data = vec![0xffu8; 100 * 1024];
+        let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
+        let session = "f".repeat(64);
+        let mut c = ShipCore::new(Cursors::default());
+        let m = c.next_chunk(&[RecFile { session, size: data.len() as u64, open: false }], &mut rd).unwrap();
+        let json = serde_json::to_vec(&m.msg).unwrap();
+        assert!(json.len() <= crate::control::frame::DEFAULT_MAX_CLIENT_FRAME, "{} bytes", json.len());
+        assert!(json.len() > crate::control::frame::DEFAULT_MAX_CLIENT_FRAME * 9 / 10, "chunks should fill frames: {}", json.len());
     }
 
     #[test]
