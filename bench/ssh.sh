@@ -4,7 +4,13 @@
 #   tailgate: `tailgate up` with its embedded SSH server in one namespace, stock
 #             `ssh` with `ProxyCommand tailgate nc` in another
 # Prints 512 MiB bulk time, MB/s, mean `ssh true` time over 20 logins, ratios.
+#
+# `bench/ssh.sh record` runs only the recording-cost part: REPS (default 3)
+# interleaved pairs of 512 MiB unrecorded / record = true over the same warm
+# daemon, each figure, the median and spread, and how long after each recorded
+# session ended control held the complete recording (the shipping lag).
 set -euo pipefail
+MODE=${1:-all}; REPS=${REPS:-3}
 cd "$(dirname "$0")/.."
 BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
 [ -x "$BIN" ] || cargo build --release --quiet
@@ -31,6 +37,13 @@ measure() { # $1 = label, $2 = command prefix that runs ssh to the target (add t
   printf "%-9s 512 MiB in %6.2f s (%6.1f MB/s)   ssh true: %6.1f ms mean of %d\n" "$1" "$BULK" "$(echo "$BYTES/1000000/$BULK" | bc -l)" "$LOGIN" "$N"
 }
 
+ip netns add $A; ip netns add $B
+ip link add tgsva type veth peer name tgsvb
+ip link set tgsva netns $A; ip link set tgsvb netns $B
+ip -n $A addr add 10.203.0.1/24 dev tgsva; ip -n $B addr add 10.203.0.2/24 dev tgsvb
+for n in $A $B; do ip -n $n link set lo up; done
+ip -n $A link set tgsva up; ip -n $B link set tgsvb up
+if [ "$MODE" != record ]; then
 echo "== anchor: OpenSSH over wireguard-go"
 "$LAB" down >/dev/null 2>&1 || true
 "$LAB" up >/dev/null 2>&1
@@ -40,12 +53,6 @@ AB=$BULK; AL=$LOGIN
 "$LAB" down >/dev/null 2>&1 || true
 
 echo "== tailgate: embedded SSH, client via tailgate nc"
-ip netns add $A; ip netns add $B
-ip link add tgsva type veth peer name tgsvb
-ip link set tgsva netns $A; ip link set tgsvb netns $B
-ip -n $A addr add 10.203.0.1/24 dev tgsva; ip -n $B addr add 10.203.0.2/24 dev tgsvb
-for n in $A $B; do ip -n $n link set lo up; done
-ip -n $A link set tgsva up; ip -n $B link set tgsvb up
 for x in c s; do $BIN genkey > $D/$x.key; $BIN pubkey < $D/$x.key > $D/$x.pub; done
 cat > $D/s.conf <<CONF
 [Interface]
@@ -82,6 +89,8 @@ measure tailgate "ip netns exec $A ssh $SO -o ProxyCommand='$BIN nc --wg-config 
 TB=$BULK; TL=$LOGIN
 t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --wg-config $D/c.conf 100.64.0.2 22 | head -c 7 >/dev/null"; t1=$(now)
 STATIC_JOIN=$(echo "($t1 - $t0)*1000" | bc -l)
+pkill -f "state-dir $D/state" || true
+fi
 
 echo "== tailgate control mode: warm daemon on the laptop, \`tailgate ssh vps\`"
 cat > $D/cpolicy.toml <<CONF
@@ -107,17 +116,22 @@ sleep 1
 # Register the laptop, then stop it: the one-shot join below uses its saved key.
 (ip netns exec $A $BIN up --authkey $LK --state-dir $D/laptop --hostname laptop --no-ssh > $D/laptop.log 2>&1 &)
 sleep 1; pkill -f "state-dir $D/laptop" || true; sleep 0.5
+if [ "$MODE" != record ]; then
 t0=$(now); ip netns exec $A bash -c "echo | $BIN nc --state-dir $D/laptop vps 22 | head -c 7 >/dev/null"; t1=$(now)
 ONESHOT=$(echo "($t1 - $t0)*1000" | bc -l)
+fi
 (ip netns exec $A $BIN up --state-dir $D/laptop --hostname laptop --no-ssh > $D/laptop2.log 2>&1 &)
 sleep 1
 # The daemon needs its netmap before the first login (slow on a busy machine).
 for i in $(seq 40); do ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true 2>/dev/null && break; sleep 0.5; done
+if [ "$MODE" != record ]; then
 t0=$(now); for i in $(seq $N); do ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps true; done; t1=$(now)
 WARM=$(echo "($t1 - $t0) * 1000 / $N" | bc -l)
 printf "tailgate  warm daemon: tailgate ssh vps true: %6.1f ms mean of %d\n" "$WARM" "$N"
 
-echo "== recording cost: 512 MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control)"
+fi
+
+echo "== recording cost: 512 MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control), $REPS interleaved pairs"
 # Text, not zeros: a terminal recording stores output as JSON strings, where a
 # NUL byte costs six characters; both runs carry the same bytes.
 bulk_ctl() {
@@ -126,14 +140,56 @@ bulk_ctl() {
   [ "$n" = "$BYTES" ] || { echo "recording bench: bulk transfer returned $n bytes" >&2; exit 1; }
   echo "$t1 - $t0" | bc -l
 }
-PLAIN=$(bulk_ctl)
-sed -i 's/^action = "accept"$/action = "accept"\nrecord = true/' $D/cpolicy.toml   # control polls the file every second
-sleep 3
-REC=$(bulk_ctl)
+set_record() { # $1 = true|false; control polls the policy file every second
+  sed -i '/^record = /d' $D/cpolicy.toml
+  [ "$1" = true ] && sed -i 's/^action = "accept"$/action = "accept"\nrecord = true/' $D/cpolicy.toml
+  sleep 3
+}
+complete_recordings() {
+  ip netns exec $B $BIN control --state-dir $D/ctl --json recordings list 2>/dev/null | grep -c '"complete": true' || true
+}
+cpu_s() { # CPU seconds (user + system) used so far by the processes whose command line matches $1
+  local t=0 p
+  for p in $(pgrep -f "$1"); do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || echo 0))); done
+  echo "$t / $(getconf CLK_TCK)" | bc -l
+}
+cpu3() { # CPU seconds so far of the laptop daemon, the node and control
+  echo "$(cpu_s "up --state-dir $D/laptop") $(cpu_s "state-dir $D/vps") $(cpu_s "state-dir $D/ctl --listen")"
+}
+cpu_diff() { # "laptop node control" CPU seconds between two cpu3 snapshots
+  local a=($1) b=($2)
+  printf "laptop %.2f + node %.2f + control %.2f = %.2f s" "$(echo "${b[0]} - ${a[0]}" | bc -l)" "$(echo "${b[1]} - ${a[1]}" | bc -l)" \
+    "$(echo "${b[2]} - ${a[2]}" | bc -l)" "$(echo "${b[0]} + ${b[1]} + ${b[2]} - ${a[0]} - ${a[1]} - ${a[2]}" | bc -l)"
+}
+stats() { # median and spread (max - min) of the arguments
+  printf "%s\n" "$@" | sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2; printf "%.2f %.2f\n", m, v[NR] - v[1]}'
+}
+PLAINS=(); RECS=(); LAGS=(); RATIOS=()
+for r in $(seq $REPS); do
+  set_record false
+  c0=$(cpu3); P=$(bulk_ctl); c1=$(cpu3)
+  set_record true
+  before=$(complete_recordings)
+  c2=$(cpu3); R=$(bulk_ctl); t1=$(now); c3=$(cpu3)
+  # Shipping lag: from the end of the session until control holds all of it.
+  for i in $(seq 1200); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done
+  [ "$(complete_recordings)" -gt "$before" ] || { echo "recording bench: control never completed the recording" >&2; exit 1; }
+  L=$(echo "$(now) - $t1" | bc -l); c4=$(cpu3)
+  PLAINS+=("$P"); RECS+=("$R"); LAGS+=("$L"); RATIOS+=("$(echo "$R / $P" | bc -l)")
+  printf "pair %d: unrecorded %6.2f s (%6.1f MB/s)   record=true %6.2f s (%6.1f MB/s)   ratio %.2fx   complete at control %.2f s after the session\n" \
+    "$r" "$P" "$(echo "$BYTES/1000000/$P" | bc -l)" "$R" "$(echo "$BYTES/1000000/$R" | bc -l)" "$(echo "$R / $P" | bc -l)" "$L"
+  echo "        CPU unrecorded:          $(cpu_diff "$c0" "$c1")"
+  echo "        CPU record=true:         $(cpu_diff "$c2" "$c3")"
+  echo "        CPU after it, shipping:  $(cpu_diff "$c3" "$c4")"
+done
 ls $D/vps/recordings/*.cast >/dev/null 2>&1 || { echo "recording bench: no recording was made" >&2; exit 1; }
-printf "unrecorded   512 MiB in %6.2f s (%6.1f MB/s)\n" "$PLAIN" "$(echo "$BYTES/1000000/$PLAIN" | bc -l)"
-printf "record=true  512 MiB in %6.2f s (%6.1f MB/s)\n" "$REC" "$(echo "$BYTES/1000000/$REC" | bc -l)"
-printf "recording cost (recorded/unrecorded time, 1.00 = free; target <= 1.10): %.2fx\n" "$(echo "$REC / $PLAIN" | bc -l)"
+read PM PS < <(stats "${PLAINS[@]}"); read RM RS < <(stats "${RECS[@]}")
+read QM QS < <(stats "${RATIOS[@]}"); read LM LS < <(stats "${LAGS[@]}")
+printf "unrecorded   512 MiB: median %6.2f s (%6.1f MB/s), spread %.2f s\n" "$PM" "$(echo "$BYTES/1000000/$PM" | bc -l)" "$PS"
+printf "record=true  512 MiB: median %6.2f s (%6.1f MB/s), spread %.2f s\n" "$RM" "$(echo "$BYTES/1000000/$RM" | bc -l)" "$RS"
+printf "recording cost (recorded/unrecorded time per pair, 1.00 = free; target <= 1.10): median %.2fx, spread %.2f\n" "$QM" "$QS"
+printf "shipping lag (session end -> complete at control): median %.2f s, spread %.2f s\n" "$LM" "$LS"
+[ "$MODE" = record ] && exit 0
 echo
 printf "throughput ratio (tailgate/anchor, higher is better): %.2fx\n" "$(echo "$AB / $TB" | bc -l)"
 printf "login time ratio, static nc (tailgate/anchor, lower is better):  %.2fx\n" "$(echo "$TL / $AL" | bc -l)"

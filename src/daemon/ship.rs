@@ -34,14 +34,31 @@ use crate::ssh::journal::{Journal, Shared};
 pub const STATE_FILE: &str = "ship.json";
 /// Marker written next to a recording once control holds all of it.
 const SHIPPED_SUFFIX: &str = ".cast.shipped";
-/// Raw recording bytes per chunk (base64 and JSON keep the frame < 64 KiB).
-const CHUNK: usize = 24 * 1024;
+/// Raw recording bytes per chunk: as many as fit one client frame (64 KiB)
+/// after base64 and the JSON around them, so a bulk session costs as few
+/// frames, ingest commands and acks as possible.
+const CHUNK: usize = 46 * 1024;
 /// JSON-escaped audit lines per message.
 const EVENTS_BATCH: usize = 40 * 1024;
 /// Silence after which unacknowledged shipments are sent again.
 const RESEND_AFTER: Duration = Duration::from_secs(20);
-/// Unacknowledged bytes in flight before waiting for acks.
-const WINDOW: u64 = 1024 * 1024;
+/// Unacknowledged bytes in flight before waiting for acks. Control fsyncs
+/// once per batch it finds queued, so a larger window means fewer fsyncs per
+/// byte there; it is also what control may hold in memory for this node.
+const WINDOW: u64 = 4 * 1024 * 1024;
+/// How long new output is gathered before it is shipped: the lag it adds is
+/// small against a human, and a bulk session then ships full chunks.
+const GATHER: Duration = Duration::from_millis(20);
+/// Recording output faster than this is a busy session (bulk output, not a
+/// human): its recording waits in the spool instead of competing with it.
+const BUSY_RATE: u64 = 4 * 1024 * 1024;
+/// The longest recording bytes wait while sessions are busy: past it they
+/// are shipped alongside, whatever the rate.
+const MAX_HOLD: Duration = Duration::from_secs(15);
+/// How often moved cursors are written to `ship.json`. Between saves a crash
+/// only costs a resend of what control already has (it dedupes by id and
+/// offset); a write + rename per ack cost the node more than the bytes.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// What is persisted: the acknowledged cursors.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +248,50 @@ impl ShipCore {
     }
 }
 
+/// Whether to hold recording chunks back for now. Shipping a recording costs
+/// about as much CPU as the session producing it (read, encrypt, and on
+/// control decrypt, write, fsync); during a burst of bulk output that would
+/// halve the session's speed on a busy box. Bytes are already durable in the
+/// spool, so they wait for the burst to end — but never longer than
+/// [`MAX_HOLD`] behind, and never past 3/4 of the spool limit. Audit events
+/// are never held.
+#[derive(Debug)]
+pub struct Hold<T> {
+    last: Option<(T, u64)>,
+    busy: bool,
+    /// Since when recording bytes have been waiting (the backlog was not empty).
+    behind_since: Option<T>,
+}
+
+impl<T> Default for Hold<T> {
+    fn default() -> Self {
+        Hold { last: None, busy: false, behind_since: None }
+    }
+}
+
+impl<T: Copy + Ord + std::ops::Sub<Output = Duration>> Hold<T> {
+    /// `recorded`: recording bytes written so far; `backlog`: bytes not yet
+    /// acknowledged; `limit`: the spool limit. Returns whether to hold.
+    pub fn update(&mut self, now: T, recorded: u64, backlog: u64, limit: u64) -> bool {
+        match self.last {
+            Some((t, n)) if now - t >= Duration::from_millis(5) => {
+                let dt = (now - t).as_secs_f64();
+                self.busy = recorded.saturating_sub(n) as f64 / dt >= BUSY_RATE as f64;
+                self.last = Some((now, recorded));
+            }
+            Some(_) => {}
+            None => self.last = Some((now, recorded)),
+        }
+        if backlog == 0 {
+            self.behind_since = None;
+        } else if self.behind_since.is_none() {
+            self.behind_since = Some(now);
+        }
+        let waited = self.behind_since.map(|t| now - t).unwrap_or_default();
+        self.busy && waited < MAX_HOLD && backlog < limit / 4 * 3
+    }
+}
+
 // --- the driver --------------------------------------------------------------
 
 struct Files {
@@ -323,7 +384,7 @@ impl Files {
 }
 
 /// Produces the next messages (file reads happen here, off the runtime).
-fn produce(core: &mut ShipCore, files: &Files, shared: &Shared) -> Vec<Shipment> {
+fn produce(core: &mut ShipCore, files: &Files, shared: &Shared, hold: bool) -> Vec<Shipment> {
     let audit_len = std::fs::metadata(&files.audit).map(|m| m.len()).unwrap_or(0);
     let recs = files.scan(shared);
     shared.backlog.store(core.backlog(audit_len, &recs), Ordering::Release);
@@ -335,6 +396,9 @@ fn produce(core: &mut ShipCore, files: &Files, shared: &Shared) -> Vec<Shipment>
         if let Some(m) = core.next_events(audit_len, &mut |o| files.read_lines(o)) {
             out.push(m);
             continue;
+        }
+        if hold {
+            break;
         }
         match core.next_chunk(&recs, &mut |s, o, l| files.read_chunk(s, o, l)) {
             Some(m) => out.push(m),
@@ -359,6 +423,8 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
     let mut core = Some(ShipCore::new(cursors));
     let mut written = shared.written.subscribe();
     let mut next_link = None;
+    let (mut dirty, mut saved) = (false, tokio::time::Instant::now());
+    let mut hold = Hold::default();
     loop {
         let mut link = match next_link.take() {
             Some(l) => l,
@@ -374,10 +440,16 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
         let mut progress = tokio::time::Instant::now();
         'conn: loop {
             // Read what to send on the blocking pool, then send it.
+            let held = hold.update(
+                std::time::Instant::now(),
+                shared.recorded.load(Ordering::Relaxed),
+                shared.backlog.load(Ordering::Acquire),
+                shared.limit.load(Ordering::Acquire),
+            );
             let (c, batch) = {
                 let (mut c, files, shared) = (core.take().unwrap_or_default(), files.clone(), shared.clone());
                 tokio::task::spawn_blocking(move || {
-                    let b = produce(&mut c, &files, &shared);
+                    let b = produce(&mut c, &files, &shared, held);
                     (c, b)
                 })
                 .await
@@ -400,13 +472,25 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                     while let Ok(a) = link.acks.try_recv() {
                         moved |= c.ack(&a);
                     }
-                    if moved {
-                        let (cur, files) = (c.acked.clone(), files.clone());
-                        let _ = tokio::task::spawn_blocking(move || files.save_cursors(&cur)).await;
+                    dirty |= moved;
+                    // A finished recording is saved at once: its marker comes next.
+                    if dirty && (!c.finished.is_empty() || saved.elapsed() >= SAVE_EVERY) {
+                        save(c, &files).await;
+                        (dirty, saved) = (false, tokio::time::Instant::now());
                     }
                 }
-                _ = written.changed(), if !more || window_open => {}
-                _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else { 1000 })) => {
+                _ = written.changed(), if !more => {
+                    // A busy session's writer finishes a batch every few
+                    // hundred microseconds; shipping each would cut the output
+                    // into slivers (a file scan, a frame, an fsync at control
+                    // and an ack per sliver). Gather a little first.
+                    tokio::time::sleep(GATHER).await;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(if more && window_open { 0 } else if held { 50 } else { 1000 })) => {
+                    if let Some(c) = core.as_ref().filter(|_| dirty && saved.elapsed() >= SAVE_EVERY) {
+                        save(c, &files).await;
+                        (dirty, saved) = (false, tokio::time::Instant::now());
+                    }
                     // The server logs and drops what it cannot store; after a
                     // silence, send everything unacknowledged again.
                     if let Some(c) = core.as_mut().filter(|c| c.waiting() && progress.elapsed() > RESEND_AFTER) {
@@ -417,13 +501,28 @@ pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver
                 }
                 l = links.recv() => {
                     next_link = l;
-                    if next_link.is_none() { shared.connected.store(false, Ordering::Release); return; }
+                    if next_link.is_none() {
+                        shared.connected.store(false, Ordering::Release);
+                        if let Some(c) = core.as_ref().filter(|_| dirty) {
+                            save(c, &files).await;
+                        }
+                        return;
+                    }
                     break 'conn;
                 }
             }
         }
         shared.connected.store(false, Ordering::Release);
+        if let Some(c) = core.as_ref().filter(|_| dirty) {
+            save(c, &files).await;
+            dirty = false;
+        }
     }
+}
+
+async fn save(c: &ShipCore, files: &Arc<Files>) {
+    let (cur, files) = (c.acked.clone(), files.clone());
+    let _ = tokio::task::spawn_blocking(move || files.save_cursors(&cur)).await;
 }
 
 #[cfg(test)]
@@ -523,6 +622,54 @@ mod tests {
         assert!(c.ack(&ShipAck { session: Some("s".into()), offset: 60_000, fin: true, ..Default::default() }));
         assert_eq!(c.finished, vec!["s".to_string()]);
         assert!(c.acked.recordings.is_empty());
+    }
+
+    #[test]
+    fn recordings_wait_during_bulk_output_but_not_for_long() {
+        let ms = Duration::from_millis;
+        let t0 = Duration::ZERO;
+        let limit = 1 << 30;
+        let mut h = Hold::default();
+        assert!(!h.update(t0, 0, 0, limit), "no rate known yet");
+        // 1 MiB in 20 ms: bulk output; its bytes wait.
+        assert!(h.update(t0 + ms(20), 1 << 20, 1 << 20, limit));
+        // A human's trickle: shipped at once.
+        let mut h2 = Hold::default();
+        h2.update(t0, 0, 0, limit);
+        assert!(!h2.update(t0 + ms(20), 300, 300, limit));
+        // Bulk output for longer than MAX_HOLD: shipped alongside.
+        let mut n = 1 << 20;
+        let mut t = t0 + ms(20);
+        while t < MAX_HOLD {
+            t += ms(20);
+            n += 1 << 20;
+            assert!(h.update(t, n, n, limit), "held at {t:?}");
+        }
+        t += ms(20);
+        n += 1 << 20;
+        assert!(!h.update(t, n, n, limit), "never more than MAX_HOLD behind");
+        // Once caught up, a new burst may wait again.
+        t += ms(20);
+        h.update(t, n, 0, limit);
+        t += ms(20);
+        n += 1 << 20;
+        assert!(h.update(t, n, 1 << 20, limit));
+        // Never near the spool limit, so holding never makes it full.
+        t += ms(20);
+        n += 1 << 20;
+        assert!(!h.update(t, n, limit / 4 * 3, limit));
+    }
+
+    #[test]
+    fn a_full_chunk_fits_a_client_frame() {
+        let data = vec![0xffu8; 100 * 1024];
+        let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
+        let session = "f".repeat(64);
+        let mut c = ShipCore::new(Cursors::default());
+        let m = c.next_chunk(&[RecFile { session, size: data.len() as u64, open: false }], &mut rd).unwrap();
+        let json = serde_json::to_vec(&m.msg).unwrap();
+        assert!(json.len() <= crate::control::frame::DEFAULT_MAX_CLIENT_FRAME, "{} bytes", json.len());
+        assert!(json.len() > crate::control::frame::DEFAULT_MAX_CLIENT_FRAME * 9 / 10, "chunks should fill frames: {}", json.len());
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct Shared {
     pub backlog: AtomicU64,
     /// Backlog beyond which recording output is no longer written.
     pub limit: AtomicU64,
+    /// Recording bytes written so far (all sessions): the shipper tells a
+    /// busy session from its rate.
+    pub recorded: AtomicU64,
     full_logged: AtomicBool,
     /// Recordings still being written (their sessions run). Marked before
     /// the file exists, unmarked after its last flush (the shipper relies on it).
@@ -185,6 +188,7 @@ impl Journal {
             shipping: AtomicBool::new(false),
             backlog: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
+            recorded: AtomicU64::new(0),
             full_logged: AtomicBool::new(false),
             open: Default::default(),
         });
@@ -363,6 +367,7 @@ impl Writer {
                 match r.out.write_all(line.as_bytes()) {
                     Ok(()) => {
                         self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
+                        self.shared.recorded.fetch_add(line.len() as u64, Ordering::Relaxed);
                     }
                     Err(e) => fail(r, &e),
                 }

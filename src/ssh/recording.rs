@@ -67,9 +67,26 @@ fn secs(t: Duration) -> f64 {
 }
 
 fn event_line(t: Duration, code: &str, data: &str) -> String {
-    let mut s = serde_json::to_string(&(secs(t), code, data)).unwrap_or_default();
-    s.push('\n');
+    if needs_escape(data.as_bytes()) {
+        let mut s = serde_json::to_string(&(secs(t), code, data)).unwrap_or_default();
+        s.push('\n');
+        return s;
+    }
+    // Bulk output is mostly plain text: copied as is, it costs the session a
+    // fraction of a byte-by-byte escape. The time is formatted by serde_json
+    // so both paths write the same numbers.
+    let time = serde_json::to_string(&secs(t)).unwrap_or_else(|_| "0.0".into());
+    let mut s = String::with_capacity(data.len() + time.len() + code.len() + 10);
+    for part in ["[", &time, ",\"", code, "\",\"", data, "\"]\n"] {
+        s.push_str(part);
+    }
     s
+}
+
+/// Whether JSON needs any byte of `b` escaped (`"`, `\\`, control
+/// characters). Branch-free per block, so the compiler vectorises it.
+fn needs_escape(b: &[u8]) -> bool {
+    b.chunks(64).any(|c| c.iter().fold(false, |acc, &x| acc | (x < 0x20) | (x == b'"') | (x == b'\\')))
 }
 
 impl CastEncoder {
@@ -243,6 +260,19 @@ mod tests {
         let (t, _, d) = data_of(&l);
         assert_eq!(t, 1.234567);
         assert_eq!(d, raw);
+    }
+
+    #[test]
+    fn plain_and_escaped_output_encode_alike() {
+        // The fast path (nothing to escape) must write what serde_json writes.
+        for (t, data) in [(0, "plain text, no escapes ü €"), (1_500_000, "x"), (2_000_000, ""), (7, "tab\there"), (9, "q\"\\")] {
+            let t = Duration::from_micros(t);
+            let want = format!("{}\n", serde_json::to_string(&(secs(t), "o", data)).unwrap());
+            assert_eq!(event_line(t, "o", data), want);
+        }
+        let long = "y".repeat(100) + "\u{1b}" + &"z".repeat(100);
+        assert!(needs_escape(long.as_bytes()));
+        assert!(!needs_escape("y".repeat(1000).as_bytes()));
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn start(state_dir: &Path) -> anyhow::Result<(Ingest, std::thread::JoinHandl
     let conn = open_db(state_dir)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     let (tx, rx) = mpsc::channel(256);
-    let mut w = Worker { conn, dir: recordings_dir(state_dir) };
+    let mut w = Worker { conn, dir: recordings_dir(state_dir), rows: Default::default() };
     let h = std::thread::Builder::new().name("control-audit".into()).spawn(move || w.run(rx))?;
     Ok((Ingest { tx }, h))
 }
@@ -83,9 +83,14 @@ fn event_ms(v: &serde_json::Value) -> i64 {
         .unwrap_or_else(now_ms)
 }
 
+/// How often the `recordings` row of a live recording is brought up to date.
+const ROW_EVERY: Duration = Duration::from_secs(1);
+
 struct Worker {
     conn: Connection,
     dir: PathBuf,
+    /// Live recordings whose row exists, and when it was last written.
+    rows: std::collections::HashMap<(i64, String), std::time::Instant>,
 }
 
 struct Pending {
@@ -297,14 +302,25 @@ impl Worker {
         let len = f.metadata()?.len();
         drop(f);
         let (live, done) = self.paths(node, session);
-        let name = self.node_name(node);
         let now = now_ms();
-        self.conn.execute(
-            "INSERT INTO recordings(node_id, session, node, bytes, started, path) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(node_id, session) DO UPDATE SET bytes = ?4",
-            params![node, session, name, len as i64, now, live.display().to_string()],
-        )?;
+        // The live file's length is what is stored (and what a resend is
+        // deduplicated against); the row only lists the recording and its
+        // progress. Writing it once a second, not once per batch, saves a
+        // WAL fsync per batch on a bulk session.
+        let key = (node, session.to_string());
+        let stale = self.rows.get(&key).is_none_or(|t| t.elapsed() >= ROW_EVERY);
+        if stale || fin {
+            let name = self.node_name(node);
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO recordings(node_id, session, node, bytes, started, path) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(node_id, session) DO UPDATE SET bytes = ?4",
+                )?
+                .execute(params![node, session, name, len as i64, now, live.display().to_string()])?;
+            self.rows.insert(key.clone(), std::time::Instant::now());
+        }
         if fin {
+            self.rows.remove(&key);
             compress(&live, &done)?;
             self.conn.execute(
                 "UPDATE recordings SET finished = ?3, path = ?4 WHERE node_id = ?1 AND session = ?2",
