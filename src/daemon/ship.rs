@@ -589,10 +589,10 @@ mod tests {
 
     #[test]
     fn recordings_are_chunked_resumed_and_finished() {
-        let data: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(5 * CHUNK / 2) as u32).map(|i| (i % 251) as u8).collect();
         let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
         let mut c = ShipCore::new(Cursors::default());
-        let open = [RecFile { session: "s".into(), size: 30_000, open: true }];
+        let open = [RecFile { session: "s".into(), size: (5 * CHUNK / 4) as u64, open: true }];
         let mut got = Vec::new();
         while let Some(m) = c.next_chunk(&open, &mut rd) {
             match m.msg {
@@ -604,11 +604,11 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(got.len(), 30_000);
-        // Control stored 24 KiB, then the link dropped: resume from there.
+        assert_eq!(got.len(), 5 * CHUNK / 4);
+        // Control stored one chunk, then the link dropped: resume from there.
         c.ack(&ShipAck { session: Some("s".into()), offset: CHUNK as u64, ..Default::default() });
         c.rewind();
-        let closed = [RecFile { session: "s".into(), size: 60_000, open: false }];
+        let closed = [RecFile { session: "s".into(), size: data.len() as u64, open: false }];
         let mut offsets = Vec::new();
         let mut fins = 0;
         while let Some(m) = c.next_chunk(&closed, &mut rd) {
@@ -619,7 +619,7 @@ mod tests {
         }
         assert_eq!(offsets, vec![CHUNK as u64, 2 * CHUNK as u64]);
         assert_eq!(fins, 1, "the last chunk carries fin");
-        assert!(c.ack(&ShipAck { session: Some("s".into()), offset: 60_000, fin: true, ..Default::default() }));
+        assert!(c.ack(&ShipAck { session: Some("s".into()), offset: data.len() as u64, fin: true, ..Default::default() }));
         assert_eq!(c.finished, vec!["s".to_string()]);
         assert!(c.acked.recordings.is_empty());
     }
