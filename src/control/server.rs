@@ -331,7 +331,8 @@ impl ControlServer {
         let lock = lock_state_dir(&opts.state_dir)?;
         let (private, created_key) = load_or_create_server_key(&opts.state_dir)?;
         let public = wg::public_key_of(&private);
-        let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+        // A wildcard listen address takes IPv4 and IPv6 clients on one socket.
+        let listener = crate::dataplane::dualstack::tcp_listener(opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         // STUN (issue 6): UDP on the same IP and port number.
         let stun = match crate::dataplane::stun::StunServer::bind(addr).await {
@@ -685,6 +686,8 @@ async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
+                // One per-IP budget for an IPv4 client, mapped or not.
+                let peer = crate::dataplane::dualstack::normalize(peer);
                 // Over a cap: close at once (dropping the socket), before
                 // spending a task or a buffer on it.
                 let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
