@@ -411,7 +411,9 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     if let Ok((host, port)) = crate::control::token::parse_url(&target.url)
         && let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await
     {
-        node.set_stun_server(stun_server_of(addrs.collect(), node.udp_addr()));
+        let stun = stun_server_of(addrs.collect(), node.udp_addr());
+        tracing::info!(server = ?stun, "STUN: the control server's UDP port");
+        node.set_stun_server(stun);
     }
     tokio::spawn(keep_relay(node.clone(), target.clone(), key));
     let resolver = TableResolver::new(placeholder_identity(&key), []);
@@ -592,7 +594,7 @@ async fn follow(
                     changed = public.changed() => {
                         if changed.is_ok() {
                             let eps = my_endpoints(&applier.node, *public.borrow());
-                            tracing::info!(endpoints = ?eps, "our endpoints changed; telling control");
+                            tracing::info!(endpoints = ?eps, stun = ?*public.borrow(), "our endpoints changed; telling control");
                             applier.node.set_my_endpoints(eps.clone());
                             applier.node.network_changed();
                             hello.endpoints = eps.clone();
