@@ -174,6 +174,8 @@ pub struct ServerOptions {
     pub oidc: Option<super::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
+    /// Limits of the built-in relay (`--relay-rate`).
+    pub relay: crate::relay::RelayConfig,
 }
 
 impl ServerOptions {
@@ -204,6 +206,7 @@ impl ServerOptions {
             metrics_listen: None,
             oidc: None,
             retention: None,
+            relay: Default::default(),
         }
     }
 }
@@ -386,7 +389,7 @@ impl ControlServer {
         let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
             let relay =
-                Arc::new(crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+                Arc::new(crate::relay::RelayServer::new(private, opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
             relay_handle = Some(relay.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }
