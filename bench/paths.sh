@@ -36,7 +36,7 @@ src = "bencher"
 dst = "tag:bench"
 reach = [5201]
 CONF
-(ip netns exec $C $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml > $D/ctl.log 2>&1 &)
+(ip netns exec $C $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml ${RELAY_RATE:+--relay-rate $RELAY_RATE} > $D/ctl.log 2>&1 &)
 sleep 1
 ip netns exec $C $BIN control --state-dir $D/ctl users add bencher >/dev/null
 VK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --tag tag:bench | tail -1)
@@ -66,11 +66,16 @@ ip netns exec $L nft "add chain inet f in { type filter hook input priority 0; }
 ip netns exec $L nft add rule inet f out meta l4proto udp drop
 ip netns exec $L nft add rule inet f in meta l4proto udp drop
 wait_path relay
-RT=$(ttfb); RB=$(ip netns exec $L iperf3 -c 127.0.0.1 -p 15201 -t $SECS | mbps)
+RT=$(ttfb)
+# Relay CPU: the control process's utime+stime (clock ticks) around the bulk run.
+cpu() { awk '{print $14 + $15}' /proc/$(ip netns pids $C | head -1)/stat; }
+C0=$(cpu); RB=$(ip netns exec $L iperf3 -c 127.0.0.1 -p 15201 -t $SECS | mbps); C1=$(cpu)
+RCPU=$(echo "($C1 - $C0) / $(getconf CLK_TCK)" | bc -l)
 ip netns exec $L nft flush table inet f
 t0=$(now); wait_path direct; t1=$(now)
 UP=$(echo "$t1 - $t0" | bc -l)
 echo
 printf "direct: connect+banner %6.1f ms   bulk %7.1f MB/s\n" "$DT" "$DB"
 printf "relay:  connect+banner %6.1f ms   bulk %7.1f MB/s   (relay/direct bulk %.2fx)\n" "$RT" "$RB" "$(echo "$RB / $DB" | bc -l)"
+printf "relay CPU (control process): %.2f s for %.0f MB = %.2f ms/MB\n" "$RCPU" "$(echo "$RB * $SECS" | bc -l)" "$(echo "$RCPU * 1000 / ($RB * $SECS)" | bc -l)"
 printf "relay -> direct upgrade after UDP returns: %.1f s\n" "$UP"

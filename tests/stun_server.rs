@@ -30,6 +30,28 @@ async fn binding_requests_get_the_requesters_address() {
     s.shutdown().await;
 }
 
+/// `--listen [::]:PORT`: one socket answers IPv6 clients with their IPv6
+/// address and IPv4 clients (IPv4-mapped on that socket) with their plain
+/// IPv4 address, the one their peers can use.
+#[tokio::test]
+async fn a_wildcard_listener_answers_both_families() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = ServerOptions::new("[::]:0".parse().unwrap(), dir.path());
+    o.admin_socket = false;
+    let s = ControlServer::start(o).await.expect("server starts on [::]");
+    let port = s.stun_addr().expect("STUN bound").port();
+    assert_eq!(port, s.addr().port());
+    for (client, server) in [("[::1]:0", "[::1]"), ("127.0.0.1:0", "127.0.0.1")] {
+        let sock = UdpSocket::bind(client).await.unwrap();
+        let to = format!("{server}:{port}").parse().unwrap();
+        let seen = stun::query(&sock, to, Duration::from_secs(5)).await.expect("answer");
+        assert_eq!(seen, sock.local_addr().unwrap(), "asked over {server}");
+        // The control port itself takes both families too.
+        tokio::net::TcpStream::connect(to).await.unwrap_or_else(|e| panic!("TCP to {to}: {e}"));
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn junk_is_ignored_and_the_server_keeps_answering() {
     let dir = tempfile::tempdir().unwrap();

@@ -103,6 +103,10 @@ pub struct ServeArgs {
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub oidc: super::oidc::OidcArgs,
+    /// What one node may send through the relay, in MB/s (fairness between
+    /// nodes; 0 = no limit) [default: 50].
+    #[arg(long, value_name = "MB_PER_SEC")]
+    pub relay_rate: Option<u64>,
 }
 
 impl ServeArgs {
@@ -119,6 +123,7 @@ impl ServeArgs {
             || self.metrics_listen.is_some()
             || self.oidc.any_set()
             || self.retention.is_some()
+            || self.relay_rate.is_some()
     }
 }
 
@@ -286,6 +291,9 @@ fn server_options(state_dir: PathBuf, a: &ServeArgs) -> Result<ServerOptions> {
     o.metrics_listen = a.metrics_listen;
     o.oidc = a.oidc.config()?;
     o.retention = a.retention;
+    if let Some(r) = a.relay_rate {
+        o.relay.rate_bytes_per_sec = r.saturating_mul(1_000_000);
+    }
     Ok(o)
 }
 

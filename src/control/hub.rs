@@ -279,6 +279,8 @@ fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, (Error
     }
     let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len());
     for e in endpoints {
+        // `::ffff:a.b.c.d` and `a.b.c.d` are one endpoint: store the plain form.
+        let e = crate::dataplane::dualstack::normalize(e);
         if crate::dataplane::endpoint::is_valid_endpoint(&e) && !out.contains(&e) {
             out.push(e);
         }

@@ -174,6 +174,8 @@ pub struct ServerOptions {
     pub oidc: Option<super::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
+    /// Limits of the built-in relay (`--relay-rate`).
+    pub relay: crate::relay::RelayConfig,
 }
 
 impl ServerOptions {
@@ -204,6 +206,7 @@ impl ServerOptions {
             metrics_listen: None,
             oidc: None,
             retention: None,
+            relay: Default::default(),
         }
     }
 }
@@ -331,7 +334,8 @@ impl ControlServer {
         let lock = lock_state_dir(&opts.state_dir)?;
         let (private, created_key) = load_or_create_server_key(&opts.state_dir)?;
         let public = wg::public_key_of(&private);
-        let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+        // A wildcard listen address takes IPv4 and IPv6 clients on one socket.
+        let listener = crate::dataplane::dualstack::tcp_listener(opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         // STUN (issue 6): UDP on the same IP and port number.
         let stun = match crate::dataplane::stun::StunServer::bind(addr).await {
@@ -385,7 +389,7 @@ impl ControlServer {
         let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
             let relay =
-                Arc::new(crate::relay::RelayServer::new(private, Default::default(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+                Arc::new(crate::relay::RelayServer::new(private, opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
             relay_handle = Some(relay.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }
@@ -685,6 +689,8 @@ async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
+                // One per-IP budget for an IPv4 client, mapped or not.
+                let peer = crate::dataplane::dualstack::normalize(peer);
                 // Over a cap: close at once (dropping the socket), before
                 // spending a task or a buffer on it.
                 let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {

@@ -141,12 +141,19 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
 /// that [`crate::dataplane::endpoint::is_valid_endpoint`] accepts. Loopback and
 /// link-local are left out: peers never probe them and control refuses them,
 /// so nodes on one host meet on another interface address or the relay.
-pub fn local_endpoints(port: u16) -> Vec<SocketAddr> {
+/// IPv6 addresses only when `udp` (our socket) is dual-stack.
+pub fn local_endpoints(udp: SocketAddr) -> Vec<SocketAddr> {
+    let (port, v6) = (udp.port(), udp.is_ipv6());
     let mut v: Vec<SocketAddr> = Vec::new();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
         for a in addrs {
-            let Some(sa) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else { continue };
-            let e = SocketAddr::new(IpAddr::V4(sa.ip()), port);
+            let Some(s) = a.address.as_ref() else { continue };
+            let ip = match (s.as_sockaddr_in(), s.as_sockaddr_in6()) {
+                (Some(sa), _) => IpAddr::V4(sa.ip()),
+                (None, Some(sa)) if v6 => IpAddr::V6(sa.ip()),
+                _ => continue,
+            };
+            let e = SocketAddr::new(ip, port);
             if crate::dataplane::endpoint::is_valid_endpoint(&e) && !v.iter().any(|x| x.ip() == e.ip()) {
                 v.push(e);
             }
@@ -399,12 +406,14 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     // Refuse inbound connections until the policy's filter is installed.
     nc.inbound = Some(Arc::new(crate::dataplane::filter::DenyAll));
     let node = Arc::new(Node::start(nc).await?);
-    node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
+    node.set_my_endpoints(local_endpoints(node.udp_addr()));
     // The control server answers STUN on the UDP port matching its TCP port.
     if let Ok((host, port)) = crate::control::token::parse_url(&target.url)
-        && let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await
+        && let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await
     {
-        node.set_stun_server(addrs.find(|a| a.is_ipv4()));
+        let stun = stun_server_of(addrs.collect(), node.udp_addr());
+        tracing::info!(server = ?stun, "STUN: the control server's UDP port");
+        node.set_stun_server(stun);
     }
     tokio::spawn(keep_relay(node.clone(), target.clone(), key));
     let resolver = TableResolver::new(placeholder_identity(&key), []);
@@ -438,7 +447,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         auth_key: auth_secret,
         hostname: opts.hostname.clone(),
         ssh_host_key: host_key,
-        endpoints: local_endpoints(node.udp_addr().port()),
+        endpoints: local_endpoints(node.udp_addr()),
         interactive,
         force_reauth: opts.force_reauth,
         sign_in_urls: None,
@@ -521,9 +530,23 @@ async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
     }
 }
 
+/// Which of the control server's addresses to ask STUN: IPv4 first (that is
+/// where NAT hides our endpoint; IPv6 addresses are reported as they are),
+/// else IPv6 when our socket is dual-stack and the host has a route there
+/// (an IPv6-only host).
+fn stun_server_of(addrs: Vec<SocketAddr>, udp: SocketAddr) -> Option<SocketAddr> {
+    let routed = |a: &SocketAddr| {
+        let any: SocketAddr = if a.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        // A UDP connect sends nothing; it fails with ENETUNREACH without a route.
+        std::net::UdpSocket::bind(any).and_then(|s| s.connect(a)).is_ok()
+    };
+    let v4 = addrs.iter().copied().find(|a| a.is_ipv4() && routed(a));
+    v4.or_else(|| addrs.iter().copied().find(|a| a.is_ipv6() && udp.is_ipv6() && routed(a)))
+}
+
 /// Our endpoints as peers should try them: the public one STUN saw first.
 fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
-    let mut v = local_endpoints(node.udp_addr().port());
+    let mut v = local_endpoints(node.udp_addr());
     // A control server on loopback sees us at 127.0.0.1: not an endpoint.
     if let Some(p) = public.filter(crate::dataplane::endpoint::is_valid_endpoint) {
         v.retain(|e| *e != p);
@@ -571,7 +594,7 @@ async fn follow(
                     changed = public.changed() => {
                         if changed.is_ok() {
                             let eps = my_endpoints(&applier.node, *public.borrow());
-                            tracing::info!(endpoints = ?eps, "our endpoints changed; telling control");
+                            tracing::info!(endpoints = ?eps, stun = ?*public.borrow(), "our endpoints changed; telling control");
                             applier.node.set_my_endpoints(eps.clone());
                             applier.node.network_changed();
                             hello.endpoints = eps.clone();
@@ -639,7 +662,7 @@ mod tests {
     #[test]
     fn local_endpoints_leave_out_loopback_and_link_local() {
         // Every host has lo (127.0.0.1); it used to be reported, last.
-        let eps = local_endpoints(41641);
+        let eps = local_endpoints("[::]:41641".parse().unwrap());
         assert!(eps.iter().all(crate::dataplane::endpoint::is_valid_endpoint), "{eps:?}");
         assert!(!eps.iter().any(|e| e.ip().is_loopback()), "{eps:?}");
     }

@@ -275,9 +275,14 @@ fn parse_tags(v: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// `HOST:PORT`, `IPV4:PORT` or `[IPV6]:PORT` (as wg-quick writes them).
 fn resolve_endpoint(v: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = v.parse::<SocketAddr>() {
-        return Ok(a);
+        return Ok(crate::dataplane::dualstack::normalize(a));
+    }
+    if v.parse::<std::net::Ipv6Addr>().is_ok() || (v.starts_with('[') && v.ends_with(']')) {
+        let ip = v.trim_start_matches('[').trim_end_matches(']');
+        return Err(format!("Endpoint {v:?} needs a port, e.g. [{ip}]:51820"));
     }
     if !v.contains(':') {
         return Err(format!("Endpoint {v:?} needs a port, e.g. {v}:51820"));
@@ -285,6 +290,7 @@ fn resolve_endpoint(v: &str) -> Result<SocketAddr, String> {
     v.to_socket_addrs()
         .map_err(|e| format!("Endpoint {v:?} cannot be resolved: {e}"))?
         .next()
+        .map(crate::dataplane::dualstack::normalize)
         .ok_or_else(|| format!("Endpoint {v:?} resolves to no address"))
 }
 
@@ -330,6 +336,28 @@ mod tests {
         assert_eq!(p.tags, vec!["tag:ops", "tag:ci"]);
         assert_eq!(p.config.persistent_keepalive, Some(25));
         assert!(p.config.preshared_key.is_some());
+    }
+
+    #[test]
+    fn ipv6_endpoints_as_wg_quick_writes_them() {
+        let conf = |ep: &str| {
+            parse(
+                &format!(
+                    "[Interface]\nPrivateKey = {KEY}\nAddress = 100.64.0.1/32\n[Peer]\nPublicKey = {PUB}\nAllowedIPs = 100.64.0.2/32\nEndpoint = {ep}\n"
+                ),
+                "v6.conf",
+            )
+        };
+        let ep = |s: &str| conf(s).unwrap().peers[0].config.endpoint.unwrap().to_string();
+        assert_eq!(ep("[2001:db8::1]:51820"), "[2001:db8::1]:51820");
+        assert_eq!(ep("[fd00::2]:1"), "[fd00::2]:1");
+        // The mapped form is the IPv4 peer it names (one endpoint, one roaming key).
+        assert_eq!(ep("[::ffff:192.0.2.7]:51820"), "192.0.2.7:51820");
+        for bad in ["2001:db8::1", "[2001:db8::1]"] {
+            let e = conf(bad).unwrap_err();
+            assert_eq!(e.line, 7, "{e}");
+            assert!(e.message.contains("[2001:db8::1]:51820"), "{bad}: {e}");
+        }
     }
 
     #[test]

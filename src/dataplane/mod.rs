@@ -1,6 +1,7 @@
 //! The data plane: WireGuard, the userspace TCP/IP stack, path choice
 //! (disco, STUN) and the driver that moves datagrams between them.
 pub mod disco;
+pub mod dualstack;
 pub mod endpoint;
 pub mod filter;
 pub mod netstack;

@@ -114,15 +114,13 @@ pub struct NodeStatus {
     pub tcp_sockets: usize,
 }
 
+/// A wildcard `addr` binds dual-stack (see [`crate::dataplane::dualstack`]).
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: unprivileged processes may be capped by rmem_max.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
-    UdpSocket::from_std(sock.into())
+    crate::dataplane::dualstack::udp(addr, |sock| {
+        // Best effort: unprivileged processes may be capped by rmem_max.
+        let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+        let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    })
 }
 
 impl Node {
@@ -264,7 +262,8 @@ impl Node {
         let now = Instant::now();
         let mut p = self.inner.paths();
         if p.enabled {
-            p.states.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(endpoints, now);
+            let endpoints: Vec<SocketAddr> = endpoints.iter().map(|e| crate::dataplane::dualstack::normalize(*e)).collect();
+            p.states.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(&endpoints, now);
         }
         drop(p);
         self.inner.shared.wake.notify_one();
@@ -299,7 +298,7 @@ impl Node {
     /// arrive on [`Node::public_endpoint`].
     pub fn set_stun_server(&self, server: Option<SocketAddr>) {
         let mut p = self.inner.paths();
-        p.stun_server = server;
+        p.stun_server = server.map(crate::dataplane::dualstack::normalize);
         p.next_stun = Instant::now();
         drop(p);
         self.inner.shared.wake.notify_one();
@@ -536,6 +535,7 @@ fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, opened: disco::Opened, from
             }
         }
         disco::Message::CallMeMaybe { endpoints } => {
+            let endpoints: Vec<SocketAddr> = endpoints.into_iter().map(crate::dataplane::dualstack::normalize).collect();
             if !st.on_call_me_maybe(&endpoints, now) {
                 tracing::debug!(peer = %wg::key_to_base64(&sender), "call-me-maybe over the rate limit dropped");
             }
@@ -660,7 +660,10 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
             let mut paths = inner.paths();
             for _ in 0..RX_BATCH {
                 match udp.try_recv_from(&mut rx_buf) {
-                    Ok((n, from)) => on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, from, &rx_buf[..n], now),
+                    Ok((n, from)) => {
+                        let from = crate::dataplane::dualstack::normalize(from);
+                        on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, from, &rx_buf[..n], now)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // ICMP errors from earlier sends surface here; not fatal.

@@ -102,7 +102,8 @@ pub fn parse_binding_response(d: &[u8]) -> Option<(TxId, SocketAddr)> {
         Ok(x) => x.addr(tid),
         Err(_) => MappedSocketAddr::from_raw(&msg.raw_attribute(MAPPED_ADDRESS)?).ok()?.addr(),
     };
-    Some((tid_from_stun(tid), addr))
+    // A dual-stack server that does not unmap reports `::ffff:a.b.c.d`.
+    Some((tid_from_stun(tid), crate::dataplane::dualstack::normalize(addr)))
 }
 
 /// The server side: the answer to a Binding request received from `from`,
@@ -112,6 +113,9 @@ pub fn answer_binding_request(req: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     if req.len() > MAX_MESSAGE || !is_stun(req) {
         return None;
     }
+    // On a dual-stack socket an IPv4 client is `::ffff:a.b.c.d`; it must
+    // learn its IPv4 address (family 1), the one its peers can reach.
+    let from = crate::dataplane::dualstack::normalize(from);
     let msg = Message::from_bytes(req).ok()?;
     if !msg.has_class(MessageClass::Request) || !msg.has_method(BINDING) {
         return None;
@@ -155,9 +159,9 @@ pub struct StunServer {
 
 impl StunServer {
     /// Binds `addr` (the control server binds the IP and port of its TCP
-    /// listener).
+    /// listener); a wildcard address answers on IPv4 and IPv6.
     pub async fn bind(addr: SocketAddr) -> io::Result<StunServer> {
-        Ok(StunServer { socket: tokio::net::UdpSocket::bind(addr).await? })
+        Ok(StunServer { socket: crate::dataplane::dualstack::udp(addr, |_| {})? })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -295,6 +299,16 @@ mod tests {
         assert_eq!(m.attribute::<stun_types::attribute::ErrorCode>().unwrap().code(), 420);
         assert_eq!(tid_from_stun(m.transaction_id()), RFC_TXID);
         assert_eq!(parse_binding_response(&ans), None);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_socket_learn_their_ipv4_address() {
+        let txid = new_txid();
+        let ans = answer_binding_request(&encode_binding_request(txid), "[::ffff:198.51.100.9]:4000".parse().unwrap()).unwrap();
+        assert_eq!(parse_binding_response(&ans), Some((txid, "198.51.100.9:4000".parse().unwrap())));
+        let m = Message::from_bytes(&ans).unwrap();
+        let mapped = MappedSocketAddr::from_raw(&m.raw_attribute(MAPPED_ADDRESS).unwrap()).unwrap();
+        assert!(mapped.addr().is_ipv4(), "family 1 on the wire, not a mapped IPv6 address");
     }
 
     #[test]
