@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tailgate::control::admin::execute;
-use tailgate::control::hub::AdminRequest;
+use tailgate::control::server::admin::execute;
+use tailgate::control::server::hub::AdminRequest;
 use tailgate::control::{AuthKeyToken, ControlServer};
 use util::*;
 

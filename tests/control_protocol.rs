@@ -9,8 +9,8 @@ mod util;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tailgate::control::hub::AdminRequest;
-use tailgate::control::proto::ErrorCode;
+use tailgate::control::server::hub::AdminRequest;
+use tailgate::control::wire::proto::ErrorCode;
 use tailgate::control::{ControlError, ControlTarget};
 use tailgate::dataplane::wg;
 use tailgate::policy::Action;
@@ -349,7 +349,7 @@ async fn a_host_key_with_extra_lines_is_refused_and_reaches_no_peer() {
 /// the directory and `ssh-config` rather than writing them.
 #[tokio::test]
 async fn clients_check_names_and_host_keys_again_before_writing_them() {
-    use tailgate::control::proto::{MapFull, PeerInfo, PolicyInfo, SelfInfo};
+    use tailgate::control::wire::proto::{MapFull, PeerInfo, PolicyInfo, SelfInfo};
     let peer = |n: u8, name: &str, key: Option<String>| PeerInfo {
         node_id: n as u64,
         node_key: [n; 32],

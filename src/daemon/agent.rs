@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
+use crate::control::wire::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
 use crate::control::{AuthKeyToken, ControlClient, ControlTarget, NetMap, NodeHello};
 use crate::daemon::config::{ensure_private_dir, write_secret};
 use crate::daemon::directory::{Directory, Entry};
@@ -401,7 +401,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let node = Arc::new(Node::start(nc).await?);
     node.set_my_endpoints(local_endpoints(node.udp_addr().port()));
     // The control server answers STUN on the UDP port matching its TCP port.
-    if let Ok((host, port)) = crate::control::token::parse_url(&target.url)
+    if let Ok((host, port)) = crate::control::wire::token::parse_url(&target.url)
         && let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await
     {
         node.set_stun_server(addrs.find(|a| a.is_ipv4()));

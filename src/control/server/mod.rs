@@ -28,16 +28,25 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
-use super::http::{self, RequestHead};
-use super::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
-use super::noise::{self, ChannelError, SecureChannel};
-use super::oidc::{Oidc, SignedIn};
-use super::proto::{ClientMsg, ErrorCode, ServerOut};
-use super::store::{Store, ensure_private_dir};
+use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
+use crate::control::server::oidc::{Oidc, SignedIn};
+use crate::control::server::store::{Store, ensure_private_dir};
+use crate::control::wire::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
+use crate::control::wire::http::{self, RequestHead};
+use crate::control::wire::noise::{self, ChannelError, SecureChannel};
+use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
 
+pub mod admin;
+pub mod audit;
+pub mod hub;
+pub mod metrics;
+pub mod netmap;
+pub mod oidc;
 mod signin;
-use super::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
+pub mod store;
+pub mod tls;
+pub mod totp;
+use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
 use crate::key::Key;
@@ -167,11 +176,11 @@ pub struct ServerOptions {
     pub endpoint_burst: u32,
     pub endpoint_interval: Duration,
     /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
-    pub tls: Option<super::tls::TlsSource>,
+    pub tls: Option<crate::control::server::tls::TlsSource>,
     /// A second listener serving only `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
-    pub oidc: Option<super::oidc::OidcConfig>,
+    pub oidc: Option<crate::control::server::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
 }
@@ -183,7 +192,7 @@ impl ServerOptions {
             state_dir: state_dir.into(),
             policy_file: None,
             url: None,
-            domain: super::DEFAULT_DOMAIN.into(),
+            domain: crate::control::DEFAULT_DOMAIN.into(),
             node_key_expiry: Duration::from_secs(180 * 86400),
             ephemeral_grace: Duration::from_secs(30),
             default_auth_key_expiry: Duration::from_secs(7 * 86400),
@@ -275,7 +284,7 @@ enum HubCmd {
 
 struct Shared {
     hub: mpsc::Sender<HubCmd>,
-    metrics: Arc<super::metrics::ControlMetrics>,
+    metrics: Arc<crate::control::server::metrics::ControlMetrics>,
     relay: Option<Arc<crate::relay::RelayServer>>,
     oidc: Option<Arc<Oidc>>,
     preauth: Arc<PreAuthLimits>,
@@ -284,7 +293,7 @@ struct Shared {
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Stores what nodes ship (audit events, recordings), off the hub thread.
-    ingest: super::audit::ingest::Ingest,
+    ingest: crate::control::server::audit::ingest::Ingest,
 }
 
 /// A running control server (in-process handle).
@@ -303,9 +312,9 @@ pub struct ControlServer {
     _lock: DirLock,
 }
 
-fn default_url(listen: SocketAddr, tls: Option<&super::tls::TlsSource>) -> String {
+fn default_url(listen: SocketAddr, tls: Option<&crate::control::server::tls::TlsSource>) -> String {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    if let Some(super::tls::TlsSource::Acme(a)) = tls {
+    if let Some(crate::control::server::tls::TlsSource::Acme(a)) = tls {
         // The certificate names only this domain.
         return if listen.port() == 443 { format!("https://{}", a.domain) } else { format!("https://{}:{}", a.domain, listen.port()) };
     }
@@ -343,7 +352,7 @@ impl ControlServer {
         };
         let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
         let url = opts.url.clone().unwrap_or_else(|| default_url(addr, opts.tls.as_ref()));
-        super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
+        crate::control::wire::token::parse_url(&url).map_err(|e| anyhow!(e))?;
         let oidc = match opts.oidc.clone() {
             Some(cfg) => {
                 let u = url.clone();
@@ -370,14 +379,14 @@ impl ControlServer {
         let hub = Hub::open(store, cfg, policy, unix_now())?;
 
         // After Hub::open: the store has run the migrations.
-        let (ingest, _ingest_thread) = super::audit::ingest::start(&opts.state_dir)?;
+        let (ingest, _ingest_thread) = crate::control::server::audit::ingest::start(&opts.state_dir)?;
         let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
-        let metrics = Arc::new(super::metrics::ControlMetrics::default());
+        let metrics = Arc::new(crate::control::server::metrics::ControlMetrics::default());
         let hub_metrics = metrics.clone();
         let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx, hub_metrics))?;
         let (stop, shutdown) = watch::channel(false);
         let tls = match &opts.tls {
-            Some(src) => Some(super::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
+            Some(src) => Some(crate::control::server::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
             None => None,
         };
         // The relay (issue 6) on this port, unless the caller brought one.
@@ -407,7 +416,7 @@ impl ControlServer {
         tasks.push(tokio::spawn(accept_loop(listener, tls, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
         if let Some(r) = opts.retention {
-            tasks.push(tokio::spawn(super::audit::ingest::retention_loop(shared.ingest.clone(), r)));
+            tasks.push(tokio::spawn(crate::control::server::audit::ingest::retention_loop(shared.ingest.clone(), r)));
         }
         if let Some(s) = stun {
             tasks.push(tokio::spawn(s.run()));
@@ -602,8 +611,8 @@ fn relay_auth(hub: &mpsc::Sender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorize
 
 // --- hub thread ---------------------------------------------------------------
 
-fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::metrics::ControlMetrics>) {
-    use super::metrics::inc;
+fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::control::server::metrics::ControlMetrics>) {
+    use crate::control::server::metrics::inc;
     let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         let now = unix_now();
@@ -681,14 +690,14 @@ async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String>
 
 // --- side tasks -----------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, tls: Option<crate::control::server::tls::TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
                 // Over a cap: close at once (dropping the socket), before
                 // spending a task or a buffer on it.
                 let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
-                    super::metrics::inc(&shared.metrics.rejected_cap);
+                    crate::control::server::metrics::inc(&shared.metrics.rejected_cap);
                     tracing::debug!("control: {peer}: too many unauthenticated connections; closed");
                     continue;
                 };
@@ -705,11 +714,11 @@ async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>
                         Ok(Ok(Some(s))) => handle_conn(s, peer.to_string(), shared, permit).await,
                         Ok(Ok(None)) => tracing::debug!("control: {peer}: answered an ACME validation"),
                         Ok(Err(e)) => {
-                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
                             tracing::debug!("control: {peer}: TLS handshake failed: {e}")
                         }
                         Err(_) => {
-                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
                             tracing::debug!("control: {peer}: no TLS handshake within the time limit")
                         }
                     }
@@ -768,9 +777,9 @@ async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
             while let Ok(Some(line)) = lines.next_line().await {
                 // Fleet-audit requests (tagged `audit_op`) are reads answered
                 // from their own connection, not by the hub thread.
-                let resp = if let Ok(req) = serde_json::from_str::<super::audit::AuditRequest>(&line) {
+                let resp = if let Ok(req) = serde_json::from_str::<crate::control::server::audit::AuditRequest>(&line) {
                     let dir = shared.opts.state_dir.clone();
-                    tokio::task::spawn_blocking(move || super::audit::handle(&dir, &req))
+                    tokio::task::spawn_blocking(move || crate::control::server::audit::handle(&dir, &req))
                         .await
                         .unwrap_or_else(|_| Err("audit query failed".into()))
                 } else {
@@ -825,7 +834,7 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, per
     let (head, used) = match head {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            super::metrics::inc(&shared.metrics.rejected_request);
+            crate::control::server::metrics::inc(&shared.metrics.rejected_request);
             tracing::debug!("control: {peer}: bad request: {e}");
             write_and_close(&mut s, &http::simple_response(400, "Bad Request", "bad request\n")).await;
             return;
@@ -1026,7 +1035,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                                 _ => None,
                             };
                             if let Some(c) = sends {
-                                super::metrics::inc(c);
+                                crate::control::server::metrics::inc(c);
                                 m.map_bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
                             }
                         }
@@ -1083,14 +1092,15 @@ async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>,
         let msg = parse_client(&f)?;
         let msg = match (node, msg) {
             (Some(node), ClientMsg::AuditEvents { lines }) => {
-                let cmd = super::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
+                let cmd = crate::control::server::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
                 shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
                 continue;
             }
             (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
                 use base64::Engine;
                 let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| "recording chunk: bad base64".to_string())?;
-                let cmd = super::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
+                let cmd =
+                    crate::control::server::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
                 shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
                 continue;
             }
@@ -1106,7 +1116,7 @@ async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>,
 
 /// Acks go into the connection's outbound queue; a full queue (a node not
 /// reading) drops them: the node resends and the server dedupes.
-fn ack_reply(tx: &ConnTx) -> super::audit::ingest::Reply {
+fn ack_reply(tx: &ConnTx) -> crate::control::server::audit::ingest::Reply {
     let tx = tx.clone();
     Box::new(move |a| {
         let _ = tx.try_send(Outbound::Msg(ServerOut::ShipAck(a)));

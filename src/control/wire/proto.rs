@@ -4,7 +4,7 @@
 //! `type` field (`{"type":"login", ...}`). Keys are standard base64 (as in
 //! wg-quick files). Unknown fields are ignored so either side can add
 //! optional fields without a version bump; removing or retyping one needs a
-//! new [`super::PROTOCOL_VERSION`].
+//! new [`crate::control::PROTOCOL_VERSION`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 
 use super::{AdminRequest, ConnId, Hub, Out};
 use crate::control::fmt_time;
-use crate::control::proto::{CheckOutcome, ClientMsg, ServerOut};
-use crate::control::store::CheckStateRow;
-use crate::control::totp;
+use crate::control::server::store::CheckStateRow;
+use crate::control::server::totp;
+use crate::control::wire::proto::{CheckOutcome, ClientMsg, ServerOut};
 use crate::key::Key;
 
 /// Wrong codes per (user, source node) before a lockout.
@@ -224,10 +224,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::hub::HubConfig;
-    use crate::control::proto::ServerMsg;
-    use crate::control::store::Store;
-    use crate::control::token::AuthKeyToken;
+    use crate::control::server::hub::HubConfig;
+    use crate::control::server::store::Store;
+    use crate::control::wire::proto::ServerMsg;
+    use crate::control::wire::token::AuthKeyToken;
 
     const T0: i64 = 1_700_000_000;
 

@@ -1,5 +1,5 @@
 //! The control server's state machine: registration, login, logout, admin
-//! operations, timers. No sockets: the driver ([`super::server`]) feeds it
+//! operations, timers. No sockets: the driver ([`crate::control::server`]) feeds it
 //! events with the current time and sends what it puts in its outbox.
 //!
 //! It owns the [`Store`] (every change is written through before it is
@@ -15,11 +15,13 @@ use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::fmt_time;
-use super::netmap::{Engine, NodeEntry};
-use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name};
-use super::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
-use super::token::{AuthKeyToken, hash_secret};
+use crate::control::fmt_time;
+use crate::control::server::netmap::{Engine, NodeEntry};
+use crate::control::server::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
+use crate::control::wire::proto::{
+    ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name,
+};
+use crate::control::wire::token::{AuthKeyToken, hash_secret};
 use crate::daemon::identity::Identity;
 use crate::dataplane::wg;
 use crate::key::Key;
@@ -62,7 +64,7 @@ pub struct HubConfig {
 impl HubConfig {
     pub fn new(url: &str, server_public: Key) -> HubConfig {
         HubConfig {
-            domain: super::DEFAULT_DOMAIN.into(),
+            domain: crate::control::DEFAULT_DOMAIN.into(),
             url: url.into(),
             server_public,
             node_key_expiry: Duration::from_secs(180 * 86400),
@@ -1404,7 +1406,7 @@ fn msg_name(m: &ClientMsg) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::proto::{MapFull, NetMap, ServerMsg};
+    use crate::control::wire::proto::{MapFull, NetMap, ServerMsg};
 
     fn hub() -> Hub {
         let mut cfg = HubConfig::new("http://127.0.0.1:1", [1; 32]);
@@ -1708,7 +1710,7 @@ mod tests {
         let e = h.admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() }, 1000).unwrap_err();
         assert!(e.contains("bad.toml:") && e.contains("stays in force"), "{e}");
         assert_eq!(h.policy_version(), before);
-        let team = include_str!("../../policies/team.toml");
+        let team = include_str!("../../../../policies/team.toml");
         let v = h.admin(AdminRequest::PolicySet { text: team.into(), name: "team.toml".into() }, 1000).unwrap();
         assert_eq!(v["version"], before + 1);
         // Same text again: no new version.

@@ -1,11 +1,11 @@
 //! Nodes that join by signing in with the identity provider (issue 13).
-//! The OIDC exchange itself happens outside the hub ([`crate::control::oidc`]);
+//! The OIDC exchange itself happens outside the hub ([`crate::control::server::oidc`]);
 //! the hub only sees its verified outcome, never anything a node claims.
 
 use std::net::SocketAddr;
 
 use super::{ConnId, ErrorCode, HostInfo, Hub, NodeOwner, check_hostinfo, internal, valid_user_name};
-use crate::control::oidc::SignedIn;
+use crate::control::server::oidc::SignedIn;
 use crate::key::Key;
 
 impl Hub {
@@ -88,8 +88,8 @@ impl Hub {
 mod tests {
     use super::super::{HubConfig, Out};
     use super::*;
-    use crate::control::proto::{ClientMsg, ServerMsg};
-    use crate::control::store::Store;
+    use crate::control::server::store::Store;
+    use crate::control::wire::proto::{ClientMsg, ServerMsg};
 
     fn msgs(h: &mut Hub, conn: ConnId) -> Vec<ServerMsg> {
         h.take_outputs()
