@@ -278,12 +278,12 @@ pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
             let key = match p.ssh_host_key.as_deref().map(canonical_ssh_host_key).transpose() {
                 Ok(k) => k,
                 Err(e) => {
-                    tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                    tracing::warn!(peer = %crate::key::ShortKey(p.node_key), "peer left out of known_hosts and the directory: {e}");
                     return None;
                 }
             };
             if let Err(e) = check_node_name(&p.name) {
-                tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                tracing::warn!(peer = %crate::key::ShortKey(p.node_key), "peer left out of known_hosts and the directory: {e}");
                 return None;
             }
             Some(Entry { online: Some(p.online), ..Entry::from_identity(p.identity(), p.ips.clone(), key) })

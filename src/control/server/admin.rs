@@ -424,7 +424,7 @@ fn direct(state_dir: &Path, req: AdminRequest) -> Result<Value> {
         cfg.default_auth_key_expiry = Duration::from_secs(s);
     }
     let mut hub = Hub::open(store, cfg, None, unix_now())?;
-    hub.admin(req, unix_now()).map_err(|e| anyhow!(e))
+    Ok(hub.admin(req, unix_now())?)
 }
 
 fn s(v: &Value) -> String {

@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
+use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, HubError, Out};
 use crate::control::server::oidc::{Oidc, SignedIn};
 use crate::control::server::store::{Store, ensure_private_dir};
 use crate::control::wire::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
@@ -49,7 +49,7 @@ pub mod totp;
 use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, ShortKey};
 
 /// A byte stream the server can serve (TCP, or in-memory in tests).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -274,7 +274,7 @@ enum HubCmd {
     Hello { conn: ConnId, node_key: Key, msg: ClientMsg, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
     Msg { conn: ConnId, node: i64, msg: ClientMsg },
     Disconnected { conn: ConnId, node: i64 },
-    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, String>> },
+    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, HubError>> },
     RelayAllowed { key: Key, reply: oneshot::Sender<bool> },
     SignedIn { conn: ConnId, node_key: Key, hello: signin::Hello, who: SignedIn, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
     PolicyFile { text: String, name: String },
@@ -490,7 +490,7 @@ impl ControlServer {
     }
 
     /// Runs an admin operation in-process (what the admin socket does).
-    pub async fn admin(&self, req: AdminRequest) -> Result<Value, String> {
+    pub async fn admin(&self, req: AdminRequest) -> Result<Value, HubError> {
         admin_call(&self.shared, req).await
     }
 
@@ -622,9 +622,9 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
                 let register = matches!(msg, ClientMsg::Register { .. });
                 let r = hub.hello(conn, node_key, msg, now);
                 match &r {
-                    Err((_, m)) => {
+                    Err(HubError { message: m, .. }) => {
                         inc(&metrics.hellos_refused);
-                        tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                        tracing::info!(peer = %ShortKey(node_key), "control: refused node: {m}");
                     }
                     Ok(_) if register => inc(&metrics.registrations),
                     Ok(_) => inc(&metrics.logins),
@@ -634,8 +634,8 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
             HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
                 conns.insert(conn, tx);
                 let r = hub.hello_signed_in(conn, node_key, &hello.hostname, hello.ssh_host_key, hello.endpoints, &who, now);
-                if let Err((_, m)) = &r {
-                    tracing::info!("control: refused signed-in node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                if let Err(HubError { message: m, .. }) = &r {
+                    tracing::info!(peer = %ShortKey(node_key), "control: refused signed-in node: {m}");
                 }
                 let _ = reply.send(r.ok());
             }
@@ -682,10 +682,11 @@ fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out) {
     }
 }
 
-async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String> {
+async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, HubError> {
+    let down = || HubError::new(ErrorCode::Internal, "the control server is shutting down; try again once it is back");
     let (tx, rx) = oneshot::channel();
-    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| "control server is shutting down".to_string())?;
-    rx.await.map_err(|_| "control server is shutting down".to_string())?
+    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| down())?;
+    rx.await.map_err(|_| down())?
 }
 
 // --- side tasks -----------------------------------------------------------------
@@ -784,7 +785,7 @@ async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
                         .unwrap_or_else(|_| Err("audit query failed".into()))
                 } else {
                     match serde_json::from_str::<AdminRequest>(&line) {
-                        Ok(req) => admin_call(&shared, req).await,
+                        Ok(req) => admin_call(&shared, req).await.map_err(|e| e.message),
                         Err(e) => Err(format!("bad admin request: {e}")),
                     }
                 };
@@ -929,7 +930,7 @@ async fn control_session<S: Stream>(
     let (mut chan, node_key, msg2) =
         noise::respond(&shared.private, &msg1, wire, shared.opts.max_client_frame).map_err(|e| e.to_string())?;
     w.write_all(&msg2).await.map_err(|e| e.to_string())?;
-    let who = format!("{peer} (node {})", &wg::key_to_base64(&node_key)[..8]);
+    let who = format!("{peer} (node {})", ShortKey(node_key));
 
     // 3. First message: register or login.
     let first = tokio::time::timeout(timeout, async {
@@ -980,7 +981,11 @@ async fn control_session<S: Stream>(
     drop(permit);
 
     // 4. Message loop.
-    let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks).await;
+    // Every line the session logs carries the connection and the peer.
+    let span = tracing::info_span!("control_conn", conn, peer = %ShortKey(node_key));
+    let result =
+        tracing::Instrument::instrument(session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks), span)
+            .await;
     drop(acks);
     if let Some(node) = node {
         let _ = shared.hub.send(HubCmd::Disconnected { conn, node }).await;

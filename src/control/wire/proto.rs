@@ -215,6 +215,10 @@ pub enum ErrorCode {
     HostInfo,
     /// Signing in with the identity provider failed or was refused.
     SignIn,
+    /// An admin request that cannot be done as asked.
+    Invalid,
+    /// An admin request names a user, node or auth key that does not exist.
+    NotFound,
     #[serde(other)]
     Other,
 }
