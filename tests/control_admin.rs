@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use tailgate::control::admin::execute;
-use tailgate::control::hub::AdminRequest;
+use tailgate::control::server::admin::execute;
+use tailgate::control::server::hub::AdminRequest;
 use tailgate::control::{AuthKeyToken, ControlServer};
 use util::*;
 
@@ -163,7 +163,7 @@ async fn the_policy_file_is_hot_reloaded_and_a_bad_one_never_wins() {
     let failing = policy_v2().replace("accept = [\"root\"]\n\n[[tests]]", "deny = [\"root\"]\n\n[[tests]]");
     assert_ne!(failing, policy_v2());
     let e = s.admin(AdminRequest::PolicySet { text: failing.clone(), name: "f.toml".into() }).await.unwrap_err();
-    assert!(e.contains("test failed"), "{e}");
+    assert!(e.message.contains("test failed"), "{e}");
     write_file(&file, &failing).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(admin(&s, AdminRequest::PolicyGet).await["version"].as_u64().unwrap(), v1 + 1);

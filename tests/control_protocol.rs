@@ -9,8 +9,8 @@ mod util;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tailgate::control::hub::AdminRequest;
-use tailgate::control::proto::ErrorCode;
+use tailgate::control::server::hub::AdminRequest;
+use tailgate::control::wire::proto::ErrorCode;
 use tailgate::control::{ControlError, ControlTarget};
 use tailgate::dataplane::wg;
 use tailgate::policy::Action;
@@ -117,7 +117,7 @@ async fn a_policy_change_reaches_every_node_as_a_delta() {
 
     // A bad policy is refused with the reason; the good one stays.
     let e = s.admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() }).await.unwrap_err();
-    assert!(e.contains("bad.toml:") && e.contains("stays in force"), "{e}");
+    assert!(e.code == ErrorCode::Invalid && e.message.contains("bad.toml:") && e.message.contains("stays in force"), "{e}");
     let pol = admin(&s, AdminRequest::PolicyGet).await;
     assert_eq!(pol["text"].as_str().unwrap(), POLICY_V1);
     s.shutdown().await;
@@ -210,7 +210,7 @@ async fn rename_endpoints_tags_and_expiry_flow_to_peers() {
     let d = p.wait_for("own new name", |m| m.self_node.name == "db1").await;
     assert!(d.iter().any(|d| d.self_node.is_some()));
     let e = s.admin(AdminRequest::NodesRename { node: "db1".into(), name: "laptop".into() }).await.unwrap_err();
-    assert!(e.contains("taken"), "{e}");
+    assert!(e.code == ErrorCode::Invalid && e.message.contains("taken"), "{e}");
 
     // Endpoints reported by a node reach its peers.
     let ep: std::net::SocketAddr = "198.51.100.9:5555".parse().unwrap();
@@ -349,7 +349,7 @@ async fn a_host_key_with_extra_lines_is_refused_and_reaches_no_peer() {
 /// the directory and `ssh-config` rather than writing them.
 #[tokio::test]
 async fn clients_check_names_and_host_keys_again_before_writing_them() {
-    use tailgate::control::proto::{MapFull, PeerInfo, PolicyInfo, SelfInfo};
+    use tailgate::control::wire::proto::{MapFull, PeerInfo, PolicyInfo, SelfInfo};
     let peer = |n: u8, name: &str, key: Option<String>| PeerInfo {
         node_id: n as u64,
         node_key: [n; 32],
@@ -469,7 +469,7 @@ async fn tagging_a_node_changes_who_sees_it() {
     a.wait_for("prod1", |m| m.peer_by_name("prod1").is_some()).await;
     assert!(a.client.netmap().peer_by_name("laptop-2").is_none());
     let e = s.admin(AdminRequest::NodesTag { node: "laptop-2".into(), tags: vec!["tag:nope".into()] }).await.unwrap_err();
-    assert!(e.contains("not declared"), "{e}");
+    assert!(e.message.contains("not declared"), "{e}");
     admin(&s, AdminRequest::NodesTag { node: "laptop-2".into(), tags: vec!["tag:prod".into()] }).await;
     // bob's laptop is now a prod server: alice (admin) sees it, it has no user.
     a.wait_for("bob's laptop as a prod server", |m| m.peer_by_name("laptop-2").is_some_and(|p| p.user.is_none())).await;

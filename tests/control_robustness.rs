@@ -9,11 +9,11 @@ mod util;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tailgate::control::frame::WireDecoder;
-use tailgate::control::hub::AdminRequest;
-use tailgate::control::noise::{Initiator, SecureChannel};
-use tailgate::control::proto::{ClientMsg, ErrorCode, NetMap, ServerMsg};
-use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, NodeHello, http};
+use tailgate::control::server::hub::AdminRequest;
+use tailgate::control::wire::frame::WireDecoder;
+use tailgate::control::wire::noise::{Initiator, SecureChannel};
+use tailgate::control::wire::proto::{ClientMsg, ErrorCode, NetMap, ServerMsg};
+use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, NodeHello, wire::http};
 use tailgate::dataplane::wg;
 use tailgate::key::Key;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

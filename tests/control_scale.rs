@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tailgate::control::admin::execute;
-use tailgate::control::hub::AdminRequest;
-use tailgate::control::proto::{MapFull, ServerMsg};
+use tailgate::control::server::admin::execute;
+use tailgate::control::server::hub::AdminRequest;
+use tailgate::control::wire::proto::{MapFull, ServerMsg};
 use tailgate::control::{AuthKeyToken, ControlClient, ControlServer, ControlTarget, NetMap, NodeHello, ServerOptions};
 use tailgate::dataplane::wg;
 

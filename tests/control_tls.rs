@@ -15,7 +15,7 @@ use std::path::Path;
 
 use certs::make_certs;
 use common::*;
-use tailgate::control::tls::TlsSource;
+use tailgate::control::server::tls::TlsSource;
 use tailgate::control::{ControlError, ControlServer, ControlTarget};
 use tailgate::dataplane::wg;
 use tailgate::relay::RelayClient;

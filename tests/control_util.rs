@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use tailgate::control::hub::AdminRequest;
+use tailgate::control::server::hub::AdminRequest;
 use tailgate::control::{
     AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions,
 };

@@ -8,7 +8,7 @@ mod util;
 
 use std::time::Duration;
 
-use tailgate::control::hub::AdminRequest;
+use tailgate::control::server::hub::AdminRequest;
 use tailgate::dataplane::wg;
 use tailgate::key::Key;
 use tailgate::relay::{RelayClient, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};

@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::control::frame::{FrameDecoder, FrameError, WireDecoder, encode_frame, encode_wire};
+use tailgate::control::wire::frame::{FrameDecoder, FrameError, WireDecoder, encode_frame, encode_wire};
 
 /// Input layout (simple, so seeds can be written by hand):
 /// `max (u16 BE) | n (u8) | n chunk sizes (u8 each, cycled; 0 = an empty

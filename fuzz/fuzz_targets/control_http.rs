@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::control::http::{MAX_HEAD, parse_request, parse_response};
+use tailgate::control::wire::http::{MAX_HEAD, parse_request, parse_response};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((head, n))) = parse_request(data) {

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::control::proto::{ClientMsg, MapDelta, MapFull, NetMap, PolicyInfo, SelfInfo, ServerMsg};
+use tailgate::control::wire::proto::{ClientMsg, MapDelta, MapFull, NetMap, PolicyInfo, SelfInfo, ServerMsg};
 use tailgate::dataplane::wg::Wg;
 
 fn base() -> NetMap {

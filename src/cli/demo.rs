@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use crate::control::hub::AdminRequest;
+use crate::control::server::hub::AdminRequest;
 use crate::control::{ControlServer, ServerOptions};
 use crate::daemon::agent::{self, AgentOptions};
 
@@ -52,7 +52,7 @@ pub struct DemoArgs {
 
 /// The first complete recording at control, waiting up to 15 s.
 async fn wait_shipped(ctl_dir: &std::path::Path) -> Option<String> {
-    use crate::control::audit::{AuditRequest, handle};
+    use crate::control::server::audit::{AuditRequest, handle};
     for _ in 0..60 {
         let d = ctl_dir.to_path_buf();
         let v = tokio::task::spawn_blocking(move || handle(&d, &AuditRequest::Recordings { filter: Default::default() })).await.ok()?;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::control::proto::check_node_name;
+use crate::control::wire::proto::check_node_name;
 use crate::daemon::agent::KNOWN_HOSTS_FILE;
 use crate::daemon::directory::{Directory, check_domain};
 

@@ -37,14 +37,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
-use super::http;
-use super::noise::{ChannelError, Initiator, SecureChannel};
-use super::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg, ShipAck};
 use super::server::Stream;
-use super::token::AuthKeyToken;
 use super::transport::{ControlUrl, DialError};
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
+use crate::control::wire::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
+use crate::control::wire::http;
+use crate::control::wire::noise::{ChannelError, Initiator, SecureChannel};
+use crate::control::wire::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg, ShipAck};
+use crate::control::wire::token::AuthKeyToken;
 use crate::dataplane::wg;
 use crate::key::Key;
 

@@ -1,48 +1,34 @@
 //! The coordination server (`tailgate control`) and the node's client for it.
 //!
 //! Layout, sans-IO cores first:
-//! - [`frame`]: length-prefixed, versioned frames; the Noise transport framing.
-//! - [`noise`]: the Noise IK handshake and the encrypted channel over `snow`.
-//! - [`http`]: the HTTP/1.1 request head that precedes the upgrade.
-//! - [`proto`]: the messages (JSON) and the node's [`NetMap`].
-//! - [`netmap`]: who sees whom (policy → visibility), full maps and deltas.
-//! - [`token`]: auth-key tokens (`tg1-…`) that embed URL and server key.
+//! - [`wire`]: what a node and the server (and the relay) both speak:
+//!   [`wire::frame`] (length-prefixed, versioned frames), [`wire::noise`]
+//!   (the Noise IK channel over `snow`), [`wire::http`] (the request head
+//!   before the upgrade), [`wire::proto`] (the JSON messages and the node's
+//!   [`NetMap`]), and [`wire::token`] (`tg1-…` auth keys).
+//! - [`server`]: the coordination server: its tokio driver (listener,
+//!   upgrade dispatch, connections, admin socket, policy watcher) and, under
+//!   it, [`server::hub`] (the state machine: registration, login, admin ops,
+//!   timers; no sockets), [`server::netmap`] (who sees whom, full maps and
+//!   deltas), [`server::store`] (SQLite), [`server::audit`], [`server::oidc`],
+//!   [`server::totp`], [`server::tls`], [`server::metrics`] and
+//!   [`server::admin`] (the `tailgate control …` command line).
 //! - [`transport`]: the node's dialer (TCP, TLS for `https://`), shared by
 //!   the control and relay clients.
-//! - [`store`]: SQLite persistence (users, nodes, auth keys, policy, audit).
-//! - [`hub`]: the server's state machine (registration, login, admin ops,
-//!   timers) over the store and the netmap engine; no sockets.
-//! - [`server`]: the tokio driver: listener, upgrade dispatch, connections,
-//!   admin socket, policy file watcher.
-//! - [`tls`]: TLS on the control port (certificate files or ACME).
 //! - [`client`]: [`ControlClient`], what a node uses to join and follow its map.
-//! - [`admin`]: the `tailgate control …` command line.
 //!
 //! Design notes live in ARCHITECTURE.md, section `control`.
 
-pub mod admin;
-pub mod audit;
 pub mod client;
-pub mod frame;
-pub mod http;
-pub mod hub;
-pub mod metrics;
-pub mod netmap;
-pub mod noise;
-pub mod oidc;
-pub mod proto;
 pub mod server;
-pub mod store;
-pub mod tls;
-pub mod token;
-pub mod totp;
 pub mod transport;
+pub mod wire;
 
-pub use admin::{ControlArgs, admin_main};
 pub use client::{CheckAnswer, CheckHandle, ControlClient, ControlError, ControlTarget, NodeHello};
-pub use proto::{MapDelta, NetMap, PeerInfo, PolicyInfo, SelfInfo};
+pub use server::admin::{ControlArgs, admin_main};
 pub use server::{ControlServer, ServerOptions, run_server};
-pub use token::AuthKeyToken;
+pub use wire::proto::{MapDelta, NetMap, PeerInfo, PolicyInfo, SelfInfo};
+pub use wire::token::AuthKeyToken;
 
 /// Version of the control protocol spoken after the Noise handshake. Every
 /// frame carries it; a peer speaking another version is refused.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::control::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
+use crate::control::wire::proto::{PeerInfo, PolicyInfo, SelfInfo, canonical_ssh_host_key, check_node_name};
 use crate::control::{AuthKeyToken, ControlClient, ControlTarget, NetMap, NodeHello};
 use crate::daemon::config::{ensure_private_dir, write_secret};
 use crate::daemon::directory::{Directory, Entry};
@@ -285,12 +285,12 @@ pub fn directory_of(map: &NetMap, own_host_key: Option<String>) -> Directory {
             let key = match p.ssh_host_key.as_deref().map(canonical_ssh_host_key).transpose() {
                 Ok(k) => k,
                 Err(e) => {
-                    tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                    tracing::warn!(peer = %crate::key::ShortKey(p.node_key), "peer left out of known_hosts and the directory: {e}");
                     return None;
                 }
             };
             if let Err(e) = check_node_name(&p.name) {
-                tracing::warn!(peer = %wg::key_to_base64(&p.node_key), "peer left out of known_hosts and the directory: {e}");
+                tracing::warn!(peer = %crate::key::ShortKey(p.node_key), "peer left out of known_hosts and the directory: {e}");
                 return None;
             }
             Some(Entry { online: Some(p.online), ..Entry::from_identity(p.identity(), p.ips.clone(), key) })
@@ -408,7 +408,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     let node = Arc::new(Node::start(nc).await?);
     node.set_my_endpoints(local_endpoints(node.udp_addr()));
     // The control server answers STUN on the UDP port matching its TCP port.
-    if let Ok((host, port)) = crate::control::token::parse_url(&target.url)
+    if let Ok((host, port)) = crate::control::wire::token::parse_url(&target.url)
         && let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await
     {
         let stun = stun_server_of(addrs.collect(), node.udp_addr());

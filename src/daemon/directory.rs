@@ -34,7 +34,7 @@ impl Entry {
 /// name alphabet. It is appended to names in `known_hosts` and ssh_config,
 /// so it must not carry spaces, commas, wildcards or line breaks.
 pub fn check_domain(d: &str) -> Result<(), String> {
-    if d.len() <= 253 && d.split('.').all(|l| crate::control::proto::check_node_name(l).is_ok()) {
+    if d.len() <= 253 && d.split('.').all(|l| crate::control::wire::proto::check_node_name(l).is_ok()) {
         Ok(())
     } else {
         Err(format!("{:?} is not a domain (lowercase letters, digits, '-' and '.')", d.chars().take(80).collect::<String>()))

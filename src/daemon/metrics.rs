@@ -233,7 +233,7 @@ pub async fn listen(addr: SocketAddr, render: Render) -> anyhow::Result<(SocketA
 }
 
 async fn serve_one(mut s: tokio::net::TcpStream, render: Render) {
-    use crate::control::http;
+    use crate::control::wire::http;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     let head = loop {

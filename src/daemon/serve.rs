@@ -43,7 +43,7 @@ pub fn serve_ssh(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: Polic
                     tokio::spawn(srv.clone().serve(stream, key, resolver.clone()));
                 }
                 None => {
-                    tracing::warn!(from = %stream.peer_addr(), key = %wg::key_to_base64(&key), "ssh from a peer with no identity; reset");
+                    tracing::warn!(from = %stream.peer_addr(), peer = %crate::key::ShortKey(key), "ssh from a peer with no identity; reset");
                     stream.abort();
                 }
             }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::control::client::ShipLink;
-use crate::control::proto::{ClientMsg, ShipAck};
+use crate::control::wire::proto::{ClientMsg, ShipAck};
 use crate::ssh::journal::{Journal, Shared};
 
 /// Cursor file in the node's state directory.
@@ -328,7 +328,7 @@ impl Files {
         let names: Vec<String> = rd
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".cast")).map(String::from))
-            .filter(|s| crate::control::proto::valid_session_id(s) && !self.recordings.join(format!("{s}{SHIPPED_SUFFIX}")).exists())
+            .filter(|s| crate::control::wire::proto::valid_session_id(s) && !self.recordings.join(format!("{s}{SHIPPED_SUFFIX}")).exists())
             .collect();
         let open: HashSet<String> = shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut v = Vec::new();
@@ -668,8 +668,8 @@ mod tests {
         let mut c = ShipCore::new(Cursors::default());
         let m = c.next_chunk(&[RecFile { session, size: data.len() as u64, open: false }], &mut rd).unwrap();
         let json = serde_json::to_vec(&m.msg).unwrap();
-        assert!(json.len() <= crate::control::frame::DEFAULT_MAX_CLIENT_FRAME, "{} bytes", json.len());
-        assert!(json.len() > crate::control::frame::DEFAULT_MAX_CLIENT_FRAME * 9 / 10, "chunks should fill frames: {}", json.len());
+        assert!(json.len() <= crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME, "{} bytes", json.len());
+        assert!(json.len() > crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME * 9 / 10, "chunks should fill frames: {}", json.len());
     }
 
     #[test]

@@ -36,11 +36,11 @@ use tokio::time::Instant;
 use super::RELAY_PATH;
 use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME};
 use crate::control::UPGRADE_RELAY;
-use crate::control::frame::WireDecoder;
-use crate::control::http;
-use crate::control::noise::{Initiator, SecureChannel};
 use crate::control::server::Stream;
 use crate::control::transport::{ControlUrl, DialError, dial};
+use crate::control::wire::frame::WireDecoder;
+use crate::control::wire::http;
+use crate::control::wire::noise::{Initiator, SecureChannel};
 use crate::key::Key;
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -6,7 +6,7 @@
 //!
 //! 1. The node sends `GET /tailgate/relay` with `Upgrade: tailgate-relay`
 //!    on the control server's port; the relay answers `101`.
-//! 2. Noise IK exactly as the control protocol ([`crate::control::noise`]):
+//! 2. Noise IK exactly as the control protocol ([`crate::control::wire::noise`]):
 //!    the node's static key is its WireGuard key, the server's key is pinned
 //!    (the same key as the control server). The relay thereby learns the
 //!    node key, authenticated.

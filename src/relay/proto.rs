@@ -1,7 +1,7 @@
 //! Relay frames, sans-IO.
 //!
 //! After the HTTP upgrade and the Noise IK handshake (see [`super`]), both
-//! directions carry [`crate::control::frame`] frames inside the Noise channel,
+//! directions carry [`crate::control::wire::frame`] frames inside the Noise channel,
 //! exactly as the control protocol does; the payload of each frame is one
 //! binary relay frame (not JSON: it sits on the data path):
 //!
@@ -25,7 +25,7 @@ pub const MAX_DATAGRAM: usize = 65_535;
 /// Largest `Closing` reason.
 pub const MAX_REASON: usize = 1024;
 /// Largest relay frame (type + key + datagram): the frame limit both ends
-/// give their [`crate::control::noise::SecureChannel`].
+/// give their [`crate::control::wire::noise::SecureChannel`].
 pub const MAX_FRAME: usize = 1 + 32 + MAX_DATAGRAM;
 
 const T_SEND: u8 = 1;

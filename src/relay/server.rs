@@ -29,10 +29,10 @@ use super::auth::NodeAuthorizer;
 use super::limits::{DatagramQueue, TokenBucket};
 use super::proto::{Frame, MAX_FRAME};
 use crate::control::UPGRADE_RELAY;
-use crate::control::frame::WireDecoder;
-use crate::control::http::{self, RequestHead};
-use crate::control::noise::{self, SecureChannel};
 use crate::control::server::{PreAuthPermit, Stream, UpgradeHandler};
+use crate::control::wire::frame::WireDecoder;
+use crate::control::wire::http::{self, RequestHead};
+use crate::control::wire::noise::{self, SecureChannel};
 use crate::dataplane::wg;
 use crate::key::Key;
 

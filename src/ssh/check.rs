@@ -20,7 +20,7 @@ use russh::{MethodKind, MethodSet};
 
 use super::audit::EventKind;
 use super::handler::ConnCtx;
-use crate::control::proto::CheckOutcome;
+use crate::control::wire::proto::CheckOutcome;
 use crate::control::{CheckAnswer, CheckHandle};
 use crate::daemon::identity::Identity;
 use crate::dataplane::wg;

@@ -1,7 +1,7 @@
 //! The control server's side of joining by signing in with the identity
 //! provider (issue 13): the `/oidc/*` pages and the wait of a node's
 //! connection for its person to sign in. The OIDC protocol is in
-//! [`crate::control::oidc`].
+//! [`crate::control::server::oidc`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,10 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::{HubCmd, Shared, seal};
-use crate::control::http;
-use crate::control::noise::SecureChannel;
-use crate::control::oidc::{Oidc, SignedIn};
-use crate::control::proto::{ClientMsg, ServerOut};
+use crate::control::server::oidc::{Oidc, SignedIn};
+use crate::control::wire::http;
+use crate::control::wire::noise::SecureChannel;
+use crate::control::wire::proto::{ClientMsg, ServerOut};
 use crate::key::Key;
 
 /// What a signing-in node said about itself.

@@ -97,9 +97,9 @@ pub fn hash_secret(secret: &str) -> String {
 }
 
 /// Splits `http[s]://host:port[/]` into (host, port). `https://` means
-/// TLS around the Noise channel (see [`super::transport`]).
+/// TLS around the Noise channel (see [`crate::control::transport`]).
 pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    super::transport::ControlUrl::parse(url).map(|u| (u.host, u.port))
+    crate::control::transport::ControlUrl::parse(url).map(|u| (u.host, u.port))
 }
 
 #[cfg(test)]

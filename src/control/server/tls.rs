@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::server::Stream;
+use crate::control::server::Stream;
 
 /// Where the control port's certificate comes from.
 #[derive(Clone, Debug)]
@@ -154,7 +154,7 @@ fn acme_config(a: &AcmeOptions, state_dir: &Path, mut shutdown: tokio::sync::wat
     let roots = match &a.directory_ca {
         Some(ca) => {
             let pem = std::fs::read_to_string(ca).with_context(|| format!("--acme-ca: reading {}", ca.display()))?;
-            super::transport::parse_ca(&pem).map_err(|e| anyhow::anyhow!("--acme-ca {}: {e}", ca.display()))?
+            crate::control::transport::parse_ca(&pem).map_err(|e| anyhow::anyhow!("--acme-ca {}: {e}", ca.display()))?
         }
         None => {
             let mut roots = rustls::RootCertStore::empty();

@@ -4,7 +4,7 @@
 //! `type` field (`{"type":"login", ...}`). Keys are standard base64 (as in
 //! wg-quick files). Unknown fields are ignored so either side can add
 //! optional fields without a version bump; removing or retyping one needs a
-//! new [`super::PROTOCOL_VERSION`].
+//! new [`crate::control::PROTOCOL_VERSION`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -215,6 +215,10 @@ pub enum ErrorCode {
     HostInfo,
     /// Signing in with the identity provider failed or was refused.
     SignIn,
+    /// An admin request that cannot be done as asked.
+    Invalid,
+    /// An admin request names a user, node or auth key that does not exist.
+    NotFound,
     #[serde(other)]
     Other,
 }

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
 use super::chain::{Verdict, judge};
-use crate::control::proto::{ShipAck, valid_session_id};
+use crate::control::wire::proto::{ShipAck, valid_session_id};
 use crate::ssh::journal::line_hash;
 
 /// Sends an ack to the node's connection (dropped if it is gone).

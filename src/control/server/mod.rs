@@ -28,19 +28,28 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
-use super::http::{self, RequestHead};
-use super::hub::{AdminRequest, ConnId, Hub, HubConfig, Out};
-use super::noise::{self, ChannelError, SecureChannel};
-use super::oidc::{Oidc, SignedIn};
-use super::proto::{ClientMsg, ErrorCode, ServerOut};
-use super::store::{Store, ensure_private_dir};
+use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, HubError, Out};
+use crate::control::server::oidc::{Oidc, SignedIn};
+use crate::control::server::store::{Store, ensure_private_dir};
+use crate::control::wire::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
+use crate::control::wire::http::{self, RequestHead};
+use crate::control::wire::noise::{self, ChannelError, SecureChannel};
+use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
 
+pub mod admin;
+pub mod audit;
+pub mod hub;
+pub mod metrics;
+pub mod netmap;
+pub mod oidc;
 mod signin;
-use super::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
+pub mod store;
+pub mod tls;
+pub mod totp;
+use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, ShortKey};
 
 /// A byte stream the server can serve (TCP, or in-memory in tests).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -167,11 +176,11 @@ pub struct ServerOptions {
     pub endpoint_burst: u32,
     pub endpoint_interval: Duration,
     /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
-    pub tls: Option<super::tls::TlsSource>,
+    pub tls: Option<crate::control::server::tls::TlsSource>,
     /// A second listener serving only `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
-    pub oidc: Option<super::oidc::OidcConfig>,
+    pub oidc: Option<crate::control::server::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
     /// Limits of the built-in relay (`--relay-rate`).
@@ -185,7 +194,7 @@ impl ServerOptions {
             state_dir: state_dir.into(),
             policy_file: None,
             url: None,
-            domain: super::DEFAULT_DOMAIN.into(),
+            domain: crate::control::DEFAULT_DOMAIN.into(),
             node_key_expiry: Duration::from_secs(180 * 86400),
             ephemeral_grace: Duration::from_secs(30),
             default_auth_key_expiry: Duration::from_secs(7 * 86400),
@@ -268,7 +277,7 @@ enum HubCmd {
     Hello { conn: ConnId, node_key: Key, msg: ClientMsg, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
     Msg { conn: ConnId, node: i64, msg: ClientMsg },
     Disconnected { conn: ConnId, node: i64 },
-    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, String>> },
+    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, HubError>> },
     RelayAllowed { key: Key, reply: oneshot::Sender<bool> },
     SignedIn { conn: ConnId, node_key: Key, hello: signin::Hello, who: SignedIn, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
     PolicyFile { text: String, name: String },
@@ -278,7 +287,7 @@ enum HubCmd {
 
 struct Shared {
     hub: mpsc::Sender<HubCmd>,
-    metrics: Arc<super::metrics::ControlMetrics>,
+    metrics: Arc<crate::control::server::metrics::ControlMetrics>,
     relay: Option<Arc<crate::relay::RelayServer>>,
     oidc: Option<Arc<Oidc>>,
     preauth: Arc<PreAuthLimits>,
@@ -287,7 +296,7 @@ struct Shared {
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Stores what nodes ship (audit events, recordings), off the hub thread.
-    ingest: super::audit::ingest::Ingest,
+    ingest: crate::control::server::audit::ingest::Ingest,
 }
 
 /// A running control server (in-process handle).
@@ -306,9 +315,9 @@ pub struct ControlServer {
     _lock: DirLock,
 }
 
-fn default_url(listen: SocketAddr, tls: Option<&super::tls::TlsSource>) -> String {
+fn default_url(listen: SocketAddr, tls: Option<&crate::control::server::tls::TlsSource>) -> String {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    if let Some(super::tls::TlsSource::Acme(a)) = tls {
+    if let Some(crate::control::server::tls::TlsSource::Acme(a)) = tls {
         // The certificate names only this domain.
         return if listen.port() == 443 { format!("https://{}", a.domain) } else { format!("https://{}:{}", a.domain, listen.port()) };
     }
@@ -347,7 +356,7 @@ impl ControlServer {
         };
         let stun_addr = stun.as_ref().and_then(|s| s.local_addr().ok());
         let url = opts.url.clone().unwrap_or_else(|| default_url(addr, opts.tls.as_ref()));
-        super::token::parse_url(&url).map_err(|e| anyhow!(e))?;
+        crate::control::wire::token::parse_url(&url).map_err(|e| anyhow!(e))?;
         let oidc = match opts.oidc.clone() {
             Some(cfg) => {
                 let u = url.clone();
@@ -374,14 +383,14 @@ impl ControlServer {
         let hub = Hub::open(store, cfg, policy, unix_now())?;
 
         // After Hub::open: the store has run the migrations.
-        let (ingest, _ingest_thread) = super::audit::ingest::start(&opts.state_dir)?;
+        let (ingest, _ingest_thread) = crate::control::server::audit::ingest::start(&opts.state_dir)?;
         let (hub_tx, hub_rx) = mpsc::channel(opts.hub_queue.max(1));
-        let metrics = Arc::new(super::metrics::ControlMetrics::default());
+        let metrics = Arc::new(crate::control::server::metrics::ControlMetrics::default());
         let hub_metrics = metrics.clone();
         let hub_thread = std::thread::Builder::new().name("control-hub".into()).spawn(move || hub_loop(hub, hub_rx, hub_metrics))?;
         let (stop, shutdown) = watch::channel(false);
         let tls = match &opts.tls {
-            Some(src) => Some(super::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
+            Some(src) => Some(crate::control::server::tls::TlsAcceptor::start(src, &opts.state_dir, shutdown.clone())?),
             None => None,
         };
         // The relay (issue 6) on this port, unless the caller brought one.
@@ -411,7 +420,7 @@ impl ControlServer {
         tasks.push(tokio::spawn(accept_loop(listener, tls, shared.clone())));
         tasks.push(tokio::spawn(tick_loop(shared.clone())));
         if let Some(r) = opts.retention {
-            tasks.push(tokio::spawn(super::audit::ingest::retention_loop(shared.ingest.clone(), r)));
+            tasks.push(tokio::spawn(crate::control::server::audit::ingest::retention_loop(shared.ingest.clone(), r)));
         }
         if let Some(s) = stun {
             tasks.push(tokio::spawn(s.run()));
@@ -485,7 +494,7 @@ impl ControlServer {
     }
 
     /// Runs an admin operation in-process (what the admin socket does).
-    pub async fn admin(&self, req: AdminRequest) -> Result<Value, String> {
+    pub async fn admin(&self, req: AdminRequest) -> Result<Value, HubError> {
         admin_call(&self.shared, req).await
     }
 
@@ -606,8 +615,8 @@ fn relay_auth(hub: &mpsc::Sender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorize
 
 // --- hub thread ---------------------------------------------------------------
 
-fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::metrics::ControlMetrics>) {
-    use super::metrics::inc;
+fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::control::server::metrics::ControlMetrics>) {
+    use crate::control::server::metrics::inc;
     let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
         let now = unix_now();
@@ -617,9 +626,9 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::me
                 let register = matches!(msg, ClientMsg::Register { .. });
                 let r = hub.hello(conn, node_key, msg, now);
                 match &r {
-                    Err((_, m)) => {
+                    Err(HubError { message: m, .. }) => {
                         inc(&metrics.hellos_refused);
-                        tracing::info!("control: refused node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                        tracing::info!(peer = %ShortKey(node_key), "control: refused node: {m}");
                     }
                     Ok(_) if register => inc(&metrics.registrations),
                     Ok(_) => inc(&metrics.logins),
@@ -629,8 +638,8 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<super::me
             HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
                 conns.insert(conn, tx);
                 let r = hub.hello_signed_in(conn, node_key, &hello.hostname, hello.ssh_host_key, hello.endpoints, &who, now);
-                if let Err((_, m)) = &r {
-                    tracing::info!("control: refused signed-in node {}: {m}", &wg::key_to_base64(&node_key)[..8]);
+                if let Err(HubError { message: m, .. }) = &r {
+                    tracing::info!(peer = %ShortKey(node_key), "control: refused signed-in node: {m}");
                 }
                 let _ = reply.send(r.ok());
             }
@@ -677,15 +686,16 @@ fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out) {
     }
 }
 
-async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, String> {
+async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, HubError> {
+    let down = || HubError::new(ErrorCode::Internal, "the control server is shutting down; try again once it is back");
     let (tx, rx) = oneshot::channel();
-    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| "control server is shutting down".to_string())?;
-    rx.await.map_err(|_| "control server is shutting down".to_string())?
+    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| down())?;
+    rx.await.map_err(|_| down())?
 }
 
 // --- side tasks -----------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, tls: Option<crate::control::server::tls::TlsAcceptor>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
@@ -694,7 +704,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>
                 // Over a cap: close at once (dropping the socket), before
                 // spending a task or a buffer on it.
                 let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
-                    super::metrics::inc(&shared.metrics.rejected_cap);
+                    crate::control::server::metrics::inc(&shared.metrics.rejected_cap);
                     tracing::debug!("control: {peer}: too many unauthenticated connections; closed");
                     continue;
                 };
@@ -711,11 +721,11 @@ async fn accept_loop(listener: TcpListener, tls: Option<super::tls::TlsAcceptor>
                         Ok(Ok(Some(s))) => handle_conn(s, peer.to_string(), shared, permit).await,
                         Ok(Ok(None)) => tracing::debug!("control: {peer}: answered an ACME validation"),
                         Ok(Err(e)) => {
-                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
                             tracing::debug!("control: {peer}: TLS handshake failed: {e}")
                         }
                         Err(_) => {
-                            super::metrics::inc(&shared.metrics.rejected_tls);
+                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
                             tracing::debug!("control: {peer}: no TLS handshake within the time limit")
                         }
                     }
@@ -774,14 +784,14 @@ async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
             while let Ok(Some(line)) = lines.next_line().await {
                 // Fleet-audit requests (tagged `audit_op`) are reads answered
                 // from their own connection, not by the hub thread.
-                let resp = if let Ok(req) = serde_json::from_str::<super::audit::AuditRequest>(&line) {
+                let resp = if let Ok(req) = serde_json::from_str::<crate::control::server::audit::AuditRequest>(&line) {
                     let dir = shared.opts.state_dir.clone();
-                    tokio::task::spawn_blocking(move || super::audit::handle(&dir, &req))
+                    tokio::task::spawn_blocking(move || crate::control::server::audit::handle(&dir, &req))
                         .await
                         .unwrap_or_else(|_| Err("audit query failed".into()))
                 } else {
                     match serde_json::from_str::<AdminRequest>(&line) {
-                        Ok(req) => admin_call(&shared, req).await,
+                        Ok(req) => admin_call(&shared, req).await.map_err(|e| e.message),
                         Err(e) => Err(format!("bad admin request: {e}")),
                     }
                 };
@@ -831,7 +841,7 @@ async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, per
     let (head, used) = match head {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            super::metrics::inc(&shared.metrics.rejected_request);
+            crate::control::server::metrics::inc(&shared.metrics.rejected_request);
             tracing::debug!("control: {peer}: bad request: {e}");
             write_and_close(&mut s, &http::simple_response(400, "Bad Request", "bad request\n")).await;
             return;
@@ -926,7 +936,7 @@ async fn control_session<S: Stream>(
     let (mut chan, node_key, msg2) =
         noise::respond(&shared.private, &msg1, wire, shared.opts.max_client_frame).map_err(|e| e.to_string())?;
     w.write_all(&msg2).await.map_err(|e| e.to_string())?;
-    let who = format!("{peer} (node {})", &wg::key_to_base64(&node_key)[..8]);
+    let who = format!("{peer} (node {})", ShortKey(node_key));
 
     // 3. First message: register or login.
     let first = tokio::time::timeout(timeout, async {
@@ -977,7 +987,11 @@ async fn control_session<S: Stream>(
     drop(permit);
 
     // 4. Message loop.
-    let result = session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks).await;
+    // Every line the session logs carries the connection and the peer.
+    let span = tracing::info_span!("control_conn", conn, peer = %ShortKey(node_key));
+    let result =
+        tracing::Instrument::instrument(session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks), span)
+            .await;
     drop(acks);
     if let Some(node) = node {
         let _ = shared.hub.send(HubCmd::Disconnected { conn, node }).await;
@@ -1032,7 +1046,7 @@ async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                                 _ => None,
                             };
                             if let Some(c) = sends {
-                                super::metrics::inc(c);
+                                crate::control::server::metrics::inc(c);
                                 m.map_bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
                             }
                         }
@@ -1089,14 +1103,15 @@ async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>,
         let msg = parse_client(&f)?;
         let msg = match (node, msg) {
             (Some(node), ClientMsg::AuditEvents { lines }) => {
-                let cmd = super::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
+                let cmd = crate::control::server::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
                 shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
                 continue;
             }
             (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
                 use base64::Engine;
                 let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| "recording chunk: bad base64".to_string())?;
-                let cmd = super::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
+                let cmd =
+                    crate::control::server::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
                 shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
                 continue;
             }
@@ -1112,7 +1127,7 @@ async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>,
 
 /// Acks go into the connection's outbound queue; a full queue (a node not
 /// reading) drops them: the node resends and the server dedupes.
-fn ack_reply(tx: &ConnTx) -> super::audit::ingest::Reply {
+fn ack_reply(tx: &ConnTx) -> crate::control::server::audit::ingest::Reply {
     let tx = tx.clone();
     Box::new(move |a| {
         let _ = tx.try_send(Outbound::Msg(ServerOut::ShipAck(a)));

@@ -8,11 +8,11 @@
 
 use serde_json::{Value, json};
 
-use super::{AdminRequest, ConnId, Hub, Out};
+use super::{AdminRequest, ConnId, Hub, HubError, Out};
 use crate::control::fmt_time;
-use crate::control::proto::{CheckOutcome, ClientMsg, ServerOut};
-use crate::control::store::CheckStateRow;
-use crate::control::totp;
+use crate::control::server::store::CheckStateRow;
+use crate::control::server::totp;
+use crate::control::wire::proto::{CheckOutcome, ClientMsg, ServerOut};
 use crate::key::Key;
 
 /// Wrong codes per (user, source node) before a lockout.
@@ -152,34 +152,34 @@ impl Hub {
     }
 
     /// `users totp enroll|reset|status`.
-    pub(super) fn totp_admin(&mut self, req: AdminRequest, now: i64) -> Result<Value, String> {
-        let st = |e: anyhow::Error| format!("store error: {e:#}");
-        let find = |h: &Hub, name: &str| -> Result<i64, String> {
+    pub(super) fn totp_admin(&mut self, req: AdminRequest, now: i64) -> Result<Value, HubError> {
+        let find = |h: &Hub, name: &str| -> Result<i64, HubError> {
             h.store
                 .user_by_name(name)
-                .map_err(st)?
+                .map_err(HubError::store)?
                 .map(|u| u.id)
-                .ok_or_else(|| format!("no user {name}; add them first: tailgate control users add {name}"))
+                .ok_or_else(|| HubError::not_found(format!("no user {name}; add them first: tailgate control users add {name}")))
         };
         match req {
             AdminRequest::TotpEnroll { user } => {
                 let id = find(self, &user)?;
-                if self.store.totp_get(id).map_err(st)?.is_some() {
-                    return Err(format!(
+                if self.store.totp_get(id).map_err(HubError::store)?.is_some() {
+                    return Err(HubError::invalid(format!(
                         "{user} is already enrolled; to replace the secret: tailgate control users totp reset {user}, then enroll again"
-                    ));
+                    )));
                 }
                 let secret = totp::new_secret();
-                let code = totp::code_at(&secret, now.max(0) as u64).map_err(|e| e.to_string())?;
-                self.store.totp_set(id, &secret, now).map_err(st)?;
+                let code = totp::code_at(&secret, now.max(0) as u64)
+                    .map_err(|e| HubError::new(crate::control::wire::proto::ErrorCode::Internal, e.to_string()))?;
+                self.store.totp_set(id, &secret, now).map_err(HubError::store)?;
                 self.audit(now, "admin", "totp.enroll", &user, "");
                 Ok(json!({"user": user, "secret": secret, "uri": totp::otpauth_uri(&user, &secret), "code": code}))
             }
             AdminRequest::TotpReset { user } => {
                 let id = find(self, &user)?;
-                let had = self.store.totp_delete(id).map_err(st)?;
+                let had = self.store.totp_delete(id).map_err(HubError::store)?;
                 if !had {
-                    return Err(format!("{user} has no TOTP enrolled"));
+                    return Err(HubError::invalid(format!("{user} has no TOTP enrolled")));
                 }
                 self.audit(now, "admin", "totp.reset", &user, "");
                 Ok(json!({"user": user, "reset": true}))
@@ -187,15 +187,15 @@ impl Hub {
             AdminRequest::TotpStatus { user } => {
                 let users = match user {
                     Some(u) => vec![(find(self, &u)?, u)],
-                    None => self.store.users().map_err(st)?.into_iter().map(|u| (u.id, u.name)).collect(),
+                    None => self.store.users().map_err(HubError::store)?.into_iter().map(|u| (u.id, u.name)).collect(),
                 };
                 let mut out = Vec::new();
                 for (id, name) in users {
-                    let t = self.store.totp_get(id).map_err(st)?;
+                    let t = self.store.totp_get(id).map_err(HubError::store)?;
                     let locked: Vec<Value> = self
                         .store
                         .check_lockouts(id, now)
-                        .map_err(st)?
+                        .map_err(HubError::store)?
                         .into_iter()
                         .map(|(key, until)| {
                             let node = crate::dataplane::wg::key_from_base64(&key)
@@ -216,7 +216,7 @@ impl Hub {
                 }
                 Ok(Value::Array(out))
             }
-            _ => Err("not a totp request".into()),
+            _ => Err(HubError::invalid("not a totp request")),
         }
     }
 }
@@ -224,10 +224,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::hub::HubConfig;
-    use crate::control::proto::ServerMsg;
-    use crate::control::store::Store;
-    use crate::control::token::AuthKeyToken;
+    use crate::control::server::hub::HubConfig;
+    use crate::control::server::store::Store;
+    use crate::control::wire::proto::ServerMsg;
+    use crate::control::wire::token::AuthKeyToken;
 
     const T0: i64 = 1_700_000_000;
 
@@ -285,7 +285,7 @@ mod tests {
 
         let v = h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap();
         let secret = v["secret"].as_str().unwrap().to_string();
-        assert!(h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap_err().contains("already enrolled"));
+        assert!(h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap_err().message.contains("already enrolled"));
         assert_eq!(ask(&mut h, web, [7; 32], None, Some(3600), T0).0, CheckOutcome::CodeNeeded);
 
         let code = totp::code_at(&secret, T0 as u64).unwrap();

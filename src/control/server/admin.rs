@@ -16,10 +16,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::hub::{AdminRequest, Hub, HubConfig};
-use super::server::{ServerOptions, admin_socket_path, run_server, server_running};
-use super::store::Store;
-use super::{fmt_time, unix_now};
+use crate::control::server::hub::{AdminRequest, Hub, HubConfig};
+use crate::control::server::store::Store;
+use crate::control::server::{ServerOptions, admin_socket_path, run_server, server_running};
+use crate::control::{fmt_time, unix_now};
 use crate::dataplane::wg;
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -96,13 +96,13 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_lifetime, hide = true)]
     pub keepalive: Option<Duration>,
     #[command(flatten)]
-    pub tls: super::tls::TlsArgs,
+    pub tls: crate::control::server::tls::TlsArgs,
     /// Serve Prometheus metrics at /metrics on this address (a listener of
     /// its own, never the public control port).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
-    pub oidc: super::oidc::OidcArgs,
+    pub oidc: crate::control::server::oidc::OidcArgs,
     /// What one node may send through the relay, in MB/s (fairness between
     /// nodes; 0 = no limit) [default: 50].
     #[arg(long, value_name = "MB_PER_SEC")]
@@ -155,11 +155,11 @@ pub enum ControlCommand {
     },
     /// The fleet's session audit trail as nodes shipped it (filters, --follow);
     /// `audit verify` checks the hash chains; `audit admin` lists admin actions.
-    Audit(Box<super::audit::cli::AuditArgs>),
+    Audit(Box<crate::control::server::audit::cli::AuditArgs>),
     /// Session recordings shipped by nodes: list, play, export.
     Recordings {
         #[command(subcommand)]
-        command: super::audit::cli::RecordingsCommand,
+        command: crate::control::server::audit::cli::RecordingsCommand,
     },
 }
 
@@ -312,8 +312,10 @@ pub fn admin_main(args: ControlArgs) -> Result<()> {
                 _ => Err(anyhow!("{} is not valid (see above)", file.display())),
             };
         }
-        Some(ControlCommand::Audit(a)) => return super::audit::cli::audit_main(&state_dir, &a, args.json),
-        Some(ControlCommand::Recordings { command }) => return super::audit::cli::recordings_main(&state_dir, &command, args.json),
+        Some(ControlCommand::Audit(a)) => return crate::control::server::audit::cli::audit_main(&state_dir, &a, args.json),
+        Some(ControlCommand::Recordings { command }) => {
+            return crate::control::server::audit::cli::recordings_main(&state_dir, &command, args.json);
+        }
         Some(c) => request_for(c)?,
     };
     let out = execute(&state_dir, req.clone())?;
@@ -331,7 +333,7 @@ pub fn request_for(c: ControlCommand) -> Result<AdminRequest> {
         ControlCommand::Serve(_) => bail!("serve is not an admin request"),
         ControlCommand::Status => AdminRequest::Status,
         ControlCommand::Audit(a) => match a.command {
-            Some(super::audit::cli::AuditCommand::Admin { limit }) => AdminRequest::AuditList { limit },
+            Some(crate::control::server::audit::cli::AuditCommand::Admin { limit }) => AdminRequest::AuditList { limit },
             _ => bail!("`control audit` (session events) is not a hub request"),
         },
         ControlCommand::Recordings { .. } => bail!("`control recordings` is not a hub request"),
@@ -415,7 +417,7 @@ fn direct(state_dir: &Path, req: AdminRequest) -> Result<Value> {
             state_dir.display()
         );
     }
-    let _lock = super::server::lock_state_dir(state_dir)?;
+    let _lock = crate::control::server::lock_state_dir(state_dir)?;
     let store = Store::open_dir(state_dir)?;
     let url = store.meta_get("url")?.ok_or_else(|| anyhow!("the server has never run in {}", state_dir.display()))?;
     let key = store.meta_get("server_public")?.ok_or_else(|| anyhow!("no server key recorded"))?;
@@ -430,7 +432,7 @@ fn direct(state_dir: &Path, req: AdminRequest) -> Result<Value> {
         cfg.default_auth_key_expiry = Duration::from_secs(s);
     }
     let mut hub = Hub::open(store, cfg, None, unix_now())?;
-    hub.admin(req, unix_now()).map_err(|e| anyhow!(e))
+    Ok(hub.admin(req, unix_now())?)
 }
 
 fn s(v: &Value) -> String {
@@ -465,7 +467,7 @@ fn owner(v: &Value) -> String {
 /// The enrolment answer: what to scan (or type), and a code to compare.
 fn render_enroll(v: &Value) -> String {
     let uri = s(&v["uri"]);
-    let qr = crate::control::totp::qr_text(&uri).unwrap_or_else(|e| format!("({e}; type the secret instead)\n"));
+    let qr = crate::control::server::totp::qr_text(&uri).unwrap_or_else(|e| format!("({e}; type the secret instead)\n"));
     format!(
         "Scan this with an authenticator app (or enter the secret by hand):\n\n{qr}\n\n{uri}\n\nsecret:       {}\ncurrent code: {} (the app should show the same code now)\n\n{} can now pass `check` rules. This secret is shown only once.\n",
         s(&v["secret"]),

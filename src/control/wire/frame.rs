@@ -14,7 +14,7 @@
 
 use bytes::{Buf, BytesMut};
 
-use super::PROTOCOL_VERSION;
+use crate::control::PROTOCOL_VERSION;
 
 /// Largest Noise message (spec limit).
 pub const MAX_WIRE_MESSAGE: usize = 65535;

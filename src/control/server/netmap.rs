@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::proto::{DeltaOut, FullOut, MapDelta, MapFull, PeerInfo, PolicyInfo, SelfInfo};
+use crate::control::wire::proto::{DeltaOut, FullOut, MapDelta, MapFull, PeerInfo, PolicyInfo, SelfInfo};
 use crate::daemon::identity::Identity;
 use crate::dataplane::wg;
 use crate::policy::{Policy, SSH_PORT};
@@ -642,10 +642,10 @@ pub fn diff_maps(old: &MapFull, new: &MapFull) -> MapDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::proto::NetMap;
+    use crate::control::wire::proto::NetMap;
     use std::net::IpAddr;
 
-    const TEAM: &str = include_str!("../../policies/team.toml");
+    const TEAM: &str = include_str!("../../../policies/team.toml");
 
     fn entry(id: NodeId, name: &str, user: Option<&str>, tags: &[&str]) -> NodeEntry {
         let ip = IpAddr::from([100, 64, (id >> 8) as u8, id as u8]);

@@ -108,13 +108,13 @@ pub enum RecordingsCommand {
 pub fn execute(state_dir: &Path, req: &AuditRequest) -> Result<Value> {
     let sock = crate::control::server::admin_socket_path(state_dir);
     match std::os::unix::net::UnixStream::connect(&sock) {
-        Ok(s) => crate::control::admin::via_socket(s, req),
+        Ok(s) => crate::control::server::admin::via_socket(s, req),
         Err(_) => {
             if !state_dir.join("control.db").exists() {
                 bail!("no control server state in {}; start the server first", state_dir.display());
             }
             // Make sure the schema exists (a server of this version may never have run here).
-            drop(crate::control::store::Store::open_dir(state_dir)?);
+            drop(crate::control::server::store::Store::open_dir(state_dir)?);
             super::handle(state_dir, req).map_err(|e| anyhow!(e))
         }
     }
@@ -163,16 +163,16 @@ fn audit_rows(events: &[Value], header: bool) -> String {
             detail(e),
         ]);
     }
-    crate::control::admin::table(rows)
+    crate::control::server::admin::table(rows)
 }
 
 /// `tailgate control audit ...`.
 pub fn audit_main(state_dir: &Path, a: &AuditArgs, json: bool) -> Result<()> {
     match &a.command {
         Some(AuditCommand::Admin { limit }) => {
-            let req = crate::control::hub::AdminRequest::AuditList { limit: *limit };
-            let out = crate::control::admin::execute(state_dir, req.clone())?;
-            print!("{}", crate::control::admin::render(&req, &out, json));
+            let req = crate::control::server::hub::AdminRequest::AuditList { limit: *limit };
+            let out = crate::control::server::admin::execute(state_dir, req.clone())?;
+            print!("{}", crate::control::server::admin::render(&req, &out, json));
             Ok(())
         }
         Some(AuditCommand::Verify { node }) => {
@@ -250,7 +250,7 @@ pub fn recordings_main(state_dir: &Path, c: &RecordingsCommand, json: bool) -> R
                     status.into(),
                 ]);
             }
-            print!("{}", crate::control::admin::table(rows));
+            print!("{}", crate::control::server::admin::table(rows));
             Ok(())
         }
         RecordingsCommand::Export { id } => {

@@ -8,10 +8,10 @@
 //! real server, which drops the connection; nothing else is revealed.
 //!
 //! After the handshake a [`SecureChannel`] turns frames into wire bytes and
-//! back (see [`super::frame`] for the layout). Handshake payloads are empty:
+//! back (see [`crate::control::wire::frame`] for the layout). Handshake payloads are empty:
 //! the protocol version rides in every frame.
 
-use super::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
+use crate::control::wire::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
 use crate::key::Key;
 
 pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";

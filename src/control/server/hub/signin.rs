@@ -1,11 +1,11 @@
 //! Nodes that join by signing in with the identity provider (issue 13).
-//! The OIDC exchange itself happens outside the hub ([`crate::control::oidc`]);
+//! The OIDC exchange itself happens outside the hub ([`crate::control::server::oidc`]);
 //! the hub only sees its verified outcome, never anything a node claims.
 
 use std::net::SocketAddr;
 
-use super::{ConnId, ErrorCode, HostInfo, Hub, NodeOwner, check_hostinfo, internal, valid_user_name};
-use crate::control::oidc::SignedIn;
+use super::{ConnId, ErrorCode, HostInfo, Hub, HubError, NodeOwner, check_hostinfo, valid_user_name};
+use crate::control::server::oidc::SignedIn;
 use crate::key::Key;
 
 impl Hub {
@@ -22,7 +22,7 @@ impl Hub {
         endpoints: Vec<SocketAddr>,
         who: &SignedIn,
         now: i64,
-    ) -> Result<i64, (ErrorCode, String)> {
+    ) -> Result<i64, HubError> {
         let r = self.register_signed_in(node_key, hostname, ssh_host_key, endpoints, who, now);
         self.admit(conn, r, now)
     }
@@ -30,14 +30,14 @@ impl Hub {
     /// Creates the user if needed and stores the groups from this sign-in.
     /// A change of groups re-announces every node of the user at once, so
     /// peers re-judge open SSH sessions and connections.
-    fn user_signed_in(&mut self, who: &SignedIn, now: i64) -> Result<i64, (ErrorCode, String)> {
+    fn user_signed_in(&mut self, who: &SignedIn, now: i64) -> Result<i64, HubError> {
         valid_user_name(&who.email)
-            .map_err(|m| (ErrorCode::SignIn, format!("the identity provider's email cannot be a tailnet user name: {m}")))?;
+            .map_err(|m| HubError::new(ErrorCode::SignIn, format!("the identity provider's email cannot be a tailnet user name: {m}")))?;
         let actor = format!("oidc:{}", who.email);
-        let uid = match self.store.user_by_name(&who.email).map_err(internal)? {
+        let uid = match self.store.user_by_name(&who.email).map_err(HubError::store)? {
             Some(u) => u.id,
             None => {
-                let u = self.store.user_add(&who.email, now).map_err(internal)?;
+                let u = self.store.user_add(&who.email, now).map_err(HubError::store)?;
                 self.users.insert(u.id, u.name.clone());
                 self.audit(now, &actor, "user.add", &who.email, "first sign-in");
                 u.id
@@ -46,7 +46,7 @@ impl Hub {
         let mut groups = who.groups.clone();
         groups.sort();
         groups.dedup();
-        self.store.user_signed_in(uid, &groups, now).map_err(internal)?;
+        self.store.user_signed_in(uid, &groups, now).map_err(HubError::store)?;
         let before = self.user_groups.get(&uid).cloned().unwrap_or_default();
         if before != groups {
             self.audit(now, &actor, "user.groups", &who.email, &format!("{before:?} -> {groups:?}"));
@@ -71,7 +71,7 @@ impl Hub {
         endpoints: Vec<SocketAddr>,
         who: &SignedIn,
         now: i64,
-    ) -> Result<(i64, bool), (ErrorCode, String)> {
+    ) -> Result<(i64, bool), HubError> {
         let (ssh_host_key, endpoints) = check_hostinfo(Some(hostname), ssh_host_key, endpoints)?;
         let uid = self.user_signed_in(who, now)?;
         let actor = format!("oidc:{}", who.email);
@@ -88,8 +88,8 @@ impl Hub {
 mod tests {
     use super::super::{HubConfig, Out};
     use super::*;
-    use crate::control::proto::{ClientMsg, ServerMsg};
-    use crate::control::store::Store;
+    use crate::control::server::store::Store;
+    use crate::control::wire::proto::{ClientMsg, ServerMsg};
 
     fn msgs(h: &mut Hub, conn: ConnId) -> Vec<ServerMsg> {
         h.take_outputs()
@@ -142,6 +142,6 @@ mod tests {
             ClientMsg::RegisterInteractive { hostname: "x".into(), ssh_host_key: None, endpoints: vec![], force_reauth: false },
             1002,
         );
-        assert_eq!(r.unwrap_err().0, ErrorCode::SignIn);
+        assert_eq!(r.unwrap_err().code, ErrorCode::SignIn);
     }
 }

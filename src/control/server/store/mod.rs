@@ -98,7 +98,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE users ADD COLUMN last_sign_in INTEGER;
     "#,
     // 4: the fleet audit trail shipped by nodes (control::audit)
-    super::audit::query::MIGRATION,
+    crate::control::server::audit::query::MIGRATION,
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -1,5 +1,5 @@
 //! The control server's state machine: registration, login, logout, admin
-//! operations, timers. No sockets: the driver ([`super::server`]) feeds it
+//! operations, timers. No sockets: the driver ([`crate::control::server`]) feeds it
 //! events with the current time and sends what it puts in its outbox.
 //!
 //! It owns the [`Store`] (every change is written through before it is
@@ -15,17 +15,22 @@ use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::fmt_time;
-use super::netmap::{Engine, NodeEntry};
-use super::proto::{ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name};
-use super::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
-use super::token::{AuthKeyToken, hash_secret};
+use crate::control::fmt_time;
+use crate::control::server::netmap::{Engine, NodeEntry};
+use crate::control::server::store::{AuthKeyRow, NodeRow, PolicyRow, Store};
+use crate::control::wire::proto::{
+    ClientMsg, DeltaOut, ErrorCode, PeerInfo, PolicyInfo, SelfInfo, ServerOut, canonical_ssh_host_key, check_node_name,
+};
+use crate::control::wire::token::{AuthKeyToken, hash_secret};
 use crate::daemon::identity::Identity;
 use crate::dataplane::wg;
 use crate::key::Key;
 use crate::policy::{DEFAULT_POLICY_TOML, Policy};
 
 mod check;
+mod error;
+
+pub use error::HubError;
 
 pub type ConnId = u64;
 
@@ -62,7 +67,7 @@ pub struct HubConfig {
 impl HubConfig {
     pub fn new(url: &str, server_public: Key) -> HubConfig {
         HubConfig {
-            domain: super::DEFAULT_DOMAIN.into(),
+            domain: crate::control::DEFAULT_DOMAIN.into(),
             url: url.into(),
             server_public,
             node_key_expiry: Duration::from_secs(180 * 86400),
@@ -237,16 +242,16 @@ pub fn sanitize_hostname(h: &str) -> String {
     if s.is_empty() { "node".into() } else { s }
 }
 
-fn valid_user_name(name: &str) -> Result<(), String> {
+fn valid_user_name(name: &str) -> Result<(), HubError> {
     if name.is_empty() || name.len() > 128 {
-        return Err("a user name has 1 to 128 characters".into());
+        return Err(HubError::invalid("a user name has 1 to 128 characters"));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',' || c == '"') {
-        return Err(format!("user name {name:?} must not contain spaces, commas, quotes or control characters"));
+        return Err(HubError::invalid(format!("user name {name:?} must not contain spaces, commas, quotes or control characters")));
     }
     for p in ["tag:", "group:", "autogroup:"] {
         if name.starts_with(p) {
-            return Err(format!("user name {name:?} must not start with {p:?} (that is a policy keyword)"));
+            return Err(HubError::invalid(format!("user name {name:?} must not start with {p:?} (that is a policy keyword)")));
         }
     }
     Ok(())
@@ -260,22 +265,25 @@ fn check_hostinfo(
     hostname: Option<&str>,
     ssh_host_key: Option<String>,
     endpoints: Vec<SocketAddr>,
-) -> Result<(Option<String>, Vec<SocketAddr>), (ErrorCode, String)> {
+) -> Result<(Option<String>, Vec<SocketAddr>), HubError> {
     if let Some(h) = hostname
         && (h.len() > MAX_HOSTNAME || h.chars().any(char::is_control))
     {
-        return Err((ErrorCode::HostInfo, format!("hostname must be at most {MAX_HOSTNAME} bytes without control characters")));
+        return Err(HubError::new(
+            ErrorCode::HostInfo,
+            format!("hostname must be at most {MAX_HOSTNAME} bytes without control characters"),
+        ));
     }
     let key = match ssh_host_key {
-        Some(k) => Some(canonical_ssh_host_key(&k).map_err(|e| (ErrorCode::HostInfo, e.to_string()))?),
+        Some(k) => Some(canonical_ssh_host_key(&k).map_err(|e| HubError::new(ErrorCode::HostInfo, e.to_string()))?),
         None => None,
     };
     Ok((key, clean_endpoints(endpoints)?))
 }
 
-fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, (ErrorCode, String)> {
+fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, HubError> {
     if endpoints.len() > MAX_ENDPOINTS {
-        return Err((ErrorCode::Protocol, format!("{} endpoints reported, at most {MAX_ENDPOINTS}", endpoints.len())));
+        return Err(HubError::new(ErrorCode::Protocol, format!("{} endpoints reported, at most {MAX_ENDPOINTS}", endpoints.len())));
     }
     let mut out: Vec<SocketAddr> = Vec::with_capacity(endpoints.len());
     for e in endpoints {
@@ -289,7 +297,7 @@ fn clean_endpoints(endpoints: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, (Error
 }
 
 fn short_key(k: &Key) -> String {
-    wg::key_to_base64(k)[..8].to_string()
+    crate::key::ShortKey(*k).prefix()
 }
 
 impl Hub {
@@ -568,15 +576,14 @@ impl Hub {
     /// First message of a connection. On success the node is online, `conn`
     /// gets LoginOk + MapFull, and the node id is returned. On refusal the
     /// error goes to `conn` and the driver should close it.
-    pub fn hello(&mut self, conn: ConnId, node_key: Key, msg: ClientMsg, now: i64) -> Result<i64, (ErrorCode, String)> {
+    pub fn hello(&mut self, conn: ConnId, node_key: Key, msg: ClientMsg, now: i64) -> Result<i64, HubError> {
         let r = match msg {
             ClientMsg::Register { auth_key, hostname, ssh_host_key, endpoints, previous_node_key } => {
                 if previous_node_key.is_some() {
-                    Err((
+                    Err(HubError::new(
                         ErrorCode::Protocol,
                         "previous_node_key is no longer accepted (an auth key does not prove you hold the old node key); \
-                         rotate keys with rotate_key over a session of the old key, or register as a new node"
-                            .into(),
+                         rotate keys with rotate_key over a session of the old key, or register as a new node",
                     ))
                 } else {
                     self.register(node_key, &auth_key, &hostname, ssh_host_key, endpoints, now)
@@ -589,22 +596,23 @@ impl Hub {
                 if !force_reauth && self.relay_allowed(&node_key, now) {
                     self.login(node_key, Some(hostname), ssh_host_key, endpoints, now)
                 } else {
-                    Err((
+                    Err(HubError::new(
                         ErrorCode::SignIn,
                         "signing in with an identity provider is not enabled on this control server; \
-                         join with an auth key: `tailgate up --authkey TOKEN` (an admin makes one with `tailgate control keys create`)"
-                            .into(),
+                         join with an auth key: `tailgate up --authkey TOKEN` (an admin makes one with `tailgate control keys create`)",
                     ))
                 }
             }
-            other => Err((ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other)))),
+            other => {
+                Err(HubError::new(ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other))))
+            }
         };
         self.admit(conn, r, now)
     }
 
     /// Puts a registered or logged-in node online on `conn` (LoginOk +
     /// MapFull), or refuses with `r`'s error.
-    fn admit(&mut self, conn: ConnId, r: Result<(i64, bool), (ErrorCode, String)>, now: i64) -> Result<i64, (ErrorCode, String)> {
+    fn admit(&mut self, conn: ConnId, r: Result<(i64, bool), HubError>, now: i64) -> Result<i64, HubError> {
         let (id, new_node) = match r {
             Ok(x) => x,
             Err(e) => return Err(self.refuse(conn, e)),
@@ -636,7 +644,8 @@ impl Hub {
                 tracing::warn!("store: {e:#}");
             }
             self.refresh(id, now);
-            let e = (ErrorCode::NodeKeyExpired, "the node key expired as it logged in; log in again with an auth key".to_string());
+            let e =
+                HubError::new(ErrorCode::NodeKeyExpired, "the node key expired as it logged in; log in again with an auth key".to_string());
             return Err(self.refuse(conn, e));
         };
         let me = self.self_info(n);
@@ -653,9 +662,9 @@ impl Hub {
         Ok(id)
     }
 
-    fn refuse(&mut self, conn: ConnId, e: (ErrorCode, String)) -> (ErrorCode, String) {
-        self.out.push(Out::Send(conn, ServerOut::Error { code: e.0, message: e.1.clone() }));
-        self.out.push(Out::Close(conn, e.1.clone()));
+    fn refuse(&mut self, conn: ConnId, e: HubError) -> HubError {
+        self.out.push(Out::Send(conn, ServerOut::Error { code: e.code, message: e.message.clone() }));
+        self.out.push(Out::Close(conn, e.message.clone()));
         e
     }
 
@@ -666,10 +675,10 @@ impl Hub {
         ssh_host_key: Option<String>,
         endpoints: Vec<SocketAddr>,
         now: i64,
-    ) -> Result<(i64, bool), (ErrorCode, String)> {
+    ) -> Result<(i64, bool), HubError> {
         let (ssh_host_key, endpoints) = check_hostinfo(hostname.as_deref(), ssh_host_key, endpoints)?;
         let Some(&id) = self.by_key.get(&node_key) else {
-            return Err((
+            return Err(HubError::new(
                 ErrorCode::NotRegistered,
                 format!(
                     "node key {} is not registered with this control server (the node may have been removed); \
@@ -679,10 +688,10 @@ impl Hub {
             ));
         };
         let Some(mut n) = self.nodes.get(&id).cloned() else {
-            return Err((ErrorCode::Internal, "node index out of step; try again".into()));
+            return Err(HubError::new(ErrorCode::Internal, "node index out of step; try again"));
         };
         if self.expired(id, now) {
-            return Err((
+            return Err(HubError::new(
                 ErrorCode::NodeKeyExpired,
                 format!(
                     "the node key of {} expired on {}; log in again with an auth key (`tailgate up --authkey TOKEN`; an admin creates one with `tailgate control keys create`)",
@@ -700,14 +709,14 @@ impl Hub {
         n.endpoints = endpoints;
         // A fresh login starts a fresh report budget.
         self.endpoint_gates.remove(&id);
-        self.save(n).map_err(internal)?;
+        self.save(n).map_err(HubError::store)?;
         Ok((id, false))
     }
 
-    fn check_auth_key(&self, secret: &str, now: i64) -> Result<AuthKeyRow, (ErrorCode, String)> {
+    fn check_auth_key(&self, secret: &str, now: i64) -> Result<AuthKeyRow, HubError> {
         let ask = "ask an admin for a new one with `tailgate control keys create`";
-        let k = self.store.key_by_hash(&hash_secret(secret)).map_err(internal)?.ok_or_else(|| {
-            (
+        let k = self.store.key_by_hash(&hash_secret(secret)).map_err(HubError::store)?.ok_or_else(|| {
+            HubError::new(
                 ErrorCode::AuthKey,
                 format!(
                     "auth key not recognised by this control server (it may belong to another tailnet, or was deleted with its user); {ask}"
@@ -715,13 +724,13 @@ impl Hub {
             )
         })?;
         if let Some(r) = k.revoked {
-            return Err((ErrorCode::AuthKey, format!("auth key #{} was revoked on {}; {ask}", k.id, fmt_time(r))));
+            return Err(HubError::new(ErrorCode::AuthKey, format!("auth key #{} was revoked on {}; {ask}", k.id, fmt_time(r))));
         }
         if let Some(e) = k.expires.filter(|e| *e <= now) {
-            return Err((ErrorCode::AuthKey, format!("auth key #{} expired on {}; {ask}", k.id, fmt_time(e))));
+            return Err(HubError::new(ErrorCode::AuthKey, format!("auth key #{} expired on {}; {ask}", k.id, fmt_time(e))));
         }
         if !k.reusable && k.used_count > 0 {
-            return Err((
+            return Err(HubError::new(
                 ErrorCode::AuthKey,
                 format!(
                     "auth key #{} is a one-off key and was already used on {}; {ask} (add --reusable for a key that joins several nodes)",
@@ -732,7 +741,7 @@ impl Hub {
         }
         for t in &k.tags {
             if !self.engine.policy().tags().any(|d| d == t) {
-                return Err((
+                return Err(HubError::new(
                     ErrorCode::AuthKey,
                     format!(
                         "auth key #{} applies {t}, which the policy in force does not declare in [tag_owners]; fix the policy, or {ask}",
@@ -756,7 +765,7 @@ impl Hub {
         ssh_host_key: Option<String>,
         endpoints: Vec<SocketAddr>,
         now: i64,
-    ) -> Result<(i64, bool), (ErrorCode, String)> {
+    ) -> Result<(i64, bool), HubError> {
         let (ssh_host_key, endpoints) = check_hostinfo(Some(hostname), ssh_host_key, endpoints)?;
         // A known, valid node key: this is a login; the auth key is not used.
         if let Some(&id) = self.by_key.get(&node_key)
@@ -767,7 +776,7 @@ impl Hub {
         let key = self.check_auth_key(secret, now)?;
         let lifetime = self.cfg.node_key_expiry.as_secs() as i64;
         let key_expiry = |tags: &[String]| if tags.is_empty() { Some(now + lifetime) } else { None };
-        self.store.key_mark_used(key.id, now).map_err(internal)?;
+        self.store.key_mark_used(key.id, now).map_err(HubError::store)?;
         let owner = NodeOwner {
             user_id: key.user_id,
             key_expiry: key_expiry(&key.tags),
@@ -791,7 +800,7 @@ impl Hub {
         actor: &str,
         reauth_detail: &str,
         now: i64,
-    ) -> Result<(i64, bool), (ErrorCode, String)> {
+    ) -> Result<(i64, bool), HubError> {
         let HostInfo { hostname, ssh_host_key, endpoints } = host;
         if let Some(mut n) = self.by_key.get(&node_key).and_then(|id| self.nodes.get(id)).cloned() {
             n.hostname = hostname.into();
@@ -805,14 +814,14 @@ impl Hub {
             n.ephemeral = owner.ephemeral;
             n.auth_key_id = owner.auth_key_id;
             let (id, name) = (n.id, n.name.clone());
-            self.save(n).map_err(internal)?;
+            self.save(n).map_err(HubError::store)?;
             self.endpoint_gates.remove(&id);
             self.audit(now, actor, "node.reauth", &name, reauth_detail);
             return Ok((id, false));
         }
-        let ip = self.alloc_ip().map_err(internal)?;
-        let name = self.alloc_name(hostname, None).map_err(internal)?;
-        check_node_name(&name).map_err(|e| internal(e.into()))?;
+        let ip = self.alloc_ip().map_err(HubError::store)?;
+        let name = self.alloc_name(hostname, None).map_err(HubError::store)?;
+        check_node_name(&name).map_err(|e| HubError::store(e.into()))?;
         let mut n = NodeRow {
             id: 0,
             node_key,
@@ -837,7 +846,7 @@ impl Hub {
                 s.audit(now, actor, "node.register", &name, &format!("{ip} key {}", short_key(&node_key)))?;
                 Ok(id)
             })
-            .map_err(internal)?;
+            .map_err(HubError::store)?;
         self.index(&n);
         if n.ephemeral {
             self.offline_since.insert(n.id, Instant::now());
@@ -861,9 +870,7 @@ impl Hub {
         n.last_seen = Some(now);
         let name = n.name.clone();
         if let Err(e) = self.save(n) {
-            let (code, message) = internal(e);
-            self.out.push(Out::Send(conn, ServerOut::Error { code, message: message.clone() }));
-            self.out.push(Out::Close(conn, message));
+            self.refuse(conn, HubError::store(e));
             return;
         }
         self.audit(now, "node", "node.rekey", &name, &format!("{} -> {}", short_key(&old_key), short_key(&new_key)));
@@ -933,7 +940,7 @@ impl Hub {
             ClientMsg::AuditEvents { .. } | ClientMsg::RecordingChunk { .. } => {}
             ClientMsg::ReportEndpoints { endpoints } => match clean_endpoints(endpoints) {
                 Ok(eps) => self.report_endpoints(node, eps, now, Instant::now()),
-                Err((_, m)) => self.protocol_error(conn, m),
+                Err(e) => self.protocol_error(conn, e.message),
             },
             ClientMsg::RotateKey { new_node_key } => self.rotate_key(conn, node, new_node_key, now),
             msg @ ClientMsg::Check { .. } => self.check_request(conn, node, msg, now),
@@ -1050,9 +1057,10 @@ impl Hub {
     /// Validates and puts a policy in force. A policy that does not parse or
     /// fails its tests is refused with the diagnostics; the old one stays.
     /// Returns the version in force (unchanged if the text is the same).
-    pub fn set_policy(&mut self, text: &str, name: &str, source: &str, now: i64) -> Result<u64, String> {
-        let p = Policy::parse_and_test(text, name)
-            .map_err(|e| format!("policy refused, the previous one (version {}) stays in force:\n{e}", self.policy.version))?;
+    pub fn set_policy(&mut self, text: &str, name: &str, source: &str, now: i64) -> Result<u64, HubError> {
+        let p = Policy::parse_and_test(text, name).map_err(|e| {
+            HubError::invalid(format!("policy refused, the previous one (version {}) stays in force:\n{e}", self.policy.version))
+        })?;
         if text == self.policy.text {
             return Ok(self.policy.version);
         }
@@ -1062,7 +1070,7 @@ impl Hub {
                 s.policy_insert(&PolicyRow { version, name: name.into(), text: text.into(), source: source.into(), set_at: now })?;
                 s.audit(now, source, "policy.set", name, &format!("version {version}"))
             })
-            .map_err(|e| format!("cannot store the policy: {e:#}"))?;
+            .map_err(|e| HubError::store(e.context("cannot store the policy")))?;
         self.policy = PolicyState { version, name: name.into(), text: text.into(), source: source.into() };
         let d = self.engine.set_policy(p, PolicyInfo { version, name: name.into(), text: text.into() });
         self.emit(d);
@@ -1072,7 +1080,7 @@ impl Hub {
 
     // --- admin --------------------------------------------------------------
 
-    fn find_node(&self, q: &str) -> Result<i64, String> {
+    fn find_node(&self, q: &str) -> Result<i64, HubError> {
         let ql = q.to_ascii_lowercase();
         let ql = ql.strip_suffix(&format!(".{}", self.cfg.domain)).unwrap_or(&ql);
         if let Some(id) = self.names.get(ql) {
@@ -1094,20 +1102,22 @@ impl Hub {
                 return Ok(hits[0]);
             }
         }
-        Err(format!("no node {q:?} (give a name, id, tailnet IP or node key prefix; see `tailgate control nodes list`)"))
+        Err(HubError::not_found(format!(
+            "no node {q:?} (give a name, id, tailnet IP or node key prefix; see `tailgate control nodes list`)"
+        )))
     }
 
-    fn check_tags(&self, tags: &[String]) -> Result<(), String> {
+    fn check_tags(&self, tags: &[String]) -> Result<(), HubError> {
         for t in tags {
             if !t.starts_with("tag:") || t.len() < 5 {
-                return Err(format!("{t:?} is not a tag (tags look like tag:prod)"));
+                return Err(HubError::invalid(format!("{t:?} is not a tag (tags look like tag:prod)")));
             }
             if !self.engine.policy().tags().any(|d| d == t) {
                 let declared: Vec<&str> = self.engine.policy().tags().collect();
-                return Err(format!(
+                return Err(HubError::invalid(format!(
                     "{t} is not declared in the policy's [tag_owners] (declared: {}); add it to the policy first",
                     if declared.is_empty() { "none".into() } else { declared.join(", ") }
-                ));
+                )));
             }
         }
         Ok(())
@@ -1136,8 +1146,7 @@ impl Hub {
     }
 
     /// Runs an admin operation. `Ok` carries a JSON result for the CLI.
-    pub fn admin(&mut self, req: AdminRequest, now: i64) -> Result<Value, String> {
-        let st = |e: anyhow::Error| format!("store error: {e:#}");
+    pub fn admin(&mut self, req: AdminRequest, now: i64) -> Result<Value, HubError> {
         match req {
             AdminRequest::Status => Ok(json!({
                 "url": self.cfg.url,
@@ -1152,16 +1161,16 @@ impl Hub {
             })),
             AdminRequest::UsersAdd { name } => {
                 valid_user_name(&name)?;
-                if self.store.user_by_name(&name).map_err(st)?.is_some() {
-                    return Err(format!("user {name} already exists"));
+                if self.store.user_by_name(&name).map_err(HubError::store)?.is_some() {
+                    return Err(HubError::invalid(format!("user {name} already exists")));
                 }
-                let u = self.store.user_add(&name, now).map_err(st)?;
+                let u = self.store.user_add(&name, now).map_err(HubError::store)?;
                 self.audit(now, "admin", "user.add", &name, "");
                 self.users.insert(u.id, u.name.clone());
                 Ok(json!({"id": u.id, "name": u.name, "created": u.created}))
             }
             AdminRequest::UsersList => {
-                let users = self.store.users().map_err(st)?;
+                let users = self.store.users().map_err(HubError::store)?;
                 Ok(Value::Array(
                     users
                         .iter()
@@ -1174,12 +1183,16 @@ impl Hub {
                 ))
             }
             AdminRequest::UsersRemove { name } => {
-                let u = self.store.user_by_name(&name).map_err(st)?.ok_or_else(|| format!("no user {name}"))?;
+                let u = self
+                    .store
+                    .user_by_name(&name)
+                    .map_err(HubError::store)?
+                    .ok_or_else(|| HubError::not_found(format!("no user {name}")))?;
                 let owned: Vec<i64> = self.nodes.values().filter(|n| n.user_id == Some(u.id) && n.tags.is_empty()).map(|n| n.id).collect();
                 for id in &owned {
-                    self.delete_node(*id, now, "admin", &format!("user {name} removed")).map_err(st)?;
+                    self.delete_node(*id, now, "admin", &format!("user {name} removed")).map_err(HubError::store)?;
                 }
-                self.store.user_delete(u.id).map_err(st)?;
+                self.store.user_delete(u.id).map_err(HubError::store)?;
                 self.audit(now, "admin", "user.remove", &name, &format!("{} nodes removed", owned.len()));
                 self.users.remove(&u.id);
                 for n in self.nodes.values_mut() {
@@ -1190,22 +1203,20 @@ impl Hub {
                 Ok(json!({"removed": name, "nodes_removed": owned.len()}))
             }
             AdminRequest::KeysCreate { user, reusable, ephemeral, expiry_secs, tags } => {
-                let user_row = match &user {
-                    Some(u) => Some(
-                        self.store
-                            .user_by_name(u)
-                            .map_err(st)?
-                            .ok_or_else(|| format!("no user {u}; add it first with `tailgate control users add {u}`"))?,
-                    ),
-                    None if tags.is_empty() => {
-                        return Err("give --user NAME (the node's owner) or --tag tag:NAME (a tagged node)".into());
-                    }
-                    None => None,
-                };
+                let user_row =
+                    match &user {
+                        Some(u) => Some(self.store.user_by_name(u).map_err(HubError::store)?.ok_or_else(|| {
+                            HubError::not_found(format!("no user {u}; add it first with `tailgate control users add {u}`"))
+                        })?),
+                        None if tags.is_empty() => {
+                            return Err(HubError::invalid("give --user NAME (the node's owner) or --tag tag:NAME (a tagged node)"));
+                        }
+                        None => None,
+                    };
                 self.check_tags(&tags)?;
                 // The admin socket takes any u64; keep the Unix-time sum in range.
                 if expiry_secs.is_some_and(|e| e == 0 || e > 100 * 365 * 86400) {
-                    return Err("an auth key lifetime is between 1 second and 100 years".into());
+                    return Err(HubError::invalid("an auth key lifetime is between 1 second and 100 years"));
                 }
                 let expiry = expiry_secs.map(Duration::from_secs).unwrap_or(self.cfg.default_auth_key_expiry);
                 let secret = AuthKeyToken::new_secret();
@@ -1222,7 +1233,7 @@ impl Hub {
                     used_count: 0,
                     last_used: None,
                 };
-                let id = self.store.key_insert(&row).map_err(st)?;
+                let id = self.store.key_insert(&row).map_err(HubError::store)?;
                 let owner =
                     if tags.is_empty() { format!("user {}", user.as_deref().unwrap_or("-")) } else { format!("tags {}", tags.join(",")) };
                 let kind = format!("{}{}", if reusable { "reusable" } else { "one-off" }, if ephemeral { ", ephemeral" } else { "" });
@@ -1239,7 +1250,7 @@ impl Hub {
                 }))
             }
             AdminRequest::KeysList => {
-                let keys = self.store.keys().map_err(st)?;
+                let keys = self.store.keys().map_err(HubError::store)?;
                 Ok(Value::Array(
                     keys.iter()
                         .map(|k| {
@@ -1269,8 +1280,8 @@ impl Hub {
                 ))
             }
             AdminRequest::KeysRevoke { id } => {
-                self.store.key_by_id(id).map_err(st)?.ok_or_else(|| format!("no auth key #{id}"))?;
-                let changed = self.store.key_revoke(id, now).map_err(st)?;
+                self.store.key_by_id(id).map_err(HubError::store)?.ok_or_else(|| HubError::not_found(format!("no auth key #{id}")))?;
+                let changed = self.store.key_revoke(id, now).map_err(HubError::store)?;
                 self.audit(now, "admin", "key.revoke", &format!("#{id}"), "");
                 Ok(json!({"id": id, "revoked": true, "already_revoked": !changed}))
             }
@@ -1283,15 +1294,17 @@ impl Hub {
                 let id = self.find_node(&node)?;
                 let clean = sanitize_hostname(&name);
                 if clean != name {
-                    return Err(format!("{name:?} is not a valid node name (lowercase letters, digits and '-'); {clean:?} would be"));
+                    return Err(HubError::invalid(format!(
+                        "{name:?} is not a valid node name (lowercase letters, digits and '-'); {clean:?} would be"
+                    )));
                 }
                 if let Some(other) = self.names.get(&clean).filter(|o| **o != id) {
                     let o = &self.nodes[other];
-                    return Err(format!("name {clean} is taken by node #{} ({})", o.id, o.ip));
+                    return Err(HubError::invalid(format!("name {clean} is taken by node #{} ({})", o.id, o.ip)));
                 }
                 let mut n = self.nodes[&id].clone();
                 let old = std::mem::replace(&mut n.name, clean.clone());
-                self.save(n).map_err(st)?;
+                self.save(n).map_err(HubError::store)?;
                 self.audit(now, "admin", "node.rename", &old, &clean);
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
@@ -1301,7 +1314,7 @@ impl Hub {
                 let mut n = self.nodes[&id].clone();
                 n.key_expiry = Some(now);
                 let name = n.name.clone();
-                self.save(n).map_err(st)?;
+                self.save(n).map_err(HubError::store)?;
                 self.audit(now, "admin", "node.expire", &name, "");
                 self.cut_off(id, ErrorCode::NodeKeyExpired);
                 self.refresh(id, now);
@@ -1310,7 +1323,7 @@ impl Hub {
             AdminRequest::NodesRemove { node } => {
                 let id = self.find_node(&node)?;
                 let name = self.nodes[&id].name.clone();
-                self.delete_node(id, now, "admin", "removed by admin").map_err(st)?;
+                self.delete_node(id, now, "admin", "removed by admin").map_err(HubError::store)?;
                 Ok(json!({"removed": name, "id": id}))
             }
             AdminRequest::NodesTag { node, tags } => {
@@ -1318,7 +1331,7 @@ impl Hub {
                 self.check_tags(&tags)?;
                 let mut n = self.nodes[&id].clone();
                 if tags.is_empty() && n.user_id.is_none() {
-                    return Err(format!("node {} has no user to fall back to; it must keep at least one tag", n.name));
+                    return Err(HubError::invalid(format!("node {} has no user to fall back to; it must keep at least one tag", n.name)));
                 }
                 let mut tags = tags;
                 tags.sort();
@@ -1331,7 +1344,7 @@ impl Hub {
                     n.key_expiry = Some(now + self.cfg.node_key_expiry.as_secs() as i64);
                 }
                 let name = n.name.clone();
-                self.save(n).map_err(st)?;
+                self.save(n).map_err(HubError::store)?;
                 self.audit(now, "admin", "node.tag", &name, &if tags.is_empty() { "untagged".to_string() } else { tags.join(",") });
                 self.refresh(id, now);
                 Ok(self.node_json(&self.nodes[&id], now))
@@ -1347,7 +1360,7 @@ impl Hub {
                 Ok(json!({"version": v, "name": name}))
             }
             AdminRequest::PolicyCheck { text, name } => {
-                let p = Policy::parse_and_test(&text, &name).map_err(|e| e.to_string())?;
+                let p = Policy::parse_and_test(&text, &name).map_err(|e| HubError::invalid(e.to_string()))?;
                 Ok(json!({
                     "name": name,
                     "ok": true,
@@ -1360,7 +1373,7 @@ impl Hub {
                 self.totp_admin(req, now)
             }
             AdminRequest::AuditList { limit } => {
-                let rows = self.store.audit_recent(limit).map_err(st)?;
+                let rows = self.store.audit_recent(limit).map_err(HubError::store)?;
                 Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
             }
         }
@@ -1383,11 +1396,6 @@ pub(super) struct HostInfo<'a> {
     pub endpoints: Vec<SocketAddr>,
 }
 
-fn internal(e: anyhow::Error) -> (ErrorCode, String) {
-    tracing::error!("control: {e:#}");
-    (ErrorCode::Internal, format!("control server error: {e:#}"))
-}
-
 fn msg_name(m: &ClientMsg) -> &'static str {
     match m {
         ClientMsg::Register { .. } => "register",
@@ -1406,7 +1414,7 @@ fn msg_name(m: &ClientMsg) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::proto::{MapFull, NetMap, ServerMsg};
+    use crate::control::wire::proto::{MapFull, NetMap, ServerMsg};
 
     fn hub() -> Hub {
         let mut cfg = HubConfig::new("http://127.0.0.1:1", [1; 32]);
@@ -1500,29 +1508,29 @@ mod tests {
         );
         h.hello(1, [1; 32], reg(&one, "a"), 1000).unwrap();
         let e = h.hello(2, [2; 32], reg(&one, "b"), 1001).unwrap_err();
-        assert_eq!(e.0, ErrorCode::AuthKey);
-        assert!(e.1.contains("one-off") && e.1.contains("keys create"), "{}", e.1);
+        assert_eq!(e.code, ErrorCode::AuthKey);
+        assert!(e.message.contains("one-off") && e.message.contains("keys create"), "{}", e.message);
         let short = token(
             &mut h,
             AdminRequest::KeysCreate { user: Some("alice".into()), reusable: true, ephemeral: false, expiry_secs: Some(60), tags: vec![] },
         );
         let e = h.hello(3, [3; 32], reg(&short, "c"), 1061).unwrap_err();
-        assert!(e.1.contains("expired on 1970-01-01T00:17:40Z"), "{}", e.1);
+        assert!(e.message.contains("expired on 1970-01-01T00:17:40Z"), "{}", e.message);
         let v = h.admin(key_for("alice"), 1000).unwrap();
         let id = v["id"].as_i64().unwrap();
         let secret = AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret;
         h.admin(AdminRequest::KeysRevoke { id }, 1000).unwrap();
         let e = h.hello(4, [4; 32], reg(&secret, "d"), 1000).unwrap_err();
-        assert!(e.1.contains("revoked"), "{}", e.1);
+        assert!(e.message.contains("revoked"), "{}", e.message);
         let e = h.hello(5, [5; 32], reg("nonsense-secret-value", "d"), 1000).unwrap_err();
-        assert!(e.1.contains("not recognised"), "{}", e.1);
+        assert!(e.message.contains("not recognised"), "{}", e.message);
         let e = h
             .admin(
                 AdminRequest::KeysCreate { user: Some("bob".into()), reusable: false, ephemeral: false, expiry_secs: None, tags: vec![] },
                 1000,
             )
             .unwrap_err();
-        assert!(e.contains("users add bob"), "{e}");
+        assert!(e.code == ErrorCode::NotFound && e.message.contains("users add bob"), "{e}");
         let e = h
             .admin(
                 AdminRequest::KeysCreate {
@@ -1535,22 +1543,22 @@ mod tests {
                 1000,
             )
             .unwrap_err();
-        assert!(e.contains("not declared"), "{e}");
+        assert!(e.message.contains("not declared"), "{e}");
     }
 
     #[test]
     fn login_unknown_and_expired_keys() {
         let mut h = hub();
         let e = h.hello(1, [9; 32], ClientMsg::Login { hostname: None, ssh_host_key: None, endpoints: vec![] }, 1000).unwrap_err();
-        assert_eq!(e.0, ErrorCode::NotRegistered);
+        assert_eq!(e.code, ErrorCode::NotRegistered);
         h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
         let s = token(&mut h, key_for("alice"));
         let id = h.hello(2, [2; 32], reg(&s, "a"), 1000).unwrap();
         h.disconnected(2, id, 1000);
         h.admin(AdminRequest::NodesExpire { node: "a".into() }, 1000).unwrap();
         let e = h.hello(3, [2; 32], ClientMsg::Login { hostname: None, ssh_host_key: None, endpoints: vec![] }, 1001).unwrap_err();
-        assert_eq!(e.0, ErrorCode::NodeKeyExpired);
-        assert!(e.1.contains("expired on"), "{}", e.1);
+        assert_eq!(e.code, ErrorCode::NodeKeyExpired);
+        assert!(e.message.contains("expired on"), "{}", e.message);
         // Re-auth with an auth key revives the same node (same IP and name).
         let id2 = h.hello(4, [2; 32], reg(&s, "a"), 1002).unwrap();
         assert_eq!(id2, id);
@@ -1565,7 +1573,7 @@ mod tests {
             previous_node_key: Some(wg::key_to_base64(&[2; 32])),
         };
         let e = h.hello(5, [3; 32], msg, 1003).unwrap_err();
-        assert_eq!(e.0, ErrorCode::Protocol);
+        assert_eq!(e.code, ErrorCode::Protocol);
         assert_eq!(h.nodes[&id].node_key, [2; 32]);
         assert!(!h.by_key.contains_key(&[3; 32]));
         // Rotation over a session of the old key does move it.
@@ -1637,7 +1645,7 @@ mod tests {
         h.admin(AdminRequest::UsersAdd { name: "alice".into() }, 1000).unwrap();
         let s = token(&mut h, key_for("alice"));
         let e = h.hello(1, [1; 32], reg(&s, "a"), 1000).unwrap_err();
-        assert_eq!(e.0, ErrorCode::NodeKeyExpired);
+        assert_eq!(e.code, ErrorCode::NodeKeyExpired);
         assert!(h.conns.is_empty());
     }
 
@@ -1652,7 +1660,7 @@ mod tests {
         assert_eq!(h.nodes[&a].name.len(), 63);
         assert!(h.nodes[&b].name.ends_with("-2") && h.nodes[&b].name.len() == 63, "{}", h.nodes[&b].name);
         let e = h.hello(3, [3; 32], reg(&s, "bad\nname"), 1000).unwrap_err();
-        assert_eq!(e.0, ErrorCode::HostInfo);
+        assert_eq!(e.code, ErrorCode::HostInfo);
     }
 
     #[test]
@@ -1708,9 +1716,9 @@ mod tests {
         let mut h = hub();
         let before = h.policy_version();
         let e = h.admin(AdminRequest::PolicySet { text: "[[ssh]]\nsrc = [\"*\"]\n".into(), name: "bad.toml".into() }, 1000).unwrap_err();
-        assert!(e.contains("bad.toml:") && e.contains("stays in force"), "{e}");
+        assert!(e.code == ErrorCode::Invalid && e.message.contains("bad.toml:") && e.message.contains("stays in force"), "{e}");
         assert_eq!(h.policy_version(), before);
-        let team = include_str!("../../policies/team.toml");
+        let team = include_str!("../../../../policies/team.toml");
         let v = h.admin(AdminRequest::PolicySet { text: team.into(), name: "team.toml".into() }, 1000).unwrap();
         assert_eq!(v["version"], before + 1);
         // Same text again: no new version.
