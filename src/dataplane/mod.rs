@@ -1,5 +1,6 @@
 //! The data plane: WireGuard, the userspace TCP/IP stack, path choice
 //! (disco, STUN) and the driver that moves datagrams between them.
+pub mod core;
 pub mod disco;
 pub mod endpoint;
 pub mod filter;
