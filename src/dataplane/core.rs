@@ -36,6 +36,9 @@ use crate::key::Key;
 
 /// How often we ask the STUN server for our public endpoint.
 pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
+/// First retry of an unanswered STUN request; doubles up to [`STUN_INTERVAL`].
+/// A lost request must not leave us without a public endpoint for long.
+pub const STUN_RETRY: Duration = Duration::from_secs(1);
 
 /// Where the core's output goes. Implemented by the tokio driver (socket,
 /// relay link, stack) and by the simulated network.
@@ -91,6 +94,7 @@ pub struct Core {
     stun_server: Option<SocketAddr>,
     stun_tx: Option<stun::TxId>,
     next_stun: Instant,
+    stun_retry: Duration,
     public_endpoint: Option<SocketAddr>,
     events: VecDeque<Event>,
     relayed_out: u64,
@@ -121,6 +125,7 @@ impl Core {
             stun_server: None,
             stun_tx: None,
             next_stun: now,
+            stun_retry: STUN_RETRY,
             public_endpoint: None,
             events: VecDeque::new(),
             relayed_out: 0,
@@ -188,6 +193,7 @@ impl Core {
         self.stun_server = server;
         self.stun_tx = None;
         self.next_stun = now;
+        self.stun_retry = STUN_RETRY;
     }
 
     /// The public endpoint STUN last reported.
@@ -222,7 +228,11 @@ impl Core {
     pub fn poll_timeout(&self) -> Instant {
         let mut d = self.wg.next_deadline();
         if self.manage_paths {
-            if let Some(p) = self.paths.values().map(PathState::next_deadline).min() {
+            // A peer without candidates has nothing to probe, but its state
+            // still reports its (past) probe time: skipping it keeps the
+            // driver from spinning on a deadline that never moves.
+            let due = self.paths.values().filter(|st| st.candidates().next().is_some()).map(PathState::next_deadline).min();
+            if let Some(p) = due {
                 d = d.min(p);
             }
             if self.stun_server.is_some() {
@@ -299,7 +309,7 @@ impl Core {
                     self.on_disco(opened, from, now, tx);
                 }
             }
-            disco::DatagramKind::Stun => self.on_stun(from, data),
+            disco::DatagramKind::Stun => self.on_stun(now, from, data),
             _ => self.on_wireguard(now, from, data, tx),
         }
     }
@@ -325,13 +335,15 @@ impl Core {
         });
     }
 
-    fn on_stun(&mut self, from: SocketAddr, data: &[u8]) {
+    fn on_stun(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         let Some((txid, mapped)) = stun::parse_binding_response(data) else { return };
         // Only the answer to our outstanding request, from the server we asked.
         if self.stun_tx != Some(txid) || Some(from) != self.stun_server {
             return;
         }
         self.stun_tx = None;
+        self.next_stun = now + STUN_INTERVAL;
+        self.stun_retry = STUN_RETRY;
         if self.public_endpoint != Some(mapped) {
             self.public_endpoint = Some(mapped);
             self.events.push_back(Event::PublicEndpoint(mapped));
@@ -406,7 +418,9 @@ impl Core {
             let txid = stun::new_txid();
             self.stun_tx = Some(txid);
             tx.udp(server, &stun::encode_binding_request(txid));
-            self.next_stun = now + STUN_INTERVAL;
+            // The answer moves this to STUN_INTERVAL; until then, retry.
+            self.next_stun = now + self.stun_retry;
+            self.stun_retry = (self.stun_retry * 2).min(STUN_INTERVAL);
         }
     }
 

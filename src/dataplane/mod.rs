@@ -7,5 +7,7 @@ pub mod filter;
 pub mod netstack;
 pub mod node;
 pub mod path;
+#[cfg(test)]
+mod sim;
 pub mod stun;
 pub mod wg;
