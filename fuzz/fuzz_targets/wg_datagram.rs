@@ -124,7 +124,7 @@ impl Net {
         let b_key = PUB[1];
         let sent = &self.sent_by_b;
         let queue = &mut self.queue;
-        self.a.recv_datagram(from, d, &mut |o| match o {
+        self.a.recv_datagram(from, d, std::time::Instant::now(), &mut |o| match o {
             Output::Network { data, .. } => queue.push_back((false, data.to_vec(), false)),
             Output::Tunnel { key, packet, .. } => {
                 assert!(!tampered, "a tampered datagram was delivered");
@@ -138,7 +138,7 @@ impl Net {
     fn deliver_to_b(&mut self, d: &[u8]) {
         let a_key = PUB[0];
         let queue = &mut self.queue;
-        self.b.recv_datagram(A_ADDR, d, &mut |o| match o {
+        self.b.recv_datagram(A_ADDR, d, std::time::Instant::now(), &mut |o| match o {
             Output::Network { data, .. } => queue.push_back((true, data.to_vec(), false)),
             Output::Tunnel { key, packet, .. } => {
                 assert_eq!(key, a_key);

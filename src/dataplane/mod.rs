@@ -1,5 +1,6 @@
 //! The data plane: WireGuard, the userspace TCP/IP stack, path choice
 //! (disco, STUN) and the driver that moves datagrams between them.
+pub mod core;
 pub mod disco;
 pub mod dualstack;
 pub mod endpoint;
@@ -7,5 +8,7 @@ pub mod filter;
 pub mod netstack;
 pub mod node;
 pub mod path;
+#[cfg(test)]
+mod sim;
 pub mod stun;
 pub mod wg;

@@ -1,10 +1,12 @@
-//! The data-plane driver: one UDP socket, the WireGuard core and the netstack,
-//! moved by a single tokio task.
+//! The data-plane driver: one UDP socket, the relay link, the sans-IO
+//! [`Core`] and the netstack, moved by a single tokio task.
 //!
-//! All protocol logic lives in `wg::Wg` and `netstack::Stack`; this task only
-//! reads datagrams, hands them to the cores, and writes what they emit. The
-//! two cores sit behind separate mutexes so application tasks reading and
-//! writing streams contend only with the (short) stack phase of the loop.
+//! All protocol logic lives in `core::Core` (WireGuard, paths, disco, STUN)
+//! and `netstack::Stack`; this task only reads datagrams, hands them to the
+//! cores with the time, writes what they emit and sleeps until the earliest
+//! deadline they report. The core and the stack sit behind separate mutexes,
+//! never held together, so application tasks reading and writing streams
+//! contend only with the (short) stack phase of the loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -17,11 +19,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::dataplane::core::{Core, Event, Transmit};
 use crate::dataplane::disco;
 use crate::dataplane::filter::{Filter, Judge};
 use crate::dataplane::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
-use crate::dataplane::path::{Action as PathAction, PathState, Route};
-use crate::dataplane::wg::{self, Output, PeerConfig, Wg};
+use crate::dataplane::path::Route;
+use crate::dataplane::wg::{self, PeerConfig};
 use crate::key::Key;
 
 /// Socket buffers large enough to ride out bursts at gigabit rates.
@@ -60,21 +63,31 @@ impl NodeConfig {
     }
 }
 
+/// State shared between the driver task, the `Node` handle and application
+/// tasks. Two locks, never held together: `engine` (the core and the relay
+/// link) and `shared` (the TCP/IP stack, which stream reads and writes also
+/// take). Packets cross between them in batches the driver owns, so there is
+/// no lock order to get wrong.
 struct Inner {
-    wg: Mutex<Wg>,
-    paths: Mutex<Paths>,
+    engine: Mutex<Engine>,
     shared: Arc<Shared>,
     listeners: Mutex<HashMap<u16, mpsc::Sender<TcpStream>>>,
+    public_endpoint: tokio::sync::watch::Sender<Option<SocketAddr>>,
     shutdown: Notify,
 }
 
+/// The sans-IO core and the one piece of I/O it sends through that the
+/// `Node` handle can replace at run time.
+struct Engine {
+    core: Core,
+    relay: Option<Arc<dyn RelayLink>>,
+}
+
 impl Inner {
-    // Lock order: wg, then stack, then paths.
-    fn wg(&self) -> MutexGuard<'_, Wg> {
-        self.wg.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn paths(&self) -> MutexGuard<'_, Paths> {
-        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        // A panic elsewhere must not take the data plane down with it; the
+        // core's state stays consistent between calls.
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -114,7 +127,8 @@ pub struct NodeStatus {
     pub tcp_sockets: usize,
 }
 
-/// A wildcard `addr` binds dual-stack (see [`crate::dataplane::dualstack`]).
+/// The driver's UDP socket. Socket options live here and nowhere else; a
+/// wildcard `addr` binds dual-stack (see [`crate::dataplane::dualstack`]).
 fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     crate::dataplane::dualstack::udp(addr, |sock| {
         // Best effort: unprivileged processes may be capped by rmem_max.
@@ -127,35 +141,21 @@ impl Node {
     /// Bind the UDP socket, configure peers and start the driver task.
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         let now = Instant::now();
-        let mut wg = Wg::new(config.private_key, now);
+        let mut core = Core::new(config.private_key, config.manage_paths, now, disco::unix_micros());
         for p in config.peers {
-            wg.add_peer(p)?;
+            core.add_peer(p)?;
         }
         let udp = bind_udp(config.listen)?;
         let udp_addr = udp.local_addr()?;
         let mut stack = Stack::new(&config.addresses, now);
         stack.set_filter(config.inbound.map(Filter::new));
         let (public_endpoint, _) = tokio::sync::watch::channel(None);
-        let paths = Paths {
-            enabled: config.manage_paths,
-            private_key: config.private_key,
-            states: HashMap::new(),
-            my_endpoints: Vec::new(),
-            relay: None,
-            stun_server: None,
-            stun_tx: None,
-            next_stun: now,
-            public_endpoint,
-            relayed_out: 0,
-            relayed_in: 0,
-            disco_counter: disco::Counter::default(),
-        };
         let (relay_tx, relay_rx) = mpsc::channel(4096);
         let inner = Arc::new(Inner {
-            wg: Mutex::new(wg),
-            paths: Mutex::new(paths),
+            engine: Mutex::new(Engine { core, relay: None }),
             shared: Shared::new(stack),
             listeners: Mutex::new(HashMap::new()),
+            public_endpoint,
             shutdown: Notify::new(),
         });
         let task = tokio::spawn(drive(inner.clone(), udp, relay_rx));
@@ -178,7 +178,7 @@ impl Node {
     }
 
     pub fn public_key(&self) -> Key {
-        self.inner.wg().public_key()
+        self.inner.engine().core.public_key()
     }
 
     /// Accept TCP connections to `port` on the node's tailnet addresses.
@@ -193,14 +193,14 @@ impl Node {
     /// Open a TCP connection through the tunnel.
     pub async fn connect(&self, remote: SocketAddr) -> io::Result<TcpStream> {
         let peer = {
-            let wg = self.inner.wg();
-            let id = wg.route(remote.ip()).ok_or_else(|| {
+            let engine = self.inner.engine();
+            let wg = engine.core.wg();
+            wg.route(remote.ip()).and_then(|id| wg.peer_key(id)).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::HostUnreachable,
                     format!("no peer's AllowedIPs contain {}; check the [Peer] sections", remote.ip()),
                 )
-            })?;
-            wg.peer_key(id).expect("routed peer exists")
+            })?
         };
         let local_ip = self
             .addresses()
@@ -252,40 +252,34 @@ impl Node {
 
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
     pub fn upsert_peer(&self, config: PeerConfig) -> anyhow::Result<()> {
-        self.inner.wg().upsert_peer(config)?;
+        self.inner.engine().core.upsert_peer(config)?;
         self.inner.shared.wake.notify_one();
         Ok(())
     }
 
     /// Candidate endpoints for a peer (path management only).
     pub fn set_peer_endpoints(&self, key: &Key, endpoints: &[SocketAddr]) {
-        let now = Instant::now();
-        let mut p = self.inner.paths();
-        if p.enabled {
-            let endpoints: Vec<SocketAddr> = endpoints.iter().map(|e| crate::dataplane::dualstack::normalize(*e)).collect();
-            p.states.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(&endpoints, now);
-        }
-        drop(p);
+        self.inner.engine().core.set_peer_endpoints(key, endpoints, Instant::now());
         self.inner.shared.wake.notify_one();
     }
 
     /// The candidate endpoints path management holds for a peer (at most
     /// [`crate::dataplane::path::MAX_CANDIDATES`]).
     pub fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
-        let p = self.inner.paths();
-        let mut v: Vec<SocketAddr> = p.states.get(key).map(|s| s.candidates().copied().collect()).unwrap_or_default();
-        v.sort();
-        v
+        self.inner.engine().core.peer_candidates(key)
     }
 
     /// Our own endpoints, offered to peers in call-me-maybe.
     pub fn set_my_endpoints(&self, endpoints: Vec<SocketAddr>) {
-        self.inner.paths().my_endpoints = endpoints;
+        self.inner.engine().core.set_my_endpoints(endpoints);
     }
 
     /// Use this relay for peers without a proven direct path (`None`: no relay).
     pub fn set_relay(&self, link: Option<Arc<dyn RelayLink>>) {
-        self.inner.paths().relay = link;
+        let mut engine = self.inner.engine();
+        engine.core.set_relay_up(link.is_some());
+        engine.relay = link;
+        drop(engine);
         self.inner.shared.wake.notify_one();
     }
 
@@ -297,30 +291,23 @@ impl Node {
     /// Ask this STUN server for our public endpoint every so often; results
     /// arrive on [`Node::public_endpoint`].
     pub fn set_stun_server(&self, server: Option<SocketAddr>) {
-        let mut p = self.inner.paths();
-        p.stun_server = server.map(crate::dataplane::dualstack::normalize);
-        p.next_stun = Instant::now();
-        drop(p);
+        self.inner.engine().core.set_stun_server(server, Instant::now());
         self.inner.shared.wake.notify_one();
     }
 
     pub fn public_endpoint(&self) -> tokio::sync::watch::Receiver<Option<SocketAddr>> {
-        self.inner.paths().public_endpoint.subscribe()
+        self.inner.public_endpoint.subscribe()
     }
 
     /// A network change: distrust every direct path and probe again.
     pub fn network_changed(&self) {
-        let now = Instant::now();
-        for st in self.inner.paths().states.values_mut() {
-            st.reset(now);
-        }
+        self.inner.engine().core.network_changed(Instant::now());
         self.inner.shared.wake.notify_one();
     }
 
     /// Remove a peer and cut its connections.
     pub fn remove_peer(&self, key: &Key, allowed_ips: &[IpAddr]) {
-        self.inner.wg().remove_peer(key);
-        self.inner.paths().states.remove(key);
+        self.inner.engine().core.remove_peer(key);
         let mut st = self.inner.shared.lock();
         for ip in allowed_ips {
             st.abort_from(*ip);
@@ -332,37 +319,46 @@ impl Node {
 
     pub fn status(&self) -> NodeStatus {
         let now = Instant::now();
-        let wg = self.inner.wg();
-        let stack = self.inner.shared.lock();
-        let paths = self.inner.paths();
-        let peers = wg
-            .peer_ids()
-            .filter_map(|id| {
-                let cfg = wg.peer_config(id)?;
-                let stats = wg.peer_stats(id)?.clone();
-                let st = paths.states.get(&cfg.public_key).filter(|_| paths.enabled);
-                Some(PeerStatus {
-                    path: st.map(|s| match s.route(now) {
-                        Route::Direct(a) => format!("direct {a}"),
-                        Route::Relay if paths.relay.is_some() => "relay".to_string(),
-                        Route::Relay => "relay (not connected)".to_string(),
-                    }),
-                    last_probe: st.and_then(|s| s.last_result.clone()),
-                    refused_inbound: stack.refused(&cfg.public_key),
-                    public_key: wg::key_to_base64(&cfg.public_key),
-                    allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
-                    endpoint: wg.peer_endpoint(id),
-                    last_handshake_secs_ago: stats.last_handshake.map(|t| t.elapsed().as_secs()),
-                    stats,
+        let (public_key, stats, mut peers) = {
+            let engine = self.inner.engine();
+            let core = &engine.core;
+            let wg = core.wg();
+            let peers: Vec<PeerStatus> = wg
+                .peer_ids()
+                .filter_map(|id| {
+                    let cfg = wg.peer_config(id)?;
+                    let stats = wg.peer_stats(id)?.clone();
+                    let path = core.path(&cfg.public_key, now);
+                    Some(PeerStatus {
+                        path: path.as_ref().map(|p| match p.route {
+                            Route::Direct(a) => format!("direct {a}"),
+                            Route::Relay if core.relay_up() => "relay".to_string(),
+                            Route::Relay => "relay (not connected)".to_string(),
+                        }),
+                        last_probe: path.and_then(|p| p.last_probe),
+                        refused_inbound: 0,
+                        public_key: wg::key_to_base64(&cfg.public_key),
+                        allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                        endpoint: wg.peer_endpoint(id),
+                        last_handshake_secs_ago: stats.last_handshake.map(|t| now.saturating_duration_since(t).as_secs()),
+                        stats,
+                    })
                 })
-            })
-            .collect();
+                .collect();
+            (wg.public_key(), wg.stats().clone(), peers)
+        };
+        let stack = self.inner.shared.lock();
+        for p in &mut peers {
+            if let Ok(k) = wg::key_from_base64(&p.public_key) {
+                p.refused_inbound = stack.refused(&k);
+            }
+        }
         NodeStatus {
-            public_key: wg::key_to_base64(&wg.public_key()),
+            public_key: wg::key_to_base64(&public_key),
             addresses: self.addresses(),
             listen: self.udp_addr,
             peers,
-            stats: wg.stats().clone(),
+            stats,
             tcp_sockets: stack.socket_count(),
         }
     }
@@ -388,77 +384,6 @@ pub trait RelayLink: Send + Sync {
     fn send(&self, dst: &Key, datagram: &[u8]) -> bool;
 }
 
-/// Path management (control mode): per-peer direct/relay choice, probes,
-/// the relay link and STUN. Static mode leaves it disabled and sends to
-/// WireGuard's endpoint like any WireGuard implementation.
-struct Paths {
-    enabled: bool,
-    private_key: Key,
-    states: HashMap<Key, PathState>,
-    /// Our own candidate endpoints, offered in call-me-maybe.
-    my_endpoints: Vec<SocketAddr>,
-    relay: Option<Arc<dyn RelayLink>>,
-    stun_server: Option<SocketAddr>,
-    stun_tx: Option<[u8; 12]>,
-    next_stun: Instant,
-    public_endpoint: tokio::sync::watch::Sender<Option<SocketAddr>>,
-    relayed_out: u64,
-    relayed_in: u64,
-    /// Numbers every disco message we send (peers drop replays by it).
-    disco_counter: disco::Counter,
-}
-
-const STUN_INTERVAL: Duration = Duration::from_secs(20);
-
-/// Where one outgoing datagram goes.
-enum Dest {
-    Udp(SocketAddr),
-    Relay(Key),
-    Nowhere,
-}
-
-impl Paths {
-    fn seal(&mut self, to: &Key, msg: &disco::Message) -> Vec<u8> {
-        let counter = self.disco_counter.next(disco::unix_micros());
-        disco::seal(&self.private_key, to, counter, msg)
-    }
-
-    fn dest(&self, peer: Option<Key>, to: Option<SocketAddr>, now: Instant) -> Dest {
-        if self.enabled
-            && let Some(k) = peer
-        {
-            if to == Some(wg::RELAYED) {
-                return Dest::Relay(k);
-            }
-            if let Some(st) = self.states.get(&k) {
-                return match st.route(now) {
-                    Route::Direct(a) => Dest::Udp(a),
-                    Route::Relay if self.relay.is_some() => Dest::Relay(k),
-                    // No relay: best effort straight at what WireGuard knows,
-                    // under the same address rule as probes.
-                    Route::Relay => to.filter(crate::dataplane::endpoint::is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
-                };
-            }
-        }
-        match to {
-            Some(a) if a != wg::RELAYED => Dest::Udp(a),
-            _ => Dest::Nowhere,
-        }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        if !self.enabled {
-            return None;
-        }
-        let d = self.states.values().map(PathState::next_deadline).min();
-        let stun = self.stun_server.map(|_| self.next_stun);
-        match (d, stun) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-}
-
 /// Datagrams the kernel would not take yet; sent when the socket is writable.
 struct Sender<'a> {
     udp: &'a UdpSocket,
@@ -482,21 +407,6 @@ impl Sender<'_> {
         }
     }
 
-    /// Send one WireGuard output along the path chosen for its peer.
-    fn output(&mut self, paths: &mut Paths, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8]) {
-        match paths.dest(peer, to, now) {
-            Dest::Udp(a) => self.send(a, data),
-            Dest::Relay(k) => {
-                if let Some(r) = &paths.relay
-                    && r.send(&k, data)
-                {
-                    paths.relayed_out += 1;
-                }
-            }
-            Dest::Nowhere => {}
-        }
-    }
-
     fn flush(&mut self) {
         while let Some((to, data)) = self.backlog.front() {
             match self.udp.try_send_to(data, *to) {
@@ -512,127 +422,68 @@ impl Sender<'_> {
     }
 }
 
-/// Handle an authenticated disco message that arrived from `from` (or via the relay).
-fn on_disco(paths: &mut Paths, out: &mut Sender<'_>, opened: disco::Opened, from: SocketAddr, now: Instant) {
-    let disco::Opened { sender, counter, msg } = opened;
-    tracing::debug!(%from, peer = %wg::key_to_base64(&sender), ?msg, "disco");
-    let Some(st) = paths.states.get_mut(&sender) else { return };
-    if !st.accept_counter(counter) {
-        tracing::debug!(%from, peer = %wg::key_to_base64(&sender), "replayed disco message dropped");
-        return;
+/// Decrypted packets on their way from the core to the stack. The buffers
+/// are reused, so the copy costs no allocation once warm.
+#[derive(Default)]
+struct Batch {
+    packets: Vec<(Key, Vec<u8>)>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, peer: &Key, packet: &[u8]) {
+        if self.len == self.packets.len() {
+            self.packets.push((*peer, Vec::with_capacity(packet.len())));
+        }
+        let (k, buf) = &mut self.packets[self.len];
+        *k = *peer;
+        buf.clear();
+        buf.extend_from_slice(packet);
+        self.len += 1;
     }
-    match msg {
-        disco::Message::Ping { tx_id } => {
-            // Pings only mean something on the path they took.
-            if from != wg::RELAYED && st.on_ping(from, now) {
-                let pong = paths.seal(&sender, &disco::Message::Pong { tx_id, observed: from });
-                out.send(from, &pong);
-            }
+
+    fn drain_into(&mut self, stack: &mut Stack, now: Instant) {
+        for (k, p) in &self.packets[..self.len] {
+            stack.push_inbound(k, p, now);
         }
-        disco::Message::Pong { tx_id, observed } => {
-            if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
-                tracing::debug!(%from, %observed, "direct path confirmed");
-            }
-        }
-        disco::Message::CallMeMaybe { endpoints } => {
-            let endpoints: Vec<SocketAddr> = endpoints.into_iter().map(crate::dataplane::dualstack::normalize).collect();
-            if !st.on_call_me_maybe(&endpoints, now) {
-                tracing::debug!(peer = %wg::key_to_base64(&sender), "call-me-maybe over the rate limit dropped");
-            }
-        }
+        self.len = 0;
     }
 }
 
-/// Classify and handle one datagram from the UDP socket or the relay.
-#[allow(clippy::too_many_arguments)]
-fn on_datagram(wg: &mut Wg, stack: &mut Stack, paths: &mut Paths, out: &mut Sender<'_>, from: SocketAddr, data: &[u8], now: Instant) {
-    match disco::classify(data) {
-        disco::DatagramKind::Disco => {
-            if !paths.enabled {
-                return;
-            }
-            let known = |k: &Key| wg.peer_id(k).is_some();
-            if let Some(opened) = disco::open(&paths.private_key, data, known) {
-                on_disco(paths, out, opened, from, now);
-            }
-        }
-        disco::DatagramKind::Stun => {
-            if let Some((tx, mapped)) = crate::dataplane::stun::parse_binding_response(data)
-                && paths.stun_tx == Some(tx)
-                && Some(from) == paths.stun_server
-            {
-                paths.stun_tx = None;
-                paths.public_endpoint.send_if_modified(|cur| {
-                    let changed = *cur != Some(mapped);
-                    *cur = Some(mapped);
-                    changed
-                });
-            }
-        }
-        _ => {
-            wg.recv_datagram(from, data, &mut |o| match o {
-                // An answer to an authenticated handshake that came straight
-                // from `from` goes straight back: that path just worked.
-                Output::Network { peer: Some(key), to: Some(to), data } if to == from && from != wg::RELAYED => {
-                    if paths.enabled
-                        && let Some(st) = paths.states.get_mut(&key)
-                    {
-                        st.on_direct_traffic(from, now);
-                    }
-                    out.send(from, data)
-                }
-                Output::Network { peer, to, data } => out.output(paths, now, peer, to, data),
-                Output::Tunnel { key, packet, .. } => {
-                    if paths.enabled
-                        && from != wg::RELAYED
-                        && let Some(st) = paths.states.get_mut(&key)
-                    {
-                        st.on_direct_traffic(from, now);
-                    }
-                    stack.push_inbound(&key, packet, now)
-                }
-            });
-        }
+/// The driver's side of [`Transmit`]: the UDP socket, the relay link and
+/// the batch for the stack.
+struct Io<'a, 'b> {
+    udp: &'a mut Sender<'b>,
+    relay: Option<&'a dyn RelayLink>,
+    inbound: &'a mut Batch,
+}
+
+impl Transmit for Io<'_, '_> {
+    fn udp(&mut self, to: SocketAddr, data: &[u8]) {
+        self.udp.send(to, data)
+    }
+    fn relay(&mut self, to: &Key, data: &[u8]) -> bool {
+        self.relay.is_some_and(|r| r.send(to, data))
+    }
+    fn tunnel(&mut self, peer: &Key, packet: &[u8]) {
+        self.inbound.push(peer, packet)
     }
 }
 
-/// Run probes and STUN that are due.
-fn poll_paths(paths: &mut Paths, out: &mut Sender<'_>, now: Instant) {
-    if !paths.enabled {
-        return;
-    }
-    let mut actions = Vec::new();
-    for (k, st) in paths.states.iter_mut() {
-        for a in st.poll(now) {
-            actions.push((*k, a));
-        }
-    }
-    for (k, a) in actions {
-        match a {
-            PathAction::Ping { to, tx_id } => {
-                tracing::trace!(%to, "ping");
-                let d = paths.seal(&k, &disco::Message::Ping { tx_id });
-                out.send(to, &d);
-            }
-            PathAction::CallMeMaybe => {
-                tracing::debug!(peer = %wg::key_to_base64(&k), relay = paths.relay.is_some(), "call me maybe");
-                if paths.relay.is_some() {
-                    let d = paths.seal(&k, &disco::Message::CallMeMaybe { endpoints: paths.my_endpoints.clone() });
-                    if let Some(r) = &paths.relay {
-                        r.send(&k, &d);
-                    }
-                }
+/// Run `f` on the core with the driver's I/O, then publish its events.
+fn with_core<R>(inner: &Inner, sender: &mut Sender<'_>, inbound: &mut Batch, f: impl FnOnce(&mut Core, &mut Io<'_, '_>) -> R) -> R {
+    let mut engine = inner.engine();
+    let Engine { core, relay } = &mut *engine;
+    let mut io = Io { udp: sender, relay: relay.as_deref(), inbound };
+    let r = f(core, &mut io);
+    while let Some(ev) = core.poll_event() {
+        match ev {
+            Event::PublicEndpoint(a) => {
+                inner.public_endpoint.send_replace(Some(a));
             }
         }
     }
-    if let Some(server) = paths.stun_server
-        && now >= paths.next_stun
-    {
-        let tx = disco::new_tx_id();
-        paths.stun_tx = Some(tx);
-        out.send(server, &crate::dataplane::stun::encode_binding_request(tx));
-        paths.next_stun = now + STUN_INTERVAL;
-    }
+    r
 }
 
 async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(Key, Vec<u8>)>) {
@@ -640,30 +491,22 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
     let mut rx_buf = vec![0u8; 65536];
     let mut accepted = Vec::new();
     let mut outbound = Vec::new();
+    let mut inbound = Batch::default();
     let mut relayed: Vec<(Key, Vec<u8>)> = Vec::new();
-    {
-        let now = Instant::now();
-        let mut wg = inner.wg();
-        let mut paths = inner.paths();
-        wg.initiate_all(&mut |o| {
-            if let Output::Network { peer, to, data } = o {
-                sender.output(&mut paths, now, peer, to, data)
-            }
-        });
-    }
+    with_core(&inner, &mut sender, &mut inbound, |core, io| core.start(Instant::now(), io));
     loop {
         let now = Instant::now();
-        // Inbound: datagrams (UDP and relayed) -> WireGuard / disco / STUN -> stack.
-        {
-            let mut wg = inner.wg();
-            let mut stack = inner.shared.lock();
-            let mut paths = inner.paths();
+        // Inbound: datagrams (UDP and relayed) and timers through the core.
+        while relayed.len() < RX_BATCH {
+            match relay_rx.try_recv() {
+                Ok(d) => relayed.push(d),
+                Err(_) => break,
+            }
+        }
+        with_core(&inner, &mut sender, &mut inbound, |core, io| {
             for _ in 0..RX_BATCH {
-                match udp.try_recv_from(&mut rx_buf) {
-                    Ok((n, from)) => {
-                        let from = crate::dataplane::dualstack::normalize(from);
-                        on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, from, &rx_buf[..n], now)
-                    }
+                match io.udp.udp.try_recv_from(&mut rx_buf) {
+                    Ok((n, from)) => core.handle_datagram(now, crate::dataplane::dualstack::normalize(from), &rx_buf[..n], io),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // ICMP errors from earlier sends surface here; not fatal.
@@ -672,45 +515,25 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
                     }
                 }
             }
-            while relayed.len() < RX_BATCH {
-                match relay_rx.try_recv() {
-                    Ok(d) => relayed.push(d),
-                    Err(_) => break,
-                }
-            }
             for (src, d) in relayed.drain(..) {
-                // Only datagrams from peers we know; the relay vouches for `src`.
-                if wg.peer_id(&src).is_none() {
-                    continue;
-                }
-                paths.relayed_in += 1;
-                on_datagram(&mut wg, &mut stack, &mut paths, &mut sender, wg::RELAYED, &d, now);
+                core.handle_relay(now, &src, &d, io);
             }
-            wg.poll_timers(now, &mut |o| {
-                if let Output::Network { peer, to, data } = o {
-                    sender.output(&mut paths, now, peer, to, data)
-                }
-            });
-            poll_paths(&mut paths, &mut sender, now);
-        }
-        // The stack: timers, socket I/O, outbound packets.
+            core.handle_timeout(now, io);
+        });
+        // The stack: inbound packets, timers, socket I/O, outbound packets.
         let stack_deadline = {
             let mut stack = inner.shared.lock();
+            inbound.drain_into(&mut stack, now);
             stack.poll(now, &mut accepted);
             outbound.extend(stack.take_outbound());
             stack.poll_at(now)
         };
         if !outbound.is_empty() {
-            let mut wg = inner.wg();
-            let mut paths = inner.paths();
-            for p in &outbound {
-                wg.send_ip(p, &mut |o| {
-                    if let Output::Network { peer, to, data } = o {
-                        sender.output(&mut paths, now, peer, to, data)
-                    }
-                });
-            }
-            drop((wg, paths));
+            with_core(&inner, &mut sender, &mut inbound, |core, io| {
+                for p in &outbound {
+                    core.send_ip(now, p, io);
+                }
+            });
             let mut stack = inner.shared.lock();
             for p in outbound.drain(..) {
                 stack.recycle(p);
@@ -721,16 +544,10 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
         }
         sender.flush();
 
-        let deadline = {
-            let mut d = inner.wg().next_deadline();
-            if let Some(s) = stack_deadline {
-                d = d.min(s);
-            }
-            if let Some(p) = inner.paths().next_deadline() {
-                d = d.min(p);
-            }
-            d
-        };
+        let mut deadline = inner.engine().core.poll_timeout();
+        if let Some(s) = stack_deadline {
+            deadline = deadline.min(s);
+        }
         if deadline <= Instant::now() {
             tokio::task::yield_now().await;
             continue;
@@ -753,12 +570,10 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
 }
 
 fn rejudge(inner: &Inner) -> usize {
-    let wg = inner.wg();
-    let mut stack = inner.shared.lock();
     // Inner sources were checked against their peer's AllowedIPs on receipt,
     // so the route of a remote address names the peer that owns it.
-    let n = stack.rejudge(|ip| wg.route(ip).and_then(|id| wg.peer_key(id)));
-    drop((stack, wg));
+    let routes = inner.engine().core.wg().route_table();
+    let n = inner.shared.lock().rejudge(|ip| routes.peer_of(ip));
     if n > 0 {
         inner.shared.wake.notify_one();
     }
@@ -766,16 +581,18 @@ fn rejudge(inner: &Inner) -> usize {
 }
 
 fn deliver_accepted(inner: &Arc<Inner>, accepted: &mut Vec<Accepted>) {
-    let wg = inner.wg();
-    let listeners = inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
     let mut streams = Vec::new();
-    for a in accepted.drain(..) {
-        // The inner source was checked against this peer's AllowedIPs when it
-        // was decrypted, so the route for the remote address names the peer.
-        let peer = wg.route(a.remote.ip()).and_then(|id| wg.peer_key(id));
-        streams.push((a.port, peer, TcpStream::new(inner.shared.clone(), a.handle, a.local, a.remote, peer.unwrap_or_default())));
+    {
+        let engine = inner.engine();
+        let wg = engine.core.wg();
+        for a in accepted.drain(..) {
+            // The inner source was checked against this peer's AllowedIPs when it
+            // was decrypted, so the route for the remote address names the peer.
+            let peer = wg.route(a.remote.ip()).and_then(|id| wg.peer_key(id));
+            streams.push((a.port, peer, TcpStream::new(inner.shared.clone(), a.handle, a.local, a.remote, peer.unwrap_or_default())));
+        }
     }
-    drop(wg);
+    let listeners = inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
     for (port, peer, mut stream) in streams {
         if peer.is_none() {
             stream.abort(); // peer removed while connecting

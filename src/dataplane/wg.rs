@@ -251,6 +251,12 @@ impl Wg {
         &self.stats
     }
 
+    /// A copy of the cryptokey routing table, for callers that must not hold
+    /// the core while they use it (the stack re-judging its connections).
+    pub fn route_table(&self) -> RouteTable {
+        RouteTable { routes: self.routes.clone(), keys: self.peers.iter().map(|p| p.as_ref().map(|p| p.config.public_key)).collect() }
+    }
+
     pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.peers.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i)
     }
@@ -279,8 +285,8 @@ impl Wg {
         }
     }
 
-    /// Process one UDP datagram from `from`.
-    pub fn recv_datagram(&mut self, from: SocketAddr, datagram: &[u8], out: &mut impl FnMut(Output<'_>)) {
+    /// Process one UDP datagram from `from`, received at `now`.
+    pub fn recv_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant, out: &mut impl FnMut(Output<'_>)) {
         let id = match self.classify(from, datagram, out) {
             Some(id) => id,
             None => return,
@@ -303,7 +309,7 @@ impl Wg {
                     roam(peer, from);
                     if matches!(Tunn::parse_incoming_packet(datagram), Ok(Packet::HandshakeResponse(_) | Packet::HandshakeInit(_))) {
                         peer.stats.handshakes += 1;
-                        peer.stats.last_handshake = Some(Instant::now());
+                        peer.stats.last_handshake = Some(now);
                     }
                     out(Output::Network { peer: Some(peer.config.public_key), to: Some(from), data: b });
                     // Queued packets (sent before the handshake finished) follow.
@@ -442,6 +448,19 @@ impl Wg {
     }
 }
 
+/// A snapshot of AllowedIPs routing: which peer owns an address.
+pub struct RouteTable {
+    routes: Routes,
+    keys: Vec<Option<Key>>,
+}
+
+impl RouteTable {
+    /// The key of the peer whose AllowedIPs contain `ip`.
+    pub fn peer_of(&self, ip: IpAddr) -> Option<Key> {
+        self.keys.get(self.routes.lookup(ip)?).copied().flatten()
+    }
+}
+
 /// The address relayed datagrams are attributed to. It never becomes a
 /// peer's endpoint: the relay is a path, chosen by the path manager.
 pub const RELAYED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
@@ -488,7 +507,7 @@ pub fn public_key_of(private: &Key) -> Key {
 /// Longest-prefix match from address to peer. Linear per prefix length, which
 /// is fine for the hundreds of peers a tailnet node sees; a hash per prefix
 /// length keeps lookups O(prefix lengths) regardless of peer count.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Routes {
     /// (prefix length, is_v6) -> network address -> peer; kept sorted longest first.
     tables: Vec<((u8, bool), HashMap<IpAddr, PeerId>)>,
@@ -585,13 +604,13 @@ mod tests {
             let mut next_a = vec![];
             let mut next_b = vec![];
             for d in to_b.drain(..) {
-                b.recv_datagram(ea, &d, &mut |o| match o {
+                b.recv_datagram(ea, &d, std::time::Instant::now(), &mut |o| match o {
                     Output::Network { data, .. } => next_a.push(data.to_vec()),
                     Output::Tunnel { packet, .. } => got_b.push(packet.to_vec()),
                 });
             }
             for d in to_a.drain(..) {
-                a.recv_datagram(eb, &d, &mut |o| match o {
+                a.recv_datagram(eb, &d, std::time::Instant::now(), &mut |o| match o {
                     Output::Network { data, .. } => next_b.push(data.to_vec()),
                     Output::Tunnel { packet, .. } => got_a.push(packet.to_vec()),
                 });
@@ -670,12 +689,12 @@ mod tests {
         let (_, mut b, ea, _) = pair();
         for len in [0usize, 1, 4, 32, 148, 1500] {
             let junk: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            b.recv_datagram(ea, &junk, &mut |_| panic!("no output for garbage"));
+            b.recv_datagram(ea, &junk, std::time::Instant::now(), &mut |_| panic!("no output for garbage"));
         }
         for t in 1u8..=4 {
             let mut m = vec![t, 0, 0, 0];
             m.resize(200, 0xAA);
-            b.recv_datagram(ea, &m, &mut |_| panic!("no output for forged message"));
+            b.recv_datagram(ea, &m, std::time::Instant::now(), &mut |_| panic!("no output for forged message"));
         }
         assert!(b.stats().invalid >= 8);
     }

@@ -1,0 +1,490 @@
+//! The node's data-plane core, sans-IO: WireGuard, per-peer path choice,
+//! disco, STUN transaction matching and relay/direct dispatch.
+//!
+//! [`Core`] never touches a socket, a channel or the clock. The driver
+//! (`node`) feeds it datagrams from the UDP socket ([`Core::handle_datagram`]),
+//! frames from the relay ([`Core::handle_relay`]), IP packets from the stack
+//! ([`Core::send_ip`]) and the time; asks it when to wake
+//! ([`Core::poll_timeout`]) and calls [`Core::handle_timeout`] then. What the
+//! core wants sent goes to a caller-supplied [`Transmit`]: datagrams to an
+//! address, frames to the relay by node key, and authenticated IP packets for
+//! the stack. Other news (our public endpoint from STUN) is queued as
+//! [`Event`]s for [`Core::poll_event`].
+//!
+//! Why a sink and not an internal queue as in quinn-proto: at gigabit rates
+//! every datagram would be copied into the queue and out again; the sink lets
+//! the driver hand a datagram to the kernel while it still lies in the
+//! WireGuard buffer. The simulated network (`sim`) implements the same sink
+//! with queues, so both see identical behaviour.
+//!
+//! Time: every method that needs it takes `now`. The wall clock (which only
+//! seeds disco counters, see [`disco::Counter`]) is read once by whoever
+//! builds the core and advanced with `now` from then on. The only clock reads
+//! left are boringtun's own, inside `Tunn` (handshake timestamps and its
+//! timer bookkeeping), which we cannot feed.
+
+use crate::dataplane::dualstack::normalize;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::dataplane::disco;
+use crate::dataplane::endpoint::is_valid_endpoint;
+use crate::dataplane::path::{Action as PathAction, PathState, Route};
+use crate::dataplane::stun;
+use crate::dataplane::wg::{self, Output, PeerConfig, Wg, WgError};
+use crate::key::Key;
+
+/// How often we ask the STUN server for our public endpoint.
+pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
+/// First retry of an unanswered STUN request; doubles up to [`STUN_INTERVAL`].
+/// A lost request must not leave us without a public endpoint for long.
+pub const STUN_RETRY: Duration = Duration::from_secs(1);
+
+/// Where the core's output goes. Implemented by the tokio driver (socket,
+/// relay link, stack) and by the simulated network.
+pub trait Transmit {
+    /// Send `data` as one UDP datagram to `to`.
+    fn udp(&mut self, to: SocketAddr, data: &[u8]);
+    /// Send `data` through the relay to the node `to`; false if the link
+    /// dropped it (down or full).
+    fn relay(&mut self, to: &Key, data: &[u8]) -> bool;
+    /// An authenticated IP packet from `peer` (inner source already checked
+    /// against its AllowedIPs), for the TCP/IP stack.
+    fn tunnel(&mut self, peer: &Key, packet: &[u8]);
+}
+
+/// News from the core that is not a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// STUN reported a (new) public endpoint for our socket.
+    PublicEndpoint(SocketAddr),
+}
+
+/// Where one outgoing datagram goes.
+enum Dest {
+    Udp(SocketAddr),
+    Relay(Key),
+    Nowhere,
+}
+
+/// The wall clock, advanced by the monotonic `now` the core is given.
+#[derive(Clone, Copy, Debug)]
+struct WallClock {
+    at: Instant,
+    unix_micros: u64,
+}
+
+impl WallClock {
+    fn micros(&self, now: Instant) -> u64 {
+        self.unix_micros.saturating_add(now.saturating_duration_since(self.at).as_micros() as u64)
+    }
+}
+
+/// The data-plane core of one node. See the module docs.
+pub struct Core {
+    wg: Wg,
+    /// Choose per peer between proven direct UDP and the relay. Off (static
+    /// WireGuard configurations), datagrams go to WireGuard's endpoint.
+    manage_paths: bool,
+    private_key: Key,
+    paths: HashMap<Key, PathState>,
+    /// Our own candidate endpoints, offered in call-me-maybe.
+    my_endpoints: Vec<SocketAddr>,
+    relay_up: bool,
+    stun_server: Option<SocketAddr>,
+    stun_tx: Option<stun::TxId>,
+    next_stun: Instant,
+    stun_retry: Duration,
+    public_endpoint: Option<SocketAddr>,
+    events: VecDeque<Event>,
+    relayed_out: u64,
+    relayed_in: u64,
+    /// Numbers every disco message we send (peers drop replays by it).
+    disco_counter: disco::Counter,
+    wall: WallClock,
+}
+
+/// What `status` shows of one peer's path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathView {
+    pub route: Route,
+    pub last_probe: Option<String>,
+}
+
+impl Core {
+    /// A core with no peers. `unix_micros` is the wall clock at `now`
+    /// ([`disco::unix_micros`] in the driver).
+    pub fn new(private_key: Key, manage_paths: bool, now: Instant, unix_micros: u64) -> Self {
+        Core {
+            wg: Wg::new(private_key, now),
+            manage_paths,
+            private_key,
+            paths: HashMap::new(),
+            my_endpoints: Vec::new(),
+            relay_up: false,
+            stun_server: None,
+            stun_tx: None,
+            next_stun: now,
+            stun_retry: STUN_RETRY,
+            public_endpoint: None,
+            events: VecDeque::new(),
+            relayed_out: 0,
+            relayed_in: 0,
+            disco_counter: disco::Counter::default(),
+            wall: WallClock { at: now, unix_micros },
+        }
+    }
+
+    /// The WireGuard core, for routing look-ups and `status`.
+    pub fn wg(&self) -> &Wg {
+        &self.wg
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.wg.public_key()
+    }
+
+    pub fn add_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
+        self.wg.add_peer(config).map(drop)
+    }
+
+    /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
+    pub fn upsert_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
+        self.wg.upsert_peer(config).map(drop)
+    }
+
+    /// Forget a peer and its path state.
+    pub fn remove_peer(&mut self, key: &Key) {
+        self.wg.remove_peer(key);
+        self.paths.remove(key);
+    }
+
+    /// Candidate endpoints for a peer, from the netmap (path management only).
+    pub fn set_peer_endpoints(&mut self, key: &Key, endpoints: &[SocketAddr], now: Instant) {
+        if self.manage_paths {
+            let endpoints: Vec<SocketAddr> = endpoints.iter().map(|e| normalize(*e)).collect();
+            self.paths.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(&endpoints, now);
+        }
+    }
+
+    /// The candidate endpoints held for a peer, sorted.
+    pub fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self.paths.get(key).map(|s| s.candidates().copied().collect()).unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Our own endpoints, offered to peers in call-me-maybe.
+    pub fn set_my_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+        self.my_endpoints = endpoints;
+    }
+
+    /// Whether a relay link exists to send through.
+    pub fn set_relay_up(&mut self, up: bool) {
+        self.relay_up = up;
+    }
+
+    pub fn relay_up(&self) -> bool {
+        self.relay_up
+    }
+
+    /// Ask this STUN server for our public endpoint now and every
+    /// [`STUN_INTERVAL`] (`None`: stop).
+    pub fn set_stun_server(&mut self, server: Option<SocketAddr>, now: Instant) {
+        self.stun_server = server.map(normalize);
+        self.stun_tx = None;
+        self.next_stun = now;
+        self.stun_retry = STUN_RETRY;
+    }
+
+    /// The public endpoint STUN last reported.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.public_endpoint
+    }
+
+    /// A network change: distrust every direct path and probe again.
+    pub fn network_changed(&mut self, now: Instant) {
+        for st in self.paths.values_mut() {
+            st.reset(now);
+        }
+    }
+
+    /// The path to a peer under path management (`None`: unmanaged).
+    pub fn path(&self, key: &Key, now: Instant) -> Option<PathView> {
+        let st = self.paths.get(key).filter(|_| self.manage_paths)?;
+        Some(PathView { route: st.route(now), last_probe: st.last_result.clone() })
+    }
+
+    /// Datagrams sent and received through the relay.
+    pub fn relayed(&self) -> (u64, u64) {
+        (self.relayed_out, self.relayed_in)
+    }
+
+    /// Next news for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Core::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut d = self.wg.next_deadline();
+        if self.manage_paths {
+            // A peer without candidates has nothing to probe, but its state
+            // still reports its (past) probe time: skipping it keeps the
+            // driver from spinning on a deadline that never moves.
+            let due = self.paths.values().filter(|st| st.candidates().next().is_some()).map(PathState::next_deadline).min();
+            if let Some(p) = due {
+                d = d.min(p);
+            }
+            if self.stun_server.is_some() {
+                d = d.min(self.next_stun);
+            }
+        }
+        d
+    }
+
+    /// Start handshakes with every peer that has an endpoint, so a static
+    /// configuration comes up without waiting for traffic.
+    pub fn start(&mut self, now: Instant, tx: &mut impl Transmit) {
+        let Core { wg, .. } = self;
+        let mut pending = Vec::new();
+        wg.initiate_all(&mut |o| {
+            if let Output::Network { peer, to, data } = o {
+                pending.push((peer, to, data.to_vec()));
+            }
+        });
+        for (peer, to, data) in pending {
+            self.send(now, peer, to, &data, tx);
+        }
+    }
+
+    /// Run WireGuard timers, probes and STUN that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, tx: &mut impl Transmit) {
+        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
+        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
+        wg.poll_timers(now, &mut |o| {
+            if let Output::Network { peer, to, data } = o {
+                ctx.send(now, peer, to, data, tx)
+            }
+        });
+        self.poll_paths(now, tx);
+    }
+
+    /// Encrypt an IP packet from the stack and send it along its peer's path.
+    pub fn send_ip(&mut self, now: Instant, packet: &[u8], tx: &mut impl Transmit) {
+        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
+        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
+        wg.send_ip(packet, &mut |o| {
+            if let Output::Network { peer, to, data } = o {
+                ctx.send(now, peer, to, data, tx)
+            }
+        });
+    }
+
+    /// A datagram from the relay, sent by the node `src` (the relay vouches
+    /// for the sender's key; WireGuard and disco authenticate the content).
+    pub fn handle_relay(&mut self, now: Instant, src: &Key, data: &[u8], tx: &mut impl Transmit) {
+        if self.wg.peer_id(src).is_none() {
+            return;
+        }
+        self.relayed_in += 1;
+        self.handle(now, wg::RELAYED, data, tx);
+    }
+
+    /// A datagram from the UDP socket, from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
+        if from == wg::RELAYED {
+            return; // 0.0.0.0:0 cannot be a real source; it means "relayed" inside.
+        }
+        self.handle(now, from, data, tx);
+    }
+
+    fn handle(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
+        match disco::classify(data) {
+            disco::DatagramKind::Disco => {
+                if !self.manage_paths {
+                    return;
+                }
+                let wg = &self.wg;
+                if let Some(opened) = disco::open(&self.private_key, data, |k: &Key| wg.peer_id(k).is_some()) {
+                    self.on_disco(opened, from, now, tx);
+                }
+            }
+            disco::DatagramKind::Stun => self.on_stun(now, from, data),
+            _ => self.on_wireguard(now, from, data, tx),
+        }
+    }
+
+    fn on_wireguard(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
+        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
+        let manage = *manage_paths;
+        let mut ctx = Dispatch { paths, manage_paths: manage, relay_up: *relay_up, relayed_out };
+        wg.recv_datagram(from, data, now, &mut |o| match o {
+            // An answer to an authenticated handshake that came straight from
+            // `from` goes straight back: that path just worked.
+            Output::Network { peer: Some(key), to: Some(to), data } if to == from && from != wg::RELAYED => {
+                ctx.direct_traffic(&key, from, now);
+                tx.udp(from, data)
+            }
+            Output::Network { peer, to, data } => ctx.send(now, peer, to, data, tx),
+            Output::Tunnel { key, packet, .. } => {
+                if from != wg::RELAYED {
+                    ctx.direct_traffic(&key, from, now);
+                }
+                tx.tunnel(&key, packet)
+            }
+        });
+    }
+
+    fn on_stun(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let Some((txid, mapped)) = stun::parse_binding_response(data) else { return };
+        // Only the answer to our outstanding request, from the server we asked.
+        if self.stun_tx != Some(txid) || Some(from) != self.stun_server {
+            return;
+        }
+        self.stun_tx = None;
+        self.next_stun = now + STUN_INTERVAL;
+        self.stun_retry = STUN_RETRY;
+        if self.public_endpoint != Some(mapped) {
+            self.public_endpoint = Some(mapped);
+            self.events.push_back(Event::PublicEndpoint(mapped));
+        }
+    }
+
+    fn seal(&mut self, to: &Key, msg: &disco::Message, now: Instant) -> Vec<u8> {
+        let counter = self.disco_counter.next(self.wall.micros(now));
+        disco::seal(&self.private_key, to, counter, msg)
+    }
+
+    /// Handle an authenticated disco message that arrived from `from` (or via the relay).
+    fn on_disco(&mut self, opened: disco::Opened, from: SocketAddr, now: Instant, tx: &mut impl Transmit) {
+        let disco::Opened { sender, counter, msg } = opened;
+        tracing::debug!(%from, peer = %wg::key_to_base64(&sender), ?msg, "disco");
+        let Some(st) = self.paths.get_mut(&sender) else { return };
+        if !st.accept_counter(counter) {
+            tracing::debug!(%from, peer = %wg::key_to_base64(&sender), "replayed disco message dropped");
+            return;
+        }
+        match msg {
+            disco::Message::Ping { tx_id } => {
+                // Pings only mean something on the path they took.
+                if from != wg::RELAYED && st.on_ping(from, now) {
+                    let pong = self.seal(&sender, &disco::Message::Pong { tx_id, observed: from }, now);
+                    tx.udp(from, &pong);
+                }
+            }
+            disco::Message::Pong { tx_id, observed } => {
+                if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
+                    tracing::debug!(%from, %observed, "direct path confirmed");
+                }
+            }
+            disco::Message::CallMeMaybe { endpoints } => {
+                let endpoints: Vec<SocketAddr> = endpoints.into_iter().map(normalize).collect();
+                if !st.on_call_me_maybe(&endpoints, now) {
+                    tracing::debug!(peer = %wg::key_to_base64(&sender), "call-me-maybe over the rate limit dropped");
+                }
+            }
+        }
+    }
+
+    /// Send probes and STUN requests that are due.
+    fn poll_paths(&mut self, now: Instant, tx: &mut impl Transmit) {
+        if !self.manage_paths {
+            return;
+        }
+        let mut actions = Vec::new();
+        for (k, st) in self.paths.iter_mut() {
+            for a in st.poll(now) {
+                actions.push((*k, a));
+            }
+        }
+        for (k, a) in actions {
+            match a {
+                PathAction::Ping { to, tx_id } => {
+                    tracing::trace!(%to, "ping");
+                    let d = self.seal(&k, &disco::Message::Ping { tx_id }, now);
+                    tx.udp(to, &d);
+                }
+                PathAction::CallMeMaybe => {
+                    tracing::debug!(peer = %wg::key_to_base64(&k), relay = self.relay_up, "call me maybe");
+                    if self.relay_up {
+                        let d = self.seal(&k, &disco::Message::CallMeMaybe { endpoints: self.my_endpoints.clone() }, now);
+                        tx.relay(&k, &d);
+                    }
+                }
+            }
+        }
+        if let Some(server) = self.stun_server
+            && now >= self.next_stun
+        {
+            let txid = stun::new_txid();
+            self.stun_tx = Some(txid);
+            tx.udp(server, &stun::encode_binding_request(txid));
+            // The answer moves this to STUN_INTERVAL; until then, retry.
+            self.next_stun = now + self.stun_retry;
+            self.stun_retry = (self.stun_retry * 2).min(STUN_INTERVAL);
+        }
+    }
+
+    fn send(&mut self, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8], tx: &mut impl Transmit) {
+        let Core { paths, manage_paths, relay_up, relayed_out, .. } = self;
+        Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out }.send(now, peer, to, data, tx)
+    }
+}
+
+/// The part of the core that routes WireGuard output, borrowed apart from
+/// the `Wg` that produces it.
+struct Dispatch<'a> {
+    paths: &'a mut HashMap<Key, PathState>,
+    manage_paths: bool,
+    relay_up: bool,
+    relayed_out: &'a mut u64,
+}
+
+impl Dispatch<'_> {
+    fn dest(&self, peer: Option<Key>, to: Option<SocketAddr>, now: Instant) -> Dest {
+        if self.manage_paths
+            && let Some(k) = peer
+        {
+            if to == Some(wg::RELAYED) {
+                return Dest::Relay(k);
+            }
+            if let Some(st) = self.paths.get(&k) {
+                return match st.route(now) {
+                    Route::Direct(a) => Dest::Udp(a),
+                    Route::Relay if self.relay_up => Dest::Relay(k),
+                    // No relay: best effort straight at what WireGuard knows,
+                    // under the same address rule as probes.
+                    Route::Relay => to.filter(is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
+                };
+            }
+        }
+        match to {
+            Some(a) if a != wg::RELAYED => Dest::Udp(a),
+            _ => Dest::Nowhere,
+        }
+    }
+
+    /// Send one WireGuard output along the path chosen for its peer.
+    fn send(&mut self, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8], tx: &mut impl Transmit) {
+        match self.dest(peer, to, now) {
+            Dest::Udp(a) => tx.udp(a, data),
+            Dest::Relay(k) => {
+                if tx.relay(&k, data) {
+                    *self.relayed_out += 1;
+                }
+            }
+            Dest::Nowhere => {}
+        }
+    }
+
+    /// Authenticated WireGuard traffic arrived straight from `from`.
+    fn direct_traffic(&mut self, key: &Key, from: SocketAddr, now: Instant) {
+        if self.manage_paths
+            && let Some(st) = self.paths.get_mut(key)
+        {
+            st.on_direct_traffic(from, now);
+        }
+    }
+}
