@@ -7,4 +7,5 @@ pub mod netstack;
 pub mod node;
 pub mod path;
 pub mod stun;
+pub mod udp;
 pub mod wg;

@@ -24,8 +24,6 @@ use crate::dataplane::path::{Action as PathAction, PathState, Route};
 use crate::dataplane::wg::{self, Output, PeerConfig, Wg};
 use crate::key::Key;
 
-/// Socket buffers large enough to ride out bursts at gigabit rates.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
 /// Datagrams handled per wake before the stack runs; bounds latency.
 const RX_BATCH: usize = 128;
 const ACCEPT_BACKLOG: usize = 1024;
@@ -112,17 +110,18 @@ pub struct NodeStatus {
     #[serde(flatten)]
     pub stats: wg::GlobalStats,
     pub tcp_sockets: usize,
+    /// Loss recovery of the userspace TCP stack, over all connections so far.
+    pub tcp_retransmits: TcpRetransmits,
 }
 
-fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: unprivileged processes may be capped by rmem_max.
-    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-    let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
-    UdpSocket::from_std(sock.into())
+/// smoltcp's loss recovery counters (see ARCHITECTURE.md, "smoltcp patch").
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TcpRetransmits {
+    /// Retransmission timer expiries: stalls of at least 200 ms each.
+    pub timeouts: u64,
+    /// Loss episodes repaired by SACK / fast retransmit.
+    pub recoveries: u64,
+    pub retransmitted_segments: u64,
 }
 
 impl Node {
@@ -133,7 +132,7 @@ impl Node {
         for p in config.peers {
             wg.add_peer(p)?;
         }
-        let udp = bind_udp(config.listen)?;
+        let udp = crate::dataplane::udp::bind(config.listen)?;
         let udp_addr = udp.local_addr()?;
         let mut stack = Stack::new(&config.addresses, now);
         stack.set_filter(config.inbound.map(Filter::new));
@@ -365,6 +364,10 @@ impl Node {
             peers,
             stats: wg.stats().clone(),
             tcp_sockets: stack.socket_count(),
+            tcp_retransmits: {
+                let r = stack.retransmit_stats();
+                TcpRetransmits { timeouts: r.timeouts, recoveries: r.recoveries, retransmitted_segments: r.retransmitted_segments }
+            },
         }
     }
 

@@ -2070,9 +2070,16 @@ impl<'a> Socket<'a> {
                     // Clear the remote endpoint, or we'll send an RST there.
                     self.set_state(State::Closed);
                     self.tuple = None;
-                } else if ack_len == 0 {
+                } else if ack_len == 0 && self.tx_buffer.is_empty() {
                     // Duplicate ACK; our FIN has not been acknowledged.
                     // Per RFC 9293 (3.10.7.4), send a challenge ACK.
+                    //
+                    // tailgate patch: only once all data is acknowledged. After an
+                    // early half-close from the peer, LAST-ACK is entered with data
+                    // still queued, and an ACK that acknowledges nothing new is then
+                    // a window update or a duplicate ACK reporting loss; answering
+                    // it with a challenge ACK dropped the update and stalled the
+                    // transfer until the zero-window probe or RTO.
                     return self.challenge_ack_reply(cx, ip_repr, repr);
                 }
                 // Partial ACK: fall through to advance SND.UNA normally.
