@@ -129,6 +129,7 @@ impl Daemon {
             "peers": peers,
             "invalid_datagrams": ns.stats.invalid,
             "tcp_sockets": ns.tcp_sockets,
+            "tcp_retransmits": ns.tcp_retransmits,
         });
         for (k, val) in self.extra.read().unwrap_or_else(|e| e.into_inner()).iter() {
             v[k] = val.clone();

@@ -197,6 +197,10 @@ pub fn render_node(st: &crate::dataplane::node::NodeStatus, names: &BTreeMap<Str
     counter(&mut reg, "invalid_datagrams", "Datagrams that failed to parse or authenticate", st.stats.invalid);
     gauge(&mut reg, "peers", "Peers configured", peers.len() as i64);
     gauge(&mut reg, "tcp_sockets", "Tailnet TCP sockets in the userspace stack", st.tcp_sockets as i64);
+    let r = st.tcp_retransmits;
+    counter(&mut reg, "tcp_retransmit_timeouts", "Retransmission timer expiries in the userspace TCP stack", r.timeouts);
+    counter(&mut reg, "tcp_loss_recoveries", "Loss episodes repaired by SACK or fast retransmit", r.recoveries);
+    counter(&mut reg, "tcp_retransmitted_segments", "Segments resent by SACK or fast retransmit", r.retransmitted_segments);
     gauge(
         &mut reg,
         "ssh_sessions_open",

@@ -11,4 +11,5 @@ pub mod path;
 #[cfg(test)]
 mod sim;
 pub mod stun;
+pub mod udp;
 pub mod wg;

@@ -157,6 +157,8 @@ pub struct Stack {
     /// Admission of new inbound connections; `None` admits everything
     /// (library use: the CLI always installs one).
     filter: Option<Filter>,
+    /// Loss recovery counters of connections already reaped.
+    retransmits: tcp::RetransmitStats,
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
@@ -183,6 +185,7 @@ impl Stack {
             ports_in_use: HashSet::new(),
             pending_rsts: Vec::new(),
             filter: None,
+            retransmits: tcp::RetransmitStats::default(),
         }
     }
 
@@ -441,6 +444,7 @@ impl Stack {
             }
         }
         for h in gone {
+            add_stats(&mut self.retransmits, &self.sockets.get::<tcp::Socket>(h).retransmit_stats());
             if let Some(port) = self.conns.remove(&h).and_then(|c| c.ephemeral_port) {
                 self.ports_in_use.remove(&port);
             }
@@ -514,6 +518,17 @@ impl Stack {
         reset
     }
 
+    /// Loss recovery counters over every connection so far.
+    pub fn retransmit_stats(&self) -> tcp::RetransmitStats {
+        let mut total = self.retransmits;
+        for (_, s) in self.sockets.iter() {
+            if let smoltcp::socket::Socket::Tcp(s) = s {
+                add_stats(&mut total, &s.retransmit_stats());
+            }
+        }
+        total
+    }
+
     /// Number of TCP sockets, for leak checks.
     pub fn socket_count(&self) -> usize {
         self.sockets.iter().count()
@@ -522,6 +537,12 @@ impl Stack {
     fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
     }
+}
+
+fn add_stats(total: &mut tcp::RetransmitStats, s: &tcp::RetransmitStats) {
+    total.timeouts += s.timeouts;
+    total.recoveries += s.recoveries;
+    total.retransmitted_segments += s.retransmitted_segments;
 }
 
 fn set_addresses(iface: &mut Interface, addresses: &[IpAddr]) {
@@ -886,6 +907,61 @@ mod tests {
         }
         let Poll::Ready(Err(e)) = read(&mut client) else { panic!("a timed-out connection must not read as end of stream") };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    }
+
+    /// Write as much of `data[*sent..]` as the stream takes now.
+    fn write_some(s: &mut TcpStream, data: &[u8], sent: &mut usize) {
+        while *sent < data.len() {
+            match write(s, &data[*sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => *sent += n,
+                _ => break,
+            }
+        }
+    }
+
+    /// Everything readable now; `true` once end of stream was read.
+    fn read_all(s: &mut TcpStream, into: &mut Vec<u8>) -> bool {
+        loop {
+            match read(s) {
+                Poll::Ready(Ok(b)) if b.is_empty() => return true,
+                Poll::Ready(Ok(b)) => into.extend(b),
+                Poll::Ready(Err(e)) => panic!("read failed: {e}"),
+                Poll::Pending => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn a_transfer_after_the_peers_early_half_close_finishes_without_waiting_for_a_timer() {
+        // The client sends its request and half-closes; the server answers with
+        // more than the client's window and closes while data is still queued
+        // (LAST-ACK). The client's window updates must keep the transfer going:
+        // the clock never moves here, so any wait for a timer is a stall.
+        let mut w = Wire::new();
+        let (mut client, mut server) = w.connect(80);
+        assert!(matches!(write(&mut client, b"GET"), Poll::Ready(Ok(3))));
+        shutdown(&mut client);
+        w.pump();
+        assert_eq!(read(&mut server).map(|r| r.unwrap()), Poll::Ready(b"GET".to_vec()));
+        let data: Vec<u8> = (0..3 * TCP_BUFFER + 12345).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut sent, mut got, mut closed) = (0, Vec::new(), false);
+        for _ in 0..10_000 {
+            write_some(&mut server, &data, &mut sent);
+            if sent == data.len() && !closed {
+                shutdown(&mut server);
+                closed = true;
+            }
+            // Let the client's window fill up and close before it reads, so
+            // it reopens with an ACK that acknowledges nothing new.
+            for _ in 0..5 {
+                w.pump();
+            }
+            if read_all(&mut client, &mut got) {
+                break;
+            }
+        }
+        assert_eq!(got.len(), data.len(), "the transfer stalled");
+        assert!(got == data);
     }
 
     #[test]

@@ -27,8 +27,6 @@ use crate::dataplane::path::Route;
 use crate::dataplane::wg::{self, PeerConfig};
 use crate::key::Key;
 
-/// Socket buffers large enough to ride out bursts at gigabit rates.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
 /// Datagrams handled per wake before the stack runs; bounds latency.
 const RX_BATCH: usize = 128;
 const ACCEPT_BACKLOG: usize = 1024;
@@ -125,16 +123,18 @@ pub struct NodeStatus {
     #[serde(flatten)]
     pub stats: wg::GlobalStats,
     pub tcp_sockets: usize,
+    /// Loss recovery of the userspace TCP stack, over all connections so far.
+    pub tcp_retransmits: TcpRetransmits,
 }
 
-/// The driver's UDP socket. Socket options live here and nowhere else; a
-/// wildcard `addr` binds dual-stack (see [`crate::dataplane::dualstack`]).
-fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    crate::dataplane::dualstack::udp(addr, |sock| {
-        // Best effort: unprivileged processes may be capped by rmem_max.
-        let _ = sock.set_recv_buffer_size(UDP_BUFFER);
-        let _ = sock.set_send_buffer_size(UDP_BUFFER);
-    })
+/// smoltcp's loss recovery counters (see ARCHITECTURE.md, "smoltcp patch").
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TcpRetransmits {
+    /// Retransmission timer expiries: stalls of at least 200 ms each.
+    pub timeouts: u64,
+    /// Loss episodes repaired by SACK / fast retransmit.
+    pub recoveries: u64,
+    pub retransmitted_segments: u64,
 }
 
 impl Node {
@@ -145,7 +145,7 @@ impl Node {
         for p in config.peers {
             core.add_peer(p)?;
         }
-        let udp = bind_udp(config.listen)?;
+        let udp = crate::dataplane::udp::bind(config.listen)?;
         let udp_addr = udp.local_addr()?;
         let mut stack = Stack::new(&config.addresses, now);
         stack.set_filter(config.inbound.map(Filter::new));
@@ -360,6 +360,10 @@ impl Node {
             peers,
             stats,
             tcp_sockets: stack.socket_count(),
+            tcp_retransmits: {
+                let r = stack.retransmit_stats();
+                TcpRetransmits { timeouts: r.timeouts, recoveries: r.recoveries, retransmitted_segments: r.retransmitted_segments }
+            },
         }
     }
 
