@@ -29,7 +29,7 @@ accept = ["root"]
 
 struct Lab {
     ctl: Netns,
-    _ra: Netns,
+    ra: Netns,
     rb: Netns,
     na: Netns,
     nb: Netns,
@@ -37,7 +37,21 @@ struct Lab {
     dir: tempfile::TempDir,
 }
 
-fn router(r: &Netns, node: &Netns, lan: &str) {
+/// How a lab router translates and filters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Endpoint-independent mapping and filtering (port forward of 41641).
+    FullCone,
+    /// Plain `masquerade`: keeps the port unless it clashes, admits only
+    /// replies. Unsolicited datagrams to the router itself are answered
+    /// with ICMP (no input firewall, like a Docker host).
+    Masquerade,
+    /// Plain `masquerade` with a WAN input firewall that drops what no
+    /// connection expects (like OpenWrt's default zone rules).
+    MasqueradeFirewall,
+}
+
+fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind) {
     let (ri, ni) = (unique("rl"), unique("nl"));
     must(&format!("ip link add {ri} type veth peer name {ni}"));
     must(&format!("ip link set {ri} netns {} && ip link set {ni} netns {}", r.name, node.name));
@@ -48,6 +62,21 @@ fn router(r: &Netns, node: &Netns, lan: &str) {
     // reach that mapping. (Plain Linux masquerade filters by remote endpoint
     // and, when a peer's probe lands before our own first packet, moves the
     // mapping to another port: an endpoint-dependent NAT, which case 6 covers.)
+    if kind != Kind::FullCone {
+        r.exec(&format!(
+            "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
+             nft add rule ip nat post oifname != {ri} masquerade && \
+             nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'"
+        ));
+        if kind == Kind::MasqueradeFirewall {
+            r.exec(&format!(
+                "nft 'add chain ip filter input {{ type filter hook input priority 0; policy drop; }}' && \
+                 nft add rule ip filter input iifname {{ lo, {ri} }} accept && \
+                 nft add rule ip filter input ct state established,related accept"
+            ));
+        }
+        return;
+    }
     r.exec(&format!(
         "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
          nft 'add chain ip nat pre {{ type nat hook prerouting priority -100; }}' && \
@@ -59,15 +88,18 @@ fn router(r: &Netns, node: &Netns, lan: &str) {
 
 impl Lab {
     fn new() -> Lab {
+        Lab::with(Kind::FullCone, Kind::FullCone)
+    }
+    fn with(a: Kind, b: Kind) -> Lab {
         let ctl = Netns::new("ntc");
         let ra = Netns::new("nra");
         let rb = Netns::new("nrb");
         let na = Netns::new("nna");
         let nb = Netns::new("nnb");
         let hub = lan(&[&ctl, &ra, &rb], &["10.50.0.1", "10.50.0.2", "10.50.0.3"]);
-        router(&ra, &na, "192.168.1");
-        router(&rb, &nb, "192.168.2");
-        Lab { ctl, _ra: ra, rb, na, nb, _hub: hub, dir: tempdir() }
+        router(&ra, &na, "192.168.1", a);
+        router(&rb, &nb, "192.168.2", b);
+        Lab { ctl, ra, rb, na, nb, _hub: hub, dir: tempdir() }
     }
     fn d(&self) -> String {
         self.dir.path().display().to_string()
@@ -185,4 +217,57 @@ fn direct_when_possible_relay_when_not() {
     let path = lab.path_of_vps();
     assert!(path == "relay" || path.starts_with("direct"), "status names the path: {path:?}");
     eprintln!("symmetric NAT: path = {path}");
+}
+
+/// Control, then the vps, then the laptop (which joins with an auth key
+/// each): the three processes, in that order.
+fn start_pair(lab: &Lab) -> (Proc, Proc, Proc) {
+    let d = lab.d();
+    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    let mut ctl = lab.ctl.spawn(
+        &format!("{TAILGATE} control --state-dir {d}/ctl --listen 10.50.0.1:8443 --policy {d}/policy.toml"),
+        &lab.dir.path().join("ctl.log"),
+    );
+    ctl.wait_log("listening on", 15);
+    lab.admin("users add alice");
+    let vps_key = lab.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
+    let laptop_key = lab.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
+    let vps = lab.node(&lab.na, "vps", Some(&vps_key), 1);
+    let laptop = lab.node(&lab.nb, "laptop", Some(&laptop_key), 1);
+    (ctl, vps, laptop)
+}
+
+/// Waits (at most `secs`) for a direct path from the laptop to the vps and
+/// returns how long it took from now, or panics with both logs and both
+/// routers' conntrack tables.
+fn time_to_direct(lab: &Lab, vps: &Proc, laptop: &Proc, secs: u64) -> Duration {
+    let t0 = std::time::Instant::now();
+    if eventually(secs, || lab.path_of_vps().starts_with("direct 10.50.0.2:")) {
+        return t0.elapsed();
+    }
+    panic!(
+        "no direct path within {secs} s, path {:?}\nra conntrack:\n{}\nrb conntrack:\n{}\nlaptop:\n{}\nvps:\n{}",
+        lab.path_of_vps(),
+        lab.ra.run("conntrack -L -p udp 2>&1", 5).1,
+        lab.rb.run("conntrack -L -p udp 2>&1", 5).1,
+        laptop.log_text(),
+        vps.log_text()
+    );
+}
+
+#[test]
+fn masquerade_both_sides_goes_direct() {
+    if !require(&["nft", "ssh", "conntrack"]) {
+        return;
+    }
+    let kind = match std::env::var("TG_NAT_KIND").as_deref() {
+        Ok("fw") => Kind::MasqueradeFirewall,
+        _ => Kind::Masquerade,
+    };
+    let lab = Lab::with(kind, kind);
+    let (_ctl, vps, laptop) = start_pair(&lab);
+    let took = time_to_direct(&lab, &vps, &laptop, 30);
+    eprintln!("masquerade both sides ({kind:?}): direct after {:.1} s", took.as_secs_f64());
+    let (code, out, err) = lab.ssh("echo masq-ok", 20);
+    assert_eq!((code, out.trim()), (0, "masq-ok"), "{err}");
 }
