@@ -6,5 +6,6 @@ pub mod filter;
 pub mod netstack;
 pub mod node;
 pub mod path;
+pub mod portmap;
 pub mod stun;
 pub mod wg;
