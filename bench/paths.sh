@@ -74,3 +74,6 @@ echo
 printf "direct: connect+banner %6.1f ms   bulk %7.1f MB/s\n" "$DT" "$DB"
 printf "relay:  connect+banner %6.1f ms   bulk %7.1f MB/s   (relay/direct bulk %.2fx)\n" "$RT" "$RB" "$(echo "$RB / $DB" | bc -l)"
 printf "relay -> direct upgrade after UDP returns: %.1f s\n" "$UP"
+# Each NAT router kind: the path reached and the time to reach it.
+cleanup; trap - EXIT
+exec bench/nat-kinds.sh
