@@ -1,5 +1,5 @@
 //! Port mapping with NAT-PMP (RFC 6886): ask the default gateway to forward
-//! a public port to our WireGuard socket, so peers can reach us even when
+//! a public port (a random one we then keep) to our WireGuard socket, so peers can reach us even when
 //! hole punching cannot work (both sides behind a NAT that moves our mapping
 //! when the peer's probe lands first, or a symmetric NAT). The mapped address
 //! is one more candidate endpoint we announce; peers still prove it with
@@ -142,9 +142,15 @@ pub fn start(internal: u16) -> Option<PortMapper> {
 
 async fn run(gateway: Ipv4Addr, internal: u16, tx: watch::Sender<Option<SocketAddr>>) {
     let server = SocketAddr::from((gateway, SERVER_PORT));
+    // Not our own port: peers may already be probing `gateway_ip:internal`
+    // (what STUN saw), and the router keeps each such flow with the NAT
+    // decision of its first packet, taken before the mapping existed. A
+    // port nobody has probed yet gets the mapping from its first packet.
+    let mut external = 20_000 + rand::random::<u16>() % 40_000;
     loop {
-        let wait = match map_once(server, internal).await {
+        let wait = match map_once(server, internal, external).await {
             Ok((addr, lifetime)) => {
+                external = addr.port();
                 tx.send_if_modified(|cur| {
                     let changed = *cur != Some(addr);
                     if changed {
@@ -178,7 +184,7 @@ enum MapError {
 
 /// Ask for the public address and a mapping; returns the mapped address
 /// and its lifetime.
-async fn map_once(server: SocketAddr, internal: u16) -> Result<(SocketAddr, u32), MapError> {
+async fn map_once(server: SocketAddr, internal: u16, external: u16) -> Result<(SocketAddr, u32), MapError> {
     let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
     // Connected: the kernel drops datagrams from anyone but the gateway's port.
     sock.connect(server).await?;
@@ -186,7 +192,7 @@ async fn map_once(server: SocketAddr, internal: u16) -> Result<(SocketAddr, u32)
         Response::ExternalAddress(ip) => ip,
         _ => return Err(Error::Malformed.into()),
     };
-    let req = Request::MapUdp { internal, external: internal, lifetime: LIFETIME };
+    let req = Request::MapUdp { internal, external, lifetime: LIFETIME };
     match ask(&sock, req).await? {
         Response::MappedUdp { internal: i, external, lifetime } if i == internal && external != 0 => {
             Ok((SocketAddr::from((ip, external)), lifetime))
