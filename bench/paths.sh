@@ -79,3 +79,6 @@ printf "direct: connect+banner %6.1f ms   bulk %7.1f MB/s\n" "$DT" "$DB"
 printf "relay:  connect+banner %6.1f ms   bulk %7.1f MB/s   (relay/direct bulk %.2fx)\n" "$RT" "$RB" "$(echo "$RB / $DB" | bc -l)"
 printf "relay CPU (control process): %.2f s for %.0f MB = %.2f ms/MB\n" "$RCPU" "$(echo "$RB * $SECS" | bc -l)" "$(echo "$RCPU * 1000 / ($RB * $SECS)" | bc -l)"
 printf "relay -> direct upgrade after UDP returns: %.1f s\n" "$UP"
+# Each NAT router kind: the path reached and the time to reach it.
+cleanup; trap - EXIT
+exec bench/nat-kinds.sh

@@ -3,7 +3,7 @@
 # shellcheck shell=bash
 TEST_PACKAGES="wireguard-go wireguard-tools nftables iproute2 iputils-ping netcat-openbsd socat coturn \
   openssh-client openssh-server openssh-sftp-server dropbear-bin asciinema iperf3 rsync procps \
-  man-db systemd oathtool expect curl pebble prometheus"
+  man-db systemd oathtool expect curl pebble prometheus miniupnpd conntrack"
 
 # Installs what is missing from TEST_PACKAGES when running as root; otherwise
 # stops with the exact command to run.

@@ -29,15 +29,33 @@ accept = ["root"]
 
 struct Lab {
     ctl: Netns,
-    _ra: Netns,
+    ra: Netns,
     rb: Netns,
     na: Netns,
     nb: Netns,
     _hub: Netns,
     dir: tempfile::TempDir,
+    /// The "internet": first three octets (control .1, ra .2, rb .3).
+    net: &'static str,
 }
 
-fn router(r: &Netns, node: &Netns, lan: &str) {
+/// How a lab router translates and filters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Endpoint-independent mapping and filtering (port forward of 41641).
+    FullCone,
+    /// Plain `masquerade`: keeps the port unless it clashes, admits only
+    /// replies. Unsolicited datagrams to the router itself are answered
+    /// with ICMP (no input firewall, like a Docker host).
+    Masquerade,
+    /// Plain `masquerade` with a WAN input firewall that drops what no
+    /// connection expects (like OpenWrt's default zone rules).
+    MasqueradeFirewall,
+    /// [`Kind::Masquerade`] plus miniupnpd answering NAT-PMP on the LAN side.
+    MasqueradeNatPmp,
+}
+
+fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path, net: &str) {
     let (ri, ni) = (unique("rl"), unique("nl"));
     must(&format!("ip link add {ri} type veth peer name {ni}"));
     must(&format!("ip link set {ri} netns {} && ip link set {ni} netns {}", r.name, node.name));
@@ -48,6 +66,24 @@ fn router(r: &Netns, node: &Netns, lan: &str) {
     // reach that mapping. (Plain Linux masquerade filters by remote endpoint
     // and, when a peer's probe lands before our own first packet, moves the
     // mapping to another port: an endpoint-dependent NAT, which case 6 covers.)
+    if kind != Kind::FullCone {
+        r.exec(&format!(
+            "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
+             nft add rule ip nat post oifname != {ri} masquerade && \
+             nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'"
+        ));
+        if kind == Kind::MasqueradeNatPmp {
+            natpmp(r, &ri, lan, dir, net);
+        }
+        if kind == Kind::MasqueradeFirewall {
+            r.exec(&format!(
+                "nft 'add chain ip filter input {{ type filter hook input priority 0; policy drop; }}' && \
+                 nft add rule ip filter input iifname {{ lo, {ri} }} accept && \
+                 nft add rule ip filter input ct state established,related accept"
+            ));
+        }
+        return;
+    }
     r.exec(&format!(
         "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
          nft 'add chain ip nat pre {{ type nat hook prerouting priority -100; }}' && \
@@ -57,17 +93,51 @@ fn router(r: &Netns, node: &Netns, lan: &str) {
     ));
 }
 
+/// miniupnpd (nftables backend) in the router, NAT-PMP only, mapping for its
+/// LAN. Killed with the router's namespace.
+fn natpmp(r: &Netns, lan_if: &str, lan: &str, dir: &std::path::Path, net: &str) {
+    let wan_if = r.exec(&format!("ip -o -4 addr show | awk '/{net}./ {{print $2}}'")).trim().to_string();
+    let wan_ip = r.exec(&format!("ip -o -4 addr show | awk '/{net}./ {{print $4}}'")).trim().trim_end_matches("/24").to_string();
+    r.exec(
+        "nft -f - <<'EOF'
+table inet filter {
+    chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
+    chain miniupnpd { }
+    chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }
+    chain postrouting { type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; }
+    chain prerouting_miniupnpd { }
+    chain postrouting_miniupnpd { }
+}
+EOF",
+    );
+    let dir = dir.display();
+    let conf = format!(
+        "ext_ifname={wan_if}\next_ip={wan_ip}\nlistening_ip={lan_if}\nenable_natpmp=yes\nenable_upnp=no\n\
+         secure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\n\
+         allow 1024-65535 {lan}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+    );
+    std::fs::write(format!("{dir}/miniupnpd.conf"), conf).unwrap();
+    r.exec(&format!("miniupnpd -f {dir}/miniupnpd.conf -P {dir}/miniupnpd.pid >{dir}/miniupnpd.log 2>&1"));
+}
+
 impl Lab {
     fn new() -> Lab {
+        Lab::with(Kind::FullCone, Kind::FullCone)
+    }
+    fn with(a: Kind, b: Kind) -> Lab {
+        Lab::on("10.50.0", a, b)
+    }
+    fn on(net: &'static str, a: Kind, b: Kind) -> Lab {
         let ctl = Netns::new("ntc");
         let ra = Netns::new("nra");
         let rb = Netns::new("nrb");
         let na = Netns::new("nna");
         let nb = Netns::new("nnb");
-        let hub = lan(&[&ctl, &ra, &rb], &["10.50.0.1", "10.50.0.2", "10.50.0.3"]);
-        router(&ra, &na, "192.168.1");
-        router(&rb, &nb, "192.168.2");
-        Lab { ctl, _ra: ra, rb, na, nb, _hub: hub, dir: tempdir() }
+        let hub = lan(&[&ctl, &ra, &rb], &[&format!("{net}.1"), &format!("{net}.2"), &format!("{net}.3")]);
+        let dir = tempdir();
+        router(&ra, &na, "192.168.1", a, dir.path(), net);
+        router(&rb, &nb, "192.168.2", b, dir.path(), net);
+        Lab { ctl, ra, rb, na, nb, _hub: hub, dir, net }
     }
     fn d(&self) -> String {
         self.dir.path().display().to_string()
@@ -185,4 +255,89 @@ fn direct_when_possible_relay_when_not() {
     let path = lab.path_of_vps();
     assert!(path == "relay" || path.starts_with("direct"), "status names the path: {path:?}");
     eprintln!("symmetric NAT: path = {path}");
+}
+
+/// Control, then the vps, then the laptop (which joins with an auth key
+/// each): the three processes, in that order.
+fn start_pair(lab: &Lab) -> (Proc, Proc, Proc) {
+    let d = lab.d();
+    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    let mut ctl = lab.ctl.spawn(
+        &format!("{TAILGATE} control --state-dir {d}/ctl --listen {}.1:8443 --policy {d}/policy.toml", lab.net),
+        &lab.dir.path().join("ctl.log"),
+    );
+    ctl.wait_log("listening on", 15);
+    lab.admin("users add alice");
+    let vps_key = lab.admin("keys create --tag tag:prod").lines().last().unwrap().trim().to_string();
+    let laptop_key = lab.admin("keys create --user alice").lines().last().unwrap().trim().to_string();
+    let vps = lab.node(&lab.na, "vps", Some(&vps_key), 1);
+    let laptop = lab.node(&lab.nb, "laptop", Some(&laptop_key), 1);
+    (ctl, vps, laptop)
+}
+
+/// Waits (at most `secs`) for a direct path from the laptop to the vps and
+/// returns how long it took from now, or panics with both logs and both
+/// routers' conntrack tables.
+fn time_to_direct(lab: &Lab, vps: &Proc, laptop: &Proc, secs: u64) -> Duration {
+    let t0 = std::time::Instant::now();
+    let want = format!("direct {}.2:", lab.net);
+    if eventually(secs, || lab.path_of_vps().starts_with(&want)) {
+        return t0.elapsed();
+    }
+    panic!(
+        "no direct path within {secs} s, path {:?}\nra conntrack:\n{}\nrb conntrack:\n{}\nlaptop:\n{}\nvps:\n{}",
+        lab.path_of_vps(),
+        lab.ra.run("conntrack -L -p udp 2>&1", 5).1,
+        lab.rb.run("conntrack -L -p udp 2>&1", 5).1,
+        laptop.log_text(),
+        vps.log_text()
+    );
+}
+
+#[test]
+fn masquerade_both_sides_goes_direct() {
+    if !require(&["nft", "ssh", "conntrack"]) {
+        return;
+    }
+    // Routers with a WAN input firewall, like most home routers: an
+    // unsolicited probe is dropped before conntrack keeps it, so whichever
+    // side probes first, the other's mapping stays put.
+    let kind = Kind::MasqueradeFirewall;
+    let lab = Lab::with(kind, kind);
+    let (_ctl, vps, laptop) = start_pair(&lab);
+    let took = time_to_direct(&lab, &vps, &laptop, 5);
+    eprintln!("masquerade both sides ({kind:?}): direct after {:.1} s", took.as_secs_f64());
+    let (code, out, err) = lab.ssh("echo masq-ok", 20);
+    assert_eq!((code, out.trim()), (0, "masq-ok"), "{err}");
+}
+
+#[test]
+fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
+    if !require(&["nft", "ssh", "conntrack", "miniupnpd"]) {
+        return;
+    }
+    // Plain masquerade with no input firewall (a Docker host): the first
+    // probe to reach a router is kept by conntrack as a flow to the router
+    // itself, and the node behind it then gets a new, unannounced port for
+    // that peer. Punching loses on both sides; a NAT-PMP mapping on the
+    // laptop's router gives the vps an address that always reaches it.
+    // miniupnpd maps nothing on a private WAN address: this lab's
+    // "internet" uses a public-looking prefix that exists only in its namespaces.
+    let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
+    let (_ctl, vps, mut laptop) = start_pair(&lab);
+    laptop.wait_log("NAT-PMP: the gateway maps a public port to us", 10);
+    let took = time_to_direct(&lab, &vps, &laptop, 10);
+    eprintln!("masquerade both sides + NAT-PMP: direct after {:.1} s", took.as_secs_f64());
+    let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
+    assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
+    let (code, out, err) = lab.ssh("echo natpmp-ok", 20);
+    assert_eq!((code, out.trim()), (0, "natpmp-ok"), "{err}");
+    // A clean shutdown deletes the mapping.
+    must(&format!("kill -TERM {}", laptop.pid()));
+    assert!(
+        eventually(10, || !lab.rb.exec("nft list chain inet filter prerouting_miniupnpd").contains("192.168.2.2")),
+        "mapping left behind: {}",
+        lab.rb.exec("nft list chain inet filter prerouting_miniupnpd")
+    );
+    drop(laptop);
 }

@@ -544,11 +544,12 @@ fn stun_server_of(addrs: Vec<SocketAddr>, udp: SocketAddr) -> Option<SocketAddr>
     v4.or_else(|| addrs.iter().copied().find(|a| a.is_ipv6() && udp.is_ipv6() && routed(a)))
 }
 
-/// Our endpoints as peers should try them: the public one STUN saw first.
-fn my_endpoints(node: &Node, public: Option<SocketAddr>) -> Vec<SocketAddr> {
+/// Our endpoints as peers should try them: the public one STUN saw first,
+/// then the one the gateway maps for us (NAT-PMP), then local addresses.
+fn my_endpoints(node: &Node, public: Option<SocketAddr>, mapped: Option<SocketAddr>) -> Vec<SocketAddr> {
     let mut v = local_endpoints(node.udp_addr());
     // A control server on loopback sees us at 127.0.0.1: not an endpoint.
-    if let Some(p) = public.filter(crate::dataplane::endpoint::is_valid_endpoint) {
+    for p in [mapped, public].into_iter().flatten().filter(crate::dataplane::endpoint::is_valid_endpoint) {
         v.retain(|e| *e != p);
         v.insert(0, p);
     }
@@ -574,6 +575,10 @@ async fn follow(
     let mut public = applier.node.public_endpoint();
     // STUN may have answered before we subscribed: look at the value once.
     public.mark_changed();
+    // Lives as long as we follow control; dropping it deletes the mapping.
+    let portmap = crate::dataplane::portmap::start(applier.node.udp_addr().port());
+    let (_no_mapper, none) = tokio::sync::watch::channel(None);
+    let mut mapped = portmap.as_ref().map_or(none, |p| p.mapped());
     let mut local_check = tokio::time::interval(LOCAL_ADDRESS_POLL);
     local_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -585,15 +590,22 @@ async fn follow(
                     // A new local address (Wi-Fi to Ethernet, DHCP) is a network
                     // change too; interfaces have no cheap portable event, so look.
                     _ = local_check.tick() => {
-                        let eps = my_endpoints(&applier.node, *public.borrow());
+                        let eps = my_endpoints(&applier.node, *public.borrow(), *mapped.borrow());
                         if eps != hello.endpoints {
+                            public.mark_changed();
+                        }
+                        continue;
+                    }
+                    m = mapped.changed() => {
+                        // A new or lost port mapping is a new endpoint set.
+                        if m.is_ok() {
                             public.mark_changed();
                         }
                         continue;
                     }
                     changed = public.changed() => {
                         if changed.is_ok() {
-                            let eps = my_endpoints(&applier.node, *public.borrow());
+                            let eps = my_endpoints(&applier.node, *public.borrow(), *mapped.borrow());
                             tracing::info!(endpoints = ?eps, stun = ?*public.borrow(), "our endpoints changed; telling control");
                             applier.node.set_my_endpoints(eps.clone());
                             applier.node.network_changed();
@@ -635,7 +647,7 @@ async fn follow(
         }
         tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 250)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
-        hello.endpoints = my_endpoints(&applier.node, *public.borrow());
+        hello.endpoints = my_endpoints(&applier.node, *public.borrow(), *mapped.borrow());
         match ControlClient::connect(&target, &key, hello.clone()).await {
             Ok((mut c, map)) => {
                 tracing::info!("reconnected to control");

@@ -75,6 +75,65 @@ pub enum Route {
     Relay,
 }
 
+/// Where the search for a direct path to one peer stands. Every state but
+/// `Direct` sends traffic over the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No direct path yet: every candidate is pinged each round, rounds back
+    /// off from [`PROBE_INTERVAL`] toward [`PROBE_MAX_INTERVAL`].
+    Probing,
+    /// A proven path, pinged every [`KEEPALIVE`] and trusted until [`TRUST`]
+    /// after its last proof.
+    Direct(SocketAddr),
+    /// Probing backed off to its slowest pace without an answer (UDP
+    /// blocked, or NATs that will not open): the relay is the path, one
+    /// round every [`PROBE_MAX_INTERVAL`] still looks for a direct one.
+    RelayOnly,
+    /// This direct path stopped answering: probing again from the fastest
+    /// pace, as after a network change.
+    Lost(SocketAddr),
+}
+
+/// The state's timers. Each is armed (a deadline) or not; the path's next
+/// deadline is the earliest armed one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// The next probe round (or keepalive ping when direct).
+    Probe = 0,
+    /// The next round over all candidates while direct, to find a faster path.
+    Reprobe,
+    /// When the direct path's trust runs out without a new proof.
+    Trust,
+    /// The earliest moment another call-me-maybe may go out.
+    CallMeMaybe,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Timers([Option<Instant>; 4]);
+
+impl Timers {
+    fn arm(&mut self, t: Timer, at: Instant) {
+        self.0[t as usize] = Some(at);
+    }
+    fn disarm(&mut self, t: Timer) {
+        self.0[t as usize] = None;
+    }
+    fn get(&self, t: Timer) -> Option<Instant> {
+        self.0[t as usize]
+    }
+    /// Armed and due at `now`.
+    fn due(&self, t: Timer, now: Instant) -> bool {
+        self.get(t).is_some_and(|at| at <= now)
+    }
+    /// Not armed, or due: nothing holds back what it guards.
+    fn free(&self, t: Timer, now: Instant) -> bool {
+        self.get(t).is_none_or(|at| at <= now)
+    }
+    fn earliest(&self) -> Option<Instant> {
+        self.0.iter().flatten().min().copied()
+    }
+}
+
 /// Something the driver must send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -109,15 +168,14 @@ impl Candidate {
 pub struct PathState {
     candidates: HashMap<SocketAddr, Candidate>,
     pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
-    best: Option<SocketAddr>,
-    next_probe: Instant,
+    state: State,
+    timers: Timers,
+    /// The pause before the next unanswered probe round (grows while probing).
     probe_interval: Duration,
-    next_reprobe: Instant,
     /// Last probe outcome, for `status`.
     pub last_result: Option<String>,
     tx_counter: u64,
     salt: u32,
-    last_call_me_maybe: Option<Instant>,
     replay: ReplayWindow,
     pings_in: TokenBucket,
     call_me_maybes_in: TokenBucket,
@@ -125,20 +183,44 @@ pub struct PathState {
 
 impl PathState {
     pub fn new(now: Instant) -> Self {
+        let mut timers = Timers::default();
+        timers.arm(Timer::Probe, now);
         PathState {
             candidates: HashMap::new(),
             pending: HashMap::new(),
-            best: None,
-            next_probe: now,
+            state: State::Probing,
+            timers,
             probe_interval: PROBE_INTERVAL,
-            next_reprobe: now + REPROBE_INTERVAL,
             last_result: None,
             tx_counter: 0,
             salt: rand::random(),
-            last_call_me_maybe: None,
             replay: ReplayWindow::default(),
             pings_in: TokenBucket::new(PING_RATE.0, PING_RATE.1, now),
             call_me_maybes_in: TokenBucket::new(CALL_ME_MAYBE_RATE.0, CALL_ME_MAYBE_RATE.1, now),
+        }
+    }
+
+    /// Where the search for a direct path stands.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    fn best(&self) -> Option<SocketAddr> {
+        match self.state {
+            State::Direct(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Probe now at the fastest pace; out of `RelayOnly` (something new
+    /// is worth trying), a lost path stays `Lost` until a round answers.
+    fn probe_now(&mut self, now: Instant) {
+        self.timers.arm(Timer::Probe, now);
+        if self.best().is_none() {
+            self.probe_interval = PROBE_INTERVAL;
+            if self.state == State::RelayOnly {
+                self.state = State::Probing;
+            }
         }
     }
 
@@ -167,10 +249,10 @@ impl PathState {
                 }
             }
         }
-        self.forget_best_if_gone();
+        self.forget_best_if_gone(now);
         if added || before != self.candidates.len() {
             // New addresses are worth trying right away.
-            self.next_probe = now;
+            self.probe_now(now);
             self.probe_interval = PROBE_INTERVAL;
         }
     }
@@ -199,26 +281,36 @@ impl PathState {
         if self.candidates.len() < MAX_CANDIDATES {
             return true;
         }
+        let best = self.best();
         let victim = self
             .candidates
             .iter()
-            .filter(|(a, c)| !c.from_netmap && (even_best || Some(**a) != self.best))
+            .filter(|(a, c)| !c.from_netmap && (even_best || Some(**a) != best))
             .min_by_key(|(_, c)| (c.proven_at.is_some(), c.last_sign_of_life()))
             .map(|(a, _)| *a);
         match victim {
             Some(v) => {
                 self.candidates.remove(&v);
-                self.forget_best_if_gone();
                 true
             }
             None => false,
         }
     }
 
-    fn forget_best_if_gone(&mut self) {
-        if self.best.is_some_and(|b| !self.candidates.contains_key(&b)) {
-            self.best = None;
+    /// The current path was evicted: back to probing (the callers that can
+    /// evict it probe at once anyway).
+    fn forget_best_if_gone(&mut self, now: Instant) {
+        if self.best().is_some_and(|b| !self.candidates.contains_key(&b)) {
+            self.enter_probing(State::Probing, now);
         }
+    }
+
+    /// Leave `Direct` (or restart probing) in `state` (`Probing` or `Lost`).
+    fn enter_probing(&mut self, state: State, now: Instant) {
+        self.state = state;
+        self.timers.disarm(Timer::Trust);
+        self.timers.disarm(Timer::Reprobe);
+        self.probe_now(now);
     }
 
     /// Add candidates without dropping the known ones.
@@ -226,7 +318,10 @@ impl PathState {
         for e in endpoints.iter().take(MAX_CANDIDATES) {
             self.learn(*e, now);
         }
-        self.next_probe = now;
+        self.timers.arm(Timer::Probe, now);
+        if self.state == State::RelayOnly {
+            self.probe_now(now);
+        }
     }
 
     /// An authenticated disco message from the peer carried `counter`: true
@@ -241,10 +336,12 @@ impl PathState {
         if !is_valid_endpoint(&from) || !take_one(&mut self.pings_in, now) {
             return false;
         }
-        // They can reach us from there; check the way back too.
+        // They can reach us from there (a NAT may have given them a new
+        // port on the way): check the way back too, at once, so our ping
+        // leaves while their mapping is fresh.
         let known = self.candidates.contains_key(&from);
         if self.learn(from, now) && !known {
-            self.next_probe = now;
+            self.probe_now(now);
         }
         true
     }
@@ -288,7 +385,7 @@ impl PathState {
         }
         let Some(c) = self.candidates.get_mut(&from) else { return };
         c.proven_at = Some(now);
-        if self.best.is_none() {
+        if self.best().is_none() || self.best() == Some(from) {
             self.choose(now);
         }
     }
@@ -298,16 +395,16 @@ impl PathState {
         for c in self.candidates.values_mut() {
             c.proven_at = None;
         }
-        self.best = None;
         self.pending.clear();
-        self.next_probe = now;
-        self.probe_interval = PROBE_INTERVAL;
+        self.enter_probing(State::Probing, now);
     }
 
     fn trusted(&self, addr: &SocketAddr, now: Instant) -> bool {
         self.candidates.get(addr).and_then(|c| c.proven_at).is_some_and(|t| now.saturating_duration_since(t) < TRUST)
     }
 
+    /// Pick the trusted candidate with the lowest RTT; entering `Direct`
+    /// arms the keepalive, re-probe and trust timers.
     fn choose(&mut self, now: Instant) {
         let best = self
             .candidates
@@ -315,16 +412,24 @@ impl PathState {
             .filter(|(a, _)| self.trusted(a, now))
             .min_by_key(|(_, c)| c.rtt.unwrap_or(Duration::from_secs(1)))
             .map(|(a, _)| *a);
-        if best != self.best {
-            tracing::debug!(from = ?self.best, to = ?best, "path changed");
+        let Some(b) = best else { return };
+        if self.best() != Some(b) {
+            tracing::debug!(from = ?self.state, to = %b, "path changed");
+            self.timers.arm(Timer::Probe, now + KEEPALIVE);
+            if self.timers.get(Timer::Reprobe).is_none() {
+                self.timers.arm(Timer::Reprobe, now + REPROBE_INTERVAL);
+            }
         }
-        self.best = best;
+        self.state = State::Direct(b);
+        if let Some(t) = self.candidates.get(&b).and_then(|c| c.proven_at) {
+            self.timers.arm(Timer::Trust, t + TRUST);
+        }
     }
 
     /// The route for traffic now.
     pub fn route(&self, now: Instant) -> Route {
-        match self.best {
-            Some(b) if self.trusted(&b, now) => Route::Direct(b),
+        match self.state {
+            State::Direct(b) if self.trusted(&b, now) => Route::Direct(b),
             _ => Route::Relay,
         }
     }
@@ -337,61 +442,75 @@ impl PathState {
         t
     }
 
-    /// Probes due now. Call again at [`PathState::next_deadline`].
-    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+    fn ping(&mut self, to: SocketAddr, now: Instant, out: &mut Vec<Action>) {
+        let tx_id = self.new_tx();
+        self.pending.insert(tx_id, (to, now));
+        out.push(Action::Ping { to, tx_id });
+    }
+
+    /// Drop what has aged out: unanswered pings, learned candidates not
+    /// seen for [`LEARNED_TTL`] (never the current path).
+    fn expire(&mut self, now: Instant) {
         self.pending.retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
-        let best = self.best;
+        let best = self.best();
         self.candidates
             .retain(|a, c| c.from_netmap || Some(*a) == best || now.saturating_duration_since(c.last_sign_of_life()) < LEARNED_TTL);
-        if self.best.is_some_and(|b| !self.trusted(&b, now)) {
-            self.last_result = Some(format!("direct path {} stopped answering; using the relay", self.best.unwrap()));
-            self.best = None;
-            self.next_probe = now;
-            self.probe_interval = PROBE_INTERVAL;
+    }
+
+    /// Probes due now. Call again at [`PathState::next_deadline`].
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        self.expire(now);
+        if let State::Direct(b) = self.state
+            && (self.timers.due(Timer::Trust, now) || !self.trusted(&b, now))
+        {
+            self.last_result = Some(format!("direct path {b} stopped answering; using the relay"));
+            self.enter_probing(State::Lost(b), now);
         }
         let mut out = Vec::new();
-        if now < self.next_probe || self.candidates.is_empty() {
+        if !self.timers.due(Timer::Probe, now) || self.candidates.is_empty() {
             return out;
         }
-        match self.best {
-            Some(b) if now < self.next_reprobe => {
-                let tx_id = self.new_tx();
-                self.pending.insert(tx_id, (b, now));
-                out.push(Action::Ping { to: b, tx_id });
-                self.next_probe = now + KEEPALIVE;
+        match self.state {
+            State::Direct(b) if !self.timers.due(Timer::Reprobe, now) => {
+                self.ping(b, now, &mut out);
+                self.timers.arm(Timer::Probe, now + KEEPALIVE);
             }
-            _ => {
-                let mut targets: Vec<SocketAddr> = self.candidates.keys().copied().collect();
-                targets.sort();
-                for to in targets {
-                    let tx_id = self.new_tx();
-                    self.pending.insert(tx_id, (to, now));
-                    out.push(Action::Ping { to, tx_id });
+            State::Direct(_) => {
+                self.ping_all(now, &mut out);
+                self.timers.arm(Timer::Probe, now + KEEPALIVE);
+                self.timers.arm(Timer::Reprobe, now + REPROBE_INTERVAL);
+            }
+            State::Probing | State::Lost(_) | State::RelayOnly => {
+                self.ping_all(now, &mut out);
+                // Ask the peer to ping us back at the same moment, so both
+                // NATs see outbound traffic before the other side's arrives.
+                if self.timers.free(Timer::CallMeMaybe, now) {
+                    out.push(Action::CallMeMaybe);
+                    self.timers.arm(Timer::CallMeMaybe, now + CALL_ME_MAYBE_INTERVAL);
                 }
-                if self.best.is_none() {
-                    if self.last_call_me_maybe.is_none_or(|t| now.saturating_duration_since(t) >= CALL_ME_MAYBE_INTERVAL) {
-                        out.push(Action::CallMeMaybe);
-                        self.last_call_me_maybe = Some(now);
-                    }
-                    self.next_probe = now + self.probe_interval;
-                    self.probe_interval = (self.probe_interval * 2).min(PROBE_MAX_INTERVAL);
-                } else {
-                    self.next_probe = now + KEEPALIVE;
+                self.timers.arm(Timer::Probe, now + self.probe_interval);
+                if self.probe_interval >= PROBE_MAX_INTERVAL {
+                    self.state = State::RelayOnly;
                 }
-                self.next_reprobe = now + REPROBE_INTERVAL;
+                self.probe_interval = (self.probe_interval * 2).min(PROBE_MAX_INTERVAL);
             }
         }
         out
     }
 
-    pub fn next_deadline(&self) -> Instant {
-        let mut d = self.next_probe;
-        if let Some(b) = self.best
-            && let Some(t) = self.candidates.get(&b).and_then(|c| c.proven_at)
-        {
-            d = d.min(t + TRUST);
+    fn ping_all(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let mut targets: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+        targets.sort();
+        for to in targets {
+            self.ping(to, now, out);
         }
-        d
+    }
+
+    pub fn next_deadline(&self) -> Instant {
+        // The call-me-maybe timer only holds messages back; it wakes no one.
+        let mut t = self.timers;
+        t.disarm(Timer::CallMeMaybe);
+        t.earliest().unwrap_or_else(|| Instant::now() + PROBE_MAX_INTERVAL)
     }
 }
 
@@ -653,5 +772,131 @@ mod hardening {
         assert_eq!(p.candidates().count(), 0);
         assert!(p.poll(t0).iter().all(|a| !matches!(a, Action::Ping { .. })));
         assert_eq!(p.route(t0), Route::Relay);
+    }
+}
+
+#[cfg(test)]
+mod states {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn first_ping(a: &[Action]) -> (SocketAddr, [u8; 12]) {
+        a.iter()
+            .find_map(|a| match a {
+                Action::Ping { to, tx_id } => Some((*to, *tx_id)),
+                _ => None,
+            })
+            .expect("a ping")
+    }
+
+    /// Poll at every deadline until `until`; returns the time reached.
+    fn run_until(p: &mut PathState, from: Instant, until: Instant) -> Instant {
+        let mut now = from;
+        while now < until {
+            now = p.next_deadline().max(now + Duration::from_millis(1)).min(until);
+            p.poll(now);
+        }
+        now
+    }
+
+    #[test]
+    fn unanswered_probing_settles_on_relay_only_and_new_candidates_wake_it() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        p.set_candidates(&[addr("192.0.2.7:41641")], t0);
+        assert_eq!(p.state(), State::Probing);
+        // Rounds at 0, 0.5, 1.5, 3.5 and 7.5 s; the last one is at the slowest pace.
+        let now = run_until(&mut p, t0, t0 + Duration::from_secs(7));
+        assert_eq!(p.state(), State::Probing, "still backing off after 7 s");
+        let now = run_until(&mut p, now, t0 + Duration::from_secs(20));
+        assert_eq!(p.state(), State::RelayOnly);
+        assert_eq!(p.route(now), Route::Relay);
+        // The peer calls with a new endpoint: probing restarts at the fastest pace.
+        assert!(p.on_call_me_maybe(&[addr("198.51.100.9:41641")], now));
+        assert_eq!(p.state(), State::Probing);
+        let a = p.poll(now);
+        assert_eq!(a.iter().filter(|a| matches!(a, Action::Ping { .. })).count(), 2);
+        let a = p.poll(now + PROBE_INTERVAL);
+        assert!(!a.is_empty(), "the next round comes after {PROBE_INTERVAL:?}, not {PROBE_MAX_INTERVAL:?}");
+    }
+
+    #[test]
+    fn direct_then_lost_then_direct_again() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let ep = addr("192.0.2.7:41641");
+        p.set_candidates(&[ep], t0);
+        let (to, tx) = first_ping(&p.poll(t0));
+        assert!(p.on_pong(to, tx, t0 + Duration::from_millis(5)));
+        assert_eq!(p.state(), State::Direct(ep));
+        // The trust timer is the deadline to watch besides the keepalive.
+        assert!(p.next_deadline() <= t0 + Duration::from_millis(5) + KEEPALIVE);
+        // Keepalives go unanswered until trust runs out.
+        let mut now = t0;
+        let lost_round = loop {
+            now = p.next_deadline().max(now + Duration::from_millis(1));
+            let a = p.poll(now);
+            if p.state() != State::Direct(ep) {
+                break a;
+            }
+            assert!(now < t0 + TRUST + Duration::from_secs(1), "still direct at {:?}", now - t0);
+        };
+        assert_eq!(p.state(), State::Lost(ep));
+        assert_eq!(p.route(now), Route::Relay);
+        // Losing the path probes at once, with a call-me-maybe.
+        assert!(lost_round.contains(&Action::CallMeMaybe), "{lost_round:?}");
+        let (to, tx) = first_ping(&lost_round);
+        assert!(p.on_pong(to, tx, now + Duration::from_millis(5)));
+        assert_eq!(p.state(), State::Direct(ep));
+        assert_eq!(p.route(now + Duration::from_millis(6)), Route::Direct(ep));
+    }
+
+    #[test]
+    fn keepalive_answers_keep_the_path_past_the_trust_window() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        let ep = addr("192.0.2.7:41641");
+        p.set_candidates(&[ep], t0);
+        let (to, tx) = first_ping(&p.poll(t0));
+        p.on_pong(to, tx, t0);
+        let mut now = t0;
+        for _ in 0..20 {
+            now = p.next_deadline().max(now + Duration::from_millis(1));
+            for a in p.poll(now) {
+                if let Action::Ping { to, tx_id } = a {
+                    assert!(p.on_pong(to, tx_id, now + Duration::from_millis(1)));
+                }
+            }
+        }
+        assert!(now > t0 + 3 * TRUST, "ran {:?}", now - t0);
+        assert_eq!(p.state(), State::Direct(ep));
+    }
+
+    #[test]
+    fn a_ping_from_a_new_port_is_probed_back_at_once() {
+        // The peer's NAT gave its ping a port we never heard of (a clash or
+        // a symmetric NAT): we ping that source right away, without waiting
+        // for the backed-off round.
+        let t0 = Instant::now();
+        let mut p = PathState::new(t0);
+        p.set_candidates(&[addr("192.0.2.7:41641")], t0);
+        let _ = run_until(&mut p, t0, t0 + Duration::from_secs(4));
+        let now = t0 + Duration::from_secs(4);
+        let moved = addr("192.0.2.7:1051");
+        assert!(p.accept_counter(1) && p.on_ping(moved, now));
+        let a = p.poll(now);
+        assert!(a.iter().any(|a| matches!(a, Action::Ping { to, .. } if *to == moved)), "{a:?}");
+        let (to, tx) = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Ping { to, tx_id } if *to == moved => Some((*to, *tx_id)),
+                _ => None,
+            })
+            .unwrap();
+        assert!(p.on_pong(to, tx, now));
+        assert_eq!(p.route(now), Route::Direct(moved));
     }
 }

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Which path each kind of NAT router gets, and how fast (run as root; not a
+# pass/fail test). For every case: control on the "internet", a vps and a
+# laptop each behind its own router; prints the path the laptop reached and
+# the seconds from its `tailgate up` returning to that path (20 s at most).
+# Sourced by bench/paths.sh; REPEAT=N runs each case N times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
+[ -x "$BIN" ] || cargo build --release --quiet
+REPEAT=${REPEAT:-3}
+NET=45.50.0   # public-looking (miniupnpd maps nothing on private WAN addresses); exists only in these namespaces
+P=tgnk$$
+NSS="${P}h ${P}c ${P}ra ${P}rb ${P}na ${P}nb"
+D=$(mktemp -d /tmp/tgnatkinds.XXXX)
+teardown() {
+  local n q   # bash scoping: one_case's $p must survive this
+  for n in $NSS; do for q in $(ip netns pids $n 2>/dev/null); do kill -9 $q 2>/dev/null || true; done; done
+  sleep 0.2; for n in $NSS; do ip netns del $n 2>/dev/null || true; done
+}
+trap 'teardown; rm -rf "$D"' EXIT
+
+# router NS NODE_NS LAN KIND: KIND is fullcone | masq | masqfw | symmetric | udpblock | natpmp
+router() {
+  local r=$1 n=$2 lan=$3 kind=$4 x
+  ip link add ${r}l type veth peer name ${n}l; ip link set ${r}l netns $r; ip link set ${n}l netns $n
+  ip -n $r addr add $lan.1/24 dev ${r}l; ip -n $r link set ${r}l up; ip netns exec $r sysctl -qw net.ipv4.ip_forward=1
+  ip -n $n addr add $lan.2/24 dev ${n}l; ip -n $n link set ${n}l up; ip -n $n route add default via $lan.1
+  x="ip netns exec $r nft"
+  $x add table ip nat; $x "add chain ip nat post { type nat hook postrouting priority 100; }"
+  $x "add chain ip nat pre { type nat hook prerouting priority -100; }"
+  $x add table ip filter; $x "add chain ip filter forwarding { type filter hook forward priority 0; }"
+  case $kind in
+    fullcone|udpblock) $x add rule ip nat post oifname != ${r}l masquerade persistent
+              $x add rule ip nat pre iifname != ${r}l udp dport 41641 dnat to $lan.2:41641 ;;
+    symmetric) $x add rule ip nat post oifname != ${r}l masquerade fully-random ;;
+    masq|masqfw|natpmp) $x add rule ip nat post oifname != ${r}l masquerade ;;
+  esac
+  [ $kind = udpblock ] && $x add rule ip filter forwarding meta l4proto udp drop
+  if [ $kind = masqfw ]; then
+    $x "add chain ip filter input { type filter hook input priority 0; policy drop; }"
+    $x add rule ip filter input iifname "{ lo, ${r}l }" accept
+    $x add rule ip filter input ct state established,related accept
+  fi
+  if [ $kind = natpmp ]; then
+    local wan; wan=$(ip -n $r -o -4 addr show | awk "/$NET./ {print \$2}")
+    $x -f - <<'EOF'
+table inet filter {
+    chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
+    chain miniupnpd { }
+    chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }
+    chain postrouting { type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; }
+    chain prerouting_miniupnpd { }
+    chain postrouting_miniupnpd { }
+}
+EOF
+    printf 'ext_ifname=%s\next_ip=%s\nlistening_ip=%s\nenable_natpmp=yes\nenable_upnp=no\nsecure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\nallow 1024-65535 %s.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n' \
+      "$wan" "$NET.3" "${r}l" "$lan" > $D/upnp-$r.conf
+    ip netns exec $r miniupnpd -f $D/upnp-$r.conf -P $D/upnp-$r.pid
+  fi
+}
+
+# one_case KIND_A KIND_B: prints "PATH SECONDS"
+one_case() {
+  local H=${P}h C=${P}c RA=${P}ra RB=${P}rb NA=${P}na NB=${P}nb i n p t0 t1
+  for n in $NSS; do ip netns add $n; ip -n $n link set lo up; done
+  ip -n $H link add br0 type bridge; ip -n $H link set br0 up
+  i=1; for n in $C $RA $RB; do
+    ip link add ${P}u$i type veth peer name ${P}v$i; ip link set ${P}u$i netns $H; ip link set ${P}v$i netns $n
+    ip -n $H link set ${P}u$i master br0; ip -n $H link set ${P}u$i up
+    ip -n $n addr add $NET.$i/24 dev ${P}v$i; ip -n $n link set ${P}v$i up; i=$((i+1))
+  done
+  router $RA $NA 192.168.1 $1; router $RB $NB 192.168.2 $2
+  rm -rf $D/s; mkdir -p $D/s
+  printf '[tag_owners]\n"tag:bench" = ["bencher"]\n[[acl]]\nsrc = ["bencher"]\ndst = ["tag:bench:*"]\n' > $D/s/policy.toml
+  (ip netns exec $C $BIN control --state-dir $D/s/ctl --listen $NET.1:8443 --policy $D/s/policy.toml > $D/s/ctl.log 2>&1 &)
+  for i in $(seq 50); do grep -q "listening on" $D/s/ctl.log 2>/dev/null && break; sleep 0.1; done
+  ip netns exec $C $BIN control --state-dir $D/s/ctl users add bencher >/dev/null
+  VK=$(ip netns exec $C $BIN control --state-dir $D/s/ctl keys create --tag tag:bench | tail -1)
+  LK=$(ip netns exec $C $BIN control --state-dir $D/s/ctl keys create --user bencher | tail -1)
+  (ip netns exec $NA $BIN up --authkey $VK --state-dir $D/s/vps --hostname vps --no-ssh --listen-port 41641 > $D/s/vps.log 2>&1 &)
+  for i in $(seq 100); do grep -q "up at" $D/s/vps.log 2>/dev/null && break; sleep 0.1; done
+  (ip netns exec $NB $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
+  for i in $(seq 100); do grep -q "up at" $D/s/laptop.log 2>/dev/null && break; sleep 0.1; done
+  t0=$(date +%s.%N); p=none
+  while [ "$(echo "$(date +%s.%N) - $t0 < 20" | bc -l)" = 1 ]; do
+    p=$(ip netns exec $NB $BIN status --json --state-dir $D/s/laptop 2>/dev/null | python3 -c 'import json,sys
+try: print(json.load(sys.stdin)["peers"][0]["path"] or "none")
+except Exception: print("none")')
+    case "$p" in direct*) break;; esac
+    sleep 0.1
+  done
+  t1=$(date +%s.%N)
+  teardown
+  echo "${p%% *} $(echo "$t1 - $t0" | bc -l)" > $D/result
+}
+
+printf "\n%-44s %-8s %s\n" "routers (vps side / laptop side)" "path" "seconds to that path (each run)"
+for c in "fullcone fullcone" "masqfw masqfw" "masq masq" "fullcone symmetric" "symmetric symmetric" "fullcone udpblock" "masq natpmp"; do
+  paths=""; times=""
+  for r in $(seq $REPEAT); do one_case $c >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; done
+  printf "%-44s %-8s %s\n" "$c" "$(echo $paths | tr ' ' '\n' | sort | uniq -c | awk '{printf "%s%sx%s", sep, $1, $2; sep=","}')" "$times"
+done
