@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 
 use crate::daemon::identity::IdentityResolver;
 use crate::dataplane::node::Node;
-use crate::dataplane::wg;
 use crate::policy::Policy;
 use crate::ssh::{PolicyHandle, SshServer, SshServerConfig};
 
