@@ -230,10 +230,7 @@ impl Core {
     pub fn poll_timeout(&self) -> Instant {
         let mut d = self.wg.next_deadline();
         if self.manage_paths {
-            // A peer without candidates has nothing to probe, but its state
-            // still reports its (past) probe time: skipping it keeps the
-            // driver from spinning on a deadline that never moves.
-            let due = self.paths.values().filter(|st| st.candidates().next().is_some()).map(PathState::next_deadline).min();
+            let due = self.paths.values().filter_map(PathState::next_deadline).min();
             if let Some(p) = due {
                 d = d.min(p);
             }

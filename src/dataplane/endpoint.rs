@@ -17,12 +17,9 @@ pub fn is_valid_endpoint(addr: &SocketAddr) -> bool {
     if addr.port() == 0 {
         return false;
     }
-    match addr.ip() {
+    match crate::dataplane::dualstack::normalize(*addr).ip() {
         IpAddr::V4(v4) => valid_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => valid_v4(v4),
-            None => valid_v6(v6),
-        },
+        IpAddr::V6(v6) => valid_v6(v6),
     }
 }
 

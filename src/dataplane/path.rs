@@ -506,11 +506,17 @@ impl PathState {
         }
     }
 
-    pub fn next_deadline(&self) -> Instant {
+    /// When [`PathState::poll`] has work next; `None` while it has none.
+    /// Without candidates `poll` sends nothing, so a `Probe` timer left due
+    /// there must not wake the caller (it would spin on a past deadline).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.candidates.is_empty() {
+            return None;
+        }
         // The call-me-maybe timer only holds messages back; it wakes no one.
         let mut t = self.timers;
         t.disarm(Timer::CallMeMaybe);
-        t.earliest().unwrap_or_else(|| Instant::now() + PROBE_MAX_INTERVAL)
+        t.earliest()
     }
 }
 
@@ -565,7 +571,7 @@ mod tests {
         // Keepalive pings go unanswered.
         let mut now = t0;
         while now < t0 + TRUST + Duration::from_secs(1) {
-            now = p.next_deadline().max(now + Duration::from_millis(1));
+            now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1));
             p.poll(now);
         }
         assert_eq!(p.route(now), Route::Relay, "unanswered keepalives end trust");
@@ -607,7 +613,7 @@ mod tests {
             if !p.poll(now).is_empty() {
                 rounds += 1;
             }
-            now = p.next_deadline().max(now + Duration::from_millis(1));
+            now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1));
         }
         // 0.5 + 1 + 2 + 4 then every 5 s: about 15 rounds a minute, not 120.
         assert!((10..=20).contains(&rounds), "{rounds} probe rounds");
@@ -796,7 +802,7 @@ mod states {
     fn run_until(p: &mut PathState, from: Instant, until: Instant) -> Instant {
         let mut now = from;
         while now < until {
-            now = p.next_deadline().max(now + Duration::from_millis(1)).min(until);
+            now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1)).min(until);
             p.poll(now);
         }
         now
@@ -833,11 +839,11 @@ mod states {
         assert!(p.on_pong(to, tx, t0 + Duration::from_millis(5)));
         assert_eq!(p.state(), State::Direct(ep));
         // The trust timer is the deadline to watch besides the keepalive.
-        assert!(p.next_deadline() <= t0 + Duration::from_millis(5) + KEEPALIVE);
+        assert!(p.next_deadline().expect("a peer with candidates has a deadline") <= t0 + Duration::from_millis(5) + KEEPALIVE);
         // Keepalives go unanswered until trust runs out.
         let mut now = t0;
         let lost_round = loop {
-            now = p.next_deadline().max(now + Duration::from_millis(1));
+            now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1));
             let a = p.poll(now);
             if p.state() != State::Direct(ep) {
                 break a;
@@ -864,7 +870,7 @@ mod states {
         p.on_pong(to, tx, t0);
         let mut now = t0;
         for _ in 0..20 {
-            now = p.next_deadline().max(now + Duration::from_millis(1));
+            now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1));
             for a in p.poll(now) {
                 if let Action::Ping { to, tx_id } = a {
                     assert!(p.on_pong(to, tx_id, now + Duration::from_millis(1)));
