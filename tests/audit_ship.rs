@@ -211,6 +211,7 @@ fn nothing_is_lost_when_control_or_the_node_dies_mid_session() {
     let mut lab = Lab::new("ak", "10.97.42", "true", "");
     let d = lab.d();
     lab.ssh_ok("true");
+    lab.w.wait_direct(30);
     // 1. Control killed (SIGKILL: the connection drops mid-recording) while
     //    a recorded session prints; another session runs while it is down.
     let mut long = lab.w.laptop.spawn(
@@ -309,6 +310,7 @@ fn record_required_fails_closed_without_control() {
     }
     let mut lab = Lab::new("aq", "10.97.44", "\"required\"", "");
     assert_eq!(lab.ssh_ok("echo recorded-for-sure").trim(), "recorded-for-sure");
+    lab.w.wait_direct(30);
     lab.kill_control();
     let mut r = (0, String::new(), String::new());
     let refused = eventually(20, || {
@@ -336,6 +338,8 @@ fn record_required_fails_closed_without_control() {
     vps.wait_log("tailgate: up at", 15);
     lab.vps = Some(vps);
     lab.ssh_ok("true");
+    // Over the relay, killing control would cut the session itself.
+    lab.w.wait_direct(30);
     let mut long = lab.w.laptop.spawn(
         &format!(
             "env TAILGATE_STATE_DIR={d}/laptop {} root@vps 'echo started; sleep 3; head -c 4000000 /dev/zero | tr \\0 x | fold -w 100; echo END'",

@@ -143,7 +143,9 @@ fn control_vps_laptop_end_to_end() {
     assert!(err.contains("Host key verification failed") || err.contains("IDENTIFICATION HAS CHANGED"), "{err}");
     std::fs::write(&kh, good).unwrap();
 
-    // Control down: logins still work, and an open session survives.
+    // Control down: logins still work, and an open session survives (on the
+    // direct path; the relay goes down with control).
+    w.wait_direct(30);
     let long = w.laptop.spawn(
         &format!("env TAILGATE_STATE_DIR={d}/laptop {TAILGATE} ssh root@vps 'sleep 4; echo survived'"),
         &w.dir.path().join("long.log"),

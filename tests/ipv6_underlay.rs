@@ -71,14 +71,6 @@ fn plain(log: &str) -> String {
     out
 }
 
-fn status_path(ns: &Netns, d: &str) -> String {
-    let (_, out, _) = ns.run(&format!("{TAILGATE} status --json --state-dir {d}/laptop"), 10);
-    serde_json::from_str::<serde_json::Value>(&out)
-        .ok()
-        .and_then(|v| v["peers"].get(0).and_then(|p| p["path"].as_str().map(str::to_string)))
-        .unwrap_or_default()
-}
-
 #[test]
 fn control_mode_direct_path_over_ipv6_only_underlay() {
     if !require(&["ssh"]) {
@@ -124,16 +116,16 @@ fn control_mode_direct_path_over_ipv6_only_underlay() {
 
     // Candidates from the netmap are IPv6; disco proves one; the path is direct.
     assert!(
-        eventually(20, || status_path(&laptop, &d) == "direct [fd00:96::2]:41641"),
+        eventually(20, || peer_path(&laptop, &format!("{d}/laptop")) == "direct [fd00:96::2]:41641"),
         "expected a direct IPv6 path, got {:?}\nlaptop:\n{}\nvps:\n{}",
-        status_path(&laptop, &d),
+        peer_path(&laptop, &format!("{d}/laptop")),
         laptop_p.log_text(),
         vps_p.log_text()
     );
     // Stock OpenSSH (through `tailgate ssh`'s ProxyCommand) over that path.
     let (code, out, err) = laptop.run(&format!("{TAILGATE} ssh --state-dir {d}/laptop root@vps echo over-ipv6"), 30);
     assert_eq!((code, out.trim()), (0, "over-ipv6"), "{err}\nlaptop:\n{}", laptop_p.log_text());
-    assert_eq!(status_path(&laptop, &d), "direct [fd00:96::2]:41641", "the session stayed direct");
+    assert_eq!(peer_path(&laptop, &format!("{d}/laptop")), "direct [fd00:96::2]:41641", "the session stayed direct");
 }
 
 /// wireguard-go (a stock WireGuard) and `tailgate up --wg-config` with

@@ -155,11 +155,7 @@ impl Lab {
         p
     }
     fn path_of_vps(&self) -> String {
-        let (_, out, _) = self.nb.run(&format!("{TAILGATE} status --json --state-dir {}/laptop", self.d()), 10);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v["peers"].get(0).and_then(|p| p["path"].as_str().map(str::to_string)))
-            .unwrap_or_default()
+        peer_path(&self.nb, &format!("{}/laptop", self.d()))
     }
     fn ssh(&self, cmd: &str, secs: u64) -> (i32, String, String) {
         self.nb.run(&format!("{TAILGATE} ssh --state-dir {}/laptop root@vps {cmd}", self.d()), secs)

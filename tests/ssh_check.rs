@@ -201,7 +201,9 @@ fn check_with_totp_over_keyboard_interactive() {
     );
     assert_eq!(r.1.trim(), "cached");
 
-    // Control down: check denies, saying why.
+    // Control down: check denies, saying why. (Direct first: new sessions
+    // over the relay would fail with control for another reason.)
+    w.wait_direct(30);
     control.kill();
     let mut r = (0, String::new(), String::new());
     assert!(

@@ -161,6 +161,16 @@ pub fn veth(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) {
     must(&format!("ip -n {} addr add {b_ip}/24 dev {ib} && ip -n {} link set {ib} up", b.name, b.name));
 }
 
+/// The path `tailgate status` names for the first peer of the node whose
+/// state dir is `state_dir` ("direct ADDR", "relay", ...), or "" if unknown.
+pub fn peer_path(ns: &Netns, state_dir: &str) -> String {
+    let (_, out, _) = ns.run(&format!("{TAILGATE} status --json --state-dir {state_dir}"), 10);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v["peers"].get(0).and_then(|p| p["path"].as_str().map(str::to_string)))
+        .unwrap_or_default()
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     child: Option<Child>,
@@ -325,6 +335,19 @@ impl ControlLab {
     /// A shell command on the laptop, with its state dir as the default.
     pub fn on_laptop(&self, cmd: &str, secs: u64) -> (i32, String, String) {
         self.laptop.run(&format!("export TAILGATE_STATE_DIR={}/laptop; {cmd}", self.d()), secs)
+    }
+    /// Waits (at most `secs`) until the laptop reaches the vps directly, not
+    /// through the relay on the control server; panics with the path otherwise.
+    /// Tests that kill control mid-session need this, or the session dies with
+    /// the relay.
+    pub fn wait_direct(&self, secs: u64) {
+        let state = format!("{}/laptop", self.d());
+        let mut path = String::new();
+        let ok = eventually(secs, || {
+            path = peer_path(&self.laptop, &state);
+            path.starts_with("direct")
+        });
+        assert!(ok, "laptop -> vps never went direct (path {path:?})");
     }
     /// A shell command on the vps, with its state dir as the default.
     pub fn on_vps(&self, cmd: &str, secs: u64) -> (i32, String, String) {
