@@ -177,6 +177,8 @@ pub struct Applier {
     pub state_dir: PathBuf,
     pub ssh_host_key: Option<String>,
     current: Option<NetMap>,
+    /// Peers this process has greeted with a handshake while they were online.
+    greeted: std::collections::HashSet<Key>,
 }
 
 impl Applier {
@@ -188,7 +190,7 @@ impl Applier {
         state_dir: PathBuf,
         ssh_host_key: Option<String>,
     ) -> Self {
-        Applier { node, resolver, policy, daemon, state_dir, ssh_host_key, current: None }
+        Applier { node, resolver, policy, daemon, state_dir, ssh_host_key, current: None, greeted: Default::default() }
     }
 
     pub fn current(&self) -> Option<&NetMap> {
@@ -205,6 +207,7 @@ impl Applier {
             if !map.peers.contains_key(k) {
                 tracing::info!(peer = %p.name, "peer removed from the netmap; cutting its connections");
                 self.node.remove_peer(k, &p.ips);
+                self.greeted.remove(k);
             }
         }
         for (k, p) in &map.peers {
@@ -213,6 +216,13 @@ impl Applier {
                     tracing::warn!(peer = %p.name, "cannot add peer: {e:#}");
                 }
                 self.node.set_peer_endpoints(k, &p.endpoints);
+            }
+            // After our restart, or the peer's (it went offline and came
+            // back), either side may hold a session the other forgot. A fresh
+            // handshake replaces it at once instead of after WireGuard's 15 s.
+            let came_online = p.online && old_peers.get(k).is_some_and(|o| !o.online);
+            if p.online && (self.greeted.insert(*k) || came_online) {
+                self.node.greet(k);
             }
         }
         self.resolver.replace(map.self_node.identity(), map.identities());

@@ -103,6 +103,9 @@ pub struct Core {
     /// Numbers every disco message we send (peers drop replays by it).
     disco_counter: disco::Counter,
     wall: WallClock,
+    /// Peers to send a handshake initiation at the next `handle_timeout`
+    /// (see [`Core::greet`]).
+    greet: Vec<Key>,
 }
 
 /// What `status` shows of one peer's path.
@@ -133,6 +136,7 @@ impl Core {
             relayed_in: 0,
             disco_counter: disco::Counter::default(),
             wall: WallClock { at: now, unix_micros },
+            greet: Vec::new(),
         }
     }
 
@@ -152,6 +156,17 @@ impl Core {
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
     pub fn upsert_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
         self.wg.upsert_peer(config).map(drop)
+    }
+
+    /// Start a handshake with `key` at the next [`Core::handle_timeout`],
+    /// without waiting for traffic. A node that just (re)started greets the
+    /// peers it learns: a peer still holding a session with our previous
+    /// process would otherwise send into it for WireGuard's 15 s
+    /// (keepalive + rekey timeout) before noticing that nobody answers.
+    pub fn greet(&mut self, key: &Key) {
+        if self.wg.peer_id(key).is_some() && !self.greet.contains(key) {
+            self.greet.push(*key);
+        }
     }
 
     /// Forget a peer and its path state.
@@ -265,6 +280,13 @@ impl Core {
                 ctx.send(now, peer, to, data, tx)
             }
         });
+        for key in std::mem::take(&mut self.greet) {
+            wg.initiate(&key, &mut |o| {
+                if let Output::Network { peer, to, data } = o {
+                    ctx.send(now, peer, to, data, tx)
+                }
+            });
+        }
         self.poll_paths(now, tx);
     }
 

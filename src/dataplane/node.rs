@@ -257,6 +257,13 @@ impl Node {
         Ok(())
     }
 
+    /// Handshake with this peer now rather than at the first packet (see
+    /// [`Core::greet`]).
+    pub fn greet(&self, key: &Key) {
+        self.inner.engine().core.greet(key);
+        self.inner.shared.wake.notify_one();
+    }
+
     /// Candidate endpoints for a peer (path management only).
     pub fn set_peer_endpoints(&self, key: &Key, endpoints: &[SocketAddr]) {
         self.inner.engine().core.set_peer_endpoints(key, endpoints, Instant::now());

@@ -247,6 +247,37 @@ impl Sim {
         h.next_port += 1000;
     }
 
+    /// Host `i` restarts: a fresh core with the same key (so no WireGuard
+    /// session), its socket mapped anew by the NAT, the peers re-learned from
+    /// "control". With `greet`, it greets them the way the agent does.
+    pub fn restart(&mut self, i: usize, greet: bool) {
+        let now = self.now;
+        let had_stun = self.hosts[i].stun_endpoint.is_some();
+        let mut core = Core::new(self.hosts[i].private_key, true, now, 1_700_000_000_000_000);
+        core.set_relay_up(true);
+        for j in (0..self.hosts.len()).filter(|j| *j != i) {
+            let cfg = PeerConfig {
+                public_key: self.hosts[j].key,
+                preshared_key: None,
+                allowed_ips: vec![ipnet::IpNet::from(IpAddr::V4(self.hosts[j].tailnet_ip))],
+                endpoint: None,
+                persistent_keepalive: None,
+            };
+            core.add_peer(cfg).expect("distinct peers");
+            core.set_peer_endpoints(&self.hosts[j].key, &[], now);
+            if greet {
+                core.greet(&self.hosts[j].key);
+            }
+        }
+        self.hosts[i].core = core;
+        self.hosts[i].stun_endpoint = None;
+        self.rebind(i);
+        if had_stun {
+            self.hosts[i].core.set_stun_server(Some(STUN), now);
+        }
+        self.control();
+    }
+
     /// Host `i`'s stack sends `payload` to host `j`'s tailnet address.
     pub fn send(&mut self, i: usize, j: usize, payload: &[u8]) {
         let p = ipv4(self.hosts[i].tailnet_ip, self.hosts[j].tailnet_ip, payload);

@@ -433,6 +433,16 @@ impl Wg {
         }
     }
 
+    /// Start a handshake with one peer now, wherever the caller routes it
+    /// (with path management the endpoint may be unknown: the relay).
+    pub fn initiate(&mut self, key: &Key, out: &mut impl FnMut(Output<'_>)) {
+        let Some(id) = self.peer_id(key) else { return };
+        let Some(peer) = self.peers[id].as_mut() else { return };
+        if let TunnResult::WriteToNetwork(b) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
+            out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
+        }
+    }
+
     /// Start a handshake with every peer that has an endpoint, so a static
     /// configuration comes up without waiting for traffic.
     pub fn initiate_all(&mut self, out: &mut impl FnMut(Output<'_>)) {

@@ -126,6 +126,30 @@ fn roaming_peer_is_followed_to_its_new_address() {
 }
 
 #[test]
+fn a_restarted_peer_greets_and_traffic_resumes_at_once() {
+    // Without the greeting, A keeps sending into the session B's previous
+    // process held: B drops it, and only WireGuard's 15 s timeout (real time,
+    // so never here) would start over.
+    let mut sim = upgraded(&[Nat::FullCone, Nat::PortRestricted]);
+    sim.restart(B, false);
+    sim.send(A, B, b"into the old session");
+    sim.run_for(secs(1));
+    assert!(sim.received(B, b"into the old session").is_empty(), "B cannot read its previous session");
+
+    let mut sim = upgraded(&[Nat::FullCone, Nat::PortRestricted]);
+    sim.restart(B, true);
+    sim.run_for(secs(1));
+    let (at_b, at_a) = exchange(&mut sim, "after restart");
+    assert_eq!(at_b.len(), 1, "A's first packet after the restart arrives");
+    assert_eq!(at_a.len(), 1);
+    // And the pair finds its direct path again, at B's new mapping.
+    sim.run_for(secs(5));
+    assert_eq!(sim.route(A, B), direct_to(&sim, A, B));
+    let (at_b, _) = exchange(&mut sim, "direct again");
+    assert_eq!(at_b, vec![Via::Direct]);
+}
+
+#[test]
 fn relay_loss_and_recovery() {
     // Relay only (A has no UDP): an outage loses packets, recovery resumes them.
     let mut sim = on_relay(&[Nat::UdpBlocked, Nat::FullCone]);
