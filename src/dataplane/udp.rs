@@ -15,9 +15,11 @@
 //! `sendmsg` carries up to 64 equal-sized datagrams to one address), and
 //! reads with `recvmmsg` plus UDP GRO (the kernel hands over coalesced
 //! datagrams with their stride). The cmsg encoding and decoding is
-//! `quinn-udp`'s, the maintained crate Quinn and Tailscale-like projects use.
+//! `quinn-udp`'s (the maintained crate behind the Quinn QUIC stack).
 //! Kernels or devices without GSO answer a segmented send with EIO or EINVAL;
 //! from then on the socket sends one datagram per call (see [`SendQueue::flush`]).
+
+#![warn(missing_docs)]
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -377,6 +379,8 @@ mod tests {
         for i in 0..100 {
             q.push(to, &numbered(i, if i == 99 { 300 } else { 1200 }));
         }
+        // A new socket's readiness is unknown until the reactor has seen it.
+        a.writable().await.unwrap();
         let calls = q.flush(&a);
         assert!(q.is_empty());
         if a.max_segments() > 1 {
@@ -407,6 +411,7 @@ mod tests {
         for i in 0..20 {
             q.push(to, &numbered(i, 1000));
         }
+        a.writable().await.unwrap();
         q.flush(&a);
         assert_eq!(a.max_segments(), 1, "GSO must stay off after EINVAL");
         let got = recv_n(&b, 20).await;
