@@ -308,6 +308,28 @@ mod tests {
         assert!(s.local_addr().unwrap().port() != 0);
     }
 
+    fn getsockopt(sock: &UdpSocket, level: libc::c_int, option: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid descriptor and an int-sized out buffer with its length.
+        let r = unsafe { libc::getsockopt(sock.io.as_raw_fd(), level, option, (&mut v as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    /// quinn-udp's "never fragment" would make a full-sized WireGuard
+    /// datagram fail with EMSGSIZE on a smaller-MTU link; bind undoes it.
+    #[tokio::test]
+    async fn fragmentation_stays_as_the_kernel_default() {
+        let s = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        assert_eq!(getsockopt(&s, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER), libc::IP_PMTUDISC_WANT);
+        if s.local_addr().unwrap().is_ipv6() {
+            assert_eq!(getsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER), libc::IPV6_PMTUDISC_WANT);
+            assert_eq!(getsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG), 0);
+        }
+    }
+
     #[test]
     fn offload_is_on_unless_turned_off() {
         assert!(offload_wanted(None));
