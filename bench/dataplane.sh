@@ -11,21 +11,21 @@ cd "$(dirname "$0")/.."
 BIN=${TAILGATE_BIN:-target/release/tailgate}
 [ -x "$BIN" ] || cargo build --release --quiet
 SECS=${SECS:-8}
-A=tgbench_a; B=tgbench_b
+# Names carry our pid so two runs (or engineers) never share a namespace.
+A=tgbench_a$$; B=tgbench_b$$; VA=tgbva$$; VB=tgbvb$$; WA=wgba$$; WB=wgbb$$
 D=$(mktemp -d /tmp/tgbench.XXXX)
 cleanup() {
   for n in $A $B; do for p in $(ip netns pids $n 2>/dev/null); do kill -9 $p 2>/dev/null || true; done; done
   sleep 0.2; ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
-  rm -f /var/run/wireguard/wgba.sock /var/run/wireguard/wgbb.sock; rm -rf "$D"
+  rm -f /var/run/wireguard/$WA.sock /var/run/wireguard/$WB.sock; rm -rf "$D"
 }
 trap cleanup EXIT
-cleanup 2>/dev/null || true; D=$(mktemp -d /tmp/tgbench.XXXX)
 ip netns add $A; ip netns add $B
-ip link add tgbva type veth peer name tgbvb
-ip link set tgbva netns $A; ip link set tgbvb netns $B
-ip -n $A addr add 10.202.0.1/24 dev tgbva; ip -n $B addr add 10.202.0.2/24 dev tgbvb
+ip link add $VA type veth peer name $VB
+ip link set $VA netns $A; ip link set $VB netns $B
+ip -n $A addr add 10.202.0.1/24 dev $VA; ip -n $B addr add 10.202.0.2/24 dev $VB
 for n in $A $B; do ip -n $n link set lo up; done
-ip -n $A link set tgbva up; ip -n $B link set tgbvb up
+ip -n $A link set $VA up; ip -n $B link set $VB up
 for x in wa wb ta tb; do $BIN genkey > $D/$x.key; $BIN pubkey < $D/$x.key > $D/$x.pub; done
 
 mbps() { awk '/sender/ {for(i=1;i<=NF;i++) if($i ~ /bits\/sec/){v=$(i-1); u=$i}} END { if(u ~ /^G/) v*=1000; if (u ~ /^K/) v/=1000; printf "%.1f", v/8 }'; }
@@ -34,17 +34,19 @@ latency() { # $1 ns, $2 host, $3 port: mean ms of 50 connect+echo+first-byte rou
 }
 
 echo "== anchor: wireguard-go + kernel TCP"
-for n in a b; do ns=tgbench_$n; ip netns exec $ns env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go wgb$n >/dev/null 2>&1; done
-ip netns exec $A wg set wgba private-key $D/wa.key listen-port 51820 peer $(cat $D/wb.pub) allowed-ips 100.64.0.2/32 endpoint 10.202.0.2:51820
-ip netns exec $B wg set wgbb private-key $D/wb.key listen-port 51820 peer $(cat $D/wa.pub) allowed-ips 100.64.0.1/32 endpoint 10.202.0.1:51820
-ip -n $A addr add 100.64.0.1/32 dev wgba; ip -n $A link set wgba up; ip -n $A route add 100.64.0.2/32 dev wgba
-ip -n $B addr add 100.64.0.2/32 dev wgbb; ip -n $B link set wgbb up; ip -n $B route add 100.64.0.1/32 dev wgbb
+ip netns exec $A env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go $WA >/dev/null 2>&1
+ip netns exec $B env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go $WB >/dev/null 2>&1
+ip netns exec $A wg set $WA private-key $D/wa.key listen-port 51820 peer $(cat $D/wb.pub) allowed-ips 100.64.0.2/32 endpoint 10.202.0.2:51820
+ip netns exec $B wg set $WB private-key $D/wb.key listen-port 51820 peer $(cat $D/wa.pub) allowed-ips 100.64.0.1/32 endpoint 10.202.0.1:51820
+ip -n $A addr add 100.64.0.1/32 dev $WA; ip -n $A link set $WA up; ip -n $A route add 100.64.0.2/32 dev $WA
+ip -n $B addr add 100.64.0.2/32 dev $WB; ip -n $B link set $WB up; ip -n $B route add 100.64.0.1/32 dev $WB
 ip netns exec $B iperf3 -s -D -B 100.64.0.2 -p 5201; (ip netns exec $B socat TCP-LISTEN:7001,bind=100.64.0.2,fork,reuseaddr EXEC:cat &); sleep 0.5
 ip netns exec $A ping -c 1 -W 2 100.64.0.2 >/dev/null
 WG=$(ip netns exec $A iperf3 -c 100.64.0.2 -p 5201 -t $SECS | mbps)
 WGLAT=$(latency $A 100.64.0.2 7001)
-ip link del wgba -n $A 2>/dev/null || ip -n $A link del wgba; ip -n $B link del wgbb
-pkill -f "iperf3 -s -D -B 100.64.0.2" || true
+ip -n $A link del $WA; ip -n $B link del $WB
+# Only the anchor's iperf3 server, found in our own namespace.
+for p in $(ip netns pids $B); do if [ "$(cat /proc/$p/comm 2>/dev/null)" = iperf3 ]; then kill $p; fi; done; sleep 0.2
 
 echo "== tailgate: two userspace nodes"
 cat > $D/ta.conf <<CONF

@@ -15,21 +15,22 @@ BIN=${TAILGATE_BIN:-target/release/tailgate}
 [ -x "$BIN" ] || cargo build --release --quiet
 SECS=${SECS:-5}
 REPS=${REPS:-3}
-A=tgiop_a; B=tgiop_b
+# Names carry our pid so two runs (or engineers) never share a namespace.
+A=tgiop_a$$; B=tgiop_b$$; VA=tgiva$$; VB=tgivb$$; WA=wgia$$; WB=wgib$$
 D=$(mktemp -d /tmp/tgiop.XXXX)
 killns() { for n in ${@:-$A $B}; do for p in $(ip netns pids $n 2>/dev/null); do kill -9 $p 2>/dev/null || true; done; done; sleep 0.3; }
 cleanup() {
   killns
   ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
-  rm -f /var/run/wireguard/wgia.sock /var/run/wireguard/wgib.sock; rm -rf "$D"
+  rm -f /var/run/wireguard/$WA.sock /var/run/wireguard/$WB.sock; rm -rf "$D"
 }
 trap cleanup EXIT
 ip netns add $A; ip netns add $B
-ip link add tgiva type veth peer name tgivb
-ip link set tgiva netns $A; ip link set tgivb netns $B
-ip -n $A addr add 10.203.0.1/24 dev tgiva; ip -n $B addr add 10.203.0.2/24 dev tgivb
+ip link add $VA type veth peer name $VB
+ip link set $VA netns $A; ip link set $VB netns $B
+ip -n $A addr add 10.203.0.1/24 dev $VA; ip -n $B addr add 10.203.0.2/24 dev $VB
 for n in $A $B; do ip -n $n link set lo up; done
-ip -n $A link set tgiva up; ip -n $B link set tgivb up
+ip -n $A link set $VA up; ip -n $B link set $VB up
 for x in wa wb ta tb; do $BIN genkey > $D/$x.key; $BIN pubkey < $D/$x.key > $D/$x.pub; done
 
 # MB/s of one iperf3 run, as received.
@@ -61,23 +62,23 @@ up_server() { # tailgate in B forwarding :5201 to a local iperf3; $1 config
 }
 
 echo "== anchor: wireguard-go <-> wireguard-go, kernel TCP" >&2
-wggo $A wgia $D/wa.key 100.64.0.1; wggo $B wgib $D/wb.key 100.64.0.2
-ip netns exec $A wg set wgia peer $(cat $D/wb.pub) allowed-ips 100.64.0.2/32 endpoint 10.203.0.2:51820
-ip netns exec $B wg set wgib peer $(cat $D/wa.pub) allowed-ips 100.64.0.1/32 endpoint 10.203.0.1:51820
-ip -n $A route add 100.64.0.2/32 dev wgia; ip -n $B route add 100.64.0.1/32 dev wgib
+wggo $A $WA $D/wa.key 100.64.0.1; wggo $B $WB $D/wb.key 100.64.0.2
+ip netns exec $A wg set $WA peer $(cat $D/wb.pub) allowed-ips 100.64.0.2/32 endpoint 10.203.0.2:51820
+ip netns exec $B wg set $WB peer $(cat $D/wa.pub) allowed-ips 100.64.0.1/32 endpoint 10.203.0.1:51820
+ip -n $A route add 100.64.0.2/32 dev $WA; ip -n $B route add 100.64.0.1/32 dev $WB
 ip netns exec $B iperf3 -s -D -B 100.64.0.2; sleep 0.5
 ip netns exec $A ping -c 1 -W 2 100.64.0.2 >/dev/null
 ANCHOR=$(measure $A 100.64.0.2)
-killns $B; ip -n $B link del wgib 2>/dev/null || true
+killns $B; ip -n $B link del $WB 2>/dev/null || true
 
 echo "== tailgate <-> wireguard-go (tailgate in $B, wireguard-go in $A)" >&2
-ip netns exec $A wg set wgia peer $(cat $D/wb.pub) remove peer $(cat $D/tb.pub) allowed-ips 100.64.0.2/32 endpoint 10.203.0.2:51820
+ip netns exec $A wg set $WA peer $(cat $D/wb.pub) remove peer $(cat $D/tb.pub) allowed-ips 100.64.0.2/32 endpoint 10.203.0.2:51820
 tgconf $D/tb.key 100.64.0.2 $D/wa.pub 100.64.0.1 "" bencher > $D/tb.conf
 up_server $D/tb.conf
 ip netns exec $A ping -c 1 -W 2 100.64.0.2 >/dev/null
 TGWG=$(measure $A "100.64.0.2 -R")
 WGTG=$(measure $A 100.64.0.2)
-killns; ip -n $A link del wgia 2>/dev/null || true
+killns; ip -n $A link del $WA 2>/dev/null || true
 
 echo "== tailgate <-> tailgate" >&2
 tgconf $D/ta.key 100.64.0.1 $D/tb.pub 100.64.0.2 10.203.0.2:51820 bencher > $D/ta.conf

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
 [ -x "$BIN" ] || cargo build --release --quiet
 SECS=${SECS:-5}
-C=tgpb_c; V=tgpb_v; L=tgpb_l; H=tgpb_h
+# Names carry our pid so two runs (or engineers) never share a namespace.
+C=tgpb_c$$; V=tgpb_v$$; L=tgpb_l$$; H=tgpb_h$$
 D=$(mktemp -d /tmp/tgpathbench.XXXX)
 cleanup() {
   for n in $C $V $L $H; do for p in $(ip netns pids $n 2>/dev/null); do kill -9 $p 2>/dev/null || true; done; done
@@ -19,10 +20,10 @@ now() { date +%s.%N; }
 for n in $C $V $L $H; do ip netns add $n; ip -n $n link set lo up; done
 ip -n $H link add br0 type bridge; ip -n $H link set br0 up
 i=1; for n in $C $V $L; do
-  ip link add tgpb$i type veth peer name tgpbp$i
-  ip link set tgpb$i netns $H; ip link set tgpbp$i netns $n
-  ip -n $H link set tgpb$i master br0; ip -n $H link set tgpb$i up
-  ip -n $n addr add 10.204.0.$i/24 dev tgpbp$i; ip -n $n link set tgpbp$i up
+  ip link add tgpb$$u$i type veth peer name tgpb$$v$i
+  ip link set tgpb$$u$i netns $H; ip link set tgpb$$v$i netns $n
+  ip -n $H link set tgpb$$u$i master br0; ip -n $H link set tgpb$$u$i up
+  ip -n $n addr add 10.204.0.$i/24 dev tgpb$$v$i; ip -n $n link set tgpb$$v$i up
   i=$((i+1))
 done
 cat > $D/policy.toml <<CONF

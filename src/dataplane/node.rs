@@ -8,14 +8,13 @@
 //! never held together, so application tasks reading and writing streams
 //! contend only with the (short) stack phase of the loop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
@@ -24,6 +23,7 @@ use crate::dataplane::disco;
 use crate::dataplane::filter::{Filter, Judge};
 use crate::dataplane::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream};
 use crate::dataplane::path::Route;
+use crate::dataplane::udp::{RecvBatch, SendQueue, UdpSocket};
 use crate::dataplane::wg::{self, PeerConfig};
 use crate::key::Key;
 
@@ -395,44 +395,6 @@ pub trait RelayLink: Send + Sync {
     fn send(&self, dst: &Key, datagram: &[u8]) -> bool;
 }
 
-/// Datagrams the kernel would not take yet; sent when the socket is writable.
-struct Sender<'a> {
-    udp: &'a UdpSocket,
-    backlog: VecDeque<(SocketAddr, Vec<u8>)>,
-}
-
-impl Sender<'_> {
-    fn send(&mut self, to: SocketAddr, data: &[u8]) {
-        if self.backlog.is_empty() {
-            match self.udp.try_send_to(data, to) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    tracing::debug!(%to, error = %e, "UDP send failed");
-                    return;
-                }
-            }
-        }
-        if self.backlog.len() < 4096 {
-            self.backlog.push_back((to, data.to_vec()));
-        }
-    }
-
-    fn flush(&mut self) {
-        while let Some((to, data)) = self.backlog.front() {
-            match self.udp.try_send_to(data, *to) {
-                Ok(_) => {
-                    self.backlog.pop_front();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => {
-                    self.backlog.pop_front();
-                }
-            }
-        }
-    }
-}
-
 /// Decrypted packets on their way from the core to the stack. The buffers
 /// are reused, so the copy costs no allocation once warm.
 #[derive(Default)]
@@ -463,15 +425,15 @@ impl Batch {
 
 /// The driver's side of [`Transmit`]: the UDP socket, the relay link and
 /// the batch for the stack.
-struct Io<'a, 'b> {
-    udp: &'a mut Sender<'b>,
+struct Io<'a> {
+    udp: &'a mut SendQueue,
     relay: Option<&'a dyn RelayLink>,
     inbound: &'a mut Batch,
 }
 
-impl Transmit for Io<'_, '_> {
+impl Transmit for Io<'_> {
     fn udp(&mut self, to: SocketAddr, data: &[u8]) {
-        self.udp.send(to, data)
+        self.udp.push(to, data)
     }
     fn relay(&mut self, to: &Key, data: &[u8]) -> bool {
         self.relay.is_some_and(|r| r.send(to, data))
@@ -481,30 +443,42 @@ impl Transmit for Io<'_, '_> {
     }
 }
 
-/// Run `f` on the core with the driver's I/O, then publish its events.
-fn with_core<R>(inner: &Inner, sender: &mut Sender<'_>, inbound: &mut Batch, f: impl FnOnce(&mut Core, &mut Io<'_, '_>) -> R) -> R {
-    let mut engine = inner.engine();
-    let Engine { core, relay } = &mut *engine;
-    let mut io = Io { udp: sender, relay: relay.as_deref(), inbound };
-    let r = f(core, &mut io);
-    while let Some(ev) = core.poll_event() {
-        match ev {
-            Event::PublicEndpoint(a) => {
-                inner.public_endpoint.send_replace(Some(a));
+/// Run `f` on the core with the driver's I/O, publish its events, then
+/// send the datagrams it queued in as few calls as the socket allows (after
+/// the lock is released: the kernel's time is not the core's).
+fn with_core<R>(
+    inner: &Inner,
+    udp: &UdpSocket,
+    sendq: &mut SendQueue,
+    inbound: &mut Batch,
+    f: impl FnOnce(&mut Core, &mut Io<'_>) -> R,
+) -> R {
+    let r = {
+        let mut engine = inner.engine();
+        let Engine { core, relay } = &mut *engine;
+        let mut io = Io { udp: sendq, relay: relay.as_deref(), inbound };
+        let r = f(core, &mut io);
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                Event::PublicEndpoint(a) => {
+                    inner.public_endpoint.send_replace(Some(a));
+                }
             }
         }
-    }
+        r
+    };
+    sendq.flush(udp);
     r
 }
 
 async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(Key, Vec<u8>)>) {
-    let mut sender = Sender { udp: &udp, backlog: VecDeque::new() };
-    let mut rx_buf = vec![0u8; 65536];
+    let mut sendq = SendQueue::default();
+    let mut rx = RecvBatch::default();
     let mut accepted = Vec::new();
     let mut outbound = Vec::new();
     let mut inbound = Batch::default();
     let mut relayed: Vec<(Key, Vec<u8>)> = Vec::new();
-    with_core(&inner, &mut sender, &mut inbound, |core, io| core.start(Instant::now(), io));
+    with_core(&inner, &udp, &mut sendq, &mut inbound, |core, io| core.start(Instant::now(), io));
     loop {
         let now = Instant::now();
         // Inbound: datagrams (UDP and relayed) and timers through the core.
@@ -514,10 +488,21 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
                 Err(_) => break,
             }
         }
-        with_core(&inner, &mut sender, &mut inbound, |core, io| {
-            for _ in 0..RX_BATCH {
-                match io.udp.udp.try_recv_from(&mut rx_buf) {
-                    Ok((n, from)) => core.handle_datagram(now, crate::dataplane::dualstack::normalize(from), &rx_buf[..n], io),
+        with_core(&inner, &udp, &mut sendq, &mut inbound, |core, io| {
+            // Whole `recvmmsg` batches (each slot maybe a GRO train) until
+            // RX_BATCH datagrams or the socket is empty.
+            let mut n = 0;
+            while n < RX_BATCH {
+                match udp.recv(&mut rx) {
+                    Ok(()) => {
+                        for (from, d) in rx.datagrams() {
+                            core.handle_datagram(now, from, d, io);
+                            n += 1;
+                        }
+                        if rx.slots() < quinn_udp::BATCH_SIZE {
+                            break;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // ICMP errors from earlier sends surface here; not fatal.
@@ -540,7 +525,7 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
             stack.poll_at(now)
         };
         if !outbound.is_empty() {
-            with_core(&inner, &mut sender, &mut inbound, |core, io| {
+            with_core(&inner, &udp, &mut sendq, &mut inbound, |core, io| {
                 for p in &outbound {
                     core.send_ip(now, p, io);
                 }
@@ -553,7 +538,6 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
         if !accepted.is_empty() {
             deliver_accepted(&inner, &mut accepted);
         }
-        sender.flush();
 
         let mut deadline = inner.engine().core.poll_timeout();
         if let Some(s) = stack_deadline {
@@ -574,7 +558,7 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
                 }
             }
             Some(d) = relay_rx.recv() => relayed.push(d),
-            _ = udp.writable(), if !sender.backlog.is_empty() => {}
+            _ = udp.writable(), if !sendq.is_empty() => { sendq.flush(&udp); }
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
     }
