@@ -16,10 +16,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::control::server::hub::{AdminRequest, Hub, HubConfig};
+use crate::control::fmt_time;
+use crate::control::server::hub::{AdminRequest, Hub, HubConfig, Now};
 use crate::control::server::store::Store;
 use crate::control::server::{ServerOptions, admin_socket_path, run_server, server_running};
-use crate::control::{fmt_time, unix_now};
 use crate::dataplane::wg;
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -431,8 +431,9 @@ fn direct(state_dir: &Path, req: AdminRequest) -> Result<Value> {
     if let Some(s) = store.meta_get("auth_key_expiry_secs")?.and_then(|s| s.parse().ok()) {
         cfg.default_auth_key_expiry = Duration::from_secs(s);
     }
-    let mut hub = Hub::open(store, cfg, None, unix_now())?;
-    Ok(hub.admin(req, unix_now())?)
+    let now = Now::read();
+    let mut hub = Hub::open(store, cfg, None, now)?;
+    Ok(hub.admin(req, now)?)
 }
 
 fn s(v: &Value) -> String {

@@ -329,7 +329,9 @@ impl Engine {
         }
         for (oid, bits) in others {
             class.links.insert(oid, bits);
-            self.classes.get_mut(&oid).expect("class").links.insert(cid, bits);
+            if let Some(o) = self.classes.get_mut(&oid) {
+                o.links.insert(cid, bits);
+            }
         }
         self.classes.insert(cid, class);
         self.by_key.insert(key, cid);
@@ -338,8 +340,10 @@ impl Engine {
 
     fn join_class(&mut self, node: NodeId, id: &Identity) -> ClassId {
         let cid = self.class_for(id);
-        let c = self.classes.get_mut(&cid).expect("class");
-        if c.members.entry(eff_user(id)).or_default().insert(node) {
+        // `class_for` has just inserted or found it.
+        if let Some(c) = self.classes.get_mut(&cid)
+            && c.members.entry(eff_user(id)).or_default().insert(node)
+        {
             c.len += 1;
         }
         cid
@@ -356,8 +360,9 @@ impl Engine {
                 c.members.remove(&u);
             }
         }
-        if c.len == 0 {
-            let c = self.classes.remove(&cid).expect("class");
+        if c.len == 0
+            && let Some(c) = self.classes.remove(&cid)
+        {
             self.by_key.remove(&c.key);
             for oid in c.links.keys() {
                 if let Some(o) = self.classes.get_mut(oid) {
@@ -374,7 +379,7 @@ impl Engine {
         let mut out = Vec::new();
         let Some(class) = self.classes.get(&n.class) else { return out };
         for (oid, bits) in &class.links {
-            let other = &self.classes[oid];
+            let Some(other) = self.classes.get(oid) else { continue };
             match *bits {
                 ALWAYS => {
                     for set in other.members.values() {
@@ -407,7 +412,7 @@ impl Engine {
         Some(FullOut {
             self_node: n.entry.me.clone(),
             domain: self.domain.clone(),
-            peers: ids.iter().map(|i| self.nodes[i].entry.peer.clone()).collect(),
+            peers: ids.iter().filter_map(|i| self.nodes.get(i)).map(|p| p.entry.peer.clone()).collect(),
             policy: self.policy.clone(),
         })
     }
@@ -490,9 +495,11 @@ impl Engine {
         let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let identity = self.nodes[&id].entry.identity.clone();
+            let Some(identity) = self.nodes.get(&id).map(|n| n.entry.identity.clone()) else { continue };
             let c = self.join_class(id, &identity);
-            self.nodes.get_mut(&id).expect("node").class = c;
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.class = c;
+            }
         }
         let mut attached: Vec<NodeId> = self.sent.keys().copied().collect();
         attached.sort_unstable();
@@ -512,7 +519,7 @@ impl Engine {
         ids.sort_unstable();
         let Some(me) = self.nodes.get(&node).map(|n| n.entry.me.clone()) else { return DeltaOut::default() };
         let policy = self.policy.clone();
-        let new: Vec<(NodeId, Arc<PeerInfo>)> = ids.iter().map(|i| (*i, self.nodes[i].entry.peer.clone())).collect();
+        let new: Vec<(NodeId, Arc<PeerInfo>)> = ids.iter().filter_map(|i| Some((*i, self.nodes.get(i)?.entry.peer.clone()))).collect();
         let Some(sent) = self.sent.get_mut(&node) else { return DeltaOut::default() };
         let mut d = DeltaOut::default();
         let new_set: HashSet<NodeId> = ids.iter().copied().collect();
