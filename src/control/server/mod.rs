@@ -638,7 +638,7 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
             }
             HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
                 conns.insert(conn, tx);
-                let r = hub.hello_signed_in(conn, node_key, &hello.hostname, hello.ssh_host_key, hello.endpoints, &who, now);
+                let r = hub.hello_signed_in(conn, node_key, hello, &who, now);
                 if let Err(HubError { message: m, .. }) = &r {
                     tracing::info!(peer = %ShortKey(node_key), "control: refused signed-in node: {m}");
                 }

@@ -167,7 +167,7 @@ impl Hub {
                 hub.offline_since.insert(n.id, now.mono);
             }
             hub.index(&n);
-            if !n.key_expiry.is_some_and(|e| e <= now.unix) {
+            if n.key_expiry.is_none_or(|e| e > now.unix) {
                 let e = hub.entry(&n);
                 hub.engine.upsert(n.id as u64, e);
             }
