@@ -6,6 +6,7 @@
 //! they open the database directly (holding the state directory's lock, so a
 //! server cannot start meanwhile); the next server start picks the changes
 //! up. `policy check` needs neither.
+#![warn(missing_docs)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -16,10 +17,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::control::server::hub::{AdminRequest, Hub, HubConfig};
+use crate::control::fmt_time;
+use crate::control::server::hub::{AdminRequest, Hub, HubConfig, Now};
 use crate::control::server::store::Store;
 use crate::control::server::{ServerOptions, admin_socket_path, run_server, server_running};
-use crate::control::{fmt_time, unix_now};
 use crate::dataplane::wg;
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -50,63 +51,63 @@ pub struct ControlArgs {
     /// Where the server keeps its database, key and admin socket.
     /// Default: /var/lib/tailgate/control as root, else ~/.local/share/tailgate/control.
     #[arg(long, global = true, env = "TAILGATE_CONTROL_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     /// Read flags from this TOML file (`listen = "0.0.0.0:443"`, ...)
     /// [default: /etc/tailgate/control.toml when it exists]; flags given here win.
     #[arg(long, global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Print results as JSON.
     #[arg(long, global = true)]
-    pub json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
-    pub serve: ServeArgs,
+    pub(crate) serve: ServeArgs,
     #[command(subcommand)]
-    pub command: Option<ControlCommand>,
+    pub(crate) command: Option<ControlCommand>,
 }
 
 /// Server flags (`tailgate control [serve] --listen ...`). All optional so
 /// that giving one together with an admin subcommand can be refused.
 #[derive(Args, Debug, Clone, Default)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TCP address for nodes (HTTP upgrade + Noise) [default: 0.0.0.0:8443].
     #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
     /// Policy file; validated (its tests must pass) and reloaded when it changes.
     #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
+    pub(crate) policy: Option<PathBuf>,
     /// Public URL nodes use (put in auth keys) [default: http://<host name or listen address>:<port>].
     #[arg(long, value_name = "URL")]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Tailnet DNS domain: nodes are NAME.DOMAIN [default: tailnet.internal].
     #[arg(long, value_parser = parse_domain)]
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Lifetime of a node key; tagged nodes do not expire [default: 180days].
     #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
-    pub node_key_expiry: Option<Duration>,
+    pub(crate) node_key_expiry: Option<Duration>,
     /// How long an ephemeral node may be offline before it is deleted [default: 30s].
     #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
-    pub ephemeral_grace: Option<Duration>,
+    pub(crate) ephemeral_grace: Option<Duration>,
     /// Lifetime of auth keys created without --expiry [default: 7days].
     #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
-    pub auth_key_expiry: Option<Duration>,
+    pub(crate) auth_key_expiry: Option<Duration>,
     /// Delete shipped audit events and recordings older than this (e.g. 90days) [default: keep].
     #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
-    pub retention: Option<Duration>,
+    pub(crate) retention: Option<Duration>,
     /// Keepalive period on node connections [default: 30s].
     #[arg(long, value_parser = parse_lifetime, hide = true)]
-    pub keepalive: Option<Duration>,
+    pub(crate) keepalive: Option<Duration>,
     #[command(flatten)]
-    pub tls: crate::control::server::tls::TlsArgs,
+    pub(crate) tls: crate::control::server::tls::TlsArgs,
     /// Serve Prometheus metrics at /metrics on this address (a listener of
     /// its own, never the public control port).
     #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
-    pub oidc: crate::control::server::oidc::OidcArgs,
+    pub(crate) oidc: crate::control::server::oidc::OidcArgs,
     /// What one node may send through the relay, in MB/s (fairness between
     /// nodes; 0 = no limit) [default: 50].
     #[arg(long, value_name = "MB_PER_SEC")]
-    pub relay_rate: Option<u64>,
+    pub(crate) relay_rate: Option<u64>,
 }
 
 impl ServeArgs {
@@ -128,9 +129,9 @@ impl ServeArgs {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum ControlCommand {
+pub(crate) enum ControlCommand {
     /// Run the server (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Server URL, key, counts.
     Status,
     /// People.
@@ -164,7 +165,7 @@ pub enum ControlCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum UsersCommand {
+pub(crate) enum UsersCommand {
     /// Add a user (e.g. alice or alice@example.com, as the policy names them).
     Add {
         name: String,
@@ -183,7 +184,7 @@ pub enum UsersCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum TotpCommand {
+pub(crate) enum TotpCommand {
     /// Create a user's secret: prints an otpauth:// URI, a QR code to scan
     /// with an authenticator app, and the current code to compare.
     Enroll { user: String },
@@ -194,7 +195,7 @@ pub enum TotpCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum KeysCommand {
+pub(crate) enum KeysCommand {
     /// Create an auth key; its token is the last line printed.
     Create {
         /// Owner of the nodes that join with it (required unless --tag).
@@ -221,7 +222,7 @@ pub enum KeysCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum NodesCommand {
+pub(crate) enum NodesCommand {
     List,
     /// Rename a node (name, id, IP or key prefix) to NEW_NAME.
     Rename {
@@ -247,7 +248,7 @@ pub enum NodesCommand {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Print the policy in force (the file text).
     Get,
     /// Validate FILE (its tests must pass) and put it in force everywhere.
@@ -257,7 +258,7 @@ pub enum PolicyCommand {
 }
 
 /// Default state directory.
-pub fn default_state_dir() -> PathBuf {
+pub(crate) fn default_state_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/tailgate/control");
     }
@@ -328,7 +329,7 @@ fn serve(opts: ServerOptions) -> Result<()> {
 }
 
 /// The admin request for a subcommand (reads files for `policy set`).
-pub fn request_for(c: ControlCommand) -> Result<AdminRequest> {
+pub(crate) fn request_for(c: ControlCommand) -> Result<AdminRequest> {
     Ok(match c {
         ControlCommand::Serve(_) => bail!("serve is not an admin request"),
         ControlCommand::Status => AdminRequest::Status,
@@ -431,8 +432,9 @@ fn direct(state_dir: &Path, req: AdminRequest) -> Result<Value> {
     if let Some(s) = store.meta_get("auth_key_expiry_secs")?.and_then(|s| s.parse().ok()) {
         cfg.default_auth_key_expiry = Duration::from_secs(s);
     }
-    let mut hub = Hub::open(store, cfg, None, unix_now())?;
-    Ok(hub.admin(req, unix_now())?)
+    let now = Now::read();
+    let mut hub = Hub::open(store, cfg, None, now)?;
+    Ok(hub.admin(req, now)?)
 }
 
 fn s(v: &Value) -> String {
@@ -477,7 +479,7 @@ fn render_enroll(v: &Value) -> String {
 }
 
 /// Human (or JSON) rendering of an admin answer.
-pub fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
+pub(crate) fn render(req: &AdminRequest, v: &Value, json: bool) -> String {
     if json {
         return format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default());
     }

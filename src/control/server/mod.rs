@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::future::BoxFuture;
@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, HubError, Out};
+use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, HubError, Now, Out};
 use crate::control::server::oidc::{Oidc, SignedIn};
 use crate::control::server::store::{Store, ensure_private_dir};
 use crate::control::wire::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
@@ -46,7 +46,7 @@ mod signin;
 pub mod store;
 pub mod tls;
 pub mod totp;
-use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
+use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY};
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
 use crate::key::{Key, ShortKey};
@@ -380,7 +380,7 @@ impl ControlServer {
             None => None,
         };
         let store = Store::open_dir(&opts.state_dir)?;
-        let hub = Hub::open(store, cfg, policy, unix_now())?;
+        let hub = Hub::open(store, cfg, policy, Now::read())?;
 
         // After Hub::open: the store has run the migrations.
         let (ingest, _ingest_thread) = crate::control::server::audit::ingest::start(&opts.state_dir)?;
@@ -619,7 +619,8 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
     use crate::control::server::metrics::inc;
     let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
     while let Some(cmd) = rx.blocking_recv() {
-        let now = unix_now();
+        // One clock reading per command: the hub itself never reads a clock.
+        let now = Now::read();
         match cmd {
             HubCmd::Hello { conn, node_key, msg, tx, reply } => {
                 conns.insert(conn, tx);
@@ -637,7 +638,7 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
             }
             HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
                 conns.insert(conn, tx);
-                let r = hub.hello_signed_in(conn, node_key, &hello.hostname, hello.ssh_host_key, hello.endpoints, &who, now);
+                let r = hub.hello_signed_in(conn, node_key, hello, &who, now);
                 if let Err(HubError { message: m, .. }) = &r {
                     tracing::info!(peer = %ShortKey(node_key), "control: refused signed-in node: {m}");
                 }
@@ -658,7 +659,7 @@ fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::co
                 Ok(v) => tracing::info!("policy file {name}: version {v} in force"),
                 Err(e) => tracing::error!("policy file {name}: {e}"),
             },
-            HubCmd::Tick => hub.tick(now, Instant::now()),
+            HubCmd::Tick => hub.tick(now),
             HubCmd::Shutdown => break,
         }
         for o in hub.take_outputs() {

@@ -26,34 +26,34 @@
 //! node, the map last sent to it. Changes (`upsert`, `remove`, `set_policy`)
 //! return the deltas to send; a node change touches only the nodes that see
 //! it (before or after), a policy change recomputes everyone.
+#![warn(missing_docs)]
 
-use crate::key::Key;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::control::wire::proto::{DeltaOut, FullOut, MapDelta, MapFull, PeerInfo, PolicyInfo, SelfInfo};
+use crate::control::wire::proto::{DeltaOut, FullOut, PeerInfo, PolicyInfo, SelfInfo};
 use crate::daemon::identity::Identity;
 use crate::dataplane::wg;
 use crate::policy::{Policy, SSH_PORT};
 
-pub type NodeId = u64;
+pub(crate) type NodeId = u64;
 type ClassId = u32;
 
 /// A node as the engine needs it.
 #[derive(Clone, Debug)]
-pub struct NodeEntry {
+pub(crate) struct NodeEntry {
     /// Identity for policy evaluation (`user` is ignored for tagged nodes).
-    pub identity: Identity,
+    pub(crate) identity: Identity,
     /// What the node's peers see.
-    pub peer: Arc<PeerInfo>,
+    pub(crate) peer: Arc<PeerInfo>,
     /// What the node itself sees.
-    pub me: Arc<SelfInfo>,
+    pub(crate) me: Arc<SelfInfo>,
 }
 
 /// May `a` and `b` talk (either direction, any port)? The definition.
-pub fn may_talk(policy: &Policy, ports: &[u16], a: &Identity, b: &Identity) -> bool {
+pub(crate) fn may_talk(policy: &Policy, ports: &[u16], a: &Identity, b: &Identity) -> bool {
     ports.iter().any(|&p| policy.check_network(a, b, p) || policy.check_network(b, a, p))
 }
 
@@ -216,7 +216,7 @@ struct Sent {
 }
 
 /// Live nodes, classes, and the maps last sent to connected nodes.
-pub struct Engine {
+pub(crate) struct Engine {
     an: Analysis,
     policy: Arc<PolicyInfo>,
     domain: Arc<str>,
@@ -230,7 +230,7 @@ pub struct Engine {
 type Deltas = HashMap<NodeId, DeltaOut>;
 
 impl Engine {
-    pub fn new(policy: Policy, info: PolicyInfo, domain: &str) -> Engine {
+    pub(crate) fn new(policy: Policy, info: PolicyInfo, domain: &str) -> Engine {
         Engine {
             an: Analysis::new(policy, &info.text),
             policy: Arc::new(info),
@@ -243,36 +243,22 @@ impl Engine {
         }
     }
 
-    pub fn policy(&self) -> &Policy {
+    pub(crate) fn policy(&self) -> &Policy {
         &self.an.policy
     }
 
-    pub fn policy_info(&self) -> &Arc<PolicyInfo> {
-        &self.policy
-    }
-
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    pub fn class_count(&self) -> usize {
-        self.classes.len()
-    }
-
-    pub fn contains(&self, id: NodeId) -> bool {
-        self.nodes.contains_key(&id)
-    }
-
-    pub fn is_attached(&self, id: NodeId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_attached(&self, id: NodeId) -> bool {
         self.sent.contains_key(&id)
     }
 
-    pub fn entry(&self, id: NodeId) -> Option<&NodeEntry> {
-        self.nodes.get(&id).map(|n| &n.entry)
+    #[cfg(test)]
+    pub(crate) fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    pub(crate) fn contains(&self, id: NodeId) -> bool {
+        self.nodes.contains_key(&id)
     }
 
     fn link(&self, a: &Class, b: &Class) -> u8 {
@@ -329,7 +315,9 @@ impl Engine {
         }
         for (oid, bits) in others {
             class.links.insert(oid, bits);
-            self.classes.get_mut(&oid).expect("class").links.insert(cid, bits);
+            if let Some(o) = self.classes.get_mut(&oid) {
+                o.links.insert(cid, bits);
+            }
         }
         self.classes.insert(cid, class);
         self.by_key.insert(key, cid);
@@ -338,8 +326,10 @@ impl Engine {
 
     fn join_class(&mut self, node: NodeId, id: &Identity) -> ClassId {
         let cid = self.class_for(id);
-        let c = self.classes.get_mut(&cid).expect("class");
-        if c.members.entry(eff_user(id)).or_default().insert(node) {
+        // `class_for` has just inserted or found it.
+        if let Some(c) = self.classes.get_mut(&cid)
+            && c.members.entry(eff_user(id)).or_default().insert(node)
+        {
             c.len += 1;
         }
         cid
@@ -356,8 +346,9 @@ impl Engine {
                 c.members.remove(&u);
             }
         }
-        if c.len == 0 {
-            let c = self.classes.remove(&cid).expect("class");
+        if c.len == 0
+            && let Some(c) = self.classes.remove(&cid)
+        {
             self.by_key.remove(&c.key);
             for oid in c.links.keys() {
                 if let Some(o) = self.classes.get_mut(oid) {
@@ -368,13 +359,13 @@ impl Engine {
     }
 
     /// The live nodes `node` sees (never itself), unsorted.
-    pub fn visible(&self, node: NodeId) -> Vec<NodeId> {
+    pub(crate) fn visible(&self, node: NodeId) -> Vec<NodeId> {
         let Some(n) = self.nodes.get(&node) else { return Vec::new() };
         let me_user = eff_user(&n.entry.identity);
         let mut out = Vec::new();
         let Some(class) = self.classes.get(&n.class) else { return out };
         for (oid, bits) in &class.links {
-            let other = &self.classes[oid];
+            let Some(other) = self.classes.get(oid) else { continue };
             match *bits {
                 ALWAYS => {
                     for set in other.members.values() {
@@ -400,20 +391,20 @@ impl Engine {
     }
 
     /// The full map `node` would get now (does not record it as sent).
-    pub fn full_map(&self, node: NodeId) -> Option<FullOut> {
+    pub(crate) fn full_map(&self, node: NodeId) -> Option<FullOut> {
         let n = self.nodes.get(&node)?;
         let mut ids = self.visible(node);
         ids.sort_unstable();
         Some(FullOut {
             self_node: n.entry.me.clone(),
             domain: self.domain.clone(),
-            peers: ids.iter().map(|i| self.nodes[i].entry.peer.clone()).collect(),
+            peers: ids.iter().filter_map(|i| self.nodes.get(i)).map(|p| p.entry.peer.clone()).collect(),
             policy: self.policy.clone(),
         })
     }
 
     /// Marks `node` connected and returns its full map (recorded as sent).
-    pub fn attach(&mut self, node: NodeId) -> Option<FullOut> {
+    pub(crate) fn attach(&mut self, node: NodeId) -> Option<FullOut> {
         let full = self.full_map(node)?;
         let peers = full.peers.iter().map(|p| (p.node_id, p.clone())).collect();
         self.sent.insert(node, Sent { peers, me: full.self_node.clone(), policy_version: self.policy.version });
@@ -421,13 +412,13 @@ impl Engine {
     }
 
     /// Marks `node` disconnected (no more deltas for it).
-    pub fn detach(&mut self, node: NodeId) {
+    pub(crate) fn detach(&mut self, node: NodeId) {
         self.sent.remove(&node);
     }
 
     /// Adds or updates a node. Returns deltas for connected nodes (including
     /// the node itself if connected and its own info or view changed).
-    pub fn upsert(&mut self, node: NodeId, entry: NodeEntry) -> Vec<(NodeId, DeltaOut)> {
+    pub(crate) fn upsert(&mut self, node: NodeId, entry: NodeEntry) -> Vec<(NodeId, DeltaOut)> {
         let mut deltas = Deltas::new();
         let before: HashSet<NodeId> = self.visible(node).into_iter().collect();
         let old = self.nodes.remove(&node);
@@ -465,7 +456,7 @@ impl Engine {
 
     /// Removes a node. Returns deltas for the nodes that saw it. The node
     /// itself is detached (the caller tells it why, e.g. `key_expired`).
-    pub fn remove(&mut self, node: NodeId) -> Vec<(NodeId, DeltaOut)> {
+    pub(crate) fn remove(&mut self, node: NodeId) -> Vec<(NodeId, DeltaOut)> {
         let mut deltas = Deltas::new();
         let vis = self.visible(node);
         if let Some(n) = self.nodes.remove(&node) {
@@ -482,7 +473,7 @@ impl Engine {
 
     /// Puts a new policy in force: new classes, every connected node's map
     /// recomputed and diffed (every delta carries the new policy).
-    pub fn set_policy(&mut self, policy: Policy, info: PolicyInfo) -> Vec<(NodeId, DeltaOut)> {
+    pub(crate) fn set_policy(&mut self, policy: Policy, info: PolicyInfo) -> Vec<(NodeId, DeltaOut)> {
         self.an = Analysis::new(policy, &info.text);
         self.policy = Arc::new(info);
         self.classes.clear();
@@ -490,9 +481,11 @@ impl Engine {
         let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let identity = self.nodes[&id].entry.identity.clone();
+            let Some(identity) = self.nodes.get(&id).map(|n| n.entry.identity.clone()) else { continue };
             let c = self.join_class(id, &identity);
-            self.nodes.get_mut(&id).expect("node").class = c;
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.class = c;
+            }
         }
         let mut attached: Vec<NodeId> = self.sent.keys().copied().collect();
         attached.sort_unstable();
@@ -512,7 +505,7 @@ impl Engine {
         ids.sort_unstable();
         let Some(me) = self.nodes.get(&node).map(|n| n.entry.me.clone()) else { return DeltaOut::default() };
         let policy = self.policy.clone();
-        let new: Vec<(NodeId, Arc<PeerInfo>)> = ids.iter().map(|i| (*i, self.nodes[i].entry.peer.clone())).collect();
+        let new: Vec<(NodeId, Arc<PeerInfo>)> = ids.iter().filter_map(|i| Some((*i, self.nodes.get(i)?.entry.peer.clone()))).collect();
         let Some(sent) = self.sent.get_mut(&node) else { return DeltaOut::default() };
         let mut d = DeltaOut::default();
         let new_set: HashSet<NodeId> = ids.iter().copied().collect();
@@ -536,17 +529,13 @@ impl Engine {
     }
 
     /// What was last sent to `node` (for tests and checks): sorted peer ids.
-    pub fn sent_peers(&self, node: NodeId) -> Option<Vec<NodeId>> {
+    #[cfg(test)]
+    pub(crate) fn sent_peers(&self, node: NodeId) -> Option<Vec<NodeId>> {
         self.sent.get(&node).map(|s| {
             let mut v: Vec<NodeId> = s.peers.keys().copied().collect();
             v.sort_unstable();
             v
         })
-    }
-
-    /// Node ids whose map is being followed.
-    pub fn attached(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.sent.keys().copied()
     }
 }
 
@@ -598,13 +587,15 @@ fn finish(d: Deltas) -> Vec<(NodeId, DeltaOut)> {
 }
 
 /// The candidate ports of a policy (see the module docs), for [`may_talk`].
-pub fn candidate_ports(policy_text: &str) -> Vec<u16> {
+#[cfg(test)]
+pub(crate) fn candidate_ports(policy_text: &str) -> Vec<u16> {
     let p = Policy::default_static();
     Analysis::new(p, policy_text).ports
 }
 
 /// Reference definition: the nodes `me` sees, by evaluating every pair.
-pub fn naive_visible(policy: &Policy, policy_text: &str, nodes: &[(NodeId, Identity)], me: NodeId) -> Vec<NodeId> {
+#[cfg(test)]
+pub(crate) fn naive_visible(policy: &Policy, policy_text: &str, nodes: &[(NodeId, Identity)], me: NodeId) -> Vec<NodeId> {
     let ports = candidate_ports(policy_text);
     let Some((_, mine)) = nodes.iter().find(|(i, _)| *i == me) else { return Vec::new() };
     let mut v: Vec<NodeId> = nodes.iter().filter(|(i, id)| *i != me && may_talk(policy, &ports, mine, id)).map(|(i, _)| *i).collect();
@@ -614,10 +605,14 @@ pub fn naive_visible(policy: &Policy, policy_text: &str, nodes: &[(NodeId, Ident
 
 /// The delta that turns map `old` into map `new` (pure; the engine computes
 /// the same incrementally).
-pub fn diff_maps(old: &MapFull, new: &MapFull) -> MapDelta {
-    let old_k: HashMap<Key, &PeerInfo> = old.peers.iter().map(|p| (p.node_key, p)).collect();
-    let new_k: HashMap<Key, &PeerInfo> = new.peers.iter().map(|p| (p.node_key, p)).collect();
-    let mut d = MapDelta::default();
+#[cfg(test)]
+pub(crate) fn diff_maps(
+    old: &crate::control::wire::proto::MapFull,
+    new: &crate::control::wire::proto::MapFull,
+) -> crate::control::wire::proto::MapDelta {
+    let old_k: HashMap<crate::key::Key, &PeerInfo> = old.peers.iter().map(|p| (p.node_key, p)).collect();
+    let new_k: HashMap<crate::key::Key, &PeerInfo> = new.peers.iter().map(|p| (p.node_key, p)).collect();
+    let mut d = crate::control::wire::proto::MapDelta::default();
     for p in &old.peers {
         if !new_k.contains_key(&p.node_key) {
             d.peers_removed.push(wg::key_to_base64(&p.node_key));
@@ -642,7 +637,7 @@ pub fn diff_maps(old: &MapFull, new: &MapFull) -> MapDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::wire::proto::NetMap;
+    use crate::control::wire::proto::{MapDelta, MapFull, NetMap};
     use std::net::IpAddr;
 
     const TEAM: &str = include_str!("../../../policies/team.toml");

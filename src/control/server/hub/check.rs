@@ -16,14 +16,23 @@ use crate::control::wire::proto::{CheckOutcome, ClientMsg, ServerOut};
 use crate::key::Key;
 
 /// Wrong codes per (user, source node) before a lockout.
-pub const MAX_FAILURES: i64 = 5;
+pub(crate) const MAX_FAILURES: i64 = 5;
 /// How long a lockout lasts; failures older than this are forgotten.
-pub const LOCKOUT_SECS: i64 = 15 * 60;
+pub(crate) const LOCKOUT_SECS: i64 = 15 * 60;
 
 struct Answer {
     outcome: CheckOutcome,
     user: String,
     message: String,
+}
+
+/// Whose check this is: the asking node, the source node and its owner.
+struct Checked<'a> {
+    asker: &'a str,
+    src_name: &'a str,
+    user_id: i64,
+    user: &'a str,
+    source: &'a Key,
 }
 
 fn denied(user: &str, message: String) -> Answer {
@@ -112,21 +121,13 @@ impl Hub {
             Some(_) => "that code was already used; wait for the next one",
             None => "wrong verification code",
         };
-        self.check_failed(&asker, &src.name, user_id, &user, source, st, why, now)
+        let who = Checked { asker: &asker, src_name: &src.name, user_id, user: &user, source };
+        self.check_failed(who, st, why, now)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_failed(
-        &mut self,
-        asker: &str,
-        src_name: &str,
-        user_id: i64,
-        user: &str,
-        source: &Key,
-        mut st: CheckStateRow,
-        why: &str,
-        now: i64,
-    ) -> Answer {
+    /// A wrong or replayed code: counts it, locks out at [`MAX_FAILURES`].
+    fn check_failed(&mut self, who: Checked<'_>, mut st: CheckStateRow, why: &str, now: i64) -> Answer {
+        let Checked { asker, src_name, user_id, user, source } = who;
         if st.last_failure.is_some_and(|t| now - t >= LOCKOUT_SECS) {
             st.failures = 0;
         }
@@ -224,7 +225,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::server::hub::HubConfig;
+    use crate::control::server::hub::{HubConfig, Now};
     use crate::control::server::store::Store;
     use crate::control::wire::proto::ServerMsg;
     use crate::control::wire::token::AuthKeyToken;
@@ -233,11 +234,11 @@ mod tests {
 
     /// A hub with alice's laptop (key [7; 32]) and a tagged web node (key [8; 32]), connected.
     fn lab() -> (Hub, i64) {
-        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, T0).unwrap();
-        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, T0).unwrap();
+        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, Now::at(T0)).unwrap();
+        h.admin(AdminRequest::UsersAdd { name: "alice".into() }, Now::at(T0)).unwrap();
         let key = |h: &mut Hub, user: Option<&str>, tags: Vec<String>| {
             let req = AdminRequest::KeysCreate { user: user.map(Into::into), reusable: false, ephemeral: false, expiry_secs: None, tags };
-            let v = h.admin(req, T0).unwrap();
+            let v = h.admin(req, Now::at(T0)).unwrap();
             AuthKeyToken::parse(v["token"].as_str().unwrap()).unwrap().secret
         };
         let reg = |secret: String, host: &str| ClientMsg::Register {
@@ -247,17 +248,18 @@ mod tests {
             endpoints: vec![],
             previous_node_key: None,
         };
-        h.admin(AdminRequest::PolicySet { text: "[tag_owners]\n\"tag:web\" = [\"alice\"]\n".into(), name: "p".into() }, T0).unwrap();
+        h.admin(AdminRequest::PolicySet { text: "[tag_owners]\n\"tag:web\" = [\"alice\"]\n".into(), name: "p".into() }, Now::at(T0))
+            .unwrap();
         let k = key(&mut h, Some("alice"), vec![]);
-        h.hello(1, [7; 32], reg(k, "laptop"), T0).unwrap();
+        h.hello(1, [7; 32], reg(k, "laptop"), Now::at(T0)).unwrap();
         let k = key(&mut h, None, vec!["tag:web".into()]);
-        let web = h.hello(2, [8; 32], reg(k, "web"), T0).unwrap();
+        let web = h.hello(2, [8; 32], reg(k, "web"), Now::at(T0)).unwrap();
         h.take_outputs();
         (h, web)
     }
 
     fn ask(h: &mut Hub, web: i64, source: Key, code: Option<String>, max_age: Option<u64>, now: i64) -> (CheckOutcome, String) {
-        h.client_msg(2, web, ClientMsg::Check { id: 9, source, code, max_age_secs: max_age }, now);
+        h.client_msg(2, web, ClientMsg::Check { id: 9, source, code, max_age_secs: max_age }, Now::at(now));
         let outs = h.take_outputs();
         let msg = outs
             .into_iter()
@@ -283,9 +285,9 @@ mod tests {
         let (o, _) = ask(&mut h, web, [3; 32], None, Some(3600), T0);
         assert_eq!(o, CheckOutcome::Denied);
 
-        let v = h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap();
+        let v = h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, Now::at(T0)).unwrap();
         let secret = v["secret"].as_str().unwrap().to_string();
-        assert!(h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, T0).unwrap_err().message.contains("already enrolled"));
+        assert!(h.admin(AdminRequest::TotpEnroll { user: "alice".into() }, Now::at(T0)).unwrap_err().message.contains("already enrolled"));
         assert_eq!(ask(&mut h, web, [7; 32], None, Some(3600), T0).0, CheckOutcome::CodeNeeded);
 
         let code = totp::code_at(&secret, T0 as u64).unwrap();
@@ -307,7 +309,7 @@ mod tests {
         // Locked out: even the right code is refused, until 15 minutes pass.
         let next = totp::code_at(&secret, T0 as u64 + 60).unwrap();
         assert_eq!(ask(&mut h, web, [7; 32], Some(next.clone()), None, T0 + 60).0, CheckOutcome::LockedOut);
-        let status = h.admin(AdminRequest::TotpStatus { user: Some("alice".into()) }, T0 + 60).unwrap();
+        let status = h.admin(AdminRequest::TotpStatus { user: Some("alice".into()) }, Now::at(T0 + 60)).unwrap();
         assert_eq!(status[0]["locked_out"][0]["node"], "laptop", "{status}");
         let later = T0 + 9 + LOCKOUT_SECS;
         let code = totp::code_at(&secret, later as u64).unwrap();
@@ -317,8 +319,8 @@ mod tests {
         assert_eq!(audit.iter().filter(|a| *a == "check.lockout").count(), 1, "{audit:?}");
         assert_eq!(audit.iter().filter(|a| *a == "check.failed").count(), 4, "{audit:?}");
         // Reset forgets the secret; the secret never shows in status.
-        h.admin(AdminRequest::TotpReset { user: "alice".into() }, later).unwrap();
-        let status = h.admin(AdminRequest::TotpStatus { user: None }, later).unwrap();
+        h.admin(AdminRequest::TotpReset { user: "alice".into() }, Now::at(later)).unwrap();
+        let status = h.admin(AdminRequest::TotpStatus { user: None }, Now::at(later)).unwrap();
         assert_eq!(status[0]["enrolled"], false);
         assert!(!status.to_string().contains(&secret));
     }

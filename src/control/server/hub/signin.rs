@@ -4,8 +4,12 @@
 
 use std::net::SocketAddr;
 
-use super::{ConnId, ErrorCode, HostInfo, Hub, HubError, NodeOwner, check_hostinfo, valid_user_name};
+use super::login::{HostInfo, NodeOwner};
+use super::names::{check_hostinfo, valid_user_name};
+use super::{ConnId, Hub, HubError, Now};
 use crate::control::server::oidc::SignedIn;
+use crate::control::server::signin::Hello;
+use crate::control::wire::proto::ErrorCode;
 use crate::key::Key;
 
 impl Hub {
@@ -13,18 +17,10 @@ impl Hub {
     /// the provider: the user (email) is created or updated with the groups
     /// the provider sent, then the node is registered for that user (or
     /// re-authenticated, which also renews its key expiry).
-    pub fn hello_signed_in(
-        &mut self,
-        conn: ConnId,
-        node_key: Key,
-        hostname: &str,
-        ssh_host_key: Option<String>,
-        endpoints: Vec<SocketAddr>,
-        who: &SignedIn,
-        now: i64,
-    ) -> Result<i64, HubError> {
-        let r = self.register_signed_in(node_key, hostname, ssh_host_key, endpoints, who, now);
-        self.admit(conn, r, now)
+    pub(crate) fn hello_signed_in(&mut self, conn: ConnId, node_key: Key, hello: Hello, who: &SignedIn, now: Now) -> Result<i64, HubError> {
+        let Hello { hostname, ssh_host_key, endpoints } = hello;
+        let r = self.register_signed_in(node_key, &hostname, ssh_host_key, endpoints, who, now);
+        self.admit(conn, r, now.unix)
     }
 
     /// Creates the user if needed and stores the groups from this sign-in.
@@ -70,8 +66,9 @@ impl Hub {
         ssh_host_key: Option<String>,
         endpoints: Vec<SocketAddr>,
         who: &SignedIn,
-        now: i64,
+        at: Now,
     ) -> Result<(i64, bool), HubError> {
+        let now = at.unix;
         let (ssh_host_key, endpoints) = check_hostinfo(Some(hostname), ssh_host_key, endpoints)?;
         let uid = self.user_signed_in(who, now)?;
         let actor = format!("oidc:{}", who.email);
@@ -80,7 +77,7 @@ impl Hub {
         // becomes this user's, untagged, with a fresh expiry.
         let owner = NodeOwner { user_id: Some(uid), tags: Vec::new(), key_expiry, ephemeral: false, auth_key_id: None };
         let host = HostInfo { hostname, ssh_host_key, endpoints };
-        self.register_node(node_key, host, owner, &actor, "signed in with the identity provider", now)
+        self.register_node(node_key, host, owner, &actor, "signed in with the identity provider", at)
     }
 }
 
@@ -101,16 +98,20 @@ mod tests {
             .collect()
     }
 
+    fn hello(host: &str) -> Hello {
+        Hello { hostname: host.into(), ssh_host_key: None, endpoints: vec![] }
+    }
+
     fn alice(groups: &[&str]) -> SignedIn {
         SignedIn { email: "alice@example.com".into(), groups: groups.iter().map(|g| g.to_string()).collect() }
     }
 
     #[test]
     fn a_sign_in_sets_the_users_groups_and_a_later_one_changes_them_at_once() {
-        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, 1000).unwrap();
-        h.hello_signed_in(1, [10; 32], "laptop", None, vec![], &alice(&["admins", "dev"]), 1000).unwrap();
+        let mut h = Hub::open(Store::open_memory().unwrap(), HubConfig::new("http://127.0.0.1:1", [1; 32]), None, Now::at(1000)).unwrap();
+        h.hello_signed_in(1, [10; 32], hello("laptop"), &alice(&["admins", "dev"]), Now::at(1000)).unwrap();
         h.take_outputs();
-        h.hello_signed_in(2, [11; 32], "phone", None, vec![], &alice(&["admins", "dev"]), 1000).unwrap();
+        h.hello_signed_in(2, [11; 32], hello("phone"), &alice(&["admins", "dev"]), Now::at(1000)).unwrap();
         // The laptop (same user: the default policy shows a user's nodes to
         // each other) sees the phone with the provider's groups.
         let added = msgs(&mut h, 1);
@@ -124,7 +125,7 @@ mod tests {
         assert_eq!(phone.groups, vec!["admins".to_string(), "dev".to_string()]);
         // Signing in again without "admins": the laptop learns at once that
         // it lost the group (self) and so did the phone (peer).
-        h.hello_signed_in(3, [11; 32], "phone", None, vec![], &alice(&["dev"]), 1001).unwrap();
+        h.hello_signed_in(3, [11; 32], hello("phone"), &alice(&["dev"]), Now::at(1001)).unwrap();
         let deltas: Vec<_> = msgs(&mut h, 1)
             .into_iter()
             .filter_map(|m| match m {
@@ -140,7 +141,7 @@ mod tests {
             4,
             [12; 32],
             ClientMsg::RegisterInteractive { hostname: "x".into(), ssh_host_key: None, endpoints: vec![], force_reauth: false },
-            1002,
+            Now::at(1002),
         );
         assert_eq!(r.unwrap_err().code, ErrorCode::SignIn);
     }

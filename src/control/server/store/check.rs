@@ -10,25 +10,25 @@ use crate::dataplane::wg;
 use crate::key::Key;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TotpRow {
-    pub user_id: i64,
+pub(crate) struct TotpRow {
+    pub(crate) user_id: i64,
     /// Base32. Never logged, never sent to nodes.
-    pub secret: String,
-    pub created: i64,
+    pub(crate) secret: String,
+    pub(crate) created: i64,
     /// The newest time step a code was accepted for.
-    pub last_step: Option<i64>,
+    pub(crate) last_step: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckStateRow {
-    pub approved_at: Option<i64>,
-    pub failures: i64,
-    pub last_failure: Option<i64>,
-    pub locked_until: Option<i64>,
+pub(crate) struct CheckStateRow {
+    pub(crate) approved_at: Option<i64>,
+    pub(crate) failures: i64,
+    pub(crate) last_failure: Option<i64>,
+    pub(crate) locked_until: Option<i64>,
 }
 
 impl Store {
-    pub fn totp_get(&self, user_id: i64) -> Result<Option<TotpRow>> {
+    pub(crate) fn totp_get(&self, user_id: i64) -> Result<Option<TotpRow>> {
         Ok(self
             .conn
             .prepare_cached("SELECT user_id, secret, created, last_step FROM totp WHERE user_id = ?1")?
@@ -36,14 +36,8 @@ impl Store {
             .optional()?)
     }
 
-    pub fn totp_all(&self) -> Result<Vec<TotpRow>> {
-        let mut st = self.conn.prepare_cached("SELECT user_id, secret, created, last_step FROM totp")?;
-        let rows = st.query_map([], |r| Ok(TotpRow { user_id: r.get(0)?, secret: r.get(1)?, created: r.get(2)?, last_step: r.get(3)? }))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
     /// Enrols a user; a new secret also forgets old approvals and lockouts.
-    pub fn totp_set(&self, user_id: i64, secret: &str, now: i64) -> Result<()> {
+    pub(crate) fn totp_set(&self, user_id: i64, secret: &str, now: i64) -> Result<()> {
         self.tx(|s| {
             s.conn
                 .prepare_cached("INSERT OR REPLACE INTO totp(user_id, secret, created, last_step) VALUES (?1, ?2, ?3, NULL)")?
@@ -54,7 +48,7 @@ impl Store {
     }
 
     /// Removes the user's secret, approvals and lockouts. True if there was a secret.
-    pub fn totp_delete(&self, user_id: i64) -> Result<bool> {
+    pub(crate) fn totp_delete(&self, user_id: i64) -> Result<bool> {
         self.tx(|s| {
             let n = s.conn.prepare_cached("DELETE FROM totp WHERE user_id = ?1")?.execute([user_id])?;
             s.conn.prepare_cached("DELETE FROM check_state WHERE user_id = ?1")?.execute([user_id])?;
@@ -62,12 +56,12 @@ impl Store {
         })
     }
 
-    pub fn totp_set_last_step(&self, user_id: i64, step: i64) -> Result<()> {
+    pub(crate) fn totp_set_last_step(&self, user_id: i64, step: i64) -> Result<()> {
         self.conn.prepare_cached("UPDATE totp SET last_step = ?2 WHERE user_id = ?1")?.execute(params![user_id, step])?;
         Ok(())
     }
 
-    pub fn check_state_get(&self, user_id: i64, source: &Key) -> Result<CheckStateRow> {
+    pub(crate) fn check_state_get(&self, user_id: i64, source: &Key) -> Result<CheckStateRow> {
         Ok(self
             .conn
             .prepare_cached(
@@ -80,7 +74,7 @@ impl Store {
             .unwrap_or_default())
     }
 
-    pub fn check_state_put(&self, user_id: i64, source: &Key, st: &CheckStateRow) -> Result<()> {
+    pub(crate) fn check_state_put(&self, user_id: i64, source: &Key, st: &CheckStateRow) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO check_state(user_id, source_key, approved_at, failures, last_failure, locked_until) \
@@ -91,7 +85,7 @@ impl Store {
     }
 
     /// Pairs of this user locked out at `now` (for `totp status`).
-    pub fn check_lockouts(&self, user_id: i64, now: i64) -> Result<Vec<(String, i64)>> {
+    pub(crate) fn check_lockouts(&self, user_id: i64, now: i64) -> Result<Vec<(String, i64)>> {
         let mut st =
             self.conn.prepare_cached("SELECT source_key, locked_until FROM check_state WHERE user_id = ?1 AND locked_until > ?2")?;
         let rows = st.query_map(params![user_id, now], |r| Ok((r.get(0)?, r.get(1)?)))?;

@@ -3,6 +3,7 @@
 //! One connection, owned by the hub thread (or by an admin command when no
 //! server runs). Times are Unix seconds. Lists (tags, endpoints) are JSON
 //! text columns. Auth keys are stored as SHA-256 of their secret only.
+#![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -14,7 +15,7 @@ use crate::dataplane::wg;
 use crate::key::Key;
 
 mod check;
-pub use check::{CheckStateRow, TotpRow};
+pub(crate) use check::CheckStateRow;
 
 /// Schema migrations; `PRAGMA user_version` = how many have run.
 const MIGRATIONS: &[&str] = &[
@@ -102,30 +103,30 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct UserRow {
-    pub id: i64,
-    pub name: String,
-    pub created: i64,
+pub(crate) struct UserRow {
+    pub(crate) id: i64,
+    pub(crate) name: String,
+    pub(crate) created: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NodeRow {
-    pub id: i64,
+pub(crate) struct NodeRow {
+    pub(crate) id: i64,
     #[serde(serialize_with = "ser_key")]
-    pub node_key: Key,
-    pub name: String,
-    pub hostname: String,
-    pub ip: Ipv4Addr,
-    pub user_id: Option<i64>,
-    pub tags: Vec<String>,
-    pub ssh_host_key: Option<String>,
-    pub endpoints: Vec<SocketAddr>,
-    pub created: i64,
-    pub last_seen: Option<i64>,
-    pub key_expiry: Option<i64>,
-    pub online: bool,
-    pub ephemeral: bool,
-    pub auth_key_id: Option<i64>,
+    pub(crate) node_key: Key,
+    pub(crate) name: String,
+    pub(crate) hostname: String,
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) user_id: Option<i64>,
+    pub(crate) tags: Vec<String>,
+    pub(crate) ssh_host_key: Option<String>,
+    pub(crate) endpoints: Vec<SocketAddr>,
+    pub(crate) created: i64,
+    pub(crate) last_seen: Option<i64>,
+    pub(crate) key_expiry: Option<i64>,
+    pub(crate) online: bool,
+    pub(crate) ephemeral: bool,
+    pub(crate) auth_key_id: Option<i64>,
 }
 
 fn ser_key<S: serde::Serializer>(k: &Key, s: S) -> Result<S::Ok, S::Error> {
@@ -133,41 +134,41 @@ fn ser_key<S: serde::Serializer>(k: &Key, s: S) -> Result<S::Ok, S::Error> {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct AuthKeyRow {
-    pub id: i64,
+pub(crate) struct AuthKeyRow {
+    pub(crate) id: i64,
     #[serde(skip)]
-    pub hash: String,
-    pub user_id: Option<i64>,
-    pub reusable: bool,
-    pub ephemeral: bool,
-    pub tags: Vec<String>,
-    pub created: i64,
-    pub expires: Option<i64>,
-    pub revoked: Option<i64>,
-    pub used_count: i64,
-    pub last_used: Option<i64>,
+    pub(crate) hash: String,
+    pub(crate) user_id: Option<i64>,
+    pub(crate) reusable: bool,
+    pub(crate) ephemeral: bool,
+    pub(crate) tags: Vec<String>,
+    pub(crate) created: i64,
+    pub(crate) expires: Option<i64>,
+    pub(crate) revoked: Option<i64>,
+    pub(crate) used_count: i64,
+    pub(crate) last_used: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct PolicyRow {
-    pub version: u64,
-    pub name: String,
-    pub text: String,
-    pub source: String,
-    pub set_at: i64,
+pub(crate) struct PolicyRow {
+    pub(crate) version: u64,
+    pub(crate) name: String,
+    pub(crate) text: String,
+    pub(crate) source: String,
+    pub(crate) set_at: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct AuditRow {
-    pub id: i64,
-    pub at: i64,
-    pub actor: String,
-    pub action: String,
-    pub target: String,
-    pub detail: String,
+pub(crate) struct AuditRow {
+    pub(crate) id: i64,
+    pub(crate) at: i64,
+    pub(crate) actor: String,
+    pub(crate) action: String,
+    pub(crate) target: String,
+    pub(crate) detail: String,
 }
 
-pub struct Store {
+pub(crate) struct Store {
     conn: Connection,
 }
 
@@ -214,7 +215,7 @@ fn key_from_row(r: &Row) -> rusqlite::Result<AuthKeyRow> {
 }
 
 /// Creates `dir` (and parents) with mode 0700; tightens it if it exists.
-pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if !dir.exists() {
         std::fs::DirBuilder::new()
@@ -231,12 +232,12 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 impl Store {
     /// Opens (creating if needed) `dir/control.db`, mode 0600, WAL, and runs
     /// pending migrations.
-    pub fn open_dir(dir: &Path) -> Result<Store> {
+    pub(crate) fn open_dir(dir: &Path) -> Result<Store> {
         ensure_private_dir(dir)?;
         Store::open(&dir.join("control.db"))
     }
 
-    pub fn open(path: &Path) -> Result<Store> {
+    pub(crate) fn open(path: &Path) -> Result<Store> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         // Create the file ourselves so it is 0600 from the start; SQLite
         // gives its -wal/-shm files the same mode.
@@ -258,7 +259,8 @@ impl Store {
     }
 
     /// An in-memory store (tests).
-    pub fn open_memory() -> Result<Store> {
+    #[cfg(test)]
+    pub(crate) fn open_memory() -> Result<Store> {
         let conn = Connection::open_in_memory()?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut s = Store { conn };
@@ -283,7 +285,8 @@ impl Store {
         Ok(())
     }
 
-    pub fn schema_version(&self) -> Result<i64> {
+    #[cfg(test)]
+    pub(crate) fn schema_version(&self) -> Result<i64> {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
@@ -294,7 +297,7 @@ impl Store {
         self.conn.execute_batch("DROP TABLE audit").expect("drop audit table");
     }
 
-    pub fn tx<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+    pub(crate) fn tx<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
         let tx = self.conn.unchecked_transaction()?;
         let out = f(self)?;
         tx.commit()?;
@@ -303,11 +306,11 @@ impl Store {
 
     // --- meta -------------------------------------------------------------
 
-    pub fn meta_get(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn meta_get(&self, key: &str) -> Result<Option<String>> {
         Ok(self.conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?)
     }
 
-    pub fn meta_set(&self, key: &str, value: &str) -> Result<()> {
+    pub(crate) fn meta_set(&self, key: &str, value: &str) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2")?
             .execute([key, value])?;
@@ -316,19 +319,19 @@ impl Store {
 
     // --- users ------------------------------------------------------------
 
-    pub fn user_add(&self, name: &str, now: i64) -> Result<UserRow> {
+    pub(crate) fn user_add(&self, name: &str, now: i64) -> Result<UserRow> {
         self.conn.prepare_cached("INSERT INTO users(name, created) VALUES (?1, ?2)")?.execute(params![name, now])?;
         Ok(UserRow { id: self.conn.last_insert_rowid(), name: name.into(), created: now })
     }
 
-    pub fn users(&self) -> Result<Vec<UserRow>> {
+    pub(crate) fn users(&self) -> Result<Vec<UserRow>> {
         let mut st = self.conn.prepare_cached("SELECT id, name, created FROM users ORDER BY name")?;
         let rows = st.query_map([], |r| Ok(UserRow { id: r.get(0)?, name: r.get(1)?, created: r.get(2)? }))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Provider groups of every user that has any.
-    pub fn user_groups_all(&self) -> Result<std::collections::HashMap<i64, Vec<String>>> {
+    pub(crate) fn user_groups_all(&self) -> Result<std::collections::HashMap<i64, Vec<String>>> {
         let mut st = self.conn.prepare_cached("SELECT id, provider_groups FROM users WHERE provider_groups != '[]'")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = std::collections::HashMap::new();
@@ -340,7 +343,7 @@ impl Store {
     }
 
     /// Records a sign-in: the groups the provider sent this time.
-    pub fn user_signed_in(&self, id: i64, groups: &[String], now: i64) -> Result<()> {
+    pub(crate) fn user_signed_in(&self, id: i64, groups: &[String], now: i64) -> Result<()> {
         self.conn.prepare_cached("UPDATE users SET provider_groups = ?2, last_sign_in = ?3 WHERE id = ?1")?.execute(params![
             id,
             serde_json::to_string(groups)?,
@@ -349,7 +352,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn user_by_name(&self, name: &str) -> Result<Option<UserRow>> {
+    pub(crate) fn user_by_name(&self, name: &str) -> Result<Option<UserRow>> {
         Ok(self
             .conn
             .prepare_cached("SELECT id, name, created FROM users WHERE name = ?1")?
@@ -357,21 +360,21 @@ impl Store {
             .optional()?)
     }
 
-    pub fn user_delete(&self, id: i64) -> Result<()> {
+    pub(crate) fn user_delete(&self, id: i64) -> Result<()> {
         self.conn.prepare_cached("DELETE FROM users WHERE id = ?1")?.execute([id])?;
         Ok(())
     }
 
     // --- nodes ------------------------------------------------------------
 
-    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+    pub(crate) fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare_cached("SELECT * FROM nodes ORDER BY id")?;
         let rows = st.query_map([], node_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Inserts `n` (its `id` is ignored) and returns the new id.
-    pub fn node_insert(&self, n: &NodeRow) -> Result<i64> {
+    pub(crate) fn node_insert(&self, n: &NodeRow) -> Result<i64> {
         self.conn
             .prepare_cached(
                 "INSERT INTO nodes(node_key, name, hostname, ip, user_id, tags, ssh_host_key, endpoints, created, \
@@ -397,7 +400,7 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn node_update(&self, n: &NodeRow) -> Result<()> {
+    pub(crate) fn node_update(&self, n: &NodeRow) -> Result<()> {
         self.conn
             .prepare_cached(
                 "UPDATE nodes SET node_key = ?2, name = ?3, hostname = ?4, ip = ?5, user_id = ?6, tags = ?7, \
@@ -424,25 +427,25 @@ impl Store {
     }
 
     /// Cheap update for connect/disconnect.
-    pub fn node_set_online(&self, id: i64, online: bool, last_seen: i64) -> Result<()> {
+    pub(crate) fn node_set_online(&self, id: i64, online: bool, last_seen: i64) -> Result<()> {
         self.conn.prepare_cached("UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1")?.execute(params![id, online, last_seen])?;
         Ok(())
     }
 
     /// At server start nobody is connected yet.
-    pub fn nodes_all_offline(&self) -> Result<()> {
+    pub(crate) fn nodes_all_offline(&self) -> Result<()> {
         self.conn.execute("UPDATE nodes SET online = 0 WHERE online = 1", [])?;
         Ok(())
     }
 
-    pub fn node_delete(&self, id: i64) -> Result<()> {
+    pub(crate) fn node_delete(&self, id: i64) -> Result<()> {
         self.conn.prepare_cached("DELETE FROM nodes WHERE id = ?1")?.execute([id])?;
         Ok(())
     }
 
     // --- auth keys --------------------------------------------------------
 
-    pub fn key_insert(&self, k: &AuthKeyRow) -> Result<i64> {
+    pub(crate) fn key_insert(&self, k: &AuthKeyRow) -> Result<i64> {
         self.conn
             .prepare_cached(
                 "INSERT INTO auth_keys(hash, user_id, reusable, ephemeral, tags, created, expires, revoked, used_count, last_used) \
@@ -463,28 +466,28 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn key_by_hash(&self, hash: &str) -> Result<Option<AuthKeyRow>> {
+    pub(crate) fn key_by_hash(&self, hash: &str) -> Result<Option<AuthKeyRow>> {
         Ok(self.conn.prepare_cached("SELECT * FROM auth_keys WHERE hash = ?1")?.query_row([hash], key_from_row).optional()?)
     }
 
-    pub fn key_by_id(&self, id: i64) -> Result<Option<AuthKeyRow>> {
+    pub(crate) fn key_by_id(&self, id: i64) -> Result<Option<AuthKeyRow>> {
         Ok(self.conn.prepare_cached("SELECT * FROM auth_keys WHERE id = ?1")?.query_row([id], key_from_row).optional()?)
     }
 
-    pub fn keys(&self) -> Result<Vec<AuthKeyRow>> {
+    pub(crate) fn keys(&self) -> Result<Vec<AuthKeyRow>> {
         let mut st = self.conn.prepare_cached("SELECT * FROM auth_keys ORDER BY id")?;
         let rows = st.query_map([], key_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn key_mark_used(&self, id: i64, now: i64) -> Result<()> {
+    pub(crate) fn key_mark_used(&self, id: i64, now: i64) -> Result<()> {
         self.conn
             .prepare_cached("UPDATE auth_keys SET used_count = used_count + 1, last_used = ?2 WHERE id = ?1")?
             .execute(params![id, now])?;
         Ok(())
     }
 
-    pub fn key_revoke(&self, id: i64, now: i64) -> Result<bool> {
+    pub(crate) fn key_revoke(&self, id: i64, now: i64) -> Result<bool> {
         let n =
             self.conn.prepare_cached("UPDATE auth_keys SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL")?.execute(params![id, now])?;
         Ok(n > 0)
@@ -492,7 +495,7 @@ impl Store {
 
     // --- policy -----------------------------------------------------------
 
-    pub fn policy_latest(&self) -> Result<Option<PolicyRow>> {
+    pub(crate) fn policy_latest(&self) -> Result<Option<PolicyRow>> {
         Ok(self
             .conn
             .prepare_cached("SELECT version, name, text, source, set_at FROM policies ORDER BY version DESC LIMIT 1")?
@@ -508,7 +511,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn policy_insert(&self, p: &PolicyRow) -> Result<()> {
+    pub(crate) fn policy_insert(&self, p: &PolicyRow) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO policies(version, name, text, source, set_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
             .execute(params![p.version as i64, p.name, p.text, p.source, p.set_at])?;
@@ -517,14 +520,14 @@ impl Store {
 
     // --- audit ------------------------------------------------------------
 
-    pub fn audit(&self, now: i64, actor: &str, action: &str, target: &str, detail: &str) -> Result<()> {
+    pub(crate) fn audit(&self, now: i64, actor: &str, action: &str, target: &str, detail: &str) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO audit(at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
             .execute(params![now, actor, action, target, detail])?;
         Ok(())
     }
 
-    pub fn audit_recent(&self, limit: usize) -> Result<Vec<AuditRow>> {
+    pub(crate) fn audit_recent(&self, limit: usize) -> Result<Vec<AuditRow>> {
         let mut st = self.conn.prepare_cached("SELECT id, at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
         let rows = st.query_map([limit as i64], |r| {
             Ok(AuditRow { id: r.get(0)?, at: r.get(1)?, actor: r.get(2)?, action: r.get(3)?, target: r.get(4)?, detail: r.get(5)? })
