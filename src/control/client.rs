@@ -37,8 +37,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::server::Stream;
 use super::transport::{ControlUrl, DialError};
+use super::upgrade::Stream;
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
 use crate::control::wire::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
 use crate::control::wire::http;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::server::Stream;
+use super::upgrade::Stream;
 
 /// A control URL taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::control::server::Stream;
+use crate::control::upgrade::Stream;
 
 /// Where the control port's certificate comes from.
 #[derive(Clone, Debug)]
