@@ -24,7 +24,7 @@
 
 pub mod client;
 pub mod server;
-pub mod transport;
+pub(crate) mod transport;
 pub mod upgrade;
 pub mod wire;
 

@@ -8,6 +8,8 @@
 //! is an extra layer that lets the port sit behind an ordinary certificate
 //! on 443, not a replacement for the pin.
 
+#![warn(missing_docs)]
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -18,14 +20,14 @@ use super::upgrade::Stream;
 
 /// A control URL taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ControlUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
+pub(crate) struct ControlUrl {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 impl ControlUrl {
-    pub fn parse(url: &str) -> Result<ControlUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<ControlUrl, String> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
@@ -52,7 +54,7 @@ impl ControlUrl {
     }
 
     /// The `Host` header value.
-    pub fn host_header(&self) -> String {
+    pub(crate) fn host_header(&self) -> String {
         let default_port = if self.tls { 443 } else { 80 };
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         if self.port == default_port { host } else { format!("{host}:{}", self.port) }
@@ -60,7 +62,7 @@ impl ControlUrl {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DialError {
+pub(crate) enum DialError {
     #[error("{0}")]
     Url(String),
     #[error("cannot reach {url}: {message}")]
@@ -95,7 +97,7 @@ fn client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Dial
 }
 
 /// A root store from PEM text: at least one certificate, nothing unparsable.
-pub fn parse_ca(pem: &str) -> Result<rustls::RootCertStore, DialError> {
+pub(crate) fn parse_ca(pem: &str) -> Result<rustls::RootCertStore, DialError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let c = c.map_err(|e| DialError::Ca(format!("is not valid PEM: {e}")))?;
@@ -115,7 +117,7 @@ fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifie
 
 /// Opens a connection to the control port named by `url` (TCP, then TLS
 /// for `https://`), within `timeout`. `ca_pem` replaces the system roots.
-pub async fn dial(url: &str, ca_pem: Option<&str>, timeout: Duration) -> Result<Box<dyn Stream>, DialError> {
+pub(crate) async fn dial(url: &str, ca_pem: Option<&str>, timeout: Duration) -> Result<Box<dyn Stream>, DialError> {
     let u = ControlUrl::parse(url).map_err(DialError::Url)?;
     let tls = if u.tls { Some(client_config(ca_pem)?) } else { None };
     let connect = async {

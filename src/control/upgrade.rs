@@ -4,6 +4,8 @@
 //! server's connection handlers and the node's dialer ([`super::transport`])
 //! speak over a [`Stream`].
 
+#![warn(missing_docs)]
+
 use std::io;
 use std::time::Duration;
 

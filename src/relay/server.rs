@@ -89,6 +89,7 @@ pub struct RelayConfig {
     pub burst_bytes: u64,
     /// Per-destination queue: datagrams waiting for one node's socket.
     pub queue_packets: usize,
+    /// Per-destination queue: bytes waiting for one node's socket.
     pub queue_bytes: usize,
     /// Keepalive period (told to the node in `Accepted`); a connection
     /// silent for 3 periods + 5 s is closed, as is one whose writes stall
@@ -120,11 +121,17 @@ impl Default for RelayConfig {
 /// Counters since the relay started (plus the current connection count).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
+    /// Nodes connected now.
     pub connections: usize,
+    /// Connections authorized.
     pub accepted: u64,
+    /// Connections refused (unknown or expired node key).
     pub refused: u64,
+    /// Connections closed because the same node connected again.
     pub replaced: u64,
+    /// Datagrams queued for their destination.
     pub forwarded_packets: u64,
+    /// Bytes of those datagrams.
     pub forwarded_bytes: u64,
     /// Destination's queue full.
     pub dropped_queue_full: u64,
@@ -294,6 +301,7 @@ impl RelayServer {
         self.inner.stop.send_replace(true);
     }
 
+    /// The limits and timers it runs with.
     pub fn config(&self) -> &RelayConfig {
         &self.inner.cfg
     }
@@ -303,6 +311,7 @@ impl RelayServer {
         read(&self.inner.conns).contains_key(node)
     }
 
+    /// Counters since start, and the connections now.
     pub fn stats(&self) -> RelayStats {
         let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

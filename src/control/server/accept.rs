@@ -5,6 +5,8 @@
 //! [`UpgradeHandler`], the small plain pages (`/tailgate/health`,
 //! `/tailgate/key`, `/oidc/*`), and 400/404/426 for anything else.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! writes what the hub sends back, coalescing queued messages into one
 //! write.
 
+#![warn(missing_docs)]
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

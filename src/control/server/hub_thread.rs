@@ -3,6 +3,8 @@
 //! is single-threaded, so it needs no locks; SQLite calls block only this
 //! thread.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;

@@ -41,25 +41,31 @@ use crate::control::{UPGRADE_RELAY, unix_now};
 use crate::dataplane::wg;
 use crate::key::Key;
 
-pub mod accept;
+mod accept;
+/// `tailgate control …` (the admin command line).
 pub mod admin;
 pub mod audit;
 mod conn;
+/// The hub: the server's state machine.
 pub mod hub;
 mod hub_thread;
-pub mod metrics;
+pub(crate) mod metrics;
+/// Who sees whom: full maps and deltas.
 pub mod netmap;
 pub mod oidc;
-pub mod preauth;
+mod preauth;
 mod signin;
 mod state_dir;
+/// The SQLite store.
 pub mod store;
 mod tasks;
+/// TLS on the listener: certificate files or ACME.
 pub mod tls;
-pub mod totp;
+pub(crate) mod totp;
 
 pub use accept::UpgradeHandler;
-pub use preauth::{PreAuthLimits, PreAuthPermit};
+pub(crate) use preauth::PreAuthLimits;
+pub use preauth::PreAuthPermit;
 pub(crate) use state_dir::{DirLock, lock_state_dir};
 pub use state_dir::{admin_socket_path, load_or_create_server_key, server_running};
 
@@ -67,9 +73,12 @@ use accept::{accept_loop, handle_conn};
 use hub_thread::{HubCmd, admin_call, hub_loop, relay_auth};
 use tasks::{admin_loop, metrics_render, policy_watch, read_policy_file, tick_loop};
 
+/// Everything `tailgate control` is started with.
 #[derive(Clone)]
 pub struct ServerOptions {
+    /// TCP address of the control port (UDP on the same port: STUN).
     pub listen: SocketAddr,
+    /// Database, server key, lock, admin socket, audit store.
     pub state_dir: PathBuf,
     /// Policy file, validated and hot-reloaded. `None`: the last policy set
     /// with `policy set`, or the built-in default.
@@ -77,17 +86,25 @@ pub struct ServerOptions {
     /// Public URL put in auth keys; default `http://<listen address>` (the
     /// host name when listening on all addresses).
     pub url: Option<String>,
+    /// Tailnet DNS domain.
     pub domain: String,
+    /// How long a node key is valid after it registers or signs in.
     pub node_key_expiry: Duration,
+    /// How long an ephemeral node outlives its last connection.
     pub ephemeral_grace: Duration,
+    /// Lifetime of auth keys created without `--expiry`.
     pub default_auth_key_expiry: Duration,
+    /// Keepalive period on control connections.
     pub keepalive: Duration,
+    /// How often the policy file's mtime is checked.
     pub policy_poll: Duration,
     /// Period of the ephemeral/expiry timer.
     pub tick: Duration,
     /// Limit on head, handshake and first message.
     pub handshake_timeout: Duration,
+    /// Serve `state_dir/admin.sock` (0600).
     pub admin_socket: bool,
+    /// Largest frame a node may send, bytes.
     pub max_client_frame: usize,
     /// Messages queued per connection before it is considered stuck.
     pub outbound_queue: usize,
@@ -97,19 +114,21 @@ pub struct ServerOptions {
     /// message): at most this many in total and from one IP address; more
     /// are closed as soon as they are accepted.
     pub max_unauthenticated: usize,
+    /// See `max_unauthenticated`.
     pub max_unauthenticated_per_ip: usize,
     /// Commands queued for the hub thread before connection tasks wait
     /// (backpressure: a flooding node's reads stall, not the server's memory).
     pub hub_queue: usize,
     /// Endpoint reports applied at once per node, then one per interval.
     pub endpoint_burst: u32,
+    /// See `endpoint_burst`.
     pub endpoint_interval: Duration,
     /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
     pub tls: Option<crate::control::server::tls::TlsSource>,
     /// A second listener serving only `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
-    pub oidc: Option<crate::control::server::oidc::OidcConfig>,
+    pub(crate) oidc: Option<crate::control::server::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
     /// Limits of the built-in relay (`--relay-rate`).
@@ -117,6 +136,7 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// The defaults of `tailgate control`, on `listen` with `state_dir`.
     pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>) -> ServerOptions {
         ServerOptions {
             listen,
@@ -319,10 +339,12 @@ impl ControlServer {
         })
     }
 
+    /// The bound control port.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The server's Noise public key (pinned by nodes).
     pub fn public_key(&self) -> Key {
         self.public
     }
@@ -333,6 +355,7 @@ impl ControlServer {
         self.stun_addr
     }
 
+    /// The URL put in auth keys.
     pub fn url(&self) -> &str {
         &self.url
     }

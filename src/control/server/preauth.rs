@@ -1,5 +1,7 @@
 //! Caps on connections that have not authenticated yet.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex};
 /// source address. Until a peer has proven a node key it costs the server a
 /// task, buffers and a handshake timer for nothing, so that is what gets a
 /// cap; authenticated connections are bounded by the number of nodes.
-pub struct PreAuthLimits {
+pub(crate) struct PreAuthLimits {
     max_total: usize,
     max_per_ip: usize,
     state: Mutex<(usize, HashMap<IpAddr, usize>)>,
@@ -16,14 +18,14 @@ pub struct PreAuthLimits {
 
 impl PreAuthLimits {
     /// At most `max_total` unauthenticated connections, `max_per_ip` from one address.
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<PreAuthLimits> {
+    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<PreAuthLimits> {
         Arc::new(PreAuthLimits { max_total, max_per_ip, state: Mutex::new((0, HashMap::new())) })
     }
 
     /// A permit for one more unauthenticated connection from `ip` (`None`:
     /// in-memory streams, counted in the total only), or `None` if a cap
     /// is reached.
-    pub fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<PreAuthPermit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<PreAuthPermit> {
         // Nothing panics under this lock; recovering keeps the counts usable.
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.0 >= self.max_total {
@@ -41,7 +43,7 @@ impl PreAuthLimits {
     }
 
     /// Unauthenticated connections right now.
-    pub fn current(&self) -> usize {
+    pub(crate) fn current(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 

@@ -3,6 +3,8 @@
 //! connection for its person to sign in. The OIDC protocol is in
 //! [`crate::control::server::oidc`].
 
+#![warn(missing_docs)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

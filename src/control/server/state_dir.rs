@@ -1,5 +1,7 @@
 //! The server's state directory: its lock, its Noise key, its admin socket path.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};

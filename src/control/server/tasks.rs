@@ -1,6 +1,8 @@
 //! The control server's side tasks: the hub's timer, the policy-file
 //! watcher, the admin unix socket and the `/metrics` renderer.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
