@@ -303,7 +303,7 @@ impl RelayClient {
         opts: RelayClientOptions,
     ) -> Result<(RelaySender, RelayReceiver), RelayError> {
         let s = dial(url, opts.ca_pem.as_deref(), opts.connect_timeout).await.map_err(|e| match e {
-            DialError::Url(m) => RelayError::Http(m),
+            DialError::Url(m) => RelayError::Http(m.to_string()),
             DialError::Connect { url, message } => RelayError::Connect { url, message },
             e => RelayError::Connect { url: url.into(), message: e.to_string() },
         })?;
@@ -345,7 +345,7 @@ async fn handshake<S: Stream>(
     node_private: &Key,
     opts: RelayClientOptions,
 ) -> Result<(RelaySender, RelayReceiver), RelayError> {
-    let hosthdr = ControlUrl::parse(url).map_err(RelayError::Http)?.host_header();
+    let hosthdr = ControlUrl::parse(url).map_err(|e| RelayError::Http(e.to_string()))?.host_header();
     s.write_all(&http::upgrade_request(&hosthdr, RELAY_PATH, UPGRADE_RELAY)).await.map_err(|e| RelayError::Closed(e.to_string()))?;
     let mut rbuf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();

@@ -37,6 +37,8 @@
 //! - [`proto`]: frame codec (sans-IO).
 //! - [`limits`]: token bucket and datagram queue (sans-IO).
 //! - [`auth`]: [`NodeAuthorizer`].
+//! - `error`: why a relay connection ended (`RelayConnError`), logged in
+//!   its `relay_conn{peer}` span and told to the node in `Closing`.
 //! - [`server`]: [`RelayServer`], the `UpgradeHandler` the control server
 //!   registers by default.
 //! - [`client`]: [`RelayClient`], [`RelaySender`], [`RelayReceiver`].
@@ -47,6 +49,7 @@
 pub mod auth;
 /// The node's side.
 pub mod client;
+mod error;
 pub(crate) mod limits;
 /// Frame codec.
 pub mod proto;
