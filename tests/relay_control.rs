@@ -190,3 +190,48 @@ async fn server_shutdown_ends_relay_connections() {
     assert!(ta.is_closed());
     assert_eq!(ta.send(&[0; 32], b"x"), Err(SendError::Closed));
 }
+
+/// Log lines captured in memory for one test (the subscriber is this
+/// thread's default; `#[tokio::test]` runs every task on this thread).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn relay_log_lines_name_the_node_by_short_key_in_a_span() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber =
+        tracing_subscriber::fmt().with_env_filter("tailgate=debug").with_ansi(false).with_writer(move || sink.clone()).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let (a, _b) = two(&s).await;
+    let (_t1, mut r1) = relay(&s, &a.key).await.unwrap();
+    // A second connection replaces the first: the old one's end is logged.
+    let (_t2, _r2) = relay(&s, &a.key).await.unwrap();
+    assert!(matches!(tokio::time::timeout(TIMEOUT, r1.recv()).await.expect("old connection ends"), Err(RelayError::Closed(_))));
+    let stranger = wg::generate_private_key();
+    assert!(matches!(relay(&s, &stranger).await, Err(RelayError::Refused(_))));
+    s.shutdown().await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let pa = wg::public_key_of(&a.key);
+    let short = tailgate::key::ShortKey(pa).to_string();
+    let span = format!("relay_conn{{peer={short}}}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("relay:")).collect();
+    assert!(lines.iter().any(|l| l.contains(&span) && l.contains("node connected")), "{text}");
+    assert!(lines.iter().any(|l| l.contains(&span) && l.contains("replaced")), "{text}");
+    let stranger_span = format!("relay_conn{{peer={}}}", tailgate::key::ShortKey(wg::public_key_of(&stranger)));
+    assert!(lines.iter().any(|l| l.contains(&stranger_span) && l.contains("refused")), "{text}");
+    // Full keys never appear; nodes are named one way.
+    assert!(!text.contains(&wg::key_to_base64(&pa)), "{text}");
+}

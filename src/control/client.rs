@@ -37,8 +37,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::server::Stream;
 use super::transport::{ControlUrl, DialError};
+use super::upgrade::Stream;
 use super::{CONTROL_PATH, UPGRADE_CONTROL};
 use crate::control::wire::frame::{DEFAULT_MAX_SERVER_FRAME, WireDecoder};
 use crate::control::wire::http;
@@ -264,7 +264,7 @@ impl ControlClient {
     /// and the node's first full map.
     pub async fn connect(target: &ControlTarget, node_private: &Key, hello: NodeHello) -> Result<(ControlClient, NetMap), ControlError> {
         let s = super::transport::dial(&target.url, target.ca_pem.as_deref(), HANDSHAKE_TIMEOUT).await.map_err(|e| match e {
-            DialError::Url(m) => ControlError::Http(m),
+            DialError::Url(m) => ControlError::Http(m.to_string()),
             DialError::Connect { url, message } => ControlError::Connect { url, message },
             e @ (DialError::Tls { .. } | DialError::Ca(_)) => ControlError::Tls(e.to_string()),
         })?;
@@ -291,7 +291,7 @@ impl ControlClient {
         node_private: &Key,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
-        let hosthdr = ControlUrl::parse(&target.url).map_err(ControlError::Http)?.host_header();
+        let hosthdr = ControlUrl::parse(&target.url).map_err(|e| ControlError::Http(e.to_string()))?.host_header();
         s.write_all(&http::upgrade_request(&hosthdr, CONTROL_PATH, UPGRADE_CONTROL))
             .await
             .map_err(|e| ControlError::Closed(e.to_string()))?;

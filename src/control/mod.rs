@@ -13,6 +13,9 @@
 //!   deltas), [`server::store`] (SQLite), [`server::audit`], [`server::oidc`],
 //!   [`server::totp`], [`server::tls`], [`server::metrics`] and
 //!   [`server::admin`] (the `tailgate control …` command line).
+//! - [`upgrade`]: what the control protocol and the relay share after the
+//!   HTTP upgrade: the [`upgrade::Stream`] type and the server side of the
+//!   Noise handshake.
 //! - [`transport`]: the node's dialer (TCP, TLS for `https://`), shared by
 //!   the control and relay clients.
 //! - [`client`]: [`ControlClient`], what a node uses to join and follow its map.
@@ -21,7 +24,8 @@
 
 pub mod client;
 pub mod server;
-pub mod transport;
+pub(crate) mod transport;
+pub mod upgrade;
 pub mod wire;
 
 pub use client::{CheckAnswer, CheckHandle, ControlClient, ControlError, ControlTarget, NodeHello};

@@ -8,51 +8,66 @@
 //! is an extra layer that lets the port sit behind an ordinary certificate
 //! on 443, not a replacement for the pin.
 
+#![warn(missing_docs)]
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::server::Stream;
+use super::upgrade::Stream;
+
+/// Why a control URL is not usable; the text says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UrlError {
+    #[error("control URL {0:?} must start with http:// or https://")]
+    Scheme(String),
+    #[error("control URL {0:?} must not have a path")]
+    Path(String),
+    #[error("bad port in {0:?}")]
+    Port(String),
+    #[error("control URL {0:?} has no host")]
+    NoHost(String),
+}
 
 /// A control URL taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ControlUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
+pub(crate) struct ControlUrl {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 impl ControlUrl {
-    pub fn parse(url: &str) -> Result<ControlUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<ControlUrl, UrlError> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            return Err(format!("control URL {url:?} must start with http:// or https://"));
+            return Err(UrlError::Scheme(url.into()));
         };
         let hostport = rest.trim_end_matches('/');
         if hostport.contains('/') {
-            return Err(format!("control URL {url:?} must not have a path"));
+            return Err(UrlError::Path(url.into()));
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = match hostport.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
-                (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port in {url:?}"))?)
+                (h.to_string(), p.parse::<u16>().map_err(|_| UrlError::Port(url.into()))?)
             }
             _ => (hostport.to_string(), default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         if host.is_empty() {
-            return Err(format!("control URL {url:?} has no host"));
+            return Err(UrlError::NoHost(url.into()));
         }
         Ok(ControlUrl { tls, host, port })
     }
 
     /// The `Host` header value.
-    pub fn host_header(&self) -> String {
+    pub(crate) fn host_header(&self) -> String {
         let default_port = if self.tls { 443 } else { 80 };
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         if self.port == default_port { host } else { format!("{host}:{}", self.port) }
@@ -60,9 +75,9 @@ impl ControlUrl {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("{0}")]
-    Url(String),
+pub(crate) enum DialError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
     #[error("cannot reach {url}: {message}")]
     Connect { url: String, message: String },
     #[error(
@@ -95,7 +110,7 @@ fn client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Dial
 }
 
 /// A root store from PEM text: at least one certificate, nothing unparsable.
-pub fn parse_ca(pem: &str) -> Result<rustls::RootCertStore, DialError> {
+pub(crate) fn parse_ca(pem: &str) -> Result<rustls::RootCertStore, DialError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let c = c.map_err(|e| DialError::Ca(format!("is not valid PEM: {e}")))?;
@@ -115,8 +130,8 @@ fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifie
 
 /// Opens a connection to the control port named by `url` (TCP, then TLS
 /// for `https://`), within `timeout`. `ca_pem` replaces the system roots.
-pub async fn dial(url: &str, ca_pem: Option<&str>, timeout: Duration) -> Result<Box<dyn Stream>, DialError> {
-    let u = ControlUrl::parse(url).map_err(DialError::Url)?;
+pub(crate) async fn dial(url: &str, ca_pem: Option<&str>, timeout: Duration) -> Result<Box<dyn Stream>, DialError> {
+    let u = ControlUrl::parse(url)?;
     let tls = if u.tls { Some(client_config(ca_pem)?) } else { None };
     let connect = async {
         let tcp = tokio::net::TcpStream::connect((u.host.as_str(), u.port))

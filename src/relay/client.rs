@@ -36,32 +36,46 @@ use tokio::time::Instant;
 use super::RELAY_PATH;
 use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME};
 use crate::control::UPGRADE_RELAY;
-use crate::control::server::Stream;
 use crate::control::transport::{ControlUrl, DialError, dial};
+use crate::control::upgrade::Stream;
 use crate::control::wire::frame::WireDecoder;
 use crate::control::wire::http;
 use crate::control::wire::noise::{Initiator, SecureChannel};
 use crate::key::Key;
 
+/// Why a relay connection could not be made or ended.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RelayError {
+    /// TCP, TLS or the URL failed.
     #[error("cannot reach the relay at {url}: {message}")]
-    Connect { url: String, message: String },
+    Connect {
+        /// The control URL dialed.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The HTTP upgrade was answered with something other than `101`.
     #[error("{0}")]
     Http(String),
     #[error(
         "the relay at {url} did not complete the Noise handshake: its key is not the pinned control server key, \
          or it is not a tailgate relay"
     )]
-    WrongServerKey { url: String },
+    /// The server is not the one whose key was pinned.
+    WrongServerKey {
+        /// The control URL dialed.
+        url: String,
+    },
     /// The relay refused this node (unknown or expired node key).
     #[error("the relay refused this node: {0}")]
     Refused(String),
     /// The connection ended (the relay's reason, or what happened).
     #[error("relay connection closed: {0}")]
     Closed(String),
+    /// The relay sent something this client does not understand.
     #[error("relay protocol error: {0}")]
     Protocol(String),
+    /// Connecting, or the relay's keepalives, took too long.
     #[error("relay timed out: {0}")]
     Timeout(String),
 }
@@ -69,10 +83,13 @@ pub enum RelayError {
 /// Why [`RelaySender::send`] did not queue a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
+    /// The send queue is full; the datagram was dropped.
     #[error("relay send queue full; datagram dropped")]
     Full,
+    /// The connection has ended.
     #[error("relay connection closed")]
     Closed,
+    /// More than [`MAX_DATAGRAM`] bytes.
     #[error("datagram larger than {MAX_DATAGRAM} bytes")]
     TooLarge,
 }
@@ -81,12 +98,18 @@ pub enum SendError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent {
     /// A datagram from node `src` (authenticated by the relay).
-    Datagram { src: Key, data: Vec<u8> },
+    Datagram {
+        /// The sending node's key.
+        src: Key,
+        /// The datagram, as sent.
+        data: Vec<u8>,
+    },
     /// A datagram we sent to this node was dropped: it is not connected to
     /// the relay (sent at most every few seconds per destination).
     PeerGone(Key),
 }
 
+/// Queue sizes, time limit and TLS roots of a relay connection.
 #[derive(Clone, Debug)]
 pub struct RelayClientOptions {
     /// Datagrams queued for sending before `send` drops.
@@ -108,11 +131,17 @@ impl Default for RelayClientOptions {
 /// Client counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayClientStats {
+    /// Datagrams written to the relay.
     pub sent_packets: u64,
+    /// Bytes of those datagrams.
     pub sent_bytes: u64,
+    /// Datagrams dropped because the send queue was full.
     pub dropped_send_full: u64,
+    /// Datagrams received from the relay.
     pub received_packets: u64,
+    /// Bytes of those datagrams.
     pub received_bytes: u64,
+    /// Datagrams dropped because the receive queue was full.
     pub dropped_recv_full: u64,
 }
 
@@ -190,6 +219,7 @@ impl RelaySender {
         self.tx.is_closed() || *self.shared.stop.borrow()
     }
 
+    /// Counters of this connection (shared by both halves).
     pub fn stats(&self) -> RelayClientStats {
         self.shared.counters.snapshot()
     }
@@ -223,6 +253,7 @@ impl RelayReceiver {
         }
     }
 
+    /// The next datagram or `PeerGone` notice.
     pub async fn recv_event(&mut self) -> Result<RelayEvent, RelayError> {
         match self.rx.recv().await {
             Some(ev) => Ok(ev),
@@ -246,6 +277,7 @@ impl RelayReceiver {
     /// Closes the connection now.
     pub fn close(self) {}
 
+    /// Counters of this connection (shared by both halves).
     pub fn stats(&self) -> RelayClientStats {
         self.shared.counters.snapshot()
     }
@@ -263,6 +295,7 @@ impl RelayClient {
         Self::connect_with(url, server_public, node_private, RelayClientOptions::default()).await
     }
 
+    /// [`connect`](Self::connect) with explicit queue sizes, time limit and TLS roots.
     pub async fn connect_with(
         url: &str,
         server_public: &Key,
@@ -270,7 +303,7 @@ impl RelayClient {
         opts: RelayClientOptions,
     ) -> Result<(RelaySender, RelayReceiver), RelayError> {
         let s = dial(url, opts.ca_pem.as_deref(), opts.connect_timeout).await.map_err(|e| match e {
-            DialError::Url(m) => RelayError::Http(m),
+            DialError::Url(m) => RelayError::Http(m.to_string()),
             DialError::Connect { url, message } => RelayError::Connect { url, message },
             e => RelayError::Connect { url: url.into(), message: e.to_string() },
         })?;
@@ -312,7 +345,7 @@ async fn handshake<S: Stream>(
     node_private: &Key,
     opts: RelayClientOptions,
 ) -> Result<(RelaySender, RelayReceiver), RelayError> {
-    let hosthdr = ControlUrl::parse(url).map_err(RelayError::Http)?.host_header();
+    let hosthdr = ControlUrl::parse(url).map_err(|e| RelayError::Http(e.to_string()))?.host_header();
     s.write_all(&http::upgrade_request(&hosthdr, RELAY_PATH, UPGRADE_RELAY)).await.map_err(|e| RelayError::Closed(e.to_string()))?;
     let mut rbuf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();

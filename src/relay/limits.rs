@@ -11,7 +11,7 @@ use crate::key::Key;
 /// taking more (the relay stops reading that node's socket for that long, so
 /// TCP pushes back on the sender instead of the relay dropping its packets).
 #[derive(Clone, Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     /// Bytes per second; 0 = unlimited.
     rate: f64,
     burst: f64,
@@ -21,7 +21,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate_bytes_per_sec: u64, burst_bytes: u64, now: Instant) -> TokenBucket {
+    pub(crate) fn new(rate_bytes_per_sec: u64, burst_bytes: u64, now: Instant) -> TokenBucket {
         TokenBucket { rate: rate_bytes_per_sec as f64, burst: burst_bytes as f64, tokens: burst_bytes as f64, last: now }
     }
 
@@ -33,7 +33,7 @@ impl TokenBucket {
 
     /// Spends `n` bytes; returns how long until the bucket is out of debt
     /// (zero when there were enough tokens).
-    pub fn take(&mut self, n: usize, now: Instant) -> Duration {
+    pub(crate) fn take(&mut self, n: usize, now: Instant) -> Duration {
         if self.rate <= 0.0 {
             return Duration::ZERO;
         }
@@ -43,7 +43,7 @@ impl TokenBucket {
     }
 
     /// Tokens available now (negative = debt).
-    pub fn available(&mut self, now: Instant) -> f64 {
+    pub(crate) fn available(&mut self, now: Instant) -> f64 {
         self.refill(now);
         self.tokens
     }
@@ -53,7 +53,7 @@ impl TokenBucket {
 /// A push to a full queue drops the new datagram and counts it: the sender
 /// is never blocked by a slow receiver.
 #[derive(Debug)]
-pub struct DatagramQueue {
+pub(crate) struct DatagramQueue {
     items: VecDeque<(Key, Vec<u8>)>,
     bytes: usize,
     max_packets: usize,
@@ -62,12 +62,12 @@ pub struct DatagramQueue {
 }
 
 impl DatagramQueue {
-    pub fn new(max_packets: usize, max_bytes: usize) -> DatagramQueue {
+    pub(crate) fn new(max_packets: usize, max_bytes: usize) -> DatagramQueue {
         DatagramQueue { items: VecDeque::new(), bytes: 0, max_packets: max_packets.max(1), max_bytes, dropped: 0 }
     }
 
     /// Queues a datagram from `src`; `false` = dropped (queue full).
-    pub fn push(&mut self, src: Key, datagram: Vec<u8>) -> bool {
+    pub(crate) fn push(&mut self, src: Key, datagram: Vec<u8>) -> bool {
         if self.items.len() >= self.max_packets || self.bytes + datagram.len() > self.max_bytes {
             self.dropped += 1;
             return false;
@@ -77,27 +77,31 @@ impl DatagramQueue {
         true
     }
 
-    pub fn pop(&mut self) -> Option<(Key, Vec<u8>)> {
+    pub(crate) fn pop(&mut self) -> Option<(Key, Vec<u8>)> {
         let it = self.items.pop_front()?;
         self.bytes -= it.1.len();
         Some(it)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.items.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
+    #[cfg(test)]
     /// Datagram bytes queued.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
+    #[cfg(test)]
     /// Datagrams dropped so far because the queue was full.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
 }

@@ -36,18 +36,27 @@
 //! ## Modules
 //! - [`proto`]: frame codec (sans-IO).
 //! - [`limits`]: token bucket and datagram queue (sans-IO).
-//! - [`auth`]: [`NodeAuthorizer`] and [`CachedKeySet`].
+//! - [`auth`]: [`NodeAuthorizer`].
+//! - `error`: why a relay connection ended (`RelayConnError`), logged in
+//!   its `relay_conn{peer}` span and told to the node in `Closing`.
 //! - [`server`]: [`RelayServer`], the `UpgradeHandler` the control server
 //!   registers by default.
 //! - [`client`]: [`RelayClient`], [`RelaySender`], [`RelayReceiver`].
 
+#![warn(missing_docs)]
+
+/// Who may use the relay.
 pub mod auth;
+/// The node's side.
 pub mod client;
-pub mod limits;
+mod error;
+pub(crate) mod limits;
+/// Frame codec.
 pub mod proto;
+/// The server side, run by the control server.
 pub mod server;
 
-pub use auth::{CachedKeySet, KeySetFetch, NodeAuthorizer};
+pub use auth::NodeAuthorizer;
 pub use client::{RelayClient, RelayClientOptions, RelayClientStats, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};
 pub use server::{RelayConfig, RelayServer, RelayStats};
 

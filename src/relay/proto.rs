@@ -35,29 +35,62 @@ const T_ACCEPTED: u8 = 4;
 const T_CLOSING: u8 = 5;
 const T_PEER_GONE: u8 = 6;
 
+/// One relay frame (the plaintext of one Noise transport message).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    Send { dst: Key, datagram: &'a [u8] },
-    Recv { src: Key, datagram: &'a [u8] },
+    /// Node → relay: forward `datagram` to node `dst`.
+    Send {
+        /// The destination node's key.
+        dst: Key,
+        /// The opaque datagram.
+        datagram: &'a [u8],
+    },
+    /// Relay → node: `datagram` from node `src` (authenticated by the relay).
+    Recv {
+        /// The sending node's key.
+        src: Key,
+        /// The opaque datagram.
+        datagram: &'a [u8],
+    },
+    /// Both ways: proof of life.
     KeepAlive,
-    Accepted { keepalive_secs: u16 },
-    Closing { reason: &'a str },
-    PeerGone { key: Key },
+    /// Relay → node: authorized; send keepalives this often.
+    Accepted {
+        /// Keepalive period, seconds.
+        keepalive_secs: u16,
+    },
+    /// Relay → node: the relay hangs up, and why.
+    Closing {
+        /// What the node is told.
+        reason: &'a str,
+    },
+    /// Relay → node: `key` is not connected, so a datagram to it was dropped.
+    PeerGone {
+        /// The destination that is not connected.
+        key: Key,
+    },
 }
 
+/// Why bytes are not a relay frame.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// No type byte.
     #[error("empty relay frame")]
     Empty,
+    /// A type byte this build does not know.
     #[error("unknown relay frame type {0}")]
     UnknownType(u8),
+    /// Shorter than its type requires.
     #[error("truncated relay frame (type {0})")]
     Truncated(u8),
+    /// Longer than its type allows.
     #[error("relay frame of type {0} has trailing bytes")]
     Trailing(u8),
+    /// A datagram over [`MAX_DATAGRAM`].
     #[error("datagram of {0} bytes exceeds the {MAX_DATAGRAM}-byte limit")]
     TooLarge(usize),
     #[error("closing reason is not UTF-8 or longer than {MAX_REASON} bytes")]
+    /// A `Closing` reason that is not short UTF-8.
     BadReason,
 }
 
@@ -100,6 +133,7 @@ impl<'a> Frame<'a> {
         }
     }
 
+    /// [`encode`](Self::encode) into a new vector.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = Vec::new();
         self.encode(&mut v);

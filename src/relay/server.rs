@@ -23,18 +23,19 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::RELAY_PATH;
 use super::auth::NodeAuthorizer;
+use super::error::{ProtocolError, RelayConnError};
 use super::limits::{DatagramQueue, TokenBucket};
 use super::proto::{Frame, MAX_FRAME};
 use crate::control::UPGRADE_RELAY;
-use crate::control::server::{PreAuthPermit, Stream, UpgradeHandler};
-use crate::control::wire::frame::WireDecoder;
+use crate::control::server::{PreAuthPermit, UpgradeHandler};
+use crate::control::upgrade::{Stream, accept_noise, write_and_close};
 use crate::control::wire::http::{self, RequestHead};
-use crate::control::wire::noise::{self, SecureChannel};
-use crate::dataplane::wg;
-use crate::key::Key;
+use crate::control::wire::noise::{ChannelError, SecureChannel};
+use crate::key::{Key, ShortKey};
 
 /// Relay limits and timers.
 #[derive(Clone, Debug)]
@@ -45,6 +46,7 @@ pub struct RelayConfig {
     pub burst_bytes: u64,
     /// Per-destination queue: datagrams waiting for one node's socket.
     pub queue_packets: usize,
+    /// Per-destination queue: bytes waiting for one node's socket.
     pub queue_bytes: usize,
     /// Keepalive period (told to the node in `Accepted`); a connection
     /// silent for 3 periods + 5 s is closed, as is one whose writes stall
@@ -76,11 +78,17 @@ impl Default for RelayConfig {
 /// Counters since the relay started (plus the current connection count).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
+    /// Nodes connected now.
     pub connections: usize,
+    /// Connections authorized.
     pub accepted: u64,
+    /// Connections refused (unknown or expired node key).
     pub refused: u64,
+    /// Connections closed because the same node connected again.
     pub replaced: u64,
+    /// Datagrams queued for their destination.
     pub forwarded_packets: u64,
+    /// Bytes of those datagrams.
     pub forwarded_bytes: u64,
     /// Destination's queue full.
     pub dropped_queue_full: u64,
@@ -250,6 +258,7 @@ impl RelayServer {
         self.inner.stop.send_replace(true);
     }
 
+    /// The limits and timers it runs with.
     pub fn config(&self) -> &RelayConfig {
         &self.inner.cfg
     }
@@ -259,6 +268,7 @@ impl RelayServer {
         read(&self.inner.conns).contains_key(node)
     }
 
+    /// Counters since start, and the connections now.
     pub fn stats(&self) -> RelayStats {
         let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -286,7 +296,7 @@ impl RelayServer {
     /// unauthenticated connections) until the node is authorized.
     pub async fn serve_counted<S: Stream>(&self, stream: S, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) {
         if let Err(e) = serve(self.inner.clone(), stream, head, leftover, permit).await {
-            tracing::debug!("relay: connection ended: {e}");
+            tracing::debug!("relay: connection ended before authentication: {e}");
         }
     }
 }
@@ -298,54 +308,61 @@ impl UpgradeHandler for RelayServer {
     }
 }
 
-fn short(k: &Key) -> String {
-    wg::key_to_base64(k)[..8].to_string()
+fn seal(chan: &Mutex<SecureChannel>, f: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), RelayConnError> {
+    lock(chan).seal_frame(&f.to_vec(), out).map_err(RelayConnError::Encrypt)
 }
 
-async fn write_and_close<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = w.write_all(bytes).await;
-        let _ = w.shutdown().await;
-    })
-    .await;
-}
-
-fn seal(chan: &Mutex<SecureChannel>, f: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), String> {
-    lock(chan).seal_frame(&f.to_vec(), out).map_err(|e| e.to_string())
-}
-
-async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) -> Result<(), String> {
+async fn serve<S: Stream>(
+    inner: Arc<Inner>,
+    mut s: S,
+    head: RequestHead,
+    leftover: Vec<u8>,
+    permit: PreAuthPermit,
+) -> Result<(), RelayConnError> {
     if *inner.stop.borrow() || inner.external_stop.get().is_some_and(|r| *r.borrow()) {
         write_and_close(&mut s, &http::simple_response(503, "Service Unavailable", "relay shutting down\n")).await;
-        return Err("relay shutting down".into());
+        return Err(RelayConnError::ShuttingDown);
     }
     if head.method != "GET" || head.path != RELAY_PATH {
         write_and_close(&mut s, &http::simple_response(404, "Not Found", "not found\n")).await;
-        return Err(format!("{} {}: not the relay path", head.method, head.path));
+        return Err(RelayConnError::NotRelayPath { method: head.method, path: head.path });
     }
-    s.write_all(&http::switching_protocols(UPGRADE_RELAY)).await.map_err(|e| e.to_string())?;
+    s.write_all(&http::switching_protocols(UPGRADE_RELAY)).await.map_err(RelayConnError::Write)?;
     let timeout = inner.cfg.handshake_timeout;
     let mut rbuf = vec![0u8; inner.cfg.read_buffer.max(1024)];
-    let mut wire = WireDecoder::new();
-    wire.push(&leftover);
-    let msg1 = crate::control::server::read_handshake_message(&mut s, &mut wire, &mut rbuf, timeout).await?;
-    let (chan, node_key, msg2) = noise::respond(&inner.private, &msg1, wire, MAX_FRAME).map_err(|e| e.to_string())?;
-    s.write_all(&msg2).await.map_err(|e| e.to_string())?;
-    let chan = Arc::new(Mutex::new(chan));
-    let who = format!("node {}", short(&node_key));
+    let (chan, node_key) = accept_noise(&mut s, &inner.private, &leftover, MAX_FRAME, &mut rbuf, timeout).await?;
+    // Every line logged from here on names the node the same way.
+    let span = tracing::info_span!("relay_conn", peer = %ShortKey(node_key));
+    let result = serve_node(&inner, s, Arc::new(Mutex::new(chan)), node_key, rbuf, permit).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.in_scope(|| tracing::debug!("relay: connection ended: {e}"));
+    }
+    Ok(())
+}
 
+/// An authenticated node: authorize it, register it, run its reader here
+/// and its writer in a task until either ends.
+async fn serve_node<S: Stream>(
+    inner: &Arc<Inner>,
+    mut s: S,
+    chan: Arc<Mutex<SecureChannel>>,
+    node_key: Key,
+    rbuf: Vec<u8>,
+    permit: PreAuthPermit,
+) -> Result<(), RelayConnError> {
+    let timeout = inner.cfg.handshake_timeout;
     let allowed = tokio::time::timeout(timeout, inner.auth.allowed(&node_key)).await.unwrap_or(false);
     let mut out = Vec::new();
     if !allowed {
         bump(&inner.counters.refused, 1);
         seal(&chan, &Frame::Closing { reason: "this node is not allowed to use the relay (unknown or expired node key)" }, &mut out)?;
         write_and_close(&mut s, &out).await;
-        return Err(format!("{who}: refused (unknown or expired)"));
+        return Err(RelayConnError::Refused);
     }
     drop(permit);
     let ka_secs = inner.cfg.keepalive.as_secs().clamp(1, u16::MAX as u64) as u16;
     seal(&chan, &Frame::Accepted { keepalive_secs: ka_secs }, &mut out)?;
-    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    s.write_all(&out).await.map_err(RelayConnError::Write)?;
 
     let (close, _) = watch::channel(None);
     let conn = Arc::new(Conn {
@@ -361,23 +378,23 @@ async fn serve<S: Stream>(inner: Arc<Inner>, mut s: S, head: RequestHead, leftov
         old.close("replaced by a newer relay connection of the same node");
     }
     bump(&inner.counters.accepted, 1);
-    tracing::debug!("relay: {who} connected");
+    tracing::debug!("relay: node connected");
 
     let (r, w) = tokio::io::split(s);
-    let writer = tokio::spawn(write_loop(inner.clone(), conn.clone(), chan.clone(), w));
-    let result = read_loop(&inner, &conn, &chan, r, rbuf).await;
+    let writer = tokio::spawn(write_loop(inner.clone(), conn.clone(), chan.clone(), w).in_current_span());
+    let result = read_loop(inner, &conn, &chan, r, rbuf).await;
     {
         let mut conns = write(&inner.conns);
         if conns.get(&node_key).is_some_and(|c| c.id == conn.id) {
             conns.remove(&node_key);
         }
     }
-    conn.close(match &result {
-        Ok(()) => "connection closed by the node",
-        Err(e) => e,
-    });
+    match &result {
+        Ok(()) => conn.close("connection closed by the node"),
+        Err(e) => conn.close(&e.to_string()),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    result.map_err(|e| format!("{who}: {e}"))
+    result
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -386,7 +403,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     chan: &Mutex<SecureChannel>,
     mut r: R,
     mut rbuf: Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), RelayConnError> {
     let cfg = &inner.cfg;
     let idle_limit = cfg.keepalive * 3 + Duration::from_secs(5);
     let mut close = conn.close.subscribe();
@@ -400,39 +417,39 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         tokio::select! {
             biased;
-            _ = &mut stop => return Err("relay shutting down".into()),
-            _ = close.changed() => return Err(close.borrow().clone().unwrap_or_default()),
+            _ = &mut stop => return Err(RelayConnError::ShuttingDown),
+            _ = close.changed() => return Err(RelayConnError::Closed(close.borrow().clone().unwrap_or_default())),
             n = r.read(&mut rbuf) => {
                 let n = match n {
                     Ok(0) => return Ok(()),
                     Ok(n) => n,
-                    Err(e) => return Err(format!("read: {e}")),
+                    Err(e) => return Err(RelayConnError::Read(e)),
                 };
                 last_rx = Instant::now();
                 let decoded = {
                     let mut ch = lock(chan);
-                    ch.push_wire(&rbuf[..n]).map_err(|e| e.to_string()).and_then(|()| loop {
+                    ch.push_wire(&rbuf[..n]).and_then(|()| loop {
                         match ch.next_frame() {
                             Ok(Some(f)) => frames.push(f),
                             Ok(None) => break Ok(()),
-                            Err(e) => break Err(e.to_string()),
+                            Err(e) => break Err(e),
                         }
                     })
                 };
-                let handled = decoded.and_then(|()| {
+                let handled = decoded.map_err(ProtocolError::from).and_then(|()| {
                     frames.drain(..).try_for_each(|f| handle_frame(inner, conn, f, &mut gone_sent))
                 });
                 if let Err(e) = handled {
                     bump(&inner.counters.protocol_errors, 1);
-                    return Err(format!("protocol error: {e}"));
+                    return Err(e.into());
                 }
                 let wait = bucket.take(n, std::time::Instant::now());
                 if !wait.is_zero() {
                     bump(&inner.counters.rate_limited, 1);
                     tokio::select! {
                         biased;
-                        _ = &mut stop => return Err("relay shutting down".into()),
-                        _ = close.changed() => return Err(close.borrow().clone().unwrap_or_default()),
+                        _ = &mut stop => return Err(RelayConnError::ShuttingDown),
+                        _ = close.changed() => return Err(RelayConnError::Closed(close.borrow().clone().unwrap_or_default())),
                         _ = tokio::time::sleep(wait) => {}
                     }
                     // Time spent paused is not silence.
@@ -440,7 +457,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             _ = tokio::time::sleep_until(last_rx + idle_limit) => {
-                return Err(format!("silent for {:?}", last_rx.elapsed()));
+                return Err(RelayConnError::Silent(last_rx.elapsed()));
             }
             _ = reauth.tick() => {
                 // Bounded like the first check: an authorizer that never
@@ -448,8 +465,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // no answer is no (deny by default), the node reconnects.
                 match tokio::time::timeout(cfg.handshake_timeout, inner.auth.allowed(&conn.key)).await {
                     Ok(true) => {}
-                    Ok(false) => return Err("this node may no longer use the relay (key expired or node removed)".into()),
-                    Err(_) => return Err(format!("relay authorization did not answer within {:?}; reconnect", cfg.handshake_timeout)),
+                    Ok(false) => return Err(RelayConnError::NoLongerAllowed),
+                    Err(_) => return Err(RelayConnError::AuthTimeout(cfg.handshake_timeout)),
                 }
                 if gone_sent.len() > 1024 {
                     gone_sent.retain(|_, t| t.elapsed() < PEER_GONE_EVERY);
@@ -459,11 +476,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), String> {
-    let dst = match Frame::decode(&f).map_err(|e| e.to_string())? {
+fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), ProtocolError> {
+    let dst = match Frame::decode(&f)? {
         Frame::Send { dst, .. } => dst,
         Frame::KeepAlive => return Ok(()),
-        other => return Err(format!("unexpected frame from a node: {other:?}")),
+        other => return Err(ProtocolError::Unexpected(format!("{other:?}"))),
     };
     let target = read(&inner.conns).get(&dst).cloned();
     let c = &inner.counters;
@@ -492,18 +509,23 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
 
 /// Encrypts queued `PeerGone` notices and datagrams into `out` (emptying
 /// `gone` and `batch`).
-fn seal_batch(chan: &Mutex<SecureChannel>, gone: &mut Vec<Key>, batch: &mut Vec<(Key, Vec<u8>)>, out: &mut Vec<u8>) -> Result<(), String> {
+fn seal_batch(
+    chan: &Mutex<SecureChannel>,
+    gone: &mut Vec<Key>,
+    batch: &mut Vec<(Key, Vec<u8>)>,
+    out: &mut Vec<u8>,
+) -> Result<(), ChannelError> {
     let mut ch = lock(chan);
     let mut frame = Vec::with_capacity(2048);
     for key in gone.drain(..) {
         frame.clear();
         Frame::PeerGone { key }.encode(&mut frame);
-        ch.seal_frame(&frame, out).map_err(|e| e.to_string())?;
+        ch.seal_frame(&frame, out)?;
     }
     for (src, d) in batch.drain(..) {
         frame.clear();
         Frame::Recv { src, datagram: &d }.encode(&mut frame);
-        ch.seal_frame(&frame, out).map_err(|e| e.to_string())?;
+        ch.seal_frame(&frame, out)?;
     }
     Ok(())
 }
@@ -518,11 +540,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
     let mut out = Vec::with_capacity(64 * 1024);
     let mut batch: Vec<(Key, Vec<u8>)> = Vec::new();
     let mut gone: Vec<Key> = Vec::new();
-    let reason = 'outer: loop {
+    let reason: RelayConnError = 'outer: loop {
         tokio::select! {
             biased;
-            _ = &mut stop => break "relay shutting down".to_string(),
-            _ = close.changed() => break close.borrow().clone().unwrap_or_default(),
+            _ = &mut stop => break RelayConnError::ShuttingDown,
+            _ = close.changed() => break RelayConnError::Closed(close.borrow().clone().unwrap_or_default()),
             _ = conn.notify.notified() => loop {
                 {
                     let mut q = lock(&conn.out);
@@ -540,28 +562,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
                 out.clear();
                 let sealed = seal_batch(&chan, &mut gone, &mut batch, &mut out);
                 if let Err(e) = sealed {
-                    break 'outer format!("encrypt: {e}");
+                    break 'outer RelayConnError::Encrypt(e);
                 }
                 match tokio::time::timeout(stall_limit, w.write_all(&out)).await {
                     Ok(Ok(())) => ka.reset(),
-                    Ok(Err(e)) => break 'outer format!("write: {e}"),
-                    Err(_) => break 'outer format!("writes stalled for {stall_limit:?}"),
+                    Ok(Err(e)) => break 'outer RelayConnError::Write(e),
+                    Err(_) => break 'outer RelayConnError::Stalled(stall_limit),
                 }
             },
             _ = ka.tick() => {
                 out.clear();
                 if let Err(e) = seal(&chan, &Frame::KeepAlive, &mut out) {
-                    break format!("encrypt: {e}");
+                    break e;
                 }
                 match tokio::time::timeout(stall_limit, w.write_all(&out)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => break format!("write: {e}"),
-                    Err(_) => break format!("writes stalled for {stall_limit:?}"),
+                    Ok(Err(e)) => break RelayConnError::Write(e),
+                    Err(_) => break RelayConnError::Stalled(stall_limit),
                 }
             }
         }
     };
     // Tell the reader (if it is still running) and the node why.
+    let reason = reason.to_string();
     conn.close(&reason);
     out.clear();
     if seal(&chan, &Frame::Closing { reason: &reason }, &mut out).is_ok() {

@@ -7,6 +7,8 @@
 //! registrations, maps sent and their bytes, policy reloads, and connections
 //! turned away before they authenticated.
 
+#![warn(missing_docs)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::registry::Registry;
@@ -16,27 +18,27 @@ use crate::daemon::metrics::{counter, counter_family, gauge};
 use crate::relay::RelayStats;
 
 #[derive(Default)]
-pub struct ControlMetrics {
-    pub registrations: AtomicU64,
-    pub logins: AtomicU64,
-    pub hellos_refused: AtomicU64,
-    pub map_full_sends: AtomicU64,
-    pub map_delta_sends: AtomicU64,
+pub(crate) struct ControlMetrics {
+    pub(crate) registrations: AtomicU64,
+    pub(crate) logins: AtomicU64,
+    pub(crate) hellos_refused: AtomicU64,
+    pub(crate) map_full_sends: AtomicU64,
+    pub(crate) map_delta_sends: AtomicU64,
     /// Sealed bytes of map messages written to nodes.
-    pub map_bytes: AtomicU64,
-    pub policy_reloads: AtomicU64,
-    pub rejected_cap: AtomicU64,
-    pub rejected_tls: AtomicU64,
-    pub rejected_request: AtomicU64,
+    pub(crate) map_bytes: AtomicU64,
+    pub(crate) policy_reloads: AtomicU64,
+    pub(crate) rejected_cap: AtomicU64,
+    pub(crate) rejected_tls: AtomicU64,
+    pub(crate) rejected_request: AtomicU64,
 }
 
-pub fn inc(c: &AtomicU64) {
+pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
 impl ControlMetrics {
     /// Renders a scrape from the hub's status and the relay's stats.
-    pub fn render(&self, status: &Value, relay: Option<RelayStats>, unauthenticated: usize) -> String {
+    pub(crate) fn render(&self, status: &Value, relay: Option<RelayStats>, unauthenticated: usize) -> String {
         let mut reg = Registry::with_prefix("tailgate_control");
         let n = |k: &str| status[k].as_u64().unwrap_or(0);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

@@ -13,134 +13,72 @@
 //!   receives every event through one channel, so it needs no locks.
 //! - Side tasks: timers (ephemeral cleanup, key expiry), policy file
 //!   watcher (mtime poll), admin unix socket.
+//!
+//! Files: [`accept`] (listener, TLS, request head and routing), `conn`
+//! (one node's control connection), `hub_thread` (the hub's thread and its
+//! command channel, relay access), `tasks` (timers, policy watcher, admin
+//! socket, metrics), [`preauth`] (unauthenticated-connection caps),
+//! `state_dir` (lock, server key, admin socket path), `signin` (`/oidc/*`
+//! pages and a node's sign-in wait).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use futures::future::BoxFuture;
+use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
 
-use crate::control::server::hub::{AdminRequest, ConnId, Hub, HubConfig, HubError, Now, Out};
-use crate::control::server::oidc::{Oidc, SignedIn};
+use crate::control::server::hub::{AdminRequest, Hub, HubConfig, HubError, Now};
+use crate::control::server::oidc::Oidc;
 use crate::control::server::store::{Store, ensure_private_dir};
-use crate::control::wire::frame::{DEFAULT_MAX_CLIENT_FRAME, WireDecoder};
-use crate::control::wire::http::{self, RequestHead};
-use crate::control::wire::noise::{self, ChannelError, SecureChannel};
-use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
+use crate::control::upgrade::Stream;
+use crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME;
+use crate::control::UPGRADE_RELAY;
+use crate::dataplane::wg;
+use crate::key::Key;
 
+mod accept;
+/// `tailgate control …` (the admin command line).
 pub mod admin;
 pub mod audit;
+mod conn;
+/// The hub: the server's state machine.
 pub mod hub;
-pub mod metrics;
+mod hub_thread;
+pub(crate) mod metrics;
+/// Who sees whom: full maps and deltas.
 pub mod netmap;
 pub mod oidc;
+mod preauth;
 mod signin;
+mod state_dir;
+/// The SQLite store.
 pub mod store;
+mod tasks;
+/// TLS on the listener: certificate files or ACME.
 pub mod tls;
-pub mod totp;
-use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY};
-use crate::daemon::config::write_secret;
-use crate::dataplane::wg;
-use crate::key::{Key, ShortKey};
+pub(crate) mod totp;
 
-/// A byte stream the server can serve (TCP, or in-memory in tests).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+pub use accept::UpgradeHandler;
+pub(crate) use preauth::PreAuthLimits;
+pub use preauth::PreAuthPermit;
+pub(crate) use state_dir::{DirLock, lock_state_dir};
+pub use state_dir::{admin_socket_path, load_or_create_server_key, server_running};
 
-/// Handles another protocol upgraded on the same port (the relay). It gets
-/// the stream right after the request head (it writes its own 101), the
-/// head, any bytes that came after the head, and the connection's
-/// [`PreAuthPermit`], to drop once the peer has authenticated.
-pub trait UpgradeHandler: Send + Sync {
-    fn handle(&self, stream: Box<dyn Stream>, head: RequestHead, leftover: Vec<u8>, permit: PreAuthPermit) -> BoxFuture<'static, ()>;
-}
+use accept::{accept_loop, handle_conn};
+use hub_thread::{HubCmd, admin_call, hub_loop, relay_auth};
+use tasks::{admin_loop, metrics_render, policy_watch, read_policy_file, tick_loop};
 
-/// Counts connections that have not authenticated yet, in total and per
-/// source address. Until a peer has proven a node key it costs the server a
-/// task, buffers and a handshake timer for nothing, so that is what gets a
-/// cap; authenticated connections are bounded by the number of nodes.
-pub struct PreAuthLimits {
-    max_total: usize,
-    max_per_ip: usize,
-    state: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl PreAuthLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<PreAuthLimits> {
-        Arc::new(PreAuthLimits { max_total, max_per_ip, state: Mutex::new((0, HashMap::new())) })
-    }
-
-    /// A permit for one more unauthenticated connection from `ip` (`None`:
-    /// in-memory streams, counted in the total only), or `None` if a cap
-    /// is reached.
-    pub fn try_acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<PreAuthPermit> {
-        // Nothing panics under this lock; recovering keeps the counts usable.
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.0 >= self.max_total {
-            return None;
-        }
-        if let Some(ip) = ip {
-            let n = st.1.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
-                return None;
-            }
-            *n += 1;
-        }
-        st.0 += 1;
-        Some(PreAuthPermit { limits: Some(self.clone()), ip })
-    }
-
-    /// Unauthenticated connections right now.
-    pub fn current(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-
-    fn release(&self, ip: Option<IpAddr>) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = st.0.saturating_sub(1);
-        if let Some(ip) = ip
-            && let Some(n) = st.1.get_mut(&ip)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                st.1.remove(&ip);
-            }
-        }
-    }
-}
-
-/// One unauthenticated connection's slot; freed when dropped.
-pub struct PreAuthPermit {
-    limits: Option<Arc<PreAuthLimits>>,
-    ip: Option<IpAddr>,
-}
-
-impl PreAuthPermit {
-    /// A permit that counts nowhere (handlers driven outside a server).
-    pub fn none() -> PreAuthPermit {
-        PreAuthPermit { limits: None, ip: None }
-    }
-}
-
-impl Drop for PreAuthPermit {
-    fn drop(&mut self) {
-        if let Some(l) = self.limits.take() {
-            l.release(self.ip);
-        }
-    }
-}
-
+/// Everything `tailgate control` is started with.
 #[derive(Clone)]
 pub struct ServerOptions {
+    /// TCP address of the control port (UDP on the same port: STUN).
     pub listen: SocketAddr,
+    /// Database, server key, lock, admin socket, audit store.
     pub state_dir: PathBuf,
     /// Policy file, validated and hot-reloaded. `None`: the last policy set
     /// with `policy set`, or the built-in default.
@@ -148,17 +86,25 @@ pub struct ServerOptions {
     /// Public URL put in auth keys; default `http://<listen address>` (the
     /// host name when listening on all addresses).
     pub url: Option<String>,
+    /// Tailnet DNS domain.
     pub domain: String,
+    /// How long a node key is valid after it registers or signs in.
     pub node_key_expiry: Duration,
+    /// How long an ephemeral node outlives its last connection.
     pub ephemeral_grace: Duration,
+    /// Lifetime of auth keys created without `--expiry`.
     pub default_auth_key_expiry: Duration,
+    /// Keepalive period on control connections.
     pub keepalive: Duration,
+    /// How often the policy file's mtime is checked.
     pub policy_poll: Duration,
     /// Period of the ephemeral/expiry timer.
     pub tick: Duration,
     /// Limit on head, handshake and first message.
     pub handshake_timeout: Duration,
+    /// Serve `state_dir/admin.sock` (0600).
     pub admin_socket: bool,
+    /// Largest frame a node may send, bytes.
     pub max_client_frame: usize,
     /// Messages queued per connection before it is considered stuck.
     pub outbound_queue: usize,
@@ -168,19 +114,21 @@ pub struct ServerOptions {
     /// message): at most this many in total and from one IP address; more
     /// are closed as soon as they are accepted.
     pub max_unauthenticated: usize,
+    /// See `max_unauthenticated`.
     pub max_unauthenticated_per_ip: usize,
     /// Commands queued for the hub thread before connection tasks wait
     /// (backpressure: a flooding node's reads stall, not the server's memory).
     pub hub_queue: usize,
     /// Endpoint reports applied at once per node, then one per interval.
     pub endpoint_burst: u32,
+    /// See `endpoint_burst`.
     pub endpoint_interval: Duration,
     /// TLS on the listener (`None`: plain HTTP, Noise inside either way).
     pub tls: Option<crate::control::server::tls::TlsSource>,
     /// A second listener serving only `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// Sign-in with an OpenID Connect provider (`--oidc-*`); `None`: auth keys only.
-    pub oidc: Option<crate::control::server::oidc::OidcConfig>,
+    pub(crate) oidc: Option<crate::control::server::oidc::OidcConfig>,
     /// Shipped audit events and recordings older than this are deleted.
     pub retention: Option<Duration>,
     /// Limits of the built-in relay (`--relay-rate`).
@@ -188,6 +136,7 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// The defaults of `tailgate control`, on `listen` with `state_dir`.
     pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>) -> ServerOptions {
         ServerOptions {
             listen,
@@ -218,71 +167,6 @@ impl ServerOptions {
             relay: Default::default(),
         }
     }
-}
-
-/// Path of the admin socket in a state directory.
-pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("admin.sock")
-}
-
-/// Loads `state_dir/server.key`, creating it (0600) on first start.
-/// Returns (private key, created).
-pub fn load_or_create_server_key(state_dir: &Path) -> Result<(Key, bool)> {
-    let path = state_dir.join("server.key");
-    match std::fs::read_to_string(&path) {
-        Ok(s) => Ok((wg::key_from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let k = wg::generate_private_key();
-            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok((k, true))
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-/// An exclusive lock on the state directory, held while a server runs.
-pub(crate) struct DirLock(#[allow(dead_code)] std::fs::File);
-
-pub(crate) fn lock_state_dir(dir: &Path) -> Result<DirLock> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("control.lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)?;
-    // SAFETY: flock on a valid fd we own.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        bail!("another tailgate control server is running with state directory {}", dir.display());
-    }
-    Ok(DirLock(f))
-}
-
-/// Is a server holding the state directory's lock?
-pub fn server_running(dir: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::OpenOptions::new().write(true).open(dir.join("control.lock")) else { return false };
-    // SAFETY: flock on a valid fd we own; released when `f` drops.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    r != 0
-}
-
-enum Outbound {
-    Msg(ServerOut),
-    Close(String),
-}
-
-type ConnTx = mpsc::Sender<Outbound>;
-
-enum HubCmd {
-    Hello { conn: ConnId, node_key: Key, msg: ClientMsg, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
-    Msg { conn: ConnId, node: i64, msg: ClientMsg },
-    Disconnected { conn: ConnId, node: i64 },
-    Admin { req: AdminRequest, reply: oneshot::Sender<Result<Value, HubError>> },
-    RelayAllowed { key: Key, reply: oneshot::Sender<bool> },
-    SignedIn { conn: ConnId, node_key: Key, hello: signin::Hello, who: SignedIn, tx: ConnTx, reply: oneshot::Sender<Option<i64>> },
-    PolicyFile { text: String, name: String },
-    Tick,
-    Shutdown,
 }
 
 struct Shared {
@@ -329,11 +213,6 @@ fn default_url(listen: SocketAddr, tls: Option<&crate::control::server::tls::Tls
         listen.ip().to_string()
     };
     format!("{scheme}://{host}:{}", listen.port())
-}
-
-fn read_policy_file(path: &Path) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading policy file {}", path.display()))?;
-    Ok((text, path.display().to_string()))
 }
 
 impl ControlServer {
@@ -460,10 +339,12 @@ impl ControlServer {
         })
     }
 
+    /// The bound control port.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The server's Noise public key (pinned by nodes).
     pub fn public_key(&self) -> Key {
         self.public
     }
@@ -474,6 +355,7 @@ impl ControlServer {
         self.stun_addr
     }
 
+    /// The URL put in auth keys.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -574,567 +456,4 @@ pub async fn run_server(opts: ServerOptions) -> Result<()> {
     eprintln!("tailgate control: shutting down");
     server.shutdown().await;
     Ok(())
-}
-
-/// One scrape: the hub's status (asked like an admin request) and the counters.
-fn metrics_render(shared: &Arc<Shared>) -> crate::daemon::metrics::Render {
-    let weak = Arc::downgrade(shared);
-    Arc::new(move || {
-        let weak = weak.clone();
-        Box::pin(async move {
-            let Some(shared) = weak.upgrade() else { return String::new() };
-            let status = admin_call(&shared, AdminRequest::Status).await.unwrap_or(Value::Null);
-            shared.metrics.render(&status, shared.relay.as_ref().map(|r| r.stats()), shared.preauth.current())
-        })
-    })
-}
-
-/// Relay access: a node key the hub knows and whose key has not expired,
-/// asked of the hub as one typed lookup per check.
-struct HubRelayAuth {
-    hub: mpsc::WeakSender<HubCmd>,
-}
-
-impl crate::relay::NodeAuthorizer for HubRelayAuth {
-    fn allowed<'a>(&'a self, node: &'a Key) -> BoxFuture<'a, bool> {
-        Box::pin(async move {
-            let Some(hub) = self.hub.upgrade() else { return false };
-            let (reply, rx) = oneshot::channel();
-            if hub.send(HubCmd::RelayAllowed { key: *node, reply }).await.is_err() {
-                return false;
-            }
-            drop(hub);
-            rx.await.unwrap_or(false)
-        })
-    }
-}
-
-fn relay_auth(hub: &mpsc::Sender<HubCmd>) -> Arc<dyn crate::relay::NodeAuthorizer> {
-    Arc::new(HubRelayAuth { hub: hub.downgrade() })
-}
-
-// --- hub thread ---------------------------------------------------------------
-
-fn hub_loop(mut hub: Hub, mut rx: mpsc::Receiver<HubCmd>, metrics: Arc<crate::control::server::metrics::ControlMetrics>) {
-    use crate::control::server::metrics::inc;
-    let mut conns: HashMap<ConnId, ConnTx> = HashMap::new();
-    while let Some(cmd) = rx.blocking_recv() {
-        // One clock reading per command: the hub itself never reads a clock.
-        let now = Now::read();
-        match cmd {
-            HubCmd::Hello { conn, node_key, msg, tx, reply } => {
-                conns.insert(conn, tx);
-                let register = matches!(msg, ClientMsg::Register { .. });
-                let r = hub.hello(conn, node_key, msg, now);
-                match &r {
-                    Err(HubError { message: m, .. }) => {
-                        inc(&metrics.hellos_refused);
-                        tracing::info!(peer = %ShortKey(node_key), "control: refused node: {m}");
-                    }
-                    Ok(_) if register => inc(&metrics.registrations),
-                    Ok(_) => inc(&metrics.logins),
-                }
-                let _ = reply.send(r.ok());
-            }
-            HubCmd::SignedIn { conn, node_key, hello, who, tx, reply } => {
-                conns.insert(conn, tx);
-                let r = hub.hello_signed_in(conn, node_key, hello, &who, now);
-                if let Err(HubError { message: m, .. }) = &r {
-                    tracing::info!(peer = %ShortKey(node_key), "control: refused signed-in node: {m}");
-                }
-                let _ = reply.send(r.ok());
-            }
-            HubCmd::Msg { conn, node, msg } => hub.client_msg(conn, node, msg, now),
-            HubCmd::Disconnected { conn, node } => {
-                conns.remove(&conn);
-                hub.disconnected(conn, node, now);
-            }
-            HubCmd::Admin { req, reply } => {
-                let _ = reply.send(hub.admin(req, now));
-            }
-            HubCmd::RelayAllowed { key, reply } => {
-                let _ = reply.send(hub.relay_allowed(&key, now));
-            }
-            HubCmd::PolicyFile { text, name } => match (inc(&metrics.policy_reloads), hub.set_policy(&text, &name, "file", now)).1 {
-                Ok(v) => tracing::info!("policy file {name}: version {v} in force"),
-                Err(e) => tracing::error!("policy file {name}: {e}"),
-            },
-            HubCmd::Tick => hub.tick(now),
-            HubCmd::Shutdown => break,
-        }
-        for o in hub.take_outputs() {
-            dispatch(&mut conns, o);
-        }
-    }
-    // Dropping every sender ends the connection tasks' loops.
-    conns.clear();
-}
-
-fn dispatch(conns: &mut HashMap<ConnId, ConnTx>, o: Out) {
-    match o {
-        Out::Send(c, msg) => {
-            let Some(tx) = conns.get(&c) else { return };
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Outbound::Msg(msg)) {
-                tracing::warn!("control: connection {c} is not reading its updates; closing it (it will reconnect)");
-                conns.remove(&c); // dropping the sender closes it
-            }
-        }
-        Out::Close(c, reason) => {
-            if let Some(tx) = conns.remove(&c) {
-                let _ = tx.try_send(Outbound::Close(reason));
-            }
-        }
-    }
-}
-
-async fn admin_call(shared: &Shared, req: AdminRequest) -> Result<Value, HubError> {
-    let down = || HubError::new(ErrorCode::Internal, "the control server is shutting down; try again once it is back");
-    let (tx, rx) = oneshot::channel();
-    shared.hub.send(HubCmd::Admin { req, reply: tx }).await.map_err(|_| down())?;
-    rx.await.map_err(|_| down())?
-}
-
-// --- side tasks -----------------------------------------------------------------
-
-async fn accept_loop(listener: TcpListener, tls: Option<crate::control::server::tls::TlsAcceptor>, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((s, peer)) => {
-                // One per-IP budget for an IPv4 client, mapped or not.
-                let peer = crate::dataplane::dualstack::normalize(peer);
-                // Over a cap: close at once (dropping the socket), before
-                // spending a task or a buffer on it.
-                let Some(permit) = shared.preauth.try_acquire(Some(peer.ip())) else {
-                    crate::control::server::metrics::inc(&shared.metrics.rejected_cap);
-                    tracing::debug!("control: {peer}: too many unauthenticated connections; closed");
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                let shared = shared.clone();
-                let Some(tls) = tls.clone() else {
-                    tokio::spawn(async move { handle_conn(s, peer.to_string(), shared, permit).await });
-                    continue;
-                };
-                // The handshake is part of the unauthenticated phase: same
-                // permit, same time limit as the request head.
-                tokio::spawn(async move {
-                    match tokio::time::timeout(shared.opts.handshake_timeout, tls.accept(s)).await {
-                        Ok(Ok(Some(s))) => handle_conn(s, peer.to_string(), shared, permit).await,
-                        Ok(Ok(None)) => tracing::debug!("control: {peer}: answered an ACME validation"),
-                        Ok(Err(e)) => {
-                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
-                            tracing::debug!("control: {peer}: TLS handshake failed: {e}")
-                        }
-                        Err(_) => {
-                            crate::control::server::metrics::inc(&shared.metrics.rejected_tls);
-                            tracing::debug!("control: {peer}: no TLS handshake within the time limit")
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!("control: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn tick_loop(shared: Arc<Shared>) {
-    let mut iv = tokio::time::interval(shared.opts.tick);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        iv.tick().await;
-        // A busy hub skips a tick rather than queueing them up.
-        if let Err(mpsc::error::TrySendError::Closed(_)) = shared.hub.try_send(HubCmd::Tick) {
-            return;
-        }
-    }
-}
-
-async fn policy_watch(path: PathBuf, shared: Arc<Shared>) {
-    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
-    let mut last = stamp(&path);
-    let mut iv = tokio::time::interval(shared.opts.policy_poll);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        iv.tick().await;
-        let now = stamp(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match read_policy_file(&path) {
-            Ok((text, name)) => {
-                if shared.hub.send(HubCmd::PolicyFile { text, name }).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::error!("policy file: {e:#}; the policy in force stays"),
-        }
-    }
-}
-
-async fn admin_loop(l: UnixListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((s, _)) = l.accept().await else { continue };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = s.into_split();
-            let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                // Fleet-audit requests (tagged `audit_op`) are reads answered
-                // from their own connection, not by the hub thread.
-                let resp = if let Ok(req) = serde_json::from_str::<crate::control::server::audit::AuditRequest>(&line) {
-                    let dir = shared.opts.state_dir.clone();
-                    tokio::task::spawn_blocking(move || crate::control::server::audit::handle(&dir, &req))
-                        .await
-                        .unwrap_or_else(|_| Err("audit query failed".into()))
-                } else {
-                    match serde_json::from_str::<AdminRequest>(&line) {
-                        Ok(req) => admin_call(&shared, req).await.map_err(|e| e.message),
-                        Err(e) => Err(format!("bad admin request: {e}")),
-                    }
-                };
-                let v = match resp {
-                    Ok(v) => serde_json::json!({"ok": true, "result": v}),
-                    Err(e) => serde_json::json!({"ok": false, "error": e}),
-                };
-                let mut out = serde_json::to_vec(&v).unwrap_or_default();
-                out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-// --- connections ---------------------------------------------------------------
-
-async fn write_and_close<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = s.write_all(bytes).await;
-        let _ = s.shutdown().await;
-    })
-    .await;
-}
-
-async fn handle_conn<S: Stream>(mut s: S, peer: String, shared: Arc<Shared>, permit: PreAuthPermit) {
-    let timeout = shared.opts.handshake_timeout;
-    // 1. HTTP request head.
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(timeout, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            match http::parse_request(&buf) {
-                Ok(Some(x)) => return Ok(x),
-                Ok(None) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return Err("connection closed before a request".into()),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    let (head, used) = match head {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            crate::control::server::metrics::inc(&shared.metrics.rejected_request);
-            tracing::debug!("control: {peer}: bad request: {e}");
-            write_and_close(&mut s, &http::simple_response(400, "Bad Request", "bad request\n")).await;
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("control: {peer}: no request within {timeout:?}");
-            return;
-        }
-    };
-    let leftover = buf[used..].to_vec();
-    let upgrade = head.upgrade();
-    match (head.method.as_str(), head.path.as_str(), upgrade.as_deref()) {
-        ("GET", p, Some(UPGRADE_CONTROL)) if p == CONTROL_PATH => {
-            if s.write_all(&http::switching_protocols(UPGRADE_CONTROL)).await.is_err() {
-                return;
-            }
-            if let Err(reason) = control_session(s, leftover, &peer, &shared, permit).await {
-                tracing::info!("control: {peer}: connection closed: {reason}");
-            }
-        }
-        (_, _, Some(token)) if token == UPGRADE_RELAY || shared.opts.upgrades.iter().any(|(t, _)| t == token) => {
-            match shared.opts.upgrades.iter().find(|(t, _)| t == token) {
-                Some((_, h)) => h.handle(Box::new(s), head, leftover, permit).await,
-                None => write_and_close(&mut s, &http::simple_response(501, "Not Implemented", "relay not enabled on this server\n")).await,
-            }
-        }
-        ("GET", "/tailgate/health", None) => write_and_close(&mut s, &http::simple_response(200, "OK", "ok\n")).await,
-        ("GET", "/tailgate/key", None) => {
-            let key = format!("{}\n", wg::key_to_base64(&wg::public_key_of(&shared.private)));
-            write_and_close(&mut s, &http::simple_response(200, "OK", &key)).await
-        }
-        ("GET", p, None) if p.starts_with("/oidc/") => {
-            let resp = signin::http(p, &shared).await;
-            write_and_close(&mut s, &resp).await
-        }
-        (_, p, None) if p == CONTROL_PATH => {
-            write_and_close(
-                &mut s,
-                &http::simple_response(426, "Upgrade Required", "this is the tailgate control endpoint; use `tailgate up`\n"),
-            )
-            .await
-        }
-        _ => write_and_close(&mut s, &http::simple_response(404, "Not Found", "not found\n")).await,
-    }
-}
-
-fn seal(chan: &mut SecureChannel, msg: &ServerOut, out: &mut Vec<u8>) -> Result<(), String> {
-    let json = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
-    chan.seal_frame(&json, out).map_err(|e| e.to_string())
-}
-
-/// Read the first Noise message after an upgrade (control and relay alike),
-/// within `timeout`.
-pub(crate) async fn read_handshake_message<R: AsyncRead + Unpin>(
-    r: &mut R,
-    wire: &mut WireDecoder,
-    rbuf: &mut [u8],
-    timeout: Duration,
-) -> Result<bytes::BytesMut, String> {
-    tokio::time::timeout(timeout, async {
-        loop {
-            if let Some(m) = wire.next_message().map_err(|e| e.to_string())? {
-                return Ok::<_, String>(m);
-            }
-            match r.read(rbuf).await {
-                Ok(0) | Err(_) => return Err("closed during the handshake".into()),
-                Ok(n) => wire.push(&rbuf[..n]),
-            }
-        }
-    })
-    .await
-    .map_err(|_| "handshake timed out".to_string())?
-}
-
-/// After the 101: handshake, first message, then the message loop.
-/// Returns why the connection ended.
-async fn control_session<S: Stream>(
-    s: S,
-    leftover: Vec<u8>,
-    peer: &str,
-    shared: &Arc<Shared>,
-    permit: PreAuthPermit,
-) -> Result<(), String> {
-    let timeout = shared.opts.handshake_timeout;
-    let (mut r, mut w) = tokio::io::split(s);
-    // Nodes send small messages; keep per-connection memory small.
-    let mut rbuf = vec![0u8; 4096];
-    let mut wire = WireDecoder::new();
-    wire.push(&leftover);
-    // 2. Noise IK message 1.
-    let msg1 = read_handshake_message(&mut r, &mut wire, &mut rbuf, timeout).await?;
-    let (mut chan, node_key, msg2) =
-        noise::respond(&shared.private, &msg1, wire, shared.opts.max_client_frame).map_err(|e| e.to_string())?;
-    w.write_all(&msg2).await.map_err(|e| e.to_string())?;
-    let who = format!("{peer} (node {})", ShortKey(node_key));
-
-    // 3. First message: register or login.
-    let first = tokio::time::timeout(timeout, async {
-        loop {
-            match chan.next_frame() {
-                Ok(Some(f)) => return Ok(f),
-                Ok(None) => {}
-                Err(e) => return Err(e),
-            }
-            match r.read(&mut rbuf).await {
-                Ok(0) | Err(_) => return Err(ChannelError::Handshake("closed before logging in".into())),
-                Ok(n) => chan.push_wire(&rbuf[..n])?,
-            }
-        }
-    })
-    .await
-    .map_err(|_| format!("{who}: no login within {timeout:?}"))?;
-    let first = match first.and_then(|f| parse_client(&f).map_err(ChannelError::Handshake)) {
-        Ok(m) => m,
-        Err(e) => {
-            let mut out = Vec::new();
-            let _ = seal(&mut chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.to_string() }, &mut out);
-            let _ = w.write_all(&out).await;
-            let _ = w.shutdown().await;
-            return Err(format!("{who}: {e}"));
-        }
-    };
-    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel(shared.opts.outbound_queue);
-    let (rtx, rrx) = oneshot::channel();
-    let acks = tx.clone();
-    let cmd = match signin::needs_sign_in(&first, &node_key, shared).await {
-        Some(hello) => match signin::wait(&mut r, &mut w, &mut chan, &mut rbuf, &who, shared).await {
-            Ok(who) => HubCmd::SignedIn { conn, node_key, hello, who, tx, reply: rtx },
-            Err(e) => {
-                let mut out = Vec::new();
-                let _ = seal(&mut chan, &ServerOut::Error { code: ErrorCode::SignIn, message: e.clone() }, &mut out);
-                let _ = w.write_all(&out).await;
-                let _ = w.shutdown().await;
-                return Err(format!("{who}: sign-in: {e}"));
-            }
-        },
-        None => HubCmd::Hello { conn, node_key, msg: first, tx, reply: rtx },
-    };
-    shared.hub.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
-    let node = rrx.await.map_err(|_| "server shutting down".to_string())?;
-    // Authenticated (or refused and about to close): no longer counted.
-    drop(permit);
-
-    // 4. Message loop.
-    // Every line the session logs carries the connection and the peer.
-    let span = tracing::info_span!("control_conn", conn, peer = %ShortKey(node_key));
-    let result =
-        tracing::Instrument::instrument(session_loop(&mut r, &mut w, &mut chan, &mut rx, &mut rbuf, conn, node, &who, shared, &acks), span)
-            .await;
-    drop(acks);
-    if let Some(node) = node {
-        let _ = shared.hub.send(HubCmd::Disconnected { conn, node }).await;
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn session_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    r: &mut R,
-    w: &mut W,
-    chan: &mut SecureChannel,
-    rx: &mut mpsc::Receiver<Outbound>,
-    rbuf: &mut [u8],
-    conn: ConnId,
-    node: Option<i64>,
-    who: &str,
-    shared: &Arc<Shared>,
-    acks: &ConnTx,
-) -> Result<(), String> {
-    let keepalive = shared.opts.keepalive;
-    let idle_limit = keepalive * 3 + Duration::from_secs(5);
-    let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
-    let mut last_rx = tokio::time::Instant::now();
-    let mut shutdown = shared.shutdown.clone();
-    let mut out = Vec::new();
-    // Frames that came in with the first message.
-    if let Err(e) = drain_frames(chan, conn, node, shared, acks).await {
-        let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
-        let _ = w.write_all(&out).await;
-        let _ = w.shutdown().await;
-        return Err(format!("{who}: {e}"));
-    }
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => return Err("server shutting down".into()),
-            m = rx.recv() => {
-                let mut closing = None;
-                let mut next = m;
-                out.clear();
-                // Coalesce whatever is queued into one write.
-                loop {
-                    match next {
-                        Some(Outbound::Msg(msg)) => {
-                            let before = out.len();
-                            seal(chan, &msg, &mut out)?;
-                            let m = &shared.metrics;
-                            let sends = match msg {
-                                ServerOut::MapFull(_) => Some(&m.map_full_sends),
-                                ServerOut::MapDelta(_) => Some(&m.map_delta_sends),
-                                _ => None,
-                            };
-                            if let Some(c) = sends {
-                                crate::control::server::metrics::inc(c);
-                                m.map_bytes.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
-                            }
-                        }
-                        Some(Outbound::Close(reason)) => { closing = Some(reason); break; }
-                        None => { closing = Some("closed by the server".into()); break; }
-                    }
-                    if out.len() > 1 << 20 { break; }
-                    match rx.try_recv() {
-                        Ok(x) => next = Some(x),
-                        Err(_) => break,
-                    }
-                }
-                if !out.is_empty() {
-                    w.write_all(&out).await.map_err(|e| format!("{who}: write: {e}"))?;
-                }
-                if let Some(reason) = closing {
-                    let _ = w.shutdown().await;
-                    return Err(format!("{who}: {reason}"));
-                }
-            }
-            n = r.read(rbuf) => {
-                let n = match n { Ok(0) => return Ok(()), Ok(n) => n, Err(e) => return Err(format!("{who}: read: {e}")) };
-                last_rx = tokio::time::Instant::now();
-                let bad = match chan.push_wire(&rbuf[..n]) {
-                    Err(ChannelError::Decrypt) => return Err(format!("{who}: undecryptable message")),
-                    Err(e) => Some(e.to_string()),
-                    Ok(()) => drain_frames(chan, conn, node, shared, acks).await.err(),
-                };
-                if let Some(e) = bad {
-                    out.clear();
-                    let _ = seal(chan, &ServerOut::Error { code: ErrorCode::Protocol, message: e.clone() }, &mut out);
-                    let _ = w.write_all(&out).await;
-                    let _ = w.shutdown().await;
-                    return Err(format!("{who}: {e}"));
-                }
-            }
-            _ = ka.tick() => {
-                if last_rx.elapsed() > idle_limit {
-                    return Err(format!("{who}: silent for {:?}", last_rx.elapsed()));
-                }
-                out.clear();
-                seal(chan, &ServerOut::KeepAlive, &mut out)?;
-                w.write_all(&out).await.map_err(|e| format!("{who}: write: {e}"))?;
-            }
-        }
-    }
-}
-
-/// Forwards every complete frame to the hub; `Err` = a bad frame. Waits
-/// when the hub's queue is full, so a node sending faster than the hub
-/// works is simply read more slowly.
-async fn drain_frames(chan: &mut SecureChannel, conn: ConnId, node: Option<i64>, shared: &Shared, acks: &ConnTx) -> Result<(), String> {
-    while let Some(f) = chan.next_frame().map_err(|e| e.to_string())? {
-        let msg = parse_client(&f)?;
-        let msg = match (node, msg) {
-            (Some(node), ClientMsg::AuditEvents { lines }) => {
-                let cmd = crate::control::server::audit::ingest::IngestCmd::Events { node, lines, reply: ack_reply(acks) };
-                shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
-                continue;
-            }
-            (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
-                use base64::Engine;
-                let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| "recording chunk: bad base64".to_string())?;
-                let cmd =
-                    crate::control::server::audit::ingest::IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
-                shared.ingest.tx.send(cmd).await.map_err(|_| "server shutting down".to_string())?;
-                continue;
-            }
-            (_, m) => m,
-        };
-        // Keepalives only prove liveness (the read already did that).
-        if let (Some(node), false) = (node, matches!(msg, ClientMsg::KeepAlive)) {
-            shared.hub.send(HubCmd::Msg { conn, node, msg }).await.map_err(|_| "server shutting down".to_string())?;
-        }
-    }
-    Ok(())
-}
-
-/// Acks go into the connection's outbound queue; a full queue (a node not
-/// reading) drops them: the node resends and the server dedupes.
-fn ack_reply(tx: &ConnTx) -> crate::control::server::audit::ingest::Reply {
-    let tx = tx.clone();
-    Box::new(move |a| {
-        let _ = tx.try_send(Outbound::Msg(ServerOut::ShipAck(a)));
-    })
-}
-
-fn parse_client(frame: &[u8]) -> Result<ClientMsg, String> {
-    serde_json::from_slice(frame).map_err(|e| format!("malformed message: {e}"))
 }

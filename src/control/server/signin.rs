@@ -3,15 +3,20 @@
 //! connection for its person to sign in. The OIDC protocol is in
 //! [`crate::control::server::oidc`].
 
+#![warn(missing_docs)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::{HubCmd, Shared, seal};
+use super::Shared;
+use super::conn::seal;
+use super::hub_thread::HubCmd;
 use crate::control::server::oidc::{Oidc, SignedIn};
 use crate::control::wire::http;
+use crate::control::wire::noise::ChannelError;
 use crate::control::wire::noise::SecureChannel;
 use crate::control::wire::proto::{ClientMsg, ServerOut};
 use crate::key::Key;
@@ -40,6 +45,32 @@ pub(super) async fn needs_sign_in(first: &ClientMsg, key: &Key, shared: &Shared)
     Some(Hello { hostname: hostname.clone(), ssh_host_key: ssh_host_key.clone(), endpoints: endpoints.clone() })
 }
 
+/// Why a node's wait for its person to sign in ended without a sign-in.
+/// Each message is what the node is told.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SignInError {
+    #[error("sign-in is not enabled on this control server")]
+    NotEnabled,
+    /// Refused by the provider or by the allowed users/domains/groups, or
+    /// too many sign-ins pending.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the sign-in was abandoned")]
+    Abandoned,
+    #[error("nobody signed in within {0} s; run `tailgate up` again for a new sign-in URL")]
+    Expired(u64),
+    #[error("the control server is shutting down")]
+    ShuttingDown,
+    #[error("the node went away before signing in")]
+    NodeGone,
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("write: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("cannot send the sign-in URL: {0}")]
+    Send(String),
+}
+
 /// Forgets the sign-in when the waiting connection ends, however it ends.
 struct Cancel(Arc<Oidc>, String);
 
@@ -58,15 +89,15 @@ pub(super) async fn wait<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rbuf: &mut [u8],
     who: &str,
     shared: &Shared,
-) -> Result<SignedIn, String> {
-    let oidc = shared.oidc.clone().ok_or("sign-in is not enabled on this control server")?;
-    let (login, url, outcome) = oidc.new_login()?;
+) -> Result<SignedIn, SignInError> {
+    let oidc = shared.oidc.clone().ok_or(SignInError::NotEnabled)?;
+    let (login, url, outcome) = oidc.new_login().map_err(SignInError::Refused)?;
     let _cancel = Cancel(oidc.clone(), login);
     let ttl = oidc.login_ttl();
     tracing::info!("control: {who}: waiting up to {}s for a sign-in", ttl.as_secs());
     let mut out = Vec::new();
-    seal(chan, &ServerOut::SignIn { url }, &mut out)?;
-    w.write_all(&out).await.map_err(|e| e.to_string())?;
+    seal(chan, &ServerOut::SignIn { url }, &mut out).map_err(|e| SignInError::Send(e.to_string()))?;
+    w.write_all(&out).await.map_err(SignInError::Write)?;
     let deadline = tokio::time::sleep(ttl);
     tokio::pin!(deadline);
     tokio::pin!(outcome);
@@ -75,24 +106,24 @@ pub(super) async fn wait<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
-            o = &mut outcome => return o.map_err(|_| "the sign-in was abandoned".to_string())?,
+            o = &mut outcome => return o.map_err(|_| SignInError::Abandoned)?.map_err(SignInError::Refused),
             _ = &mut deadline => {
-                return Err(format!("nobody signed in within {} s; run `tailgate up` again for a new sign-in URL", ttl.as_secs()))
+                return Err(SignInError::Expired(ttl.as_secs()))
             }
-            _ = shutdown.changed() => return Err("the control server is shutting down".into()),
+            _ = shutdown.changed() => return Err(SignInError::ShuttingDown),
             // Keep NATs and proxies from dropping an idle connection.
             _ = ka.tick() => {
                 out.clear();
-                seal(chan, &ServerOut::KeepAlive, &mut out)?;
-                w.write_all(&out).await.map_err(|e| e.to_string())?;
+                seal(chan, &ServerOut::KeepAlive, &mut out).map_err(|e| SignInError::Send(e.to_string()))?;
+                w.write_all(&out).await.map_err(SignInError::Write)?;
             }
             n = r.read(rbuf) => match n {
-                Ok(0) | Err(_) => return Err("the node went away before signing in".into()),
+                Ok(0) | Err(_) => return Err(SignInError::NodeGone),
                 // Nothing but keepalives is expected before the login answer;
                 // the bytes still pass through the channel to stay in step.
                 Ok(n) => {
-                    chan.push_wire(&rbuf[..n]).map_err(|e| e.to_string())?;
-                    while chan.next_frame().map_err(|e| e.to_string())?.is_some() {}
+                    chan.push_wire(&rbuf[..n])?;
+                    while chan.next_frame()?.is_some() {}
                 }
             },
         }

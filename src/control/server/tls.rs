@@ -11,6 +11,8 @@
 //! certificate's lifetime have passed. Its account key and certificates
 //! (with their private key) live in `STATE_DIR/acme`, 0700, files 0600.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,18 +24,29 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::control::server::Stream;
+use crate::control::upgrade::Stream;
 
 /// Where the control port's certificate comes from.
+/// Where the listener's certificate comes from.
 #[derive(Clone, Debug)]
 pub enum TlsSource {
-    Files { cert: PathBuf, key: PathBuf },
+    /// PEM files, reloaded when they change.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// Obtained and renewed with ACME (TLS-ALPN-01).
     Acme(AcmeOptions),
 }
 
+/// How to obtain a certificate with ACME.
 #[derive(Clone, Debug)]
 pub struct AcmeOptions {
+    /// The one name on the certificate.
     pub domain: String,
+    /// Contact address given to the ACME server.
     pub email: Option<String>,
     /// ACME directory URL (Let's Encrypt production by default).
     pub directory: String,
@@ -42,6 +55,7 @@ pub struct AcmeOptions {
     pub directory_ca: Option<PathBuf>,
 }
 
+/// Let's Encrypt's production ACME directory.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 const ACME_ALPN: &[u8] = b"acme-tls/1";
 
@@ -51,14 +65,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The TLS side of the listener.
 #[derive(Clone)]
-pub struct TlsAcceptor {
+pub(crate) struct TlsAcceptor {
     config: Arc<ServerConfig>,
 }
 
 impl TlsAcceptor {
     /// Builds the acceptor; for ACME also starts the task that orders and
     /// renews certificates (it ends when `shutdown` fires).
-    pub fn start(source: &TlsSource, state_dir: &Path, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<TlsAcceptor> {
+    pub(crate) fn start(source: &TlsSource, state_dir: &Path, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<TlsAcceptor> {
         let config = match source {
             TlsSource::Files { cert, key } => files_config(cert, key, shutdown)?,
             TlsSource::Acme(a) => acme_config(a, state_dir, shutdown)?,
@@ -68,7 +82,7 @@ impl TlsAcceptor {
 
     /// The TLS handshake on an accepted connection. `Ok(None)`: it was an
     /// ACME validation connection, already answered.
-    pub async fn accept<S: Stream>(&self, s: S) -> std::io::Result<Option<Box<dyn Stream>>> {
+    pub(crate) async fn accept<S: Stream>(&self, s: S) -> std::io::Result<Option<Box<dyn Stream>>> {
         let tls = tokio_rustls::TlsAcceptor::from(self.config.clone()).accept(s).await?;
         if tls.get_ref().1.alpn_protocol() == Some(ACME_ALPN) {
             return Ok(None);
@@ -217,31 +231,31 @@ fn tighten(dir: &Path) {
 pub struct TlsArgs {
     /// Serve the control port over TLS with this PEM certificate chain (with --tls-key).
     #[arg(long, value_name = "FILE", requires = "tls_key", conflicts_with = "acme_domain")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// Get and renew a certificate for this name from an ACME CA (TLS-ALPN-01
     /// on the control port, which must be reachable on 443 by that name).
     #[arg(long, value_name = "NAME")]
-    pub acme_domain: Option<String>,
+    pub(crate) acme_domain: Option<String>,
     /// Contact address given to the ACME CA.
     #[arg(long, value_name = "EMAIL", requires = "acme_domain")]
-    pub acme_email: Option<String>,
+    pub(crate) acme_email: Option<String>,
     /// ACME directory URL [default: Let's Encrypt].
     #[arg(long, value_name = "URL", requires = "acme_domain")]
-    pub acme_directory: Option<String>,
+    pub(crate) acme_directory: Option<String>,
     /// PEM CA certificate to trust for the ACME directory's own HTTPS (a private or test CA).
     #[arg(long, value_name = "FILE", requires = "acme_domain")]
-    pub acme_ca: Option<PathBuf>,
+    pub(crate) acme_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
-    pub fn any_set(&self) -> bool {
+    pub(crate) fn any_set(&self) -> bool {
         self.tls_cert.is_some() || self.acme_domain.is_some()
     }
 
-    pub fn source(&self) -> Option<TlsSource> {
+    pub(crate) fn source(&self) -> Option<TlsSource> {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             return Some(TlsSource::Files { cert: cert.clone(), key: key.clone() });
         }

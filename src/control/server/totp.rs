@@ -3,19 +3,21 @@
 //! parameters authenticator apps and `oathtool --totp -b SECRET` agree on
 //! (SHA-1, 6 digits, 30 s steps) and the skew we accept (one step each way).
 
+#![warn(missing_docs)]
+
 use totp_rs::{Algorithm, Builder, Secret, Totp};
 
 /// Seconds per code.
-pub const STEP: u64 = 30;
+pub(crate) const STEP: u64 = 30;
 /// Digits per code.
-pub const DIGITS: u8 = 6;
+pub(crate) const DIGITS: u8 = 6;
 /// Steps accepted either side of now (clock drift, a code typed at the edge).
-pub const SKEW: u16 = 1;
+pub(crate) const SKEW: u16 = 1;
 /// Name shown in authenticator apps.
-pub const ISSUER: &str = "tailgate";
+pub(crate) const ISSUER: &str = "tailgate";
 
 #[derive(Debug, thiserror::Error)]
-pub enum TotpError {
+pub(crate) enum TotpError {
     #[error("stored TOTP secret is not valid base32")]
     BadSecret,
     #[error("TOTP: {0}")]
@@ -23,7 +25,7 @@ pub enum TotpError {
 }
 
 /// A fresh 160-bit secret (RFC 4226's recommended length), base32 without padding.
-pub fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     let bytes: [u8; 20] = rand::random();
     Secret::from(bytes.to_vec()).to_base32()
 }
@@ -41,13 +43,13 @@ fn totp(secret_b32: &str, digits: u8) -> Result<Totp, TotpError> {
 }
 
 /// The code for Unix time `now`.
-pub fn code_at(secret_b32: &str, now: u64) -> Result<String, TotpError> {
+pub(crate) fn code_at(secret_b32: &str, now: u64) -> Result<String, TotpError> {
     Ok(totp(secret_b32, DIGITS)?.generate(now).to_string())
 }
 
 /// The time step (`now / 30`) whose code `code` is, within the skew; `None`
 /// for a wrong or malformed code. Only plain 6-digit codes are considered.
-pub fn verify(secret_b32: &str, code: &str, now: u64) -> Result<Option<u64>, TotpError> {
+pub(crate) fn verify(secret_b32: &str, code: &str, now: u64) -> Result<Option<u64>, TotpError> {
     let code = code.trim();
     if code.len() != DIGITS as usize || !code.bytes().all(|b| b.is_ascii_digit()) {
         return Ok(None);
@@ -57,7 +59,7 @@ pub fn verify(secret_b32: &str, code: &str, now: u64) -> Result<Option<u64>, Tot
 
 /// `otpauth://totp/tailgate:USER?secret=...` (Google's key-URI format, which
 /// every authenticator app reads).
-pub fn otpauth_uri(user: &str, secret_b32: &str) -> String {
+pub(crate) fn otpauth_uri(user: &str, secret_b32: &str) -> String {
     let label = format!("{ISSUER}:{user}");
     format!("otpauth://totp/{}?secret={secret_b32}&issuer={ISSUER}&algorithm=SHA1&digits={DIGITS}&period={STEP}", percent_encode(&label))
 }
@@ -78,7 +80,7 @@ fn percent_encode(s: &str) -> String {
 
 /// The URI as a QR code drawn with Unicode half blocks (two modules per
 /// character cell), dark on light, with the quiet zone scanners need.
-pub fn qr_text(uri: &str) -> Result<String, TotpError> {
+pub(crate) fn qr_text(uri: &str) -> Result<String, TotpError> {
     let code = qrcode::QrCode::new(uri.as_bytes()).map_err(|e| TotpError::Totp(format!("QR code: {e}")))?;
     Ok(code
         .render::<qrcode::render::unicode::Dense1x2>()

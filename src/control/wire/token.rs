@@ -98,7 +98,7 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// Splits `http[s]://host:port[/]` into (host, port). `https://` means
 /// TLS around the Noise channel (see [`crate::control::transport`]).
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+pub(crate) fn parse_url(url: &str) -> Result<(String, u16), crate::control::transport::UrlError> {
     crate::control::transport::ControlUrl::parse(url).map(|u| (u.host, u.port))
 }
 
