@@ -28,7 +28,7 @@ async fn pair() -> Pair {
     // b has no endpoint for a: it learns it from a's authenticated handshake.
     cb.peers.push(PeerConfig {
         public_key: wg::public_key_of(&ka),
-        preshared_key: Some([7u8; 32]),
+        preshared_key: Some(tailgate::key::PresharedKey::from_bytes([7u8; 32])),
         allowed_ips: vec![format!("{A_IP}/32").parse().unwrap()],
         endpoint: None,
         persistent_keepalive: None,
@@ -36,7 +36,7 @@ async fn pair() -> Pair {
     let b = Node::start(cb).await.unwrap();
     ca.peers.push(PeerConfig {
         public_key: wg::public_key_of(&kb),
-        preshared_key: Some([7u8; 32]),
+        preshared_key: Some(tailgate::key::PresharedKey::from_bytes([7u8; 32])),
         allowed_ips: vec![format!("{B_IP}/32").parse().unwrap()],
         endpoint: Some(b.udp_addr()),
         persistent_keepalive: Some(25),

@@ -120,6 +120,10 @@ struct Listener {
 /// Per-connection bookkeeping the stack keeps for streams.
 #[derive(Default)]
 struct ConnState {
+    /// The stream (or its listener) is gone. Set where no clock is at hand
+    /// (a `Drop`); the next poll stamps `dropped_at` with the driver's time,
+    /// so the linger deadline runs on the same clock as everything else.
+    dropped: bool,
     dropped_at: Option<Instant>,
     /// Accepted from a listener (re-judged when the policy changes).
     inbound: bool,
@@ -228,7 +232,7 @@ impl Stack {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.sockets {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
-                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()), inbound: true, ..Default::default() });
+                self.conns.insert(h, ConnState { dropped: true, inbound: true, ..Default::default() });
             }
         }
     }
@@ -434,8 +438,11 @@ impl Stack {
     /// Free sockets whose streams are gone and which have finished closing.
     fn reap(&mut self, now: Instant) {
         let mut gone = Vec::new();
-        for (h, c) in &self.conns {
-            let Some(t) = c.dropped_at else { continue };
+        for (h, c) in &mut self.conns {
+            if !c.dropped {
+                continue;
+            }
+            let t = *c.dropped_at.get_or_insert(now);
             let s = self.sockets.get_mut::<tcp::Socket>(*h);
             if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 gone.push(*h);
@@ -756,7 +763,7 @@ impl Drop for TcpStream {
         if s.recv_queue() > 0 {
             s.abort();
         }
-        st.conns.entry(self.handle).or_default().dropped_at = Some(Instant::now());
+        st.conns.entry(self.handle).or_default().dropped = true;
         drop(st);
         self.shared.wake.notify_one();
     }
@@ -907,6 +914,44 @@ mod tests {
         }
         let Poll::Ready(Err(e)) = read(&mut client) else { panic!("a timed-out connection must not read as end of stream") };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    }
+
+    #[test]
+    fn a_quiet_connection_outlives_the_idle_timeout_on_keepalives() {
+        let mut w = Wire::new();
+        let (mut client, mut server) = w.connect(81);
+        for _ in 0..(IDLE_TIMEOUT.as_secs() / 10 + 2) {
+            w.now += Duration::from_secs(10);
+            w.pump();
+        }
+        assert!(read(&mut client).is_pending(), "keepalives kept it open");
+        assert!(matches!(write(&mut server, b"still here"), Poll::Ready(Ok(10))));
+        w.pump();
+        assert!(matches!(read(&mut client), Poll::Ready(Ok(d)) if d == b"still here"));
+    }
+
+    #[test]
+    fn a_dropped_stream_lingers_for_linger_of_driver_time_then_is_freed() {
+        let mut w = Wire::new();
+        let (client, _server) = w.connect(82);
+        assert_eq!(w.a.lock().socket_count(), 1);
+        w.cut = true;
+        // Long after the stack was created, in the driver's time only: the
+        // linger deadline must run from the first poll after the drop.
+        w.now += Duration::from_secs(3600);
+        w.pump();
+        drop(client);
+        w.pump();
+        let dropped = w.now;
+        while w.now + Duration::from_secs(5) <= dropped + LINGER {
+            w.now += Duration::from_secs(5);
+            w.pump();
+            assert_eq!(w.a.lock().socket_count(), 1, "still lingering (FIN unacknowledged) at +{:?}", w.now - dropped);
+        }
+        w.now = dropped + LINGER + Duration::from_secs(1);
+        w.pump();
+        w.pump();
+        assert_eq!(w.a.lock().socket_count(), 0, "aborted and freed once LINGER has passed");
     }
 
     /// Write as much of `data[*sent..]` as the stream takes now.

@@ -34,7 +34,7 @@ use crate::control::wire::frame::WireDecoder;
 use crate::control::wire::http::{self, RequestHead};
 use crate::control::wire::noise::{self, SecureChannel};
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// Relay limits and timers.
 #[derive(Clone, Debug)]
@@ -178,7 +178,7 @@ impl Conn {
 }
 
 struct Inner {
-    private: Key,
+    private: PrivateKey,
     cfg: RelayConfig,
     auth: Arc<dyn NodeAuthorizer>,
     conns: RwLock<HashMap<Key, Arc<Conn>>>,
@@ -222,7 +222,7 @@ pub struct RelayServer {
 impl RelayServer {
     /// `server_private`: the control server's Noise key (nodes pin its
     /// public half, exactly as for the control protocol).
-    pub fn new(server_private: Key, cfg: RelayConfig, auth: Arc<dyn NodeAuthorizer>) -> RelayServer {
+    pub fn new(server_private: PrivateKey, cfg: RelayConfig, auth: Arc<dyn NodeAuthorizer>) -> RelayServer {
         let (stop, _) = watch::channel(false);
         RelayServer {
             inner: Arc::new(Inner {

@@ -49,7 +49,8 @@ pub mod totp;
 use crate::control::{CONTROL_PATH, UPGRADE_CONTROL, UPGRADE_RELAY, unix_now};
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
-use crate::key::{Key, ShortKey};
+use crate::key::{Key, PrivateKey, ShortKey};
+use secrecy::ExposeSecret;
 
 /// A byte stream the server can serve (TCP, or in-memory in tests).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -227,13 +228,13 @@ pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
 
 /// Loads `state_dir/server.key`, creating it (0600) on first start.
 /// Returns (private key, created).
-pub fn load_or_create_server_key(state_dir: &Path) -> Result<(Key, bool)> {
+pub fn load_or_create_server_key(state_dir: &Path) -> Result<(PrivateKey, bool)> {
     let path = state_dir.join("server.key");
     match std::fs::read_to_string(&path) {
-        Ok(s) => Ok((wg::key_from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
+        Ok(s) => Ok((PrivateKey::from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = wg::generate_private_key();
-            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())
+            write_secret(&path, format!("{}\n", k.to_base64().expose_secret()).as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             Ok((k, true))
         }
@@ -291,7 +292,7 @@ struct Shared {
     relay: Option<Arc<crate::relay::RelayServer>>,
     oidc: Option<Arc<Oidc>>,
     preauth: Arc<PreAuthLimits>,
-    private: Key,
+    private: PrivateKey,
     opts: ServerOptions,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
@@ -397,8 +398,9 @@ impl ControlServer {
         let mut opts = opts;
         let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
-            let relay =
-                Arc::new(crate::relay::RelayServer::new(private, opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+            let relay = Arc::new(
+                crate::relay::RelayServer::new(private.clone(), opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()),
+            );
             relay_handle = Some(relay.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }
