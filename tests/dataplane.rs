@@ -21,9 +21,9 @@ struct Pair {
 async fn pair() -> Pair {
     let ka = wg::generate_private_key();
     let kb = wg::generate_private_key();
-    let mut ca = NodeConfig::new(ka, vec![A_IP.parse().unwrap()]);
+    let mut ca = NodeConfig::new(ka.clone(), vec![A_IP.parse().unwrap()]);
     ca.listen = "127.0.0.1:0".parse().unwrap();
-    let mut cb = NodeConfig::new(kb, vec![B_IP.parse().unwrap()]);
+    let mut cb = NodeConfig::new(kb.clone(), vec![B_IP.parse().unwrap()]);
     cb.listen = "127.0.0.1:0".parse().unwrap();
     // b has no endpoint for a: it learns it from a's authenticated handshake.
     cb.peers.push(PeerConfig {

@@ -418,7 +418,7 @@ impl Wg {
             return;
         }
         self.next_tick = now + TIMER_TICK;
-        for (id, slot) in self.peers.iter_mut().enumerate() {
+        for slot in self.peers.iter_mut() {
             let Some(peer) = slot else { continue };
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {
