@@ -11,7 +11,7 @@ use tailgate::control::{
     AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions,
 };
 use tailgate::dataplane::wg;
-use tailgate::key::{Key, PrivateKey};
+use tailgate::key::PrivateKey;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -119,10 +119,13 @@ fn trace_logs_of_control_and_nodes_carry_no_private_key() {
         .collect();
     // The test means something only if the logs are trace logs that talk
     // about the keys' owners: each node's public key appears in short form.
+    // (Control emits no trace events of its own; its debug lines show the
+    // filter is open.)
     for (name, log) in &logs[..3] {
         let text = String::from_utf8_lossy(log);
-        assert!(text.contains("TRACE"), "{name} is not a trace log:\n{}", tail(&text));
+        assert!(text.contains("DEBUG"), "{name} is not a verbose log:\n{}", tail(&text));
     }
+    assert!(logs[1..3].iter().all(|(_, l)| String::from_utf8_lossy(l).contains("TRACE")), "the nodes did not log at trace level");
     let vps_short = format!("[{}]", &public_b64(&keys[1].1)[..8]);
     assert!(
         String::from_utf8_lossy(&logs[2].1).contains(&vps_short),

@@ -39,6 +39,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long a stream dropped without a clean close may linger before abort.
 const LINGER: Duration = Duration::from_secs(30);
+/// Least driver time between two returns of freed heap to the OS.
+const TRIM_INTERVAL: Duration = Duration::from_millis(500);
 /// Local ports for outbound connections (IANA's dynamic range).
 const EPHEMERAL: RangeInclusive<u16> = 49152..=65535;
 /// Inbound RSTs remembered per poll to tell a reset from a timeout; more in
@@ -163,6 +165,10 @@ pub struct Stack {
     filter: Option<Filter>,
     /// Loss recovery counters of connections already reaped.
     retransmits: tcp::RetransmitStats,
+    /// Sockets were freed since the heap was last trimmed; the next reap
+    /// at or after `next_trim` returns the memory (see [`trim_heap`]).
+    trim_pending: bool,
+    next_trim: Instant,
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
@@ -190,6 +196,8 @@ impl Stack {
             pending_rsts: Vec::new(),
             filter: None,
             retransmits: tcp::RetransmitStats::default(),
+            trim_pending: false,
+            next_trim: now,
         }
     }
 
@@ -456,6 +464,12 @@ impl Stack {
                 self.ports_in_use.remove(&port);
             }
             self.sockets.remove(h);
+            self.trim_pending = true;
+        }
+        if self.trim_pending && now >= self.next_trim {
+            self.trim_pending = false;
+            self.next_trim = now + TRIM_INTERVAL;
+            trim_heap();
         }
     }
 
@@ -543,6 +557,21 @@ impl Stack {
 
     fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
+
+/// Hands freed heap back to the OS. A bulk transfer touches its two
+/// `TCP_BUFFER`s plus thousands of segment buffers; freed, glibc keeps all
+/// of it in the per-thread arenas, so an idle node sat 1.5-3 MiB of
+/// anonymous memory above its pre-transfer RSS (measured: the difference
+/// disappears entirely after `malloc_trim`). Called after reaping, at most
+/// every `TRIM_INTERVAL`, so a connection storm does not trim per close.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no
+    // preconditions and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
