@@ -15,7 +15,7 @@ use tailgate::control::wire::noise::{Initiator, SecureChannel};
 use tailgate::control::wire::proto::{ClientMsg, ErrorCode, NetMap, ServerMsg};
 use tailgate::control::{AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, NodeHello, wire::http};
 use tailgate::dataplane::wg;
-use tailgate::key::Key;
+use tailgate::key::{Key, PrivateKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use util::*;
@@ -242,7 +242,7 @@ async fn a_wrong_server_key_is_refused_by_noise() {
 
 /// A node agent's reconnect loop, as the module docs recommend: keep the
 /// last map, retry with backoff, log in with the known key.
-fn spawn_reconnecting(token: AuthKeyToken, host: &'static str, key: Key) -> tokio::sync::watch::Receiver<Option<NetMap>> {
+fn spawn_reconnecting(token: AuthKeyToken, host: &'static str, key: PrivateKey) -> tokio::sync::watch::Receiver<Option<NetMap>> {
     let (tx, rx) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         let target = ControlTarget::from(&token);

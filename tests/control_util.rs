@@ -11,7 +11,7 @@ use tailgate::control::{
     AuthKeyToken, ControlClient, ControlError, ControlServer, ControlTarget, MapDelta, NetMap, NodeHello, ServerOptions,
 };
 use tailgate::dataplane::wg;
-use tailgate::key::Key;
+use tailgate::key::PrivateKey;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,7 +91,7 @@ pub async fn make_key(s: &ControlServer, user: Option<&str>, tags: &[&str], reus
 }
 
 pub struct Node {
-    pub key: Key,
+    pub key: PrivateKey,
     pub client: ControlClient,
     pub map: NetMap,
 }
@@ -164,12 +164,12 @@ pub fn hello(token: &AuthKeyToken, host: &str) -> NodeHello {
     }
 }
 
-pub async fn join_with(token: &AuthKeyToken, host: &str, key: Key) -> Result<Node, ControlError> {
+pub async fn join_with(token: &AuthKeyToken, host: &str, key: PrivateKey) -> Result<Node, ControlError> {
     let (client, map) = ControlClient::connect(&ControlTarget::from(token), &key, hello(token, host)).await?;
     Ok(Node { key, client, map })
 }
 
-pub async fn login(target: &ControlTarget, host: &str, key: Key) -> Result<Node, ControlError> {
+pub async fn login(target: &ControlTarget, host: &str, key: PrivateKey) -> Result<Node, ControlError> {
     let (client, map) = ControlClient::connect(target, &key, NodeHello::login(host)).await?;
     Ok(Node { key, client, map })
 }

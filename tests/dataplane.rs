@@ -21,14 +21,14 @@ struct Pair {
 async fn pair() -> Pair {
     let ka = wg::generate_private_key();
     let kb = wg::generate_private_key();
-    let mut ca = NodeConfig::new(ka, vec![A_IP.parse().unwrap()]);
+    let mut ca = NodeConfig::new(ka.clone(), vec![A_IP.parse().unwrap()]);
     ca.listen = "127.0.0.1:0".parse().unwrap();
-    let mut cb = NodeConfig::new(kb, vec![B_IP.parse().unwrap()]);
+    let mut cb = NodeConfig::new(kb.clone(), vec![B_IP.parse().unwrap()]);
     cb.listen = "127.0.0.1:0".parse().unwrap();
     // b has no endpoint for a: it learns it from a's authenticated handshake.
     cb.peers.push(PeerConfig {
         public_key: wg::public_key_of(&ka),
-        preshared_key: Some([7u8; 32]),
+        preshared_key: Some(tailgate::key::PresharedKey::from_bytes([7u8; 32])),
         allowed_ips: vec![format!("{A_IP}/32").parse().unwrap()],
         endpoint: None,
         persistent_keepalive: None,
@@ -36,7 +36,7 @@ async fn pair() -> Pair {
     let b = Node::start(cb).await.unwrap();
     ca.peers.push(PeerConfig {
         public_key: wg::public_key_of(&kb),
-        preshared_key: Some([7u8; 32]),
+        preshared_key: Some(tailgate::key::PresharedKey::from_bytes([7u8; 32])),
         allowed_ips: vec![format!("{B_IP}/32").parse().unwrap()],
         endpoint: Some(b.udp_addr()),
         persistent_keepalive: Some(25),

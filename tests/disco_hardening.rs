@@ -9,7 +9,7 @@
 
 mod common;
 use common::*;
-use tailgate::key::Key;
+use tailgate::key::{Key, PrivateKey};
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -39,7 +39,7 @@ fn in_netns<F: std::future::Future<Output = ()>>(ns: &Netns, f: impl FnOnce() ->
     .expect("test thread panicked");
 }
 
-fn peer(key: &Key, ip: &str) -> PeerConfig {
+fn peer(key: &PrivateKey, ip: &str) -> PeerConfig {
     PeerConfig {
         public_key: wg::public_key_of(key),
         preshared_key: None,
@@ -49,7 +49,7 @@ fn peer(key: &Key, ip: &str) -> PeerConfig {
     }
 }
 
-async fn node(key: Key, ip: &str, peer_cfg: PeerConfig) -> Node {
+async fn node(key: PrivateKey, ip: &str, peer_cfg: PeerConfig) -> Node {
     let mut c = NodeConfig::new(key, vec![ip.parse().unwrap()]);
     c.manage_paths = true;
     c.peers.push(peer_cfg);
@@ -70,11 +70,11 @@ async fn recv_disco(s: &UdpSocket, secs: u64) -> Option<Vec<u8>> {
 
 /// Whether `d` is a pong from B to A (B also pings addresses it learned;
 /// those do not count).
-fn is_pong(d: &[u8], ka: &Key, pb: &Key) -> bool {
+fn is_pong(d: &[u8], ka: &PrivateKey, pb: &Key) -> bool {
     matches!(disco::open(ka, d, |k| k == pb), Some(disco::Opened { msg: Message::Pong { .. }, .. }))
 }
 
-async fn recv_pong(s: &UdpSocket, ka: &Key, pb: &Key) -> bool {
+async fn recv_pong(s: &UdpSocket, ka: &PrivateKey, pb: &Key) -> bool {
     while let Some(d) = recv_disco(s, 10).await {
         if is_pong(&d, ka, pb) {
             return true;
@@ -84,7 +84,7 @@ async fn recv_pong(s: &UdpSocket, ka: &Key, pb: &Key) -> bool {
 }
 
 /// Pongs already waiting on `s`.
-fn pongs_pending(s: &UdpSocket, ka: &Key, pb: &Key) -> usize {
+fn pongs_pending(s: &UdpSocket, ka: &PrivateKey, pb: &Key) -> usize {
     let mut buf = [0u8; 2048];
     let mut n = 0;
     while let Ok((len, _)) = s.try_recv_from(&mut buf) {
@@ -117,8 +117,8 @@ fn replayed_ping_from_many_ports_gets_no_pongs_and_no_candidates() {
     in_netns(&ns, || async {
         let (ka, kb) = (wg::generate_private_key(), wg::generate_private_key());
         let (pa, pb) = (wg::public_key_of(&ka), wg::public_key_of(&kb));
-        let a = node(ka, "100.64.0.1", peer(&kb, "100.64.0.2")).await;
-        let b = node(kb, "100.64.0.2", peer(&ka, "100.64.0.1")).await;
+        let a = node(ka.clone(), "100.64.0.1", peer(&kb, "100.64.0.2")).await;
+        let b = node(kb.clone(), "100.64.0.2", peer(&ka, "100.64.0.1")).await;
         b.set_peer_endpoints(&pa, &[]);
         let b_at: SocketAddr = format!("{LAN_IP}:{}", b.udp_addr().port()).parse().unwrap();
 
@@ -157,7 +157,7 @@ fn fresh_pings_are_rate_limited_and_candidates_bounded() {
     in_netns(&ns, || async {
         let (ka, kb) = (wg::generate_private_key(), wg::generate_private_key());
         let (pa, pb) = (wg::public_key_of(&ka), wg::public_key_of(&kb));
-        let b = node(kb, "100.64.0.2", peer(&ka, "100.64.0.1")).await;
+        let b = node(kb.clone(), "100.64.0.2", peer(&ka, "100.64.0.1")).await;
         let netmap_ep: SocketAddr = "10.77.0.9:41641".parse().unwrap();
         b.set_peer_endpoints(&pa, &[netmap_ep]);
         let b_at: SocketAddr = format!("{LAN_IP}:{}", b.udp_addr().port()).parse().unwrap();

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use tailgate::control::server::hub::AdminRequest;
 use tailgate::dataplane::wg;
-use tailgate::key::Key;
+use tailgate::key::{Key, PrivateKey};
 use tailgate::relay::{RelayClient, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 
-async fn relay(s: &tailgate::control::ControlServer, node: &Key) -> Result<(RelaySender, RelayReceiver), RelayError> {
+async fn relay(s: &tailgate::control::ControlServer, node: &PrivateKey) -> Result<(RelaySender, RelayReceiver), RelayError> {
     RelayClient::connect(s.url(), &s.public_key(), node).await
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tailgate::control::server::load_or_create_server_key;
 use tailgate::control::{ControlServer, ServerOptions, UPGRADE_RELAY};
 use tailgate::dataplane::wg;
-use tailgate::key::Key;
+use tailgate::key::{Key, PrivateKey};
 use tailgate::relay::{
     NodeAuthorizer, RelayClient, RelayClientOptions, RelayConfig, RelayError, RelayReceiver, RelaySender, RelayServer, SendError,
 };
@@ -45,17 +45,17 @@ impl Lab {
     }
 
     /// A new node key the relay allows.
-    fn node(&self) -> Key {
+    fn node(&self) -> PrivateKey {
         let k = wg::generate_private_key();
         self.allowed.lock().unwrap().insert(wg::public_key_of(&k));
         k
     }
 
-    async fn connect(&self, k: &Key) -> (RelaySender, RelayReceiver) {
+    async fn connect(&self, k: &PrivateKey) -> (RelaySender, RelayReceiver) {
         self.connect_with(k, RelayClientOptions::default()).await
     }
 
-    async fn connect_with(&self, k: &Key, opts: RelayClientOptions) -> (RelaySender, RelayReceiver) {
+    async fn connect_with(&self, k: &PrivateKey, opts: RelayClientOptions) -> (RelaySender, RelayReceiver) {
         RelayClient::connect_with(self.server.url(), &self.server.public_key(), k, opts).await.expect("relay accepts")
     }
 }

@@ -29,7 +29,7 @@ struct Remote {
 async fn remote() -> Remote {
     let local_key = wg::generate_private_key();
     let remote_key = wg::generate_private_key();
-    let mut c = NodeConfig::new(remote_key, vec!["100.64.0.2".parse().unwrap()]);
+    let mut c = NodeConfig::new(remote_key.clone(), vec!["100.64.0.2".parse().unwrap()]);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.peers.push(PeerConfig {
         public_key: wg::public_key_of(&local_key),
@@ -43,7 +43,7 @@ async fn remote() -> Remote {
     let dir = tempdir();
     let body = format!(
         "[Interface]\nPrivateKey = {}\nAddress = 100.64.0.1/32\n\n[Peer]\nPublicKey = {}\nAllowedIPs = 100.64.0.2/32\nEndpoint = {}\n",
-        wg::key_to_base64(&local_key),
+        wg::key_to_base64(local_key.expose_secret()),
         wg::key_to_base64(&wg::public_key_of(&remote_key)),
         node.udp_addr(),
     );

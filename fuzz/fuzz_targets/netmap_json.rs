@@ -40,7 +40,7 @@ fn use_map(m: &NetMap) {
     for (k, p) in &m.peers {
         assert_eq!(*k, p.node_key, "peer filed under another key");
     }
-    let mut wg = Wg::new([7; 32], Instant::now());
+    let mut wg = Wg::new(&tailgate::key::PrivateKey::from_bytes([7; 32]), Instant::now());
     for c in m.peer_configs() {
         let _ = wg.upsert_peer(c);
     }

@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::key::Key;
+use tailgate::key::{Key, PrivateKey};
 use tailgate::dataplane::wg::{Output, PeerConfig, RELAYED, Wg, public_key_of};
 
 const A: Key = [0x0a; 32];
@@ -26,7 +26,7 @@ const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const C_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
 // Scalar multiplications dominate an execution; do these once.
-static PUB: LazyLock<[Key; 3]> = LazyLock::new(|| [public_key_of(&A), public_key_of(&B), public_key_of(&C)]);
+static PUB: LazyLock<[Key; 3]> = LazyLock::new(|| [A, B, C].map(|k| public_key_of(&PrivateKey::from_bytes(k))));
 
 /// Input layout: `flags (u8: bit 0 = B handshakes first) | op*`, each op
 /// `kind (u8) | len (u16 BE) | body (len bytes, cut at the input's end)`,
@@ -174,10 +174,10 @@ impl Net {
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, ops)) = data.split_first() else { return };
     let now = Instant::now();
-    let mut a = Wg::new(A, now);
+    let mut a = Wg::new(&PrivateKey::from_bytes(A), now);
     a.add_peer(peer(PUB[1], B_IP, 41641)).unwrap();
     a.add_peer(peer(PUB[2], C_IP, 41641)).unwrap();
-    let mut b = Wg::new(B, now);
+    let mut b = Wg::new(&PrivateKey::from_bytes(B), now);
     b.add_peer(peer(PUB[0], A_IP, 41641)).unwrap();
     let mut net = Net { a, b, queue: VecDeque::new(), last_to_a: None, sent_by_b: Vec::new() };
     if flags & 1 == 1 {

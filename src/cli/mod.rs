@@ -204,7 +204,7 @@ pub fn main() -> ExitCode {
         }
         Command::Gen { what } => generate(what),
         Command::Genkey => {
-            println!("{}", wg::key_to_base64(&wg::generate_private_key()));
+            println!("{}", secrecy::ExposeSecret::expose_secret(&wg::generate_private_key().to_base64()));
             Ok(())
         }
         Command::Pubkey => pubkey(),
@@ -317,7 +317,7 @@ fn generate(what: GenCommand) -> Result<()> {
 fn pubkey() -> Result<()> {
     let mut s = String::new();
     std::io::stdin().read_line(&mut s)?;
-    let k = wg::key_from_base64(&s).context("reading a private key from stdin")?;
+    let k = crate::key::PrivateKey::from_base64(&s).context("reading a private key from stdin")?;
     println!("{}", wg::key_to_base64(&wg::public_key_of(&k)));
     Ok(())
 }
@@ -331,7 +331,7 @@ fn load_config(path: &Path) -> Result<QuickConfig> {
 }
 
 fn node_config(c: &QuickConfig, listen_port: u16) -> NodeConfig {
-    let mut nc = NodeConfig::new(c.private_key, c.addresses.iter().map(|n| n.addr()).collect());
+    let mut nc = NodeConfig::new(c.private_key.clone(), c.addresses.iter().map(|n| n.addr()).collect());
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), listen_port);
     nc.peers = c.peers.iter().map(|p| p.config.clone()).collect();
     // Refuse inbound connections until the policy's filter is installed.

@@ -46,7 +46,7 @@ use crate::control::wire::noise::{ChannelError, Initiator, SecureChannel};
 use crate::control::wire::proto::{CheckOutcome, ClientMsg, ErrorCode, MapDelta, NetMap, SelfInfo, ServerMsg, ShipAck};
 use crate::control::wire::token::AuthKeyToken;
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// Where the control server is and which key it must have.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,7 +262,11 @@ impl ControlClient {
     /// Dials `target.url`, upgrades, runs Noise IK with `node_private` (the
     /// node's WireGuard key), registers or logs in, and returns the client
     /// and the node's first full map.
-    pub async fn connect(target: &ControlTarget, node_private: &Key, hello: NodeHello) -> Result<(ControlClient, NetMap), ControlError> {
+    pub async fn connect(
+        target: &ControlTarget,
+        node_private: &PrivateKey,
+        hello: NodeHello,
+    ) -> Result<(ControlClient, NetMap), ControlError> {
         let s = super::transport::dial(&target.url, target.ca_pem.as_deref(), HANDSHAKE_TIMEOUT).await.map_err(|e| match e {
             DialError::Url(m) => ControlError::Http(m.to_string()),
             DialError::Connect { url, message } => ControlError::Connect { url, message },
@@ -276,7 +280,7 @@ impl ControlClient {
     pub async fn connect_stream<S: Stream>(
         s: S,
         target: &ControlTarget,
-        node_private: &Key,
+        node_private: &PrivateKey,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
         let limit = if hello.interactive { SIGN_IN_TIMEOUT } else { HANDSHAKE_TIMEOUT };
@@ -288,7 +292,7 @@ impl ControlClient {
     async fn handshake<S: Stream>(
         mut s: S,
         target: &ControlTarget,
-        node_private: &Key,
+        node_private: &PrivateKey,
         hello: NodeHello,
     ) -> Result<(ControlClient, NetMap), ControlError> {
         let hosthdr = ControlUrl::parse(&target.url).map_err(|e| ControlError::Http(e.to_string()))?.host_header();

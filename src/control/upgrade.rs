@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::control::wire::frame::{FrameError, WireDecoder};
 use crate::control::wire::noise::{self, ChannelError, SecureChannel};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// A byte stream the control port is served over or dialed through (TCP,
 /// TLS, or in-memory in tests).
@@ -67,7 +67,7 @@ pub(crate) async fn read_handshake_message<R: AsyncRead + Unpin>(
 /// return the channel and the peer's authenticated static key.
 pub(crate) async fn accept_noise<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    private: &Key,
+    private: &PrivateKey,
     leftover: &[u8],
     max_frame: usize,
     rbuf: &mut [u8],

@@ -23,9 +23,10 @@ use crate::daemon::identity::{Identity, TableResolver};
 use crate::daemon::localapi::Daemon;
 use crate::dataplane::node::{Node, NodeConfig};
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 use crate::policy::Policy;
 use crate::ssh::PolicyHandle;
+use secrecy::ExposeSecret;
 
 pub const NODE_KEY_FILE: &str = "node.key";
 pub const CONTROL_FILE: &str = "control.json";
@@ -103,13 +104,13 @@ impl From<CachedMap> for NetMap {
 }
 
 /// Load the node's WireGuard key, creating it (0600) on first run.
-pub fn load_or_create_node_key(state_dir: &Path) -> Result<Key> {
+pub fn load_or_create_node_key(state_dir: &Path) -> Result<PrivateKey> {
     let path = state_dir.join(NODE_KEY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(s) => wg::key_from_base64(&s).with_context(|| format!("{}: not a WireGuard private key", path.display())),
+        Ok(s) => PrivateKey::from_base64(&s).with_context(|| format!("{}: not a WireGuard private key", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = wg::generate_private_key();
-            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())?;
+            write_secret(&path, format!("{}\n", k.to_base64().expose_secret()).as_bytes())?;
             Ok(k)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -335,7 +336,7 @@ pub fn write_known_hosts(state_dir: &Path, dir: &Directory) -> Result<()> {
     Ok(())
 }
 
-fn placeholder_identity(key: &Key) -> Identity {
+fn placeholder_identity(key: &PrivateKey) -> Identity {
     Identity {
         node_key: wg::key_to_base64(&wg::public_key_of(key)),
         node_name: "unjoined".into(),
@@ -410,7 +411,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     if let Some((file, pem)) = &ca {
         pin_control_ca(&opts.state_dir, &mut target, pem, file)?;
     }
-    let mut nc = NodeConfig::new(key, vec![]);
+    let mut nc = NodeConfig::new(key.clone(), vec![]);
     nc.listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), opts.listen_port);
     nc.manage_paths = true;
     // Refuse inbound connections until the policy's filter is installed.
@@ -425,7 +426,7 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
         tracing::info!(server = ?stun, "STUN: the control server's UDP port");
         node.set_stun_server(stun);
     }
-    tokio::spawn(keep_relay(node.clone(), target.clone(), key));
+    tokio::spawn(keep_relay(node.clone(), target.clone(), key.clone()));
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
@@ -508,7 +509,7 @@ impl crate::dataplane::node::RelayLink for RelayAdapter {
 }
 
 /// Keep a relay connection up for as long as the node runs.
-async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: Key) {
+async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: PrivateKey) {
     let mut backoff = BACKOFF_MIN;
     let inbound = node.relay_inbound();
     loop {
@@ -575,7 +576,7 @@ fn give_ship_link(ship: &Option<tokio::sync::mpsc::Sender<crate::control::client
 async fn follow(
     mut applier: Applier,
     target: ControlTarget,
-    key: Key,
+    key: PrivateKey,
     mut hello: NodeHello,
     mut client: Option<ControlClient>,
     check: Option<crate::ssh::check::CheckLink>,

@@ -11,7 +11,7 @@ use std::path::Path;
 use ipnet::IpNet;
 
 use crate::dataplane::wg::{PeerConfig, key_from_base64};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]
@@ -32,7 +32,7 @@ pub struct QuickPeer {
 
 #[derive(Clone, Debug)]
 pub struct QuickConfig {
-    pub private_key: Key,
+    pub private_key: PrivateKey,
     pub addresses: Vec<IpNet>,
     pub listen_port: Option<u16>,
     /// Tags of this node itself (`# tailgate-tags` in `[Interface]`).
@@ -154,7 +154,7 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
             Section::Interface => match key_lc.as_str() {
                 "privatekey" => {
                     private_key = Some(
-                        key_from_base64(value)
+                        PrivateKey::from_base64(value)
                             .map_err(|e| err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?,
                     )
                 }
@@ -179,7 +179,7 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
                     "publickey" => p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey: {e}")))?),
                     "presharedkey" => {
                         p.preshared_key = Some(
-                            key_from_base64(value)
+                            crate::key::PresharedKey::from_base64(value)
                                 .map_err(|e| err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?,
                         )
                     }
@@ -240,7 +240,7 @@ pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
 #[derive(Default)]
 struct PartialPeer {
     public_key: Option<Key>,
-    preshared_key: Option<Key>,
+    preshared_key: Option<crate::key::PresharedKey>,
     allowed_ips: Vec<IpNet>,
     endpoint: Option<SocketAddr>,
     keepalive: Option<u16>,

@@ -5,6 +5,7 @@
 //! from `# tailgate-user` / `# tailgate-tags` comments in a wg-quick file; in
 //! control-plane mode from the netmap. The SSH server only ever sees an
 //! [`Identity`] produced here, never a bare IP it would have to trust.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -70,6 +71,7 @@ struct Table {
 }
 
 impl TableResolver {
+    /// A resolver for this node (`me`) and its known peers, by node key.
     pub fn new(me: Identity, peers: impl IntoIterator<Item = ([u8; 32], Identity)>) -> Self {
         TableResolver {
             inner: Arc::new(RwLock::new(Table { me, peers: peers.into_iter().collect() })),

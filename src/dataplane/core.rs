@@ -33,7 +33,7 @@ use crate::dataplane::endpoint::is_valid_endpoint;
 use crate::dataplane::path::{Action as PathAction, PathState, Route};
 use crate::dataplane::stun;
 use crate::dataplane::wg::{self, Output, PeerConfig, Wg, WgError};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey, ShortKey};
 
 /// How often we ask the STUN server for our public endpoint.
 pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
@@ -87,7 +87,7 @@ pub struct Core {
     /// Choose per peer between proven direct UDP and the relay. Off (static
     /// WireGuard configurations), datagrams go to WireGuard's endpoint.
     manage_paths: bool,
-    private_key: Key,
+    private_key: PrivateKey,
     paths: HashMap<Key, PathState>,
     /// Our own candidate endpoints, offered in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
@@ -118,9 +118,9 @@ pub struct PathView {
 impl Core {
     /// A core with no peers. `unix_micros` is the wall clock at `now`
     /// ([`disco::unix_micros`] in the driver).
-    pub fn new(private_key: Key, manage_paths: bool, now: Instant, unix_micros: u64) -> Self {
+    pub fn new(private_key: PrivateKey, manage_paths: bool, now: Instant, unix_micros: u64) -> Self {
         Core {
-            wg: Wg::new(private_key, now),
+            wg: Wg::new(&private_key, now),
             manage_paths,
             private_key,
             paths: HashMap::new(),
@@ -379,10 +379,14 @@ impl Core {
     /// Handle an authenticated disco message that arrived from `from` (or via the relay).
     fn on_disco(&mut self, opened: disco::Opened, from: SocketAddr, now: Instant, tx: &mut impl Transmit) {
         let disco::Opened { sender, counter, msg } = opened;
-        tracing::debug!(%from, peer = %wg::key_to_base64(&sender), ?msg, "disco");
+        // Path and disco lines below (and in `path`) name the peer through
+        // this span. Disco is rare next to data, so the span costs nothing
+        // on the packet path.
+        let _span = tracing::debug_span!("peer", peer = %ShortKey(sender)).entered();
+        tracing::debug!(%from, ?msg, "disco");
         let Some(st) = self.paths.get_mut(&sender) else { return };
         if !st.accept_counter(counter) {
-            tracing::debug!(%from, peer = %wg::key_to_base64(&sender), "replayed disco message dropped");
+            tracing::debug!(%from, "replayed disco message dropped");
             return;
         }
         match msg {
@@ -401,7 +405,7 @@ impl Core {
             disco::Message::CallMeMaybe { endpoints } => {
                 let endpoints: Vec<SocketAddr> = endpoints.into_iter().map(normalize).collect();
                 if !st.on_call_me_maybe(&endpoints, now) {
-                    tracing::debug!(peer = %wg::key_to_base64(&sender), "call-me-maybe over the rate limit dropped");
+                    tracing::debug!("call-me-maybe over the rate limit dropped");
                 }
             }
         }
@@ -414,11 +418,14 @@ impl Core {
         }
         let mut actions = Vec::new();
         for (k, st) in self.paths.iter_mut() {
+            // Timers only (`handle_timeout`), never per packet.
+            let _span = tracing::debug_span!("peer", peer = %ShortKey(*k)).entered();
             for a in st.poll(now) {
                 actions.push((*k, a));
             }
         }
         for (k, a) in actions {
+            let _span = tracing::debug_span!("peer", peer = %ShortKey(k)).entered();
             match a {
                 PathAction::Ping { to, tx_id } => {
                     tracing::trace!(%to, "ping");
@@ -426,7 +433,7 @@ impl Core {
                     tx.udp(to, &d);
                 }
                 PathAction::CallMeMaybe => {
-                    tracing::debug!(peer = %wg::key_to_base64(&k), relay = self.relay_up, "call me maybe");
+                    tracing::debug!(relay = self.relay_up, "call me maybe");
                     if self.relay_up {
                         let d = self.seal(&k, &disco::Message::CallMeMaybe { endpoints: self.my_endpoints.clone() }, now);
                         tx.relay(&k, &d);

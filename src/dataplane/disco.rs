@@ -60,7 +60,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// First six bytes of every disco datagram (version 2: with a counter).
 pub const MAGIC: &[u8; 6] = b"TGDSC\x02";
@@ -210,8 +210,8 @@ impl Message {
 }
 
 /// The directional box key, or `None` for a low-order peer key.
-fn box_key(our_private: &Key, their_public: &Key, sender: &Key, receiver: &Key) -> Option<[u8; 32]> {
-    let shared = StaticSecret::from(*our_private).diffie_hellman(&PublicKey::from(*their_public));
+fn box_key(our_private: &PrivateKey, their_public: &Key, sender: &Key, receiver: &Key) -> Option<[u8; 32]> {
+    let shared = StaticSecret::from(*our_private.expose_secret()).diffie_hellman(&PublicKey::from(*their_public));
     if !shared.was_contributory() {
         return None;
     }
@@ -227,7 +227,7 @@ fn box_key(our_private: &Key, their_public: &Key, sender: &Key, receiver: &Key) 
 /// numbered `counter` (from our [`Counter`]). The result goes out as one UDP
 /// datagram (or through the relay). A low-order `their_public` (never a real
 /// node key) yields a datagram no one can open.
-pub fn seal(our_private: &Key, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
+pub fn seal(our_private: &PrivateKey, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
     let ours = crate::dataplane::wg::public_key_of(our_private);
     let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -257,7 +257,7 @@ pub struct Opened {
 /// Opens a disco datagram addressed to us. Returns the sender's node key,
 /// counter and message, or `None` (not disco, sender not a known peer, bad
 /// authentication, truncated, unknown type).
-pub fn open(our_private: &Key, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
+pub fn open(our_private: &PrivateKey, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
     if !is_disco(datagram) {
         return None;
     }

@@ -39,6 +39,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long a stream dropped without a clean close may linger before abort.
 const LINGER: Duration = Duration::from_secs(30);
+/// Least driver time between two returns of freed heap to the OS.
+const TRIM_INTERVAL: Duration = Duration::from_millis(500);
 /// Local ports for outbound connections (IANA's dynamic range).
 const EPHEMERAL: RangeInclusive<u16> = 49152..=65535;
 /// Inbound RSTs remembered per poll to tell a reset from a timeout; more in
@@ -120,6 +122,10 @@ struct Listener {
 /// Per-connection bookkeeping the stack keeps for streams.
 #[derive(Default)]
 struct ConnState {
+    /// The stream (or its listener) is gone. Set where no clock is at hand
+    /// (a `Drop`); the next poll stamps `dropped_at` with the driver's time,
+    /// so the linger deadline runs on the same clock as everything else.
+    dropped: bool,
     dropped_at: Option<Instant>,
     /// Accepted from a listener (re-judged when the policy changes).
     inbound: bool,
@@ -159,6 +165,10 @@ pub struct Stack {
     filter: Option<Filter>,
     /// Loss recovery counters of connections already reaped.
     retransmits: tcp::RetransmitStats,
+    /// Sockets were freed since the heap was last trimmed; the next reap
+    /// at or after `next_trim` returns the memory (see [`trim_heap`]).
+    trim_pending: bool,
+    next_trim: Instant,
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
@@ -186,6 +196,8 @@ impl Stack {
             pending_rsts: Vec::new(),
             filter: None,
             retransmits: tcp::RetransmitStats::default(),
+            trim_pending: false,
+            next_trim: now,
         }
     }
 
@@ -228,7 +240,7 @@ impl Stack {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.sockets {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
-                self.conns.insert(h, ConnState { dropped_at: Some(Instant::now()), inbound: true, ..Default::default() });
+                self.conns.insert(h, ConnState { dropped: true, inbound: true, ..Default::default() });
             }
         }
     }
@@ -434,8 +446,11 @@ impl Stack {
     /// Free sockets whose streams are gone and which have finished closing.
     fn reap(&mut self, now: Instant) {
         let mut gone = Vec::new();
-        for (h, c) in &self.conns {
-            let Some(t) = c.dropped_at else { continue };
+        for (h, c) in &mut self.conns {
+            if !c.dropped {
+                continue;
+            }
+            let t = *c.dropped_at.get_or_insert(now);
             let s = self.sockets.get_mut::<tcp::Socket>(*h);
             if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 gone.push(*h);
@@ -449,6 +464,12 @@ impl Stack {
                 self.ports_in_use.remove(&port);
             }
             self.sockets.remove(h);
+            self.trim_pending = true;
+        }
+        if self.trim_pending && now >= self.next_trim {
+            self.trim_pending = false;
+            self.next_trim = now + TRIM_INTERVAL;
+            trim_heap();
         }
     }
 
@@ -536,6 +557,21 @@ impl Stack {
 
     fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
+
+/// Hands freed heap back to the OS. A bulk transfer touches its two
+/// `TCP_BUFFER`s plus thousands of segment buffers; freed, glibc keeps all
+/// of it in the per-thread arenas, so an idle node sat 1.5-3 MiB of
+/// anonymous memory above its pre-transfer RSS (measured: the difference
+/// disappears entirely after `malloc_trim`). Called after reaping, at most
+/// every `TRIM_INTERVAL`, so a connection storm does not trim per close.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no
+    // preconditions and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -756,7 +792,7 @@ impl Drop for TcpStream {
         if s.recv_queue() > 0 {
             s.abort();
         }
-        st.conns.entry(self.handle).or_default().dropped_at = Some(Instant::now());
+        st.conns.entry(self.handle).or_default().dropped = true;
         drop(st);
         self.shared.wake.notify_one();
     }
@@ -907,6 +943,47 @@ mod tests {
         }
         let Poll::Ready(Err(e)) = read(&mut client) else { panic!("a timed-out connection must not read as end of stream") };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    }
+
+    #[test]
+    fn a_quiet_connection_outlives_the_idle_timeout_on_keepalives() {
+        let mut w = Wire::new();
+        let (mut client, mut server) = w.connect(81);
+        for _ in 0..(IDLE_TIMEOUT.as_secs() / 10 + 2) {
+            w.now += Duration::from_secs(10);
+            w.pump();
+        }
+        assert!(read(&mut client).is_pending(), "keepalives kept it open");
+        assert!(matches!(write(&mut server, b"still here"), Poll::Ready(Ok(10))));
+        w.pump();
+        assert!(matches!(read(&mut client), Poll::Ready(Ok(d)) if d == b"still here"));
+    }
+
+    #[test]
+    fn a_dropped_stream_lingers_for_linger_of_driver_time_then_is_freed() {
+        let mut w = Wire::new();
+        let (client, _server) = w.connect(82);
+        assert_eq!(w.a.lock().socket_count(), 1);
+        // Long after the stack was created, in the driver's time only (the
+        // peer answers keepalives meanwhile): the linger deadline must run
+        // from the first poll after the drop.
+        for _ in 0..360 {
+            w.now += Duration::from_secs(10);
+            w.pump();
+        }
+        w.cut = true;
+        drop(client);
+        w.pump();
+        let dropped = w.now;
+        while w.now + Duration::from_secs(5) <= dropped + LINGER {
+            w.now += Duration::from_secs(5);
+            w.pump();
+            assert_eq!(w.a.lock().socket_count(), 1, "still lingering (FIN unacknowledged) at +{:?}", w.now - dropped);
+        }
+        w.now = dropped + LINGER + Duration::from_secs(1);
+        w.pump();
+        w.pump();
+        assert_eq!(w.a.lock().socket_count(), 0, "aborted and freed once LINGER has passed");
     }
 
     /// Write as much of `data[*sent..]` as the stream takes now.

@@ -25,7 +25,7 @@ use crate::dataplane::netstack::{Accepted, Shared, Stack, TcpListener, TcpStream
 use crate::dataplane::path::Route;
 use crate::dataplane::udp::{RecvBatch, SendQueue, UdpSocket};
 use crate::dataplane::wg::{self, PeerConfig};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// Datagrams handled per wake before the stack runs; bounds latency.
 const RX_BATCH: usize = 128;
@@ -34,7 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    pub private_key: Key,
+    pub private_key: PrivateKey,
     /// The node's tailnet addresses.
     pub addresses: Vec<IpAddr>,
     /// UDP address to bind; port 0 picks one.
@@ -49,7 +49,7 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    pub fn new(private_key: Key, addresses: Vec<IpAddr>) -> Self {
+    pub fn new(private_key: PrivateKey, addresses: Vec<IpAddr>) -> Self {
         NodeConfig {
             private_key,
             addresses,
@@ -141,7 +141,7 @@ impl Node {
     /// Bind the UDP socket, configure peers and start the driver task.
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         let now = Instant::now();
-        let mut core = Core::new(config.private_key, config.manage_paths, now, disco::unix_micros());
+        let mut core = Core::new(config.private_key.clone(), config.manage_paths, now, disco::unix_micros());
         for p in config.peers {
             core.add_peer(p)?;
         }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::dataplane::core::{Core, Event, Transmit};
 use crate::dataplane::path::Route;
 use crate::dataplane::wg::{self, PeerConfig};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// How a host's NAT maps and filters UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +52,7 @@ const LOCAL_PORT: u16 = 41641;
 
 pub struct Host {
     pub core: Core,
-    pub private_key: Key,
+    pub private_key: PrivateKey,
     pub key: Key,
     /// The host's tailnet address (100.64.0.x).
     pub tailnet_ip: Ipv4Addr,
@@ -143,15 +143,15 @@ impl Sim {
     /// yet: traffic starts on the relay until [`Sim::enable_stun`].
     pub fn new(nats: &[Nat]) -> Sim {
         let now = Instant::now();
-        let keys: Vec<Key> = nats.iter().map(|_| wg::generate_private_key()).collect();
+        let keys: Vec<PrivateKey> = nats.iter().map(|_| wg::generate_private_key()).collect();
         let mut hosts: Vec<Host> = Vec::new();
         for (i, nat) in nats.iter().enumerate() {
             let n = i as u8 + 1;
-            let mut core = Core::new(keys[i], true, now, 1_700_000_000_000_000);
+            let mut core = Core::new(keys[i].clone(), true, now, 1_700_000_000_000_000);
             core.set_relay_up(true);
             hosts.push(Host {
                 core,
-                private_key: keys[i],
+                private_key: keys[i].clone(),
                 key: wg::public_key_of(&keys[i]),
                 tailnet_ip: Ipv4Addr::new(100, 64, 0, n),
                 local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, n, 0, 2)), LOCAL_PORT),

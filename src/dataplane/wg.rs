@@ -32,13 +32,13 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations accepted per second before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
-use crate::key::Key;
+use crate::key::{Key, PresharedKey, PrivateKey, ShortKey};
 
 /// Static configuration of one peer.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     pub public_key: Key,
-    pub preshared_key: Option<Key>,
+    pub preshared_key: Option<PresharedKey>,
     pub allowed_ips: Vec<IpNet>,
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
@@ -115,8 +115,8 @@ pub enum WgError {
 }
 
 impl Wg {
-    pub fn new(private_key: Key, now: Instant) -> Self {
-        let private = StaticSecret::from(private_key);
+    pub fn new(private_key: &PrivateKey, now: Instant) -> Self {
+        let private = StaticSecret::from(*private_key.expose_secret());
         let public = PublicKey::from(&private);
         Wg {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
@@ -162,7 +162,7 @@ impl Wg {
         let tunn = Tunn::new(
             self.private.clone(),
             PublicKey::from(config.public_key),
-            config.preshared_key,
+            config.preshared_key.as_ref().map(|k| *k.expose_secret()),
             config.persistent_keepalive,
             id as u32,
             Some(self.limiter.clone()),
@@ -280,7 +280,7 @@ impl Wg {
                 peer.stats.tx_bytes += packet.len() as u64;
                 out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
             }
-            TunnResult::Err(e) => tracing::debug!(peer = id, error = ?e, "encapsulate failed"),
+            TunnResult::Err(e) => tracing::debug!(peer = %ShortKey(peer.config.public_key), error = ?e, "encapsulate failed"),
             _ => {}
         }
     }
@@ -300,7 +300,7 @@ impl Wg {
                 TunnResult::Done => break,
                 TunnResult::Err(WireGuardError::DuplicateCounter) => break,
                 TunnResult::Err(e) => {
-                    tracing::debug!(peer = id, %from, error = ?e, "dropping datagram");
+                    tracing::debug!(peer = %ShortKey(peer.config.public_key), %from, error = ?e, "dropping datagram");
                     self.stats.invalid += 1;
                     break;
                 }
@@ -349,12 +349,12 @@ impl Wg {
         let min_header = if src.is_ipv4() { 20 } else { 40 };
         if packet.len() < min_header {
             stats.invalid += 1;
-            tracing::debug!(peer = id, len = packet.len(), "dropping packet shorter than its IP header");
+            tracing::debug!(peer = %ShortKey(peer.config.public_key), len = packet.len(), "dropping packet shorter than its IP header");
             return;
         }
         if routes.lookup(src) != Some(id) {
             peer.stats.spoofed += 1;
-            tracing::debug!(peer = id, %src, "dropping packet with inner source outside the peer's AllowedIPs");
+            tracing::debug!(peer = %ShortKey(peer.config.public_key), %src, "dropping packet with inner source outside the peer's AllowedIPs");
             return;
         }
         out(Output::Tunnel { peer: id, key: peer.config.public_key, packet });
@@ -418,16 +418,16 @@ impl Wg {
             return;
         }
         self.next_tick = now + TIMER_TICK;
-        for (id, slot) in self.peers.iter_mut().enumerate() {
+        for slot in self.peers.iter_mut() {
             let Some(peer) = slot else { continue };
             match peer.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(b) => {
                     out(Output::Network { peer: Some(peer.config.public_key), to: peer.endpoint, data: b });
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                    tracing::debug!(peer = id, "session expired");
+                    tracing::debug!(peer = %ShortKey(peer.config.public_key), "session expired");
                 }
-                TunnResult::Err(e) => tracing::trace!(peer = id, error = ?e, "timer"),
+                TunnResult::Err(e) => tracing::trace!(peer = %ShortKey(peer.config.public_key), error = ?e, "timer"),
                 _ => {}
             }
         }
@@ -491,13 +491,7 @@ pub fn key_to_base64(key: &Key) -> String {
     base64::engine::general_purpose::STANDARD.encode(key)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("not valid base64 ({0})")]
-    Base64(String),
-    #[error("decodes to {0} bytes, a WireGuard key is 32 bytes (44 base64 characters)")]
-    Length(usize),
-}
+pub use crate::key::KeyError;
 
 pub fn key_from_base64(s: &str) -> Result<Key, KeyError> {
     use base64::Engine;
@@ -506,12 +500,13 @@ pub fn key_from_base64(s: &str) -> Result<Key, KeyError> {
 }
 
 /// Generate a new private key.
-pub fn generate_private_key() -> Key {
-    StaticSecret::random().to_bytes()
+pub fn generate_private_key() -> PrivateKey {
+    PrivateKey::generate()
 }
 
-pub fn public_key_of(private: &Key) -> Key {
-    *PublicKey::from(&StaticSecret::from(*private)).as_bytes()
+/// The public half of a private key.
+pub fn public_key_of(private: &PrivateKey) -> Key {
+    private.public_key()
 }
 
 /// Longest-prefix match from address to peer. Linear per prefix length, which
@@ -576,8 +571,8 @@ mod tests {
         let kb = generate_private_key();
         let ea: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let eb: SocketAddr = "127.0.0.1:2000".parse().unwrap();
-        let mut a = Wg::new(ka, now);
-        let mut b = Wg::new(kb, now);
+        let mut a = Wg::new(&ka, now);
+        let mut b = Wg::new(&kb, now);
         a.add_peer(PeerConfig {
             public_key: public_key_of(&kb),
             preshared_key: None,

@@ -41,7 +41,7 @@ use crate::control::upgrade::Stream;
 use crate::control::wire::frame::WireDecoder;
 use crate::control::wire::http;
 use crate::control::wire::noise::{Initiator, SecureChannel};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 /// Why a relay connection could not be made or ended.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -291,7 +291,7 @@ impl RelayClient {
     /// upgrades to the relay, authenticates as `node_private` (the node's
     /// WireGuard key) against the pinned `server_public`, and waits for the
     /// relay to accept the node.
-    pub async fn connect(url: &str, server_public: &Key, node_private: &Key) -> Result<(RelaySender, RelayReceiver), RelayError> {
+    pub async fn connect(url: &str, server_public: &Key, node_private: &PrivateKey) -> Result<(RelaySender, RelayReceiver), RelayError> {
         Self::connect_with(url, server_public, node_private, RelayClientOptions::default()).await
     }
 
@@ -299,7 +299,7 @@ impl RelayClient {
     pub async fn connect_with(
         url: &str,
         server_public: &Key,
-        node_private: &Key,
+        node_private: &PrivateKey,
         opts: RelayClientOptions,
     ) -> Result<(RelaySender, RelayReceiver), RelayError> {
         let s = dial(url, opts.ca_pem.as_deref(), opts.connect_timeout).await.map_err(|e| match e {
@@ -316,7 +316,7 @@ impl RelayClient {
         s: S,
         url: &str,
         server_public: &Key,
-        node_private: &Key,
+        node_private: &PrivateKey,
         opts: RelayClientOptions,
     ) -> Result<(RelaySender, RelayReceiver), RelayError> {
         let limit = opts.connect_timeout;
@@ -342,7 +342,7 @@ async fn handshake<S: Stream>(
     mut s: S,
     url: &str,
     server_public: &Key,
-    node_private: &Key,
+    node_private: &PrivateKey,
     opts: RelayClientOptions,
 ) -> Result<(RelaySender, RelayReceiver), RelayError> {
     let hosthdr = ControlUrl::parse(url).map_err(|e| RelayError::Http(e.to_string()))?.host_header();

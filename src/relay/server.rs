@@ -35,7 +35,7 @@ use crate::control::server::{PreAuthPermit, UpgradeHandler};
 use crate::control::upgrade::{Stream, accept_noise, write_and_close};
 use crate::control::wire::http::{self, RequestHead};
 use crate::control::wire::noise::{ChannelError, SecureChannel};
-use crate::key::{Key, ShortKey};
+use crate::key::{Key, PrivateKey, ShortKey};
 
 /// Relay limits and timers.
 #[derive(Clone, Debug)]
@@ -186,7 +186,7 @@ impl Conn {
 }
 
 struct Inner {
-    private: Key,
+    private: PrivateKey,
     cfg: RelayConfig,
     auth: Arc<dyn NodeAuthorizer>,
     conns: RwLock<HashMap<Key, Arc<Conn>>>,
@@ -230,7 +230,7 @@ pub struct RelayServer {
 impl RelayServer {
     /// `server_private`: the control server's Noise key (nodes pin its
     /// public half, exactly as for the control protocol).
-    pub fn new(server_private: Key, cfg: RelayConfig, auth: Arc<dyn NodeAuthorizer>) -> RelayServer {
+    pub fn new(server_private: PrivateKey, cfg: RelayConfig, auth: Arc<dyn NodeAuthorizer>) -> RelayServer {
         let (stop, _) = watch::channel(false);
         RelayServer {
             inner: Arc::new(Inner {

@@ -39,7 +39,7 @@ use crate::control::upgrade::Stream;
 use crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME;
 use crate::control::UPGRADE_RELAY;
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 mod accept;
 /// `tailgate control …` (the admin command line).
@@ -175,7 +175,7 @@ struct Shared {
     relay: Option<Arc<crate::relay::RelayServer>>,
     oidc: Option<Arc<Oidc>>,
     preauth: Arc<PreAuthLimits>,
-    private: Key,
+    private: PrivateKey,
     opts: ServerOptions,
     next_conn: AtomicU64,
     shutdown: watch::Receiver<bool>,
@@ -277,7 +277,7 @@ impl ControlServer {
         let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
             let relay =
-                Arc::new(crate::relay::RelayServer::new(private, opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+                Arc::new(crate::relay::RelayServer::new(private.clone(), opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
             relay_handle = Some(relay.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }

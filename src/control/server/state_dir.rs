@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::daemon::config::write_secret;
 use crate::dataplane::wg;
-use crate::key::Key;
+use crate::key::PrivateKey;
+use secrecy::ExposeSecret;
 
 /// Path of the admin socket in a state directory.
 pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
@@ -17,13 +18,13 @@ pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
 
 /// Loads `state_dir/server.key`, creating it (0600) on first start.
 /// Returns (private key, created).
-pub fn load_or_create_server_key(state_dir: &Path) -> Result<(Key, bool)> {
+pub fn load_or_create_server_key(state_dir: &Path) -> Result<(PrivateKey, bool)> {
     let path = state_dir.join("server.key");
     match std::fs::read_to_string(&path) {
-        Ok(s) => Ok((wg::key_from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
+        Ok(s) => Ok((PrivateKey::from_base64(&s).with_context(|| format!("{} is not a valid key", path.display()))?, false)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = wg::generate_private_key();
-            write_secret(&path, format!("{}\n", wg::key_to_base64(&k)).as_bytes())
+            write_secret(&path, format!("{}\n", k.to_base64().expose_secret()).as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             Ok((k, true))
         }

@@ -12,7 +12,7 @@
 //! the protocol version rides in every frame.
 
 use crate::control::wire::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
-use crate::key::Key;
+use crate::key::{Key, PrivateKey};
 
 pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const PROLOGUE: &[u8] = b"tailgate-control/1";
@@ -43,10 +43,10 @@ pub struct Initiator {
 
 impl Initiator {
     /// Starts a handshake; returns the state and message 1, wire-framed.
-    pub fn start(local_private: &Key, server_public: &Key) -> Result<(Initiator, Vec<u8>), ChannelError> {
+    pub fn start(local_private: &PrivateKey, server_public: &Key) -> Result<(Initiator, Vec<u8>), ChannelError> {
         let hs_err = |e: snow::Error| ChannelError::Handshake(e.to_string());
         let mut hs = snow::Builder::new(params())
-            .local_private_key(local_private)
+            .local_private_key(local_private.expose_secret())
             .map_err(hs_err)?
             .remote_public_key(server_public)
             .map_err(hs_err)?
@@ -74,14 +74,14 @@ impl Initiator {
 /// The server side: reads message 1 (without length prefix), returns the
 /// channel, the node's static key (its node key) and message 2 wire-framed.
 pub fn respond(
-    server_private: &Key,
+    server_private: &PrivateKey,
     msg1: &[u8],
     wire: WireDecoder,
     max_frame: usize,
 ) -> Result<(SecureChannel, Key, Vec<u8>), ChannelError> {
     let hs_err = |e: snow::Error| ChannelError::Handshake(e.to_string());
     let mut hs = snow::Builder::new(params())
-        .local_private_key(server_private)
+        .local_private_key(server_private.expose_secret())
         .map_err(hs_err)?
         .prologue(PROLOGUE)
         .map_err(hs_err)?
@@ -173,7 +173,7 @@ mod tests {
     use super::*;
     use crate::dataplane::wg::{generate_private_key, public_key_of};
 
-    fn handshake(client: &Key, server: &Key, pinned: &Key) -> Result<(SecureChannel, SecureChannel, Key), ChannelError> {
+    fn handshake(client: &PrivateKey, server: &PrivateKey, pinned: &Key) -> Result<(SecureChannel, SecureChannel, Key), ChannelError> {
         let (init, m1) = Initiator::start(client, pinned)?;
         let mut sw = WireDecoder::new();
         sw.push(&m1);
