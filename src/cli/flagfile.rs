@@ -135,7 +135,7 @@ fn file_flags(
         if levels.iter().any(|(_, m)| given_by_user(m, arg.get_id().as_str())) {
             continue;
         }
-        let values = flag_values(&long, arg, value.get_ref()).map_err(|m| at(value.span(), m))?;
+        let values = flag_values(&long, arg, value.get_ref()).map_err(|e| at(value.span(), e.to_string()))?;
         for v in values {
             lines.push((long.clone(), line_of(text, value.span().start)));
             out.push(match v {
@@ -152,36 +152,49 @@ fn given_by_user(m: &ArgMatches, id: &str) -> bool {
         && matches!(m.value_source(id), Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable))
 }
 
+/// A value whose TOML type does not fit its flag (the key is in each variant).
+#[derive(Debug, thiserror::Error)]
+enum ValueShape {
+    #[error("`{0}` is a switch: write `{0} = true` or `{0} = false`")]
+    Switch(String),
+    #[error("`{0}` is a level: write a number, e.g. `{0} = 1`")]
+    Level(String),
+    #[error("`{0}` takes one value, not a list")]
+    NotAList(String),
+    #[error("`{0}` takes a string, number or boolean")]
+    NotAScalar(String),
+}
+
 /// The command-line words for one `key = value`: `None` is a bare `--key`.
-fn flag_values(long: &str, arg: &Arg, v: &toml::Value) -> Result<Vec<Option<String>>, String> {
+fn flag_values(long: &str, arg: &Arg, v: &toml::Value) -> Result<Vec<Option<String>>, ValueShape> {
     match arg.get_action() {
         ArgAction::SetTrue => match v {
             toml::Value::Boolean(true) => Ok(vec![None]),
             toml::Value::Boolean(false) => Ok(vec![]),
-            _ => Err(format!("`{long}` is a switch: write `{long} = true` or `{long} = false`")),
+            _ => Err(ValueShape::Switch(long.into())),
         },
         ArgAction::Count => match v {
             toml::Value::Integer(n) if (0..=16).contains(n) => Ok(vec![None; *n as usize]),
-            _ => Err(format!("`{long}` is a level: write a number, e.g. `{long} = 1`")),
+            _ => Err(ValueShape::Level(long.into())),
         },
         ArgAction::Append => match v {
             toml::Value::Array(items) => items.iter().map(|i| scalar(long, i).map(Some)).collect(),
             other => Ok(vec![Some(scalar(long, other)?)]),
         },
         _ => match v {
-            toml::Value::Array(_) => Err(format!("`{long}` takes one value, not a list")),
+            toml::Value::Array(_) => Err(ValueShape::NotAList(long.into())),
             other => Ok(vec![Some(scalar(long, other)?)]),
         },
     }
 }
 
-fn scalar(long: &str, v: &toml::Value) -> Result<String, String> {
+fn scalar(long: &str, v: &toml::Value) -> Result<String, ValueShape> {
     match v {
         toml::Value::String(s) => Ok(s.clone()),
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Boolean(b) => Ok(b.to_string()),
-        _ => Err(format!("`{long}` takes a string, number or boolean")),
+        _ => Err(ValueShape::NotAScalar(long.into())),
     }
 }
 

@@ -500,7 +500,7 @@ pub fn default_state_dir() -> Result<PathBuf> {
 }
 
 async fn ssh(args: SshArgs) -> Result<()> {
-    let inv = crate::cli::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
+    let inv = crate::cli::sshclient::parse_ssh_args(&args.args)?;
     let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;

@@ -33,11 +33,23 @@ impl Entry {
 /// A tailnet domain (`tailnet.internal`): dot-separated labels of the node
 /// name alphabet. It is appended to names in `known_hosts` and ssh_config,
 /// so it must not carry spaces, commas, wildcards or line breaks.
-pub fn check_domain(d: &str) -> Result<(), String> {
+pub(crate) fn check_domain(d: &str) -> Result<(), BadDomain> {
     if d.len() <= 253 && d.split('.').all(|l| crate::control::wire::proto::check_node_name(l).is_ok()) {
         Ok(())
     } else {
-        Err(format!("{:?} is not a domain (lowercase letters, digits, '-' and '.')", d.chars().take(80).collect::<String>()))
+        Err(BadDomain(d.chars().take(80).collect()))
+    }
+}
+
+/// A tailnet domain that [`check_domain`] refuses (its first 80 characters).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0:?} is not a domain (lowercase letters, digits, '-' and '.')")]
+pub(crate) struct BadDomain(String);
+
+// The admin command's flag parser speaks `Result<_, String>` (clap value parsers).
+impl From<BadDomain> for String {
+    fn from(e: BadDomain) -> String {
+        e.to_string()
     }
 }
 

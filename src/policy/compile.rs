@@ -119,9 +119,10 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+    /// A diagnostic at `span`; `message` is a string or a typed parse error.
+    fn err(&mut self, span: Range<usize>, message: impl std::fmt::Display) {
         let (line, col) = self.lines.pos(span.start);
-        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, message: message.into() });
+        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, message: message.to_string() });
     }
     fn pos(&self, span: Range<usize>) -> (usize, usize) {
         self.lines.pos(span.start)
@@ -265,7 +266,7 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
     Ok(Policy { file: file.to_string(), groups, tag_owners, hosts, acls, ssh, tests })
 }
 
-fn node_list<T>(cx: &mut Ctx, list: &SList, what: &str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+fn node_list<T>(cx: &mut Ctx, list: &SList, what: &str, parse: impl Fn(&str) -> Result<T, pattern::PatternError>) -> Vec<T> {
     if list.get_ref().is_empty() {
         cx.err(list.span(), format!("empty {what} list: it would match nothing"));
     }

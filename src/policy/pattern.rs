@@ -57,34 +57,102 @@ pub struct Names<'a> {
     pub hosts: &'a BTreeMap<String, IpNet>,
 }
 
+/// A policy entry that is not a valid pattern. The text is user-facing:
+/// the compiler puts `FILE:LINE:COL` in front of it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PatternError {
+    #[error("'{0}' is not a tag: tags are written tag:NAME")]
+    NotATag(String),
+    #[error("empty tag name in '{0}'")]
+    EmptyTag(String),
+    #[error("bad tag name '{0}': use letters, digits, '-', '_' and '.'")]
+    BadTag(String),
+    #[error("'{0}' is not a group name: groups are written group:NAME")]
+    NotAGroup(String),
+    #[error("empty group name in '{0}'")]
+    EmptyGroup(String),
+    #[error("bad group name '{0}': use letters, digits, '-', '_', '.' and '@'")]
+    BadGroup(String),
+    #[error("'{0}' is not a provider group: they are written group:oidc/NAME")]
+    NotAProviderGroup(String),
+    #[error("empty provider group name in '{0}' (write group:oidc/NAME, NAME as the identity provider sends it)")]
+    EmptyProviderGroup(String),
+    #[error("bad provider group name '{0}': at most 256 printable characters")]
+    BadProviderGroup(String),
+    #[error("empty user name")]
+    EmptyUser,
+    #[error("bad user name '{0}': '{1}' is not allowed in user names")]
+    BadUser(String, char),
+    #[error("'{0}' is not a host name (in dst, bare names are host names; for a user's own nodes use autogroup:self, or a group)")]
+    UserAsHost(String),
+    #[error("bad host name '{0}': use letters, digits, '-', '_' and '.'")]
+    BadHost(String),
+    #[error("bad login name '{0}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'")]
+    BadLogin(String),
+    #[error("bad CIDR '{0}' (expected e.g. 100.64.0.0/10 or fd7a::/48)")]
+    BadCidr(String),
+    #[error("bad IP address '{0}'")]
+    BadIp(String),
+    #[error("autogroup:self only works in dst (it means the caller's own nodes)")]
+    SelfInSrc,
+    #[error("{0} is a login pattern; it belongs in users = [...] of an ssh rule")]
+    LoginPatternAsNode(String),
+    #[error("unknown autogroup '{0}' (known: autogroup:member, autogroup:tagged, autogroup:self)")]
+    UnknownAutogroup(String),
+    #[error("unknown group '{0}' (not defined in [groups])")]
+    UnknownGroup(String),
+    #[error("{0} has no entry in [tag_owners]; declare it there first")]
+    TagWithoutOwner(String),
+    #[error("unknown pattern '{0}': '{1}:' is not a known prefix (expected tag:, group:, autogroup:, *, a name or an IP/CIDR)")]
+    UnknownPrefix(String, String),
+    #[error("unknown login pattern '{0}' (known: autogroup:nonroot, autogroup:caller, *)")]
+    UnknownLoginPattern(String),
+    #[error("'{0}' is not a login name: users = [...] lists local accounts (root, deploy, autogroup:nonroot, autogroup:caller)")]
+    NodeAsLogin(String),
+    #[error("bad port '{0}' in port list '{1}' (ports are 1-65535)")]
+    BadPort(String, String),
+    #[error("empty port list (write e.g. :22, :80,443, :8000-8999 or :*)")]
+    EmptyPorts,
+    #[error("bad port range '{0}' in '{1}': start is after end")]
+    BackwardsRange(String, String),
+    #[error("bad acl dst '{0}': write [IPv6]:PORTS")]
+    BadIpv6Dst(String),
+    #[error("acl dst '{0}' needs a port list: write {0}:22, {0}:80,443 or {0}:*")]
+    DstWithoutPorts(String),
+    #[error("in acl dst '{0}': {1}")]
+    InDst(String, Box<PatternError>),
+    #[error("bad accept_env pattern '{0}': use letters, digits, '_' and '*' wildcards")]
+    BadEnvPattern(String),
+}
+
 fn name_chars_ok(s: &str, extra: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || extra.contains(c))
 }
 
 /// Checks `tag:NAME`.
-pub fn check_tag_name(s: &str) -> Result<(), String> {
+pub fn check_tag_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("tag:") else {
-        return Err(format!("'{s}' is not a tag: tags are written tag:NAME"));
+        return Err(PatternError::NotATag(s.into()));
     };
     if rest.is_empty() {
-        return Err(format!("empty tag name in '{s}'"));
+        return Err(PatternError::EmptyTag(s.into()));
     }
     if !name_chars_ok(rest, "") {
-        return Err(format!("bad tag name '{s}': use letters, digits, '-', '_' and '.'"));
+        return Err(PatternError::BadTag(s.into()));
     }
     Ok(())
 }
 
 /// Checks `group:NAME`.
-pub fn check_group_name(s: &str) -> Result<(), String> {
+pub fn check_group_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("group:") else {
-        return Err(format!("'{s}' is not a group name: groups are written group:NAME"));
+        return Err(PatternError::NotAGroup(s.into()));
     };
     if rest.is_empty() {
-        return Err(format!("empty group name in '{s}'"));
+        return Err(PatternError::EmptyGroup(s.into()));
     }
     if !name_chars_ok(rest, "@") {
-        return Err(format!("bad group name '{s}': use letters, digits, '-', '_', '.' and '@'"));
+        return Err(PatternError::BadGroup(s.into()));
     }
     Ok(())
 }
@@ -96,61 +164,58 @@ pub const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
 /// Checks `group:oidc/NAME` and returns NAME. Provider group names are the
 /// provider's own (Keycloak sends `/team/admins`, Google `admins@example.com`),
 /// so anything printable is allowed.
-pub fn check_provider_group(s: &str) -> Result<&str, String> {
+pub fn check_provider_group(s: &str) -> Result<&str, PatternError> {
     let Some(name) = s.strip_prefix(PROVIDER_GROUP_PREFIX) else {
-        return Err(format!("'{s}' is not a provider group: they are written group:oidc/NAME"));
+        return Err(PatternError::NotAProviderGroup(s.into()));
     };
     if name.is_empty() {
-        return Err(format!("empty provider group name in '{s}' (write group:oidc/NAME, NAME as the identity provider sends it)"));
+        return Err(PatternError::EmptyProviderGroup(s.into()));
     }
     if name.len() > 256 || name.chars().any(char::is_control) {
-        return Err(format!("bad provider group name '{s}': at most 256 printable characters"));
+        return Err(PatternError::BadProviderGroup(s.into()));
     }
     Ok(name)
 }
 
 /// Checks a tailnet user name (`alice`, `alice@example.com`).
-pub fn check_user_name(s: &str) -> Result<(), String> {
+pub fn check_user_name(s: &str) -> Result<(), PatternError> {
     if s.is_empty() {
-        return Err("empty user name".into());
+        return Err(PatternError::EmptyUser);
     }
     if let Some(c) = s.chars().find(|c| c.is_whitespace() || ",:*\"'/\\".contains(*c)) {
-        return Err(format!("bad user name '{s}': '{c}' is not allowed in user names"));
+        return Err(PatternError::BadUser(s.into(), c));
     }
     Ok(())
 }
 
 /// Checks a host name or `[hosts]` alias.
-pub fn check_host_name(s: &str) -> Result<(), String> {
+pub fn check_host_name(s: &str) -> Result<(), PatternError> {
     if s.contains('@') {
-        return Err(format!(
-            "'{s}' is not a host name (in dst, bare names are host names; \
-             for a user's own nodes use autogroup:self, or a group)"
-        ));
+        return Err(PatternError::UserAsHost(s.into()));
     }
     if !name_chars_ok(s, "") || s.starts_with(['-', '.']) || s.ends_with('.') {
-        return Err(format!("bad host name '{s}': use letters, digits, '-', '_' and '.'"));
+        return Err(PatternError::BadHost(s.into()));
     }
     Ok(())
 }
 
 /// Checks a local login name (`root`, `deploy`, `www-data`).
-pub fn check_login_name(s: &str) -> Result<(), String> {
+pub fn check_login_name(s: &str) -> Result<(), PatternError> {
     let body = s.strip_suffix('$').unwrap_or(s);
     if body.is_empty() || body.len() > 32 || body.starts_with('-') || !name_chars_ok(body, "") {
-        return Err(format!("bad login name '{s}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'"));
+        return Err(PatternError::BadLogin(s.into()));
     }
     Ok(())
 }
 
 /// Parses an IP address or CIDR, if the text looks like one. `Ok(None)`
 /// means "not an address at all".
-pub fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
+pub fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
     if s.contains('/') {
         return s
             .parse::<IpNet>()
             .map(|n| Some(n.trunc()))
-            .map_err(|_| format!("bad CIDR '{s}' (expected e.g. 100.64.0.0/10 or fd7a::/48)"));
+            .map_err(|_| PatternError::BadCidr(s.into()));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Some(IpNet::from(ip)));
@@ -158,13 +223,13 @@ pub fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
     let looks_v4 = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') && s.contains('.');
     let looks_v6 = s.contains("::");
     if looks_v4 || looks_v6 {
-        return Err(format!("bad IP address '{s}'"));
+        return Err(PatternError::BadIp(s.into()));
     }
     Ok(None)
 }
 
 /// Parses one `src` or `dst` entry (without ports).
-pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String> {
+pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, PatternError> {
     if s == "*" {
         return Ok(NodePat::Any);
     }
@@ -173,9 +238,9 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
             ("member", _) => Ok(NodePat::Member),
             ("tagged", _) => Ok(NodePat::Tagged),
             ("self", Side::Dst) => Ok(NodePat::SelfNodes),
-            ("self", Side::Src) => Err("autogroup:self only works in dst (it means the caller's own nodes)".into()),
-            ("nonroot" | "caller", _) => Err(format!("{s} is a login pattern; it belongs in users = [...] of an ssh rule")),
-            _ => Err(format!("unknown autogroup '{s}' (known: autogroup:member, autogroup:tagged, autogroup:self)")),
+            ("self", Side::Src) => Err(PatternError::SelfInSrc),
+            ("nonroot" | "caller", _) => Err(PatternError::LoginPatternAsNode(s.into())),
+            _ => Err(PatternError::UnknownAutogroup(s.into())),
         };
     }
     if s.starts_with(PROVIDER_GROUP_PREFIX) {
@@ -185,7 +250,7 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
         check_group_name(s)?;
         return match names.groups.get(s) {
             Some(m) => Ok(NodePat::Group { name: s.to_string(), members: m.clone() }),
-            None => Err(format!("unknown group '{s}' (not defined in [groups])")),
+            None => Err(PatternError::UnknownGroup(s.into())),
         };
     }
     if s.starts_with("tag:") {
@@ -193,17 +258,14 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
         return if names.tags.contains(s) {
             Ok(NodePat::Tag(s.to_string()))
         } else {
-            Err(format!("{s} has no entry in [tag_owners]; declare it there first"))
+            Err(PatternError::TagWithoutOwner(s.into()))
         };
     }
     if let Some(net) = parse_net(s)? {
         return Ok(NodePat::Net { net, alias: None });
     }
     if let Some((prefix, _)) = s.split_once(':') {
-        return Err(format!(
-            "unknown pattern '{s}': '{prefix}:' is not a known prefix \
-             (expected tag:, group:, autogroup:, *, a name or an IP/CIDR)"
-        ));
+        return Err(PatternError::UnknownPrefix(s.into(), prefix.into()));
     }
     if let Some(net) = names.hosts.get(s) {
         return Ok(NodePat::Net { net: *net, alias: Some(s.to_string()) });
@@ -292,16 +354,13 @@ pub enum LoginPat {
     Name(String),
 }
 
-pub fn parse_login(s: &str) -> Result<LoginPat, String> {
+pub fn parse_login(s: &str) -> Result<LoginPat, PatternError> {
     match s {
         "*" => Ok(LoginPat::Any),
         "autogroup:nonroot" => Ok(LoginPat::NonRoot),
         "autogroup:caller" => Ok(LoginPat::Caller),
-        _ if s.starts_with("autogroup:") => Err(format!("unknown login pattern '{s}' (known: autogroup:nonroot, autogroup:caller, *)")),
-        _ if s.starts_with("group:") || s.starts_with("tag:") => Err(format!(
-            "'{s}' is not a login name: users = [...] lists local accounts \
-             (root, deploy, autogroup:nonroot, autogroup:caller)"
-        )),
+        _ if s.starts_with("autogroup:") => Err(PatternError::UnknownLoginPattern(s.into())),
+        _ if s.starts_with("group:") || s.starts_with("tag:") => Err(PatternError::NodeAsLogin(s.into())),
         _ => {
             check_login_name(s)?;
             Ok(LoginPat::Name(s.to_string()))
@@ -352,20 +411,20 @@ impl Ports {
     }
 }
 
-fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
+fn parse_port(s: &str, whole: &str) -> Result<u16, PatternError> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("bad port '{s}' in port list '{whole}' (ports are 1-65535)")),
+        _ => Err(PatternError::BadPort(s.into(), whole.into())),
     }
 }
 
 /// `*`, or a comma list of ports and ranges: `22`, `80,443`, `8000-8999`.
-pub fn parse_ports(s: &str) -> Result<Ports, String> {
+pub fn parse_ports(s: &str) -> Result<Ports, PatternError> {
     if s == "*" {
         return Ok(Ports::All);
     }
     if s.is_empty() {
-        return Err("empty port list (write e.g. :22, :80,443, :8000-8999 or :*)".into());
+        return Err(PatternError::EmptyPorts);
     }
     let mut out = Vec::new();
     for part in s.split(',') {
@@ -377,7 +436,7 @@ pub fn parse_ports(s: &str) -> Result<Ports, String> {
             }
         };
         if lo > hi {
-            return Err(format!("bad port range '{part}' in '{s}': start is after end"));
+            return Err(PatternError::BackwardsRange(part.into(), s.into()));
         }
         out.push((lo, hi));
     }
@@ -386,29 +445,29 @@ pub fn parse_ports(s: &str) -> Result<Ports, String> {
 
 /// Parses an `acl` destination `TARGET:PORTS` (`tag:prod:22,80`, `web1:*`,
 /// `autogroup:self:*`, `100.64.0.0/10:443`, `[fd7a::1]:22`).
-pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), String> {
+pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), PatternError> {
     let (target, ports) = if let Some(rest) = s.strip_prefix('[') {
         let Some((ip, ports)) = rest.split_once("]:") else {
-            return Err(format!("bad acl dst '{s}': write [IPv6]:PORTS"));
+            return Err(PatternError::BadIpv6Dst(s.into()));
         };
         (ip, ports)
     } else {
         match s.rsplit_once(':') {
             Some((t, p)) if !matches!(t, "tag" | "group" | "autogroup") => (t, p),
             _ => {
-                return Err(format!("acl dst '{s}' needs a port list: write {s}:22, {s}:80,443 or {s}:*"));
+                return Err(PatternError::DstWithoutPorts(s.into()));
             }
         }
     };
-    let ports = parse_ports(ports).map_err(|e| format!("in acl dst '{s}': {e}"))?;
+    let ports = parse_ports(ports).map_err(|e| PatternError::InDst(s.into(), Box::new(e)))?;
     let node = parse_node(target, Side::Dst, names)?;
     Ok((node, ports))
 }
 
 /// Checks an `accept_env` pattern: a variable name with `*` wildcards.
-pub fn check_env_pattern(s: &str) -> Result<(), String> {
+pub fn check_env_pattern(s: &str) -> Result<(), PatternError> {
     if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*') {
-        return Err(format!("bad accept_env pattern '{s}': use letters, digits, '_' and '*' wildcards"));
+        return Err(PatternError::BadEnvPattern(s.into()));
     }
     Ok(())
 }

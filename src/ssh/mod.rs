@@ -39,6 +39,7 @@ use std::time::Duration;
 use russh::MethodKind;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use crate::daemon::identity::{Identity, IdentityResolver};
 use crate::policy::{Policy, SshDecision};
@@ -239,18 +240,25 @@ impl SshServer {
         };
         let target = (self.cfg.self_identity)();
         let conn = handler::Conn::new(self.clone(), peer_key, resolver, caller, target);
-        let conn_id = conn.conn_id().to_string();
+        let span = conn.span();
+        self.run_conn(stream, conn).instrument(span).await
+    }
+
+    async fn run_conn<S>(&self, stream: S, conn: handler::Conn)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let authed = conn.authenticated_flag();
         // No inactivity timeout in russh (idle shells are fine), so bound the
         // unauthenticated phase here: banner, key exchange and login.
         let running = match tokio::time::timeout(LOGIN_GRACE, russh::server::run_stream(self.russh_config.clone(), stream, conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::debug!(conn = %conn_id, "ssh handshake failed: {e}");
+                tracing::debug!("ssh handshake failed: {e}");
                 return;
             }
             Err(_) => {
-                tracing::debug!(conn = %conn_id, "ssh client sent no banner in time");
+                tracing::debug!("ssh client sent no banner in time");
                 return;
             }
         };
@@ -262,7 +270,7 @@ impl SshServer {
             }
         });
         if let Err(e) = running.await {
-            tracing::debug!(conn = %conn_id, "ssh connection ended: {e}");
+            tracing::debug!("ssh connection ended: {e}");
         }
         watchdog.abort();
     }
