@@ -9,6 +9,7 @@
 //! The file is checked against the command's own definition: unknown keys,
 //! a list for a single-valued flag, a value the flag's parser refuses, are
 //! errors at `FILE:LINE`, before anything starts.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -19,8 +20,8 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use toml::Spanned;
 
 /// Overrides the directory of the default files (tests; packaging).
-pub const DIR_ENV: &str = "TAILGATE_CONFIG_DIR";
-pub const DEFAULT_DIR: &str = "/etc/tailgate";
+pub(crate) const DIR_ENV: &str = "TAILGATE_CONFIG_DIR";
+pub(crate) const DEFAULT_DIR: &str = "/etc/tailgate";
 
 /// Which subcommands read a file, and its name in the config directory.
 const FILES: &[(&str, &str)] = &[("up", "node.toml"), ("control", "control.toml")];
@@ -29,7 +30,7 @@ const FILES: &[(&str, &str)] = &[("up", "node.toml"), ("control", "control.toml"
 const NOT_IN_FILES: &[&str] = &["config", "help", "version"];
 
 #[derive(Debug, thiserror::Error)]
-pub enum FlagFileError {
+pub(crate) enum FlagFileError {
     #[error("{path}: {source} (give an existing file to --config, or leave --config out)")]
     Missing { path: String, source: std::io::Error },
     #[error("{path}: {source}")]
@@ -41,7 +42,7 @@ pub enum FlagFileError {
 /// The command line with the config file's flags appended, or the command
 /// line unchanged when the subcommand reads no file or there is none.
 /// Clap's own errors (bad flags) are left for the caller's parse to report.
-pub fn expand_args(mut cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>, FlagFileError> {
+pub(crate) fn expand_args(mut cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>, FlagFileError> {
     cmd.build();
     let Ok(top) = cmd.clone().try_get_matches_from(&argv) else { return Ok(argv) };
     let Some((sub, sub_m)) = top.subcommand() else { return Ok(argv) };

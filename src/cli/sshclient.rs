@@ -3,6 +3,7 @@
 //! host is pinned by its short name (`HostKeyAlias`), so whether the user
 //! typed `web1`, `web1.<domain>` or the IP, a key other than the netmap's is
 //! refused and the first login has no trust-on-first-use prompt.
+#![warn(missing_docs)]
 
 use std::path::Path;
 
@@ -13,7 +14,7 @@ use crate::daemon::agent::KNOWN_HOSTS_FILE;
 use crate::daemon::directory::{Directory, check_domain};
 
 /// Options that route ssh through `tailgate nc` and pin host keys for `name`.
-pub fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {
+pub(crate) fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {
     let mut v = vec![
         "-o".into(),
         format!("ProxyCommand={} nc --state-dir {} %h %p", exe.display(), state_dir.display()),
@@ -41,7 +42,7 @@ const SSH_SWITCHES: &str = "1246afgknqstvxACGKMNTVXYy";
 /// `tailgate ssh ARGS` taken apart as ssh would: the options before the
 /// destination, the destination, and the remote command after it.
 #[derive(Debug, PartialEq)]
-pub struct SshInvocation {
+pub(crate) struct SshInvocation {
     pub options: Vec<String>,
     pub destination: String,
     pub command: Vec<String>,
@@ -121,7 +122,7 @@ fn check_option(c: char, value: &str) -> Result<(), SshArgsError> {
 }
 
 /// Split `user@host`.
-pub fn split_target(target: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_target(target: &str) -> (Option<&str>, &str) {
     match target.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, target),
@@ -131,7 +132,7 @@ pub fn split_target(target: &str) -> (Option<&str>, &str) {
 /// Replace this process with `ssh` to the invocation's destination over the
 /// tailnet. Our options come first: for `-o` settings ssh keeps the first
 /// value it sees, so the user's options cannot unpin the host key.
-pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, inv: &SshInvocation) -> Result<std::convert::Infallible> {
+pub(crate) fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, inv: &SshInvocation) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
     let (user, host) = split_target(&inv.destination);
     let entry = dir.lookup(host)?;

@@ -4,6 +4,7 @@
 //! at tailgate unchanged. Identity rides in comments (`# tailgate-user = alice`)
 //! so the same file stays valid for `wg-quick`. Keys that only make sense for
 //! a kernel interface (DNS, MTU, PostUp, ...) are reported and ignored.
+#![warn(missing_docs)]
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -15,7 +16,7 @@ use crate::key::Key;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     pub file: String,
     pub line: usize,
     pub message: String,
@@ -23,7 +24,7 @@ pub struct ConfigError {
 
 /// A peer with the identity tailgate attaches to it.
 #[derive(Clone, Debug)]
-pub struct QuickPeer {
+pub(crate) struct QuickPeer {
     pub config: PeerConfig,
     pub user: Option<String>,
     pub tags: Vec<String>,
@@ -31,7 +32,7 @@ pub struct QuickPeer {
 }
 
 #[derive(Clone, Debug)]
-pub struct QuickConfig {
+pub(crate) struct QuickConfig {
     pub private_key: Key,
     pub addresses: Vec<IpNet>,
     pub listen_port: Option<u16>,
@@ -53,7 +54,7 @@ enum Section {
 /// Keys valid in wg-quick files that have no meaning for a userspace node.
 const IGNORED_INTERFACE_KEYS: &[&str] = &["dns", "mtu", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"];
 
-pub fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: file.clone(),
@@ -63,7 +64,7 @@ pub fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
     parse(&src, &file)
 }
 
-pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
+pub(crate) fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
     let mut p = Parser { file, section: Section::None, saw_interface: false, iface: Interface::default(), peers: Vec::new() };
     for (i, raw) in src.lines().enumerate() {
         let line = raw.trim();
@@ -358,14 +359,14 @@ fn resolve_endpoint(v: &str) -> Result<SocketAddr, ValueError> {
 }
 
 /// Create a state directory readable by the owner only (or tighten an existing one).
-pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Write `contents` to `path` readable by the owner only.
-pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -1,10 +1,11 @@
 //! A small parser for session limits such as `30m`, `8h` or `1h30m`.
+#![warn(missing_docs)]
 
 use std::time::Duration;
 
 /// Parses `<number><unit>` groups, units `s`, `m`, `h`, `d` (e.g. `90s`,
 /// `30m`, `8h`, `1h30m`, `2d`). The total must be positive.
-pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let t = s.trim();
     if t.is_empty() {
         return Err(DurationError::Empty);
@@ -55,12 +56,12 @@ impl Default for CheckPeriod {
 }
 
 impl CheckPeriod {
-    pub const DEFAULT: Duration = Duration::from_secs(12 * 3600);
+    pub(crate) const DEFAULT: Duration = Duration::from_secs(12 * 3600);
     /// An approval older than a year is not a second factor any more.
-    pub const MAX: Duration = Duration::from_secs(366 * 86400);
+    pub(crate) const MAX: Duration = Duration::from_secs(366 * 86400);
 
     /// `"always"` or a duration (`"12h"`, `"30m"`, `"1h30m"`), at most a year.
-    pub fn parse(s: &str) -> Result<CheckPeriod, DurationError> {
+    pub(crate) fn parse(s: &str) -> Result<CheckPeriod, DurationError> {
         if s.trim() == "always" {
             return Ok(CheckPeriod::Always);
         }
@@ -70,20 +71,12 @@ impl CheckPeriod {
         }
         Ok(CheckPeriod::For(d))
     }
-
-    /// How old an approval may be, `None` for `always`.
-    pub fn max_age(self) -> Option<Duration> {
-        match self {
-            CheckPeriod::Always => None,
-            CheckPeriod::For(d) => Some(d),
-        }
-    }
 }
 
 /// A duration (`max_duration`, `check_period`) that does not parse. The
 /// text is shown in policy diagnostics, which add file and line.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum DurationError {
+pub(crate) enum DurationError {
     #[error("empty duration; write e.g. \"30m\", \"8h\" or \"1h30m\"")]
     Empty,
     #[error("bad duration \"{0}\": unexpected '{1}' (units are s, m, h, d; e.g. \"1h30m\")")]
@@ -119,7 +112,7 @@ mod tests {
     fn check_periods() {
         assert_eq!(CheckPeriod::parse("always").unwrap(), CheckPeriod::Always);
         assert_eq!(CheckPeriod::parse("12h").unwrap(), CheckPeriod::For(Duration::from_secs(43200)));
-        assert_eq!(CheckPeriod::default().max_age(), Some(CheckPeriod::DEFAULT));
+        assert_eq!(CheckPeriod::default(), CheckPeriod::For(CheckPeriod::DEFAULT));
         for bad in ["never", "", "0s", "400d", "Always"] {
             assert!(CheckPeriod::parse(bad).is_err(), "{bad} accepted");
         }

@@ -20,6 +20,7 @@
 //! Layout: `raw` (serde structs with spans) -> `compile` (validation, every
 //! problem with line:col) -> `eval` (decisions) and `selftest` (`[[tests]]`);
 //! `pattern` holds the pattern language, `duration` the `max_duration` parser.
+#![warn(missing_docs)]
 
 mod compile;
 mod duration;
@@ -41,8 +42,8 @@ use ipnet::IpNet;
 
 use crate::daemon::identity::Identity;
 
-pub use duration::{CheckPeriod, parse_duration};
-pub use pattern::PROVIDER_GROUP_PREFIX;
+pub use duration::CheckPeriod;
+pub(crate) use pattern::PROVIDER_GROUP_PREFIX;
 
 /// The port of the embedded SSH server. Every `accept`/`check` ssh rule
 /// implies network access to this port from its `src` to its `dst`.
@@ -55,13 +56,16 @@ pub const DEFAULT_POLICY_TOML: &str = include_str!("../../policies/default.toml"
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
+    /// Log in.
     Accept,
+    /// Log in after a second factor (a code verified by control).
     Check,
+    /// Refuse.
     Reject,
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Accept => "accept",
             Action::Check => "check",
@@ -79,15 +83,18 @@ impl std::fmt::Display for Action {
 /// The outcome of evaluating the SSH rules for one login attempt.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SshDecision {
+    /// What to do with the login.
     pub action: Action,
     /// Which rule decided (e.g. `ssh[2] at policy.toml:31`); `None` = default deny.
     pub rule: Option<String>,
     /// One line for the user explaining the decision.
     pub reason: String,
+    /// `record = true`: record the session (asciicast).
     pub record: bool,
     /// `record = "required"`: refused when the recording cannot reach the
     /// control server (at start), ended when it can neither be shipped nor spooled.
     pub record_required: bool,
+    /// The connection's time limit, from login.
     pub max_duration: Option<Duration>,
     /// Environment variable name patterns the client may set (`*` wildcards).
     pub accept_env: Vec<String>,
@@ -97,7 +104,7 @@ pub struct SshDecision {
 
 impl SshDecision {
     /// May the client set environment variable `name` (per `accept_env`)?
-    pub fn allows_env(&self, name: &str) -> bool {
+    pub(crate) fn allows_env(&self, name: &str) -> bool {
         self.action != Action::Reject && self.accept_env.iter().any(|p| pattern::env_matches(p, name))
     }
 }
@@ -105,9 +112,13 @@ impl SshDecision {
 /// A located problem in a policy file: `file:line:col: message`.
 #[derive(Clone, Debug)]
 pub struct Diagnostic {
+    /// The policy file's name as given to the parser.
     pub file: String,
+    /// 1-based line.
     pub line: usize,
+    /// 1-based column.
     pub col: usize,
+    /// What is wrong and how to fix it.
     pub message: String,
 }
 
@@ -117,6 +128,7 @@ impl std::fmt::Display for Diagnostic {
     }
 }
 
+/// Why a policy was refused: every problem found, one per line when shown.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct PolicyErrors(pub Vec<Diagnostic>);
@@ -125,10 +137,11 @@ pub struct PolicyErrors(pub Vec<Diagnostic>);
 #[derive(Clone, Debug)]
 pub struct Policy {
     file: String,
-    /// Group name -> its users, nested groups expanded.
+    /// Group name -> its users, nested groups expanded. Rules hold their own
+    /// expanded copies; this one is for the tests of group expansion.
+    #[cfg_attr(not(test), allow(dead_code))]
     groups: BTreeMap<String, BTreeSet<String>>,
     tag_owners: BTreeMap<String, compile::TagOwners>,
-    hosts: BTreeMap<String, IpNet>,
     acls: Vec<compile::AclRule>,
     ssh: Vec<compile::SshRule>,
     tests: Vec<compile::PolicyTest>,
@@ -142,6 +155,7 @@ impl Policy {
         compile::compile(src, file_name, compile::Options::default())
     }
 
+    /// [`Policy::parse`] of a file; an unreadable file is one diagnostic.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
         let src = std::fs::read_to_string(path).map_err(|e| {
             PolicyErrors(vec![Diagnostic {
@@ -216,45 +230,36 @@ impl Policy {
         self.run_selftests()
     }
 
-    /// The file name given to `parse`/`load`, as it appears in diagnostics
-    /// and rule labels.
-    pub fn file_name(&self) -> &str {
-        &self.file
-    }
-
     /// Number of `[[tests]]` entries.
-    pub fn test_count(&self) -> usize {
+    pub(crate) fn test_count(&self) -> usize {
         self.tests.len()
     }
 
     /// Number of single assertions (logins and ports) across all tests.
-    pub fn assertion_count(&self) -> usize {
+    pub(crate) fn assertion_count(&self) -> usize {
         self.tests.iter().map(|t| t.logins.len() + t.ports.len()).sum()
     }
 
     /// Number of `[[ssh]]` rules.
-    pub fn ssh_rule_count(&self) -> usize {
+    pub(crate) fn ssh_rule_count(&self) -> usize {
         self.ssh.len()
     }
 
     /// The tags declared in `[tag_owners]`.
-    pub fn tags(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn tags(&self) -> impl Iterator<Item = &str> {
         self.tag_owners.keys().map(String::as_str)
     }
 
     /// The users of a group (nested groups expanded), if it exists.
-    pub fn group_members(&self, group: &str) -> Option<&BTreeSet<String>> {
+    #[cfg(test)]
+    pub(crate) fn group_members(&self, group: &str) -> Option<&BTreeSet<String>> {
         self.groups.get(group)
-    }
-
-    /// The address a `[hosts]` alias stands for.
-    pub fn host_alias(&self, name: &str) -> Option<IpNet> {
-        self.hosts.get(name).copied()
     }
 
     /// May `who` apply `tag` to a node (per `[tag_owners]`)? For the control
     /// server; SSH evaluation takes the node's tags as given.
-    pub fn may_apply_tag(&self, who: &Identity, tag: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn may_apply_tag(&self, who: &Identity, tag: &str) -> bool {
         let Some(o) = self.tag_owners.get(tag) else {
             return false;
         };

@@ -1,6 +1,7 @@
 //! Patterns that appear in `src`, `dst`, `users` and `accept_env`, how they
 //! are parsed, how they match identities, and when one covers another (used
 //! to find rules that can never decide anything).
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -11,21 +12,21 @@ use crate::daemon::identity::Identity;
 
 /// The user a node acts for. Tagged nodes have no user, even if the identity
 /// happens to carry one: a node is either user-owned or tagged.
-pub fn effective_user(id: &Identity) -> Option<&str> {
+pub(crate) fn effective_user(id: &Identity) -> Option<&str> {
     if id.tags.is_empty() { id.user.as_deref() } else { None }
 }
 
 /// Which side of a rule a pattern is on. It changes what a bare name means:
 /// a user in `src`, a host in `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Src,
     Dst,
 }
 
 /// A set of nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodePat {
+pub(crate) enum NodePat {
     /// `*`: every node.
     Any,
     /// `autogroup:member`: every user-owned (untagged) node.
@@ -51,7 +52,7 @@ pub enum NodePat {
 }
 
 /// The names a policy defines, needed to resolve patterns.
-pub struct Names<'a> {
+pub(crate) struct Names<'a> {
     pub groups: &'a BTreeMap<String, BTreeSet<String>>,
     pub tags: &'a BTreeSet<String>,
     pub hosts: &'a BTreeMap<String, IpNet>,
@@ -60,7 +61,7 @@ pub struct Names<'a> {
 /// A policy entry that is not a valid pattern. The text is user-facing:
 /// the compiler puts `FILE:LINE:COL` in front of it.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum PatternError {
+pub(crate) enum PatternError {
     #[error("'{0}' is not a tag: tags are written tag:NAME")]
     NotATag(String),
     #[error("empty tag name in '{0}'")]
@@ -130,7 +131,7 @@ fn name_chars_ok(s: &str, extra: &str) -> bool {
 }
 
 /// Checks `tag:NAME`.
-pub fn check_tag_name(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_tag_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("tag:") else {
         return Err(PatternError::NotATag(s.into()));
     };
@@ -144,7 +145,7 @@ pub fn check_tag_name(s: &str) -> Result<(), PatternError> {
 }
 
 /// Checks `group:NAME`.
-pub fn check_group_name(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_group_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("group:") else {
         return Err(PatternError::NotAGroup(s.into()));
     };
@@ -159,12 +160,12 @@ pub fn check_group_name(s: &str) -> Result<(), PatternError> {
 
 /// Prefix of a provider group in patterns. `[groups]` names cannot contain
 /// '/', so a provider group never clashes with a policy-defined group.
-pub const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
+pub(crate) const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
 
 /// Checks `group:oidc/NAME` and returns NAME. Provider group names are the
 /// provider's own (Keycloak sends `/team/admins`, Google `admins@example.com`),
 /// so anything printable is allowed.
-pub fn check_provider_group(s: &str) -> Result<&str, PatternError> {
+pub(crate) fn check_provider_group(s: &str) -> Result<&str, PatternError> {
     let Some(name) = s.strip_prefix(PROVIDER_GROUP_PREFIX) else {
         return Err(PatternError::NotAProviderGroup(s.into()));
     };
@@ -178,7 +179,7 @@ pub fn check_provider_group(s: &str) -> Result<&str, PatternError> {
 }
 
 /// Checks a tailnet user name (`alice`, `alice@example.com`).
-pub fn check_user_name(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_user_name(s: &str) -> Result<(), PatternError> {
     if s.is_empty() {
         return Err(PatternError::EmptyUser);
     }
@@ -189,7 +190,7 @@ pub fn check_user_name(s: &str) -> Result<(), PatternError> {
 }
 
 /// Checks a host name or `[hosts]` alias.
-pub fn check_host_name(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_host_name(s: &str) -> Result<(), PatternError> {
     if s.contains('@') {
         return Err(PatternError::UserAsHost(s.into()));
     }
@@ -200,7 +201,7 @@ pub fn check_host_name(s: &str) -> Result<(), PatternError> {
 }
 
 /// Checks a local login name (`root`, `deploy`, `www-data`).
-pub fn check_login_name(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_login_name(s: &str) -> Result<(), PatternError> {
     let body = s.strip_suffix('$').unwrap_or(s);
     if body.is_empty() || body.len() > 32 || body.starts_with('-') || !name_chars_ok(body, "") {
         return Err(PatternError::BadLogin(s.into()));
@@ -210,7 +211,7 @@ pub fn check_login_name(s: &str) -> Result<(), PatternError> {
 
 /// Parses an IP address or CIDR, if the text looks like one. `Ok(None)`
 /// means "not an address at all".
-pub fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
+pub(crate) fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
     if s.contains('/') {
         return s
             .parse::<IpNet>()
@@ -229,7 +230,7 @@ pub fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
 }
 
 /// Parses one `src` or `dst` entry (without ports).
-pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, PatternError> {
+pub(crate) fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, PatternError> {
     if s == "*" {
         return Ok(NodePat::Any);
     }
@@ -290,7 +291,7 @@ fn host_matches(pat: &str, node_name: &str) -> bool {
 impl NodePat {
     /// Does `node` belong to this set? `caller` matters only for
     /// `autogroup:self` (pass the node itself when matching sources).
-    pub fn matches(&self, node: &Identity, caller: &Identity) -> bool {
+    pub(crate) fn matches(&self, node: &Identity, caller: &Identity) -> bool {
         match self {
             NodePat::Any => true,
             NodePat::Member => effective_user(node).is_some(),
@@ -310,7 +311,7 @@ impl NodePat {
 
     /// Is every node in `other` also in `self`, whoever the caller is?
     /// Conservative: `false` when unsure.
-    pub fn covers(&self, other: &NodePat) -> bool {
+    pub(crate) fn covers(&self, other: &NodePat) -> bool {
         use NodePat::*;
         match (self, other) {
             (Any, _) => true,
@@ -332,7 +333,7 @@ impl NodePat {
 }
 
 /// Is every node matched by `inner` also matched by `outer`?
-pub fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
+pub(crate) fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
     inner.iter().all(|a| {
         outer.iter().any(|b| b.covers(a))
             || matches!(a, NodePat::Group { members, .. }
@@ -342,7 +343,7 @@ pub fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
 
 /// A pattern for the local login name, in an ssh rule's `users`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LoginPat {
+pub(crate) enum LoginPat {
     /// `*`: any login, root included.
     Any,
     /// `autogroup:nonroot`: any login except `root`.
@@ -354,7 +355,7 @@ pub enum LoginPat {
     Name(String),
 }
 
-pub fn parse_login(s: &str) -> Result<LoginPat, PatternError> {
+pub(crate) fn parse_login(s: &str) -> Result<LoginPat, PatternError> {
     match s {
         "*" => Ok(LoginPat::Any),
         "autogroup:nonroot" => Ok(LoginPat::NonRoot),
@@ -369,7 +370,7 @@ pub fn parse_login(s: &str) -> Result<LoginPat, PatternError> {
 }
 
 impl LoginPat {
-    pub fn matches(&self, login: &str, caller: &Identity) -> bool {
+    pub(crate) fn matches(&self, login: &str, caller: &Identity) -> bool {
         match self {
             LoginPat::Any => true,
             LoginPat::NonRoot => login != "root",
@@ -379,7 +380,7 @@ impl LoginPat {
         }
     }
 
-    pub fn covers(&self, other: &LoginPat) -> bool {
+    pub(crate) fn covers(&self, other: &LoginPat) -> bool {
         match (self, other) {
             (LoginPat::Any, _) => true,
             (LoginPat::NonRoot, LoginPat::NonRoot) => true,
@@ -391,19 +392,19 @@ impl LoginPat {
     }
 }
 
-pub fn logins_cover(outer: &[LoginPat], inner: &[LoginPat]) -> bool {
+pub(crate) fn logins_cover(outer: &[LoginPat], inner: &[LoginPat]) -> bool {
     inner.iter().all(|a| outer.iter().any(|b| b.covers(a)))
 }
 
 /// The ports of an `acl` destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ports {
+pub(crate) enum Ports {
     All,
     Ranges(Vec<(u16, u16)>),
 }
 
 impl Ports {
-    pub fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         match self {
             Ports::All => true,
             Ports::Ranges(r) => r.iter().any(|&(lo, hi)| lo <= port && port <= hi),
@@ -419,7 +420,7 @@ fn parse_port(s: &str, whole: &str) -> Result<u16, PatternError> {
 }
 
 /// `*`, or a comma list of ports and ranges: `22`, `80,443`, `8000-8999`.
-pub fn parse_ports(s: &str) -> Result<Ports, PatternError> {
+pub(crate) fn parse_ports(s: &str) -> Result<Ports, PatternError> {
     if s == "*" {
         return Ok(Ports::All);
     }
@@ -445,7 +446,7 @@ pub fn parse_ports(s: &str) -> Result<Ports, PatternError> {
 
 /// Parses an `acl` destination `TARGET:PORTS` (`tag:prod:22,80`, `web1:*`,
 /// `autogroup:self:*`, `100.64.0.0/10:443`, `[fd7a::1]:22`).
-pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), PatternError> {
+pub(crate) fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), PatternError> {
     let (target, ports) = if let Some(rest) = s.strip_prefix('[') {
         let Some((ip, ports)) = rest.split_once("]:") else {
             return Err(PatternError::BadIpv6Dst(s.into()));
@@ -465,7 +466,7 @@ pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), Pattern
 }
 
 /// Checks an `accept_env` pattern: a variable name with `*` wildcards.
-pub fn check_env_pattern(s: &str) -> Result<(), PatternError> {
+pub(crate) fn check_env_pattern(s: &str) -> Result<(), PatternError> {
     if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*') {
         return Err(PatternError::BadEnvPattern(s.into()));
     }
@@ -473,7 +474,7 @@ pub fn check_env_pattern(s: &str) -> Result<(), PatternError> {
 }
 
 /// Glob match with `*` (any run of characters, possibly empty).
-pub fn env_matches(pat: &str, name: &str) -> bool {
+pub(crate) fn env_matches(pat: &str, name: &str) -> bool {
     let p = pat.as_bytes();
     let n = name.as_bytes();
     let (mut pi, mut ni) = (0, 0);

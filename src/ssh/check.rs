@@ -8,6 +8,7 @@
 //! approvals and lockouts all live on control; this node only relays.
 //! Without a control server (static mode) or while it is unreachable, a
 //! `check` login is denied with the reason.
+#![warn(missing_docs)]
 
 use crate::key::Key;
 use std::borrow::Cow;
@@ -42,7 +43,7 @@ enum LinkState {
 /// Where this node's SSH server sends check requests. The agent points it
 /// at each new control connection.
 #[derive(Clone)]
-pub struct CheckLink(Arc<RwLock<LinkState>>);
+pub(crate) struct CheckLink(Arc<RwLock<LinkState>>);
 
 impl Default for CheckLink {
     fn default() -> Self {
@@ -51,11 +52,11 @@ impl Default for CheckLink {
 }
 
 impl CheckLink {
-    pub fn set_connected(&self, h: CheckHandle) {
+    pub(crate) fn set_connected(&self, h: CheckHandle) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Up(h);
     }
 
-    pub fn set_disconnected(&self, why: String) {
+    pub(crate) fn set_disconnected(&self, why: String) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Down(why);
     }
 

@@ -15,6 +15,7 @@
 //! One supervisor task owns the child: it waits for it, enforces the time
 //! limit, tears the process group down and reports EOF, exit status and
 //! close in that order.
+#![warn(missing_docs)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,7 @@ const STDIN_SOFT_LIMIT: usize = 8 << 20;
 const STDIN_HARD_LIMIT: usize = 64 << 20;
 
 /// Messages from the handler to the stdin task.
-pub enum Input {
+pub(crate) enum Input {
     Data(Bytes),
     Eof,
 }
@@ -60,7 +61,7 @@ struct Flow {
 
 /// Outcome of [`StdinQueue::push`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     Queued,
     /// The child's stdin is gone; further data is discarded.
     Closed,
@@ -69,13 +70,13 @@ pub enum Pushed {
 }
 
 /// The handler's end of a session's stdin.
-pub struct StdinQueue {
+pub(crate) struct StdinQueue {
     tx: mpsc::UnboundedSender<Input>,
     flow: Arc<Flow>,
 }
 
 impl StdinQueue {
-    pub async fn push(&self, data: &[u8]) -> Pushed {
+    pub(crate) async fn push(&self, data: &[u8]) -> Pushed {
         let f = &self.flow;
         let mut throttled = false;
         loop {
@@ -114,14 +115,14 @@ impl StdinQueue {
         if self.tx.send(Input::Data(Bytes::copy_from_slice(data))).is_ok() { Pushed::Queued } else { Pushed::Closed }
     }
 
-    pub fn eof(&self) {
+    pub(crate) fn eof(&self) {
         let _ = self.tx.send(Input::Eof);
     }
 }
 
 /// Why the session is being ended from our side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// The client closed the channel or the connection went away.
     Closed,
     /// The policy's max_duration elapsed.
@@ -135,7 +136,7 @@ pub enum Stop {
 }
 
 /// What the handler keeps to steer a running session.
-pub struct Control {
+pub(crate) struct Control {
     pub stdin: Option<StdinQueue>,
     pub pgid: i32,
     pub pty: Option<PtyMaster>,
@@ -145,7 +146,7 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn resize(&self, cols: u32, rows: u32, px_w: u32, px_h: u32) {
+    pub(crate) fn resize(&self, cols: u32, rows: u32, px_w: u32, px_h: u32) {
         if let Some(p) = &self.pty {
             process::set_winsize(p.raw_fd(), cols, rows, px_w, px_h);
         }
@@ -154,13 +155,13 @@ impl Control {
         }
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         process::signal_group(self.pgid, sig);
     }
 }
 
 /// Everything the supervisor needs; built by the handler after a successful spawn.
-pub struct Running {
+pub(crate) struct Running {
     pub ctx: Arc<ConnCtx>,
     pub session_id: String,
     pub login: String,
@@ -184,7 +185,7 @@ fn in_span<F: std::future::Future>(span: &tracing::Span, f: F) -> tracing::instr
 }
 
 /// Starts the stdin task and the supervisor; returns the handler's control.
-pub fn start(spawned: Spawned, run: Running) -> Control {
+pub(crate) fn start(spawned: Spawned, run: Running) -> Control {
     let Spawned { child, pgid, io } = spawned;
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     let bytes_in = Arc::new(AtomicU64::new(0));
@@ -545,7 +546,7 @@ fn ssh_sig(name: &str) -> Sig {
 }
 
 /// The signal number for an SSH `signal` request.
-pub fn sig_number(sig: &Sig) -> Option<i32> {
+pub(crate) fn sig_number(sig: &Sig) -> Option<i32> {
     Some(match sig {
         Sig::ABRT => libc::SIGABRT,
         Sig::ALRM => libc::SIGALRM,
@@ -563,7 +564,7 @@ pub fn sig_number(sig: &Sig) -> Option<i32> {
     })
 }
 
-pub fn human_duration(d: Duration) -> String {
+pub(crate) fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => format!("{}ms", d.as_millis()),

@@ -1,5 +1,6 @@
 //! Authentication: every method gets the same answer, the policy decision
 //! for (caller, this node, login account); `check` rules add a prompt.
+#![warn(missing_docs)]
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -100,7 +101,8 @@ impl Conn {
             }
         }
         self.ctx.server.audit.write(&ev);
-        self.span.record("login", user.chars().take(64).collect::<String>());
+        // Debug-formatted: a refused name is whatever the client sent.
+        self.span.record("login", tracing::field::debug(user.chars().take(64).collect::<String>()));
         match &verdict {
             Verdict::Admit(_) => tracing::debug!(rule = ev.rule.as_deref(), "login admitted"),
             Verdict::Deny(msg) => tracing::debug!("login denied: {msg}"),

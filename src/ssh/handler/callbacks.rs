@@ -2,6 +2,7 @@
 //!
 //! russh runs these callbacks in a task of its own, which does not inherit
 //! the span `serve` runs in, so each callback enters `ssh_conn` itself.
+#![warn(missing_docs)]
 
 use std::sync::atomic::Ordering;
 

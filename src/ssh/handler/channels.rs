@@ -1,5 +1,6 @@
 //! Session channels and their requests before and after the program starts:
 //! open, pty, env, window size, signals, stdin data, EOF, close.
+#![warn(missing_docs)]
 
 use russh::server::{ChannelOpenHandle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Pty, Sig};

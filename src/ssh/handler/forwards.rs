@@ -1,6 +1,7 @@
 //! Forwarding requests: `direct-tcpip` (`ssh -L`) to ports on this node, and
 //! the kinds that are always refused (remote, X11, agent, unix sockets).
 //! Every request, granted or not, is audited.
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! The watcher that keeps an admitted login true to the identity and policy
 //! in force.
+#![warn(missing_docs)]
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -27,6 +27,7 @@
 //! - `live`: the watcher that re-judges a login on every change;
 //! - `callbacks`: the russh `Handler` impl, which only enters the
 //!   connection's span and dispatches to the above.
+#![warn(missing_docs)]
 
 mod auth;
 mod callbacks;

@@ -1,5 +1,6 @@
 //! Starting a shell, command or subsystem on a session channel: the policy
 //! judged again, the command line, the recording, the process, the audit.
+#![warn(missing_docs)]
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
