@@ -100,7 +100,7 @@ pub(crate) struct ShipCore {
     pub finished: Vec<String>,
 }
 
-/// One message to send, with the bytes it puts in flight.
+/// One message to send.
 #[derive(Debug)]
 pub(crate) struct Shipment {
     pub msg: ClientMsg,
@@ -201,9 +201,8 @@ impl ShipCore {
             let offset = st.sent;
             st.sent += data.len() as u64;
             st.fin_sent = fin;
-            let bytes = data.len() as u64 + 64;
             let data = base64::engine::general_purpose::STANDARD.encode(&data);
-            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin }, bytes });
+            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin } });
         }
         None
     }

@@ -38,7 +38,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ipnet::IpNet;
 
 use crate::daemon::identity::Identity;
 

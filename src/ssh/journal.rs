@@ -208,6 +208,11 @@ impl Journal {
         Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf() })
     }
 
+    /// Path of `audit.jsonl` (the shipper reads it back).
+    pub(crate) fn audit_path(&self) -> &Path {
+        &self.audit_path
+    }
+
     /// Queues an audit event. Never blocks an async worker for long: when
     /// the queue is full (the disk stalls) a multi-threaded runtime parks
     /// this worker until there is room, keeping the order of events.
