@@ -136,9 +136,7 @@ pub struct PolicyErrors(pub Vec<Diagnostic>);
 #[derive(Clone, Debug)]
 pub struct Policy {
     file: String,
-    /// Group name -> its users, nested groups expanded. Rules hold their own
-    /// expanded copies; this one is for the tests of group expansion.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Group name -> its users, nested groups expanded.
     groups: BTreeMap<String, BTreeSet<String>>,
     tag_owners: BTreeMap<String, compile::TagOwners>,
     acls: Vec<compile::AclRule>,
@@ -229,8 +227,14 @@ impl Policy {
         self.run_selftests()
     }
 
+    /// The file name given to `parse`/`load`, as it appears in diagnostics
+    /// and rule labels.
+    pub fn file_name(&self) -> &str {
+        &self.file
+    }
+
     /// Number of `[[tests]]` entries.
-    pub(crate) fn test_count(&self) -> usize {
+    pub fn test_count(&self) -> usize {
         self.tests.len()
     }
 
@@ -245,20 +249,18 @@ impl Policy {
     }
 
     /// The tags declared in `[tag_owners]`.
-    pub(crate) fn tags(&self) -> impl Iterator<Item = &str> {
+    pub fn tags(&self) -> impl Iterator<Item = &str> {
         self.tag_owners.keys().map(String::as_str)
     }
 
     /// The users of a group (nested groups expanded), if it exists.
-    #[cfg(test)]
-    pub(crate) fn group_members(&self, group: &str) -> Option<&BTreeSet<String>> {
+    pub fn group_members(&self, group: &str) -> Option<&BTreeSet<String>> {
         self.groups.get(group)
     }
 
     /// May `who` apply `tag` to a node (per `[tag_owners]`)? For the control
     /// server; SSH evaluation takes the node's tags as given.
-    #[cfg(test)]
-    pub(crate) fn may_apply_tag(&self, who: &Identity, tag: &str) -> bool {
+    pub fn may_apply_tag(&self, who: &Identity, tag: &str) -> bool {
         let Some(o) = self.tag_owners.get(tag) else {
             return false;
         };
