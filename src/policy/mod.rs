@@ -103,7 +103,7 @@ pub struct SshDecision {
 
 impl SshDecision {
     /// May the client set environment variable `name` (per `accept_env`)?
-    pub(crate) fn allows_env(&self, name: &str) -> bool {
+    pub fn allows_env(&self, name: &str) -> bool {
         self.action != Action::Reject && self.accept_env.iter().any(|p| pattern::env_matches(p, name))
     }
 }
