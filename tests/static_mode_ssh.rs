@@ -231,6 +231,7 @@ fn ssh_log_lines_carry_the_connection_span() {
     assert!(ended.contains("ssh_conn{") && ended.contains(":session{") && ended.contains("exit_status=Some(7)"), "{ended}");
     let denied = line("login denied");
     assert!(denied.contains("ssh_conn{") && denied.contains("user=bob") && denied.contains("login=\"root\""), "{denied}");
+    println!("{admitted}\n{started}\n{ended}\n{denied}");
     // The conn id in the span is the one the audit log names.
     let conn = admitted.split("ssh_conn{conn=").nth(1).and_then(|r| r.split(' ').next()).unwrap().to_string();
     let audit = std::fs::read_to_string(format!("{}/audit.jsonl", lab.state)).unwrap();

@@ -157,9 +157,7 @@ impl Parser<'_> {
                 }
             }
             ("tailgate-user", _) => {
-                return Err(
-                    self.err(line_no, "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)")
-                );
+                return Err(self.err(line_no, "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)"));
             }
             _ => {
                 return Err(self.err(line_no, format!("unknown directive {k:?}; known: tailgate-user, tailgate-tags, tailgate-name")));
@@ -264,7 +262,8 @@ impl Parser<'_> {
         let (file, mut warnings) = (self.file, self.iface.warnings);
         let mut out = Vec::new();
         for (line, p) in self.peers {
-            let public_key = p.public_key.ok_or_else(|| ConfigError { file: file.into(), line, message: "[Peer] has no PublicKey".into() })?;
+            let public_key =
+                p.public_key.ok_or_else(|| ConfigError { file: file.into(), line, message: "[Peer] has no PublicKey".into() })?;
             if p.allowed_ips.is_empty() {
                 warnings.push(format!("{file}:{line}: this [Peer] has no AllowedIPs, so no traffic can reach or leave it"));
             }

@@ -25,7 +25,13 @@ pub(crate) struct SshService {
     pub policy: PolicyHandle,
 }
 
-pub(crate) fn serve_ssh(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: Policy, state_dir: &Path, port: u16) -> Result<SshService> {
+pub(crate) fn serve_ssh(
+    node: &Node,
+    resolver: Arc<dyn IdentityResolver>,
+    policy: Policy,
+    state_dir: &Path,
+    port: u16,
+) -> Result<SshService> {
     let policy = PolicyHandle::new(policy);
     let me = resolver.clone();
     let mut cfg = SshServerConfig::new(state_dir, policy.clone(), resolver.self_identity());

@@ -181,7 +181,7 @@ impl ShipCore {
         }
         let (id, end) = last?;
         self.inflight_events.push_back((id, end, size as u64));
-        Some(Shipment { msg: ClientMsg::AuditEvents { lines }, })
+        Some(Shipment { msg: ClientMsg::AuditEvents { lines } })
     }
 
     /// The next recording chunk (`read(session, offset, len)` reads bytes).

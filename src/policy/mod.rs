@@ -38,7 +38,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-
 use crate::daemon::identity::Identity;
 
 pub use duration::CheckPeriod;

@@ -213,10 +213,7 @@ pub(crate) fn check_login_name(s: &str) -> Result<(), PatternError> {
 /// means "not an address at all".
 pub(crate) fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
     if s.contains('/') {
-        return s
-            .parse::<IpNet>()
-            .map(|n| Some(n.trunc()))
-            .map_err(|_| PatternError::BadCidr(s.into()));
+        return s.parse::<IpNet>().map(|n| Some(n.trunc())).map_err(|_| PatternError::BadCidr(s.into()));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Some(IpNet::from(ip)));
@@ -256,11 +253,7 @@ pub(crate) fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, 
     }
     if s.starts_with("tag:") {
         check_tag_name(s)?;
-        return if names.tags.contains(s) {
-            Ok(NodePat::Tag(s.to_string()))
-        } else {
-            Err(PatternError::TagWithoutOwner(s.into()))
-        };
+        return if names.tags.contains(s) { Ok(NodePat::Tag(s.to_string())) } else { Err(PatternError::TagWithoutOwner(s.into())) };
     }
     if let Some(net) = parse_net(s)? {
         return Ok(NodePat::Net { net, alias: None });

@@ -180,7 +180,6 @@ impl AuditLog {
         Ok(AuditLog { journal: Journal::open(state_dir, path, recordings_dir)? })
     }
 
-
     pub(crate) fn journal(&self) -> &Journal {
         &self.journal
     }

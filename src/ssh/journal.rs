@@ -146,9 +146,19 @@ impl Shared {
 
 enum Cmd {
     Audit(Box<AuditEvent>),
-    Open { session: String, header: String, failed: Arc<AtomicBool>, reply: oneshot::Sender<Result<PathBuf, SshError>> },
-    Data { session: String, line: String },
-    Close { session: String },
+    Open {
+        session: String,
+        header: String,
+        failed: Arc<AtomicBool>,
+        reply: oneshot::Sender<Result<PathBuf, SshError>>,
+    },
+    Data {
+        session: String,
+        line: String,
+    },
+    Close {
+        session: String,
+    },
     #[cfg_attr(not(test), allow(dead_code))] // sent by `flush`, which only the tests call
     Flush(oneshot::Sender<()>),
 }

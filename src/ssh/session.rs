@@ -204,34 +204,43 @@ pub(crate) fn start(spawned: Spawned, run: Running) -> Control {
     let stdin_task = match io {
         ChildIo::Pipes { stdin, stdout, stderr } => {
             pty_master = None;
-            pumps.push(tokio::spawn(in_span(&run.span, pump(
-                stdout,
-                run.writer.make_writer(),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
-            ))));
-            pumps.push(tokio::spawn(in_span(&run.span, pump(
-                stderr,
-                run.writer.make_writer_ext(Some(1)),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
-            ))));
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    stdout,
+                    run.writer.make_writer(),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
+            )));
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    stderr,
+                    run.writer.make_writer_ext(Some(1)),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
+            )));
             tokio::spawn(in_span(&run.span, async move { feed.run(stdin, true).await }))
         }
         ChildIo::Pty { master, .. } => {
             pty_master = Some(master.clone());
-            pumps.push(tokio::spawn(in_span(&run.span, pump(
-                master.clone(),
-                run.writer.make_writer(),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
-            ))));
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    master.clone(),
+                    run.writer.make_writer(),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
+            )));
             // A pty has one descriptor for both directions: client EOF cannot
             // be passed on as a half-close, so it is ignored (as sshd does).
             tokio::spawn(in_span(&run.span, async move { feed.run(master, false).await }))

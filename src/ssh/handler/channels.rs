@@ -70,7 +70,12 @@ impl Conn {
         }
     }
 
-    pub(super) fn window_change(&mut self, channel: ChannelId, size: (u32, u32, u32, u32), session: &mut Session) -> Result<(), russh::Error> {
+    pub(super) fn window_change(
+        &mut self,
+        channel: ChannelId,
+        size: (u32, u32, u32, u32),
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
         let (cols, rows, px_width, px_height) = size;
         if let Some(sc) = self.sessions.get_mut(&channel) {
             if let Some(p) = sc.pty.as_mut() {

@@ -143,11 +143,7 @@ impl ConnCtx {
         let Some((caller, target)) = self.refresh() else {
             return Err(ForwardRefused::CallerGone);
         };
-        if self.server.cfg.policy.current().check_network(&caller, &target, port) {
-            Ok(())
-        } else {
-            Err(ForwardRefused::Port(port))
-        }
+        if self.server.cfg.policy.current().check_network(&caller, &target, port) { Ok(()) } else { Err(ForwardRefused::Port(port)) }
     }
 }
 

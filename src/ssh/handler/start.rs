@@ -330,7 +330,6 @@ pub(super) async fn report_denial(w: ChannelWriteHalf<Msg>, msg: String, pty: bo
     let _ = w.close().await;
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
