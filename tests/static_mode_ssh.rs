@@ -52,6 +52,10 @@ const SSH_OPTS: &str =
     "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10";
 
 fn lab() -> (Lab, Proc) {
+    lab_logging("tailgate=info")
+}
+
+fn lab_logging(rust_log: &str) -> (Lab, Proc) {
     let k = Netns::new("tsk");
     let t = Netns::new("tst");
     veth(&k, "10.98.0.1", &t, "10.98.0.2");
@@ -82,7 +86,7 @@ fn lab() -> (Lab, Proc) {
     let policy = write(dir.path(), "policy.toml", POLICY);
     let state = dir.path().join("state").display().to_string();
     let mut up = t.spawn(
-        &format!("env RUST_LOG=tailgate=info {TAILGATE} up --wg-config {conf_up} --policy {policy} --state-dir {state}"),
+        &format!("env RUST_LOG={rust_log} {TAILGATE} up --wg-config {conf_up} --policy {policy} --state-dir {state}"),
         &dir.path().join("up.log"),
     );
     up.wait_log("tailgate: up at 100.64.0.2", 10);
@@ -177,5 +181,60 @@ fn ssh_over_wireguard_go_and_proxycommand() {
     assert!(events.len() >= 5, "{audit}");
     assert!(text.contains("alice") && text.contains("bob"), "{audit}");
     assert!(text.contains("\"reject\"") && text.contains("\"accept\"") && text.contains("\"check\""), "{audit}");
+    drop(up);
+}
+
+/// The node's log without terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every log line of an SSH connection names it: `ssh_conn{conn, peer, user,
+/// login}`, with a `session{..}` child span for what runs on its channels.
+#[test]
+fn ssh_log_lines_carry_the_connection_span() {
+    if !require(&["wireguard-go", "wg", "ssh"]) {
+        return;
+    }
+    let (lab, up) = lab_logging("tailgate=debug");
+    let mut last = (0, String::new(), String::new());
+    let ok = eventually(20, || {
+        last = lab.k.run(&format!("ssh {SSH_OPTS} root@100.64.0.2 'exit 7'"), 20);
+        last.0 == 7
+    });
+    assert!(ok, "ssh root@100.64.0.2 failed: {last:?}\n{}", up.log_text());
+    // bob is refused root: the denial is logged in bob's connection span.
+    let proxy = format!("-o ProxyCommand='{TAILGATE} nc --wg-config {} %h %p'", lab.conf_nc);
+    let (code, _, _) = lab.t.run(&format!("ssh {SSH_OPTS} {proxy} root@100.64.0.2 true"), 20);
+    assert_ne!(code, 0);
+
+    let log = plain(&up.log_text());
+    let line = |needle: &str| {
+        eventually(10, || plain(&up.log_text()).lines().any(|l| l.contains(needle)));
+        plain(&up.log_text()).lines().find(|l| l.contains(needle)).map(String::from).unwrap_or_else(|| panic!("no {needle:?} in\n{log}"))
+    };
+    let admitted = line("login admitted");
+    assert!(admitted.contains("ssh_conn{conn=") && admitted.contains("peer=[") && admitted.contains("user=alice"), "{admitted}");
+    let started = line("session started");
+    assert!(started.contains("user=alice") && started.contains("login=\"root\"}:session{session="), "{started}");
+    assert!(started.contains("kind=\"exec\""), "{started}");
+    let ended = line("session ended");
+    assert!(ended.contains("ssh_conn{") && ended.contains(":session{") && ended.contains("exit_status=Some(7)"), "{ended}");
+    let denied = line("login denied");
+    assert!(denied.contains("ssh_conn{") && denied.contains("user=bob") && denied.contains("login=\"root\""), "{denied}");
+    println!("{admitted}\n{started}\n{ended}\n{denied}");
+    // The conn id in the span is the one the audit log names.
+    let conn = admitted.split("ssh_conn{conn=").nth(1).and_then(|r| r.split(' ').next()).unwrap().to_string();
+    let audit = std::fs::read_to_string(format!("{}/audit.jsonl", lab.state)).unwrap();
+    assert!(audit.contains(&format!("\"conn\":\"{conn}\"")), "conn {conn} not in the audit log:\n{audit}");
     drop(up);
 }

@@ -4,6 +4,7 @@
 //! and a "laptop" node, all in this process, each with its own state
 //! directory. The laptop's local API socket lets `tailgate ssh` from another
 //! terminal reach the vps exactly as it would across the internet.
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ accept = ["root", "nobody"]
 "#;
 
 #[derive(clap::Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Where the demo keeps its state (default: a fresh temporary directory).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -64,7 +65,7 @@ async fn wait_shipped(ctl_dir: &std::path::Path) -> Option<String> {
     None
 }
 
-pub async fn run(args: DemoArgs) -> Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     let scratch = args.dir.is_none();
     let dir = match args.dir {
         Some(d) => d,

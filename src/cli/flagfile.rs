@@ -9,6 +9,7 @@
 //! The file is checked against the command's own definition: unknown keys,
 //! a list for a single-valued flag, a value the flag's parser refuses, are
 //! errors at `FILE:LINE`, before anything starts.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -19,8 +20,8 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use toml::Spanned;
 
 /// Overrides the directory of the default files (tests; packaging).
-pub const DIR_ENV: &str = "TAILGATE_CONFIG_DIR";
-pub const DEFAULT_DIR: &str = "/etc/tailgate";
+pub(crate) const DIR_ENV: &str = "TAILGATE_CONFIG_DIR";
+pub(crate) const DEFAULT_DIR: &str = "/etc/tailgate";
 
 /// Which subcommands read a file, and its name in the config directory.
 const FILES: &[(&str, &str)] = &[("up", "node.toml"), ("control", "control.toml")];
@@ -29,7 +30,7 @@ const FILES: &[(&str, &str)] = &[("up", "node.toml"), ("control", "control.toml"
 const NOT_IN_FILES: &[&str] = &["config", "help", "version"];
 
 #[derive(Debug, thiserror::Error)]
-pub enum FlagFileError {
+pub(crate) enum FlagFileError {
     #[error("{path}: {source} (give an existing file to --config, or leave --config out)")]
     Missing { path: String, source: std::io::Error },
     #[error("{path}: {source}")]
@@ -41,7 +42,7 @@ pub enum FlagFileError {
 /// The command line with the config file's flags appended, or the command
 /// line unchanged when the subcommand reads no file or there is none.
 /// Clap's own errors (bad flags) are left for the caller's parse to report.
-pub fn expand_args(mut cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>, FlagFileError> {
+pub(crate) fn expand_args(mut cmd: Command, argv: Vec<OsString>) -> Result<Vec<OsString>, FlagFileError> {
     cmd.build();
     let Ok(top) = cmd.clone().try_get_matches_from(&argv) else { return Ok(argv) };
     let Some((sub, sub_m)) = top.subcommand() else { return Ok(argv) };
@@ -135,7 +136,7 @@ fn file_flags(
         if levels.iter().any(|(_, m)| given_by_user(m, arg.get_id().as_str())) {
             continue;
         }
-        let values = flag_values(&long, arg, value.get_ref()).map_err(|m| at(value.span(), m))?;
+        let values = flag_values(&long, arg, value.get_ref()).map_err(|e| at(value.span(), e.to_string()))?;
         for v in values {
             lines.push((long.clone(), line_of(text, value.span().start)));
             out.push(match v {
@@ -152,36 +153,49 @@ fn given_by_user(m: &ArgMatches, id: &str) -> bool {
         && matches!(m.value_source(id), Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable))
 }
 
+/// A value whose TOML type does not fit its flag (the key is in each variant).
+#[derive(Debug, thiserror::Error)]
+enum ValueShape {
+    #[error("`{0}` is a switch: write `{0} = true` or `{0} = false`")]
+    Switch(String),
+    #[error("`{0}` is a level: write a number, e.g. `{0} = 1`")]
+    Level(String),
+    #[error("`{0}` takes one value, not a list")]
+    NotAList(String),
+    #[error("`{0}` takes a string, number or boolean")]
+    NotAScalar(String),
+}
+
 /// The command-line words for one `key = value`: `None` is a bare `--key`.
-fn flag_values(long: &str, arg: &Arg, v: &toml::Value) -> Result<Vec<Option<String>>, String> {
+fn flag_values(long: &str, arg: &Arg, v: &toml::Value) -> Result<Vec<Option<String>>, ValueShape> {
     match arg.get_action() {
         ArgAction::SetTrue => match v {
             toml::Value::Boolean(true) => Ok(vec![None]),
             toml::Value::Boolean(false) => Ok(vec![]),
-            _ => Err(format!("`{long}` is a switch: write `{long} = true` or `{long} = false`")),
+            _ => Err(ValueShape::Switch(long.into())),
         },
         ArgAction::Count => match v {
             toml::Value::Integer(n) if (0..=16).contains(n) => Ok(vec![None; *n as usize]),
-            _ => Err(format!("`{long}` is a level: write a number, e.g. `{long} = 1`")),
+            _ => Err(ValueShape::Level(long.into())),
         },
         ArgAction::Append => match v {
             toml::Value::Array(items) => items.iter().map(|i| scalar(long, i).map(Some)).collect(),
             other => Ok(vec![Some(scalar(long, other)?)]),
         },
         _ => match v {
-            toml::Value::Array(_) => Err(format!("`{long}` takes one value, not a list")),
+            toml::Value::Array(_) => Err(ValueShape::NotAList(long.into())),
             other => Ok(vec![Some(scalar(long, other)?)]),
         },
     }
 }
 
-fn scalar(long: &str, v: &toml::Value) -> Result<String, String> {
+fn scalar(long: &str, v: &toml::Value) -> Result<String, ValueShape> {
     match v {
         toml::Value::String(s) => Ok(s.clone()),
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Boolean(b) => Ok(b.to_string()),
-        _ => Err(format!("`{long}` takes a string, number or boolean")),
+        _ => Err(ValueShape::NotAScalar(long.into())),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Command-line edge: argument parsing, logging, and wiring the modules into
 //! the subcommands. Errors here are `anyhow` with messages for humans.
+#![warn(missing_docs)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,8 +18,8 @@ use crate::daemon::{forward, localapi};
 use crate::dataplane::node::{Node, NodeConfig};
 use crate::dataplane::wg;
 
-pub mod demo;
-pub mod flagfile;
+pub(crate) mod demo;
+pub(crate) mod flagfile;
 pub mod sshclient;
 
 #[derive(Parser)]
@@ -182,6 +183,7 @@ struct StatusArgs {
     json: bool,
 }
 
+/// The `tailgate` command: parses the command line (and config files) and runs it.
 pub fn main() -> ExitCode {
     use clap::CommandFactory;
     let argv = match crate::cli::flagfile::expand_args(Cli::command(), std::env::args_os().collect()) {
@@ -340,7 +342,7 @@ fn node_config(c: &QuickConfig, listen_port: u16) -> NodeConfig {
 }
 
 /// Identities from the `# tailgate-*` comments of a static config.
-pub fn static_resolver(c: &QuickConfig) -> TableResolver {
+pub(crate) fn static_resolver(c: &QuickConfig) -> TableResolver {
     let me_key = wg::public_key_of(&c.private_key);
     let me = Identity {
         node_key: wg::key_to_base64(&me_key),
@@ -366,7 +368,7 @@ pub fn static_resolver(c: &QuickConfig) -> TableResolver {
 }
 
 /// Names and addresses from a static config, for `nc`, `ssh` and `status`.
-pub fn static_directory(c: &QuickConfig) -> Directory {
+pub(crate) fn static_directory(c: &QuickConfig) -> Directory {
     let resolver = static_resolver(c);
     let me = Entry::from_identity(resolver.self_identity(), c.addresses.iter().map(|n| n.addr()).collect(), None);
     let peers = c
@@ -486,9 +488,9 @@ fn state_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf> {
 
 /// Root's node is the system's (the packaged unit's state directory), so
 /// `sudo tailgate status` finds the daemon; anyone else gets their own.
-pub const SYSTEM_NODE_STATE_DIR: &str = "/var/lib/tailgate/node";
+pub(crate) const SYSTEM_NODE_STATE_DIR: &str = "/var/lib/tailgate/node";
 
-pub fn default_state_dir() -> Result<PathBuf> {
+pub(crate) fn default_state_dir() -> Result<PathBuf> {
     if nix::unistd::geteuid().is_root() && std::env::var_os("XDG_STATE_HOME").is_none() {
         return Ok(PathBuf::from(SYSTEM_NODE_STATE_DIR));
     }
@@ -500,7 +502,7 @@ pub fn default_state_dir() -> Result<PathBuf> {
 }
 
 async fn ssh(args: SshArgs) -> Result<()> {
-    let inv = crate::cli::sshclient::parse_ssh_args(&args.args).map_err(anyhow::Error::msg)?;
+    let inv = crate::cli::sshclient::parse_ssh_args(&args.args)?;
     let state_dir = std::path::absolute(state_dir_or_default(args.state_dir)?)?;
     let dir = localapi::fetch_directory(&state_dir).await?;
     let exe = std::env::current_exe().context("locating the tailgate binary")?;

@@ -3,6 +3,7 @@
 //! host is pinned by its short name (`HostKeyAlias`), so whether the user
 //! typed `web1`, `web1.<domain>` or the IP, a key other than the netmap's is
 //! refused and the first login has no trust-on-first-use prompt.
+#![warn(missing_docs)]
 
 use std::path::Path;
 
@@ -13,7 +14,7 @@ use crate::daemon::agent::KNOWN_HOSTS_FILE;
 use crate::daemon::directory::{Directory, check_domain};
 
 /// Options that route ssh through `tailgate nc` and pin host keys for `name`.
-pub fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {
+pub(crate) fn ssh_options(exe: &Path, state_dir: &Path, name: &str, pinned: bool) -> Vec<String> {
     let mut v = vec![
         "-o".into(),
         format!("ProxyCommand={} nc --state-dir {} %h %p", exe.display(), state_dir.display()),
@@ -41,7 +42,7 @@ const SSH_SWITCHES: &str = "1246afgknqstvxACGKMNTVXYy";
 /// `tailgate ssh ARGS` taken apart as ssh would: the options before the
 /// destination, the destination, and the remote command after it.
 #[derive(Debug, PartialEq)]
-pub struct SshInvocation {
+pub(crate) struct SshInvocation {
     pub options: Vec<String>,
     pub destination: String,
     pub command: Vec<String>,
@@ -50,7 +51,7 @@ pub struct SshInvocation {
 /// Reads `args` with ssh's option rules, refusing what the tailnet makes
 /// meaningless: a jump host or proxy command would replace the tailnet
 /// path that `tailgate ssh` exists to provide.
-pub fn parse_ssh_args(args: &[String]) -> Result<SshInvocation, String> {
+pub(crate) fn parse_ssh_args(args: &[String]) -> Result<SshInvocation, SshArgsError> {
     let mut options = Vec::new();
     let mut i = 0;
     while let Some(a) = args.get(i) {
@@ -69,7 +70,7 @@ pub fn parse_ssh_args(args: &[String]) -> Result<SshInvocation, String> {
                 let attached: String = letters[j + 1..].iter().collect();
                 let value = if attached.is_empty() {
                     i += 1;
-                    args.get(i).cloned().ok_or_else(|| format!("ssh option -{c} needs a value"))?
+                    args.get(i).cloned().ok_or(SshArgsError::NeedsValue(c))?
                 } else {
                     attached
                 };
@@ -79,34 +80,49 @@ pub fn parse_ssh_args(args: &[String]) -> Result<SshInvocation, String> {
                 break;
             }
             if !SSH_SWITCHES.contains(c) {
-                return Err(format!("-{c} is not an ssh option (see `man ssh`); put tailgate's own flags before them"));
+                return Err(SshArgsError::NotAnOption(c));
             }
             options.push(format!("-{c}"));
             j += 1;
         }
         i += 1;
     }
-    let destination = args.get(i).cloned().ok_or("give a destination: tailgate ssh [ssh options] [user@]host [command]")?;
+    let destination = args.get(i).cloned().ok_or(SshArgsError::NoDestination)?;
     Ok(SshInvocation { options, destination, command: args[i + 1..].to_vec() })
 }
 
-fn check_option(c: char, value: &str) -> Result<(), String> {
-    const WHY: &str = "tailgate ssh already reaches every node directly through the tailnet (ProxyCommand `tailgate nc`)";
+/// Why `tailgate ssh ARGS` will not run ssh.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub(crate) enum SshArgsError {
+    #[error("ssh option -{0} needs a value")]
+    NeedsValue(char),
+    #[error("-{0} is not an ssh option (see `man ssh`); put tailgate's own flags before them")]
+    NotAnOption(char),
+    #[error("give a destination: tailgate ssh [ssh options] [user@]host [command]")]
+    NoDestination,
+    /// `-J`, `-o ProxyCommand`, `-o ProxyJump`: the option as written.
+    #[error("{0} is meaningless here: {WHY_NO_PROXY}; drop it")]
+    Proxy(String),
+}
+
+const WHY_NO_PROXY: &str = "tailgate ssh already reaches every node directly through the tailnet (ProxyCommand `tailgate nc`)";
+
+fn check_option(c: char, value: &str) -> Result<(), SshArgsError> {
     if c == 'J' {
-        return Err(format!("-J (jump host) is meaningless here: {WHY}; drop it"));
+        return Err(SshArgsError::Proxy("-J (jump host)".into()));
     }
     if c == 'o' {
         // ssh_config syntax: `Key=value` or `Key value`, keys case-insensitive.
         let key = value.trim_start().split(|ch: char| ch == '=' || ch.is_whitespace()).next().unwrap_or_default();
         if key.eq_ignore_ascii_case("ProxyCommand") || key.eq_ignore_ascii_case("ProxyJump") {
-            return Err(format!("-o {key} is meaningless here: {WHY}; drop it"));
+            return Err(SshArgsError::Proxy(format!("-o {key}")));
         }
     }
     Ok(())
 }
 
 /// Split `user@host`.
-pub fn split_target(target: &str) -> (Option<&str>, &str) {
+pub(crate) fn split_target(target: &str) -> (Option<&str>, &str) {
     match target.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, target),
@@ -116,7 +132,7 @@ pub fn split_target(target: &str) -> (Option<&str>, &str) {
 /// Replace this process with `ssh` to the invocation's destination over the
 /// tailnet. Our options come first: for `-o` settings ssh keeps the first
 /// value it sees, so the user's options cannot unpin the host key.
-pub fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, inv: &SshInvocation) -> Result<std::convert::Infallible> {
+pub(crate) fn exec_ssh(exe: &Path, state_dir: &Path, dir: &Directory, inv: &SshInvocation) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
     let (user, host) = split_target(&inv.destination);
     let entry = dir.lookup(host)?;
@@ -170,7 +186,7 @@ pub fn ssh_config(exe: &Path, state_dir: &Path, dir: &Directory) -> String {
 mod tests {
     use super::*;
 
-    fn parse(line: &str) -> Result<SshInvocation, String> {
+    fn parse(line: &str) -> Result<SshInvocation, SshArgsError> {
         parse_ssh_args(&line.split_whitespace().map(String::from).collect::<Vec<_>>())
     }
 
@@ -188,12 +204,12 @@ mod tests {
 
     #[test]
     fn meaningless_and_unknown_options_are_refused() {
-        assert!(parse("-J jump web1").unwrap_err().contains("-J (jump host) is meaningless"));
-        assert!(parse("-Jjump web1").unwrap_err().contains("meaningless"));
-        assert!(parse("-o ProxyCommand=nc web1").unwrap_err().contains("-o ProxyCommand is meaningless"));
-        assert!(parse("-o proxyjump=x web1").unwrap_err().contains("meaningless"));
-        assert!(parse("-Z web1").unwrap_err().contains("-Z is not an ssh option"));
-        assert!(parse("-p").unwrap_err().contains("-p needs a value"));
-        assert!(parse("-N").unwrap_err().contains("give a destination"));
+        assert!(parse("-J jump web1").unwrap_err().to_string().contains("-J (jump host) is meaningless"));
+        assert!(parse("-Jjump web1").unwrap_err().to_string().contains("meaningless"));
+        assert!(parse("-o ProxyCommand=nc web1").unwrap_err().to_string().contains("-o ProxyCommand is meaningless"));
+        assert!(parse("-o proxyjump=x web1").unwrap_err().to_string().contains("meaningless"));
+        assert!(parse("-Z web1").unwrap_err().to_string().contains("-Z is not an ssh option"));
+        assert!(parse("-p").unwrap_err().to_string().contains("-p needs a value"));
+        assert!(parse("-N").unwrap_err().to_string().contains("give a destination"));
     }
 }

@@ -5,6 +5,7 @@
 //! file in step with the netmap from the control server. The netmap is cached
 //! on disk so the node starts and serves from it while control is down, and
 //! control can come and go without disturbing open sessions.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,10 +29,10 @@ use crate::policy::Policy;
 use crate::ssh::PolicyHandle;
 use secrecy::ExposeSecret;
 
-pub const NODE_KEY_FILE: &str = "node.key";
-pub const CONTROL_FILE: &str = "control.json";
-pub const NETMAP_CACHE_FILE: &str = "netmap.json";
-pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
+pub(crate) const NODE_KEY_FILE: &str = "node.key";
+pub(crate) const CONTROL_FILE: &str = "control.json";
+pub(crate) const NETMAP_CACHE_FILE: &str = "netmap.json";
+pub(crate) const KNOWN_HOSTS_FILE: &str = "known_hosts";
 
 const LOCAL_ADDRESS_POLL: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -39,7 +40,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Where this node's control server is (saved from the auth key on first join).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SavedControl {
+pub(crate) struct SavedControl {
     pub url: String,
     pub server_public: String,
     /// PEM CA certificate(s) an `https://` URL must chain to (`--control-ca`),
@@ -64,7 +65,7 @@ impl SavedControl {
 
 /// Pins the CA certificate(s) in `pem` for this state directory's control
 /// server (replacing the system roots for its `https://` URL).
-pub fn pin_control_ca(state_dir: &Path, target: &mut ControlTarget, pem: &str, from: &Path) -> Result<()> {
+pub(crate) fn pin_control_ca(state_dir: &Path, target: &mut ControlTarget, pem: &str, from: &Path) -> Result<()> {
     crate::control::transport::parse_ca(pem).map_err(|e| anyhow::anyhow!("--control-ca {}: {e}", from.display()))?;
     let saved = SavedControl {
         url: target.url.clone(),
@@ -104,7 +105,7 @@ impl From<CachedMap> for NetMap {
 }
 
 /// Load the node's WireGuard key, creating it (0600) on first run.
-pub fn load_or_create_node_key(state_dir: &Path) -> Result<PrivateKey> {
+pub(crate) fn load_or_create_node_key(state_dir: &Path) -> Result<PrivateKey> {
     let path = state_dir.join(NODE_KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(s) => PrivateKey::from_base64(&s).with_context(|| format!("{}: not a WireGuard private key", path.display())),
@@ -119,7 +120,7 @@ pub fn load_or_create_node_key(state_dir: &Path) -> Result<PrivateKey> {
 
 /// The control server this state directory belongs to, from an auth key
 /// (saved for later starts) or from the saved file.
-pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(ControlTarget, Option<String>)> {
+pub(crate) fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(ControlTarget, Option<String>)> {
     let path = state_dir.join(CONTROL_FILE);
     if let Some(token) = authkey {
         let t = AuthKeyToken::parse(token.trim()).map_err(|e| anyhow::anyhow!("--authkey: {e}"))?;
@@ -143,7 +144,7 @@ pub fn control_target(state_dir: &Path, authkey: Option<&str>) -> Result<(Contro
 /// link-local are left out: peers never probe them and control refuses them,
 /// so nodes on one host meet on another interface address or the relay.
 /// IPv6 addresses only when `udp` (our socket) is dual-stack.
-pub fn local_endpoints(udp: SocketAddr) -> Vec<SocketAddr> {
+pub(crate) fn local_endpoints(udp: SocketAddr) -> Vec<SocketAddr> {
     let (port, v6) = (udp.port(), udp.is_ipv6());
     let mut v: Vec<SocketAddr> = Vec::new();
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
@@ -163,14 +164,14 @@ pub fn local_endpoints(udp: SocketAddr) -> Vec<SocketAddr> {
     v
 }
 
-pub fn cached_netmap(state_dir: &Path) -> Option<NetMap> {
+pub(crate) fn cached_netmap(state_dir: &Path) -> Option<NetMap> {
     let text = std::fs::read_to_string(state_dir.join(NETMAP_CACHE_FILE)).ok()?;
     let c: CachedMap = serde_json::from_str(&text).ok()?;
     Some(c.into())
 }
 
 /// Keeps node, SSH, directory and files in step with the netmap.
-pub struct Applier {
+pub(crate) struct Applier {
     pub node: Arc<Node>,
     pub resolver: TableResolver,
     pub policy: Option<PolicyHandle>,
@@ -183,7 +184,7 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(
+    pub(crate) fn new(
         node: Arc<Node>,
         resolver: TableResolver,
         policy: Option<PolicyHandle>,
@@ -194,12 +195,12 @@ impl Applier {
         Applier { node, resolver, policy, daemon, state_dir, ssh_host_key, current: None, greeted: Default::default() }
     }
 
-    pub fn current(&self) -> Option<&NetMap> {
+    pub(crate) fn current(&self) -> Option<&NetMap> {
         self.current.as_ref()
     }
 
     /// Make the world match `map`, changing only what differs.
-    pub fn apply(&mut self, map: NetMap) {
+    pub(crate) fn apply(&mut self, map: NetMap) {
         let old_peers: BTreeMap<Key, PeerInfo> = self.current.as_ref().map(|m| m.peers.clone()).unwrap_or_default();
         if self.current.as_ref().map(|m| &m.self_node.ips) != Some(&map.self_node.ips) {
             self.node.set_addresses(map.self_node.ips.clone());
@@ -253,14 +254,14 @@ impl Applier {
     }
 
     /// Drop every peer (key expired or node removed).
-    pub fn cut_off(&mut self) {
+    pub(crate) fn cut_off(&mut self) {
         if let Some(mut m) = self.current.clone() {
             m.peers.clear();
             self.apply(m);
         }
     }
 
-    pub fn set_control_status(&self, s: String) {
+    pub(crate) fn set_control_status(&self, s: String) {
         self.daemon.extra.write().unwrap_or_else(|e| e.into_inner()).insert("control".into(), serde_json::Value::String(s));
     }
 }
@@ -347,7 +348,7 @@ fn placeholder_identity(key: &PrivateKey) -> Identity {
     }
 }
 
-pub struct AgentOptions {
+pub(crate) struct AgentOptions {
     pub state_dir: PathBuf,
     pub authkey: Option<String>,
     pub hostname: String,
@@ -393,14 +394,13 @@ async fn resolve_target(opts: &AgentOptions, ca_pem: Option<&str>) -> Result<(Co
 }
 
 /// A running agent: the node plus the task following the control server.
-pub struct Agent {
+pub(crate) struct Agent {
     pub node: Arc<Node>,
     pub daemon: Daemon,
-    pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Join (or rejoin) the tailnet and keep following the netmap.
-pub async fn start(opts: AgentOptions) -> Result<Agent> {
+pub(crate) async fn start(opts: AgentOptions) -> Result<Agent> {
     ensure_private_dir(&opts.state_dir)?;
     let key = load_or_create_node_key(&opts.state_dir)?;
     let ca = match &opts.control_ca {
@@ -495,8 +495,9 @@ pub async fn start(opts: AgentOptions) -> Result<Agent> {
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
     hello.force_reauth = false;
-    let task = tokio::spawn(follow(applier, target, key, hello, first, check, ship_tx));
-    Ok(Agent { node, daemon, task })
+    // Follows control for the life of the process.
+    tokio::spawn(follow(applier, target, key, hello, first, check, ship_tx));
+    Ok(Agent { node, daemon })
 }
 
 /// Sends datagrams into the relay connection without blocking the data plane.

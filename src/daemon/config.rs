@@ -4,6 +4,7 @@
 //! at tailgate unchanged. Identity rides in comments (`# tailgate-user = alice`)
 //! so the same file stays valid for `wg-quick`. Keys that only make sense for
 //! a kernel interface (DNS, MTU, PostUp, ...) are reported and ignored.
+#![warn(missing_docs)]
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -15,7 +16,7 @@ use crate::key::{Key, PrivateKey};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}: {message}")]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     pub file: String,
     pub line: usize,
     pub message: String,
@@ -23,7 +24,7 @@ pub struct ConfigError {
 
 /// A peer with the identity tailgate attaches to it.
 #[derive(Clone, Debug)]
-pub struct QuickPeer {
+pub(crate) struct QuickPeer {
     pub config: PeerConfig,
     pub user: Option<String>,
     pub tags: Vec<String>,
@@ -31,7 +32,7 @@ pub struct QuickPeer {
 }
 
 #[derive(Clone, Debug)]
-pub struct QuickConfig {
+pub(crate) struct QuickConfig {
     pub private_key: PrivateKey,
     pub addresses: Vec<IpNet>,
     pub listen_port: Option<u16>,
@@ -53,7 +54,7 @@ enum Section {
 /// Keys valid in wg-quick files that have no meaning for a userspace node.
 const IGNORED_INTERFACE_KEYS: &[&str] = &["dns", "mtu", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"];
 
-pub fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: file.clone(),
@@ -63,178 +64,225 @@ pub fn load(path: &Path) -> Result<QuickConfig, ConfigError> {
     parse(&src, &file)
 }
 
-pub fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
-    let err = |line: usize, message: String| ConfigError { file: file.to_string(), line, message };
-    let mut section = Section::None;
-    let mut private_key = None;
-    let mut addresses = Vec::new();
-    let mut listen_port = None;
-    let mut tags = Vec::new();
-    let mut name = None;
-    let mut peers: Vec<(usize, PartialPeer)> = Vec::new();
-    let mut warnings = Vec::new();
-    let mut saw_interface = false;
-
+pub(crate) fn parse(src: &str, file: &str) -> Result<QuickConfig, ConfigError> {
+    let mut p = Parser { file, section: Section::None, saw_interface: false, iface: Interface::default(), peers: Vec::new() };
     for (i, raw) in src.lines().enumerate() {
-        let line_no = i + 1;
         let line = raw.trim();
-        if line.is_empty() {
-            continue;
+        if !line.is_empty() {
+            p.line(i + 1, line)?;
         }
+    }
+    p.finish()
+}
+
+/// The `[Interface]` settings read so far.
+#[derive(Default)]
+struct Interface {
+    private_key: Option<PrivateKey>,
+    addresses: Vec<IpNet>,
+    listen_port: Option<u16>,
+    tags: Vec<String>,
+    name: Option<String>,
+    warnings: Vec<String>,
+}
+
+/// The state of one pass over a file, line by line.
+struct Parser<'a> {
+    file: &'a str,
+    section: Section,
+    saw_interface: bool,
+    iface: Interface,
+    /// Each `[Peer]` with the line it starts on.
+    peers: Vec<(usize, PartialPeer)>,
+}
+
+impl Parser<'_> {
+    fn err(&self, line: usize, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.to_string(), line, message: message.into() }
+    }
+
+    /// The `[Peer]` being read; only called while `section` is `Peer`, which
+    /// pushed it.
+    fn peer(&mut self) -> &mut PartialPeer {
+        &mut self.peers.last_mut().expect("in a peer section").1
+    }
+
+    fn line(&mut self, line_no: usize, line: &str) -> Result<(), ConfigError> {
         if let Some(comment) = line.strip_prefix('#') {
-            // Only our own directives are meaningful; other comments are free text.
-            let Some((k, v)) = comment.trim().split_once('=') else { continue };
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if !k.starts_with("tailgate-") {
-                continue;
-            }
-            match (k.as_str(), &section) {
-                ("tailgate-user", Section::Peer) => {
-                    let p = &mut peers.last_mut().expect("in a peer section").1;
-                    if v.is_empty() || v.contains(char::is_whitespace) {
-                        return Err(err(line_no, format!("tailgate-user {v:?} must be one user name without spaces")));
-                    }
-                    p.user = Some(v.to_string());
-                }
-                ("tailgate-tags", Section::Peer | Section::Interface) => {
-                    let list = parse_tags(v).map_err(|m| err(line_no, m))?;
-                    match section {
-                        Section::Peer => peers.last_mut().expect("in a peer section").1.tags = list,
-                        _ => tags = list,
-                    }
-                }
-                ("tailgate-name", Section::Peer | Section::Interface) => {
-                    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
-                        return Err(err(line_no, format!("tailgate-name {v:?} must be a host name (letters, digits, '-', '.')")));
-                    }
-                    match section {
-                        Section::Peer => peers.last_mut().expect("in a peer section").1.name = Some(v.to_string()),
-                        _ => name = Some(v.to_string()),
-                    }
-                }
-                ("tailgate-user", _) => {
-                    return Err(err(
-                        line_no,
-                        "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)".into(),
-                    ));
-                }
-                _ => {
-                    return Err(err(line_no, format!("unknown directive {k:?}; known: tailgate-user, tailgate-tags, tailgate-name")));
-                }
-            }
-            continue;
+            return self.directive(line_no, comment);
         }
         if line.starts_with('[') {
-            section = match line.to_ascii_lowercase().as_str() {
-                "[interface]" => {
-                    if saw_interface {
-                        return Err(err(line_no, "a second [Interface] section; a config has exactly one".into()));
-                    }
-                    saw_interface = true;
-                    Section::Interface
-                }
-                "[peer]" => {
-                    peers.push((line_no, PartialPeer::default()));
-                    Section::Peer
-                }
-                _ => return Err(err(line_no, format!("unknown section {line}; expected [Interface] or [Peer]"))),
-            };
-            continue;
+            return self.section_header(line_no, line);
         }
         let Some((key, value)) = line.split_once('=') else {
-            return Err(err(line_no, format!("expected `Key = Value`, found {line:?}")));
+            return Err(self.err(line_no, format!("expected `Key = Value`, found {line:?}")));
         };
-        let key_lc = key.trim().to_ascii_lowercase();
         // Inline comments are not part of the wg-quick format, but values never contain '#'.
         let value = value.split('#').next().unwrap_or("").trim();
-        match section {
-            Section::None => {
-                return Err(err(line_no, "setting outside a section; start the file with [Interface]".into()));
-            }
-            Section::Interface => match key_lc.as_str() {
-                "privatekey" => {
-                    private_key = Some(
-                        PrivateKey::from_base64(value)
-                            .map_err(|e| err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?,
-                    )
-                }
-                "address" => {
-                    for a in split_list(value) {
-                        addresses.push(parse_cidr(a).map_err(|m| err(line_no, format!("Address {m}")))?);
-                    }
-                }
-                "listenport" => {
-                    listen_port = Some(
-                        value.parse::<u16>().map_err(|_| err(line_no, format!("ListenPort {value:?} is not a port number (0-65535)")))?,
-                    )
-                }
-                k if IGNORED_INTERFACE_KEYS.contains(&k) => {
-                    warnings.push(format!("{file}:{line_no}: {} is ignored: tailgate has no kernel interface", key.trim()));
-                }
-                _ => return Err(err(line_no, format!("unknown [Interface] key {:?}", key.trim()))),
-            },
-            Section::Peer => {
-                let p = &mut peers.last_mut().expect("in a peer section").1;
-                match key_lc.as_str() {
-                    "publickey" => p.public_key = Some(key_from_base64(value).map_err(|e| err(line_no, format!("PublicKey: {e}")))?),
-                    "presharedkey" => {
-                        p.preshared_key = Some(
-                            crate::key::PresharedKey::from_base64(value)
-                                .map_err(|e| err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?,
-                        )
-                    }
-                    "allowedips" => {
-                        for a in split_list(value) {
-                            p.allowed_ips.push(parse_cidr(a).map_err(|m| err(line_no, format!("AllowedIPs {m}")))?);
-                        }
-                    }
-                    "endpoint" => p.endpoint = Some(resolve_endpoint(value).map_err(|m| err(line_no, m))?),
-                    "persistentkeepalive" => {
-                        p.keepalive = if value.eq_ignore_ascii_case("off") {
-                            None
-                        } else {
-                            Some(
-                                value
-                                    .parse::<u16>()
-                                    .map_err(|_| err(line_no, format!("PersistentKeepalive {value:?} must be seconds (1-65535) or off")))?,
-                            )
-                        }
-                        .filter(|s| *s > 0)
-                    }
-                    _ => return Err(err(line_no, format!("unknown [Peer] key {:?}", key.trim()))),
-                }
-            }
+        match self.section {
+            Section::None => Err(self.err(line_no, "setting outside a section; start the file with [Interface]")),
+            Section::Interface => self.interface_key(line_no, key.trim(), value),
+            Section::Peer => self.peer_key(line_no, key.trim(), value),
         }
     }
 
-    if !saw_interface {
-        return Err(err(1, "no [Interface] section; a config needs one with PrivateKey and Address".into()));
-    }
-    let private_key =
-        private_key.ok_or_else(|| err(1, "[Interface] has no PrivateKey; add `PrivateKey = <output of wg genkey>`".into()))?;
-    if addresses.is_empty() {
-        return Err(err(1, "[Interface] has no Address; add e.g. `Address = 100.64.0.1/32`".into()));
-    }
-    let mut out = Vec::new();
-    for (line, p) in peers {
-        let public_key = p.public_key.ok_or_else(|| err(line, "[Peer] has no PublicKey".into()))?;
-        if p.allowed_ips.is_empty() {
-            warnings.push(format!("{file}:{line}: this [Peer] has no AllowedIPs, so no traffic can reach or leave it"));
+    /// `# tailgate-KEY = VALUE`; other comments are free text.
+    fn directive(&mut self, line_no: usize, comment: &str) -> Result<(), ConfigError> {
+        let Some((k, v)) = comment.trim().split_once('=') else { return Ok(()) };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        if !k.starts_with("tailgate-") {
+            return Ok(());
         }
-        out.push(QuickPeer {
-            config: PeerConfig {
-                public_key,
-                preshared_key: p.preshared_key,
-                allowed_ips: p.allowed_ips,
-                endpoint: p.endpoint,
-                persistent_keepalive: p.keepalive,
-            },
-            user: p.user,
-            tags: p.tags,
-            name: p.name,
-        });
+        match (k.as_str(), &self.section) {
+            ("tailgate-user", Section::Peer) => {
+                if v.is_empty() || v.contains(char::is_whitespace) {
+                    return Err(self.err(line_no, format!("tailgate-user {v:?} must be one user name without spaces")));
+                }
+                self.peer().user = Some(v.to_string());
+            }
+            ("tailgate-tags", Section::Peer | Section::Interface) => {
+                let list = parse_tags(v).map_err(|m| self.err(line_no, m.to_string()))?;
+                match self.section {
+                    Section::Peer => self.peer().tags = list,
+                    _ => self.iface.tags = list,
+                }
+            }
+            ("tailgate-name", Section::Peer | Section::Interface) => {
+                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                    return Err(self.err(line_no, format!("tailgate-name {v:?} must be a host name (letters, digits, '-', '.')")));
+                }
+                match self.section {
+                    Section::Peer => self.peer().name = Some(v.to_string()),
+                    _ => self.iface.name = Some(v.to_string()),
+                }
+            }
+            ("tailgate-user", _) => {
+                return Err(self.err(line_no, "tailgate-user belongs in a [Peer] section (the node itself has no user in static mode)"));
+            }
+            _ => {
+                return Err(self.err(line_no, format!("unknown directive {k:?}; known: tailgate-user, tailgate-tags, tailgate-name")));
+            }
+        }
+        Ok(())
     }
-    Ok(QuickConfig { private_key, addresses, listen_port, tags, name, peers: out, warnings })
+
+    fn section_header(&mut self, line_no: usize, line: &str) -> Result<(), ConfigError> {
+        self.section = match line.to_ascii_lowercase().as_str() {
+            "[interface]" => {
+                if self.saw_interface {
+                    return Err(self.err(line_no, "a second [Interface] section; a config has exactly one"));
+                }
+                self.saw_interface = true;
+                Section::Interface
+            }
+            "[peer]" => {
+                self.peers.push((line_no, PartialPeer::default()));
+                Section::Peer
+            }
+            _ => return Err(self.err(line_no, format!("unknown section {line}; expected [Interface] or [Peer]"))),
+        };
+        Ok(())
+    }
+
+    fn interface_key(&mut self, line_no: usize, key: &str, value: &str) -> Result<(), ConfigError> {
+        match key.to_ascii_lowercase().as_str() {
+            "privatekey" => {
+                let k = PrivateKey::from_base64(value)
+                    .map_err(|e| self.err(line_no, format!("PrivateKey: {e}; generate one with `tailgate genkey` or `wg genkey`")))?;
+                self.iface.private_key = Some(k);
+            }
+            "address" => {
+                for a in split_list(value) {
+                    let net = parse_cidr(a).map_err(|m| self.err(line_no, format!("Address {m}")))?;
+                    self.iface.addresses.push(net);
+                }
+            }
+            "listenport" => {
+                let port =
+                    value.parse::<u16>().map_err(|_| self.err(line_no, format!("ListenPort {value:?} is not a port number (0-65535)")))?;
+                self.iface.listen_port = Some(port);
+            }
+            k if IGNORED_INTERFACE_KEYS.contains(&k) => {
+                let note = format!("{}:{line_no}: {key} is ignored: tailgate has no kernel interface", self.file);
+                self.iface.warnings.push(note);
+            }
+            _ => return Err(self.err(line_no, format!("unknown [Interface] key {key:?}"))),
+        }
+        Ok(())
+    }
+
+    fn peer_key(&mut self, line_no: usize, key: &str, value: &str) -> Result<(), ConfigError> {
+        match key.to_ascii_lowercase().as_str() {
+            "publickey" => {
+                let k = key_from_base64(value).map_err(|e| self.err(line_no, format!("PublicKey: {e}")))?;
+                self.peer().public_key = Some(k);
+            }
+            "presharedkey" => {
+                let k = crate::key::PresharedKey::from_base64(value)
+                    .map_err(|e| self.err(line_no, format!("PresharedKey: {e}; generate one with `wg genpsk`")))?;
+                self.peer().preshared_key = Some(k);
+            }
+            "allowedips" => {
+                for a in split_list(value) {
+                    let net = parse_cidr(a).map_err(|m| self.err(line_no, format!("AllowedIPs {m}")))?;
+                    self.peer().allowed_ips.push(net);
+                }
+            }
+            "endpoint" => {
+                let addr = resolve_endpoint(value).map_err(|m| self.err(line_no, m.to_string()))?;
+                self.peer().endpoint = Some(addr);
+            }
+            "persistentkeepalive" => {
+                let secs = if value.eq_ignore_ascii_case("off") {
+                    None
+                } else {
+                    let s = value
+                        .parse::<u16>()
+                        .map_err(|_| self.err(line_no, format!("PersistentKeepalive {value:?} must be seconds (1-65535) or off")))?;
+                    Some(s)
+                };
+                self.peer().keepalive = secs.filter(|s| *s > 0);
+            }
+            _ => return Err(self.err(line_no, format!("unknown [Peer] key {key:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Checks what must be there and builds the config.
+    fn finish(mut self) -> Result<QuickConfig, ConfigError> {
+        if !self.saw_interface {
+            return Err(self.err(1, "no [Interface] section; a config needs one with PrivateKey and Address"));
+        }
+        let Some(private_key) = self.iface.private_key.take() else {
+            return Err(self.err(1, "[Interface] has no PrivateKey; add `PrivateKey = <output of wg genkey>`"));
+        };
+        if self.iface.addresses.is_empty() {
+            return Err(self.err(1, "[Interface] has no Address; add e.g. `Address = 100.64.0.1/32`"));
+        }
+        let (file, mut warnings) = (self.file, self.iface.warnings);
+        let mut out = Vec::new();
+        for (line, p) in self.peers {
+            let public_key =
+                p.public_key.ok_or_else(|| ConfigError { file: file.into(), line, message: "[Peer] has no PublicKey".into() })?;
+            if p.allowed_ips.is_empty() {
+                warnings.push(format!("{file}:{line}: this [Peer] has no AllowedIPs, so no traffic can reach or leave it"));
+            }
+            out.push(QuickPeer {
+                config: PeerConfig {
+                    public_key,
+                    preshared_key: p.preshared_key,
+                    allowed_ips: p.allowed_ips,
+                    endpoint: p.endpoint,
+                    persistent_keepalive: p.keepalive,
+                },
+                user: p.user,
+                tags: p.tags,
+                name: p.name,
+            });
+        }
+        let Interface { addresses, listen_port, tags, name, .. } = self.iface;
+        Ok(QuickConfig { private_key, addresses, listen_port, tags, name, peers: out, warnings })
+    }
 }
 
 #[derive(Default)]
@@ -253,7 +301,22 @@ fn split_list(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
-fn parse_cidr(s: &str) -> Result<IpNet, String> {
+/// A value in a wg-quick file that does not parse; `ConfigError` adds the place.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ValueError {
+    #[error("{0:?} is not an address or CIDR (e.g. 100.64.0.2/32)")]
+    NotCidr(String),
+    #[error("tag {0:?} must look like tag:name (letters, digits, '-', '_')")]
+    BadTag(String),
+    #[error("Endpoint {given:?} needs a port, e.g. {example}")]
+    EndpointNoPort { given: String, example: String },
+    #[error("Endpoint {given:?} cannot be resolved: {source}")]
+    EndpointUnresolvable { given: String, source: std::io::Error },
+    #[error("Endpoint {0:?} resolves to no address")]
+    EndpointNoAddress(String),
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, ValueError> {
     if let Ok(n) = s.parse::<IpNet>() {
         return Ok(n);
     }
@@ -261,48 +324,48 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    Err(format!("{s:?} is not an address or CIDR (e.g. 100.64.0.2/32)"))
+    Err(ValueError::NotCidr(s.into()))
 }
 
-fn parse_tags(v: &str) -> Result<Vec<String>, String> {
+fn parse_tags(v: &str) -> Result<Vec<String>, ValueError> {
     split_list(v)
         .map(|t| {
             let ok = t
                 .strip_prefix("tag:")
                 .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
-            if ok { Ok(t.to_string()) } else { Err(format!("tag {t:?} must look like tag:name (letters, digits, '-', '_')")) }
+            if ok { Ok(t.to_string()) } else { Err(ValueError::BadTag(t.into())) }
         })
         .collect()
 }
 
 /// `HOST:PORT`, `IPV4:PORT` or `[IPV6]:PORT` (as wg-quick writes them).
-fn resolve_endpoint(v: &str) -> Result<SocketAddr, String> {
+fn resolve_endpoint(v: &str) -> Result<SocketAddr, ValueError> {
     if let Ok(a) = v.parse::<SocketAddr>() {
         return Ok(crate::dataplane::dualstack::normalize(a));
     }
     if v.parse::<std::net::Ipv6Addr>().is_ok() || (v.starts_with('[') && v.ends_with(']')) {
         let ip = v.trim_start_matches('[').trim_end_matches(']');
-        return Err(format!("Endpoint {v:?} needs a port, e.g. [{ip}]:51820"));
+        return Err(ValueError::EndpointNoPort { given: v.into(), example: format!("[{ip}]:51820") });
     }
     if !v.contains(':') {
-        return Err(format!("Endpoint {v:?} needs a port, e.g. {v}:51820"));
+        return Err(ValueError::EndpointNoPort { given: v.into(), example: format!("{v}:51820") });
     }
     v.to_socket_addrs()
-        .map_err(|e| format!("Endpoint {v:?} cannot be resolved: {e}"))?
+        .map_err(|source| ValueError::EndpointUnresolvable { given: v.into(), source })?
         .next()
         .map(crate::dataplane::dualstack::normalize)
-        .ok_or_else(|| format!("Endpoint {v:?} resolves to no address"))
+        .ok_or_else(|| ValueError::EndpointNoAddress(v.into()))
 }
 
 /// Create a state directory readable by the owner only (or tighten an existing one).
-pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Write `contents` to `path` readable by the owner only.
-pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

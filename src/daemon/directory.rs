@@ -1,6 +1,7 @@
 //! Names on the tailnet: which node is `web1`, what its addresses and SSH host
 //! key are. Fed by the static config or the netmap; read by `nc`, `ssh`,
 //! `ssh-config` and `status`.
+#![warn(missing_docs)]
 
 use std::net::IpAddr;
 
@@ -8,12 +9,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::identity::Identity;
 
+/// One node as `tailgate status`, `tailgate ssh` and known_hosts see it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
+    /// Node name (`web1`).
     pub name: String,
+    /// Its tailnet addresses.
     pub ips: Vec<IpAddr>,
+    /// WireGuard public key, base64.
     pub node_key: String,
+    /// Owner, for a person's node.
     pub user: Option<String>,
+    /// Tags, for a tagged node.
     pub tags: Vec<String>,
     /// `ssh-ed25519 AAAA...` when known (the netmap carries it).
     pub ssh_host_key: Option<String>,
@@ -25,7 +32,7 @@ pub struct Entry {
 
 impl Entry {
     /// The entry for a node whose identity is known; `ips` are all its addresses.
-    pub fn from_identity(id: Identity, ips: Vec<IpAddr>, ssh_host_key: Option<String>) -> Entry {
+    pub(crate) fn from_identity(id: Identity, ips: Vec<IpAddr>, ssh_host_key: Option<String>) -> Entry {
         Entry { name: id.node_name, ips, node_key: id.node_key, user: id.user, tags: id.tags, ssh_host_key, online: None }
     }
 }
@@ -33,24 +40,39 @@ impl Entry {
 /// A tailnet domain (`tailnet.internal`): dot-separated labels of the node
 /// name alphabet. It is appended to names in `known_hosts` and ssh_config,
 /// so it must not carry spaces, commas, wildcards or line breaks.
-pub fn check_domain(d: &str) -> Result<(), String> {
+pub(crate) fn check_domain(d: &str) -> Result<(), BadDomain> {
     if d.len() <= 253 && d.split('.').all(|l| crate::control::wire::proto::check_node_name(l).is_ok()) {
         Ok(())
     } else {
-        Err(format!("{:?} is not a domain (lowercase letters, digits, '-' and '.')", d.chars().take(80).collect::<String>()))
+        Err(BadDomain(d.chars().take(80).collect()))
     }
 }
 
+/// A tailnet domain that [`check_domain`] refuses (its first 80 characters).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0:?} is not a domain (lowercase letters, digits, '-' and '.')")]
+pub(crate) struct BadDomain(String);
+
+// The admin command's flag parser speaks `Result<_, String>` (clap value parsers).
+impl From<BadDomain> for String {
+    fn from(e: BadDomain) -> String {
+        e.to_string()
+    }
+}
+
+/// Every node this one can name: itself and its peers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Directory {
     /// The tailnet domain; `web1.<domain>` resolves like `web1`.
     pub domain: Option<String>,
+    /// This node.
     pub me: Option<Entry>,
+    /// The nodes it can reach.
     pub peers: Vec<Entry>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ResolveError {
+pub(crate) enum ResolveError {
     #[error("unknown host {host:?}{}", suggestions(.close))]
     Unknown { host: String, close: Vec<String> },
 }
@@ -76,7 +98,7 @@ impl Directory {
     }
 
     /// Find a node by name, fully qualified name, or tailnet IP.
-    pub fn lookup(&self, host: &str) -> Result<&Entry, ResolveError> {
+    pub(crate) fn lookup(&self, host: &str) -> Result<&Entry, ResolveError> {
         let want = host.trim_end_matches('.').to_ascii_lowercase();
         if let Ok(ip) = want.parse::<IpAddr>()
             && let Some(e) = self.all().find(|e| e.ips.contains(&ip))
@@ -101,7 +123,7 @@ impl Directory {
 
     /// The address to dial for `host`: an IP literal passes through even when
     /// it names no known node (the data plane will say if nothing routes it).
-    pub fn resolve(&self, host: &str) -> Result<IpAddr, ResolveError> {
+    pub(crate) fn resolve(&self, host: &str) -> Result<IpAddr, ResolveError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(ip);
         }

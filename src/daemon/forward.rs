@@ -3,6 +3,7 @@
 //! `--forward 8080=127.0.0.1:80` publishes a local service on the node's
 //! tailnet address (like `tailscale serve` for TCP); `--local-forward
 //! 127.0.0.1:2222=100.64.0.2:22` is the reverse, like `ssh -L`.
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use crate::dataplane::netstack::TcpStream;
 use crate::dataplane::node::Node;
 
-pub fn parse_forward(s: &str) -> Result<(u16, String)> {
+pub(crate) fn parse_forward(s: &str) -> Result<(u16, String)> {
     let (port, target) = s.split_once('=').with_context(|| format!("--forward {s:?}: expected PORT=HOST:PORT, e.g. 8080=127.0.0.1:80"))?;
     let port = port.parse::<u16>().with_context(|| format!("--forward {s:?}: {port:?} is not a port"))?;
     if !target.contains(':') {
@@ -21,7 +22,7 @@ pub fn parse_forward(s: &str) -> Result<(u16, String)> {
     Ok((port, target.to_string()))
 }
 
-pub fn parse_local_forward(s: &str) -> Result<(SocketAddr, SocketAddr)> {
+pub(crate) fn parse_local_forward(s: &str) -> Result<(SocketAddr, SocketAddr)> {
     let (local, remote) =
         s.split_once('=').with_context(|| format!("--local-forward {s:?}: expected LOCAL=HOST:PORT, e.g. 127.0.0.1:2222=100.64.0.2:22"))?;
     let local = local.parse().with_context(|| format!("--local-forward {s:?}: {local:?} is not IP:PORT"))?;
@@ -58,7 +59,7 @@ pub fn spawn_forward(node: &Node, port: u16, target: String) -> Result<()> {
 }
 
 /// Accept on a local address and connect each client through the tailnet.
-pub async fn spawn_local_forward(node: Arc<Node>, local: SocketAddr, remote: SocketAddr) -> Result<()> {
+pub(crate) async fn spawn_local_forward(node: Arc<Node>, local: SocketAddr, remote: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(local).await.with_context(|| format!("--local-forward: cannot listen on {local}"))?;
     tokio::spawn(async move {
         loop {

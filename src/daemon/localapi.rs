@@ -10,6 +10,7 @@
 //! complete transfer.
 //! Access control is the file mode: whoever can open the socket can use the
 //! node's identity, exactly like whoever can read its private key.
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,11 +24,11 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::daemon::directory::Directory;
 use crate::dataplane::node::Node;
 
-pub const SOCKET_NAME: &str = "tailgate.sock";
+pub(crate) const SOCKET_NAME: &str = "tailgate.sock";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
+pub(crate) enum Request {
     Status,
     /// The name directory (peers, addresses, SSH host keys).
     Directory,
@@ -45,16 +46,16 @@ pub enum Request {
 /// `E`: the peer closed cleanly (FIN); `X` + u32 length + UTF-8 reason: the
 /// connection failed. A pipe that ends without `E` or `X` means the daemon
 /// went away, which is a failure too.
-pub struct Frame;
+pub(crate) struct Frame;
 impl Frame {
-    pub const DATA: u8 = b'D';
-    pub const END: u8 = b'E';
-    pub const FAILED: u8 = b'X';
+    pub(crate) const DATA: u8 = b'D';
+    pub(crate) const END: u8 = b'E';
+    pub(crate) const FAILED: u8 = b'X';
 }
-pub const MAX_FRAME: usize = 64 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -77,7 +78,7 @@ impl Answer {
 
 /// What the local API serves from.
 #[derive(Clone)]
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub node: Arc<Node>,
     pub directory: Arc<RwLock<Directory>>,
     /// Extra status fields (e.g. the control connection), merged into `status`.
@@ -85,16 +86,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(node: Arc<Node>, directory: Directory) -> Self {
+    pub(crate) fn new(node: Arc<Node>, directory: Directory) -> Self {
         Daemon { node, directory: Arc::new(RwLock::new(directory)), extra: Default::default() }
     }
 
-    pub fn directory(&self) -> Directory {
+    pub(crate) fn directory(&self) -> Directory {
         self.directory.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Self and peers joined with live data-plane counters.
-    pub fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let dir = self.directory();
         let ns = self.node.status();
         let peers: Vec<serde_json::Value> = dir
@@ -138,6 +139,7 @@ impl Daemon {
     }
 }
 
+/// Where the daemon of `state_dir` listens (`tailgate nc`, `status` connect there).
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(SOCKET_NAME)
 }
@@ -147,7 +149,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// fresh 0700 directory beside `path`, narrowed there, and only then linked
 /// into place; nobody else can open it in between. The link (unlike a rename)
 /// fails if `path` exists, so a racing second daemon cannot replace ours.
-pub fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+pub(crate) fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let private = tempfile::Builder::new().prefix(".tailgate-sock").tempdir_in(parent)?;
@@ -159,7 +161,7 @@ pub fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixList
 }
 
 /// Listen on `state_dir/tailgate.sock` until the process ends.
-pub fn serve(daemon: Daemon, state_dir: &Path) -> Result<()> {
+pub(crate) fn serve(daemon: Daemon, state_dir: &Path) -> Result<()> {
     let path = socket_path(state_dir);
     // A socket file left by a crashed daemon blocks bind; a live daemon
     // answers, and then we must not steal its socket.
@@ -317,7 +319,7 @@ async fn pipe_framed(conn: UnixStream, stream: crate::dataplane::netstack::TcpSt
 /// The client side of a framed pipe: copy the data frames to `out` until the
 /// daemon reports the end. A failure frame, or the daemon vanishing without
 /// one, is an error.
-pub async fn copy_framed<R, W>(rd: R, mut out: W) -> std::io::Result<()>
+pub(crate) async fn copy_framed<R, W>(rd: R, mut out: W) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -359,7 +361,7 @@ where
 }
 
 /// Send one request; returns the answer and the connection (raw after `connect`).
-pub async fn request(state_dir: &Path, req: &Request) -> Result<(Answer, UnixStream)> {
+pub(crate) async fn request(state_dir: &Path, req: &Request) -> Result<(Answer, UnixStream)> {
     let path = socket_path(state_dir);
     let mut conn = UnixStream::connect(&path)
         .await
@@ -385,12 +387,12 @@ pub async fn request(state_dir: &Path, req: &Request) -> Result<(Answer, UnixStr
 }
 
 /// Whether a daemon is listening in this state directory.
-pub fn daemon_running(state_dir: &Path) -> bool {
+pub(crate) fn daemon_running(state_dir: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket_path(state_dir)).is_ok()
 }
 
 /// The running daemon's name directory.
-pub async fn fetch_directory(state_dir: &Path) -> Result<Directory> {
+pub(crate) async fn fetch_directory(state_dir: &Path) -> Result<Directory> {
     let (a, _) = request(state_dir, &Request::Directory).await?;
     match (a.ok, a.status) {
         (true, Some(v)) => Ok(serde_json::from_value(v)?),

@@ -6,6 +6,7 @@
 //! renders them with `prometheus-client`. The only counters kept here are
 //! the SSH server's, fed from the audit events, which every login decision
 //! and session already produces.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::ssh::audit::{AuditEvent, EventKind};
 
 /// Labels of one sample: `[("peer", "web1")]`.
-pub type Labels = Vec<(String, String)>;
+pub(crate) type Labels = Vec<(String, String)>;
 
 /// Distinct denial reasons kept apart; more are counted as `other`, so a
 /// stream of odd requests cannot grow the label set without bound.
@@ -40,7 +41,7 @@ struct SshCounters {
 static SSH: std::sync::LazyLock<SshCounters> = std::sync::LazyLock::new(SshCounters::default);
 
 /// Feeds the SSH counters from an audit event (called by the audit log).
-pub fn ssh_event(ev: &AuditEvent) {
+pub(crate) fn ssh_event(ev: &AuditEvent) {
     match ev.event {
         EventKind::SessionStart => {
             SSH.sessions_total.fetch_add(1, Ordering::Relaxed);
@@ -79,19 +80,19 @@ fn denial_reason(ev: &AuditEvent) -> String {
     format!("{kind}: {why}")
 }
 
-pub fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+pub(crate) fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
     let c: Counter = Counter::default();
     c.inc_by(v);
     reg.register(name, help, c);
 }
 
-pub fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
+pub(crate) fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
     let g: Gauge = Gauge::default();
     g.set(v);
     reg.register(name, help, g);
 }
 
-pub fn counter_family(reg: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+pub(crate) fn counter_family(reg: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
     let f = Family::<Labels, Counter>::default();
     for (l, v) in rows {
         f.get_or_create(&l).inc_by(v);
@@ -99,7 +100,7 @@ pub fn counter_family(reg: &mut Registry, name: &str, help: &str, rows: impl Int
     reg.register(name, help, f);
 }
 
-pub fn gauge_family(reg: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, i64)>) {
+pub(crate) fn gauge_family(reg: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, i64)>) {
     let f = Family::<Labels, Gauge>::default();
     for (l, v) in rows {
         f.get_or_create(&l).set(v);
@@ -111,7 +112,7 @@ pub fn gauge_family(reg: &mut Registry, name: &str, help: &str, rows: impl IntoI
 /// writes OpenMetrics, where a counter family `x` has samples `x_total`;
 /// the classic format (what `promtool check metrics` and older scrapers
 /// read) names the family `x_total` too, and has no `# EOF`.
-pub fn encode(reg: &Registry) -> String {
+pub(crate) fn encode(reg: &Registry) -> String {
     let mut om = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut om, reg);
@@ -139,7 +140,7 @@ fn peer_label(p: &crate::dataplane::node::PeerStatus, names: &BTreeMap<String, S
 }
 
 /// The node's metrics. `names`: node key (base64) -> peer name.
-pub fn render_node(st: &crate::dataplane::node::NodeStatus, names: &BTreeMap<String, String>) -> String {
+pub(crate) fn render_node(st: &crate::dataplane::node::NodeStatus, names: &BTreeMap<String, String>) -> String {
     let mut reg = Registry::with_prefix("tailgate_node");
     let peers = &st.peers;
     counter_family(
@@ -215,10 +216,10 @@ pub fn render_node(st: &crate::dataplane::node::NodeStatus, names: &BTreeMap<Str
 }
 
 /// What a metrics endpoint renders on each scrape.
-pub type Render = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
+pub(crate) type Render = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
 
 /// Binds `addr` and serves `GET /metrics` from `render` (anything else: 404).
-pub async fn listen(addr: SocketAddr, render: Render) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub(crate) async fn listen(addr: SocketAddr, render: Render) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
     let bound = l.local_addr()?;
     let task = tokio::spawn(async move {
@@ -267,7 +268,7 @@ async fn serve_one(mut s: tokio::net::TcpStream, render: Render) {
 
 /// `tailgate up --metrics-listen ADDR`: the node's metrics from its daemon
 /// (data-plane counters and the directory's peer names).
-pub async fn serve_node(addr: SocketAddr, daemon: crate::daemon::localapi::Daemon) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn serve_node(addr: SocketAddr, daemon: crate::daemon::localapi::Daemon) -> anyhow::Result<SocketAddr> {
     if !addr.ip().is_loopback() {
         tracing::warn!("metrics on {addr}: not a loopback address; anyone who reaches it sees peer names and traffic counters");
     }

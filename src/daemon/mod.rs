@@ -2,12 +2,12 @@
 //! SSH listener glue, forwards, the local API, names, identities, audit
 //! shipping, sign-in and metrics.
 pub mod agent;
-pub mod config;
+pub(crate) mod config;
 pub mod directory;
 pub mod forward;
 pub mod identity;
 pub mod localapi;
-pub mod metrics;
-pub mod serve;
-pub mod ship;
-pub mod signin;
+pub(crate) mod metrics;
+pub(crate) mod serve;
+pub(crate) mod ship;
+pub(crate) mod signin;

@@ -7,6 +7,7 @@
 //! know is reset before a single SSH byte is exchanged. The server keeps the
 //! key and the resolver, not the identity, so later netmaps apply to open
 //! connections too.
+#![warn(missing_docs)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,12 +20,18 @@ use crate::policy::Policy;
 use crate::ssh::{PolicyHandle, SshServer, SshServerConfig};
 
 /// A running SSH service; keep it to swap the policy later.
-pub struct SshService {
+pub(crate) struct SshService {
     pub server: Arc<SshServer>,
     pub policy: PolicyHandle,
 }
 
-pub fn serve_ssh(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: Policy, state_dir: &Path, port: u16) -> Result<SshService> {
+pub(crate) fn serve_ssh(
+    node: &Node,
+    resolver: Arc<dyn IdentityResolver>,
+    policy: Policy,
+    state_dir: &Path,
+    port: u16,
+) -> Result<SshService> {
     let policy = PolicyHandle::new(policy);
     let me = resolver.clone();
     let mut cfg = SshServerConfig::new(state_dir, policy.clone(), resolver.self_identity());

@@ -13,6 +13,7 @@
 //!
 //! [`ShipCore`] holds the cursors and decides what to send next given what
 //! the files hold (sans-IO, unit-tested); [`run`] moves bytes.
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -31,7 +32,7 @@ use crate::control::wire::proto::{ClientMsg, ShipAck};
 use crate::ssh::journal::{Journal, Shared};
 
 /// Cursor file in the node's state directory.
-pub const STATE_FILE: &str = "ship.json";
+pub(crate) const STATE_FILE: &str = "ship.json";
 /// Marker written next to a recording once control holds all of it.
 const SHIPPED_SUFFIX: &str = ".cast.shipped";
 /// Raw recording bytes per chunk: as many as fit one client frame (64 KiB)
@@ -62,7 +63,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// What is persisted: the acknowledged cursors.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cursors {
+pub(crate) struct Cursors {
     /// Highest audit event id control stored.
     pub events_acked: u64,
     /// Byte offset in `audit.jsonl` just after that event's line (a hint).
@@ -73,7 +74,7 @@ pub struct Cursors {
 
 /// A recording as the files show it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecFile {
+pub(crate) struct RecFile {
     pub session: String,
     pub size: u64,
     /// Still being written (its session runs).
@@ -88,7 +89,7 @@ struct RecState {
 
 /// The shipping state machine.
 #[derive(Debug, Default)]
-pub struct ShipCore {
+pub(crate) struct ShipCore {
     pub acked: Cursors,
     events_sent: u64,
     read_offset: u64,
@@ -99,22 +100,21 @@ pub struct ShipCore {
     pub finished: Vec<String>,
 }
 
-/// One message to send, with the bytes it puts in flight.
+/// One message to send.
 #[derive(Debug)]
-pub struct Shipment {
+pub(crate) struct Shipment {
     pub msg: ClientMsg,
-    pub bytes: u64,
 }
 
 impl ShipCore {
-    pub fn new(acked: Cursors) -> ShipCore {
+    pub(crate) fn new(acked: Cursors) -> ShipCore {
         let mut c = ShipCore { acked, ..Default::default() };
         c.rewind();
         c
     }
 
     /// After a (re)connect: everything not acknowledged is sent again.
-    pub fn rewind(&mut self) {
+    pub(crate) fn rewind(&mut self) {
         self.events_sent = self.acked.events_acked;
         self.read_offset = self.acked.events_offset;
         self.inflight_events.clear();
@@ -122,11 +122,11 @@ impl ShipCore {
     }
 
     /// Anything sent and not yet acknowledged?
-    pub fn waiting(&self) -> bool {
+    pub(crate) fn waiting(&self) -> bool {
         self.inflight() > 0
     }
 
-    pub fn window_open(&self) -> bool {
+    pub(crate) fn window_open(&self) -> bool {
         self.inflight() < WINDOW
     }
 
@@ -141,14 +141,14 @@ impl ShipCore {
     }
 
     /// Unshipped bytes: what the spool holds beyond the cursors.
-    pub fn backlog(&self, audit_len: u64, recs: &[RecFile]) -> u64 {
+    pub(crate) fn backlog(&self, audit_len: u64, recs: &[RecFile]) -> u64 {
         let ev = audit_len.saturating_sub(self.acked.events_offset);
         ev + recs.iter().map(|r| r.size.saturating_sub(*self.acked.recordings.get(&r.session).unwrap_or(&0))).sum::<u64>()
     }
 
     /// The next audit batch from `audit.jsonl` (`read` reads lines from an
     /// offset: `(line, offset after it)`), or `None`.
-    pub fn next_events(&mut self, audit_len: u64, read: &mut dyn FnMut(u64) -> Vec<(String, u64)>) -> Option<Shipment> {
+    pub(crate) fn next_events(&mut self, audit_len: u64, read: &mut dyn FnMut(u64) -> Vec<(String, u64)>) -> Option<Shipment> {
         if self.read_offset > audit_len {
             // The log shrank under us (truncated): find our place by id.
             tracing::warn!("audit.jsonl is shorter than what was already shipped; it was truncated or replaced");
@@ -181,11 +181,11 @@ impl ShipCore {
         }
         let (id, end) = last?;
         self.inflight_events.push_back((id, end, size as u64));
-        Some(Shipment { msg: ClientMsg::AuditEvents { lines }, bytes: size as u64 })
+        Some(Shipment { msg: ClientMsg::AuditEvents { lines } })
     }
 
     /// The next recording chunk (`read(session, offset, len)` reads bytes).
-    pub fn next_chunk(&mut self, recs: &[RecFile], read: &mut dyn FnMut(&str, u64, usize) -> Vec<u8>) -> Option<Shipment> {
+    pub(crate) fn next_chunk(&mut self, recs: &[RecFile], read: &mut dyn FnMut(&str, u64, usize) -> Vec<u8>) -> Option<Shipment> {
         for r in recs {
             let acked = *self.acked.recordings.get(&r.session).unwrap_or(&0);
             let st = self.recs.entry(r.session.clone()).or_insert(RecState { sent: acked, fin_sent: false });
@@ -201,15 +201,14 @@ impl ShipCore {
             let offset = st.sent;
             st.sent += data.len() as u64;
             st.fin_sent = fin;
-            let bytes = data.len() as u64 + 64;
             let data = base64::engine::general_purpose::STANDARD.encode(&data);
-            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin }, bytes });
+            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin } });
         }
         None
     }
 
     /// Applies an ack; returns whether the cursors moved (persist them).
-    pub fn ack(&mut self, a: &ShipAck) -> bool {
+    pub(crate) fn ack(&mut self, a: &ShipAck) -> bool {
         let mut moved = false;
         if let Some(id) = a.events {
             while let Some(&(sent, end, _)) = self.inflight_events.front() {
@@ -256,7 +255,7 @@ impl ShipCore {
 /// [`MAX_HOLD`] behind, and never past 3/4 of the spool limit. Audit events
 /// are never held.
 #[derive(Debug)]
-pub struct Hold<T> {
+pub(crate) struct Hold<T> {
     last: Option<(T, u64)>,
     busy: bool,
     /// Since when recording bytes have been waiting (the backlog was not empty).
@@ -272,7 +271,7 @@ impl<T> Default for Hold<T> {
 impl<T: Copy + Ord + std::ops::Sub<Output = Duration>> Hold<T> {
     /// `recorded`: recording bytes written so far; `backlog`: bytes not yet
     /// acknowledged; `limit`: the spool limit. Returns whether to hold.
-    pub fn update(&mut self, now: T, recorded: u64, backlog: u64, limit: u64) -> bool {
+    pub(crate) fn update(&mut self, now: T, recorded: u64, backlog: u64, limit: u64) -> bool {
         match self.last {
             Some((t, n)) if now - t >= Duration::from_millis(5) => {
                 let dt = (now - t).as_secs_f64();
@@ -410,7 +409,7 @@ fn produce(core: &mut ShipCore, files: &Files, shared: &Shared, hold: bool) -> V
 
 /// Runs the shipper: takes a [`ShipLink`] for each control connection from
 /// `links` and ships over it until it ends.
-pub async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver<ShipLink>) {
+pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::Receiver<ShipLink>) {
     let shared = journal.shared.clone();
     shared.shipping.store(true, Ordering::Release);
     let files = Arc::new(Files {

@@ -1,6 +1,7 @@
 //! The node's side of joining by signing in with the identity provider
 //! (`tailgate up --login-server URL`, issue 13): learning the control
 //! server's key, and showing the sign-in URL while the node waits.
+#![warn(missing_docs)]
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::dataplane::wg;
 /// (`--login-server-key`), else as the server itself reports it at
 /// `GET /tailgate/key`. That answer is trusted on first use, like an SSH
 /// host key: it is saved with the state and pinned from then on.
-pub async fn target_for(url: &str, pinned: Option<&str>, ca_pem: Option<&str>) -> Result<ControlTarget> {
+pub(crate) async fn target_for(url: &str, pinned: Option<&str>, ca_pem: Option<&str>) -> Result<ControlTarget> {
     let url = url.trim_end_matches('/').to_string();
     let parsed = ControlUrl::parse(&url).map_err(|e| anyhow::anyhow!("--login-server: {e}"))?;
     let ca = ca_pem.map(str::to_string);
@@ -57,13 +58,13 @@ fn printable(url: &str) -> bool {
 
 /// Prints each sign-in URL the server sends ("To sign in, visit: URL") and,
 /// when stderr is a terminal, a spinner until [`Prompt::done`].
-pub struct Prompt {
+pub(crate) struct Prompt {
     pub urls: mpsc::UnboundedSender<String>,
     waiting: Arc<AtomicBool>,
 }
 
 impl Prompt {
-    pub fn start() -> Prompt {
+    pub(crate) fn start() -> Prompt {
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let waiting = Arc::new(AtomicBool::new(true));
         let spinning = Arc::new(AtomicBool::new(false));
@@ -85,7 +86,7 @@ impl Prompt {
     }
 
     /// The wait is over (signed in, refused, or given up).
-    pub fn done(&self) {
+    pub(crate) fn done(&self) {
         self.waiting.store(false, Ordering::SeqCst);
     }
 }

@@ -1,5 +1,6 @@
 //! From TOML text to a validated [`Policy`]: every problem found is reported
 //! with its line and column, all at once.
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,26 +17,26 @@ use crate::daemon::identity::Identity;
 
 /// The address given to synthesized test callers (TEST-NET-1, never a
 /// tailnet address) unless the test sets `src_ip`.
-pub const TEST_SRC_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+pub(crate) const TEST_SRC_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 /// The address given to synthesized test targets unless `dst` is an IP or a
 /// `[hosts]` alias.
-pub const TEST_DST_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+pub(crate) const TEST_DST_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
 
 #[derive(Clone, Debug)]
-pub struct TagOwners {
+pub(crate) struct TagOwners {
     pub users: BTreeSet<String>,
     pub tags: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug)]
-pub struct AclRule {
+pub(crate) struct AclRule {
     pub label: String,
     pub src: Vec<NodePat>,
     pub dst: Vec<(NodePat, Ports)>,
 }
 
 #[derive(Clone, Debug)]
-pub struct SshRule {
+pub(crate) struct SshRule {
     /// `ssh[INDEX] at FILE:LINE`
     pub label: String,
     pub line: usize,
@@ -53,7 +54,7 @@ pub struct SshRule {
 }
 
 #[derive(Clone, Debug)]
-pub struct LoginExpect {
+pub(crate) struct LoginExpect {
     pub login: String,
     pub expect: Action,
     pub line: usize,
@@ -61,7 +62,7 @@ pub struct LoginExpect {
 }
 
 #[derive(Clone, Debug)]
-pub struct PortExpect {
+pub(crate) struct PortExpect {
     pub port: u16,
     pub reachable: bool,
     pub line: usize,
@@ -69,7 +70,7 @@ pub struct PortExpect {
 }
 
 #[derive(Clone, Debug)]
-pub struct PolicyTest {
+pub(crate) struct PolicyTest {
     /// `tests[INDEX] (SRC -> DST)`
     pub label: String,
     pub src: Identity,
@@ -79,7 +80,7 @@ pub struct PolicyTest {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct Options {
+pub(crate) struct Options {
     /// Report rules that can never decide (on for every real load; property
     /// tests turn it off to evaluate arbitrary rule lists).
     pub shadow_check: bool,
@@ -92,18 +93,18 @@ impl Default for Options {
 }
 
 /// Byte offset -> 1-based line and column (in characters).
-pub struct LineIndex<'a> {
+pub(crate) struct LineIndex<'a> {
     src: &'a str,
     starts: Vec<usize>,
 }
 
 impl<'a> LineIndex<'a> {
-    pub fn new(src: &'a str) -> Self {
+    pub(crate) fn new(src: &'a str) -> Self {
         let mut starts = vec![0];
         starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
         LineIndex { src, starts }
     }
-    pub fn pos(&self, offset: usize) -> (usize, usize) {
+    pub(crate) fn pos(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.src.len());
         let line = self.starts.partition_point(|&s| s <= offset) - 1;
         let start = self.starts[line];
@@ -119,16 +120,17 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+    /// A diagnostic at `span`; `message` is a string or a typed parse error.
+    fn err(&mut self, span: Range<usize>, message: impl std::fmt::Display) {
         let (line, col) = self.lines.pos(span.start);
-        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, message: message.into() });
+        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, message: message.to_string() });
     }
     fn pos(&self, span: Range<usize>) -> (usize, usize) {
         self.lines.pos(span.start)
     }
 }
 
-pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErrors> {
+pub(crate) fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErrors> {
     let mut cx = Ctx { file, lines: LineIndex::new(src), diags: Vec::new() };
     let raw: RawPolicy = match toml::from_str(src) {
         Ok(r) => r,
@@ -262,10 +264,10 @@ pub fn compile(src: &str, file: &str, opts: Options) -> Result<Policy, PolicyErr
         d.sort_by_key(|a| (a.line, a.col));
         return Err(PolicyErrors(d));
     }
-    Ok(Policy { file: file.to_string(), groups, tag_owners, hosts, acls, ssh, tests })
+    Ok(Policy { file: file.to_string(), groups, tag_owners, acls, ssh, tests })
 }
 
-fn node_list<T>(cx: &mut Ctx, list: &SList, what: &str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+fn node_list<T>(cx: &mut Ctx, list: &SList, what: &str, parse: impl Fn(&str) -> Result<T, pattern::PatternError>) -> Vec<T> {
     if list.get_ref().is_empty() {
         cx.err(list.span(), format!("empty {what} list: it would match nothing"));
     }

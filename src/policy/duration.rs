@@ -1,20 +1,21 @@
 //! A small parser for session limits such as `30m`, `8h` or `1h30m`.
+#![warn(missing_docs)]
 
 use std::time::Duration;
 
 /// Parses `<number><unit>` groups, units `s`, `m`, `h`, `d` (e.g. `90s`,
 /// `30m`, `8h`, `1h30m`, `2d`). The total must be positive.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let t = s.trim();
     if t.is_empty() {
-        return Err("empty duration; write e.g. \"30m\", \"8h\" or \"1h30m\"".into());
+        return Err(DurationError::Empty);
     }
     let mut total: u64 = 0;
     let mut num: Option<u64> = None;
     for c in t.chars() {
         if let Some(d) = c.to_digit(10) {
             let n = num.unwrap_or(0);
-            num = Some(n.checked_mul(10).and_then(|n| n.checked_add(d as u64)).ok_or_else(too_big)?);
+            num = Some(n.checked_mul(10).and_then(|n| n.checked_add(d as u64)).ok_or(DurationError::TooLarge)?);
             continue;
         }
         let unit = match c {
@@ -23,17 +24,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             'h' => 3600,
             'd' => 86400,
             _ => {
-                return Err(format!("bad duration \"{s}\": unexpected '{c}' (units are s, m, h, d; e.g. \"1h30m\")"));
+                return Err(DurationError::UnknownUnit(s.into(), c));
             }
         };
-        let n = num.take().ok_or_else(|| format!("bad duration \"{s}\": unit '{c}' without a number before it"))?;
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(too_big)?;
+        let n = num.take().ok_or_else(|| DurationError::UnitWithoutNumber(s.into(), c))?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or(DurationError::TooLarge)?;
     }
     if num.is_some() {
-        return Err(format!("bad duration \"{s}\": number without a unit at the end (units are s, m, h, d)"));
+        return Err(DurationError::NoUnit(s.into()));
     }
     if total == 0 {
-        return Err(format!("bad duration \"{s}\": must be longer than zero"));
+        return Err(DurationError::Zero(s.into()));
     }
     Ok(Duration::from_secs(total))
 }
@@ -55,33 +56,43 @@ impl Default for CheckPeriod {
 }
 
 impl CheckPeriod {
-    pub const DEFAULT: Duration = Duration::from_secs(12 * 3600);
+    pub(crate) const DEFAULT: Duration = Duration::from_secs(12 * 3600);
     /// An approval older than a year is not a second factor any more.
-    pub const MAX: Duration = Duration::from_secs(366 * 86400);
+    pub(crate) const MAX: Duration = Duration::from_secs(366 * 86400);
 
     /// `"always"` or a duration (`"12h"`, `"30m"`, `"1h30m"`), at most a year.
-    pub fn parse(s: &str) -> Result<CheckPeriod, String> {
+    pub(crate) fn parse(s: &str) -> Result<CheckPeriod, DurationError> {
         if s.trim() == "always" {
             return Ok(CheckPeriod::Always);
         }
-        let d = parse_duration(s).map_err(|e| format!("check_period: {e}; or write \"always\" to ask every time"))?;
+        let d = parse_duration(s).map_err(|e| DurationError::CheckPeriod(Box::new(e)))?;
         if d > Self::MAX {
-            return Err(format!("check_period \"{s}\" is longer than a year; use at most \"366d\""));
+            return Err(DurationError::CheckPeriodTooLong(s.into()));
         }
         Ok(CheckPeriod::For(d))
     }
-
-    /// How old an approval may be, `None` for `always`.
-    pub fn max_age(self) -> Option<Duration> {
-        match self {
-            CheckPeriod::Always => None,
-            CheckPeriod::For(d) => Some(d),
-        }
-    }
 }
 
-fn too_big() -> String {
-    "duration too large".into()
+/// A duration (`max_duration`, `check_period`) that does not parse. The
+/// text is shown in policy diagnostics, which add file and line.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("empty duration; write e.g. \"30m\", \"8h\" or \"1h30m\"")]
+    Empty,
+    #[error("bad duration \"{0}\": unexpected '{1}' (units are s, m, h, d; e.g. \"1h30m\")")]
+    UnknownUnit(String, char),
+    #[error("bad duration \"{0}\": unit '{1}' without a number before it")]
+    UnitWithoutNumber(String, char),
+    #[error("bad duration \"{0}\": number without a unit at the end (units are s, m, h, d)")]
+    NoUnit(String),
+    #[error("bad duration \"{0}\": must be longer than zero")]
+    Zero(String),
+    #[error("duration too large")]
+    TooLarge,
+    #[error("check_period: {0}; or write \"always\" to ask every time")]
+    CheckPeriod(Box<DurationError>),
+    #[error("check_period \"{0}\" is longer than a year; use at most \"366d\"")]
+    CheckPeriodTooLong(String),
 }
 
 #[cfg(test)]
@@ -101,7 +112,7 @@ mod tests {
     fn check_periods() {
         assert_eq!(CheckPeriod::parse("always").unwrap(), CheckPeriod::Always);
         assert_eq!(CheckPeriod::parse("12h").unwrap(), CheckPeriod::For(Duration::from_secs(43200)));
-        assert_eq!(CheckPeriod::default().max_age(), Some(CheckPeriod::DEFAULT));
+        assert_eq!(CheckPeriod::default(), CheckPeriod::For(CheckPeriod::DEFAULT));
         for bad in ["never", "", "0s", "400d", "Always"] {
             assert!(CheckPeriod::parse(bad).is_err(), "{bad} accepted");
         }

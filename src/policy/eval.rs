@@ -3,6 +3,7 @@
 //! SSH order: a matching `reject` rule decides, wherever it is in the file
 //! (the first matching reject names the rule); otherwise the first matching
 //! `accept` or `check` rule in file order; otherwise default deny.
+#![warn(missing_docs)]
 
 use super::compile::SshRule;
 use super::{Action, CheckPeriod, Policy, SSH_PORT, SshDecision};

@@ -20,6 +20,7 @@
 //! Layout: `raw` (serde structs with spans) -> `compile` (validation, every
 //! problem with line:col) -> `eval` (decisions) and `selftest` (`[[tests]]`);
 //! `pattern` holds the pattern language, `duration` the `max_duration` parser.
+#![warn(missing_docs)]
 
 mod compile;
 mod duration;
@@ -37,12 +38,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ipnet::IpNet;
-
 use crate::daemon::identity::Identity;
 
-pub use duration::{CheckPeriod, parse_duration};
-pub use pattern::PROVIDER_GROUP_PREFIX;
+pub use duration::CheckPeriod;
+pub(crate) use pattern::PROVIDER_GROUP_PREFIX;
 
 /// The port of the embedded SSH server. Every `accept`/`check` ssh rule
 /// implies network access to this port from its `src` to its `dst`.
@@ -55,13 +54,16 @@ pub const DEFAULT_POLICY_TOML: &str = include_str!("../../policies/default.toml"
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
+    /// Log in.
     Accept,
+    /// Log in after a second factor (a code verified by control).
     Check,
+    /// Refuse.
     Reject,
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Accept => "accept",
             Action::Check => "check",
@@ -79,15 +81,18 @@ impl std::fmt::Display for Action {
 /// The outcome of evaluating the SSH rules for one login attempt.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SshDecision {
+    /// What to do with the login.
     pub action: Action,
     /// Which rule decided (e.g. `ssh[2] at policy.toml:31`); `None` = default deny.
     pub rule: Option<String>,
     /// One line for the user explaining the decision.
     pub reason: String,
+    /// `record = true`: record the session (asciicast).
     pub record: bool,
     /// `record = "required"`: refused when the recording cannot reach the
     /// control server (at start), ended when it can neither be shipped nor spooled.
     pub record_required: bool,
+    /// The connection's time limit, from login.
     pub max_duration: Option<Duration>,
     /// Environment variable name patterns the client may set (`*` wildcards).
     pub accept_env: Vec<String>,
@@ -105,9 +110,13 @@ impl SshDecision {
 /// A located problem in a policy file: `file:line:col: message`.
 #[derive(Clone, Debug)]
 pub struct Diagnostic {
+    /// The policy file's name as given to the parser.
     pub file: String,
+    /// 1-based line.
     pub line: usize,
+    /// 1-based column.
     pub col: usize,
+    /// What is wrong and how to fix it.
     pub message: String,
 }
 
@@ -117,6 +126,7 @@ impl std::fmt::Display for Diagnostic {
     }
 }
 
+/// Why a policy was refused: every problem found, one per line when shown.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct PolicyErrors(pub Vec<Diagnostic>);
@@ -128,7 +138,6 @@ pub struct Policy {
     /// Group name -> its users, nested groups expanded.
     groups: BTreeMap<String, BTreeSet<String>>,
     tag_owners: BTreeMap<String, compile::TagOwners>,
-    hosts: BTreeMap<String, IpNet>,
     acls: Vec<compile::AclRule>,
     ssh: Vec<compile::SshRule>,
     tests: Vec<compile::PolicyTest>,
@@ -142,6 +151,7 @@ impl Policy {
         compile::compile(src, file_name, compile::Options::default())
     }
 
+    /// [`Policy::parse`] of a file; an unreadable file is one diagnostic.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
         let src = std::fs::read_to_string(path).map_err(|e| {
             PolicyErrors(vec![Diagnostic {
@@ -228,12 +238,12 @@ impl Policy {
     }
 
     /// Number of single assertions (logins and ports) across all tests.
-    pub fn assertion_count(&self) -> usize {
+    pub(crate) fn assertion_count(&self) -> usize {
         self.tests.iter().map(|t| t.logins.len() + t.ports.len()).sum()
     }
 
     /// Number of `[[ssh]]` rules.
-    pub fn ssh_rule_count(&self) -> usize {
+    pub(crate) fn ssh_rule_count(&self) -> usize {
         self.ssh.len()
     }
 
@@ -245,11 +255,6 @@ impl Policy {
     /// The users of a group (nested groups expanded), if it exists.
     pub fn group_members(&self, group: &str) -> Option<&BTreeSet<String>> {
         self.groups.get(group)
-    }
-
-    /// The address a `[hosts]` alias stands for.
-    pub fn host_alias(&self, name: &str) -> Option<IpNet> {
-        self.hosts.get(name).copied()
     }
 
     /// May `who` apply `tag` to a node (per `[tag_owners]`)? For the control

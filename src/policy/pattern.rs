@@ -1,6 +1,7 @@
 //! Patterns that appear in `src`, `dst`, `users` and `accept_env`, how they
 //! are parsed, how they match identities, and when one covers another (used
 //! to find rules that can never decide anything).
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -11,21 +12,21 @@ use crate::daemon::identity::Identity;
 
 /// The user a node acts for. Tagged nodes have no user, even if the identity
 /// happens to carry one: a node is either user-owned or tagged.
-pub fn effective_user(id: &Identity) -> Option<&str> {
+pub(crate) fn effective_user(id: &Identity) -> Option<&str> {
     if id.tags.is_empty() { id.user.as_deref() } else { None }
 }
 
 /// Which side of a rule a pattern is on. It changes what a bare name means:
 /// a user in `src`, a host in `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Src,
     Dst,
 }
 
 /// A set of nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodePat {
+pub(crate) enum NodePat {
     /// `*`: every node.
     Any,
     /// `autogroup:member`: every user-owned (untagged) node.
@@ -51,10 +52,78 @@ pub enum NodePat {
 }
 
 /// The names a policy defines, needed to resolve patterns.
-pub struct Names<'a> {
+pub(crate) struct Names<'a> {
     pub groups: &'a BTreeMap<String, BTreeSet<String>>,
     pub tags: &'a BTreeSet<String>,
     pub hosts: &'a BTreeMap<String, IpNet>,
+}
+
+/// A policy entry that is not a valid pattern. The text is user-facing:
+/// the compiler puts `FILE:LINE:COL` in front of it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub(crate) enum PatternError {
+    #[error("'{0}' is not a tag: tags are written tag:NAME")]
+    NotATag(String),
+    #[error("empty tag name in '{0}'")]
+    EmptyTag(String),
+    #[error("bad tag name '{0}': use letters, digits, '-', '_' and '.'")]
+    BadTag(String),
+    #[error("'{0}' is not a group name: groups are written group:NAME")]
+    NotAGroup(String),
+    #[error("empty group name in '{0}'")]
+    EmptyGroup(String),
+    #[error("bad group name '{0}': use letters, digits, '-', '_', '.' and '@'")]
+    BadGroup(String),
+    #[error("'{0}' is not a provider group: they are written group:oidc/NAME")]
+    NotAProviderGroup(String),
+    #[error("empty provider group name in '{0}' (write group:oidc/NAME, NAME as the identity provider sends it)")]
+    EmptyProviderGroup(String),
+    #[error("bad provider group name '{0}': at most 256 printable characters")]
+    BadProviderGroup(String),
+    #[error("empty user name")]
+    EmptyUser,
+    #[error("bad user name '{0}': '{1}' is not allowed in user names")]
+    BadUser(String, char),
+    #[error("'{0}' is not a host name (in dst, bare names are host names; for a user's own nodes use autogroup:self, or a group)")]
+    UserAsHost(String),
+    #[error("bad host name '{0}': use letters, digits, '-', '_' and '.'")]
+    BadHost(String),
+    #[error("bad login name '{0}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'")]
+    BadLogin(String),
+    #[error("bad CIDR '{0}' (expected e.g. 100.64.0.0/10 or fd7a::/48)")]
+    BadCidr(String),
+    #[error("bad IP address '{0}'")]
+    BadIp(String),
+    #[error("autogroup:self only works in dst (it means the caller's own nodes)")]
+    SelfInSrc,
+    #[error("{0} is a login pattern; it belongs in users = [...] of an ssh rule")]
+    LoginPatternAsNode(String),
+    #[error("unknown autogroup '{0}' (known: autogroup:member, autogroup:tagged, autogroup:self)")]
+    UnknownAutogroup(String),
+    #[error("unknown group '{0}' (not defined in [groups])")]
+    UnknownGroup(String),
+    #[error("{0} has no entry in [tag_owners]; declare it there first")]
+    TagWithoutOwner(String),
+    #[error("unknown pattern '{0}': '{1}:' is not a known prefix (expected tag:, group:, autogroup:, *, a name or an IP/CIDR)")]
+    UnknownPrefix(String, String),
+    #[error("unknown login pattern '{0}' (known: autogroup:nonroot, autogroup:caller, *)")]
+    UnknownLoginPattern(String),
+    #[error("'{0}' is not a login name: users = [...] lists local accounts (root, deploy, autogroup:nonroot, autogroup:caller)")]
+    NodeAsLogin(String),
+    #[error("bad port '{0}' in port list '{1}' (ports are 1-65535)")]
+    BadPort(String, String),
+    #[error("empty port list (write e.g. :22, :80,443, :8000-8999 or :*)")]
+    EmptyPorts,
+    #[error("bad port range '{0}' in '{1}': start is after end")]
+    BackwardsRange(String, String),
+    #[error("bad acl dst '{0}': write [IPv6]:PORTS")]
+    BadIpv6Dst(String),
+    #[error("acl dst '{0}' needs a port list: write {0}:22, {0}:80,443 or {0}:*")]
+    DstWithoutPorts(String),
+    #[error("in acl dst '{0}': {1}")]
+    InDst(String, Box<PatternError>),
+    #[error("bad accept_env pattern '{0}': use letters, digits, '_' and '*' wildcards")]
+    BadEnvPattern(String),
 }
 
 fn name_chars_ok(s: &str, extra: &str) -> bool {
@@ -62,95 +131,89 @@ fn name_chars_ok(s: &str, extra: &str) -> bool {
 }
 
 /// Checks `tag:NAME`.
-pub fn check_tag_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_tag_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("tag:") else {
-        return Err(format!("'{s}' is not a tag: tags are written tag:NAME"));
+        return Err(PatternError::NotATag(s.into()));
     };
     if rest.is_empty() {
-        return Err(format!("empty tag name in '{s}'"));
+        return Err(PatternError::EmptyTag(s.into()));
     }
     if !name_chars_ok(rest, "") {
-        return Err(format!("bad tag name '{s}': use letters, digits, '-', '_' and '.'"));
+        return Err(PatternError::BadTag(s.into()));
     }
     Ok(())
 }
 
 /// Checks `group:NAME`.
-pub fn check_group_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_group_name(s: &str) -> Result<(), PatternError> {
     let Some(rest) = s.strip_prefix("group:") else {
-        return Err(format!("'{s}' is not a group name: groups are written group:NAME"));
+        return Err(PatternError::NotAGroup(s.into()));
     };
     if rest.is_empty() {
-        return Err(format!("empty group name in '{s}'"));
+        return Err(PatternError::EmptyGroup(s.into()));
     }
     if !name_chars_ok(rest, "@") {
-        return Err(format!("bad group name '{s}': use letters, digits, '-', '_', '.' and '@'"));
+        return Err(PatternError::BadGroup(s.into()));
     }
     Ok(())
 }
 
 /// Prefix of a provider group in patterns. `[groups]` names cannot contain
 /// '/', so a provider group never clashes with a policy-defined group.
-pub const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
+pub(crate) const PROVIDER_GROUP_PREFIX: &str = "group:oidc/";
 
 /// Checks `group:oidc/NAME` and returns NAME. Provider group names are the
 /// provider's own (Keycloak sends `/team/admins`, Google `admins@example.com`),
 /// so anything printable is allowed.
-pub fn check_provider_group(s: &str) -> Result<&str, String> {
+pub(crate) fn check_provider_group(s: &str) -> Result<&str, PatternError> {
     let Some(name) = s.strip_prefix(PROVIDER_GROUP_PREFIX) else {
-        return Err(format!("'{s}' is not a provider group: they are written group:oidc/NAME"));
+        return Err(PatternError::NotAProviderGroup(s.into()));
     };
     if name.is_empty() {
-        return Err(format!("empty provider group name in '{s}' (write group:oidc/NAME, NAME as the identity provider sends it)"));
+        return Err(PatternError::EmptyProviderGroup(s.into()));
     }
     if name.len() > 256 || name.chars().any(char::is_control) {
-        return Err(format!("bad provider group name '{s}': at most 256 printable characters"));
+        return Err(PatternError::BadProviderGroup(s.into()));
     }
     Ok(name)
 }
 
 /// Checks a tailnet user name (`alice`, `alice@example.com`).
-pub fn check_user_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_user_name(s: &str) -> Result<(), PatternError> {
     if s.is_empty() {
-        return Err("empty user name".into());
+        return Err(PatternError::EmptyUser);
     }
     if let Some(c) = s.chars().find(|c| c.is_whitespace() || ",:*\"'/\\".contains(*c)) {
-        return Err(format!("bad user name '{s}': '{c}' is not allowed in user names"));
+        return Err(PatternError::BadUser(s.into(), c));
     }
     Ok(())
 }
 
 /// Checks a host name or `[hosts]` alias.
-pub fn check_host_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_host_name(s: &str) -> Result<(), PatternError> {
     if s.contains('@') {
-        return Err(format!(
-            "'{s}' is not a host name (in dst, bare names are host names; \
-             for a user's own nodes use autogroup:self, or a group)"
-        ));
+        return Err(PatternError::UserAsHost(s.into()));
     }
     if !name_chars_ok(s, "") || s.starts_with(['-', '.']) || s.ends_with('.') {
-        return Err(format!("bad host name '{s}': use letters, digits, '-', '_' and '.'"));
+        return Err(PatternError::BadHost(s.into()));
     }
     Ok(())
 }
 
 /// Checks a local login name (`root`, `deploy`, `www-data`).
-pub fn check_login_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_login_name(s: &str) -> Result<(), PatternError> {
     let body = s.strip_suffix('$').unwrap_or(s);
     if body.is_empty() || body.len() > 32 || body.starts_with('-') || !name_chars_ok(body, "") {
-        return Err(format!("bad login name '{s}': use 1-32 letters, digits, '-', '_' or '.', not starting with '-'"));
+        return Err(PatternError::BadLogin(s.into()));
     }
     Ok(())
 }
 
 /// Parses an IP address or CIDR, if the text looks like one. `Ok(None)`
 /// means "not an address at all".
-pub fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
+pub(crate) fn parse_net(s: &str) -> Result<Option<IpNet>, PatternError> {
     if s.contains('/') {
-        return s
-            .parse::<IpNet>()
-            .map(|n| Some(n.trunc()))
-            .map_err(|_| format!("bad CIDR '{s}' (expected e.g. 100.64.0.0/10 or fd7a::/48)"));
+        return s.parse::<IpNet>().map(|n| Some(n.trunc())).map_err(|_| PatternError::BadCidr(s.into()));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Some(IpNet::from(ip)));
@@ -158,13 +221,13 @@ pub fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
     let looks_v4 = !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') && s.contains('.');
     let looks_v6 = s.contains("::");
     if looks_v4 || looks_v6 {
-        return Err(format!("bad IP address '{s}'"));
+        return Err(PatternError::BadIp(s.into()));
     }
     Ok(None)
 }
 
 /// Parses one `src` or `dst` entry (without ports).
-pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String> {
+pub(crate) fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, PatternError> {
     if s == "*" {
         return Ok(NodePat::Any);
     }
@@ -173,9 +236,9 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
             ("member", _) => Ok(NodePat::Member),
             ("tagged", _) => Ok(NodePat::Tagged),
             ("self", Side::Dst) => Ok(NodePat::SelfNodes),
-            ("self", Side::Src) => Err("autogroup:self only works in dst (it means the caller's own nodes)".into()),
-            ("nonroot" | "caller", _) => Err(format!("{s} is a login pattern; it belongs in users = [...] of an ssh rule")),
-            _ => Err(format!("unknown autogroup '{s}' (known: autogroup:member, autogroup:tagged, autogroup:self)")),
+            ("self", Side::Src) => Err(PatternError::SelfInSrc),
+            ("nonroot" | "caller", _) => Err(PatternError::LoginPatternAsNode(s.into())),
+            _ => Err(PatternError::UnknownAutogroup(s.into())),
         };
     }
     if s.starts_with(PROVIDER_GROUP_PREFIX) {
@@ -185,25 +248,18 @@ pub fn parse_node(s: &str, side: Side, names: &Names) -> Result<NodePat, String>
         check_group_name(s)?;
         return match names.groups.get(s) {
             Some(m) => Ok(NodePat::Group { name: s.to_string(), members: m.clone() }),
-            None => Err(format!("unknown group '{s}' (not defined in [groups])")),
+            None => Err(PatternError::UnknownGroup(s.into())),
         };
     }
     if s.starts_with("tag:") {
         check_tag_name(s)?;
-        return if names.tags.contains(s) {
-            Ok(NodePat::Tag(s.to_string()))
-        } else {
-            Err(format!("{s} has no entry in [tag_owners]; declare it there first"))
-        };
+        return if names.tags.contains(s) { Ok(NodePat::Tag(s.to_string())) } else { Err(PatternError::TagWithoutOwner(s.into())) };
     }
     if let Some(net) = parse_net(s)? {
         return Ok(NodePat::Net { net, alias: None });
     }
     if let Some((prefix, _)) = s.split_once(':') {
-        return Err(format!(
-            "unknown pattern '{s}': '{prefix}:' is not a known prefix \
-             (expected tag:, group:, autogroup:, *, a name or an IP/CIDR)"
-        ));
+        return Err(PatternError::UnknownPrefix(s.into(), prefix.into()));
     }
     if let Some(net) = names.hosts.get(s) {
         return Ok(NodePat::Net { net: *net, alias: Some(s.to_string()) });
@@ -228,7 +284,7 @@ fn host_matches(pat: &str, node_name: &str) -> bool {
 impl NodePat {
     /// Does `node` belong to this set? `caller` matters only for
     /// `autogroup:self` (pass the node itself when matching sources).
-    pub fn matches(&self, node: &Identity, caller: &Identity) -> bool {
+    pub(crate) fn matches(&self, node: &Identity, caller: &Identity) -> bool {
         match self {
             NodePat::Any => true,
             NodePat::Member => effective_user(node).is_some(),
@@ -248,7 +304,7 @@ impl NodePat {
 
     /// Is every node in `other` also in `self`, whoever the caller is?
     /// Conservative: `false` when unsure.
-    pub fn covers(&self, other: &NodePat) -> bool {
+    pub(crate) fn covers(&self, other: &NodePat) -> bool {
         use NodePat::*;
         match (self, other) {
             (Any, _) => true,
@@ -270,7 +326,7 @@ impl NodePat {
 }
 
 /// Is every node matched by `inner` also matched by `outer`?
-pub fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
+pub(crate) fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
     inner.iter().all(|a| {
         outer.iter().any(|b| b.covers(a))
             || matches!(a, NodePat::Group { members, .. }
@@ -280,7 +336,7 @@ pub fn list_covers(outer: &[NodePat], inner: &[NodePat]) -> bool {
 
 /// A pattern for the local login name, in an ssh rule's `users`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LoginPat {
+pub(crate) enum LoginPat {
     /// `*`: any login, root included.
     Any,
     /// `autogroup:nonroot`: any login except `root`.
@@ -292,16 +348,13 @@ pub enum LoginPat {
     Name(String),
 }
 
-pub fn parse_login(s: &str) -> Result<LoginPat, String> {
+pub(crate) fn parse_login(s: &str) -> Result<LoginPat, PatternError> {
     match s {
         "*" => Ok(LoginPat::Any),
         "autogroup:nonroot" => Ok(LoginPat::NonRoot),
         "autogroup:caller" => Ok(LoginPat::Caller),
-        _ if s.starts_with("autogroup:") => Err(format!("unknown login pattern '{s}' (known: autogroup:nonroot, autogroup:caller, *)")),
-        _ if s.starts_with("group:") || s.starts_with("tag:") => Err(format!(
-            "'{s}' is not a login name: users = [...] lists local accounts \
-             (root, deploy, autogroup:nonroot, autogroup:caller)"
-        )),
+        _ if s.starts_with("autogroup:") => Err(PatternError::UnknownLoginPattern(s.into())),
+        _ if s.starts_with("group:") || s.starts_with("tag:") => Err(PatternError::NodeAsLogin(s.into())),
         _ => {
             check_login_name(s)?;
             Ok(LoginPat::Name(s.to_string()))
@@ -310,7 +363,7 @@ pub fn parse_login(s: &str) -> Result<LoginPat, String> {
 }
 
 impl LoginPat {
-    pub fn matches(&self, login: &str, caller: &Identity) -> bool {
+    pub(crate) fn matches(&self, login: &str, caller: &Identity) -> bool {
         match self {
             LoginPat::Any => true,
             LoginPat::NonRoot => login != "root",
@@ -320,7 +373,7 @@ impl LoginPat {
         }
     }
 
-    pub fn covers(&self, other: &LoginPat) -> bool {
+    pub(crate) fn covers(&self, other: &LoginPat) -> bool {
         match (self, other) {
             (LoginPat::Any, _) => true,
             (LoginPat::NonRoot, LoginPat::NonRoot) => true,
@@ -332,19 +385,19 @@ impl LoginPat {
     }
 }
 
-pub fn logins_cover(outer: &[LoginPat], inner: &[LoginPat]) -> bool {
+pub(crate) fn logins_cover(outer: &[LoginPat], inner: &[LoginPat]) -> bool {
     inner.iter().all(|a| outer.iter().any(|b| b.covers(a)))
 }
 
 /// The ports of an `acl` destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ports {
+pub(crate) enum Ports {
     All,
     Ranges(Vec<(u16, u16)>),
 }
 
 impl Ports {
-    pub fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         match self {
             Ports::All => true,
             Ports::Ranges(r) => r.iter().any(|&(lo, hi)| lo <= port && port <= hi),
@@ -352,20 +405,20 @@ impl Ports {
     }
 }
 
-fn parse_port(s: &str, whole: &str) -> Result<u16, String> {
+fn parse_port(s: &str, whole: &str) -> Result<u16, PatternError> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("bad port '{s}' in port list '{whole}' (ports are 1-65535)")),
+        _ => Err(PatternError::BadPort(s.into(), whole.into())),
     }
 }
 
 /// `*`, or a comma list of ports and ranges: `22`, `80,443`, `8000-8999`.
-pub fn parse_ports(s: &str) -> Result<Ports, String> {
+pub(crate) fn parse_ports(s: &str) -> Result<Ports, PatternError> {
     if s == "*" {
         return Ok(Ports::All);
     }
     if s.is_empty() {
-        return Err("empty port list (write e.g. :22, :80,443, :8000-8999 or :*)".into());
+        return Err(PatternError::EmptyPorts);
     }
     let mut out = Vec::new();
     for part in s.split(',') {
@@ -377,7 +430,7 @@ pub fn parse_ports(s: &str) -> Result<Ports, String> {
             }
         };
         if lo > hi {
-            return Err(format!("bad port range '{part}' in '{s}': start is after end"));
+            return Err(PatternError::BackwardsRange(part.into(), s.into()));
         }
         out.push((lo, hi));
     }
@@ -386,35 +439,35 @@ pub fn parse_ports(s: &str) -> Result<Ports, String> {
 
 /// Parses an `acl` destination `TARGET:PORTS` (`tag:prod:22,80`, `web1:*`,
 /// `autogroup:self:*`, `100.64.0.0/10:443`, `[fd7a::1]:22`).
-pub fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), String> {
+pub(crate) fn parse_acl_dst(s: &str, names: &Names) -> Result<(NodePat, Ports), PatternError> {
     let (target, ports) = if let Some(rest) = s.strip_prefix('[') {
         let Some((ip, ports)) = rest.split_once("]:") else {
-            return Err(format!("bad acl dst '{s}': write [IPv6]:PORTS"));
+            return Err(PatternError::BadIpv6Dst(s.into()));
         };
         (ip, ports)
     } else {
         match s.rsplit_once(':') {
             Some((t, p)) if !matches!(t, "tag" | "group" | "autogroup") => (t, p),
             _ => {
-                return Err(format!("acl dst '{s}' needs a port list: write {s}:22, {s}:80,443 or {s}:*"));
+                return Err(PatternError::DstWithoutPorts(s.into()));
             }
         }
     };
-    let ports = parse_ports(ports).map_err(|e| format!("in acl dst '{s}': {e}"))?;
+    let ports = parse_ports(ports).map_err(|e| PatternError::InDst(s.into(), Box::new(e)))?;
     let node = parse_node(target, Side::Dst, names)?;
     Ok((node, ports))
 }
 
 /// Checks an `accept_env` pattern: a variable name with `*` wildcards.
-pub fn check_env_pattern(s: &str) -> Result<(), String> {
+pub(crate) fn check_env_pattern(s: &str) -> Result<(), PatternError> {
     if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*') {
-        return Err(format!("bad accept_env pattern '{s}': use letters, digits, '_' and '*' wildcards"));
+        return Err(PatternError::BadEnvPattern(s.into()));
     }
     Ok(())
 }
 
 /// Glob match with `*` (any run of characters, possibly empty).
-pub fn env_matches(pat: &str, name: &str) -> bool {
+pub(crate) fn env_matches(pat: &str, name: &str) -> bool {
     let p = pat.as_bytes();
     let n = name.as_bytes();
     let (mut pi, mut ni) = (0, 0);

@@ -12,6 +12,7 @@
 //! Policies are generated as TOML text over a small universe of names and
 //! compiled without the unreachable-rule check (random rule lists are full of
 //! shadowed rules, which is fine for evaluation).
+#![warn(missing_docs)]
 
 use std::net::IpAddr;
 

@@ -1,17 +1,18 @@
 //! The policy file as TOML gives it to us, with byte spans for diagnostics.
 //! Every table denies unknown keys so typos are errors, not silent no-ops.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-pub type SStr = Spanned<String>;
-pub type SList = Spanned<Vec<SStr>>;
+pub(crate) type SStr = Spanned<String>;
+pub(crate) type SList = Spanned<Vec<SStr>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPolicy {
+pub(crate) struct RawPolicy {
     #[serde(default)]
     pub groups: BTreeMap<SStr, Vec<SStr>>,
     #[serde(default)]
@@ -30,7 +31,7 @@ pub struct RawPolicy {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAcl {
+pub(crate) struct RawAcl {
     #[serde(default)]
     pub action: Option<SStr>,
     pub src: SList,
@@ -40,14 +41,14 @@ pub struct RawAcl {
 /// `record = true | false | "required"`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawRecord {
+pub(crate) enum RawRecord {
     Bool(bool),
     Word(String),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawSsh {
+pub(crate) struct RawSsh {
     pub action: SStr,
     pub src: SList,
     pub dst: SList,
@@ -65,7 +66,7 @@ pub struct RawSsh {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTest {
+pub(crate) struct RawTest {
     pub src: SStr,
     #[serde(default)]
     pub src_ip: Option<SStr>,

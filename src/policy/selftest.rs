@@ -1,4 +1,5 @@
 //! Runs a policy's own `[[tests]]` against synthesized identities.
+#![warn(missing_docs)]
 
 use super::{Action, Diagnostic, Policy};
 

@@ -3,6 +3,7 @@
 //! Sessions start from an empty environment (nothing of tailgate's own leaks
 //! into users' shells) plus the variables a login program sets, plus the
 //! client's `env` requests that the policy's `accept_env` patterns allow.
+#![warn(missing_docs)]
 
 use std::path::PathBuf;
 
@@ -11,10 +12,15 @@ use crate::daemon::identity::Identity;
 /// A local user that sessions run as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Account {
+    /// Login name.
     pub name: String,
+    /// User id the session runs as.
     pub uid: u32,
+    /// Primary group id.
     pub gid: u32,
+    /// Home directory (the session's working directory and `$HOME`).
     pub home: PathBuf,
+    /// Login shell: every shell, command and subsystem runs through it.
     pub shell: PathBuf,
     /// Supplementary groups (includes the primary group).
     pub groups: Vec<u32>,
@@ -43,7 +49,7 @@ pub fn lookup(name: &str) -> std::io::Result<Option<Account>> {
 /// at most 32 characters (the portable useradd rule). Anything else (upper
 /// case, shell metacharacters, `$`, non-ASCII) is refused before the policy
 /// or NSS ever see it.
-pub fn valid_login_name(name: &str) -> bool {
+pub(crate) fn valid_login_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     name.len() <= 32
         && bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
@@ -51,7 +57,7 @@ pub fn valid_login_name(name: &str) -> bool {
 }
 
 /// The account tailgate itself runs as (for the unprivileged mode).
-pub fn current_user_name() -> Option<String> {
+pub(crate) fn current_user_name() -> Option<String> {
     nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten().map(|u| u.name)
 }
 
@@ -62,12 +68,12 @@ const RESERVED_ENV: &[&str] = &["USER", "LOGNAME", "HOME", "SHELL", "MAIL", "SSH
 /// Whether a client may set `name` at all: a sane name that is not one of
 /// the variables defining the session. The policy's `accept_env` patterns
 /// are applied on top (`SshDecision::allows_env`).
-pub fn env_name_acceptable(name: &str) -> bool {
+pub(crate) fn env_name_acceptable(name: &str) -> bool {
     !name.is_empty() && name.len() <= 256 && !name.contains(['=', '\0']) && !RESERVED_ENV.contains(&name) && !name.starts_with("LD_")
 }
 
 /// What the login environment is built from.
-pub struct LoginEnv<'a> {
+pub(crate) struct LoginEnv<'a> {
     pub account: &'a Account,
     pub caller: &'a Identity,
     pub target: &'a Identity,
@@ -80,7 +86,7 @@ pub struct LoginEnv<'a> {
 }
 
 /// The complete environment of a session process.
-pub fn login_env(e: &LoginEnv<'_>) -> Vec<(String, String)> {
+pub(crate) fn login_env(e: &LoginEnv<'_>) -> Vec<(String, String)> {
     let a = e.account;
     let path = if a.uid == 0 {
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -4,6 +4,7 @@
 //! unit-testable; [`AuditLog`] only appends lines. Nothing secret goes in:
 //! passwords offered during auth are never looked at, environment variables
 //! are logged by name only, session data only as byte counts.
+#![warn(missing_docs)]
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +19,7 @@ use crate::policy::{Action, SshDecision};
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EventKind {
+pub(crate) enum EventKind {
     /// An authentication decision (one per login name tried on a connection).
     Auth,
     /// A shell, exec or subsystem started.
@@ -41,7 +42,7 @@ pub enum EventKind {
 
 /// The caller as recorded: the verified tailnet identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub node: String,
     pub node_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,7 +65,7 @@ impl From<&Identity> for Caller {
 
 /// One audit line. Absent fields are omitted from the JSON.
 #[derive(Clone, Debug, Serialize)]
-pub struct AuditEvent {
+pub(crate) struct AuditEvent {
     /// Node-unique, increasing by one per event (set by the writer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
@@ -121,7 +122,7 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn new(event: EventKind, conn: &str, caller: &Identity, target: &Identity, now: SystemTime) -> Self {
+    pub(crate) fn new(event: EventKind, conn: &str, caller: &Identity, target: &Identity, now: SystemTime) -> Self {
         AuditEvent {
             id: None,
             prev: None,
@@ -152,14 +153,14 @@ impl AuditEvent {
     }
 
     /// Copies login, rule, action from a policy decision.
-    pub fn decision(mut self, login: &str, d: &SshDecision) -> Self {
+    pub(crate) fn decision(mut self, login: &str, d: &SshDecision) -> Self {
         self.login = Some(login.to_string());
         self.rule = d.rule.clone();
         self.action = Some(d.action);
         self
     }
 
-    pub fn to_line(&self) -> String {
+    pub(crate) fn to_line(&self) -> String {
         // Serialization of this struct cannot fail (no maps with non-string keys).
         let mut s = serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"));
         s.push('\n');
@@ -169,35 +170,31 @@ impl AuditEvent {
 
 /// Appends audit lines, through the writer thread ([`super::journal`]):
 /// callers never touch the file themselves.
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     journal: Journal,
 }
 
 impl AuditLog {
     /// Opens `audit.jsonl` in `state_dir` (0600) and starts the writer.
-    pub fn open(state_dir: &Path, path: &Path, recordings_dir: &Path) -> Result<AuditLog, SshError> {
+    pub(crate) fn open(state_dir: &Path, path: &Path, recordings_dir: &Path) -> Result<AuditLog, SshError> {
         Ok(AuditLog { journal: Journal::open(state_dir, path, recordings_dir)? })
     }
 
-    pub fn path(&self) -> &Path {
-        self.journal.audit_path()
-    }
-
-    pub fn journal(&self) -> &Journal {
+    pub(crate) fn journal(&self) -> &Journal {
         &self.journal
     }
 
     /// Appends one event (queued; written in order by the writer thread). A
     /// failing write is logged, not fatal: refusing service because the disk
     /// is full would lock admins out of the box.
-    pub fn write(&self, ev: &AuditEvent) {
+    pub(crate) fn write(&self, ev: &AuditEvent) {
         crate::daemon::metrics::ssh_event(ev);
         self.journal.audit(ev.clone());
     }
 }
 
 /// `2024-05-06T07:08:09.123Z`.
-pub fn rfc3339_utc(t: SystemTime) -> String {
+pub(crate) fn rfc3339_utc(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let secs = d.as_secs() as i64;
     let millis = d.subsec_millis();

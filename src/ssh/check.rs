@@ -8,6 +8,7 @@
 //! approvals and lockouts all live on control; this node only relays.
 //! Without a control server (static mode) or while it is unreachable, a
 //! `check` login is denied with the reason.
+#![warn(missing_docs)]
 
 use crate::key::Key;
 use std::borrow::Cow;
@@ -42,7 +43,7 @@ enum LinkState {
 /// Where this node's SSH server sends check requests. The agent points it
 /// at each new control connection.
 #[derive(Clone)]
-pub struct CheckLink(Arc<RwLock<LinkState>>);
+pub(crate) struct CheckLink(Arc<RwLock<LinkState>>);
 
 impl Default for CheckLink {
     fn default() -> Self {
@@ -51,11 +52,11 @@ impl Default for CheckLink {
 }
 
 impl CheckLink {
-    pub fn set_connected(&self, h: CheckHandle) {
+    pub(crate) fn set_connected(&self, h: CheckHandle) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Up(h);
     }
 
-    pub fn set_disconnected(&self, why: String) {
+    pub(crate) fn set_disconnected(&self, why: String) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = LinkState::Down(why);
     }
 
@@ -114,28 +115,43 @@ fn source_key(caller: &Identity) -> Option<Key> {
     wg::key_from_base64(&caller.node_key).ok()
 }
 
-fn unreachable_message(d: &SshDecision, why: &str) -> String {
-    format!(
+/// Why a `check` login is refused; the text is the line the user sees.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckDenied {
+    /// Static mode: no control server to verify a code (the policy's denial).
+    #[error("{0}")]
+    NoControl(String),
+    #[error(
         "tailgate: access denied: {} needs a verification code, but this node cannot reach the control server to check it ({why}); \
          try again when it is back",
-        d.rule.as_deref().map_or("the policy".into(), |r| format!("policy rule {r}"))
-    )
+        rule.as_deref().map_or("the policy".into(), |r| format!("policy rule {r}"))
+    )]
+    Unreachable { rule: Option<String>, why: String },
+    #[error("tailgate: access denied: your node's key is not valid")]
+    BadKey,
+    /// Control's answer (wrong code, locked out, ...), control characters removed.
+    #[error("tailgate: access denied: {0}")]
+    Refused(String),
 }
 
-async fn ask(link: &CheckLink, d: &SshDecision, caller: &Identity, code: Option<String>) -> Result<CheckAnswer, String> {
+fn unreachable(d: &SshDecision, why: String) -> CheckDenied {
+    CheckDenied::Unreachable { rule: d.rule.clone(), why }
+}
+
+async fn ask(link: &CheckLink, d: &SshDecision, caller: &Identity, code: Option<String>) -> Result<CheckAnswer, CheckDenied> {
     let h = match link.handle() {
         Ok(h) => h,
-        Err(None) => return Err(super::handler::deny_message(d)),
-        Err(Some(why)) => return Err(unreachable_message(d, &why)),
+        Err(None) => return Err(CheckDenied::NoControl(super::handler::deny_message(d))),
+        Err(Some(why)) => return Err(unreachable(d, why)),
     };
     let Some(source) = source_key(caller) else {
-        return Err("tailgate: access denied: your node's key is not valid".into());
+        return Err(CheckDenied::BadKey);
     };
     let max_age = match d.check_period {
         CheckPeriod::Always => None,
         CheckPeriod::For(p) => Some(p),
     };
-    h.check(source, code, max_age, CHECK_TIMEOUT).await.map_err(|e| unreachable_message(d, &e.to_string()))
+    h.check(source, code, max_age, CHECK_TIMEOUT).await.map_err(|e| unreachable(d, e.to_string()))
 }
 
 /// Before prompting: a cached approval (the connection is then checked), a
@@ -143,11 +159,11 @@ async fn ask(link: &CheckLink, d: &SshDecision, caller: &Identity, code: Option<
 pub(crate) async fn precheck(ctx: &ConnCtx, d: &SshDecision, login: &str) -> Pre {
     let caller = ctx.seen().0;
     let (pre, kind) = match ask(&ctx.server.check, d, &caller, None).await {
-        Err(msg) => (Pre::Deny(msg), Kind::Refused),
+        Err(e) => (Pre::Deny(e.to_string()), Kind::Refused),
         Ok(a) => match a.outcome {
             CheckOutcome::Approved => (Pre::Approved, Kind::Cached),
             CheckOutcome::CodeNeeded => return Pre::Prompt(if a.user.is_empty() { caller.who() } else { a.user }),
-            other => (Pre::Deny(denial(&a.message)), kind_of(other)),
+            other => (Pre::Deny(denial(&a.message).to_string()), kind_of(other)),
         },
     };
     match &pre {
@@ -162,7 +178,7 @@ pub(crate) async fn precheck(ctx: &ConnCtx, d: &SshDecision, login: &str) -> Pre
 
 /// Verifies the code typed at the prompt: `Ok` = passed (the connection is
 /// then checked), else the line shown to the user. Audited either way.
-pub(crate) async fn verify(ctx: &ConnCtx, d: &SshDecision, login: &str, code: String) -> Result<(), String> {
+pub(crate) async fn verify(ctx: &ConnCtx, d: &SshDecision, login: &str, code: String) -> Result<(), CheckDenied> {
     let caller = ctx.seen().0;
     let (res, kind) = match ask(&ctx.server.check, d, &caller, Some(code)).await {
         Err(msg) => (Err(msg), Kind::Refused),
@@ -174,7 +190,7 @@ pub(crate) async fn verify(ctx: &ConnCtx, d: &SshDecision, login: &str, code: St
             ctx.checked.store(true, Ordering::Release);
             audit(ctx, login, kind, None);
         }
-        Err(msg) => audit(ctx, login, kind, Some(msg)),
+        Err(e) => audit(ctx, login, kind, Some(&e.to_string())),
     }
     res
 }
@@ -196,9 +212,8 @@ fn kind_of(o: CheckOutcome) -> Kind {
     }
 }
 
-fn denial(message: &str) -> String {
-    let m: String = message.chars().filter(|c| !c.is_control()).take(300).collect();
-    format!("tailgate: access denied: {m}")
+fn denial(message: &str) -> CheckDenied {
+    CheckDenied::Refused(message.chars().filter(|c| !c.is_control()).take(300).collect())
 }
 
 /// The first answer of a keyboard-interactive response, as text.

@@ -4,6 +4,7 @@
 //! the same machine) are reachable, and only ports the network policy lets
 //! the caller reach on this node: an SSH login must not become a way around
 //! the ACLs, nor a pivot to other hosts.
+#![warn(missing_docs)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::handler::ConnCtx;
 /// Where a `direct-tcpip` request may connect, if anywhere: loopback names
 /// and addresses, or this node's tailnet address (mapped to loopback, since
 /// the tailnet address lives in tailgate's userspace stack, not the kernel's).
-pub fn local_destination(host: &str, port: u32, self_ip: IpAddr) -> Option<SocketAddr> {
+pub(crate) fn local_destination(host: &str, port: u32, self_ip: IpAddr) -> Option<SocketAddr> {
     let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let ip = match host {
@@ -36,7 +37,7 @@ pub fn local_destination(host: &str, port: u32, self_ip: IpAddr) -> Option<Socke
 /// Answers an allowed request: connects, then accepts or refuses the channel,
 /// then copies bytes both ways until either side closes, the connection's
 /// time limit passes, or a change of policy or identity no longer allows it.
-pub async fn run(ctx: Arc<ConnCtx>, login: String, channel: Channel<Msg>, reply: ChannelOpenHandle, dest: SocketAddr) {
+pub(crate) async fn run(ctx: Arc<ConnCtx>, login: String, channel: Channel<Msg>, reply: ChannelOpenHandle, dest: SocketAddr) {
     let started = Instant::now();
     let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(dest)).await {
         Ok(Ok(s)) => s,

@@ -9,6 +9,7 @@
 //! The local files are also the shipping spool: [`crate::daemon::ship`] reads
 //! unshipped lines and recording bytes from them, so recording costs one
 //! write, not two.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -25,16 +26,16 @@ use super::SshError;
 use super::audit::AuditEvent;
 
 /// File (in the state directory) holding the chain head: `id hash`.
-pub const CHAIN_FILE: &str = "audit.chain";
+pub(crate) const CHAIN_FILE: &str = "audit.chain";
 /// The `prev` of a node's first event.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Lines longer than this have their command cut, so that every line fits a
 /// control frame (64 KiB) with room to spare.
 const MAX_LINE: usize = 16 * 1024;
 const QUEUE: usize = 4096;
 
 /// SHA-256 of one audit line (without its newline), hex.
-pub fn line_hash(line: &str) -> String {
+pub(crate) fn line_hash(line: &str) -> String {
     hex(&Sha256::digest(line.as_bytes()))
 }
 
@@ -45,7 +46,7 @@ pub(crate) fn hex(b: &[u8]) -> String {
 /// The head of a node's hash chain: the last event's id and line hash.
 /// Each new event gets `id = last + 1` and `prev = hash`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chain {
+pub(crate) struct Chain {
     pub id: u64,
     pub hash: String,
 }
@@ -59,7 +60,7 @@ impl Default for Chain {
 impl Chain {
     /// Stamps `ev` with the next id and the previous hash, returns its line
     /// (no newline) and advances.
-    pub fn append(&mut self, ev: &mut AuditEvent) -> String {
+    pub(crate) fn append(&mut self, ev: &mut AuditEvent) -> String {
         ev.id = Some(self.id + 1);
         ev.prev = Some(self.hash.clone());
         let mut line = ev.to_line();
@@ -93,7 +94,7 @@ impl Chain {
     /// The chain head as saved, or as derived from the log's last line,
     /// whichever is further: a truncated log then continues the old
     /// numbering (the server sees the gap) instead of reusing ids.
-    pub fn load(state_dir: &Path, audit_path: &Path) -> Chain {
+    pub(crate) fn load(state_dir: &Path, audit_path: &Path) -> Chain {
         let saved = std::fs::read_to_string(state_dir.join(CHAIN_FILE)).ok().and_then(|s| Chain::decode(&s));
         let from_log = last_line(audit_path).and_then(|l| {
             let v: serde_json::Value = serde_json::from_str(&l).ok()?;
@@ -117,7 +118,7 @@ fn last_line(path: &Path) -> Option<String> {
 }
 
 /// State shared between the writer thread, the SSH server and the shipper.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Bumped after every batch written: the shipper wakes on it.
     pub written: watch::Sender<u64>,
     /// The shipper holds a live control connection.
@@ -138,33 +139,44 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn spool_full(&self) -> bool {
+    pub(crate) fn spool_full(&self) -> bool {
         self.shipping.load(Ordering::Acquire) && self.backlog.load(Ordering::Acquire) > self.limit.load(Ordering::Acquire)
     }
 }
 
 enum Cmd {
     Audit(Box<AuditEvent>),
-    Open { session: String, header: String, failed: Arc<AtomicBool>, reply: oneshot::Sender<Result<PathBuf, SshError>> },
-    Data { session: String, line: String },
-    Close { session: String },
+    Open {
+        session: String,
+        header: String,
+        failed: Arc<AtomicBool>,
+        reply: oneshot::Sender<Result<PathBuf, SshError>>,
+    },
+    Data {
+        session: String,
+        line: String,
+    },
+    Close {
+        session: String,
+    },
+    #[cfg_attr(not(test), allow(dead_code))] // sent by `flush`, which only the tests call
     Flush(oneshot::Sender<()>),
 }
 
 /// Handle to the writer thread.
 #[derive(Clone)]
-pub struct Journal {
+pub(crate) struct Journal {
     tx: mpsc::Sender<Cmd>,
     pub shared: Arc<Shared>,
     audit_path: PathBuf,
 }
 
 /// Default backlog bound (`TAILGATE_SPOOL_LIMIT_MB` overrides).
-pub const DEFAULT_SPOOL_LIMIT: u64 = 1024 * 1024 * 1024;
+pub(crate) const DEFAULT_SPOOL_LIMIT: u64 = 1024 * 1024 * 1024;
 
 impl Journal {
     /// Opens `audit.jsonl` (0600) and starts the writer thread.
-    pub fn open(state_dir: &Path, audit_path: &Path, recordings_dir: &Path) -> Result<Journal, SshError> {
+    pub(crate) fn open(state_dir: &Path, audit_path: &Path, recordings_dir: &Path) -> Result<Journal, SshError> {
         let file = OpenOptions::new().create(true).append(true).mode(0o600).open(audit_path).map_err(|e| SshError::io(audit_path, e))?;
         // An existing file created by something else keeps its mode on open; enforce ours.
         file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| SshError::io(audit_path, e))?;
@@ -206,19 +218,15 @@ impl Journal {
         Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf() })
     }
 
-    pub fn audit_path(&self) -> &Path {
+    /// Path of `audit.jsonl` (the shipper reads it back).
+    pub(crate) fn audit_path(&self) -> &Path {
         &self.audit_path
-    }
-
-    /// Sessions whose recordings are still being written.
-    pub fn open_sessions(&self) -> std::collections::HashSet<String> {
-        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Queues an audit event. Never blocks an async worker for long: when
     /// the queue is full (the disk stalls) a multi-threaded runtime parks
     /// this worker until there is room, keeping the order of events.
-    pub fn audit(&self, ev: AuditEvent) {
+    pub(crate) fn audit(&self, ev: AuditEvent) {
         self.send_sync(Cmd::Audit(Box::new(ev)));
     }
 
@@ -253,7 +261,7 @@ impl Journal {
     }
 
     /// Creates `recordings/<session>.cast` (0600) with its header line.
-    pub async fn open_recording(&self, session: &str, header: String) -> Result<RecHandle, SshError> {
+    pub(crate) async fn open_recording(&self, session: &str, header: String) -> Result<RecHandle, SshError> {
         let failed = Arc::new(AtomicBool::new(false));
         let (reply, rx) = oneshot::channel();
         let gone = || SshError::io(&self.audit_path, std::io::Error::other("audit writer stopped"));
@@ -263,7 +271,8 @@ impl Journal {
     }
 
     /// Waits until everything queued so far is written.
-    pub async fn flush(&self) {
+    #[cfg_attr(not(test), allow(dead_code))] // the unit tests wait on it
+    pub(crate) async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Cmd::Flush(tx)).await.is_ok() {
             let _ = rx.await;
@@ -272,7 +281,7 @@ impl Journal {
 }
 
 /// One open recording, as the session sees it.
-pub struct RecHandle {
+pub(crate) struct RecHandle {
     journal: Journal,
     session: String,
     path: PathBuf,
@@ -281,18 +290,18 @@ pub struct RecHandle {
 }
 
 impl RecHandle {
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
     /// Queues one asciicast line, waiting for room in the queue.
-    pub async fn send(&self, line: String) {
+    pub(crate) async fn send(&self, line: String) {
         let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), line }).await;
     }
     /// Queues one line from synchronous code (resize events).
-    pub fn send_sync(&self, line: String) {
+    pub(crate) fn send_sync(&self, line: String) {
         self.journal.send_sync(Cmd::Data { session: self.session.clone(), line });
     }
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.journal.send_sync(Cmd::Close { session: self.session.clone() });
     }
 }

@@ -18,15 +18,16 @@
 //! - [`recording`]: asciicast v2 recordings.
 //! - [`check`]: the second factor of `check` rules (prompt, verified by control).
 //! - [`journal`]: the writer thread behind both, and the audit hash chain.
+#![warn(missing_docs)]
 
 pub mod account;
-pub mod audit;
-pub mod check;
+pub(crate) mod audit;
+pub(crate) mod check;
 mod forward;
 mod handler;
-pub mod journal;
-pub mod process;
-pub mod recording;
+pub(crate) mod journal;
+pub(crate) mod process;
+pub(crate) mod recording;
 mod session;
 
 use std::fs;
@@ -39,22 +40,23 @@ use std::time::Duration;
 use russh::MethodKind;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use crate::daemon::identity::{Identity, IdentityResolver};
 use crate::policy::{Policy, SshDecision};
 
-pub use audit::AuditLog;
+pub(crate) use audit::AuditLog;
 
 /// File name of the host key inside the state directory.
-pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+pub(crate) const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 /// File name of the audit log inside the state directory.
-pub const AUDIT_FILE: &str = "audit.jsonl";
+pub(crate) const AUDIT_FILE: &str = "audit.jsonl";
 /// Directory (inside the state directory) holding asciicast recordings.
-pub const RECORDINGS_DIR: &str = "recordings";
+pub(crate) const RECORDINGS_DIR: &str = "recordings";
 
 /// Errors of the SSH module.
 #[derive(Debug, thiserror::Error)]
-pub enum SshError {
+pub(crate) enum SshError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("host key {path}: {source}")]
@@ -75,9 +77,11 @@ impl SshError {
 /// and the node may supply other implementations (e.g. while a policy is
 /// being compiled elsewhere).
 pub trait AccessPolicy: Send + Sync + 'static {
+    /// The decision for logging in to `target` as `login`.
     fn check_ssh(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision;
     /// The decision for a login whose account has uid 0: root by another name.
     fn check_ssh_superuser(&self, caller: &Identity, target: &Identity, login: &str) -> SshDecision;
+    /// May `src` open TCP `port` on `dst` (`ssh -L` to this node)?
     fn check_network(&self, src: &Identity, dst: &Identity, port: u16) -> bool;
     /// Could some SSH rule admit `caller` on `target` for some login?
     fn ssh_reachable(&self, caller: &Identity, target: &Identity) -> bool;
@@ -108,6 +112,7 @@ pub struct PolicyHandle {
 }
 
 impl PolicyHandle {
+    /// A handle holding `policy`.
     pub fn new(policy: impl AccessPolicy) -> Self {
         PolicyHandle { current: Arc::new(RwLock::new(Arc::new(policy))), generation: Arc::new(tokio::sync::watch::Sender::new(0)) }
     }
@@ -132,6 +137,7 @@ impl PolicyHandle {
 pub struct SshServerConfig {
     /// Holds the host key, `audit.jsonl` and `recordings/`. Created (0700) if missing.
     pub state_dir: PathBuf,
+    /// The policy every login, session and forward is judged by.
     pub policy: PolicyHandle,
     /// The identity of this node (target of every login); asked per connection
     /// so a new netmap (new tags) applies to the next login.
@@ -141,6 +147,7 @@ pub struct SshServerConfig {
 }
 
 impl SshServerConfig {
+    /// A config for a node whose identity does not change.
     pub fn new(state_dir: impl Into<PathBuf>, policy: PolicyHandle, self_identity: Identity) -> Self {
         SshServerConfig { state_dir: state_dir.into(), policy, self_identity: Arc::new(move || self_identity.clone()), sftp_server: None }
     }
@@ -206,24 +213,19 @@ impl SshServer {
     }
 
     /// `ssh-ed25519 AAAA...`, for known_hosts lines and the netmap.
-    pub fn host_public_key_openssh(&self) -> String {
+    pub(crate) fn host_public_key_openssh(&self) -> String {
         self.host_public.clone()
     }
 
     /// Where `check` logins are verified: static (nowhere) until the agent
     /// points it at a control connection.
-    pub fn check_link(&self) -> check::CheckLink {
+    pub(crate) fn check_link(&self) -> check::CheckLink {
         self.check.clone()
     }
 
     /// The audit and recording writer (the shipper follows it).
-    pub fn journal(&self) -> &journal::Journal {
+    pub(crate) fn journal(&self) -> &journal::Journal {
         self.audit.journal()
-    }
-
-    /// Path of the audit log (`state_dir/audit.jsonl`).
-    pub fn audit_path(&self) -> &Path {
-        self.audit.path()
     }
 
     /// Runs one SSH connection to completion. `peer_key` is the WireGuard key
@@ -239,18 +241,25 @@ impl SshServer {
         };
         let target = (self.cfg.self_identity)();
         let conn = handler::Conn::new(self.clone(), peer_key, resolver, caller, target);
-        let conn_id = conn.conn_id().to_string();
+        let span = conn.span();
+        self.run_conn(stream, conn).instrument(span).await
+    }
+
+    async fn run_conn<S>(&self, stream: S, conn: handler::Conn)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let authed = conn.authenticated_flag();
         // No inactivity timeout in russh (idle shells are fine), so bound the
         // unauthenticated phase here: banner, key exchange and login.
         let running = match tokio::time::timeout(LOGIN_GRACE, russh::server::run_stream(self.russh_config.clone(), stream, conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::debug!(conn = %conn_id, "ssh handshake failed: {e}");
+                tracing::debug!("ssh handshake failed: {e}");
                 return;
             }
             Err(_) => {
-                tracing::debug!(conn = %conn_id, "ssh client sent no banner in time");
+                tracing::debug!("ssh client sent no banner in time");
                 return;
             }
         };
@@ -262,7 +271,7 @@ impl SshServer {
             }
         });
         if let Err(e) = running.await {
-            tracing::debug!(conn = %conn_id, "ssh connection ended: {e}");
+            tracing::debug!("ssh connection ended: {e}");
         }
         watchdog.abort();
     }

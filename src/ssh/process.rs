@@ -5,6 +5,7 @@
 //! session never inherits sockets or keys of the daemon. Each process starts
 //! its own session (setsid), so its process id is also the process group we
 //! signal when the SSH session ends.
+#![warn(missing_docs)]
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -25,7 +26,7 @@ use super::account::Account;
 
 /// Terminal parameters from a `pty-req`.
 #[derive(Clone, Debug, Default)]
-pub struct PtyParams {
+pub(crate) struct PtyParams {
     pub term: String,
     pub cols: u32,
     pub rows: u32,
@@ -35,7 +36,7 @@ pub struct PtyParams {
 }
 
 /// What to run.
-pub struct SpawnSpec {
+pub(crate) struct SpawnSpec {
     pub program: PathBuf,
     /// argv[0] (e.g. `-bash` for a login shell).
     pub arg0: OsString,
@@ -48,12 +49,12 @@ pub struct SpawnSpec {
 }
 
 /// The child side handed back to the session.
-pub enum ChildIo {
+pub(crate) enum ChildIo {
     Pipes { stdin: tokio::process::ChildStdin, stdout: tokio::process::ChildStdout, stderr: tokio::process::ChildStderr },
-    Pty { master: PtyMaster, tty_name: String },
+    Pty { master: PtyMaster },
 }
 
-pub struct Spawned {
+pub(crate) struct Spawned {
     pub child: tokio::process::Child,
     /// Process group (== pid, the child called setsid).
     pub pgid: i32,
@@ -86,7 +87,7 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd, String), SshError> {
     }
 }
 
-pub fn set_winsize(fd: RawFd, cols: u32, rows: u32, px_w: u32, px_h: u32) {
+pub(crate) fn set_winsize(fd: RawFd, cols: u32, rows: u32, px_w: u32, px_h: u32) {
     let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
     let ws = libc::winsize { ws_row: clamp(rows), ws_col: clamp(cols), ws_xpixel: clamp(px_w), ws_ypixel: clamp(px_h) };
     // SAFETY: TIOCSWINSZ reads a winsize struct we own; failure is harmless.
@@ -183,7 +184,7 @@ static TTY_GID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
 
 /// Looks up group `tty` once. An NSS lookup can block (LDAP, sssd), so the
 /// SSH server calls this at startup, off the async workers.
-pub fn init_tty_gid() -> Option<u32> {
+pub(crate) fn init_tty_gid() -> Option<u32> {
     *TTY_GID.get_or_init(|| nix::unistd::Group::from_name("tty").ok().flatten().map(|g| g.gid.as_raw()))
 }
 
@@ -193,7 +194,7 @@ fn tty_gid() -> Option<u32> {
 }
 
 /// Spawns `spec`. Must be called within a tokio runtime.
-pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
+pub(crate) fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
     let program_name = spec.program.display().to_string();
     let spawn_err = |e: io::Error| SshError::Spawn { program: program_name.clone(), source: e };
 
@@ -264,7 +265,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(-1);
     let io = match pty {
-        Some((master, tty_name)) => ChildIo::Pty { master: PtyMaster::new(master).map_err(spawn_err)?, tty_name },
+        Some((master, _tty_name)) => ChildIo::Pty { master: PtyMaster::new(master).map_err(spawn_err)? },
         None => ChildIo::Pipes {
             stdin: child.stdin.take().ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
             stdout: child.stdout.take().ok_or_else(|| spawn_err(io::ErrorKind::BrokenPipe.into()))?,
@@ -275,7 +276,7 @@ pub fn spawn(spec: SpawnSpec) -> Result<Spawned, SshError> {
 }
 
 /// Sends `sig` to a whole process group; a vanished group is not an error.
-pub fn signal_group(pgid: i32, sig: i32) {
+pub(crate) fn signal_group(pgid: i32, sig: i32) {
     if pgid > 1 {
         // SAFETY: kill(2) with a negative pid addresses the group.
         unsafe {
@@ -286,7 +287,7 @@ pub fn signal_group(pgid: i32, sig: i32) {
 
 /// The pty master, readable and writable concurrently from async tasks.
 #[derive(Clone)]
-pub struct PtyMaster(Arc<AsyncFd<OwnedFd>>);
+pub(crate) struct PtyMaster(Arc<AsyncFd<OwnedFd>>);
 
 impl PtyMaster {
     fn new(fd: OwnedFd) -> io::Result<Self> {
@@ -297,7 +298,7 @@ impl PtyMaster {
         Ok(PtyMaster(Arc::new(afd)))
     }
 
-    pub fn raw_fd(&self) -> RawFd {
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.0.get_ref().as_raw_fd()
     }
 }
@@ -350,7 +351,7 @@ impl AsyncWrite for PtyMaster {
 }
 
 /// Maps a signal number to the SSH signal name (RFC 4254 §6.10, without "SIG").
-pub fn signal_name(sig: i32) -> String {
+pub(crate) fn signal_name(sig: i32) -> String {
     match nix::sys::signal::Signal::try_from(sig) {
         Ok(s) => s.as_str().trim_start_matches("SIG").to_string(),
         Err(_) => format!("{sig}"),
@@ -358,7 +359,7 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 /// Maps an SSH signal name to a number.
-pub fn signal_number(name: &str) -> Option<i32> {
+pub(crate) fn signal_number(name: &str) -> Option<i32> {
     use std::str::FromStr;
     nix::sys::signal::Signal::from_str(&format!("SIG{name}")).ok().map(|s| s as i32)
 }

@@ -8,6 +8,7 @@
 //! with the next chunk, or `asciinema cat` would print U+FFFD where the user
 //! saw a character. Bytes that are not UTF-8 at all (binary output) cannot be
 //! represented and become U+FFFD.
+#![warn(missing_docs)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use super::journal::{Journal, RecHandle};
 
 /// The asciicast v2 header line.
 #[derive(Clone, Debug, Serialize)]
-pub struct CastHeader {
+pub(crate) struct CastHeader {
     pub version: u32,
     pub width: u32,
     pub height: u32,
@@ -34,7 +35,7 @@ pub struct CastHeader {
 }
 
 impl CastHeader {
-    pub fn new(width: u32, height: u32, started: SystemTime) -> Self {
+    pub(crate) fn new(width: u32, height: u32, started: SystemTime) -> Self {
         CastHeader {
             version: 2,
             // asciinema refuses a 0x0 terminal; clients without a pty report none.
@@ -47,7 +48,7 @@ impl CastHeader {
         }
     }
 
-    pub fn to_line(&self) -> String {
+    pub(crate) fn to_line(&self) -> String {
         let mut s = serde_json::to_string(self).unwrap_or_else(|_| "{\"version\":2}".into());
         s.push('\n');
         s
@@ -57,7 +58,7 @@ impl CastHeader {
 /// Encodes output chunks as asciicast event lines, carrying incomplete UTF-8
 /// sequences over to the next chunk.
 #[derive(Default, Debug)]
-pub struct CastEncoder {
+pub(crate) struct CastEncoder {
     pending: Vec<u8>,
 }
 
@@ -90,25 +91,25 @@ fn needs_escape(b: &[u8]) -> bool {
 }
 
 impl CastEncoder {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// An `"o"` event for `data` received at `t` since the start, or `None` when
     /// everything is held back (an incomplete character).
-    pub fn output(&mut self, t: Duration, data: &[u8]) -> Option<String> {
+    pub(crate) fn output(&mut self, t: Duration, data: &[u8]) -> Option<String> {
         self.pending.extend_from_slice(data);
         let text = self.take_decodable(false);
         if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
     }
 
     /// A resize event.
-    pub fn resize(&self, t: Duration, cols: u32, rows: u32) -> String {
+    pub(crate) fn resize(&self, t: Duration, cols: u32, rows: u32) -> String {
         event_line(t, "r", &format!("{cols}x{rows}"))
     }
 
     /// Emits whatever is still held back (a truncated character at the very end).
-    pub fn finish(&mut self, t: Duration) -> Option<String> {
+    pub(crate) fn finish(&mut self, t: Duration) -> Option<String> {
         let text = self.take_decodable(true);
         if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }
     }
@@ -154,7 +155,7 @@ impl CastEncoder {
 }
 
 /// A recording being written: encodes here, writes on the journal's thread.
-pub struct Recorder {
+pub(crate) struct Recorder {
     handle: Arc<RecHandle>,
     enc: CastEncoder,
     start: Instant,
@@ -165,36 +166,36 @@ pub struct Recorder {
 
 impl Recorder {
     /// Creates `recordings/<id>.cast` (0600; the directory 0700) with its header.
-    pub async fn create(journal: &Journal, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
+    pub(crate) async fn create(journal: &Journal, id: &str, header: &CastHeader) -> Result<Recorder, SshError> {
         let handle = journal.open_recording(id, header.to_line()).await?;
         Ok(Recorder { handle: Arc::new(handle), enc: CastEncoder::new(), start: Instant::now(), finished: false, required: false })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.handle.path()
     }
 
     /// Where encoded lines go (sent outside the recorder's lock).
-    pub fn handle(&self) -> Arc<RecHandle> {
+    pub(crate) fn handle(&self) -> Arc<RecHandle> {
         self.handle.clone()
     }
 
     /// Output could not be recorded (disk error, or the shipping spool is full).
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.handle.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The event line for `data`, to be queued with [`RecHandle::send`].
-    pub fn encode_output(&mut self, data: &[u8]) -> Option<String> {
+    pub(crate) fn encode_output(&mut self, data: &[u8]) -> Option<String> {
         self.enc.output(self.start.elapsed(), data)
     }
 
-    pub fn resize(&mut self, cols: u32, rows: u32) {
+    pub(crate) fn resize(&mut self, cols: u32, rows: u32) {
         let line = self.enc.resize(self.start.elapsed(), cols, rows);
         self.handle.send_sync(line);
     }
 
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }

@@ -15,6 +15,7 @@
 //! One supervisor task owns the child: it waits for it, enforces the time
 //! limit, tears the process group down and reports EOF, exit status and
 //! close in that order.
+#![warn(missing_docs)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,7 @@ const STDIN_SOFT_LIMIT: usize = 8 << 20;
 const STDIN_HARD_LIMIT: usize = 64 << 20;
 
 /// Messages from the handler to the stdin task.
-pub enum Input {
+pub(crate) enum Input {
     Data(Bytes),
     Eof,
 }
@@ -60,7 +61,7 @@ struct Flow {
 
 /// Outcome of [`StdinQueue::push`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     Queued,
     /// The child's stdin is gone; further data is discarded.
     Closed,
@@ -69,13 +70,13 @@ pub enum Pushed {
 }
 
 /// The handler's end of a session's stdin.
-pub struct StdinQueue {
+pub(crate) struct StdinQueue {
     tx: mpsc::UnboundedSender<Input>,
     flow: Arc<Flow>,
 }
 
 impl StdinQueue {
-    pub async fn push(&self, data: &[u8]) -> Pushed {
+    pub(crate) async fn push(&self, data: &[u8]) -> Pushed {
         let f = &self.flow;
         let mut throttled = false;
         loop {
@@ -114,14 +115,14 @@ impl StdinQueue {
         if self.tx.send(Input::Data(Bytes::copy_from_slice(data))).is_ok() { Pushed::Queued } else { Pushed::Closed }
     }
 
-    pub fn eof(&self) {
+    pub(crate) fn eof(&self) {
         let _ = self.tx.send(Input::Eof);
     }
 }
 
 /// Why the session is being ended from our side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// The client closed the channel or the connection went away.
     Closed,
     /// The policy's max_duration elapsed.
@@ -135,7 +136,7 @@ pub enum Stop {
 }
 
 /// What the handler keeps to steer a running session.
-pub struct Control {
+pub(crate) struct Control {
     pub stdin: Option<StdinQueue>,
     pub pgid: i32,
     pub pty: Option<PtyMaster>,
@@ -145,7 +146,7 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn resize(&self, cols: u32, rows: u32, px_w: u32, px_h: u32) {
+    pub(crate) fn resize(&self, cols: u32, rows: u32, px_w: u32, px_h: u32) {
         if let Some(p) = &self.pty {
             process::set_winsize(p.raw_fd(), cols, rows, px_w, px_h);
         }
@@ -154,13 +155,13 @@ impl Control {
         }
     }
 
-    pub fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         process::signal_group(self.pgid, sig);
     }
 }
 
 /// Everything the supervisor needs; built by the handler after a successful spawn.
-pub struct Running {
+pub(crate) struct Running {
     pub ctx: Arc<ConnCtx>,
     pub session_id: String,
     pub login: String,
@@ -174,10 +175,17 @@ pub struct Running {
     pub live: watch::Receiver<Live>,
     pub recorder: Option<Arc<Mutex<Recorder>>>,
     pub started: Instant,
+    /// `session{session, kind}` under the connection's span: the session's
+    /// tasks run in it.
+    pub span: tracing::Span,
+}
+
+fn in_span<F: std::future::Future>(span: &tracing::Span, f: F) -> tracing::instrument::Instrumented<F> {
+    tracing::Instrument::instrument(f, span.clone())
 }
 
 /// Starts the stdin task and the supervisor; returns the handler's control.
-pub fn start(spawned: Spawned, run: Running) -> Control {
+pub(crate) fn start(spawned: Spawned, run: Running) -> Control {
     let Spawned { child, pgid, io } = spawned;
     let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
     let bytes_in = Arc::new(AtomicU64::new(0));
@@ -196,42 +204,53 @@ pub fn start(spawned: Spawned, run: Running) -> Control {
     let stdin_task = match io {
         ChildIo::Pipes { stdin, stdout, stderr } => {
             pty_master = None;
-            pumps.push(tokio::spawn(pump(
-                stdout,
-                run.writer.make_writer(),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    stdout,
+                    run.writer.make_writer(),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
             )));
-            pumps.push(tokio::spawn(pump(
-                stderr,
-                run.writer.make_writer_ext(Some(1)),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    stderr,
+                    run.writer.make_writer_ext(Some(1)),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
             )));
-            tokio::spawn(async move { feed.run(stdin, true).await })
+            tokio::spawn(in_span(&run.span, async move { feed.run(stdin, true).await }))
         }
         ChildIo::Pty { master, .. } => {
             pty_master = Some(master.clone());
-            pumps.push(tokio::spawn(pump(
-                master.clone(),
-                run.writer.make_writer(),
-                run.recorder.clone().map(|r| (r, lost.clone())),
-                exited_rx.clone(),
-                bytes_out.clone(),
-                flow.clone(),
+            pumps.push(tokio::spawn(in_span(
+                &run.span,
+                pump(
+                    master.clone(),
+                    run.writer.make_writer(),
+                    run.recorder.clone().map(|r| (r, lost.clone())),
+                    exited_rx.clone(),
+                    bytes_out.clone(),
+                    flow.clone(),
+                ),
             )));
             // A pty has one descriptor for both directions: client EOF cannot
             // be passed on as a half-close, so it is ignored (as sshd does).
-            tokio::spawn(async move { feed.run(master, false).await })
+            tokio::spawn(in_span(&run.span, async move { feed.run(master, false).await }))
         }
     };
 
     let control = Control { stdin: Some(queue), pgid, pty: pty_master, recorder: run.recorder.clone(), stop: stop_tx };
-    tokio::spawn(supervise(child, pgid, run, stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out, lost));
+    let span = run.span.clone();
+    let sup = Supervised { child, pgid, run, stop: stop_rx, exited_tx, pumps, stdin_task, bytes_in, bytes_out, lost };
+    tokio::spawn(in_span(&span, supervise(sup)));
     control
 }
 
@@ -331,33 +350,88 @@ async fn pump<R, W>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    mut child: tokio::process::Child,
+/// The supervisor's inputs: the child, the tasks around it and their counters.
+struct Supervised {
+    child: tokio::process::Child,
     pgid: i32,
     run: Running,
-    mut stop: watch::Receiver<Option<Stop>>,
+    /// Why the handler wants the session to end (or that it is gone).
+    stop: watch::Receiver<Option<Stop>>,
+    /// Tells the output pumps the main process has exited.
     exited_tx: watch::Sender<bool>,
     pumps: Vec<tokio::task::JoinHandle<()>>,
     stdin_task: tokio::task::JoinHandle<()>,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
+    /// A required recording could not be kept.
     lost: Arc<tokio::sync::Notify>,
-) {
-    let mut live = run.live.clone();
+}
+
+/// How the main process ended, as SSH reports it.
+#[derive(Default)]
+struct ExitReport {
+    status: Option<u32>,
+    /// Signal name and whether it dumped core.
+    signal: Option<(String, bool)>,
+}
+
+async fn supervise(mut s: Supervised) {
+    let (status, stopped, kill_pending) = wait_or_stop(&mut s).await;
+    reap_group(s.pgid, stopped.is_some(), kill_pending);
+    let _ = s.exited_tx.send(true);
+    for p in std::mem::take(&mut s.pumps) {
+        let _ = p.await;
+    }
+    s.stdin_task.abort();
+
+    let mut exit = ExitReport::default();
+    match &status {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            if let Some(code) = st.code() {
+                exit.status = Some(code as u32);
+            } else if let Some(sig) = st.signal() {
+                exit.signal = Some((process::signal_name(sig), st.core_dumped()));
+            }
+        }
+        Err(e) => tracing::warn!("waiting for session process: {e}"),
+    }
+    let run = &s.run;
+    if stopped != Some(Stop::Closed) {
+        let _ = run.writer.eof().await;
+        if let Some(code) = exit.status {
+            let _ = run.writer.exit_status(code).await;
+        } else if let Some((name, core)) = &exit.signal {
+            let _ = run.handle.exit_signal_request(run.channel, ssh_sig(name), *core, String::new(), "en".into()).await;
+        }
+        let _ = run.writer.close().await;
+    }
+    audit_end(&s, exit, stopped);
+}
+
+/// Waits for the main process, ending it (TERM, then KILL after a grace)
+/// when the handler, the live state, the recording or the time limit says
+/// so. Returns its status, why we stopped it, and whether a KILL is due.
+async fn wait_or_stop(s: &mut Supervised) -> (std::io::Result<std::process::ExitStatus>, Option<Stop>, bool) {
+    let mut live = s.run.live.clone();
     let mut live_open = true;
     let mut stopped: Option<Stop> = None;
     let mut kill_at: Option<tokio::time::Instant> = None;
+    let writer = &s.run.writer;
+    let pgid = s.pgid;
+    let end = |why: Stop, stopped: &mut Option<Stop>, kill_at: &mut Option<tokio::time::Instant>| {
+        *stopped = Some(why);
+        terminate(pgid);
+        *kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+    };
     let status = loop {
         let (revoked, limit) = {
             let l = live.borrow_and_update();
             (l.revoked.clone(), l.deadline)
         };
         if let (Some(msg), None) = (revoked, &stopped) {
-            let _ = run.writer.extended_data_bytes(1, Bytes::from(format!("\r\n{msg}\r\n"))).await;
-            stopped = Some(Stop::Revoked(msg));
-            terminate(pgid);
-            kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+            let _ = writer.extended_data_bytes(1, Bytes::from(format!("\r\n{msg}\r\n"))).await;
+            end(Stop::Revoked(msg), &mut stopped, &mut kill_at);
         }
         // Re-armed every turn: a policy change may add, move or drop the limit.
         let deadline = async {
@@ -373,32 +447,26 @@ async fn supervise(
             }
         };
         tokio::select! {
-            st = child.wait() => break st,
-            r = stop.changed(), if stopped.is_none() => {
+            st = s.child.wait() => break st,
+            r = s.stop.changed(), if stopped.is_none() => {
                 // Err: the handler dropped the sender (channel closed / connection gone).
-                let why = match r { Ok(()) => stop.borrow().clone().unwrap_or(Stop::Closed), Err(_) => Stop::Closed };
+                let why = match r { Ok(()) => s.stop.borrow().clone().unwrap_or(Stop::Closed), Err(_) => Stop::Closed };
                 if why == Stop::Overflow {
                     let msg = "\r\ntailgate: session ended: input piled up while the program's output was blocked\r\n";
-                    let _ = run.writer.extended_data_bytes(1, Bytes::from_static(msg.as_bytes())).await;
+                    let _ = writer.extended_data_bytes(1, Bytes::from_static(msg.as_bytes())).await;
                 }
-                stopped = Some(why);
-                terminate(pgid);
-                kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+                end(why, &mut stopped, &mut kill_at);
             }
             r = live.changed(), if live_open && stopped.is_none() => live_open = r.is_ok(),
-            _ = lost.notified(), if stopped.is_none() => {
-                let _ = run.writer.extended_data_bytes(1, Bytes::from_static(RECORDING_LOST.as_bytes())).await;
-                stopped = Some(Stop::RecordingLost);
-                terminate(pgid);
-                kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+            _ = s.lost.notified(), if stopped.is_none() => {
+                let _ = writer.extended_data_bytes(1, Bytes::from_static(RECORDING_LOST.as_bytes())).await;
+                end(Stop::RecordingLost, &mut stopped, &mut kill_at);
             }
             _ = deadline, if stopped.is_none() => {
                 let limit = limit.map(|(_, d)| d).unwrap_or_default();
                 let msg = format!("\r\ntailgate: session time limit ({}) reached, closing\r\n", human_duration(limit));
-                let _ = run.writer.extended_data_bytes(1, Bytes::from(msg)).await;
-                stopped = Some(Stop::TimeLimit(limit));
-                terminate(pgid);
-                kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+                let _ = writer.extended_data_bytes(1, Bytes::from(msg)).await;
+                end(Stop::TimeLimit(limit), &mut stopped, &mut kill_at);
             }
             _ = kill_timer => {
                 process::signal_group(pgid, libc::SIGKILL);
@@ -406,55 +474,31 @@ async fn supervise(
             }
         }
     };
+    (status, stopped, kill_at.is_some())
+}
 
-    // The main process is gone. Whatever else it left in its process group
-    // is hung up (killed outright if we are the ones ending the session).
-    if stopped.is_some() {
+/// The main process is gone. Whatever else it left in its process group is
+/// hung up (killed outright if we are the ones ending the session).
+fn reap_group(pgid: i32, we_stopped_it: bool, kill_pending: bool) {
+    if !we_stopped_it {
+        process::signal_group(pgid, libc::SIGHUP);
+    } else if kill_pending {
         // The rest of the group got HUP/TERM with the main process; give it
         // the same grace to run its exit handlers before SIGKILL. Killing it
         // at once stranded lock files mid-cleanup (a root .bashrc's `pyenv
         // rehash` lock then hung every later root login for a minute).
-        if kill_at.is_some() {
-            tokio::spawn(async move {
-                tokio::time::sleep(KILL_GRACE).await;
-                process::signal_group(pgid, libc::SIGKILL);
-            });
-        } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(KILL_GRACE).await;
             process::signal_group(pgid, libc::SIGKILL);
-        }
+        });
     } else {
-        process::signal_group(pgid, libc::SIGHUP);
+        process::signal_group(pgid, libc::SIGKILL);
     }
-    let _ = exited_tx.send(true);
-    for p in pumps {
-        let _ = p.await;
-    }
-    stdin_task.abort();
+}
 
-    let mut exit_status = None;
-    let mut exit_signal = None;
-    match &status {
-        Ok(st) => {
-            use std::os::unix::process::ExitStatusExt;
-            if let Some(code) = st.code() {
-                exit_status = Some(code as u32);
-            } else if let Some(sig) = st.signal() {
-                exit_signal = Some((process::signal_name(sig), st.core_dumped()));
-            }
-        }
-        Err(e) => tracing::warn!(session = %run.session_id, "waiting for session process: {e}"),
-    }
-
-    if stopped != Some(Stop::Closed) {
-        let _ = run.writer.eof().await;
-        if let Some(code) = exit_status {
-            let _ = run.writer.exit_status(code).await;
-        } else if let Some((name, core)) = &exit_signal {
-            let _ = run.handle.exit_signal_request(run.channel, ssh_sig(name), *core, String::new(), "en".into()).await;
-        }
-        let _ = run.writer.close().await;
-    }
-
+/// The `session_end` audit event (and the recording's last line).
+fn audit_end(s: &Supervised, exit: ExitReport, stopped: Option<Stop>) {
+    let run = &s.run;
     let recording = run.recorder.as_ref().map(|r| {
         let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
         r.finish();
@@ -466,10 +510,10 @@ async fn supervise(
     ev.kind = Some(run.kind.to_string());
     ev.command = run.command.clone();
     ev.pty = Some(run.pty);
-    ev.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
-    ev.bytes_out = Some(bytes_out.load(Ordering::Relaxed));
-    ev.exit_status = exit_status;
-    ev.exit_signal = exit_signal.map(|(n, _)| n);
+    ev.bytes_in = Some(s.bytes_in.load(Ordering::Relaxed));
+    ev.bytes_out = Some(s.bytes_out.load(Ordering::Relaxed));
+    ev.exit_status = exit.status;
+    ev.exit_signal = exit.signal.map(|(n, _)| n);
     ev.duration_ms = Some(run.started.elapsed().as_millis() as u64);
     ev.recording = recording;
     ev.reason = match stopped {
@@ -480,6 +524,7 @@ async fn supervise(
         Some(Stop::RecordingLost) => Some("recording required but it can neither be shipped nor spooled".into()),
         None => None,
     };
+    tracing::debug!(exit_status = ?ev.exit_status, reason = ev.reason.as_deref(), "session ended");
     run.ctx.server.audit.write(&ev);
 }
 
@@ -510,7 +555,7 @@ fn ssh_sig(name: &str) -> Sig {
 }
 
 /// The signal number for an SSH `signal` request.
-pub fn sig_number(sig: &Sig) -> Option<i32> {
+pub(crate) fn sig_number(sig: &Sig) -> Option<i32> {
     Some(match sig {
         Sig::ABRT => libc::SIGABRT,
         Sig::ALRM => libc::SIGALRM,
@@ -528,7 +573,7 @@ pub fn sig_number(sig: &Sig) -> Option<i32> {
     })
 }
 
-pub fn human_duration(d: Duration) -> String {
+pub(crate) fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => format!("{}ms", d.as_millis()),
