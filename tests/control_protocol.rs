@@ -277,7 +277,7 @@ async fn a_key_rotation_is_proven_by_a_session_of_the_old_key() {
     let new_key = wg::generate_private_key();
     old.client.rotate_key(wg::public_key_of(&new_key)).await.unwrap();
     let target = ControlTarget::from(&k);
-    let new = login(&target, "web", new_key).await.unwrap();
+    let new = login(&target, "web", new_key.clone()).await.unwrap();
     assert_eq!((new.map.self_node.name.as_str(), new.map.self_node.ips[0]), ("web", ip), "same node, new key");
     assert_eq!(new.map.self_node.node_key, wg::public_key_of(&new_key));
     other.wait_for("web under its new key", |m| m.peer_by_name("web").is_some_and(|p| p.node_key == wg::public_key_of(&new_key))).await;
@@ -325,7 +325,7 @@ async fn a_host_key_with_extra_lines_is_refused_and_reaches_no_peer() {
     let mut h = tailgate::control::NodeHello::login("peer2");
     h.ssh_host_key = Some(bad[0].clone());
     let p2 = join(&k, "peer2").await;
-    let key2 = p2.key;
+    let key2 = p2.key.clone();
     drop(p2);
     match tailgate::control::ControlClient::connect(&ControlTarget::from(&k), &key2, h).await {
         Err(ControlError::Refused { code: ErrorCode::HostInfo, .. }) => {}

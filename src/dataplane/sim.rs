@@ -253,7 +253,7 @@ impl Sim {
     pub fn restart(&mut self, i: usize, greet: bool) {
         let now = self.now;
         let had_stun = self.hosts[i].stun_endpoint.is_some();
-        let mut core = Core::new(self.hosts[i].private_key, true, now, 1_700_000_000_000_000);
+        let mut core = Core::new(self.hosts[i].private_key.clone(), true, now, 1_700_000_000_000_000);
         core.set_relay_up(true);
         for j in (0..self.hosts.len()).filter(|j| *j != i) {
             let cfg = PeerConfig {

@@ -89,11 +89,6 @@ impl DatagramQueue {
     }
 
     #[cfg(test)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    #[cfg(test)]
     /// Datagram bytes queued.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes

@@ -32,12 +32,12 @@ use serde_json::Value;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::control::UPGRADE_RELAY;
 use crate::control::server::hub::{AdminRequest, Hub, HubConfig, HubError, Now};
 use crate::control::server::oidc::Oidc;
 use crate::control::server::store::{Store, ensure_private_dir};
 use crate::control::upgrade::Stream;
 use crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME;
-use crate::control::UPGRADE_RELAY;
 use crate::dataplane::wg;
 use crate::key::{Key, PrivateKey};
 
@@ -276,8 +276,9 @@ impl ControlServer {
         let mut opts = opts;
         let mut relay_handle = None;
         if !opts.upgrades.iter().any(|(t, _)| t == UPGRADE_RELAY) {
-            let relay =
-                Arc::new(crate::relay::RelayServer::new(private.clone(), opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()));
+            let relay = Arc::new(
+                crate::relay::RelayServer::new(private.clone(), opts.relay.clone(), relay_auth(&hub_tx)).with_shutdown(shutdown.clone()),
+            );
             relay_handle = Some(relay.clone());
             opts.upgrades.push((UPGRADE_RELAY.into(), relay));
         }
