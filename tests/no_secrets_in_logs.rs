@@ -9,20 +9,6 @@ use common::*;
 
 use base64::Engine;
 
-const POLICY: &str = r#"
-[groups]
-"group:admins" = ["alice"]
-
-[tag_owners]
-"tag:prod" = ["group:admins"]
-
-[[ssh]]
-src = ["group:admins"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-"#;
-
 /// The forms of `key` a log line could carry: base64 (standard, unpadded,
 /// URL-safe), hex (both cases), Rust's `{:?}` of the byte array, and the
 /// raw bytes. Each is cut to a prefix long enough (12+ bytes of key) that a
@@ -64,7 +50,7 @@ fn trace_logs_of_control_and_nodes_carry_no_private_key() {
     rm_pyenv_lock();
     let w = ControlLab::new("ks", "10.97.3");
     let d = w.d();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ADMINS_ROOT_POLICY).unwrap();
 
     let mut control = w.ctl.spawn(
         &format!("env RUST_LOG=trace {TAILGATE} control --state-dir {d}/ctl --listen 10.97.3.1:8443 --policy {d}/policy.toml"),
