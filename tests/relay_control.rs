@@ -212,7 +212,11 @@ async fn relay_log_lines_name_the_node_by_short_key_in_a_span() {
     let sink = logs.clone();
     let subscriber =
         tracing_subscriber::fmt().with_env_filter("tailgate=debug").with_ansi(false).with_writer(move || sink.clone()).finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Global, not `set_default`: other tests in this binary run on other
+    // threads at the same time, and a callsite first seen there (with no
+    // subscriber) could otherwise stay disabled for this thread's scoped one.
+    // Lines of other tests land here too; the checks below name this test's keys.
+    tracing::subscriber::set_global_default(subscriber).expect("the only test here that installs a subscriber");
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path()).await;
     let (a, _b) = two(&s).await;

@@ -1,7 +1,7 @@
 //! The node's side of the control protocol.
 //!
 //! ```no_run
-//! # async fn f(token: &str, node_private: [u8; 32]) -> anyhow::Result<()> {
+//! # async fn f(token: &str, node_private: tailgate::key::PrivateKey) -> anyhow::Result<()> {
 //! use tailgate::control::{AuthKeyToken, ControlClient, ControlTarget, NodeHello};
 //! let token = AuthKeyToken::parse(token)?;
 //! let hello = NodeHello::register(&token.secret, "web1");

@@ -1,7 +1,7 @@
 //! The node's side of the relay.
 //!
 //! ```no_run
-//! # async fn f(url: &str, server_public: [u8; 32], node_private: [u8; 32], peer: [u8; 32]) -> anyhow::Result<()> {
+//! # async fn f(url: &str, server_public: [u8; 32], node_private: tailgate::key::PrivateKey, peer: [u8; 32]) -> anyhow::Result<()> {
 //! use tailgate::relay::RelayClient;
 //! let (tx, mut rx) = RelayClient::connect(url, &server_public, &node_private).await?;
 //! tx.send(&peer, b"an encrypted WireGuard datagram")?; // never blocks; drops when full
