@@ -11,22 +11,6 @@
 mod common;
 use common::*;
 
-const POLICY: &str = r#"
-[tag_owners]
-"tag:prod" = ["alice"]
-
-[[ssh]]
-src = ["alice"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-
-[[tests]]
-src = "alice"
-dst = "tag:prod"
-accept = ["root"]
-"#;
-
 /// `ip` with `nodad`: the address is usable at once instead of after
 /// duplicate address detection (about a second, racing the processes).
 fn addr6(ns: &Netns, dev: &str, ip: &str) {
@@ -84,7 +68,7 @@ fn control_mode_direct_path_over_ipv6_only_underlay() {
     }
     let dir = tempdir();
     let d = dir.path().display().to_string();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ALICE_ROOT_POLICY).unwrap();
     let mut control = ctl.spawn(
         &format!("{TAILGATE} control --state-dir {d}/ctl --listen [::]:8443 --url http://[fd00:96::1]:8443 --policy {d}/policy.toml"),
         &dir.path().join("ctl.log"),

@@ -11,22 +11,6 @@ use common::*;
 
 use std::time::Duration;
 
-const POLICY: &str = r#"
-[tag_owners]
-"tag:prod" = ["alice"]
-
-[[ssh]]
-src = ["alice"]
-dst = ["tag:prod"]
-users = ["root"]
-action = "accept"
-
-[[tests]]
-src = "alice"
-dst = "tag:prod"
-accept = ["root"]
-"#;
-
 struct Lab {
     ctl: Netns,
     ra: Netns,
@@ -176,7 +160,7 @@ fn direct_when_possible_relay_when_not() {
     }
     let lab = Lab::new();
     let d = lab.d();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ALICE_ROOT_POLICY).unwrap();
     let mut ctl = lab.ctl.spawn(
         &format!("{TAILGATE} control --state-dir {d}/ctl --listen 10.50.0.1:8443 --policy {d}/policy.toml"),
         &lab.dir.path().join("ctl.log"),
@@ -257,7 +241,7 @@ fn direct_when_possible_relay_when_not() {
 /// each): the three processes, in that order.
 fn start_pair(lab: &Lab) -> (Proc, Proc, Proc) {
     let d = lab.d();
-    std::fs::write(format!("{d}/policy.toml"), POLICY).unwrap();
+    std::fs::write(format!("{d}/policy.toml"), ALICE_ROOT_POLICY).unwrap();
     let mut ctl = lab.ctl.spawn(
         &format!("{TAILGATE} control --state-dir {d}/ctl --listen {}.1:8443 --policy {d}/policy.toml", lab.net),
         &lab.dir.path().join("ctl.log"),

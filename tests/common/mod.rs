@@ -25,6 +25,24 @@ users = ["root"]
 action = "accept"
 "#;
 
+/// alice owns tag:prod and may log in as root there, nothing else (with a
+/// policy test saying so).
+pub const ALICE_ROOT_POLICY: &str = r#"
+[tag_owners]
+"tag:prod" = ["alice"]
+
+[[ssh]]
+src = ["alice"]
+dst = ["tag:prod"]
+users = ["root"]
+action = "accept"
+
+[[tests]]
+src = "alice"
+dst = "tag:prod"
+accept = ["root"]
+"#;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique tag, so parallel tests never collide on namespace names.
