@@ -46,12 +46,13 @@ impl Hub {
                 Err(HubError::new(ErrorCode::Protocol, format!("the first message must be register or login, not {}", msg_name(&other))))
             }
         };
-        self.admit(conn, r, now.unix)
+        self.admit(conn, r, now)
     }
 
     /// Puts a registered or logged-in node online on `conn` (LoginOk +
     /// MapFull), or refuses with `r`'s error.
-    pub(super) fn admit(&mut self, conn: ConnId, r: Result<(i64, bool), HubError>, now: i64) -> Result<i64, HubError> {
+    pub(super) fn admit(&mut self, conn: ConnId, r: Result<(i64, bool), HubError>, at: Now) -> Result<i64, HubError> {
+        let now = at.unix;
         let (id, new_node) = match r {
             Ok(x) => x,
             Err(e) => return Err(self.refuse(conn, e)),
@@ -65,7 +66,6 @@ impl Hub {
             ));
             self.out.push(Out::Close(old, "replaced by a newer connection".into()));
         }
-        self.offline_since.remove(&id);
         if let Some(n) = self.nodes.get_mut(&id) {
             n.online = true;
             n.last_seen = Some(now);
@@ -79,14 +79,24 @@ impl Hub {
         let (Some(n), Some(full)) = (self.nodes.get(&id), self.engine.attach(id as u64)) else {
             self.conns.remove(&id);
             self.engine.detach(id as u64);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.online = false;
+            }
             if let Err(e) = self.store.node_set_online(id, false, now) {
                 tracing::warn!("store: {e:#}");
             }
             self.refresh(id, now);
+            // Offline again: an ephemeral node must stay on the grace list
+            // (keeping an earlier "offline since", since it never got
+            // online), or nothing would ever delete it.
+            if self.nodes.get(&id).is_some_and(|n| n.ephemeral) {
+                self.offline_since.entry(id).or_insert(at.mono);
+            }
             let e =
                 HubError::new(ErrorCode::NodeKeyExpired, "the node key expired as it logged in; log in again with an auth key".to_string());
             return Err(self.refuse(conn, e));
         };
+        self.offline_since.remove(&id);
         let me = self.self_info(n);
         self.out.push(Out::Send(
             conn,

@@ -20,7 +20,7 @@ impl Hub {
     pub(crate) fn hello_signed_in(&mut self, conn: ConnId, node_key: Key, hello: Hello, who: &SignedIn, now: Now) -> Result<i64, HubError> {
         let Hello { hostname, ssh_host_key, endpoints } = hello;
         let r = self.register_signed_in(node_key, &hostname, ssh_host_key, endpoints, who, now);
-        self.admit(conn, r, now.unix)
+        self.admit(conn, r, now)
     }
 
     /// Creates the user if needed and stores the groups from this sign-in.

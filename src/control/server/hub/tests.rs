@@ -374,3 +374,43 @@ fn admin_requests_on_an_index_out_of_step_answer_instead_of_panicking() {
     assert_eq!(v["name"], "ghost");
     h.tick(Now::at(1000));
 }
+
+#[test]
+fn an_ephemeral_node_refused_at_admission_is_still_deleted_after_its_grace() {
+    let mut cfg = HubConfig::new("http://127.0.0.1:1", [1; 32]);
+    cfg.node_key_expiry = Duration::ZERO;
+    cfg.ephemeral_grace = Duration::from_secs(30);
+    let t0 = Now::at(1000);
+    let secs = |s: u64| t0.after(Duration::from_secs(s));
+    let mut h = Hub::open(Store::open_memory().unwrap(), cfg, None, t0).unwrap();
+    h.admin(AdminRequest::UsersAdd { name: "alice".into() }, t0).unwrap();
+    let eph = token(
+        &mut h,
+        AdminRequest::KeysCreate { user: Some("alice".into()), reusable: true, ephemeral: true, expiry_secs: None, tags: vec![] },
+    );
+    // Registered, then refused: its key expires the moment it logs in.
+    let e = h.hello(1, [2; 32], reg(&eph, "runner"), t0).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NodeKeyExpired);
+    let runner = h.by_key[&[2; 32]];
+    // A second attempt (re-authentication of the same key) fails the same way
+    // and does not restart the grace.
+    h.hello(2, [2; 32], reg(&eph, "runner"), secs(5)).unwrap_err();
+    h.tick(secs(29));
+    assert!(h.nodes.contains_key(&runner), "still inside its grace");
+    h.tick(secs(30));
+    assert!(!h.nodes.contains_key(&runner), "an ephemeral node that never got online is deleted like any offline one");
+
+    // The same for an ephemeral node that was online: its key expires, and
+    // before the tick cuts it off it re-authenticates into an expired key;
+    // the refusal also closes the connection it replaced.
+    h.cfg.node_key_expiry = Duration::from_secs(3600);
+    let online = h.hello(3, [3; 32], reg(&eph, "worker"), secs(100)).unwrap();
+    h.cfg.node_key_expiry = Duration::ZERO;
+    let e = h.hello(4, [3; 32], reg(&eph, "worker"), secs(3700)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NodeKeyExpired);
+    assert!(h.conns.is_empty(), "neither connection is left");
+    h.tick(secs(3729));
+    assert!(h.nodes.contains_key(&online), "still inside its grace");
+    h.tick(secs(3730));
+    assert!(!h.nodes.contains_key(&online), "deleted once offline past its grace");
+}
