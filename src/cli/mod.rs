@@ -36,6 +36,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing the arguments saves nothing")]
 enum Command {
     /// Join the tailnet and serve (SSH on the tailnet address, forwards).
     Up(UpArgs),

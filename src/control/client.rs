@@ -27,6 +27,7 @@
 //! sends keepalives, and queues deltas until `next_update` takes them (up to
 //! 256; the socket is not read while the queue is full, so call
 //! `next_update` continuously).
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,6 +73,8 @@ pub struct NodeHello {
     /// Auth key secret ([`AuthKeyToken::secret`]): `Some` = register (or log
     /// in, if the node key is already known); `None` = log in.
     pub auth_key: Option<String>,
+    /// The name the node asks for (the server sanitizes it and makes it
+    /// unique; the assigned name is in [`SelfInfo::name`]).
     pub hostname: String,
     /// OpenSSH public host key of the node's SSH server (peers pin it).
     pub ssh_host_key: Option<String>,
@@ -88,10 +91,12 @@ pub struct NodeHello {
 }
 
 impl NodeHello {
+    /// Join (or log in, if the node key is known) with an auth key's secret.
     pub fn register(auth_secret: &str, hostname: &str) -> NodeHello {
         NodeHello { auth_key: Some(auth_secret.into()), hostname: hostname.into(), ..Default::default() }
     }
 
+    /// Log in with a node key the server already knows.
     pub fn login(hostname: &str) -> NodeHello {
         NodeHello { hostname: hostname.into(), ..Default::default() }
     }
@@ -122,28 +127,51 @@ impl NodeHello {
     }
 }
 
+/// Why joining or following the map failed. [`is_transient`](Self::is_transient)
+/// says whether reconnecting may help; the others need a person.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The TCP connection could not be made (DNS, refused, unreachable).
     #[error("cannot reach the control server at {url}: {message}")]
-    Connect { url: String, message: String },
+    Connect {
+        /// The control URL dialed.
+        url: String,
+        /// What the dialer said.
+        message: String,
+    },
+    /// A bad control URL, or the server did not answer the upgrade with
+    /// `101` (not a tailgate control server, or a proxy in the way).
     #[error("{0}")]
     Http(String),
     /// The TLS layer of an `https://` URL failed (untrusted certificate,
     /// wrong name, unreadable CA file): a person has to fix the setup.
     #[error("{0}")]
     Tls(String),
+    /// The Noise handshake failed: the server does not hold the pinned key.
     #[error(
         "the control server at {url} did not complete the Noise handshake: its key is not the one pinned in the auth key \
          (another server, or the server's key changed), or it is not a tailgate control server"
     )]
-    WrongServerKey { url: String },
+    WrongServerKey {
+        /// The control URL dialed.
+        url: String,
+    },
     /// The server said no; `message` is for the person running the node.
     #[error("the control server refused: {message}")]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// What kind of refusal, for programs (retry or not).
+        code: ErrorCode,
+        /// What happened and what to do, from the server.
+        message: String,
+    },
+    /// The server sent something this node cannot use (bad frame, bad
+    /// JSON, a message out of order).
     #[error("control protocol error: {0}")]
     Protocol(String),
+    /// The connection ended (the server closed it, or a read or write failed).
     #[error("connection to the control server lost: {0}")]
     Closed(String),
+    /// No answer within the limit (handshake, login, sign-in, a check).
     #[error("timed out: {0}")]
     Timeout(String),
     /// The server moved this node to another key ([`ControlClient::rotate_key`]);
@@ -183,17 +211,19 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<CheckAnswer>>>>;
 
 /// The control server's answer to a check request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckAnswer {
+pub(crate) struct CheckAnswer {
+    /// Approved, code needed, or refused (and why).
     pub outcome: CheckOutcome,
     /// The user checked (owner of the source node).
     pub user: String,
+    /// For the person logging in (what to do when refused).
     pub message: String,
 }
 
 /// Asks the control server to verify `check` codes over this node's control
 /// connection. Cheap to clone; valid while that connection lasts.
 #[derive(Clone)]
-pub struct CheckHandle {
+pub(crate) struct CheckHandle {
     cmds: mpsc::Sender<ClientMsg>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
@@ -233,8 +263,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The audit shipper's share of a connection: send shipments, read acks.
 /// Both ends close when the connection ends.
-pub struct ShipLink {
+pub(crate) struct ShipLink {
+    /// `audit_events` and `recording_chunk` messages to send.
     pub cmds: mpsc::Sender<ClientMsg>,
+    /// The server's `ship_ack`s, in arrival order.
     pub acks: mpsc::UnboundedReceiver<ShipAck>,
 }
 
@@ -389,12 +421,12 @@ impl ControlClient {
 
     /// A handle for `check` verification over this connection (for the SSH
     /// server, which does not own the client).
-    pub fn check_handle(&self) -> CheckHandle {
+    pub(crate) fn check_handle(&self) -> CheckHandle {
         CheckHandle { cmds: self.cmds.clone(), pending: self.pending.clone(), next_id: self.next_check_id.clone() }
     }
 
     /// The audit shipper's link over this connection (once per connection).
-    pub fn ship_link(&mut self) -> Option<ShipLink> {
+    pub(crate) fn ship_link(&mut self) -> Option<ShipLink> {
         Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()? })
     }
 
@@ -408,6 +440,7 @@ impl ControlClient {
         &self.map
     }
 
+    /// This node as the server sees it (name, addresses, owner, expiry).
     pub fn self_node(&self) -> &SelfInfo {
         &self.map.self_node
     }

@@ -28,7 +28,8 @@ pub(crate) mod transport;
 pub mod upgrade;
 pub mod wire;
 
-pub use client::{CheckAnswer, CheckHandle, ControlClient, ControlError, ControlTarget, NodeHello};
+pub(crate) use client::{CheckAnswer, CheckHandle};
+pub use client::{ControlClient, ControlError, ControlTarget, NodeHello};
 pub use server::admin::{ControlArgs, admin_main};
 pub use server::{ControlServer, ServerOptions, run_server};
 pub use wire::proto::{MapDelta, NetMap, PeerInfo, PolicyInfo, SelfInfo};

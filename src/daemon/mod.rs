@@ -1,6 +1,7 @@
 //! The node's services on top of the data plane: control-mode agent, the
 //! SSH listener glue, forwards, the local API, names, identities, audit
 //! shipping, sign-in and metrics.
+#![warn(missing_docs)]
 pub mod agent;
 pub(crate) mod config;
 pub mod directory;

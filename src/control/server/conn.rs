@@ -225,7 +225,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     let before = out.len();
                     seal(&mut self.chan, &msg, out)?;
                     let m = &self.shared.metrics;
-                    let sends = match msg {
+                    let sends = match *msg {
                         ServerOut::MapFull(_) => Some(&m.map_full_sends),
                         ServerOut::MapDelta(_) => Some(&m.map_delta_sends),
                         _ => None,
@@ -301,7 +301,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
 fn ack_reply(tx: &ConnTx) -> Reply {
     let tx = tx.clone();
     Box::new(move |a| {
-        let _ = tx.try_send(Outbound::Msg(ServerOut::ShipAck(a)));
+        let _ = tx.try_send(Outbound::Msg(Box::new(ServerOut::ShipAck(a))));
     })
 }
 

@@ -22,8 +22,8 @@ use crate::key::{Key, ShortKey};
 
 /// What a connection task is told to write.
 pub(super) enum Outbound {
-    /// A message to seal and send.
-    Msg(ServerOut),
+    /// A message to seal and send (boxed as the hub made it, see `Out::Send`).
+    Msg(Box<ServerOut>),
     /// Close, logging this reason.
     Close(String),
 }

@@ -20,6 +20,7 @@
 //! socket, metrics), [`preauth`] (unauthenticated-connection caps),
 //! `state_dir` (lock, server key, admin socket path), `signin` (`/oidc/*`
 //! pages and a node's sign-in wait).
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +45,7 @@ use crate::key::{Key, PrivateKey};
 mod accept;
 /// `tailgate control …` (the admin command line).
 pub mod admin;
-pub mod audit;
+pub(crate) mod audit;
 mod conn;
 /// The hub: the server's state machine.
 pub mod hub;
@@ -52,7 +53,7 @@ mod hub_thread;
 pub(crate) mod metrics;
 /// Who sees whom: full maps and deltas.
 pub mod netmap;
-pub mod oidc;
+pub(crate) mod oidc;
 mod preauth;
 mod signin;
 mod state_dir;

@@ -34,29 +34,33 @@ use tokio::sync::oneshot;
 
 /// How the server is configured to use the provider (`tailgate control --oidc-*`).
 #[derive(Clone)]
-pub struct OidcConfig {
-    pub issuer: String,
-    pub client_id: String,
+pub(crate) struct OidcConfig {
+    /// `--oidc-issuer`: discovery starts at `<issuer>/.well-known/openid-configuration`.
+    pub(crate) issuer: String,
+    /// `--oidc-client-id`: this server's client at the provider.
+    pub(crate) client_id: String,
     /// Read from `--oidc-client-secret-file`; never logged.
-    pub client_secret: String,
+    pub(crate) client_secret: String,
     /// Email domains allowed to sign in (empty: any).
-    pub allowed_domains: Vec<String>,
+    pub(crate) allowed_domains: Vec<String>,
     /// Emails allowed to sign in (empty: any).
-    pub allowed_users: Vec<String>,
+    pub(crate) allowed_users: Vec<String>,
     /// Provider groups of which a user must be in one (empty: any).
-    pub allowed_groups: Vec<String>,
+    pub(crate) allowed_groups: Vec<String>,
     /// ID token claim holding the user's groups.
-    pub groups_claim: String,
+    pub(crate) groups_claim: String,
     /// Scopes asked for besides `openid`.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Lifetime of a sign-in URL (and of the browser's round trip).
-    pub login_ttl: Duration,
+    pub(crate) login_ttl: Duration,
     /// Limit on each call to the provider.
-    pub http_timeout: Duration,
+    pub(crate) http_timeout: Duration,
 }
 
 impl OidcConfig {
-    pub fn new(issuer: &str, client_id: &str, client_secret: &str) -> OidcConfig {
+    /// The defaults (`email profile groups` scopes, `groups` claim, 10-minute
+    /// sign-ins, 10 s provider calls) for this client of this issuer.
+    pub(crate) fn new(issuer: &str, client_id: &str, client_secret: &str) -> OidcConfig {
         OidcConfig {
             issuer: issuer.into(),
             client_id: client_id.into(),
@@ -74,42 +78,43 @@ impl OidcConfig {
 
 /// `tailgate control --oidc-*`.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct OidcArgs {
+pub(crate) struct OidcArgs {
     /// Let people join by signing in with this OpenID Connect issuer
     /// (e.g. https://accounts.google.com). Register `<--url>/oidc/callback`
     /// as the redirect URL there.
     #[arg(long, value_name = "URL", requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
-    pub oidc_issuer: Option<String>,
+    pub(crate) oidc_issuer: Option<String>,
     /// The client id the provider gave this server.
     #[arg(long, value_name = "ID", requires = "oidc_issuer")]
-    pub oidc_client_id: Option<String>,
+    pub(crate) oidc_client_id: Option<String>,
     /// File holding the client secret (mode 0600).
     #[arg(long, value_name = "FILE", requires = "oidc_issuer")]
-    pub oidc_client_secret_file: Option<std::path::PathBuf>,
+    pub(crate) oidc_client_secret_file: Option<std::path::PathBuf>,
     /// Only emails in these domains may sign in (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "DOMAIN,...", requires = "oidc_issuer")]
-    pub oidc_allowed_domains: Vec<String>,
+    pub(crate) oidc_allowed_domains: Vec<String>,
     /// Only these emails may sign in (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "EMAIL,...", requires = "oidc_issuer")]
-    pub oidc_allowed_users: Vec<String>,
+    pub(crate) oidc_allowed_users: Vec<String>,
     /// Only members of one of these provider groups may sign in (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...", requires = "oidc_issuer")]
-    pub oidc_allowed_groups: Vec<String>,
+    pub(crate) oidc_allowed_groups: Vec<String>,
     /// The ID token claim that lists the user's groups [default: groups].
     #[arg(long, value_name = "CLAIM", requires = "oidc_issuer")]
-    pub oidc_groups_claim: Option<String>,
+    pub(crate) oidc_groups_claim: Option<String>,
     /// Scopes to ask for besides openid (comma-separated) [default: email,profile,groups].
     #[arg(long, value_delimiter = ',', value_name = "SCOPE,...", requires = "oidc_issuer")]
-    pub oidc_scopes: Vec<String>,
+    pub(crate) oidc_scopes: Vec<String>,
 }
 
 impl OidcArgs {
-    pub fn any_set(&self) -> bool {
+    /// Is sign-in asked for at all?
+    pub(crate) fn any_set(&self) -> bool {
         self.oidc_issuer.is_some()
     }
 
     /// The configuration, reading the secret file; `None` without `--oidc-issuer`.
-    pub fn config(&self) -> Result<Option<OidcConfig>, OidcError> {
+    pub(crate) fn config(&self) -> Result<Option<OidcConfig>, OidcError> {
         let (Some(issuer), Some(id), Some(file)) = (&self.oidc_issuer, &self.oidc_client_id, &self.oidc_client_secret_file) else {
             return Ok(None);
         };
@@ -144,31 +149,116 @@ impl OidcArgs {
 
 /// Who signed in, as the verified ID token says.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SignedIn {
+pub(crate) struct SignedIn {
     /// Lowercased email: the tailnet user name.
-    pub email: String,
-    pub groups: Vec<String>,
+    pub(crate) email: String,
+    /// The user's groups from the `--oidc-groups-claim` claim (at most 1024).
+    pub(crate) groups: Vec<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OidcError {
+/// Why a sign-in (or the provider's setup) failed. Each message is what the
+/// person signing in (on the device or in the browser) or the admin reads,
+/// and says what to do; [`OidcError::http_status`] is the page's status.
+#[derive(Clone, Debug, thiserror::Error)]
+pub(crate) enum OidcError {
+    /// Discovery failed when the server started.
     #[error("cannot reach the identity provider at {issuer}: {message} (check --oidc-issuer and that the provider is up)")]
     Unreachable { issuer: String, message: String },
+    /// A `--oidc-*` setting, the secret file or the redirect URL is wrong.
     #[error("identity provider configuration: {0}")]
     Config(String),
+    /// The provider's signing keys could not be fetched.
+    #[error("the identity provider at {issuer} cannot be reached (fetching its keys: {message})")]
+    KeysUnreachable { issuer: String, message: String },
+    /// [`MAX_PENDING`] sign-ins are waiting already.
+    #[error("too many sign-ins in progress on this control server; try again in a few minutes")]
+    TooManySignIns,
+    /// `/oidc/start/<login>` names no sign-in in flight.
+    #[error("this sign-in link is unknown or has expired; run `tailgate up` again on the device for a new sign-in URL")]
+    UnknownLink,
+    /// `/oidc/start/<login>` was opened before.
+    #[error("this sign-in link was already used; run `tailgate up` again on the device for a new sign-in URL")]
+    LinkUsed,
+    /// The callback carries no `state`.
+    #[error("the sign-in callback has no state; run `tailgate up` again on the device for a new sign-in URL")]
+    NoState,
+    /// The callback's `state` names no flow: replayed, forged or expired.
+    #[error(
+        "unknown or already used sign-in state (a replayed or expired callback); run `tailgate up` again on the device for a new sign-in URL"
+    )]
+    UnknownState,
+    /// The person signed in (as this email) after the device stopped waiting.
+    #[error("signed in as {0}, but the device stopped waiting; run `tailgate up` again on the device for a new sign-in URL")]
+    DeviceGone(String),
+    /// The provider redirected back with `error` (and maybe a description).
+    #[error("the identity provider refused the sign-in: {error}{}", description.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    ProviderRefused { error: String, description: Option<String> },
+    /// The callback carries neither `error` nor `code`.
+    #[error("the sign-in callback has no authorization code")]
+    NoCode,
+    /// The token endpoint refused the code.
+    #[error("the identity provider did not accept the authorization code (used already, expired, or the provider is down): {0}")]
+    CodeRejected(String),
+    /// The token response has no ID token.
+    #[error("the identity provider sent no ID token (is the `openid` scope allowed?)")]
+    NoIdToken,
+    /// The ID token failed a check (signature, issuer, audience, expiry,
+    /// nonce); `hint` names the likely misconfiguration.
+    #[error("the identity provider's ID token was refused: {reason}{hint}")]
+    TokenRefused { reason: String, hint: &'static str },
+    /// The ID token names no email, so there is no user name.
+    #[error("the ID token has no email claim; ask for the `email` scope (--oidc-scopes) or map an email claim at the provider")]
+    NoEmail,
+    /// The provider says the email is not verified.
+    #[error("the identity provider says {0} is not verified; verify it there first")]
+    EmailUnverified(String),
+    /// `--oidc-allowed-domains` does not list the email's domain.
+    #[error("{email} may not join this tailnet: its domain is not one of the allowed domains ({allowed}); ask an admin")]
+    DomainNotAllowed { email: String, allowed: String },
+    /// `--oidc-allowed-users` does not list the email.
+    #[error("{0} may not join this tailnet: not in the allowed users; ask an admin")]
+    UserNotAllowed(String),
+    /// The user is in none of `--oidc-allowed-groups`.
+    #[error("{email} may not join this tailnet: in none of the allowed groups ({allowed}); ask an admin")]
+    GroupNotAllowed { email: String, allowed: String },
+}
+
+impl OidcError {
+    /// The HTTP status of the page that shows this error in the browser.
+    pub(crate) fn http_status(&self) -> u16 {
+        use OidcError::*;
+        match self {
+            UnknownLink => 404,
+            LinkUsed | DeviceGone(_) => 410,
+            NoState | UnknownState => 400,
+            Unreachable { .. } | KeysUnreachable { .. } | TooManySignIns => 503,
+            Config(_) => 500,
+            ProviderRefused { .. }
+            | NoCode
+            | CodeRejected(_)
+            | NoIdToken
+            | TokenRefused { .. }
+            | NoEmail
+            | EmailUnverified(_)
+            | DomainNotAllowed { .. }
+            | UserNotAllowed(_)
+            | GroupNotAllowed { .. } => 403,
+        }
+    }
 }
 
 /// Every claim we did not ask the crate to type, so the groups claim can be
 /// any name (`--oidc-groups-claim`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct OtherClaims(serde_json::Map<String, serde_json::Value>);
+pub(crate) struct OtherClaims(serde_json::Map<String, serde_json::Value>);
 impl AdditionalClaims for OtherClaims {}
 
 type IdFields =
     IdTokenFields<OtherClaims, EmptyExtraTokenFields, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
 type Tokens = StandardTokenResponse<IdFields, CoreTokenType>;
-pub type OClient = openidconnect::Client<
+/// The `openidconnect` client for our claim types (only the token endpoint set).
+pub(crate) type OClient = openidconnect::Client<
     OtherClaims,
     CoreAuthDisplay,
     CoreGenderClaim,
@@ -193,7 +283,7 @@ pub type OClient = openidconnect::Client<
 const MAX_PENDING: usize = 4096;
 
 /// What the waiting node gets: who signed in, or why not (for the person).
-pub type Outcome = Result<SignedIn, String>;
+pub(crate) type Outcome = Result<SignedIn, OidcError>;
 
 struct Login {
     created: Instant,
@@ -214,10 +304,8 @@ struct Pending {
     flows: HashMap<String, Flow>,
 }
 
-/// An HTTP error for the browser: status and a message for the person.
-pub type HttpFail = (u16, String);
-
-pub struct Oidc {
+/// The sign-ins in flight and the provider's client (see the module docs).
+pub(crate) struct Oidc {
     cfg: OidcConfig,
     http: openidconnect::ureq::Agent,
     meta: CoreProviderMetadata,
@@ -248,7 +336,7 @@ fn random_id() -> String {
 impl Oidc {
     /// Reads the provider's discovery document and keys (blocking). An
     /// unreachable provider is an error after `http_timeout`, not a hang.
-    pub fn discover(cfg: OidcConfig, public_url: &str) -> Result<Oidc, OidcError> {
+    pub(crate) fn discover(cfg: OidcConfig, public_url: &str) -> Result<Oidc, OidcError> {
         let http = openidconnect::ureq::AgentBuilder::new()
             .timeout_connect(cfg.http_timeout)
             .timeout(cfg.http_timeout)
@@ -263,16 +351,18 @@ impl Oidc {
         Ok(Oidc { cfg, http, meta, client: RwLock::new(client), public_url, pending: Mutex::new(Pending::default()) })
     }
 
-    pub fn login_ttl(&self) -> Duration {
+    /// How long a sign-in URL (and the wait for it) lasts.
+    pub(crate) fn login_ttl(&self) -> Duration {
         self.cfg.login_ttl
     }
 
-    pub fn issuer(&self) -> &str {
+    /// The issuer URL (`--oidc-issuer`).
+    pub(crate) fn issuer(&self) -> &str {
         &self.cfg.issuer
     }
 
     /// The redirect URL to register with the provider.
-    pub fn redirect_url(&self) -> String {
+    pub(crate) fn redirect_url(&self) -> String {
         format!("{}/oidc/callback", self.public_url)
     }
 
@@ -286,10 +376,10 @@ impl Oidc {
     }
 
     /// A new sign-in for a waiting node: its URL and where the outcome arrives.
-    pub fn new_login(&self) -> Result<(String, String, oneshot::Receiver<Outcome>), String> {
+    pub(crate) fn new_login(&self) -> Result<(String, String, oneshot::Receiver<Outcome>), OidcError> {
         let mut p = self.lock();
         if p.logins.len() >= MAX_PENDING {
-            return Err("too many sign-ins in progress on this control server; try again in a few minutes".into());
+            return Err(OidcError::TooManySignIns);
         }
         let id = random_id();
         let (tx, rx) = oneshot::channel();
@@ -298,21 +388,20 @@ impl Oidc {
     }
 
     /// The node stopped waiting (disconnected or timed out).
-    pub fn cancel(&self, login: &str) {
+    pub(crate) fn cancel(&self, login: &str) {
         let mut p = self.lock();
         p.logins.remove(login);
         p.flows.retain(|_, f| f.login != login);
     }
 
     /// `GET /oidc/start/<login>`: the provider's authorization URL, once.
-    pub fn start(&self, login: &str) -> Result<String, HttpFail> {
+    pub(crate) fn start(&self, login: &str) -> Result<String, OidcError> {
         let mut p = self.lock();
-        let again = "run `tailgate up` again on the device for a new sign-in URL";
         let Some(l) = p.logins.get_mut(login) else {
-            return Err((404, format!("this sign-in link is unknown or has expired; {again}")));
+            return Err(OidcError::UnknownLink);
         };
         if l.started {
-            return Err((410, format!("this sign-in link was already used; {again}")));
+            return Err(OidcError::LinkUsed);
         }
         l.started = true;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
@@ -329,14 +418,13 @@ impl Oidc {
 
     /// `GET /oidc/callback?...` (blocking): finishes the flow named by
     /// `state`, tells the waiting node, and returns the user's email.
-    pub fn callback(&self, query: &str) -> Result<String, HttpFail> {
+    pub(crate) fn callback(&self, query: &str) -> Result<String, OidcError> {
         let params: HashMap<String, String> = openidconnect::url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let again = "run `tailgate up` again on the device for a new sign-in URL";
         let Some(state) = params.get("state") else {
-            return Err((400, format!("the sign-in callback has no state; {again}")));
+            return Err(OidcError::NoState);
         };
         let Some(flow) = self.lock().flows.remove(state) else {
-            return Err((400, format!("unknown or already used sign-in state (a replayed or expired callback); {again}")));
+            return Err(OidcError::UnknownState);
         };
         let outcome = self.finish(flow.verifier, &flow.nonce, &params);
         let done = self.lock().logins.remove(&flow.login).and_then(|mut l| l.done.take());
@@ -344,39 +432,33 @@ impl Oidc {
             (Ok(who), Some(tx)) => {
                 let email = who.email.clone();
                 if tx.send(Ok(who)).is_err() {
-                    return Err((410, format!("signed in as {email}, but the device stopped waiting; {again}")));
+                    return Err(OidcError::DeviceGone(email));
                 }
                 Ok(email)
             }
-            (Ok(who), None) => Err((410, format!("signed in as {}, but the device stopped waiting; {again}", who.email))),
-            (Err(m), tx) => {
+            (Ok(who), None) => Err(OidcError::DeviceGone(who.email)),
+            (Err(e), tx) => {
                 if let Some(tx) = tx {
-                    let _ = tx.send(Err(m.clone()));
+                    let _ = tx.send(Err(e.clone()));
                 }
-                Err((403, m))
+                Err(e)
             }
         }
     }
 
     fn finish(&self, verifier: PkceCodeVerifier, nonce: &Nonce, params: &HashMap<String, String>) -> Outcome {
         if let Some(err) = params.get("error") {
-            let desc = params.get("error_description").map(|d| format!(" ({d})")).unwrap_or_default();
-            return Err(format!("the identity provider refused the sign-in: {err}{desc}"));
+            return Err(OidcError::ProviderRefused { error: err.clone(), description: params.get("error_description").cloned() });
         }
-        let code = params.get("code").ok_or("the sign-in callback has no authorization code")?;
+        let code = params.get("code").ok_or(OidcError::NoCode)?;
         let client = self.client.read().unwrap_or_else(|e| e.into_inner()).clone();
         let tokens = client
             .exchange_code(AuthorizationCode::new(code.clone()))
-            .map_err(|e| format!("identity provider configuration: {e}"))?
+            .map_err(|e| OidcError::Config(e.to_string()))?
             .set_pkce_verifier(verifier)
             .request(&self.http)
-            .map_err(|e| {
-                format!(
-                    "the identity provider did not accept the authorization code (used already, expired, or the provider is down): {}",
-                    describe(&e)
-                )
-            })?;
-        let id_token = tokens.id_token().ok_or("the identity provider sent no ID token (is the `openid` scope allowed?)")?;
+            .map_err(|e| OidcError::CodeRejected(describe(&e)))?;
+        let id_token = tokens.id_token().ok_or(OidcError::NoIdToken)?;
         let claims = match id_token.claims(&client.id_token_verifier(), nonce) {
             Ok(c) => c.clone(),
             Err(ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey)) => {
@@ -386,12 +468,9 @@ impl Oidc {
             }
             Err(e) => return Err(refused_token(&e)),
         };
-        let email =
-            claims.email().map(|e| e.as_str().trim().to_ascii_lowercase()).filter(|e| !e.is_empty()).ok_or(
-                "the ID token has no email claim; ask for the `email` scope (--oidc-scopes) or map an email claim at the provider",
-            )?;
+        let email = claims.email().map(|e| e.as_str().trim().to_ascii_lowercase()).filter(|e| !e.is_empty()).ok_or(OidcError::NoEmail)?;
         if claims.email_verified() == Some(false) {
-            return Err(format!("the identity provider says {email} is not verified; verify it there first"));
+            return Err(OidcError::EmailUnverified(email));
         }
         let groups = groups_of(claims.additional_claims(), &self.cfg.groups_claim);
         self.allowed(&email, &groups)?;
@@ -399,44 +478,38 @@ impl Oidc {
     }
 
     /// Is `login` a sign-in in flight?
-    pub fn is_login(&self, login: &str) -> bool {
+    pub(crate) fn is_login(&self, login: &str) -> bool {
         self.lock().logins.contains_key(login)
     }
 
     /// Fetches the provider's signing keys again (blocking).
-    pub fn refresh_keys(&self) -> Result<OClient, String> {
+    pub(crate) fn refresh_keys(&self) -> Result<OClient, OidcError> {
         let jwks = JsonWebKeySet::fetch(self.meta.jwks_uri(), &self.http)
-            .map_err(|e| format!("the identity provider at {} cannot be reached (fetching its keys: {})", self.cfg.issuer, describe(&e)))?;
+            .map_err(|e| OidcError::KeysUnreachable { issuer: self.cfg.issuer.clone(), message: describe(&e) })?;
         let meta = self.meta.clone().set_jwks(jwks);
-        let client = build_client(&self.cfg, &meta, &self.public_url).map_err(|e| e.to_string())?;
+        let client = build_client(&self.cfg, &meta, &self.public_url)?;
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client.clone();
         Ok(client)
     }
 
     /// The server's allow-lists; each one that is set must admit the user.
-    fn allowed(&self, email: &str, groups: &[String]) -> Result<(), String> {
+    fn allowed(&self, email: &str, groups: &[String]) -> Result<(), OidcError> {
         let c = &self.cfg;
         let domain = email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
         if !c.allowed_domains.is_empty() && !c.allowed_domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
-            return Err(format!(
-                "{email} may not join this tailnet: its domain is not one of the allowed domains ({}); ask an admin",
-                c.allowed_domains.join(", ")
-            ));
+            return Err(OidcError::DomainNotAllowed { email: email.into(), allowed: c.allowed_domains.join(", ") });
         }
         if !c.allowed_users.is_empty() && !c.allowed_users.iter().any(|u| u.eq_ignore_ascii_case(email)) {
-            return Err(format!("{email} may not join this tailnet: not in the allowed users; ask an admin"));
+            return Err(OidcError::UserNotAllowed(email.into()));
         }
         if !c.allowed_groups.is_empty() && !groups.iter().any(|g| c.allowed_groups.contains(g)) {
-            return Err(format!(
-                "{email} may not join this tailnet: in none of the allowed groups ({}); ask an admin",
-                c.allowed_groups.join(", ")
-            ));
+            return Err(OidcError::GroupNotAllowed { email: email.into(), allowed: c.allowed_groups.join(", ") });
         }
         Ok(())
     }
 }
 
-fn refused_token(e: &ClaimsVerificationError) -> String {
+fn refused_token(e: &ClaimsVerificationError) -> OidcError {
     let hint = match e {
         ClaimsVerificationError::InvalidAudience(_) => " (the token was issued to another client than --oidc-client-id)",
         ClaimsVerificationError::SignatureVerification(_) => " (it is not signed by the provider's published keys)",
@@ -444,7 +517,7 @@ fn refused_token(e: &ClaimsVerificationError) -> String {
         ClaimsVerificationError::InvalidIssuer(_) => " (it comes from another issuer than --oidc-issuer)",
         _ => "",
     };
-    format!("the identity provider's ID token was refused: {}{hint}", describe(e))
+    OidcError::TokenRefused { reason: describe(e), hint }
 }
 
 fn build_client(cfg: &OidcConfig, meta: &CoreProviderMetadata, public_url: &str) -> Result<OClient, OidcError> {

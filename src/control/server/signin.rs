@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::Shared;
 use super::conn::seal;
 use super::hub_thread::HubCmd;
-use crate::control::server::oidc::{Oidc, SignedIn};
+use crate::control::server::oidc::{Oidc, OidcError, SignedIn};
 use crate::control::wire::http;
 use crate::control::wire::noise::ChannelError;
 use crate::control::wire::noise::SecureChannel;
@@ -53,8 +53,8 @@ pub(crate) enum SignInError {
     NotEnabled,
     /// Refused by the provider or by the allowed users/domains/groups, or
     /// too many sign-ins pending.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(OidcError),
     #[error("the sign-in was abandoned")]
     Abandoned,
     #[error("nobody signed in within {0} s; run `tailgate up` again for a new sign-in URL")]
@@ -167,7 +167,7 @@ pub(super) async fn http(path: &str, shared: &Shared) -> Vec<u8> {
         }
         return match oidc.start(login) {
             Ok(url) => http::redirect(&url),
-            Err((code, m)) => page(code, &m),
+            Err(e) => page(e.http_status(), &e.to_string()),
         };
     }
     if p != "/oidc/callback" {
@@ -176,9 +176,9 @@ pub(super) async fn http(path: &str, shared: &Shared) -> Vec<u8> {
     let query = query.to_string();
     match tokio::task::spawn_blocking(move || oidc.callback(&query)).await {
         Ok(Ok(email)) => page(200, &format!("signed in as {email}; the device is joining the tailnet, you can close this window")),
-        Ok(Err((code, m))) => {
-            tracing::info!("control: sign-in refused: {m}");
-            page(code, &m)
+        Ok(Err(e)) => {
+            tracing::info!("control: sign-in refused: {e}");
+            page(e.http_status(), &e.to_string())
         }
         Err(_) => page(500, "internal error while signing in; try again"),
     }

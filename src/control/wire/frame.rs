@@ -11,26 +11,40 @@
 //!
 //! Malformed input is an error value, never a panic; after an error the
 //! connection is closed (there is no resynchronisation).
+#![warn(missing_docs)]
 
 use bytes::{Buf, BytesMut};
 
 use crate::control::PROTOCOL_VERSION;
 
 /// Largest Noise message (spec limit).
-pub const MAX_WIRE_MESSAGE: usize = 65535;
+pub(crate) const MAX_WIRE_MESSAGE: usize = 65535;
 /// Bytes of a frame header: version + u32 length.
-pub const FRAME_HEADER: usize = 5;
+pub(crate) const FRAME_HEADER: usize = 5;
 /// Default limit on frames a node may send (its messages are small).
-pub const DEFAULT_MAX_CLIENT_FRAME: usize = 64 * 1024;
+pub(crate) const DEFAULT_MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Default limit on frames the server may send (full maps can be large).
-pub const DEFAULT_MAX_SERVER_FRAME: usize = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_SERVER_FRAME: usize = 64 * 1024 * 1024;
 
+/// Why a byte stream is not valid framing; the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// A frame header announces more than this side accepts.
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Length the header announces.
+        len: usize,
+        /// This decoder's limit.
+        max: usize,
+    },
+    /// The frame's version byte is not [`PROTOCOL_VERSION`] (an older or
+    /// newer peer, or not our protocol at all).
     #[error("frame speaks protocol version {got}, this build speaks version {PROTOCOL_VERSION}")]
-    Version { got: u8 },
+    Version {
+        /// The version byte received.
+        got: u8,
+    },
+    /// A wire message of length 0 (Noise never sends one).
     #[error("empty Noise message (length 0)")]
     EmptyWireMessage,
 }
@@ -49,10 +63,12 @@ pub struct WireDecoder {
 }
 
 impl WireDecoder {
+    /// An empty decoder.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -95,10 +111,12 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// A decoder refusing frames longer than `max` bytes.
     pub fn new(max: usize) -> Self {
         FrameDecoder { buf: BytesMut::new(), max }
     }
 
+    /// Appends decrypted bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -127,6 +145,7 @@ impl FrameDecoder {
         Ok(Some(self.buf.split_to(len).to_vec()))
     }
 
+    /// Bytes buffered but not yet returned.
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }

@@ -1,19 +1,25 @@
 //! Just enough HTTP/1.1 for the upgrade, sans-IO: parse a request head,
 //! build the few responses we send. Bodies are never read.
+#![warn(missing_docs)]
 
 /// Largest request head we accept.
 pub const MAX_HEAD: usize = 8 * 1024;
 
+/// A parsed request line and headers (what arrives before the upgrade).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
+    /// Uppercase ASCII method (`GET`).
     pub method: String,
+    /// Request target, starting with `/` (query included).
     pub path: String,
+    /// `HTTP/1.1` or `HTTP/1.0`.
     pub version: String,
     /// Header names lowercased, values trimmed, in order.
     pub headers: Vec<(String, String)>,
 }
 
 impl RequestHead {
+    /// The first header named `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
@@ -25,10 +31,13 @@ impl RequestHead {
     }
 }
 
+/// Why a request or response head was refused; the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
+    /// No end of head within [`MAX_HEAD`] bytes.
     #[error("request head larger than {MAX_HEAD} bytes")]
     TooLarge,
+    /// Not HTTP/1.x as we speak it; the text says which part.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
 }
@@ -84,14 +93,15 @@ pub fn simple_response(status: u16, reason: &str, body: &str) -> Vec<u8> {
 
 /// A redirect (the browser's way to the identity provider). A location
 /// with a line break would split the head, so it is refused.
-pub fn redirect(location: &str) -> Vec<u8> {
+pub(crate) fn redirect(location: &str) -> Vec<u8> {
     if location.contains(['\r', '\n']) {
         return simple_response(500, "Internal Server Error", "bad redirect\n");
     }
     format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
-pub fn switching_protocols(token: &str) -> Vec<u8> {
+/// The server's `101` accepting the upgrade to `token`.
+pub(crate) fn switching_protocols(token: &str) -> Vec<u8> {
     format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {token}\r\n\r\n").into_bytes()
 }
 

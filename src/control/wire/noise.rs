@@ -10,24 +10,33 @@
 //! After the handshake a [`SecureChannel`] turns frames into wire bytes and
 //! back (see [`crate::control::wire::frame`] for the layout). Handshake payloads are empty:
 //! the protocol version rides in every frame.
+#![warn(missing_docs)]
 
 use crate::control::wire::frame::{FrameDecoder, FrameError, MAX_WIRE_MESSAGE, WireDecoder, encode_frame, encode_wire};
 use crate::key::{Key, PrivateKey};
 
-pub const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-pub const PROLOGUE: &[u8] = b"tailgate-control/1";
+/// The Noise protocol name both sides build their state from.
+pub(crate) const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// Mixed into the handshake hash: a handshake made for another protocol
+/// (or version of this one) fails instead of being reinterpreted.
+pub(crate) const PROLOGUE: &[u8] = b"tailgate-control/1";
 const TAG_LEN: usize = 16;
 /// IK messages with empty payloads are 96 and 48 bytes.
 const HANDSHAKE_BUF: usize = 256;
 /// Largest plaintext that fits one Noise transport message.
-pub const MAX_CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN;
+pub(crate) const MAX_CHUNK: usize = MAX_WIRE_MESSAGE - TAG_LEN;
 
+/// Why the Noise channel failed; the connection is closed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    /// The handshake failed (wrong pinned key, not Noise, or a local
+    /// key error); the text says which step.
     #[error("noise handshake failed: {0}")]
     Handshake(String),
+    /// A transport message did not authenticate.
     #[error("cannot decrypt a message from the peer (corrupted, replayed or not Noise)")]
     Decrypt,
+    /// The decrypted stream is not valid framing.
     #[error(transparent)]
     Frame(#[from] FrameError),
 }
@@ -73,7 +82,7 @@ impl Initiator {
 
 /// The server side: reads message 1 (without length prefix), returns the
 /// channel, the node's static key (its node key) and message 2 wire-framed.
-pub fn respond(
+pub(crate) fn respond(
     server_private: &PrivateKey,
     msg1: &[u8],
     wire: WireDecoder,

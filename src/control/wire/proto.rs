@@ -5,6 +5,7 @@
 //! wg-quick files). Unknown fields are ignored so either side can add
 //! optional fields without a version bump; removing or retyping one needs a
 //! new [`crate::control::PROTOCOL_VERSION`].
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,12 +19,14 @@ use crate::key::Key;
 use crate::policy::{Policy, PolicyErrors};
 
 /// serde for [`Key`] as standard base64.
-pub mod b64key {
+pub(crate) mod b64key {
     use super::*;
-    pub fn serialize<S: Serializer>(k: &Key, s: S) -> Result<S::Ok, S::Error> {
+    /// The key as standard base64 (44 characters).
+    pub(crate) fn serialize<S: Serializer>(k: &Key, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&wg::key_to_base64(k))
     }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+    /// A standard base64 32-byte key; anything else is a parse error.
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
         let s = String::deserialize(d)?;
         wg::key_from_base64(&s).map_err(serde::de::Error::custom)
     }
@@ -31,12 +34,14 @@ pub mod b64key {
 
 /// Why a host key or node name from the network was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HostInfoError {
+pub(crate) enum HostInfoError {
+    /// Not exactly one canonical `ssh-ed25519` key (first 60 characters kept).
     #[error(
         "ssh host key {0:?} is not accepted: it must be exactly `ssh-ed25519 BASE64` \
          (one Ed25519 public key, no comment, no other bytes)"
     )]
     HostKey(String),
+    /// Not a DNS label of our alphabet (first 80 characters kept).
     #[error("node name {0:?} is not valid: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'")]
     Name(String),
 }
@@ -46,7 +51,7 @@ pub enum HostInfoError {
 /// the canonical encoding (a comment, a second line, `@revoked`, padding
 /// tricks) is refused. Every peer writes this string into `known_hosts`,
 /// so anything beyond one key would let one node edit every peer's pins.
-pub fn canonical_ssh_host_key(k: &str) -> Result<String, HostInfoError> {
+pub(crate) fn canonical_ssh_host_key(k: &str) -> Result<String, HostInfoError> {
     let refuse = || HostInfoError::HostKey(k.chars().take(60).collect());
     // 80 covers `ssh-ed25519 ` plus the 68-character base64 of a 51-byte blob.
     if k.len() > 128 || !k.starts_with("ssh-ed25519 ") || k.bytes().filter(|b| *b == b' ').count() != 1 {
@@ -66,7 +71,7 @@ pub fn canonical_ssh_host_key(k: &str) -> Result<String, HostInfoError> {
 /// A node name as the control server assigns it (`sanitize_hostname`'s
 /// alphabet): safe as a `known_hosts` host, an ssh_config `Host` word and a
 /// DNS label, with no pattern characters (`*`, `?`, `!`, `,`).
-pub fn check_node_name(name: &str) -> Result<(), HostInfoError> {
+pub(crate) fn check_node_name(name: &str) -> Result<(), HostInfoError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && !name.starts_with('-')
@@ -77,7 +82,7 @@ pub fn check_node_name(name: &str) -> Result<(), HostInfoError> {
 
 /// A recording's session id as nodes make them (`ssh::new_id`: 32 hex
 /// digits). The server builds file names from it, so nothing else passes.
-pub fn valid_session_id(s: &str) -> bool {
+pub(crate) fn valid_session_id(s: &str) -> bool {
     (8..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
@@ -91,9 +96,13 @@ pub enum ClientMsg {
     Register {
         /// The secret part of the auth key token.
         auth_key: String,
+        /// The name the node asks for (its OS host name, usually); the
+        /// server sanitizes it and adds a suffix if it is taken.
         hostname: String,
+        /// The node's SSH host key, `ssh-ed25519 BASE64` (peers pin it).
         #[serde(default)]
         ssh_host_key: Option<String>,
+        /// Where peers may reach the node's WireGuard UDP socket.
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
         /// Refused when present: an auth key does not prove possession of
@@ -105,10 +114,13 @@ pub enum ClientMsg {
     },
     /// First message of a node whose key is already registered.
     Login {
+        /// A new host name to store (the assigned node name stays).
         #[serde(default)]
         hostname: Option<String>,
+        /// A new SSH host key (`None`: keep the stored one).
         #[serde(default)]
         ssh_host_key: Option<String>,
+        /// The node's current endpoints (replace the stored ones).
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
     },
@@ -119,9 +131,12 @@ pub enum ClientMsg {
     /// holds the connection until the person has signed in there; then it
     /// registers the node for that user and goes on as after a login.
     RegisterInteractive {
+        /// As in [`ClientMsg::Register`].
         hostname: String,
+        /// As in [`ClientMsg::Register`].
         #[serde(default)]
         ssh_host_key: Option<String>,
+        /// As in [`ClientMsg::Register`].
         #[serde(default)]
         endpoints: Vec<SocketAddr>,
         /// Sign in again even though the node key is valid (renews its expiry,
@@ -131,6 +146,8 @@ pub enum ClientMsg {
     },
     /// Replace the node's reported endpoints (peers get a delta).
     ReportEndpoints {
+        /// Every endpoint the node knows now (STUN, port mapping, local
+        /// addresses); the server drops unusable ones and paces changes.
         endpoints: Vec<SocketAddr>,
     },
     /// Leave the tailnet: an ephemeral node is deleted, any other node's key
@@ -141,22 +158,29 @@ pub enum ClientMsg {
     /// what proves the rotation. The server answers `key_rotated` and closes;
     /// the node then logs in with the new key.
     RotateKey {
+        /// The WireGuard public key the node moves to (unused so far).
         #[serde(with = "b64key")]
         new_node_key: Key,
     },
+    /// Sent when the node has had nothing else to say for the announced
+    /// keepalive period, so the server knows the connection is alive.
     KeepAlive,
     /// Audit lines from the node's journal (`audit.jsonl`), in id order. The
     /// server stores each once per (node, id) and answers [`ServerMsg::ShipAck`].
     AuditEvents {
+        /// One JSON audit event each, as written in the journal.
         lines: Vec<String>,
     },
     /// Bytes of the recording of `session` (its asciicast file), starting at
     /// `offset`; `fin`: the recording is complete after these bytes.
     RecordingChunk {
+        /// The SSH session's id (hex, see [`valid_session_id`]).
         session: String,
+        /// Byte offset of `data` in the recording file.
         offset: u64,
         /// Standard base64.
         data: String,
+        /// The recording ends with these bytes.
         #[serde(default)]
         fin: bool,
     },
@@ -166,11 +190,15 @@ pub enum ClientMsg {
     /// user type a code? With `code`: verify it. Answered by
     /// [`ServerMsg::CheckResult`] with the same `id`.
     Check {
+        /// Chosen by the node, echoed in the answer (several may be in flight).
         id: u64,
+        /// The node key of the SSH client's node; its owner is checked.
         #[serde(with = "b64key")]
         source: Key,
+        /// The one-time code the person typed, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
+        /// The rule's reuse period for an earlier approval, seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_age_secs: Option<u64>,
     },
@@ -219,6 +247,7 @@ pub enum ErrorCode {
     Invalid,
     /// An admin request names a user, node or auth key that does not exist.
     NotFound,
+    /// A code this build does not know (a newer server); treated as a refusal.
     #[serde(other)]
     Other,
 }
@@ -231,39 +260,56 @@ pub enum ServerMsg {
     LoginOk {
         /// True when this connection created the node.
         new_node: bool,
+        /// The node as registered (assigned name, addresses, owner, expiry).
         node: SelfInfo,
+        /// The tailnet DNS domain (`NAME.domain`).
         domain: String,
         /// The node should send something at least this often (seconds).
         keepalive_secs: u32,
     },
+    /// A refusal (of the first message, or of a request later); the server
+    /// closes the connection after it.
     Error {
+        /// What kind of refusal, for programs.
         code: ErrorCode,
+        /// What happened and what to do, for the person running the node.
         message: String,
     },
+    /// The whole map: after `LoginOk`, and again whenever the server
+    /// cannot express a change as a delta.
     MapFull(MapFull),
+    /// What changed in the node's map since the last map or delta.
     MapDelta(MapDelta),
+    /// Sent on a quiet connection every keepalive period, so the node
+    /// notices a dead server.
     KeepAlive,
     /// Answer to Logout; the server closes the connection after it.
     LoggedOut,
     /// Answer to RotateKey: the node now lives under `node_key`; the server
     /// closes this (old-key) connection after it.
     KeyRotated {
+        /// The key the node now lives under (the one it asked for).
         #[serde(with = "b64key")]
         node_key: Key,
     },
     /// Answer to [`ClientMsg::Check`]. `user` is who was checked (the owner
     /// of the source node); `message` is for the person logging in.
     CheckResult {
+        /// The `id` of the check answered.
         id: u64,
+        /// The verdict.
         outcome: CheckOutcome,
+        /// The owner of the source node.
         #[serde(default)]
         user: String,
+        /// For the person logging in.
         #[serde(default)]
         message: String,
     },
     /// Answer to RegisterInteractive: show this URL to the person; `LoginOk`
     /// (or an `Error`) follows once they have signed in there.
     SignIn {
+        /// `<server>/oidc/start/<id>`: single use, expires with the sign-in.
         url: String,
     },
     /// What the server has committed (fsync/commit) of what this node shipped.
@@ -280,8 +326,10 @@ pub struct ShipAck {
     /// This recording is stored up to `offset` bytes (and complete if `fin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Bytes of `session` stored.
     #[serde(default)]
     pub offset: u64,
+    /// `session` is stored complete.
     #[serde(default)]
     pub fin: bool,
     /// The server refused the shipment (bad session id, ...); not retried.
@@ -292,35 +340,47 @@ pub struct ShipAck {
 /// This node, as the control server sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelfInfo {
+    /// The server's id of the node (stable across key rotation).
     pub node_id: u64,
+    /// The node's WireGuard public key, as it authenticated.
     #[serde(with = "b64key")]
     pub node_key: Key,
     /// Short name, unique in the tailnet (`web1`).
     pub name: String,
     /// `name.domain`.
     pub fqdn: String,
+    /// The node's tailnet addresses (one IPv4 today).
     pub ips: Vec<IpAddr>,
+    /// The owning user; `None` for a tagged node (its tags are its identity).
     pub user: Option<String>,
+    /// The tags the auth key or an admin gave the node (`tag:prod`).
     pub tags: Vec<String>,
     /// The user's groups at the identity provider (`group:oidc/NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
     /// Unix seconds when the node key expires; `None` = never (tagged nodes).
     pub key_expiry: Option<i64>,
+    /// Deleted once offline past the server's grace period.
     pub ephemeral: bool,
 }
 
 /// A peer in the map: everything needed for WireGuard, identity and SSH.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
+    /// The server's id of the peer (stable across key rotation).
     pub node_id: u64,
+    /// The peer's WireGuard public key: its identity on the data plane.
     #[serde(with = "b64key")]
     pub node_key: Key,
+    /// Short name, unique in the tailnet.
     pub name: String,
+    /// `name.domain`.
     pub fqdn: String,
     /// Tailnet addresses; WireGuard allowed IPs are these as /32 (/128).
     pub ips: Vec<IpAddr>,
+    /// The owning user; `None` for a tagged node.
     pub user: Option<String>,
+    /// The peer's tags (`tag:prod`); policy rules match on them.
     pub tags: Vec<String>,
     /// The user's groups at the identity provider (`group:oidc/NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -342,14 +402,20 @@ pub struct PolicyInfo {
     pub version: u64,
     /// File name used in diagnostics and rule labels.
     pub name: String,
+    /// The policy file's TOML, verbatim.
     pub text: String,
 }
 
+/// A node's whole map: sent after `LoginOk`, and when a delta will not do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MapFull {
+    /// The receiving node itself.
     pub self_node: SelfInfo,
+    /// The tailnet DNS domain.
     pub domain: String,
+    /// Every node the policy lets this one talk to (either direction).
     pub peers: Vec<PeerInfo>,
+    /// The policy in force.
     pub policy: PolicyInfo,
 }
 
@@ -358,10 +424,13 @@ pub struct MapFull {
 /// the new one).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MapDelta {
+    /// Node keys (standard base64) of peers gone from the map.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers_removed: Vec<String>,
+    /// Peers new in the map.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers_added: Vec<PeerInfo>,
+    /// Peers already in the map, in full as they are now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers_changed: Vec<PeerInfo>,
     /// A new policy (full text).
@@ -378,6 +447,7 @@ pub struct MapDelta {
 }
 
 impl MapDelta {
+    /// Nothing changed (the server never sends an empty delta).
     pub fn is_empty(&self) -> bool {
         self.peers_removed.is_empty()
             && self.peers_added.is_empty()
@@ -401,12 +471,14 @@ fn identity_of(key: &Key, name: &str, user: &Option<String>, tags: &[String], gr
 }
 
 impl SelfInfo {
+    /// This node's identity, as peers' policies see it.
     pub fn identity(&self) -> Identity {
         identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.groups, &self.ips)
     }
 }
 
 impl PeerInfo {
+    /// The identity the SSH server and inbound filter act on for this peer.
     pub fn identity(&self) -> Identity {
         identity_of(&self.node_key, &self.name, &self.user, &self.tags, &self.groups, &self.ips)
     }
@@ -427,14 +499,18 @@ impl PeerInfo {
 /// A node's current map: what `ControlClient` keeps up to date.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetMap {
+    /// This node, as of the last map or delta.
     pub self_node: SelfInfo,
+    /// The tailnet DNS domain.
     pub domain: String,
     /// Peers by node key.
     pub peers: BTreeMap<Key, PeerInfo>,
+    /// The policy in force.
     pub policy: PolicyInfo,
 }
 
 impl NetMap {
+    /// The map a [`MapFull`] describes.
     pub fn from_full(m: MapFull) -> NetMap {
         NetMap { self_node: m.self_node, domain: m.domain, peers: m.peers.into_iter().map(|p| (p.node_key, p)).collect(), policy: m.policy }
     }
@@ -505,8 +581,9 @@ fn ser_arc<S: Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Er
     (**v).serialize(s)
 }
 
+/// [`MapDelta`] as the server builds it (shared peers and policy).
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct DeltaOut {
+pub(crate) struct DeltaOut {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_removed: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_arcs")]
@@ -522,7 +599,8 @@ pub struct DeltaOut {
 }
 
 impl DeltaOut {
-    pub fn is_empty(&self) -> bool {
+    /// Nothing to send.
+    pub(crate) fn is_empty(&self) -> bool {
         self.peers_removed.is_empty()
             && self.peers_added.is_empty()
             && self.peers_changed.is_empty()
@@ -532,8 +610,9 @@ impl DeltaOut {
     }
 }
 
+/// [`MapFull`] as the server builds it.
 #[derive(Clone, Debug, Serialize)]
-pub struct FullOut {
+pub(crate) struct FullOut {
     #[serde(serialize_with = "ser_arc")]
     pub self_node: Arc<SelfInfo>,
     #[serde(serialize_with = "ser_arc_str")]
@@ -544,9 +623,11 @@ pub struct FullOut {
     pub policy: Arc<PolicyInfo>,
 }
 
+/// [`ServerMsg`] as the server builds it: the same JSON, with the map
+/// messages holding shared data.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ServerOut {
+pub(crate) enum ServerOut {
     LoginOk {
         new_node: bool,
         node: SelfInfo,

@@ -5,6 +5,7 @@
 //! Format: `tg1-` + base64url (no padding) of the JSON
 //! `{"u":"http://host:port","k":"<server key, std base64>","s":"<secret>"}`.
 //! The server stores only a SHA-256 of the secret.
+#![warn(missing_docs)]
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -14,12 +15,16 @@ use sha2::{Digest, Sha256};
 use crate::dataplane::wg;
 use crate::key::Key;
 
-pub const TOKEN_PREFIX: &str = "tg1-";
+/// How every token starts (format version 1).
+pub(crate) const TOKEN_PREFIX: &str = "tg1-";
 
+/// A decoded auth key: where to join, whom to trust, and the secret.
+/// `Debug` redacts the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthKeyToken {
     /// Control server URL, `http://host:port` or `https://host[:port]`.
     pub url: String,
+    /// The control server's Noise public key, pinned by the node.
     pub server_public: Key,
     /// The secret the node sends in `Register`.
     pub secret: String,
@@ -42,30 +47,37 @@ struct Wire {
     s: String,
 }
 
+/// Why a string is not a usable auth key; each message says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// Not a `tg1-` token (the first characters, for the message).
     #[error("not a tailgate auth key: it should start with `{TOKEN_PREFIX}` (got {0:?}); create one with `tailgate control keys create`")]
     Prefix(String),
+    /// Not base64url, not the JSON, or a secret too short to be ours.
     #[error("auth key is damaged or truncated ({0}); copy the whole last line printed by `tailgate control keys create`")]
     Damaged(String),
+    /// The server key is not a base64 32-byte key.
     #[error("auth key holds an invalid server key: {0}")]
     ServerKey(String),
+    /// The URL is not `http://HOST:PORT` or `https://HOST[:PORT]`.
     #[error("auth key holds an invalid control URL {0:?}: expected http://HOST:PORT or https://HOST[:PORT]")]
     Url(String),
 }
 
 impl AuthKeyToken {
     /// A fresh random secret (32 bytes, base64url).
-    pub fn new_secret() -> String {
+    pub(crate) fn new_secret() -> String {
         let bytes: [u8; 32] = rand::random();
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
+    /// The `tg1-…` string an admin hands out.
     pub fn encode(&self) -> String {
         let w = Wire { u: self.url.clone(), k: wg::key_to_base64(&self.server_public), s: self.secret.clone() };
         format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&w).expect("json")))
     }
 
+    /// Decodes a token as pasted (surrounding whitespace ignored).
     pub fn parse(s: &str) -> Result<AuthKeyToken, TokenError> {
         let s = s.trim();
         let Some(body) = s.strip_prefix(TOKEN_PREFIX) else {
@@ -91,7 +103,7 @@ impl std::fmt::Display for AuthKeyToken {
 
 /// Hash under which a secret is stored (hex SHA-256). Secrets are 256-bit
 /// random, so a fast hash is enough: there is nothing to brute-force.
-pub fn hash_secret(secret: &str) -> String {
+pub(crate) fn hash_secret(secret: &str) -> String {
     let d = Sha256::digest(secret.as_bytes());
     d.iter().map(|b| format!("{b:02x}")).collect()
 }

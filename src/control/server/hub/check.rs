@@ -44,7 +44,7 @@ impl Hub {
     pub(super) fn check_request(&mut self, conn: ConnId, node: i64, msg: ClientMsg, now: i64) {
         let ClientMsg::Check { id, source, code, max_age_secs } = msg else { return };
         let a = self.check_answer(node, &source, code, max_age_secs, now);
-        self.out.push(Out::Send(conn, ServerOut::CheckResult { id, outcome: a.outcome, user: a.user, message: a.message }));
+        self.out.push(Out::send(conn, ServerOut::CheckResult { id, outcome: a.outcome, user: a.user, message: a.message }));
     }
 
     fn check_answer(&mut self, node: i64, source: &Key, code: Option<String>, max_age_secs: Option<u64>, now: i64) -> Answer {

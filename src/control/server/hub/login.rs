@@ -60,7 +60,7 @@ impl Hub {
         // One connection per node: the newer one wins.
         if let Some(old) = self.conns.insert(id, conn) {
             self.engine.detach(id as u64);
-            self.out.push(Out::Send(
+            self.out.push(Out::send(
                 old,
                 ServerOut::Error { code: ErrorCode::Replaced, message: "another connection with this node key replaced this one".into() },
             ));
@@ -98,7 +98,7 @@ impl Hub {
         };
         self.offline_since.remove(&id);
         let me = self.self_info(n);
-        self.out.push(Out::Send(
+        self.out.push(Out::send(
             conn,
             ServerOut::LoginOk {
                 new_node,
@@ -107,12 +107,12 @@ impl Hub {
                 keepalive_secs: self.cfg.keepalive.as_secs().max(1) as u32,
             },
         ));
-        self.out.push(Out::Send(conn, ServerOut::MapFull(full)));
+        self.out.push(Out::send(conn, ServerOut::MapFull(full)));
         Ok(id)
     }
 
     pub(super) fn refuse(&mut self, conn: ConnId, e: HubError) -> HubError {
-        self.out.push(Out::Send(conn, ServerOut::Error { code: e.code, message: e.message.clone() }));
+        self.out.push(Out::send(conn, ServerOut::Error { code: e.code, message: e.message.clone() }));
         self.out.push(Out::Close(conn, e.message.clone()));
         e
     }

@@ -97,10 +97,20 @@ impl HubConfig {
 /// What the driver must do.
 #[derive(Debug)]
 pub(crate) enum Out {
-    /// Send this message on the connection.
-    Send(ConnId, ServerOut),
+    /// Send this message on the connection. Boxed: a `ServerOut` is ten
+    /// times the size of a close, and the box moves on unchanged into the
+    /// connection's queue (one allocation per control message, none per
+    /// packet).
+    Send(ConnId, Box<ServerOut>),
     /// Close the connection (after sending what was queued before).
     Close(ConnId, String),
+}
+
+impl Out {
+    /// [`Out::Send`] of `msg` on `conn`.
+    pub(crate) fn send(conn: ConnId, msg: ServerOut) -> Out {
+        Out::Send(conn, Box::new(msg))
+    }
 }
 
 /// The hub's state; see the module docs.
@@ -289,7 +299,7 @@ impl Hub {
     fn emit(&mut self, deltas: Vec<(u64, DeltaOut)>) {
         for (nid, d) in deltas {
             if let Some(c) = self.conns.get(&(nid as i64)) {
-                self.out.push(Out::Send(*c, ServerOut::MapDelta(d)));
+                self.out.push(Out::send(*c, ServerOut::MapDelta(d)));
             }
         }
     }

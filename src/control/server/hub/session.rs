@@ -34,7 +34,7 @@ impl Hub {
         if self.nodes.get(&node).is_some_and(|n| n.ephemeral) {
             self.offline_since.insert(node, at.mono);
         }
-        self.out.push(Out::Send(conn, ServerOut::KeyRotated { node_key: new_key }));
+        self.out.push(Out::send(conn, ServerOut::KeyRotated { node_key: new_key }));
         self.out.push(Out::Close(conn, "node key rotated".into()));
         self.refresh(node, now);
     }
@@ -57,7 +57,7 @@ impl Hub {
             msg @ ClientMsg::Check { .. } => self.check_request(conn, node, msg, now),
             ClientMsg::Logout => {
                 let Some(n) = self.nodes.get(&node).cloned() else { return };
-                self.out.push(Out::Send(conn, ServerOut::LoggedOut));
+                self.out.push(Out::send(conn, ServerOut::LoggedOut));
                 self.out.push(Out::Close(conn, "logged out".into()));
                 self.conns.remove(&node);
                 self.engine.detach(node as u64);
@@ -84,7 +84,7 @@ impl Hub {
     }
 
     fn protocol_error(&mut self, conn: ConnId, message: String) {
-        self.out.push(Out::Send(conn, ServerOut::Error { code: ErrorCode::Protocol, message: message.clone() }));
+        self.out.push(Out::send(conn, ServerOut::Error { code: ErrorCode::Protocol, message: message.clone() }));
         self.out.push(Out::Close(conn, message));
     }
 
@@ -147,7 +147,7 @@ impl Hub {
     pub(super) fn cut_off(&mut self, id: i64, why: ErrorCode) {
         if let Some(c) = self.conns.remove(&id) {
             self.engine.detach(id as u64);
-            self.out.push(Out::Send(c, ServerOut::MapDelta(DeltaOut { key_expired: true, ..Default::default() })));
+            self.out.push(Out::send(c, ServerOut::MapDelta(DeltaOut { key_expired: true, ..Default::default() })));
             let reason = if why == ErrorCode::Removed { "node removed" } else { "node key expired" };
             self.out.push(Out::Close(c, reason.into()));
         }
