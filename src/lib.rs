@@ -1,4 +1,5 @@
 //! tailgate: a userspace WireGuard node with an identity-aware SSH server.
+#![warn(missing_docs)]
 pub mod cli;
 pub mod control;
 pub mod daemon;
