@@ -10,13 +10,13 @@
 //!   upgrade dispatch, connections, admin socket, policy watcher) and, under
 //!   it, [`server::hub`] (the state machine: registration, login, admin ops,
 //!   timers; no sockets), [`server::netmap`] (who sees whom, full maps and
-//!   deltas), [`server::store`] (SQLite), [`server::audit`], [`server::oidc`],
-//!   [`server::totp`], [`server::tls`], [`server::metrics`] and
+//!   deltas), [`server::store`] (SQLite), `server::audit`, `server::oidc`,
+//!   `server::totp`, [`server::tls`], `server::metrics` and
 //!   [`server::admin`] (the `tailgate control …` command line).
 //! - [`upgrade`]: what the control protocol and the relay share after the
 //!   HTTP upgrade: the [`upgrade::Stream`] type and the server side of the
 //!   Noise handshake.
-//! - [`transport`]: the node's dialer (TCP, TLS for `https://`), shared by
+//! - `transport`: the node's dialer (TCP, TLS for `https://`), shared by
 //!   the control and relay clients.
 //! - [`client`]: [`ControlClient`], what a node uses to join and follow its map.
 //!

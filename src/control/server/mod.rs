@@ -9,15 +9,15 @@
 //!   node messages to the hub and writes what the hub sends back (coalescing
 //!   queued messages into one write). A connection whose outbound queue
 //!   overflows is closed (the node reconnects and gets a fresh full map).
-//! - The [`Hub`] runs on its own OS thread (SQLite calls are blocking) and
+//! - The hub ([`hub`]) runs on its own OS thread (SQLite calls are blocking) and
 //!   receives every event through one channel, so it needs no locks.
 //! - Side tasks: timers (ephemeral cleanup, key expiry), policy file
 //!   watcher (mtime poll), admin unix socket.
 //!
-//! Files: [`accept`] (listener, TLS, request head and routing), `conn`
+//! Files: `accept` (listener, TLS, request head and routing), `conn`
 //! (one node's control connection), `hub_thread` (the hub's thread and its
 //! command channel, relay access), `tasks` (timers, policy watcher, admin
-//! socket, metrics), [`preauth`] (unauthenticated-connection caps),
+//! socket, metrics), `preauth` (unauthenticated-connection caps),
 //! `state_dir` (lock, server key, admin socket path), `signin` (`/oidc/*`
 //! pages and a node's sign-in wait).
 #![warn(missing_docs)]

@@ -174,7 +174,7 @@ pub enum ClientMsg {
     /// Bytes of the recording of `session` (its asciicast file), starting at
     /// `offset`; `fin`: the recording is complete after these bytes.
     RecordingChunk {
-        /// The SSH session's id (hex, see [`valid_session_id`]).
+        /// The SSH session's id (8 to 64 lowercase hex digits).
         session: String,
         /// Byte offset of `data` in the recording file.
         offset: u64,
