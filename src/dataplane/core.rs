@@ -87,7 +87,9 @@ pub struct Core {
     /// Choose per peer between proven direct UDP and the relay. Off (static
     /// WireGuard configurations), datagrams go to WireGuard's endpoint.
     manage_paths: bool,
-    private_key: PrivateKey,
+    /// Seals and opens disco; holds our public key so that opening a
+    /// datagram does not derive it again.
+    disco_key: disco::DiscoKey,
     paths: HashMap<Key, PathState>,
     /// Our own candidate endpoints, offered in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
@@ -122,7 +124,7 @@ impl Core {
         Core {
             wg: Wg::new(&private_key, now),
             manage_paths,
-            private_key,
+            disco_key: disco::DiscoKey::new(private_key),
             paths: HashMap::new(),
             my_endpoints: Vec::new(),
             relay_up: false,
@@ -326,7 +328,7 @@ impl Core {
                     return;
                 }
                 let wg = &self.wg;
-                if let Some(opened) = disco::open(&self.private_key, data, |k: &Key| wg.peer_id(k).is_some()) {
+                if let Some(opened) = disco::open(&self.disco_key, data, |k: &Key| wg.peer_id(k).is_some()) {
                     self.on_disco(opened, from, now, tx);
                 }
             }
@@ -373,7 +375,7 @@ impl Core {
 
     fn seal(&mut self, to: &Key, msg: &disco::Message, now: Instant) -> Vec<u8> {
         let counter = self.disco_counter.next(self.wall.micros(now));
-        disco::seal(&self.private_key, to, counter, msg)
+        disco::seal(&self.disco_key, to, counter, msg)
     }
 
     /// Handle an authenticated disco message that arrived from `from` (or via the relay).

@@ -209,6 +209,28 @@ impl Message {
     }
 }
 
+/// Our side of disco: the node's private key and its public key, derived
+/// once here. Every datagram names its sender's public key, and deriving it
+/// per datagram was an X25519 base-point multiplication each time.
+#[derive(Clone)]
+pub struct DiscoKey {
+    private: PrivateKey,
+    public: Key,
+}
+
+impl DiscoKey {
+    /// The disco key pair for a node's private (WireGuard) key.
+    pub fn new(private: PrivateKey) -> Self {
+        let public = crate::dataplane::wg::public_key_of(&private);
+        DiscoKey { private, public }
+    }
+
+    /// Our public key, as it appears in the header of what we seal.
+    pub fn public(&self) -> &Key {
+        &self.public
+    }
+}
+
 /// The directional box key, or `None` for a low-order peer key.
 fn box_key(our_private: &PrivateKey, their_public: &Key, sender: &Key, receiver: &Key) -> Option<[u8; 32]> {
     let shared = StaticSecret::from(*our_private.expose_secret()).diffie_hellman(&PublicKey::from(*their_public));
@@ -223,17 +245,16 @@ fn box_key(our_private: &PrivateKey, their_public: &Key, sender: &Key, receiver:
     Some(h.finalize().into())
 }
 
-/// Seals `msg` from us (`our_private`) to the node with `their_public`,
-/// numbered `counter` (from our [`Counter`]). The result goes out as one UDP
-/// datagram (or through the relay). A low-order `their_public` (never a real
-/// node key) yields a datagram no one can open.
-pub fn seal(our_private: &PrivateKey, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
-    let ours = crate::dataplane::wg::public_key_of(our_private);
-    let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
+/// Seals `msg` from us (`ours`) to the node with `their_public`, numbered
+/// `counter` (from our [`Counter`]). The result goes out as one UDP datagram
+/// (or through the relay). A low-order `their_public` (never a real node
+/// key) yields a datagram no one can open.
+pub fn seal(ours: &DiscoKey, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
+    let key = box_key(&ours.private, their_public, &ours.public, their_public).unwrap_or([0; 32]);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut out = Vec::with_capacity(HEADER_LEN + 64);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&ours);
+    out.extend_from_slice(&ours.public);
     let aad_len = out.len();
     out.extend_from_slice(&nonce);
     let mut plain = counter.to_be_bytes().to_vec();
@@ -257,7 +278,7 @@ pub struct Opened {
 /// Opens a disco datagram addressed to us. Returns the sender's node key,
 /// counter and message, or `None` (not disco, sender not a known peer, bad
 /// authentication, truncated, unknown type).
-pub fn open(our_private: &PrivateKey, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
+pub fn open(ours: &DiscoKey, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
     if !is_disco(datagram) {
         return None;
     }
@@ -265,11 +286,10 @@ pub fn open(our_private: &PrivateKey, datagram: &[u8], is_known_peer: impl Fn(&K
     if !is_known_peer(&sender) {
         return None;
     }
-    let ours = crate::dataplane::wg::public_key_of(our_private);
-    if sender == ours {
+    if sender == ours.public {
         return None;
     }
-    let key = box_key(our_private, &sender, &sender, &ours)?;
+    let key = box_key(&ours.private, &sender, &sender, &ours.public)?;
     let aad = &datagram[..MAGIC.len() + KEY_LEN];
     let nonce = XNonce::from_slice(&datagram[MAGIC.len() + KEY_LEN..HEADER_LEN]);
     let plain = XChaCha20Poly1305::new((&key).into()).decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad }).ok()?;
@@ -335,6 +355,16 @@ mod tests {
     use crate::dataplane::wg::{generate_private_key, public_key_of};
     use proptest::prelude::*;
 
+    fn key() -> DiscoKey {
+        DiscoKey::new(generate_private_key())
+    }
+
+    #[test]
+    fn the_public_key_is_the_private_keys() {
+        let private = generate_private_key();
+        assert_eq!(*DiscoKey::new(private.clone()).public(), public_key_of(&private));
+    }
+
     fn msgs() -> Vec<Message> {
         vec![
             Message::Ping { tx_id: [7; 12] },
@@ -349,8 +379,8 @@ mod tests {
 
     #[test]
     fn roundtrip_each_message() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         for m in msgs() {
             let d = seal(&a, &pb, 1, &m);
             assert_eq!(classify(&d), DatagramKind::Disco);
@@ -362,8 +392,8 @@ mod tests {
 
     #[test]
     fn replayed_datagram_is_refused_by_the_window() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let mut counter = Counter::default();
         let mut window = ReplayWindow::default();
         let now_us = 1_700_000_000_000_000;
@@ -417,8 +447,8 @@ mod tests {
 
     #[test]
     fn unknown_sender_wrong_receiver_and_self_are_refused() {
-        let (a, b, c) = (generate_private_key(), generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b, c) = (key(), key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let d = seal(&a, &pb, 1, &Message::Ping { tx_id: [3; 12] });
         assert_eq!(open(&b, &d, |_| false), None, "unknown sender");
         assert_eq!(open(&c, &d, |_| true), None, "not for us");
@@ -438,8 +468,8 @@ mod tests {
     fn reflection_with_a_rewritten_sender_is_refused() {
         // A's ping to B, bounced back to A with the sender field set to B:
         // same DH secret, but the key is directional.
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let mut d = seal(&a, &pb, 1, &Message::Ping { tx_id: [4; 12] });
         d[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&pb);
         assert_eq!(open(&a, &d, |k| *k == pb), None);
@@ -448,8 +478,8 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_and_every_truncation_is_refused() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let d = seal(&a, &pb, 1, &msgs()[4]);
         for i in 0..d.len() {
             let mut t = d.clone();
@@ -466,8 +496,8 @@ mod tests {
 
     #[test]
     fn low_order_keys_are_refused() {
-        let b = generate_private_key();
-        let pb = public_key_of(&b);
+        let b = key();
+        let pb = *b.public();
         // The identity point (all zeros) and another small-order point.
         for bad in [[0u8; 32], {
             let mut k = [0u8; 32];
@@ -506,7 +536,7 @@ mod tests {
 
         #[test]
         fn random_datagrams_never_open(body in proptest::collection::vec(any::<u8>(), 0..300), with_magic in any::<bool>()) {
-            let b = generate_private_key();
+            let b = key();
             let mut d = body;
             if with_magic && d.len() >= MAGIC.len() {
                 d[..MAGIC.len()].copy_from_slice(MAGIC);
@@ -526,13 +556,13 @@ mod tests {
 
         #[test]
         fn sealed_random_messages_roundtrip(tx in any::<[u8; 12]>(), ip in any::<[u8; 16]>(), port in any::<u16>(), v6 in any::<bool>()) {
-            let (a, b) = (generate_private_key(), generate_private_key());
-            let pa = public_key_of(&a);
+            let (a, b) = (key(), key());
+            let pa = *a.public();
             let observed = if v6 { SocketAddr::new(Ipv6Addr::from(ip).into(), port) } else {
                 SocketAddr::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into(), port)
             };
             let m = Message::Pong { tx_id: tx, observed };
-            let d = seal(&a, &public_key_of(&b), 1, &m);
+            let d = seal(&a, b.public(), 1, &m);
             prop_assert_eq!(open(&b, &d, |k| *k == pa), Some(Opened { sender: pa, counter: 1, msg: m }));
         }
     }
