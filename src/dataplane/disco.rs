@@ -51,6 +51,7 @@
 //! thousands of counter values) does not lose messages. What remains: a
 //! receiver that restarts forgets its windows, so each message captured
 //! before that restart can be replayed once more afterwards.
+#![warn(missing_docs)]
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -70,45 +71,56 @@ const TAG_LEN: usize = 16;
 /// Magic, sender key and nonce.
 pub const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
 /// Smallest possible disco datagram (an empty plaintext).
-pub const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
+pub(crate) const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Most endpoints a CallMeMaybe carries (more are dropped by `seal`).
-pub const MAX_ENDPOINTS: usize = 32;
+pub(crate) const MAX_ENDPOINTS: usize = 32;
 const KDF_LABEL: &[u8] = b"tailgate-disco/2";
 const COUNTER_LEN: usize = 8;
 /// How many of a peer's most recent counters a [`ReplayWindow`] remembers.
-pub const REPLAY_WINDOW: usize = 64;
+pub(crate) const REPLAY_WINDOW: usize = 64;
 
 /// Transaction id of a ping, echoed by the pong.
-pub type TxId = [u8; 12];
+pub(crate) type TxId = [u8; 12];
 
 const T_PING: u8 = 1;
 const T_PONG: u8 = 2;
 const T_CALL_ME_MAYBE: u8 = 3;
 
+/// A disco message, before sealing or after opening.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// "Can you hear me on this path?" Answer with a Pong to the datagram's
     /// source address.
-    Ping { tx_id: TxId },
+    Ping {
+        /// Echoed by the Pong, so the pinger knows which probe it answers.
+        tx_id: TxId,
+    },
     /// "Yes": `observed` is the source address the pinged node saw (the
     /// pinger's endpoint as seen from there, a free STUN).
-    Pong { tx_id: TxId, observed: SocketAddr },
+    Pong {
+        /// The Ping's transaction id.
+        tx_id: TxId,
+        /// The Ping's source address as the pinged node saw it.
+        observed: SocketAddr,
+    },
     /// Sent through the relay: "I am pinging you at these endpoints now;
     /// ping me back at mine" (so both NATs open at once).
-    CallMeMaybe { endpoints: Vec<SocketAddr> },
-}
-
-/// A fresh random transaction id.
-pub fn new_tx_id() -> TxId {
-    rand::random()
+    CallMeMaybe {
+        /// The sender's candidate endpoints (at most [`MAX_ENDPOINTS`]).
+        endpoints: Vec<SocketAddr>,
+    },
 }
 
 /// What a datagram on the WireGuard socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatagramKind {
+    /// A WireGuard message (types 1 to 4), for the `wg` core.
     WireGuard,
+    /// Starts with [`MAGIC`]; still has to pass [`open`].
     Disco,
+    /// A STUN message (the answer to our binding request, hopefully).
     Stun,
+    /// None of these.
     Other,
 }
 
@@ -270,8 +282,11 @@ pub fn seal(ours: &DiscoKey, their_public: &Key, counter: u64, msg: &Message) ->
 /// sender's [`ReplayWindow`] before anything acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Opened {
+    /// The sender's node key (authenticated by the AEAD).
     pub sender: Key,
+    /// The sender's message counter, for its [`ReplayWindow`].
     pub counter: u64,
+    /// The message itself.
     pub msg: Message,
 }
 
@@ -325,14 +340,14 @@ pub fn unix_micros() -> u64 {
 /// below the lowest of those once the window is full is refused. Only
 /// authenticated messages update it, so no one but the peer moves it.
 #[derive(Clone, Debug, Default)]
-pub struct ReplayWindow {
+pub(crate) struct ReplayWindow {
     floor: u64,
     recent: BTreeSet<u64>,
 }
 
 impl ReplayWindow {
     /// True (and remembered) if `counter` was not seen and is recent enough.
-    pub fn accept(&mut self, counter: u64) -> bool {
+    pub(crate) fn accept(&mut self, counter: u64) -> bool {
         // 0 is never sent (`Counter::next` starts at 1).
         if counter <= self.floor {
             return false;

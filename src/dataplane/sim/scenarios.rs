@@ -1,4 +1,5 @@
 //! Path scenarios on the simulated network, in simulated time.
+#![warn(missing_docs)]
 
 use std::time::Duration;
 
