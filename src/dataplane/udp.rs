@@ -426,8 +426,8 @@ mod tests {
     /// An empty datagram carries nothing WireGuard or disco would send. A
     /// run of them would be one segmented send with a segment size of 0:
     /// where the kernel refuses that (EINVAL) GSO goes off for good, and
-    /// where it does not (Linux 6.x sends one empty datagram for the run) the
-    /// run is not what was queued either. So `push` drops them.
+    /// where it does not (Linux 6.18 takes the whole run as one `sendmsg`)
+    /// the run is not what was queued either. So `push` drops them.
     #[tokio::test]
     async fn zero_length_datagrams_are_dropped_and_gso_stays_on() {
         let a = bind("127.0.0.1:0".parse().unwrap()).unwrap();
