@@ -70,11 +70,11 @@ async fn recv_disco(s: &UdpSocket, secs: u64) -> Option<Vec<u8>> {
 
 /// Whether `d` is a pong from B to A (B also pings addresses it learned;
 /// those do not count).
-fn is_pong(d: &[u8], ka: &PrivateKey, pb: &Key) -> bool {
+fn is_pong(d: &[u8], ka: &disco::DiscoKey, pb: &Key) -> bool {
     matches!(disco::open(ka, d, |k| k == pb), Some(disco::Opened { msg: Message::Pong { .. }, .. }))
 }
 
-async fn recv_pong(s: &UdpSocket, ka: &PrivateKey, pb: &Key) -> bool {
+async fn recv_pong(s: &UdpSocket, ka: &disco::DiscoKey, pb: &Key) -> bool {
     while let Some(d) = recv_disco(s, 10).await {
         if is_pong(&d, ka, pb) {
             return true;
@@ -84,7 +84,7 @@ async fn recv_pong(s: &UdpSocket, ka: &PrivateKey, pb: &Key) -> bool {
 }
 
 /// Pongs already waiting on `s`.
-fn pongs_pending(s: &UdpSocket, ka: &PrivateKey, pb: &Key) -> usize {
+fn pongs_pending(s: &UdpSocket, ka: &disco::DiscoKey, pb: &Key) -> usize {
     let mut buf = [0u8; 2048];
     let mut n = 0;
     while let Ok((len, _)) = s.try_recv_from(&mut buf) {
@@ -117,6 +117,7 @@ fn replayed_ping_from_many_ports_gets_no_pongs_and_no_candidates() {
     in_netns(&ns, || async {
         let (ka, kb) = (wg::generate_private_key(), wg::generate_private_key());
         let (pa, pb) = (wg::public_key_of(&ka), wg::public_key_of(&kb));
+        let da = disco::DiscoKey::new(ka.clone());
         let a = node(ka.clone(), "100.64.0.1", peer(&kb, "100.64.0.2")).await;
         let b = node(kb.clone(), "100.64.0.2", peer(&ka, "100.64.0.1")).await;
         b.set_peer_endpoints(&pa, &[]);
@@ -130,7 +131,7 @@ fn replayed_ping_from_many_ports_gets_no_pongs_and_no_candidates() {
         // The first delivery is genuine and answered (so the test can fail).
         let first = UdpSocket::bind((LAN_IP, 0)).await.unwrap();
         first.send_to(&ping, b_at).await.unwrap();
-        assert!(recv_pong(&first, &ka, &pb).await, "B pongs a fresh ping");
+        assert!(recv_pong(&first, &da, &pb).await, "B pongs a fresh ping");
 
         // The same bytes from 300 other ports.
         let replayers = sockets(300, LAN_IP).await;
@@ -140,10 +141,10 @@ fn replayed_ping_from_many_ports_gets_no_pongs_and_no_candidates() {
         // A fresh ping after them: once it is answered, B has handled every
         // replay before it (one socket, in order).
         let sentinel = UdpSocket::bind((LAN_IP, 0)).await.unwrap();
-        let fresh = disco::seal(&ka, &pb, disco::unix_micros() + 1_000_000, &Message::Ping { tx_id: [1; 12] });
+        let fresh = disco::seal(&da, &pb, disco::unix_micros() + 1_000_000, &Message::Ping { tx_id: [1; 12] });
         sentinel.send_to(&fresh, b_at).await.unwrap();
-        assert!(recv_pong(&sentinel, &ka, &pb).await, "B still answers fresh pings");
-        let answered: usize = replayers.iter().map(|s| pongs_pending(s, &ka, &pb)).sum();
+        assert!(recv_pong(&sentinel, &da, &pb).await, "B still answers fresh pings");
+        let answered: usize = replayers.iter().map(|s| pongs_pending(s, &da, &pb)).sum();
         assert_eq!(answered, 0, "replays were answered");
         let cands = b.peer_candidates(&pa);
         assert_eq!(cands.len(), 2, "only the first source and the sentinel: {cands:?}");
@@ -157,6 +158,7 @@ fn fresh_pings_are_rate_limited_and_candidates_bounded() {
     in_netns(&ns, || async {
         let (ka, kb) = (wg::generate_private_key(), wg::generate_private_key());
         let (pa, pb) = (wg::public_key_of(&ka), wg::public_key_of(&kb));
+        let da = disco::DiscoKey::new(ka.clone());
         let b = node(kb.clone(), "100.64.0.2", peer(&ka, "100.64.0.1")).await;
         let netmap_ep: SocketAddr = "10.77.0.9:41641".parse().unwrap();
         b.set_peer_endpoints(&pa, &[netmap_ep]);
@@ -167,25 +169,25 @@ fn fresh_pings_are_rate_limited_and_candidates_bounded() {
         let start = Instant::now();
         let mut counter = disco::Counter::default();
         for s in &senders {
-            let d = disco::seal(&ka, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [2; 12] });
+            let d = disco::seal(&da, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [2; 12] });
             s.send_to(&d, b_at).await.unwrap();
         }
         // Loopback sources are never answered, whatever the rate limit says.
         let lo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let d = disco::seal(&ka, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [3; 12] });
+        let d = disco::seal(&da, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [3; 12] });
         lo.send_to(&d, format!("127.0.0.1:{}", b.udp_addr().port())).await.unwrap();
         // Barrier: wait until the bucket has room again, then one more ping.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let sentinel = UdpSocket::bind((LAN_IP, 0)).await.unwrap();
-        let d = disco::seal(&ka, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [4; 12] });
+        let d = disco::seal(&da, &pb, counter.next(disco::unix_micros()), &Message::Ping { tx_id: [4; 12] });
         sentinel.send_to(&d, b_at).await.unwrap();
-        assert!(recv_pong(&sentinel, &ka, &pb).await, "B answers once the bucket refills");
+        assert!(recv_pong(&sentinel, &da, &pb).await, "B answers once the bucket refills");
         let elapsed = start.elapsed().as_secs_f64();
 
-        let answered = senders.iter().map(|s| pongs_pending(s, &ka, &pb)).sum::<usize>() as f64;
+        let answered = senders.iter().map(|s| pongs_pending(s, &da, &pb)).sum::<usize>() as f64;
         let allowed = PING_RATE.1 as f64 + PING_RATE.0 as f64 * elapsed + 1.0;
         assert!(answered <= allowed, "{answered} pongs in {elapsed:.1}s, at most {allowed} allowed");
-        assert_eq!(pongs_pending(&lo, &ka, &pb), 0, "a loopback source got a pong");
+        assert_eq!(pongs_pending(&lo, &da, &pb), 0, "a loopback source got a pong");
         let cands = b.peer_candidates(&pa);
         assert_eq!(cands.len(), MAX_CANDIDATES, "{cands:?}");
         assert!(cands.contains(&netmap_ep), "the netmap endpoint stays");

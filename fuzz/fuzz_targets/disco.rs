@@ -20,7 +20,7 @@ use blake2::{Blake2s256, Digest};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use libfuzzer_sys::fuzz_target;
-use tailgate::dataplane::disco::{self, HEADER_LEN, MAGIC, Message};
+use tailgate::dataplane::disco::{self, DiscoKey, HEADER_LEN, MAGIC, Message};
 use tailgate::key::{Key, PrivateKey};
 use tailgate::dataplane::wg::public_key_of;
 
@@ -31,6 +31,8 @@ static OURS_KEY: LazyLock<PrivateKey> = LazyLock::new(|| PrivateKey::from_bytes(
 static PEER_KEY: LazyLock<PrivateKey> = LazyLock::new(|| PrivateKey::from_bytes(PEER));
 static OURS_PUB: LazyLock<Key> = LazyLock::new(|| public_key_of(&OURS_KEY));
 static PEER_PUB: LazyLock<Key> = LazyLock::new(|| public_key_of(&PEER_KEY));
+static OURS_DISCO: LazyLock<DiscoKey> = LazyLock::new(|| DiscoKey::new(OURS_KEY.clone()));
+static PEER_DISCO: LazyLock<DiscoKey> = LazyLock::new(|| DiscoKey::new(PEER_KEY.clone()));
 
 /// Input layout: `mode (u8) | body`; mode % 3 = 0 `Raw`: body is the
 /// datagram; 1 `Plain`: `nonce (24) | plaintext`; 2 `Mutate`: `at (u16 BE)
@@ -79,7 +81,7 @@ fn seal_raw(nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
 
 fn open(d: &[u8], any_sender: bool) -> Option<(Key, u64, Message)> {
     let peer_pub = *PEER_PUB;
-    let r = disco::open(&OURS_KEY, d, |k| any_sender || *k == peer_pub)?;
+    let r = disco::open(&OURS_DISCO, d, |k| any_sender || *k == peer_pub)?;
     assert_ne!(r.sender, *OURS_PUB, "opened a datagram claiming our own key");
     assert!(any_sender || r.sender == peer_pub, "opened a datagram from an unknown sender");
     Some((r.sender, r.counter, r.msg))
@@ -114,7 +116,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Input::Mutate { msg, at, xor } => {
             let counter = u64::from(at) << 8 | u64::from(xor);
-            let mut d = disco::seal(&PEER_KEY, &OURS_PUB, counter, &msg);
+            let mut d = disco::seal(&PEER_DISCO, &OURS_PUB, counter, &msg);
             assert!(d.len() > HEADER_LEN);
             assert_eq!(open(&d, false), Some((*PEER_PUB, counter, msg)), "seal/open does not round-trip");
             let i = at as usize % d.len();

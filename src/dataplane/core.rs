@@ -22,6 +22,7 @@
 //! builds the core and advanced with `now` from then on. The only clock reads
 //! left are boringtun's own, inside `Tunn` (handshake timestamps and its
 //! timer bookkeeping), which we cannot feed.
+#![warn(missing_docs)]
 
 use crate::dataplane::dualstack::normalize;
 use std::collections::{HashMap, VecDeque};
@@ -36,14 +37,14 @@ use crate::dataplane::wg::{self, Output, PeerConfig, Wg, WgError};
 use crate::key::{Key, PrivateKey, ShortKey};
 
 /// How often we ask the STUN server for our public endpoint.
-pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
+pub(crate) const STUN_INTERVAL: Duration = Duration::from_secs(20);
 /// First retry of an unanswered STUN request; doubles up to [`STUN_INTERVAL`].
 /// A lost request must not leave us without a public endpoint for long.
-pub const STUN_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const STUN_RETRY: Duration = Duration::from_secs(1);
 
 /// Where the core's output goes. Implemented by the tokio driver (socket,
 /// relay link, stack) and by the simulated network.
-pub trait Transmit {
+pub(crate) trait Transmit {
     /// Send `data` as one UDP datagram to `to`.
     fn udp(&mut self, to: SocketAddr, data: &[u8]);
     /// Send `data` through the relay to the node `to`; false if the link
@@ -56,7 +57,7 @@ pub trait Transmit {
 
 /// News from the core that is not a packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// STUN reported a (new) public endpoint for our socket.
     PublicEndpoint(SocketAddr),
 }
@@ -82,12 +83,14 @@ impl WallClock {
 }
 
 /// The data-plane core of one node. See the module docs.
-pub struct Core {
+pub(crate) struct Core {
     wg: Wg,
     /// Choose per peer between proven direct UDP and the relay. Off (static
     /// WireGuard configurations), datagrams go to WireGuard's endpoint.
     manage_paths: bool,
-    private_key: PrivateKey,
+    /// Seals and opens disco; holds our public key so that opening a
+    /// datagram does not derive it again.
+    disco_key: disco::DiscoKey,
     paths: HashMap<Key, PathState>,
     /// Our own candidate endpoints, offered in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
@@ -110,19 +113,19 @@ pub struct Core {
 
 /// What `status` shows of one peer's path.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PathView {
-    pub route: Route,
-    pub last_probe: Option<String>,
+pub(crate) struct PathView {
+    pub(crate) route: Route,
+    pub(crate) last_probe: Option<String>,
 }
 
 impl Core {
     /// A core with no peers. `unix_micros` is the wall clock at `now`
     /// ([`disco::unix_micros`] in the driver).
-    pub fn new(private_key: PrivateKey, manage_paths: bool, now: Instant, unix_micros: u64) -> Self {
+    pub(crate) fn new(private_key: PrivateKey, manage_paths: bool, now: Instant, unix_micros: u64) -> Self {
         Core {
             wg: Wg::new(&private_key, now),
             manage_paths,
-            private_key,
+            disco_key: disco::DiscoKey::new(private_key),
             paths: HashMap::new(),
             my_endpoints: Vec::new(),
             relay_up: false,
@@ -141,20 +144,20 @@ impl Core {
     }
 
     /// The WireGuard core, for routing look-ups and `status`.
-    pub fn wg(&self) -> &Wg {
+    pub(crate) fn wg(&self) -> &Wg {
         &self.wg
     }
 
-    pub fn public_key(&self) -> Key {
+    pub(crate) fn public_key(&self) -> Key {
         self.wg.public_key()
     }
 
-    pub fn add_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
+    pub(crate) fn add_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
         self.wg.add_peer(config).map(drop)
     }
 
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
-    pub fn upsert_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
+    pub(crate) fn upsert_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
         self.wg.upsert_peer(config).map(drop)
     }
 
@@ -163,20 +166,20 @@ impl Core {
     /// peers it learns: a peer still holding a session with our previous
     /// process would otherwise send into it for WireGuard's 15 s
     /// (keepalive + rekey timeout) before noticing that nobody answers.
-    pub fn greet(&mut self, key: &Key) {
+    pub(crate) fn greet(&mut self, key: &Key) {
         if self.wg.peer_id(key).is_some() && !self.greet.contains(key) {
             self.greet.push(*key);
         }
     }
 
     /// Forget a peer and its path state.
-    pub fn remove_peer(&mut self, key: &Key) {
+    pub(crate) fn remove_peer(&mut self, key: &Key) {
         self.wg.remove_peer(key);
         self.paths.remove(key);
     }
 
     /// Candidate endpoints for a peer, from the netmap (path management only).
-    pub fn set_peer_endpoints(&mut self, key: &Key, endpoints: &[SocketAddr], now: Instant) {
+    pub(crate) fn set_peer_endpoints(&mut self, key: &Key, endpoints: &[SocketAddr], now: Instant) {
         if self.manage_paths {
             let endpoints: Vec<SocketAddr> = endpoints.iter().map(|e| normalize(*e)).collect();
             self.paths.entry(*key).or_insert_with(|| PathState::new(now)).set_candidates(&endpoints, now);
@@ -184,65 +187,55 @@ impl Core {
     }
 
     /// The candidate endpoints held for a peer, sorted.
-    pub fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
+    pub(crate) fn peer_candidates(&self, key: &Key) -> Vec<SocketAddr> {
         let mut v: Vec<SocketAddr> = self.paths.get(key).map(|s| s.candidates().copied().collect()).unwrap_or_default();
         v.sort();
         v
     }
 
     /// Our own endpoints, offered to peers in call-me-maybe.
-    pub fn set_my_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+    pub(crate) fn set_my_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
         self.my_endpoints = endpoints;
     }
 
     /// Whether a relay link exists to send through.
-    pub fn set_relay_up(&mut self, up: bool) {
+    pub(crate) fn set_relay_up(&mut self, up: bool) {
         self.relay_up = up;
     }
 
-    pub fn relay_up(&self) -> bool {
+    pub(crate) fn relay_up(&self) -> bool {
         self.relay_up
     }
 
     /// Ask this STUN server for our public endpoint now and every
     /// [`STUN_INTERVAL`] (`None`: stop).
-    pub fn set_stun_server(&mut self, server: Option<SocketAddr>, now: Instant) {
+    pub(crate) fn set_stun_server(&mut self, server: Option<SocketAddr>, now: Instant) {
         self.stun_server = server.map(normalize);
         self.stun_tx = None;
         self.next_stun = now;
         self.stun_retry = STUN_RETRY;
     }
 
-    /// The public endpoint STUN last reported.
-    pub fn public_endpoint(&self) -> Option<SocketAddr> {
-        self.public_endpoint
-    }
-
     /// A network change: distrust every direct path and probe again.
-    pub fn network_changed(&mut self, now: Instant) {
+    pub(crate) fn network_changed(&mut self, now: Instant) {
         for st in self.paths.values_mut() {
             st.reset(now);
         }
     }
 
     /// The path to a peer under path management (`None`: unmanaged).
-    pub fn path(&self, key: &Key, now: Instant) -> Option<PathView> {
+    pub(crate) fn path(&self, key: &Key, now: Instant) -> Option<PathView> {
         let st = self.paths.get(key).filter(|_| self.manage_paths)?;
         Some(PathView { route: st.route(now), last_probe: st.last_result.clone() })
     }
 
-    /// Datagrams sent and received through the relay.
-    pub fn relayed(&self) -> (u64, u64) {
-        (self.relayed_out, self.relayed_in)
-    }
-
     /// Next news for the driver.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// When [`Core::handle_timeout`] must run next.
-    pub fn poll_timeout(&self) -> Instant {
+    pub(crate) fn poll_timeout(&self) -> Instant {
         let mut d = self.wg.next_deadline();
         if self.manage_paths {
             let due = self.paths.values().filter_map(PathState::next_deadline).min();
@@ -258,7 +251,7 @@ impl Core {
 
     /// Start handshakes with every peer that has an endpoint, so a static
     /// configuration comes up without waiting for traffic.
-    pub fn start(&mut self, now: Instant, tx: &mut impl Transmit) {
+    pub(crate) fn start(&mut self, now: Instant, tx: &mut impl Transmit) {
         let Core { wg, .. } = self;
         let mut pending = Vec::new();
         wg.initiate_all(&mut |o| {
@@ -272,7 +265,7 @@ impl Core {
     }
 
     /// Run WireGuard timers, probes and STUN that are due at `now`.
-    pub fn handle_timeout(&mut self, now: Instant, tx: &mut impl Transmit) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant, tx: &mut impl Transmit) {
         let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
         let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
         wg.poll_timers(now, &mut |o| {
@@ -291,7 +284,7 @@ impl Core {
     }
 
     /// Encrypt an IP packet from the stack and send it along its peer's path.
-    pub fn send_ip(&mut self, now: Instant, packet: &[u8], tx: &mut impl Transmit) {
+    pub(crate) fn send_ip(&mut self, now: Instant, packet: &[u8], tx: &mut impl Transmit) {
         let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
         let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
         wg.send_ip(packet, &mut |o| {
@@ -303,7 +296,7 @@ impl Core {
 
     /// A datagram from the relay, sent by the node `src` (the relay vouches
     /// for the sender's key; WireGuard and disco authenticate the content).
-    pub fn handle_relay(&mut self, now: Instant, src: &Key, data: &[u8], tx: &mut impl Transmit) {
+    pub(crate) fn handle_relay(&mut self, now: Instant, src: &Key, data: &[u8], tx: &mut impl Transmit) {
         if self.wg.peer_id(src).is_none() {
             return;
         }
@@ -312,7 +305,7 @@ impl Core {
     }
 
     /// A datagram from the UDP socket, from `from`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
+    pub(crate) fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
         if from == wg::RELAYED {
             return; // 0.0.0.0:0 cannot be a real source; it means "relayed" inside.
         }
@@ -326,7 +319,7 @@ impl Core {
                     return;
                 }
                 let wg = &self.wg;
-                if let Some(opened) = disco::open(&self.private_key, data, |k: &Key| wg.peer_id(k).is_some()) {
+                if let Some(opened) = disco::open(&self.disco_key, data, |k: &Key| wg.peer_id(k).is_some()) {
                     self.on_disco(opened, from, now, tx);
                 }
             }
@@ -373,7 +366,7 @@ impl Core {
 
     fn seal(&mut self, to: &Key, msg: &disco::Message, now: Instant) -> Vec<u8> {
         let counter = self.disco_counter.next(self.wall.micros(now));
-        disco::seal(&self.private_key, to, counter, msg)
+        disco::seal(&self.disco_key, to, counter, msg)
     }
 
     /// Handle an authenticated disco message that arrived from `from` (or via the relay).

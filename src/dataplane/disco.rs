@@ -51,6 +51,7 @@
 //! thousands of counter values) does not lose messages. What remains: a
 //! receiver that restarts forgets its windows, so each message captured
 //! before that restart can be replayed once more afterwards.
+#![warn(missing_docs)]
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -70,45 +71,56 @@ const TAG_LEN: usize = 16;
 /// Magic, sender key and nonce.
 pub const HEADER_LEN: usize = MAGIC.len() + KEY_LEN + NONCE_LEN;
 /// Smallest possible disco datagram (an empty plaintext).
-pub const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
+pub(crate) const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Most endpoints a CallMeMaybe carries (more are dropped by `seal`).
-pub const MAX_ENDPOINTS: usize = 32;
+pub(crate) const MAX_ENDPOINTS: usize = 32;
 const KDF_LABEL: &[u8] = b"tailgate-disco/2";
 const COUNTER_LEN: usize = 8;
 /// How many of a peer's most recent counters a [`ReplayWindow`] remembers.
-pub const REPLAY_WINDOW: usize = 64;
+pub(crate) const REPLAY_WINDOW: usize = 64;
 
 /// Transaction id of a ping, echoed by the pong.
-pub type TxId = [u8; 12];
+pub(crate) type TxId = [u8; 12];
 
 const T_PING: u8 = 1;
 const T_PONG: u8 = 2;
 const T_CALL_ME_MAYBE: u8 = 3;
 
+/// A disco message, before sealing or after opening.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// "Can you hear me on this path?" Answer with a Pong to the datagram's
     /// source address.
-    Ping { tx_id: TxId },
+    Ping {
+        /// Echoed by the Pong, so the pinger knows which probe it answers.
+        tx_id: TxId,
+    },
     /// "Yes": `observed` is the source address the pinged node saw (the
     /// pinger's endpoint as seen from there, a free STUN).
-    Pong { tx_id: TxId, observed: SocketAddr },
+    Pong {
+        /// The Ping's transaction id.
+        tx_id: TxId,
+        /// The Ping's source address as the pinged node saw it.
+        observed: SocketAddr,
+    },
     /// Sent through the relay: "I am pinging you at these endpoints now;
     /// ping me back at mine" (so both NATs open at once).
-    CallMeMaybe { endpoints: Vec<SocketAddr> },
-}
-
-/// A fresh random transaction id.
-pub fn new_tx_id() -> TxId {
-    rand::random()
+    CallMeMaybe {
+        /// The sender's candidate endpoints (at most [`MAX_ENDPOINTS`]).
+        endpoints: Vec<SocketAddr>,
+    },
 }
 
 /// What a datagram on the WireGuard socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatagramKind {
+    /// A WireGuard message (types 1 to 4), for the `wg` core.
     WireGuard,
+    /// Starts with [`MAGIC`]; still has to pass [`open`].
     Disco,
+    /// A STUN message (the answer to our binding request, hopefully).
     Stun,
+    /// None of these.
     Other,
 }
 
@@ -209,6 +221,28 @@ impl Message {
     }
 }
 
+/// Our side of disco: the node's private key and its public key, derived
+/// once here. Every datagram names its sender's public key, and deriving it
+/// per datagram was an X25519 base-point multiplication each time.
+#[derive(Clone)]
+pub struct DiscoKey {
+    private: PrivateKey,
+    public: Key,
+}
+
+impl DiscoKey {
+    /// The disco key pair for a node's private (WireGuard) key.
+    pub fn new(private: PrivateKey) -> Self {
+        let public = crate::dataplane::wg::public_key_of(&private);
+        DiscoKey { private, public }
+    }
+
+    /// Our public key, as it appears in the header of what we seal.
+    pub fn public(&self) -> &Key {
+        &self.public
+    }
+}
+
 /// The directional box key, or `None` for a low-order peer key.
 fn box_key(our_private: &PrivateKey, their_public: &Key, sender: &Key, receiver: &Key) -> Option<[u8; 32]> {
     let shared = StaticSecret::from(*our_private.expose_secret()).diffie_hellman(&PublicKey::from(*their_public));
@@ -223,17 +257,16 @@ fn box_key(our_private: &PrivateKey, their_public: &Key, sender: &Key, receiver:
     Some(h.finalize().into())
 }
 
-/// Seals `msg` from us (`our_private`) to the node with `their_public`,
-/// numbered `counter` (from our [`Counter`]). The result goes out as one UDP
-/// datagram (or through the relay). A low-order `their_public` (never a real
-/// node key) yields a datagram no one can open.
-pub fn seal(our_private: &PrivateKey, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
-    let ours = crate::dataplane::wg::public_key_of(our_private);
-    let key = box_key(our_private, their_public, &ours, their_public).unwrap_or([0; 32]);
+/// Seals `msg` from us (`ours`) to the node with `their_public`, numbered
+/// `counter` (from our [`Counter`]). The result goes out as one UDP datagram
+/// (or through the relay). A low-order `their_public` (never a real node
+/// key) yields a datagram no one can open.
+pub fn seal(ours: &DiscoKey, their_public: &Key, counter: u64, msg: &Message) -> Vec<u8> {
+    let key = box_key(&ours.private, their_public, &ours.public, their_public).unwrap_or([0; 32]);
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut out = Vec::with_capacity(HEADER_LEN + 64);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&ours);
+    out.extend_from_slice(&ours.public);
     let aad_len = out.len();
     out.extend_from_slice(&nonce);
     let mut plain = counter.to_be_bytes().to_vec();
@@ -249,15 +282,18 @@ pub fn seal(our_private: &PrivateKey, their_public: &Key, counter: u64, msg: &Me
 /// sender's [`ReplayWindow`] before anything acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Opened {
+    /// The sender's node key (authenticated by the AEAD).
     pub sender: Key,
+    /// The sender's message counter, for its [`ReplayWindow`].
     pub counter: u64,
+    /// The message itself.
     pub msg: Message,
 }
 
 /// Opens a disco datagram addressed to us. Returns the sender's node key,
 /// counter and message, or `None` (not disco, sender not a known peer, bad
 /// authentication, truncated, unknown type).
-pub fn open(our_private: &PrivateKey, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
+pub fn open(ours: &DiscoKey, datagram: &[u8], is_known_peer: impl Fn(&Key) -> bool) -> Option<Opened> {
     if !is_disco(datagram) {
         return None;
     }
@@ -265,11 +301,10 @@ pub fn open(our_private: &PrivateKey, datagram: &[u8], is_known_peer: impl Fn(&K
     if !is_known_peer(&sender) {
         return None;
     }
-    let ours = crate::dataplane::wg::public_key_of(our_private);
-    if sender == ours {
+    if sender == ours.public {
         return None;
     }
-    let key = box_key(our_private, &sender, &sender, &ours)?;
+    let key = box_key(&ours.private, &sender, &sender, &ours.public)?;
     let aad = &datagram[..MAGIC.len() + KEY_LEN];
     let nonce = XNonce::from_slice(&datagram[MAGIC.len() + KEY_LEN..HEADER_LEN]);
     let plain = XChaCha20Poly1305::new((&key).into()).decrypt(nonce, Payload { msg: &datagram[HEADER_LEN..], aad }).ok()?;
@@ -305,14 +340,14 @@ pub fn unix_micros() -> u64 {
 /// below the lowest of those once the window is full is refused. Only
 /// authenticated messages update it, so no one but the peer moves it.
 #[derive(Clone, Debug, Default)]
-pub struct ReplayWindow {
+pub(crate) struct ReplayWindow {
     floor: u64,
     recent: BTreeSet<u64>,
 }
 
 impl ReplayWindow {
     /// True (and remembered) if `counter` was not seen and is recent enough.
-    pub fn accept(&mut self, counter: u64) -> bool {
+    pub(crate) fn accept(&mut self, counter: u64) -> bool {
         // 0 is never sent (`Counter::next` starts at 1).
         if counter <= self.floor {
             return false;
@@ -335,6 +370,16 @@ mod tests {
     use crate::dataplane::wg::{generate_private_key, public_key_of};
     use proptest::prelude::*;
 
+    fn key() -> DiscoKey {
+        DiscoKey::new(generate_private_key())
+    }
+
+    #[test]
+    fn the_public_key_is_the_private_keys() {
+        let private = generate_private_key();
+        assert_eq!(*DiscoKey::new(private.clone()).public(), public_key_of(&private));
+    }
+
     fn msgs() -> Vec<Message> {
         vec![
             Message::Ping { tx_id: [7; 12] },
@@ -349,8 +394,8 @@ mod tests {
 
     #[test]
     fn roundtrip_each_message() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         for m in msgs() {
             let d = seal(&a, &pb, 1, &m);
             assert_eq!(classify(&d), DatagramKind::Disco);
@@ -362,8 +407,8 @@ mod tests {
 
     #[test]
     fn replayed_datagram_is_refused_by_the_window() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let mut counter = Counter::default();
         let mut window = ReplayWindow::default();
         let now_us = 1_700_000_000_000_000;
@@ -417,8 +462,8 @@ mod tests {
 
     #[test]
     fn unknown_sender_wrong_receiver_and_self_are_refused() {
-        let (a, b, c) = (generate_private_key(), generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b, c) = (key(), key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let d = seal(&a, &pb, 1, &Message::Ping { tx_id: [3; 12] });
         assert_eq!(open(&b, &d, |_| false), None, "unknown sender");
         assert_eq!(open(&c, &d, |_| true), None, "not for us");
@@ -438,8 +483,8 @@ mod tests {
     fn reflection_with_a_rewritten_sender_is_refused() {
         // A's ping to B, bounced back to A with the sender field set to B:
         // same DH secret, but the key is directional.
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let mut d = seal(&a, &pb, 1, &Message::Ping { tx_id: [4; 12] });
         d[MAGIC.len()..MAGIC.len() + 32].copy_from_slice(&pb);
         assert_eq!(open(&a, &d, |k| *k == pb), None);
@@ -448,8 +493,8 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_and_every_truncation_is_refused() {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        let (pa, pb) = (public_key_of(&a), public_key_of(&b));
+        let (a, b) = (key(), key());
+        let (pa, pb) = (*a.public(), *b.public());
         let d = seal(&a, &pb, 1, &msgs()[4]);
         for i in 0..d.len() {
             let mut t = d.clone();
@@ -466,8 +511,8 @@ mod tests {
 
     #[test]
     fn low_order_keys_are_refused() {
-        let b = generate_private_key();
-        let pb = public_key_of(&b);
+        let b = key();
+        let pb = *b.public();
         // The identity point (all zeros) and another small-order point.
         for bad in [[0u8; 32], {
             let mut k = [0u8; 32];
@@ -506,7 +551,7 @@ mod tests {
 
         #[test]
         fn random_datagrams_never_open(body in proptest::collection::vec(any::<u8>(), 0..300), with_magic in any::<bool>()) {
-            let b = generate_private_key();
+            let b = key();
             let mut d = body;
             if with_magic && d.len() >= MAGIC.len() {
                 d[..MAGIC.len()].copy_from_slice(MAGIC);
@@ -526,13 +571,13 @@ mod tests {
 
         #[test]
         fn sealed_random_messages_roundtrip(tx in any::<[u8; 12]>(), ip in any::<[u8; 16]>(), port in any::<u16>(), v6 in any::<bool>()) {
-            let (a, b) = (generate_private_key(), generate_private_key());
-            let pa = public_key_of(&a);
+            let (a, b) = (key(), key());
+            let pa = *a.public();
             let observed = if v6 { SocketAddr::new(Ipv6Addr::from(ip).into(), port) } else {
                 SocketAddr::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into(), port)
             };
             let m = Message::Pong { tx_id: tx, observed };
-            let d = seal(&a, &public_key_of(&b), 1, &m);
+            let d = seal(&a, b.public(), 1, &m);
             prop_assert_eq!(open(&b, &d, |k| *k == pa), Some(Opened { sender: pa, counter: 1, msg: m }));
         }
     }

@@ -9,6 +9,7 @@
 //! endpoint rule) only ever sees plain IPv4 for IPv4 peers and one key per
 //! peer address. A host without IPv6 (kernel built or booted without it)
 //! gets the old IPv4-only socket and a log line saying so.
+#![warn(missing_docs)]
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -35,7 +36,7 @@ fn no_ipv6(e: &io::Error) -> bool {
 /// A bound, non-blocking socket of `ty` for `addr`; wildcard addresses get
 /// the dual-stack socket described in the module docs. `configure` runs
 /// before `bind` (buffer sizes and the like).
-pub fn bind(addr: SocketAddr, ty: Type, configure: impl Fn(&Socket)) -> io::Result<Socket> {
+pub(crate) fn bind(addr: SocketAddr, ty: Type, configure: impl Fn(&Socket)) -> io::Result<Socket> {
     let proto = if ty == Type::STREAM { Protocol::TCP } else { Protocol::UDP };
     let open = |a: SocketAddr, dual: bool| -> io::Result<Socket> {
         let s = Socket::new(Domain::for_address(a), ty, Some(proto))?;
@@ -65,13 +66,13 @@ pub fn bind(addr: SocketAddr, ty: Type, configure: impl Fn(&Socket)) -> io::Resu
 }
 
 /// A tokio UDP socket per [`bind`].
-pub fn udp(addr: SocketAddr, configure: impl Fn(&Socket)) -> io::Result<tokio::net::UdpSocket> {
+pub(crate) fn udp(addr: SocketAddr, configure: impl Fn(&Socket)) -> io::Result<tokio::net::UdpSocket> {
     let s = bind(addr, Type::DGRAM, configure).map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
     tokio::net::UdpSocket::from_std(s.into())
 }
 
 /// A tokio TCP listener per [`bind`].
-pub fn tcp_listener(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let s = bind(addr, Type::STREAM, |_| {}).map_err(|e| io::Error::new(e.kind(), format!("cannot bind TCP {addr}: {e}")))?;
     s.listen(1024)?;
     tokio::net::TcpListener::from_std(s.into())

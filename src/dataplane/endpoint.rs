@@ -7,13 +7,14 @@
 //! the cloud metadata service or a multicast group. The control server and
 //! the node both apply this one rule, so a bad endpoint is refused where it
 //! is reported and again where it would be used.
+#![warn(missing_docs)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Whether `addr` is a plausible unicast underlay endpoint of another host:
 /// not loopback, link-local (which includes 169.254.169.254, the metadata
 /// service), multicast, broadcast, unspecified or reserved, and not port 0. IPv4-mapped IPv6 addresses are judged as the IPv4 address.
-pub fn is_valid_endpoint(addr: &SocketAddr) -> bool {
+pub(crate) fn is_valid_endpoint(addr: &SocketAddr) -> bool {
     if addr.port() == 0 {
         return false;
     }

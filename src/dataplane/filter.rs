@@ -17,6 +17,7 @@
 //!
 //! Sans-IO: the filter is plain state fed packets, peer keys and time; the
 //! [`PolicyJudge`] consults the live identity table and policy.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What an inbound packet is, as far as admission goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Inbound {
+pub(crate) enum Inbound {
     /// A TCP segment with SYN and without ACK: a new connection to `port`.
     Syn { port: u16 },
     /// An ICMP or ICMPv6 echo request.
@@ -53,7 +54,7 @@ pub enum Inbound {
 
 /// What to do with one inbound packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Hand it to the netstack.
     Pass,
     /// A refused SYN: answer with a RST ([`rst_for`]) and drop it.
@@ -63,7 +64,7 @@ pub enum Verdict {
 }
 
 /// Classify a decrypted IP packet.
-pub fn classify(packet: &[u8]) -> Inbound {
+pub(crate) fn classify(packet: &[u8]) -> Inbound {
     let Some((proto, payload)) = transport(packet) else { return Inbound::Unwanted };
     match proto {
         IpProtocol::Tcp => match TcpPacket::new_checked(payload) {
@@ -105,7 +106,7 @@ fn transport(packet: &[u8]) -> Option<(IpProtocol, &[u8])> {
 }
 
 /// The RST answering a refused SYN, as a closed port would send it.
-pub fn rst_for(syn: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn rst_for(syn: &[u8]) -> Option<Vec<u8>> {
     let (src, dst, payload) = match syn.first()? >> 4 {
         4 => {
             let p = Ipv4Packet::new_checked(syn).ok()?;
@@ -142,10 +143,10 @@ pub fn rst_for(syn: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Why a connection was refused, for the log.
-pub type Refusal = String;
+pub(crate) type Refusal = String;
 
 /// Decides whether a peer may open a connection to this node.
-pub trait Judge: Send + Sync {
+pub(crate) trait Judge: Send + Sync {
     /// May the peer with WireGuard key `peer` connect to TCP `port` here?
     fn admit_tcp(&self, peer: &Key, port: u16) -> Result<(), Refusal>;
     /// May it ping this node? `listening` are the TCP ports served here.
@@ -173,23 +174,23 @@ struct PeerCount {
 }
 
 /// The filter: a judge plus per-peer refusal counters.
-pub struct Filter {
+pub(crate) struct Filter {
     judge: Arc<dyn Judge>,
     peers: HashMap<Key, PeerCount>,
 }
 
 impl Filter {
-    pub fn new(judge: Arc<dyn Judge>) -> Self {
+    pub(crate) fn new(judge: Arc<dyn Judge>) -> Self {
         Filter { judge, peers: HashMap::new() }
     }
 
-    pub fn judge(&self) -> &Arc<dyn Judge> {
+    pub(crate) fn judge(&self) -> &Arc<dyn Judge> {
         &self.judge
     }
 
     /// Judge one decrypted packet from `peer`, as [`classify`] saw it.
     /// `listening` is asked only for echo requests.
-    pub fn check(&mut self, peer: &Key, packet: Inbound, listening: impl FnOnce() -> Vec<u16>, now: Instant) -> Verdict {
+    pub(crate) fn check(&mut self, peer: &Key, packet: Inbound, listening: impl FnOnce() -> Vec<u16>, now: Instant) -> Verdict {
         let (what, result) = match packet {
             Inbound::Other => return Verdict::Pass,
             Inbound::Unwanted => return Verdict::Drop,
@@ -219,19 +220,19 @@ impl Filter {
     }
 
     /// How many connections from `peer` were refused so far.
-    pub fn refused(&self, peer: &Key) -> u64 {
+    pub(crate) fn refused(&self, peer: &Key) -> u64 {
         self.peers.get(peer).map_or(0, |c| c.refused)
     }
 
     /// Forget a removed peer's counters.
-    pub fn forget(&mut self, peer: &Key) {
+    pub(crate) fn forget(&mut self, peer: &Key) {
         self.peers.remove(peer);
     }
 }
 
 /// Refuses every new inbound connection: for nodes that only dial out
 /// (`tailgate nc` without a daemon).
-pub struct DenyAll;
+pub(crate) struct DenyAll;
 
 impl Judge for DenyAll {
     fn admit_tcp(&self, _: &Key, _: u16) -> Result<(), Refusal> {
@@ -245,11 +246,11 @@ impl Judge for DenyAll {
 /// `check_network(caller, this node, port)` allows it or, on the port of
 /// this node's SSH server, when some accept/check `[[ssh]]` rule could
 /// admit the caller here. Unknown peers are refused.
-pub struct PolicyJudge {
-    pub resolver: Arc<dyn IdentityResolver>,
-    pub policy: PolicyHandle,
+pub(crate) struct PolicyJudge {
+    pub(crate) resolver: Arc<dyn IdentityResolver>,
+    pub(crate) policy: PolicyHandle,
     /// The embedded SSH server's port, if it runs.
-    pub ssh_port: Option<u16>,
+    pub(crate) ssh_port: Option<u16>,
 }
 
 impl Judge for PolicyJudge {
@@ -282,7 +283,7 @@ impl Judge for PolicyJudge {
 /// Judge `node`'s inbound connections by `policy` and the identities from
 /// `resolver`, live: when either is replaced, open connections the new state
 /// no longer admits are reset (except on the SSH port, see [`Judge::rejudges`]).
-pub fn install(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: PolicyHandle, ssh_port: Option<u16>) {
+pub(crate) fn install(node: &Node, resolver: Arc<dyn IdentityResolver>, policy: PolicyHandle, ssh_port: Option<u16>) {
     let changes = vec![resolver.changes(), policy.changes()];
     node.set_inbound_filter(Arc::new(PolicyJudge { resolver, policy, ssh_port }));
     node.rejudge_on(changes);

@@ -7,6 +7,7 @@
 //! deadline they report. The core and the stack sit behind separate mutexes,
 //! never held together, so application tasks reading and writing streams
 //! contend only with the (short) stack phase of the loop.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::io;
@@ -32,23 +33,27 @@ const RX_BATCH: usize = 128;
 const ACCEPT_BACKLOG: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What [`Node::start`] needs: key, tailnet addresses, UDP address, peers.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    pub private_key: PrivateKey,
+    pub(crate) private_key: PrivateKey,
     /// The node's tailnet addresses.
-    pub addresses: Vec<IpAddr>,
+    pub(crate) addresses: Vec<IpAddr>,
     /// UDP address to bind; port 0 picks one.
     pub listen: SocketAddr,
+    /// The WireGuard peers to start with.
     pub peers: Vec<PeerConfig>,
     /// Choose per peer between direct UDP (proven by probes) and the relay.
     pub manage_paths: bool,
     /// The inbound filter from the first packet on (`None`: admit every
     /// connection, for library use). Nodes the CLI starts begin with
     /// [`crate::dataplane::filter::DenyAll`] and switch to the policy once it is wired.
-    pub inbound: Option<Arc<dyn Judge>>,
+    pub(crate) inbound: Option<Arc<dyn Judge>>,
 }
 
 impl NodeConfig {
+    /// A node with no peers on a kernel-chosen UDP port, paths unmanaged and
+    /// no inbound filter.
     pub fn new(private_key: PrivateKey, addresses: Vec<IpAddr>) -> Self {
         NodeConfig {
             private_key,
@@ -100,41 +105,44 @@ pub struct Node {
 
 /// One peer as `status` shows it.
 #[derive(Clone, Debug, Serialize)]
-pub struct PeerStatus {
-    pub public_key: String,
-    pub allowed_ips: Vec<String>,
-    pub endpoint: Option<SocketAddr>,
-    pub last_handshake_secs_ago: Option<u64>,
+pub(crate) struct PeerStatus {
+    pub(crate) public_key: String,
+    pub(crate) allowed_ips: Vec<String>,
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) last_handshake_secs_ago: Option<u64>,
     /// "direct ADDR" or "relay" under path management.
-    pub path: Option<String>,
-    pub last_probe: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) last_probe: Option<String>,
     /// New connections (SYNs, pings) from this peer the inbound filter refused.
-    pub refused_inbound: u64,
+    pub(crate) refused_inbound: u64,
     #[serde(flatten)]
-    pub stats: wg::PeerStats,
+    pub(crate) stats: wg::PeerStats,
 }
 
+/// What `tailgate status` shows of the data plane.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeStatus {
-    pub public_key: String,
-    pub addresses: Vec<IpAddr>,
-    pub listen: SocketAddr,
-    pub peers: Vec<PeerStatus>,
+    pub(crate) public_key: String,
+    pub(crate) addresses: Vec<IpAddr>,
+    pub(crate) listen: SocketAddr,
+    pub(crate) peers: Vec<PeerStatus>,
     #[serde(flatten)]
+    /// Datagrams WireGuard dropped, by reason.
     pub stats: wg::GlobalStats,
+    /// TCP sockets in the userspace stack (listening ones included).
     pub tcp_sockets: usize,
     /// Loss recovery of the userspace TCP stack, over all connections so far.
-    pub tcp_retransmits: TcpRetransmits,
+    pub(crate) tcp_retransmits: TcpRetransmits,
 }
 
 /// smoltcp's loss recovery counters (see ARCHITECTURE.md, "smoltcp patch").
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct TcpRetransmits {
+pub(crate) struct TcpRetransmits {
     /// Retransmission timer expiries: stalls of at least 200 ms each.
-    pub timeouts: u64,
+    pub(crate) timeouts: u64,
     /// Loss episodes repaired by SACK / fast retransmit.
-    pub recoveries: u64,
-    pub retransmitted_segments: u64,
+    pub(crate) recoveries: u64,
+    pub(crate) retransmitted_segments: u64,
 }
 
 impl Node {
@@ -162,21 +170,23 @@ impl Node {
         Ok(Node { inner, addresses: std::sync::RwLock::new(config.addresses), udp_addr, task, relay_tx })
     }
 
-    pub fn addresses(&self) -> Vec<IpAddr> {
+    pub(crate) fn addresses(&self) -> Vec<IpAddr> {
         self.addresses.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replace the node's tailnet addresses.
-    pub fn set_addresses(&self, addresses: Vec<IpAddr>) {
+    pub(crate) fn set_addresses(&self, addresses: Vec<IpAddr>) {
         self.inner.shared.lock().set_addresses(&addresses);
         *self.addresses.write().unwrap_or_else(|e| e.into_inner()) = addresses;
         self.inner.shared.wake.notify_one();
     }
 
+    /// The bound WireGuard UDP address (with the port the kernel chose).
     pub fn udp_addr(&self) -> SocketAddr {
         self.udp_addr
     }
 
+    /// The node's WireGuard public key.
     pub fn public_key(&self) -> Key {
         self.inner.engine().core.public_key()
     }
@@ -226,18 +236,13 @@ impl Node {
 
     /// Judge every new inbound connection with `judge` from now on (see
     /// [`crate::dataplane::filter`]). Without a filter the node admits everything.
-    pub fn set_inbound_filter(&self, judge: Arc<dyn Judge>) {
+    pub(crate) fn set_inbound_filter(&self, judge: Arc<dyn Judge>) {
         self.inner.shared.lock().set_filter(Some(Filter::new(judge)));
-    }
-
-    /// Re-judge open inbound connections now; returns how many were reset.
-    pub fn rejudge_inbound(&self) -> usize {
-        rejudge(&self.inner)
     }
 
     /// Re-judge open inbound connections whenever one of `changes` fires
     /// (policy or identity table replaced), for as long as the node runs.
-    pub fn rejudge_on(&self, changes: Vec<tokio::sync::watch::Receiver<u64>>) {
+    pub(crate) fn rejudge_on(&self, changes: Vec<tokio::sync::watch::Receiver<u64>>) {
         let inner = Arc::downgrade(&self.inner);
         for mut rx in changes {
             let inner = inner.clone();
@@ -251,7 +256,7 @@ impl Node {
     }
 
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
-    pub fn upsert_peer(&self, config: PeerConfig) -> anyhow::Result<()> {
+    pub(crate) fn upsert_peer(&self, config: PeerConfig) -> anyhow::Result<()> {
         self.inner.engine().core.upsert_peer(config)?;
         self.inner.shared.wake.notify_one();
         Ok(())
@@ -259,7 +264,7 @@ impl Node {
 
     /// Handshake with this peer now rather than at the first packet (see
     /// [`Core::greet`]).
-    pub fn greet(&self, key: &Key) {
+    pub(crate) fn greet(&self, key: &Key) {
         self.inner.engine().core.greet(key);
         self.inner.shared.wake.notify_one();
     }
@@ -277,12 +282,12 @@ impl Node {
     }
 
     /// Our own endpoints, offered to peers in call-me-maybe.
-    pub fn set_my_endpoints(&self, endpoints: Vec<SocketAddr>) {
+    pub(crate) fn set_my_endpoints(&self, endpoints: Vec<SocketAddr>) {
         self.inner.engine().core.set_my_endpoints(endpoints);
     }
 
     /// Use this relay for peers without a proven direct path (`None`: no relay).
-    pub fn set_relay(&self, link: Option<Arc<dyn RelayLink>>) {
+    pub(crate) fn set_relay(&self, link: Option<Arc<dyn RelayLink>>) {
         let mut engine = self.inner.engine();
         engine.core.set_relay_up(link.is_some());
         engine.relay = link;
@@ -291,29 +296,29 @@ impl Node {
     }
 
     /// Where a relay task delivers inbound datagrams: (source node key, datagram).
-    pub fn relay_inbound(&self) -> mpsc::Sender<(Key, Vec<u8>)> {
+    pub(crate) fn relay_inbound(&self) -> mpsc::Sender<(Key, Vec<u8>)> {
         self.relay_tx.clone()
     }
 
     /// Ask this STUN server for our public endpoint every so often; results
     /// arrive on [`Node::public_endpoint`].
-    pub fn set_stun_server(&self, server: Option<SocketAddr>) {
+    pub(crate) fn set_stun_server(&self, server: Option<SocketAddr>) {
         self.inner.engine().core.set_stun_server(server, Instant::now());
         self.inner.shared.wake.notify_one();
     }
 
-    pub fn public_endpoint(&self) -> tokio::sync::watch::Receiver<Option<SocketAddr>> {
+    pub(crate) fn public_endpoint(&self) -> tokio::sync::watch::Receiver<Option<SocketAddr>> {
         self.inner.public_endpoint.subscribe()
     }
 
     /// A network change: distrust every direct path and probe again.
-    pub fn network_changed(&self) {
+    pub(crate) fn network_changed(&self) {
         self.inner.engine().core.network_changed(Instant::now());
         self.inner.shared.wake.notify_one();
     }
 
     /// Remove a peer and cut its connections.
-    pub fn remove_peer(&self, key: &Key, allowed_ips: &[IpAddr]) {
+    pub(crate) fn remove_peer(&self, key: &Key, allowed_ips: &[IpAddr]) {
         self.inner.engine().core.remove_peer(key);
         let mut st = self.inner.shared.lock();
         for ip in allowed_ips {
@@ -324,6 +329,7 @@ impl Node {
         self.inner.shared.wake.notify_one();
     }
 
+    /// A snapshot of the node, its peers and their paths.
     pub fn status(&self) -> NodeStatus {
         let now = Instant::now();
         let (public_key, stats, mut peers) = {
@@ -390,7 +396,7 @@ impl Drop for Node {
 /// A connection to the relay as the data plane sees it: fire-and-forget
 /// datagrams addressed by node key (inbound ones arrive on the channel from
 /// [`Node::relay_inbound`]).
-pub trait RelayLink: Send + Sync {
+pub(crate) trait RelayLink: Send + Sync {
     /// Queue a datagram for `dst`; false if it was dropped (link down or full).
     fn send(&self, dst: &Key, datagram: &[u8]) -> bool;
 }

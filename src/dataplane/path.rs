@@ -27,6 +27,7 @@
 //! - Received pings and call-me-maybes pass a per-peer token bucket
 //!   ([`PING_RATE`], [`CALL_ME_MAYBE_RATE`]), and every disco message must be
 //!   new to the peer's [`crate::dataplane::disco::ReplayWindow`].
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,32 +46,32 @@ fn take_one(bucket: &mut TokenBucket, now: Instant) -> bool {
     true
 }
 
-pub const TRUST: Duration = Duration::from_millis(6500);
-pub const KEEPALIVE: Duration = Duration::from_secs(2);
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
-pub const PROBE_MAX_INTERVAL: Duration = Duration::from_secs(5);
-pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const TRUST: Duration = Duration::from_millis(6500);
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const PROBE_MAX_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// Call-me-maybe goes out at most this often: answering one probes at once,
 /// and without a limit two peers would bounce them back and forth.
-pub const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const CALL_ME_MAYBE_INTERVAL: Duration = Duration::from_secs(2);
 /// A ping not answered within this long is forgotten.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Candidates kept per peer. A peer has a handful of interfaces plus a
 /// public mapping; more is either a misconfiguration or an attack.
 pub const MAX_CANDIDATES: usize = 16;
 /// A learned candidate neither re-announced nor proven for this long is dropped.
-pub const LEARNED_TTL: Duration = Duration::from_secs(60);
+pub(crate) const LEARNED_TTL: Duration = Duration::from_secs(60);
 /// Received pings per second (and burst) per peer. A peer pings each of our
 /// candidates once a round; rounds are at most every [`PROBE_INTERVAL`] plus
 /// one per call-me-maybe.
 pub const PING_RATE: (u64, u64) = (10, 2 * MAX_CANDIDATES as u64);
 /// Received call-me-maybes per second (and burst) per peer; peers send one
 /// per [`CALL_ME_MAYBE_INTERVAL`].
-pub const CALL_ME_MAYBE_RATE: (u64, u64) = (1, 3);
+pub(crate) const CALL_ME_MAYBE_RATE: (u64, u64) = (1, 3);
 
 /// Where packets for the peer should go now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Direct(SocketAddr),
     Relay,
 }
@@ -78,7 +79,7 @@ pub enum Route {
 /// Where the search for a direct path to one peer stands. Every state but
 /// `Direct` sends traffic over the relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// No direct path yet: every candidate is pinged each round, rounds back
     /// off from [`PROBE_INTERVAL`] toward [`PROBE_MAX_INTERVAL`].
     Probing,
@@ -136,7 +137,7 @@ impl Timers {
 
 /// Something the driver must send.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// A sealed ping with this transaction id, straight to this address.
     Ping { to: SocketAddr, tx_id: [u8; 12] },
     /// Ask the peer (via the relay) to ping our endpoints now.
@@ -165,7 +166,7 @@ impl Candidate {
 }
 
 #[derive(Debug)]
-pub struct PathState {
+pub(crate) struct PathState {
     candidates: HashMap<SocketAddr, Candidate>,
     pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
     state: State,
@@ -173,7 +174,7 @@ pub struct PathState {
     /// The pause before the next unanswered probe round (grows while probing).
     probe_interval: Duration,
     /// Last probe outcome, for `status`.
-    pub last_result: Option<String>,
+    pub(crate) last_result: Option<String>,
     tx_counter: u64,
     salt: u32,
     replay: ReplayWindow,
@@ -182,7 +183,7 @@ pub struct PathState {
 }
 
 impl PathState {
-    pub fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         let mut timers = Timers::default();
         timers.arm(Timer::Probe, now);
         PathState {
@@ -201,7 +202,8 @@ impl PathState {
     }
 
     /// Where the search for a direct path stands.
-    pub fn state(&self) -> State {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 
@@ -226,7 +228,7 @@ impl PathState {
 
     /// The peer's endpoints from the netmap changed. Learned candidates stay
     /// (they expire on their own); netmap ones no longer listed go.
-    pub fn set_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
+    pub(crate) fn set_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
         let mut wanted: Vec<SocketAddr> = Vec::new();
         for e in endpoints.iter().filter(|e| is_valid_endpoint(e)) {
             if !wanted.contains(e) && wanted.len() < MAX_CANDIDATES {
@@ -314,7 +316,7 @@ impl PathState {
     }
 
     /// Add candidates without dropping the known ones.
-    pub fn add_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
+    pub(crate) fn add_candidates(&mut self, endpoints: &[SocketAddr], now: Instant) {
         for e in endpoints.iter().take(MAX_CANDIDATES) {
             self.learn(*e, now);
         }
@@ -326,13 +328,13 @@ impl PathState {
 
     /// An authenticated disco message from the peer carried `counter`: true
     /// if it is new (act on it), false for a replay (drop it).
-    pub fn accept_counter(&mut self, counter: u64) -> bool {
+    pub(crate) fn accept_counter(&mut self, counter: u64) -> bool {
         self.replay.accept(counter)
     }
 
     /// A (fresh, authenticated) ping from the peer arrived from `from`.
     /// Returns whether to answer it with a pong there.
-    pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
+    pub(crate) fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
         if !is_valid_endpoint(&from) || !take_one(&mut self.pings_in, now) {
             return false;
         }
@@ -348,7 +350,7 @@ impl PathState {
 
     /// A (fresh, authenticated) call-me-maybe: probe these endpoints now.
     /// Returns false if it was dropped by the rate limit.
-    pub fn on_call_me_maybe(&mut self, endpoints: &[SocketAddr], now: Instant) -> bool {
+    pub(crate) fn on_call_me_maybe(&mut self, endpoints: &[SocketAddr], now: Instant) -> bool {
         if !take_one(&mut self.call_me_maybes_in, now) {
             return false;
         }
@@ -356,12 +358,12 @@ impl PathState {
         true
     }
 
-    pub fn candidates(&self) -> impl Iterator<Item = &SocketAddr> {
+    pub(crate) fn candidates(&self) -> impl Iterator<Item = &SocketAddr> {
         self.candidates.keys()
     }
 
     /// A pong arrived from `from` for `tx_id`.
-    pub fn on_pong(&mut self, from: SocketAddr, tx_id: [u8; 12], now: Instant) -> bool {
+    pub(crate) fn on_pong(&mut self, from: SocketAddr, tx_id: [u8; 12], now: Instant) -> bool {
         let Some((to, sent)) = self.pending.remove(&tx_id) else { return false };
         if to != from {
             // A pong must come back from where the ping went.
@@ -379,7 +381,7 @@ impl PathState {
 
     /// Authenticated WireGuard traffic came straight from `from`: that
     /// address works (the peer roamed, or our probes were answered by data).
-    pub fn on_direct_traffic(&mut self, from: SocketAddr, now: Instant) {
+    pub(crate) fn on_direct_traffic(&mut self, from: SocketAddr, now: Instant) {
         if !self.learn(from, now) {
             return;
         }
@@ -391,7 +393,7 @@ impl PathState {
     }
 
     /// A network change: trust nothing, probe everything now.
-    pub fn reset(&mut self, now: Instant) {
+    pub(crate) fn reset(&mut self, now: Instant) {
         for c in self.candidates.values_mut() {
             c.proven_at = None;
         }
@@ -427,7 +429,7 @@ impl PathState {
     }
 
     /// The route for traffic now.
-    pub fn route(&self, now: Instant) -> Route {
+    pub(crate) fn route(&self, now: Instant) -> Route {
         match self.state {
             State::Direct(b) if self.trusted(&b, now) => Route::Direct(b),
             _ => Route::Relay,
@@ -458,7 +460,7 @@ impl PathState {
     }
 
     /// Probes due now. Call again at [`PathState::next_deadline`].
-    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+    pub(crate) fn poll(&mut self, now: Instant) -> Vec<Action> {
         self.expire(now);
         if let State::Direct(b) = self.state
             && (self.timers.due(Timer::Trust, now) || !self.trusted(&b, now))
@@ -509,7 +511,7 @@ impl PathState {
     /// When [`PathState::poll`] has work next; `None` while it has none.
     /// Without candidates `poll` sends nothing, so a `Probe` timer left due
     /// there must not wake the caller (it would spin on a past deadline).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if self.candidates.is_empty() {
             return None;
         }

@@ -9,6 +9,7 @@
 //! ([`start`]) that maps, renews at half the granted lifetime, and deletes the
 //! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
 //! answer; the task then stays quiet and tries again every [`RETRY`].
+#![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -16,17 +17,17 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// NAT-PMP's port on the gateway.
-pub const SERVER_PORT: u16 = 5351;
+pub(crate) const SERVER_PORT: u16 = 5351;
 /// The lifetime we ask for; RFC 6886 recommends two hours.
-pub const LIFETIME: u32 = 7200;
+pub(crate) const LIFETIME: u32 = 7200;
 /// How long to wait before asking again when nothing answered.
-pub const RETRY: Duration = Duration::from_secs(300);
+pub(crate) const RETRY: Duration = Duration::from_secs(300);
 /// RFC 6886 starts at 250 ms and doubles; three tries are enough on a LAN.
 const ATTEMPTS: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1)];
 
 /// A request to the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Request {
+pub(crate) enum Request {
     /// "What is your public address?"
     ExternalAddress,
     /// Map UDP `internal` to (preferably) `external` for `lifetime` seconds;
@@ -35,7 +36,7 @@ pub enum Request {
 }
 
 impl Request {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         match *self {
             Request::ExternalAddress => vec![0, 0],
             Request::MapUdp { internal, external, lifetime } => {
@@ -51,13 +52,13 @@ impl Request {
 
 /// A successful answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Response {
+pub(crate) enum Response {
     ExternalAddress(Ipv4Addr),
     MappedUdp { internal: u16, external: u16, lifetime: u32 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("not a NAT-PMP response")]
     Malformed,
     #[error("the gateway refused the request (NAT-PMP result code {0})")]
@@ -66,7 +67,7 @@ pub enum Error {
 
 /// Parse a gateway's answer. Anything but an exact version 0 response of a
 /// known opcode and length is [`Error::Malformed`].
-pub fn parse_response(b: &[u8]) -> Result<Response, Error> {
+pub(crate) fn parse_response(b: &[u8]) -> Result<Response, Error> {
     let be16 = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
     let be32 = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     if b.len() < 8 || b[0] != 0 {
@@ -82,7 +83,7 @@ pub fn parse_response(b: &[u8]) -> Result<Response, Error> {
 }
 
 /// The IPv4 default gateway from `/proc/net/route` (Linux), if any.
-pub fn default_gateway() -> Option<Ipv4Addr> {
+pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
     parse_default_gateway(&std::fs::read_to_string("/proc/net/route").ok()?)
 }
 
@@ -103,7 +104,7 @@ fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
 
 /// The running mapper: the mapped public address (if any) on [`PortMapper::mapped`];
 /// dropping it stops the task and deletes the mapping.
-pub struct PortMapper {
+pub(crate) struct PortMapper {
     mapped: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
     gateway: Ipv4Addr,
@@ -111,7 +112,7 @@ pub struct PortMapper {
 }
 
 impl PortMapper {
-    pub fn mapped(&self) -> watch::Receiver<Option<SocketAddr>> {
+    pub(crate) fn mapped(&self) -> watch::Receiver<Option<SocketAddr>> {
         self.mapped.clone()
     }
 }
@@ -133,7 +134,7 @@ impl Drop for PortMapper {
 
 /// Start mapping UDP `internal` (our WireGuard port) on the default gateway.
 /// `None` when there is no IPv4 default gateway.
-pub fn start(internal: u16) -> Option<PortMapper> {
+pub(crate) fn start(internal: u16) -> Option<PortMapper> {
     let gateway = default_gateway()?;
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(run(gateway, internal, tx));

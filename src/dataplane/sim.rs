@@ -12,6 +12,7 @@
 //! comes from a seeded generator). Only boringtun's internal clock still
 //! reads real time, so scenarios never depend on WireGuard's own retry
 //! timers (a lost handshake would not be retried).
+#![warn(missing_docs)]
 
 #[cfg(test)]
 mod scenarios;
@@ -27,7 +28,7 @@ use crate::key::{Key, PrivateKey};
 
 /// How a host's NAT maps and filters UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Nat {
+pub(crate) enum Nat {
     /// Endpoint-independent mapping and filtering: once mapped, anyone can send in.
     FullCone,
     /// Endpoint-independent mapping; only addresses the host sent to may answer.
@@ -40,34 +41,34 @@ pub enum Nat {
 
 /// How a packet reached the stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     Direct,
     Relay,
 }
 
 /// The STUN server's public address.
-pub const STUN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
+pub(crate) const STUN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
 /// The port every host's socket binds on its LAN.
 const LOCAL_PORT: u16 = 41641;
 
-pub struct Host {
-    pub core: Core,
-    pub private_key: PrivateKey,
-    pub key: Key,
+pub(crate) struct Host {
+    pub(crate) core: Core,
+    pub(crate) private_key: PrivateKey,
+    pub(crate) key: Key,
     /// The host's tailnet address (100.64.0.x).
-    pub tailnet_ip: Ipv4Addr,
+    pub(crate) tailnet_ip: Ipv4Addr,
     /// The socket on its private LAN.
-    pub local: SocketAddr,
-    pub nat: Nat,
-    pub public_ip: Ipv4Addr,
+    pub(crate) local: SocketAddr,
+    pub(crate) nat: Nat,
+    pub(crate) public_ip: Ipv4Addr,
     /// NAT mappings: destination (`None`: endpoint-independent) -> public port.
     mappings: HashMap<Option<SocketAddr>, u16>,
     /// (public port, remote) pairs the NAT lets in under port-restricted filtering.
     permits: HashSet<(u16, SocketAddr)>,
     next_port: u16,
     /// Tailnet packets the stack received, with the path they came by.
-    pub received: Vec<(Via, Vec<u8>)>,
-    pub stun_endpoint: Option<SocketAddr>,
+    pub(crate) received: Vec<(Via, Vec<u8>)>,
+    pub(crate) stun_endpoint: Option<SocketAddr>,
 }
 
 /// Something on the wire.
@@ -79,28 +80,28 @@ enum Frame {
 
 /// One datagram the simulation saw leave a NAT (for assertions).
 #[derive(Clone, Debug)]
-pub struct Wire {
-    pub from: SocketAddr,
-    pub to: SocketAddr,
-    pub data: Vec<u8>,
+pub(crate) struct Wire {
+    pub(crate) from: SocketAddr,
+    pub(crate) to: SocketAddr,
+    pub(crate) data: Vec<u8>,
 }
 
-pub struct Sim {
-    pub now: Instant,
-    pub hosts: Vec<Host>,
+pub(crate) struct Sim {
+    pub(crate) now: Instant,
+    pub(crate) hosts: Vec<Host>,
     in_flight: BTreeMap<(Instant, u64), Frame>,
     seq: u64,
-    pub latency: Duration,
-    pub relay_latency: Duration,
+    pub(crate) latency: Duration,
+    pub(crate) relay_latency: Duration,
     /// Chance in a million that a UDP datagram is lost.
-    pub loss_ppm: u32,
+    pub(crate) loss_ppm: u32,
     rng: u64,
     /// The relay forwards frames (false: it is down and drops them).
-    pub relay_up: bool,
+    pub(crate) relay_up: bool,
     /// Direct UDP between hosts is cut (STUN still works).
-    pub direct_cut: bool,
+    pub(crate) direct_cut: bool,
     /// Every UDP datagram that left a NAT.
-    pub wire: Vec<Wire>,
+    pub(crate) wire: Vec<Wire>,
 }
 
 /// Collects one host's output during one call into the core.
@@ -128,7 +129,7 @@ impl Transmit for Out {
 }
 
 /// A minimal IPv4/UDP packet: enough for WireGuard's routing and checks.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let len = 20 + payload.len();
     let mut p = vec![0x45, 0, (len >> 8) as u8, len as u8, 0, 0, 0, 0, 64, 17, 0, 0];
     p.extend_from_slice(&src.octets());
@@ -141,7 +142,7 @@ impl Sim {
     /// A network of hosts behind `nats`, all peers of each other, with
     /// path management on and the relay connected. No endpoints are known
     /// yet: traffic starts on the relay until [`Sim::enable_stun`].
-    pub fn new(nats: &[Nat]) -> Sim {
+    pub(crate) fn new(nats: &[Nat]) -> Sim {
         let now = Instant::now();
         let keys: Vec<PrivateKey> = nats.iter().map(|_| wg::generate_private_key()).collect();
         let mut hosts: Vec<Host> = Vec::new();
@@ -198,7 +199,7 @@ impl Sim {
 
     /// Start every host's STUN queries (the control server tells nodes where
     /// its STUN port is); answers become candidates at the other hosts.
-    pub fn enable_stun(&mut self) {
+    pub(crate) fn enable_stun(&mut self) {
         let now = self.now;
         for i in 0..self.hosts.len() {
             self.hosts[i].core.set_stun_server(Some(STUN), now);
@@ -226,13 +227,13 @@ impl Sim {
     }
 
     /// The route host `i` uses for host `j` now.
-    pub fn route(&self, i: usize, j: usize) -> Route {
+    pub(crate) fn route(&self, i: usize, j: usize) -> Route {
         self.hosts[i].core.path(&self.hosts[j].key, self.now).expect("managed peer").route
     }
 
     /// Where host `i`'s NAT currently maps its socket for `to` (`None`:
     /// nothing mapped yet).
-    pub fn public_addr(&self, i: usize, to: SocketAddr) -> Option<SocketAddr> {
+    pub(crate) fn public_addr(&self, i: usize, to: SocketAddr) -> Option<SocketAddr> {
         let h = &self.hosts[i];
         let key = if h.nat == Nat::Symmetric { Some(to) } else { None };
         h.mappings.get(&key).map(|p| SocketAddr::new(IpAddr::V4(h.public_ip), *p))
@@ -240,7 +241,7 @@ impl Sim {
 
     /// The NAT of host `i` forgets its mappings (a rebinding: the host now
     /// appears from new public ports).
-    pub fn rebind(&mut self, i: usize) {
+    pub(crate) fn rebind(&mut self, i: usize) {
         let h = &mut self.hosts[i];
         h.mappings.clear();
         h.permits.clear();
@@ -250,7 +251,7 @@ impl Sim {
     /// Host `i` restarts: a fresh core with the same key (so no WireGuard
     /// session), its socket mapped anew by the NAT, the peers re-learned from
     /// "control". With `greet`, it greets them the way the agent does.
-    pub fn restart(&mut self, i: usize, greet: bool) {
+    pub(crate) fn restart(&mut self, i: usize, greet: bool) {
         let now = self.now;
         let had_stun = self.hosts[i].stun_endpoint.is_some();
         let mut core = Core::new(self.hosts[i].private_key.clone(), true, now, 1_700_000_000_000_000);
@@ -279,7 +280,7 @@ impl Sim {
     }
 
     /// Host `i`'s stack sends `payload` to host `j`'s tailnet address.
-    pub fn send(&mut self, i: usize, j: usize, payload: &[u8]) {
+    pub(crate) fn send(&mut self, i: usize, j: usize, payload: &[u8]) {
         let p = ipv4(self.hosts[i].tailnet_ip, self.hosts[j].tailnet_ip, payload);
         let now = self.now;
         self.with_core(i, |core, out| core.send_ip(now, &p, out), Via::Direct);
@@ -287,7 +288,7 @@ impl Sim {
 
     /// Hand host `i` a datagram from `from` as if it came off its socket, and
     /// return what the core sent in reply (before any NAT).
-    pub fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> Vec<(SocketAddr, Vec<u8>)> {
+    pub(crate) fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> Vec<(SocketAddr, Vec<u8>)> {
         let now = self.now;
         let mut out = Out { relay_up: self.relay_up, ..Out::default() };
         self.hosts[i].core.handle_datagram(now, from, data, &mut out);
@@ -357,7 +358,7 @@ impl Sim {
     }
 
     /// Send a datagram from an address on the Internet (not behind a NAT).
-    pub fn put_on_wire(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+    pub(crate) fn put_on_wire(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
         if self.lost() {
             return;
         }
@@ -405,7 +406,7 @@ impl Sim {
     }
 
     /// Advance the clock by `d`, delivering frames and running timers in order.
-    pub fn run_for(&mut self, d: Duration) {
+    pub(crate) fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
         loop {
             let next_frame = self.in_flight.keys().next().map(|(t, _)| *t);
@@ -438,7 +439,7 @@ impl Sim {
     }
 
     /// Tailnet packets host `i` received with `payload`, by path.
-    pub fn received(&self, i: usize, payload: &[u8]) -> Vec<Via> {
+    pub(crate) fn received(&self, i: usize, payload: &[u8]) -> Vec<Via> {
         self.hosts[i].received.iter().filter(|(_, p)| p.ends_with(payload)).map(|(v, _)| *v).collect()
     }
 }

@@ -24,6 +24,7 @@
 //! XOR-MAPPED-ADDRESS, MAPPED-ADDRESS (for old clients that read only that),
 //! SOFTWARE, and FINGERPRINT when the request had one: 76 bytes for IPv4, so
 //! reflection amplification stays below 4x the smallest (20-byte) request.
+#![warn(missing_docs)]
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,13 +35,13 @@ use stun_types::message::{BINDING, Message, MessageClass, MessageType, MessageWr
 use stun_types::prelude::*;
 
 /// The RFC 5389 magic cookie (bytes 4..8 of every message).
-pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+pub(crate) const MAGIC_COOKIE: u32 = 0x2112_A442;
 /// Bytes of a STUN header.
-pub const HEADER_LEN: usize = 20;
+pub(crate) const HEADER_LEN: usize = 20;
 /// Largest message [`answer_binding_request`] looks at.
-pub const MAX_MESSAGE: usize = 1500;
+pub(crate) const MAX_MESSAGE: usize = 1500;
 /// SOFTWARE attribute of the server's answers.
-pub const SOFTWARE: &str = "tailgate";
+pub(crate) const SOFTWARE: &str = "tailgate";
 
 const MAPPED_ADDRESS: AttributeType = AttributeType::new(0x0001);
 
@@ -153,23 +154,23 @@ pub fn answer_binding_request(req: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
 
 /// The control server's STUN responder: one UDP socket, answers Binding
 /// requests, ignores everything else.
-pub struct StunServer {
+pub(crate) struct StunServer {
     socket: tokio::net::UdpSocket,
 }
 
 impl StunServer {
     /// Binds `addr` (the control server binds the IP and port of its TCP
     /// listener); a wildcard address answers on IPv4 and IPv6.
-    pub async fn bind(addr: SocketAddr) -> io::Result<StunServer> {
+    pub(crate) async fn bind(addr: SocketAddr) -> io::Result<StunServer> {
         Ok(StunServer { socket: crate::dataplane::dualstack::udp(addr, |_| {})? })
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
     /// Serves until the task is aborted.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut buf = vec![0u8; 2048];
         loop {
             let (n, from) = match self.socket.recv_from(&mut buf).await {

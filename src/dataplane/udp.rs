@@ -209,8 +209,15 @@ struct Queued {
 }
 
 impl SendQueue {
-    /// Queue one datagram; dropped when the queue is full.
+    /// Queue one datagram; dropped when empty or when the queue is full.
     pub(crate) fn push(&mut self, to: SocketAddr, data: &[u8]) {
+        if data.is_empty() {
+            // Nothing we send is empty, and a run of empty ones would be one
+            // GSO send with segment size 0 (see
+            // `zero_length_datagrams_are_dropped_and_gso_stays_on`).
+            tracing::debug!(%to, "empty UDP datagram dropped");
+            return;
+        }
         if self.items.len() - self.head >= MAX_QUEUED {
             return;
         }
@@ -414,6 +421,33 @@ mod tests {
             assert_eq!(from.to_string(), format!("127.0.0.1:{}", a.local_addr().unwrap().port()));
             assert_eq!(d, &numbered(i, if i == 99 { 300 } else { 1200 }));
         }
+    }
+
+    /// An empty datagram carries nothing WireGuard or disco would send. A
+    /// run of them would be one segmented send with a segment size of 0:
+    /// where the kernel refuses that (EINVAL) GSO goes off for good, and
+    /// where it does not (Linux 6.18 takes the whole run as one `sendmsg`)
+    /// the run is not what was queued either. So `push` drops them.
+    #[tokio::test]
+    async fn zero_length_datagrams_are_dropped_and_gso_stays_on() {
+        let a = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        let segments = a.max_segments();
+        let mut q = SendQueue::default();
+        for _ in 0..10 {
+            q.push(to, &[]);
+        }
+        a.writable().await.unwrap();
+        assert_eq!(q.flush(&a), 0, "nothing to send");
+        assert_eq!(a.max_segments(), segments, "GSO must stay on");
+        q.push(to, &numbered(1, 100));
+        q.push(to, &[]);
+        q.push(to, &numbered(2, 100));
+        assert_eq!(q.len(), 2, "only the two datagrams with content are queued");
+        q.flush(&a);
+        let got: Vec<Vec<u8>> = recv_n(&b, 2).await.into_iter().map(|(_, d)| d).collect();
+        assert_eq!(got, vec![numbered(1, 100), numbered(2, 100)]);
     }
 
     /// With `SO_NO_CHECK` the kernel refuses segmented sends (EINVAL), as a

@@ -9,6 +9,7 @@
 //! - inbound, a decapsulated packet whose inner source address is not inside
 //!   the sending peer's AllowedIPs is dropped and counted (`spoofed`);
 //! - a peer's endpoint only moves to the source of a packet that authenticated.
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,7 +25,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 /// Largest IP packet we carry (WireGuard's usual MTU is 1420; allow jumbo-ish).
-pub const MAX_PACKET: usize = 65535;
+pub(crate) const MAX_PACKET: usize = 65535;
 /// Room for the WireGuard header and tag around an IP packet.
 const OVERHEAD: usize = 32;
 /// boringtun's timers have one-second resolution; 250 ms keeps them honest.
@@ -37,39 +38,58 @@ use crate::key::{Key, PresharedKey, PrivateKey, ShortKey};
 /// Static configuration of one peer.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
+    /// The peer's WireGuard public key (its node key).
     pub public_key: Key,
+    /// `PresharedKey =`, mixed into the handshake when set.
     pub preshared_key: Option<PresharedKey>,
+    /// Inner source addresses accepted from the peer, and routed to it.
     pub allowed_ips: Vec<IpNet>,
+    /// Where to send until the peer is heard from elsewhere.
     pub endpoint: Option<SocketAddr>,
+    /// Seconds between keepalives (`PersistentKeepalive =`), if any.
     pub persistent_keepalive: Option<u16>,
 }
 
 /// Index of a peer inside a [`Wg`]; stable for the life of the peer.
-pub type PeerId = usize;
+pub(crate) type PeerId = usize;
 
 /// Something the core wants done.
 pub enum Output<'a> {
     /// Send this datagram toward `peer` (`None`: a cookie reply to an
     /// unauthenticated source), at `to`, the endpoint WireGuard knows for it
     /// (`None`: not yet known; a path manager may still reach it by relay).
-    Network { peer: Option<Key>, to: Option<SocketAddr>, data: &'a [u8] },
+    Network {
+        /// The peer the datagram belongs to, if authenticated.
+        peer: Option<Key>,
+        /// The peer's endpoint as WireGuard knows it.
+        to: Option<SocketAddr>,
+        /// The datagram.
+        data: &'a [u8],
+    },
     /// An authenticated IP packet from this peer, inner source verified.
-    Tunnel { peer: PeerId, key: Key, packet: &'a [u8] },
+    Tunnel {
+        /// The peer's index in this [`Wg`].
+        peer: PeerId,
+        /// The peer's public key.
+        key: Key,
+        /// The decrypted IP packet.
+        packet: &'a [u8],
+    },
 }
 
 /// Per-peer counters, also shown by `status`.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct PeerStats {
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub tx_packets: u64,
+pub(crate) struct PeerStats {
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) rx_packets: u64,
+    pub(crate) tx_packets: u64,
     /// Decapsulated packets dropped because their inner source address is
     /// outside this peer's AllowedIPs.
-    pub spoofed: u64,
-    pub handshakes: u64,
+    pub(crate) spoofed: u64,
+    pub(crate) handshakes: u64,
     #[serde(skip)]
-    pub last_handshake: Option<Instant>,
+    pub(crate) last_handshake: Option<Instant>,
 }
 
 /// Counters for traffic that could not be tied to a peer.
@@ -78,9 +98,9 @@ pub struct GlobalStats {
     /// Datagrams that failed to parse or authenticate.
     pub invalid: u64,
     /// IP packets to an address no peer routes.
-    pub no_route: u64,
+    pub(crate) no_route: u64,
     /// Handshake initiations from keys we do not know.
-    pub unknown_peer: u64,
+    pub(crate) unknown_peer: u64,
 }
 
 struct Peer {
@@ -104,17 +124,29 @@ pub struct Wg {
     stats: GlobalStats,
 }
 
+/// Why a peer configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
+    /// The public key (base64) of a peer given twice.
     #[error("peer {0} is configured twice; each public key may appear once")]
     DuplicatePeer(String),
+    /// An AllowedIPs prefix already routed to another peer.
     #[error("allowed IP {net} of peer {peer} is already routed to peer {other}; give each prefix to one peer only")]
-    DuplicateAllowedIp { net: IpNet, peer: String, other: String },
+    DuplicateAllowedIp {
+        /// The prefix given twice.
+        net: IpNet,
+        /// The peer being added (base64 key).
+        peer: String,
+        /// The peer that has the prefix (base64 key).
+        other: String,
+    },
+    /// The peer's key is this node's own.
     #[error("a peer cannot have this node's own public key")]
     SelfPeer,
 }
 
 impl Wg {
+    /// A device with no peers; `now` starts its timers.
     pub fn new(private_key: &PrivateKey, now: Instant) -> Self {
         let private = StaticSecret::from(*private_key.expose_secret());
         let public = PublicKey::from(&private);
@@ -132,7 +164,7 @@ impl Wg {
         }
     }
 
-    pub fn public_key(&self) -> Key {
+    pub(crate) fn public_key(&self) -> Key {
         *self.public.as_bytes()
     }
 
@@ -215,49 +247,49 @@ impl Wg {
     }
 
     /// Remove a peer; packets from it are no longer accepted.
-    pub fn remove_peer(&mut self, key: &Key) -> bool {
+    pub(crate) fn remove_peer(&mut self, key: &Key) -> bool {
         let Some(id) = self.by_key.remove(key) else { return false };
         self.routes.remove_peer(id);
         self.peers[id] = None;
         true
     }
 
-    pub fn peer_id(&self, key: &Key) -> Option<PeerId> {
+    pub(crate) fn peer_id(&self, key: &Key) -> Option<PeerId> {
         self.by_key.get(key).copied()
     }
 
-    pub fn peer_key(&self, id: PeerId) -> Option<Key> {
+    pub(crate) fn peer_key(&self, id: PeerId) -> Option<Key> {
         self.peers.get(id)?.as_ref().map(|p| p.config.public_key)
     }
 
     /// The peer that AllowedIPs route this address to.
-    pub fn route(&self, ip: IpAddr) -> Option<PeerId> {
+    pub(crate) fn route(&self, ip: IpAddr) -> Option<PeerId> {
         self.routes.lookup(ip)
     }
 
-    pub fn peer_config(&self, id: PeerId) -> Option<&PeerConfig> {
+    pub(crate) fn peer_config(&self, id: PeerId) -> Option<&PeerConfig> {
         self.peers.get(id)?.as_ref().map(|p| &p.config)
     }
 
-    pub fn peer_stats(&self, id: PeerId) -> Option<&PeerStats> {
+    pub(crate) fn peer_stats(&self, id: PeerId) -> Option<&PeerStats> {
         self.peers.get(id)?.as_ref().map(|p| &p.stats)
     }
 
-    pub fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+    pub(crate) fn peer_endpoint(&self, id: PeerId) -> Option<SocketAddr> {
         self.peers.get(id)?.as_ref()?.endpoint
     }
 
-    pub fn stats(&self) -> &GlobalStats {
+    pub(crate) fn stats(&self) -> &GlobalStats {
         &self.stats
     }
 
     /// A copy of the cryptokey routing table, for callers that must not hold
     /// the core while they use it (the stack re-judging its connections).
-    pub fn route_table(&self) -> RouteTable {
+    pub(crate) fn route_table(&self) -> RouteTable {
         RouteTable { routes: self.routes.clone(), keys: self.peers.iter().map(|p| p.as_ref().map(|p| p.config.public_key)).collect() }
     }
 
-    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+    pub(crate) fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.peers.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i)
     }
 
@@ -404,7 +436,7 @@ impl Wg {
     }
 
     /// When the core next needs [`Wg::poll_timers`].
-    pub fn next_deadline(&self) -> Instant {
+    pub(crate) fn next_deadline(&self) -> Instant {
         self.next_tick.min(self.next_limiter_reset)
     }
 
@@ -435,7 +467,7 @@ impl Wg {
 
     /// Start a handshake with one peer now, wherever the caller routes it
     /// (with path management the endpoint may be unknown: the relay).
-    pub fn initiate(&mut self, key: &Key, out: &mut impl FnMut(Output<'_>)) {
+    pub(crate) fn initiate(&mut self, key: &Key, out: &mut impl FnMut(Output<'_>)) {
         let Some(id) = self.peer_id(key) else { return };
         let Some(peer) = self.peers[id].as_mut() else { return };
         if let TunnResult::WriteToNetwork(b) = peer.tunn.format_handshake_initiation(&mut self.buf, false) {
@@ -445,7 +477,7 @@ impl Wg {
 
     /// Start a handshake with every peer that has an endpoint, so a static
     /// configuration comes up without waiting for traffic.
-    pub fn initiate_all(&mut self, out: &mut impl FnMut(Output<'_>)) {
+    pub(crate) fn initiate_all(&mut self, out: &mut impl FnMut(Output<'_>)) {
         for slot in self.peers.iter_mut() {
             let Some(peer) = slot else { continue };
             if peer.endpoint.is_none() {
@@ -459,14 +491,14 @@ impl Wg {
 }
 
 /// A snapshot of AllowedIPs routing: which peer owns an address.
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: Routes,
     keys: Vec<Option<Key>>,
 }
 
 impl RouteTable {
     /// The key of the peer whose AllowedIPs contain `ip`.
-    pub fn peer_of(&self, ip: IpAddr) -> Option<Key> {
+    pub(crate) fn peer_of(&self, ip: IpAddr) -> Option<Key> {
         self.keys.get(self.routes.lookup(ip)?).copied().flatten()
     }
 }
@@ -482,17 +514,19 @@ fn roam(peer: &mut Peer, from: SocketAddr) {
 }
 
 /// Destination address of an IPv4/IPv6 packet.
-pub fn ip_dst(packet: &[u8]) -> Option<IpAddr> {
+pub(crate) fn ip_dst(packet: &[u8]) -> Option<IpAddr> {
     Tunn::dst_address(packet)
 }
 
+/// The standard base64 form of a key (as `wg pubkey` prints it).
 pub fn key_to_base64(key: &Key) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(key)
 }
 
-pub use crate::key::KeyError;
+pub(crate) use crate::key::KeyError;
 
+/// Parses the standard base64 form of a key (surrounding whitespace ignored).
 pub fn key_from_base64(s: &str) -> Result<Key, KeyError> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| KeyError::Base64(e.to_string()))?;

@@ -7,6 +7,7 @@
 //!
 //! smoltcp sockets accept one connection each, so a listener keeps a pool of
 //! listening sockets and grows it when SYNs arrive (the accept backlog).
+#![warn(missing_docs)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -23,7 +24,7 @@ use crate::dataplane::filter::{self, Filter, Verdict};
 use crate::key::Key;
 
 /// The tunnel MTU (WireGuard's default on a 1500-byte path).
-pub const MTU: usize = 1420;
+pub(crate) const MTU: usize = 1420;
 /// Per-connection buffers: big enough for ~1 Gbit/s at a few ms of RTT; the
 /// allocation is lazy, so idle connections do not pay for it in RSS.
 const TCP_BUFFER: usize = 2 * 1024 * 1024;
@@ -101,11 +102,11 @@ impl Device for VirtualDevice {
 }
 
 /// A connection handed from the stack to the driver for delivery.
-pub struct Accepted {
-    pub port: u16,
-    pub handle: SocketHandle,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+pub(crate) struct Accepted {
+    pub(crate) port: u16,
+    pub(crate) handle: SocketHandle,
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
 }
 
 struct Listener {
@@ -141,7 +142,7 @@ enum Ended {
     Aborted(&'static str),
 }
 
-pub struct Stack {
+pub(crate) struct Stack {
     iface: Interface,
     sockets: SocketSet<'static>,
     device: VirtualDevice,
@@ -171,7 +172,7 @@ fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
 }
 
 impl Stack {
-    pub fn new(addresses: &[IpAddr], now: Instant) -> Self {
+    pub(crate) fn new(addresses: &[IpAddr], now: Instant) -> Self {
         let mut device = VirtualDevice { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new() };
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand::random();
@@ -198,13 +199,14 @@ impl Stack {
 
     /// Narrow the ephemeral port range (tests exhaust a small one).
     #[doc(hidden)]
-    pub fn set_ephemeral_range(&mut self, range: RangeInclusive<u16>) {
+    #[cfg(test)]
+    pub(crate) fn set_ephemeral_range(&mut self, range: RangeInclusive<u16>) {
         self.next_port = *range.start();
         self.ephemeral = range;
     }
 
     /// Replace the node's addresses (a netmap assigned or changed them).
-    pub fn set_addresses(&mut self, addresses: &[IpAddr]) {
+    pub(crate) fn set_addresses(&mut self, addresses: &[IpAddr]) {
         set_addresses(&mut self.iface, addresses);
     }
 
@@ -218,7 +220,7 @@ impl Stack {
     }
 
     /// Start accepting connections on `port` (all of the node's addresses).
-    pub fn listen(&mut self, port: u16) -> io::Result<()> {
+    pub(crate) fn listen(&mut self, port: u16) -> io::Result<()> {
         if self.listeners.contains_key(&port) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("port {port} is already being listened on")));
         }
@@ -231,7 +233,7 @@ impl Stack {
     }
 
     /// Stop listening; half-open connections on the port are reset.
-    pub fn unlisten(&mut self, port: u16) {
+    pub(crate) fn unlisten(&mut self, port: u16) {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.sockets {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
@@ -241,7 +243,7 @@ impl Stack {
     }
 
     /// Open a connection; the returned handle becomes usable once established.
-    pub fn connect(&mut self, local_ip: IpAddr, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
+    pub(crate) fn connect(&mut self, local_ip: IpAddr, remote: SocketAddr) -> io::Result<(SocketHandle, SocketAddr)> {
         let mut s = Self::new_socket();
         let port = self.alloc_port()?;
         let local = SocketAddr::new(local_ip, port);
@@ -274,17 +276,17 @@ impl Stack {
     }
 
     /// Install (or remove) the inbound filter.
-    pub fn set_filter(&mut self, filter: Option<Filter>) {
+    pub(crate) fn set_filter(&mut self, filter: Option<Filter>) {
         self.filter = filter;
     }
 
     /// Connections from `peer` the filter refused so far.
-    pub fn refused(&self, peer: &Key) -> u64 {
+    pub(crate) fn refused(&self, peer: &Key) -> u64 {
         self.filter.as_ref().map_or(0, |f| f.refused(peer))
     }
 
     /// Forget a removed peer's filter counters.
-    pub fn forget_peer(&mut self, peer: &Key) {
+    pub(crate) fn forget_peer(&mut self, peer: &Key) {
         if let Some(f) = self.filter.as_mut() {
             f.forget(peer);
         }
@@ -294,7 +296,7 @@ impl Stack {
     /// filter refuses it (a refused SYN is answered with a RST). SYNs to a
     /// listening port get a fresh listening socket so concurrent connects
     /// are not refused.
-    pub fn push_inbound(&mut self, peer: &Key, packet: &[u8], now: Instant) {
+    pub(crate) fn push_inbound(&mut self, peer: &Key, packet: &[u8], now: Instant) {
         let kind = filter::classify(packet);
         if self.pending_rsts.len() < MAX_PENDING_RSTS
             && let Some(tuple) = rst_tuple(packet)
@@ -333,7 +335,7 @@ impl Stack {
     }
 
     /// Run the stack. Returns newly established inbound connections.
-    pub fn poll(&mut self, now: Instant, accepted: &mut Vec<Accepted>) {
+    pub(crate) fn poll(&mut self, now: Instant, accepted: &mut Vec<Accepted>) {
         let ts = smol_now(self.epoch, now);
         let resetting = self.open_conns_matching_rsts();
         self.iface.poll(ts, &mut self.device, &mut self.sockets);
@@ -469,12 +471,12 @@ impl Stack {
     }
 
     /// Packets the stack wants sent, in order.
-    pub fn take_outbound(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
+    pub(crate) fn take_outbound(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
         self.device.tx.drain(..)
     }
 
     /// Return a buffer from `take_outbound` for reuse.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
         if self.device.pool.len() < 1024 {
             buf.clear();
             self.device.pool.push(buf);
@@ -482,13 +484,13 @@ impl Stack {
     }
 
     /// When the stack next needs polling, if it has anything pending.
-    pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
+    pub(crate) fn poll_at(&mut self, now: Instant) -> Option<Instant> {
         let ts = smol_now(self.epoch, now);
         self.iface.poll_delay(ts, &self.sockets).map(|d| now + Duration::from_micros(d.total_micros()))
     }
 
     /// Abort every connection from `remote_ip` (a peer was removed).
-    pub fn abort_from(&mut self, remote_ip: IpAddr) {
+    pub(crate) fn abort_from(&mut self, remote_ip: IpAddr) {
         let mut hit = Vec::new();
         for (h, s) in self.sockets.iter_mut() {
             if let smoltcp::socket::Socket::Tcp(t) = s
@@ -506,7 +508,7 @@ impl Stack {
     /// half-open) and reset those it no longer admits. `peer_of` maps a
     /// remote tailnet address to the peer that owns it now. Returns how many
     /// were reset.
-    pub fn rejudge(&mut self, peer_of: impl Fn(IpAddr) -> Option<Key>) -> usize {
+    pub(crate) fn rejudge(&mut self, peer_of: impl Fn(IpAddr) -> Option<Key>) -> usize {
         let Some(judge) = self.filter.as_ref().map(|f| f.judge().clone()) else { return 0 };
         let half_open = self.listeners.values().flat_map(|l| l.sockets.iter().copied());
         let accepted = self.conns.iter().filter(|(_, c)| c.inbound).map(|(h, _)| *h);
@@ -535,7 +537,7 @@ impl Stack {
     }
 
     /// Loss recovery counters over every connection so far.
-    pub fn retransmit_stats(&self) -> tcp::RetransmitStats {
+    pub(crate) fn retransmit_stats(&self) -> tcp::RetransmitStats {
         let mut total = self.retransmits;
         for (_, s) in self.sockets.iter() {
             if let smoltcp::socket::Socket::Tcp(s) = s {
@@ -546,7 +548,7 @@ impl Stack {
     }
 
     /// Number of TCP sockets, for leak checks.
-    pub fn socket_count(&self) -> usize {
+    pub(crate) fn socket_count(&self) -> usize {
         self.sockets.iter().count()
     }
 
@@ -631,7 +633,8 @@ fn endpoint(e: IpEndpoint) -> SocketAddr {
 }
 
 mod stream;
-pub use stream::{Shared, TcpListener, TcpStream};
+pub(crate) use stream::Shared;
+pub use stream::{TcpListener, TcpStream};
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 //! [`Stack`] through [`Shared`]'s mutex and wake the driver through its
 //! `Notify` when they queue data or close. Everything protocol-shaped stays
 //! in the parent module; these types only move bytes and wakers.
+#![warn(missing_docs)]
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,17 +18,17 @@ use super::*;
 use crate::key::Key;
 
 /// The stack plus the handle that wakes its driver; shared with streams.
-pub struct Shared {
+pub(crate) struct Shared {
     stack: Mutex<Stack>,
-    pub wake: Notify,
+    pub(crate) wake: Notify,
 }
 
 impl Shared {
-    pub fn new(stack: Stack) -> Arc<Self> {
+    pub(crate) fn new(stack: Stack) -> Arc<Self> {
         Arc::new(Shared { stack: Mutex::new(stack), wake: Notify::new() })
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Stack> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Stack> {
         self.stack.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -56,10 +57,12 @@ impl TcpStream {
         TcpStream { shared, handle, local, remote, peer, closed: false, eof: false }
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    #[cfg(test)]
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
+    /// The remote tailnet address and port.
     pub fn peer_addr(&self) -> SocketAddr {
         self.remote
     }
@@ -187,12 +190,10 @@ pub struct TcpListener {
 }
 
 impl TcpListener {
+    /// The next inbound connection that passed the inbound filter;
+    /// `NotConnected` once the node has shut down.
     pub async fn accept(&mut self) -> io::Result<TcpStream> {
         self.rx.recv().await.ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the node has shut down"))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 }
 

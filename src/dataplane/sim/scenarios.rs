@@ -1,4 +1,5 @@
 //! Path scenarios on the simulated network, in simulated time.
+#![warn(missing_docs)]
 
 use std::time::Duration;
 
@@ -187,7 +188,12 @@ fn replayed_probes_are_rejected() {
 
     // Control: a fresh ping sealed with A's key is answered, so the check above is about replay.
     let b_key = sim.hosts[B].key;
-    let fresh = disco::seal(&sim.hosts[A].private_key, &b_key, u64::MAX / 2, &disco::Message::Ping { tx_id: [7; 12] });
+    let fresh = disco::seal(
+        &disco::DiscoKey::new(sim.hosts[A].private_key.clone()),
+        &b_key,
+        u64::MAX / 2,
+        &disco::Message::Ping { tx_id: [7; 12] },
+    );
     let answers = sim.inject(B, attacker, &fresh);
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].0, attacker);
