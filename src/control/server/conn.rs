@@ -22,6 +22,7 @@ use crate::control::server::audit::ingest::{IngestCmd, Reply};
 use crate::control::server::hub::ConnId;
 use crate::control::server::metrics;
 use crate::control::upgrade::{HandshakeError, Stream, accept_noise};
+use crate::control::wire::chunk::BinChunk;
 use crate::control::wire::noise::{ChannelError, SecureChannel};
 use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
 use crate::key::ShortKey;
@@ -42,6 +43,8 @@ pub(crate) enum ConnError {
     Malformed(#[source] serde_json::Error),
     #[error("recording chunk: bad base64")]
     BadChunk,
+    #[error(transparent)]
+    Binary(#[from] crate::control::wire::chunk::ChunkError),
     #[error("sign-in: {0}")]
     SignIn(#[from] signin::SignInError),
     #[error("server shutting down")]
@@ -271,18 +274,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
     async fn drain_frames(&mut self, acks: &ConnTx) -> Result<(), ConnError> {
         let shared = &self.shared;
         while let Some(f) = self.chan.next_frame()? {
+            // JSON starts with `{`; anything else is a binary frame.
+            if f.first().is_some_and(|&b| b != b'{') {
+                let c = BinChunk::decode(f, shared.opts.max_client_frame)?;
+                // Before login there is no node to store it for (as with JSON chunks).
+                let Some(node) = self.node else { continue };
+                let cmd = IngestCmd::Chunk { node, session: c.session, offset: c.offset, data: c.data, fin: c.fin, reply: ack_reply(acks) };
+                shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                continue;
+            }
             let msg = parse_client(&f)?;
             let msg = match (self.node, msg) {
                 (Some(node), ClientMsg::AuditEvents { lines }) => {
                     let cmd = IngestCmd::Events { node, lines, reply: ack_reply(acks) };
-                    shared.ingest.tx.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                    shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                     continue;
                 }
                 (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
                     use base64::Engine;
                     let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| ConnError::BadChunk)?;
                     let cmd = IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
-                    shared.ingest.tx.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                    shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                     continue;
                 }
                 (_, m) => m,

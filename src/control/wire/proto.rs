@@ -235,6 +235,10 @@ pub enum ServerMsg {
         domain: String,
         /// The node should send something at least this often (seconds).
         keepalive_secs: u32,
+        /// The server takes recording chunks as binary frames
+        /// ([`crate::control::wire::chunk`]); absent from older servers.
+        #[serde(default)]
+        binary_chunks: bool,
     },
     Error {
         code: ErrorCode,
@@ -552,6 +556,7 @@ pub enum ServerOut {
         node: SelfInfo,
         domain: String,
         keepalive_secs: u32,
+        binary_chunks: bool,
     },
     Error {
         code: ErrorCode,

@@ -1,7 +1,8 @@
 //! The fleet audit trail on the control server: what nodes ship (audit
 //! events with their hash chain, recordings), stored, verified, queried.
 //!
-//! - [`ingest`]: the thread that stores shipments and acknowledges them.
+//! - [`ingest`]: the thread that stores audit events and acknowledges them.
+//! - [`recordings`]: the threads that write, fsync and compress recordings.
 //! - [`chain`]: the hash-chain rules (pure).
 //! - [`query`]: listings, verification, recording bytes, retention.
 //! - [`cli`]: `tailgate control audit ...` / `recordings ...`.
@@ -14,6 +15,7 @@ pub mod chain;
 pub mod cli;
 pub mod ingest;
 pub mod query;
+pub(crate) mod recordings;
 
 use std::path::Path;
 

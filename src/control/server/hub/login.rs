@@ -95,6 +95,7 @@ impl Hub {
                 node: me,
                 domain: self.cfg.domain.clone(),
                 keepalive_secs: self.cfg.keepalive.as_secs().max(1) as u32,
+                binary_chunks: true,
             },
         ));
         self.out.push(Out::Send(conn, ServerOut::MapFull(full)));
