@@ -10,7 +10,8 @@
 # unrecorded / record = true over the same warm daemon, each figure, the
 # median and spread of the time ratio and of the CPU ratio (client + node +
 # control, shipping included), and how long after each recorded session ended
-# control held the complete recording (the shipping lag).
+# control held the complete recording (the shipping lag). PERF_DIR=dir also
+# profiles the node and control (perf record -g) during each recorded run.
 set -euo pipefail
 MODE=${1:-all}; REPS=${REPS:-3}
 cd "$(dirname "$0")/.."
@@ -185,7 +186,15 @@ for r in $(seq $REPS); do
   c0=$(cpu3); read P PC < <(bulk_ctl); c1=$(cpu3)
   set_record true
   before=$(complete_recordings)
+  # PERF_DIR=dir: profile the node and control during the recorded run (`perf report -i dir/...`).
+  PERFS=()
+  if [ -n "${PERF_DIR:-}" ]; then
+    for w in "node:state-dir $D/vps" "control:state-dir $D/ctl --listen"; do
+      perf record -q -F 499 -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
+    done
+  fi
   c2=$(cpu3); read R RC < <(bulk_ctl); t1=$(now); c3=$(cpu3)
+  for p in "${PERFS[@]}"; do kill -INT $p 2>/dev/null || true; wait $p 2>/dev/null || true; done
   # Shipping lag: from the end of the session until control holds all of it.
   for i in $(seq 3000); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done
   [ "$(complete_recordings)" -gt "$before" ] || { echo "recording bench: control never completed the recording" >&2; exit 1; }
