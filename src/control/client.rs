@@ -379,8 +379,9 @@ impl ControlClient {
         let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
         let pending = Pending::default();
         let (atx, arx) = mpsc::unbounded_channel();
-        // A few frames queued are enough: the shipper keeps its own window.
-        let (ftx, frx) = mpsc::channel(8);
+        // Room for one shipper batch, written in one go; the shipper keeps
+        // its own window.
+        let (ftx, frx) = mpsc::channel(32);
         // The environment knob makes this node ship like one from before
         // binary chunks (for testing that mix against a current server).
         let binary_chunks = binary_chunks && std::env::var_os("TAILGATE_SHIP_JSON_CHUNKS").is_none();
@@ -582,7 +583,15 @@ async fn run<S: Stream>(
             }
             Some(f) = frames.recv() => {
                 out.clear();
-                if let Err(e) = chan.seal_frame(&f, &mut out).map_err(chan_err) { break Err(e); }
+                // Whatever else is queued goes in the same write.
+                let mut next = Some(f);
+                let mut sealed = Ok(());
+                while let Some(f) = next.take() {
+                    sealed = chan.seal_frame(&f, &mut out).map_err(chan_err);
+                    if sealed.is_err() || out.len() >= 1 << 20 { break; }
+                    next = frames.try_recv().ok();
+                }
+                if let Err(e) = sealed { break Err(e); }
                 if let Err(e) = w.write_all(&out).await { break Err(ControlError::Closed(e.to_string())); }
             }
             _ = ka.tick() => {

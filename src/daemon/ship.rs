@@ -312,6 +312,8 @@ struct Files {
     state_dir: PathBuf,
     audit: PathBuf,
     recordings: PathBuf,
+    /// The recording read last, open.
+    last: std::sync::Mutex<Option<(String, std::fs::File)>>,
 }
 
 impl Files {
@@ -377,9 +379,15 @@ impl Files {
     }
 
     fn read_chunk(&self, session: &str, offset: u64, len: usize) -> Vec<u8> {
-        let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
+        // A bulk session is read chunk after chunk from one file: keep it open.
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_none_or(|(s, _)| s != session) {
+            let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
+            *last = Some((session.to_string(), f));
+        }
+        let Some((_, f)) = last.as_ref() else { return Vec::new() };
         let mut buf = vec![0u8; len];
-        match std::os::unix::fs::FileExt::read_at(&f, &mut buf, offset) {
+        match std::os::unix::fs::FileExt::read_at(f, &mut buf, offset) {
             Ok(n) => {
                 buf.truncate(n);
                 buf
@@ -389,6 +397,11 @@ impl Files {
     }
 
     fn mark_shipped(&self, session: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_some_and(|(s, _)| s == session) {
+            *last = None;
+        }
+        drop(last);
         let p = self.recordings.join(format!("{session}{SHIPPED_SUFFIX}"));
         let _ = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(p);
     }
@@ -429,6 +442,7 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
         state_dir: state_dir.clone(),
         audit: journal.audit_path().to_path_buf(),
         recordings: state_dir.join(crate::ssh::RECORDINGS_DIR),
+        last: Default::default(),
     });
     let (f2, s2) = (files.clone(), shared.clone());
     let cursors = tokio::task::spawn_blocking(move || {
@@ -442,6 +456,8 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
     let mut next_link = None;
     let (mut dirty, mut saved) = (false, tokio::time::Instant::now());
     let mut hold = Hold::default();
+    // For measuring what the hold buys (`bench/ssh.sh record`): ship at once.
+    let never_hold = std::env::var_os("TAILGATE_SHIP_NO_HOLD").is_some();
     loop {
         let mut link = match next_link.take() {
             Some(l) => l,
@@ -458,12 +474,13 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
         let mut progress = tokio::time::Instant::now();
         'conn: loop {
             // Read what to send on the blocking pool, then send it.
-            let held = hold.update(
-                std::time::Instant::now(),
-                shared.recorded.load(Ordering::Relaxed),
-                shared.backlog.load(Ordering::Acquire),
-                shared.limit.load(Ordering::Acquire),
-            );
+            let held = !never_hold
+                && hold.update(
+                    std::time::Instant::now(),
+                    shared.recorded.load(Ordering::Relaxed),
+                    shared.backlog.load(Ordering::Acquire),
+                    shared.limit.load(Ordering::Acquire),
+                );
             let (c, batch) = {
                 let (mut c, files, shared) = (core.take().unwrap_or_default(), files.clone(), shared.clone());
                 tokio::task::spawn_blocking(move || {

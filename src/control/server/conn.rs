@@ -27,6 +27,9 @@ use crate::control::wire::noise::{ChannelError, SecureChannel};
 use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
 use crate::key::ShortKey;
 
+/// Read buffer of a connection that ships in bulk (the others keep 4 KiB).
+const BULK_READ: usize = 256 * 1024;
+
 /// Why a control connection ended. The message is what the server logs
 /// and, for protocol errors, what it tells the node before closing.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +191,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 n = self.r.read(&mut self.rbuf) => {
                     let n = match n { Ok(0) => return Ok(()), Ok(n) => n, Err(e) => return Err(ConnError::Read(e)) };
                     last_rx = tokio::time::Instant::now();
+                    // A node that fills the buffer is shipping a recording:
+                    // 4 KiB reads would cost a syscall and a wakeup per 4 KiB.
+                    if n == self.rbuf.len() && n < BULK_READ {
+                        self.rbuf.resize(BULK_READ, 0);
+                    }
                     bad = match self.chan.push_wire(&self.rbuf[..n]) {
                         Err(e @ ChannelError::Decrypt) => return Err(e.into()),
                         Err(e) => Some(e.into()),
