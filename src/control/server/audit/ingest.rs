@@ -6,6 +6,7 @@
 //! chunks go on to the recording writer ([`super::recordings`]), so bulk
 //! recording bytes never delay anyone's events. Acks go out only after the
 //! commit (events) or the fsync (recordings).
+#![warn(missing_docs)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -11,10 +11,10 @@
 //! hub's, tagged `audit_op` instead of `op`, and are answered here from a
 //! connection of their own (reads only), never by the hub thread.
 
-pub mod chain;
+pub(crate) mod chain;
 pub mod cli;
-pub mod ingest;
-pub mod query;
+pub(crate) mod ingest;
+pub(crate) mod query;
 pub(crate) mod recordings;
 
 use std::path::Path;

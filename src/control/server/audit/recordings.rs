@@ -13,6 +13,7 @@
 //! The `fin` ack comes only after the compressed file is fsynced, renamed
 //! and listed, so a server killed while compressing is sent the `fin` again
 //! and compresses again from the live file (which goes only after that).
+#![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
