@@ -5,10 +5,13 @@
 #             `ssh` with `ProxyCommand tailgate nc` in another
 # Prints 512 MiB bulk time, MB/s, mean `ssh true` time over 20 logins, ratios.
 #
-# `bench/ssh.sh record` runs only the recording-cost part: REPS (default 3)
-# interleaved pairs of 512 MiB unrecorded / record = true over the same warm
-# daemon, each figure, the median and spread, and how long after each recorded
-# session ended control held the complete recording (the shipping lag).
+# `bench/ssh.sh record` runs only the recording-cost part: for each size in
+# RECORD_MIB (default "512 2048"), REPS (default 3) interleaved pairs
+# unrecorded / record = true over the same warm daemon, each figure, the
+# median and spread of the time ratio and of the CPU ratio (client + node +
+# control, shipping included), and how long after each recorded session ended
+# control held the complete recording (the shipping lag). PERF_DIR=dir also
+# profiles the node and control (perf record -g) during each recorded run.
 set -euo pipefail
 MODE=${1:-all}; REPS=${REPS:-3}
 cd "$(dirname "$0")/.."
@@ -131,14 +134,19 @@ printf "tailgate  warm daemon: tailgate ssh vps true: %6.1f ms mean of %d\n" "$W
 
 fi
 
-echo "== recording cost: 512 MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control), $REPS interleaved pairs"
+# Recording cost: for each size in RECORD_MIB (MiB; `record` mode: 512 and a
+# long case of 2048, whose bulk output lasts well past ship::MAX_HOLD), REPS
+# interleaved pairs unrecorded / record = true over the same warm daemon.
+RECORD_MIB=${RECORD_MIB:-$([ "$MODE" = record ] && echo "512 2048" || echo 512)}
 # Text, not zeros: a terminal recording stores output as JSON strings, where a
 # NUL byte costs six characters; both runs carry the same bytes.
-bulk_ctl() {
-  local t0 t1 n
+bulk_ctl() { # prints "seconds client-CPU-seconds" (the `tailgate ssh` pipeline)
+  local t0 t1 n c0 c1 me=$BASHPID
+  c0=$(awk '{print $16 + $17}' /proc/$me/stat)
   t0=$(now); n=$(ip netns exec $A $BIN ssh --state-dir $D/laptop root@vps "head -c $BYTES /dev/zero | tr '\\0' x" | wc -c); t1=$(now)
+  c1=$(awk '{print $16 + $17}' /proc/$me/stat)
   [ "$n" = "$BYTES" ] || { echo "recording bench: bulk transfer returned $n bytes" >&2; exit 1; }
-  echo "$t1 - $t0" | bc -l
+  echo "$(echo "$t1 - $t0" | bc -l) $(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)"
 }
 set_record() { # $1 = true|false; control polls the policy file every second
   sed -i '/^record = /d' $D/cpolicy.toml
@@ -156,39 +164,61 @@ cpu_s() { # CPU seconds (user + system) used so far by the processes whose comma
 cpu3() { # CPU seconds so far of the laptop daemon, the node and control
   echo "$(cpu_s "up --state-dir $D/laptop") $(cpu_s "state-dir $D/vps") $(cpu_s "state-dir $D/ctl --listen")"
 }
+cpu_sum() { # total CPU seconds between two cpu3 snapshots
+  local a=($1) b=($2)
+  echo "${b[0]} + ${b[1]} + ${b[2]} - ${a[0]} - ${a[1]} - ${a[2]}" | bc -l
+}
 cpu_diff() { # "laptop node control" CPU seconds between two cpu3 snapshots
   local a=($1) b=($2)
   printf "laptop %.2f + node %.2f + control %.2f = %.2f s" "$(echo "${b[0]} - ${a[0]}" | bc -l)" "$(echo "${b[1]} - ${a[1]}" | bc -l)" \
-    "$(echo "${b[2]} - ${a[2]}" | bc -l)" "$(echo "${b[0]} + ${b[1]} + ${b[2]} - ${a[0]} - ${a[1]} - ${a[2]}" | bc -l)"
+    "$(echo "${b[2]} - ${a[2]}" | bc -l)" "$(cpu_sum "$1" "$2")"
 }
 stats() { # median and spread (max - min) of the arguments
   printf "%s\n" "$@" | sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2; printf "%.2f %.2f\n", m, v[NR] - v[1]}'
 }
-PLAINS=(); RECS=(); LAGS=(); RATIOS=()
+SUMMARY=()
+for MIB in $RECORD_MIB; do
+BYTES=$((MIB*1024*1024))
+echo "== recording cost: $MIB MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control), $REPS interleaved pairs"
+PLAINS=(); RECS=(); LAGS=(); RATIOS=(); CRATIOS=()
 for r in $(seq $REPS); do
   set_record false
-  c0=$(cpu3); P=$(bulk_ctl); c1=$(cpu3)
+  c0=$(cpu3); read P PC < <(bulk_ctl); c1=$(cpu3)
   set_record true
   before=$(complete_recordings)
-  c2=$(cpu3); R=$(bulk_ctl); t1=$(now); c3=$(cpu3)
+  # PERF_DIR=dir: profile the node and control during the recorded run (`perf report -i dir/...`).
+  PERFS=()
+  if [ -n "${PERF_DIR:-}" ]; then
+    for w in "node:state-dir $D/vps" "control:state-dir $D/ctl --listen"; do
+      perf record -q -F 499 -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
+    done
+  fi
+  c2=$(cpu3); read R RC < <(bulk_ctl); t1=$(now); c3=$(cpu3)
+  for p in "${PERFS[@]}"; do kill -INT $p 2>/dev/null || true; wait $p 2>/dev/null || true; done
   # Shipping lag: from the end of the session until control holds all of it.
-  for i in $(seq 1200); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done
+  for i in $(seq 3000); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done
   [ "$(complete_recordings)" -gt "$before" ] || { echo "recording bench: control never completed the recording" >&2; exit 1; }
   L=$(echo "$(now) - $t1" | bc -l); c4=$(cpu3)
-  PLAINS+=("$P"); RECS+=("$R"); LAGS+=("$L"); RATIOS+=("$(echo "$R / $P" | bc -l)")
-  printf "pair %d: unrecorded %6.2f s (%6.1f MB/s)   record=true %6.2f s (%6.1f MB/s)   ratio %.2fx   complete at control %.2f s after the session\n" \
-    "$r" "$P" "$(echo "$BYTES/1000000/$P" | bc -l)" "$R" "$(echo "$BYTES/1000000/$R" | bc -l)" "$(echo "$R / $P" | bc -l)" "$L"
-  echo "        CPU unrecorded:          $(cpu_diff "$c0" "$c1")"
-  echo "        CPU record=true:         $(cpu_diff "$c2" "$c3")"
+  # CPU ratio: everything the recorded session cost (client, node, control,
+  # including shipping after it ended) over the same for the unrecorded one.
+  CR=$(echo "($RC + $(cpu_sum "$c2" "$c4")) / ($PC + $(cpu_sum "$c0" "$c1"))" | bc -l)
+  PLAINS+=("$P"); RECS+=("$R"); LAGS+=("$L"); RATIOS+=("$(echo "$R / $P" | bc -l)"); CRATIOS+=("$CR")
+  printf "pair %d: unrecorded %6.2f s (%6.1f MB/s)   record=true %6.2f s (%6.1f MB/s)   ratio %.2fx   CPU ratio %.2fx   complete at control %.2f s after the session\n" \
+    "$r" "$P" "$(echo "$BYTES/1000000/$P" | bc -l)" "$R" "$(echo "$BYTES/1000000/$R" | bc -l)" "$(echo "$R / $P" | bc -l)" "$CR" "$L"
+  printf "        CPU unrecorded:          client %.2f + %s\n" "$PC" "$(cpu_diff "$c0" "$c1")"
+  printf "        CPU record=true:         client %.2f + %s\n" "$RC" "$(cpu_diff "$c2" "$c3")"
   echo "        CPU after it, shipping:  $(cpu_diff "$c3" "$c4")"
 done
 ls $D/vps/recordings/*.cast >/dev/null 2>&1 || { echo "recording bench: no recording was made" >&2; exit 1; }
 read PM PS < <(stats "${PLAINS[@]}"); read RM RS < <(stats "${RECS[@]}")
-read QM QS < <(stats "${RATIOS[@]}"); read LM LS < <(stats "${LAGS[@]}")
-printf "unrecorded   512 MiB: median %6.2f s (%6.1f MB/s), spread %.2f s\n" "$PM" "$(echo "$BYTES/1000000/$PM" | bc -l)" "$PS"
-printf "record=true  512 MiB: median %6.2f s (%6.1f MB/s), spread %.2f s\n" "$RM" "$(echo "$BYTES/1000000/$RM" | bc -l)" "$RS"
-printf "recording cost (recorded/unrecorded time per pair, 1.00 = free; target <= 1.10): median %.2fx, spread %.2f\n" "$QM" "$QS"
-printf "shipping lag (session end -> complete at control): median %.2f s, spread %.2f s\n" "$LM" "$LS"
+read QM QS < <(stats "${RATIOS[@]}"); read LM LS < <(stats "${LAGS[@]}"); read CM CS < <(stats "${CRATIOS[@]}")
+SUMMARY+=("$(printf "unrecorded   %5d MiB: median %6.2f s (%6.1f MB/s), spread %.2f s" "$MIB" "$PM" "$(echo "$BYTES/1000000/$PM" | bc -l)" "$PS")")
+SUMMARY+=("$(printf "record=true  %5d MiB: median %6.2f s (%6.1f MB/s), spread %.2f s" "$MIB" "$RM" "$(echo "$BYTES/1000000/$RM" | bc -l)" "$RS")")
+SUMMARY+=("$(printf "recording cost %d MiB (recorded/unrecorded time per pair, 1.00 = free; target <= 1.10): median %.2fx, spread %.2f" "$MIB" "$QM" "$QS")")
+SUMMARY+=("$(printf "CPU cost %d MiB (client + node + control CPU-s, shipping included, per pair): median %.2fx, spread %.2f" "$MIB" "$CM" "$CS")")
+SUMMARY+=("$(printf "shipping lag %d MiB (session end -> complete at control): median %.2f s, spread %.2f s" "$MIB" "$LM" "$LS")")
+done
+printf "%s\n" "${SUMMARY[@]}"
 [ "$MODE" = record ] && exit 0
 echo
 printf "throughput ratio (tailgate/anchor, higher is better): %.2fx\n" "$(echo "$AB / $TB" | bc -l)"

@@ -377,3 +377,45 @@ fn retention_prunes_events_and_recordings() {
     // The node keeps its own copy.
     assert!(!lab.local_events().is_empty());
 }
+
+/// Both wire forms of recording chunks reach control whole: a node that
+/// ships them as JSON (as nodes did before binary chunks, and as a node
+/// does to a control server too old to take them: it never says
+/// `binary_chunks`), then the same node shipping binary frames.
+#[test]
+fn json_and_binary_recording_chunks_both_arrive_whole() {
+    if !is_root() || !require(&["ssh"]) {
+        eprintln!("SKIPPED: needs root and ssh");
+        return;
+    }
+    let mut lab = Lab::new("aj", "10.97.44", "true", "");
+    let d = lab.d();
+    let restart_vps = |lab: &mut Lab, env: &str, n: u32| {
+        if let Some(mut p) = lab.vps.take() {
+            p.kill();
+        }
+        let mut p = lab.w.vps.spawn(
+            &format!("env RUST_LOG=tailgate=info {env} {TAILGATE} up --state-dir {d}/vps --hostname vps"),
+            &lab.w.dir.path().join(format!("vps{n}.log")),
+        );
+        p.wait_log("tailgate: up at", 15);
+        lab.vps = Some(p);
+    };
+    restart_vps(&mut lab, "TAILGATE_SHIP_JSON_CHUNKS=1", 2);
+    // Several chunks of either size, with bytes JSON must escape.
+    lab.ssh_ok("for i in $(seq 1 3000); do printf 'json-%d \\t \"q\" \\\\ é\\n' $i; done");
+    lab.wait_recordings_identical();
+    // A recording the JSON node could not ship (control was down while it
+    // ran; it may ship part once control is back), finished by the same
+    // node restarted with binary frames, which finds it in its start scan.
+    lab.w.wait_direct(30);
+    lab.kill_control();
+    lab.ssh_ok("for i in $(seq 1 3000); do printf 'half-%d \\t \"q\"\\n' $i; done");
+    lab.restart_control("", 2);
+    restart_vps(&mut lab, "", 3);
+    lab.ssh_ok("for i in $(seq 1 3000); do printf 'binary-%d \\t \"q\"\\n' $i; done");
+    let ids = lab.wait_recordings_identical();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    let v = lab.admin_json("audit verify");
+    assert_eq!(v["ok"], true, "{v}");
+}

@@ -5,10 +5,14 @@
 //!
 //! Invariants: no panic; the chunking never changes the outcome (same
 //! messages, same error); what was decoded re-encodes to exactly the bytes
-//! consumed; the frame decoder never yields a frame above its limit.
+//! consumed; the frame decoder never yields a frame above its limit. Each
+//! frame that is not JSON goes through the binary recording-chunk decoder
+//! (src/control/wire/chunk.rs) as the server does: no panic, and what it
+//! accepts re-encodes to the same frame with at most `max` data bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tailgate::control::wire::chunk::BinChunk;
 use tailgate::control::wire::frame::{FrameDecoder, FrameError, WireDecoder, encode_frame, encode_wire};
 
 /// Input layout (simple, so seeds can be written by hand):
@@ -89,6 +93,12 @@ fuzz_target!(|data: &[u8]| {
     for f in &chunked {
         assert!(f.len() <= max, "frame of {} bytes passed a {max}-byte limit", f.len());
         re.extend_from_slice(&encode_frame(f));
+        if f.first().is_some_and(|&b| b != b'{') {
+            if let Ok(c) = BinChunk::decode(f.clone(), max) {
+                assert!(c.data.len() <= max);
+                assert_eq!(&c.encode(), f, "a binary chunk does not re-encode to its frame");
+            }
+        }
     }
     assert_eq!(&stream[..re.len()], &re[..], "frames do not re-encode to the consumed bytes");
     if err.is_none() {

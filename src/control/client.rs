@@ -197,6 +197,8 @@ pub struct ControlClient {
     new_node: bool,
     updates: mpsc::Receiver<Result<MapDelta, ControlError>>,
     cmds: mpsc::Sender<ClientMsg>,
+    /// Binary recording chunks, when the server takes them.
+    frames: Option<mpsc::Sender<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
     done: bool,
     acks: Option<mpsc::UnboundedReceiver<ShipAck>>,
@@ -268,6 +270,9 @@ pub(crate) struct ShipLink {
     pub cmds: mpsc::Sender<ClientMsg>,
     /// The server's `ship_ack`s, in arrival order.
     pub acks: mpsc::UnboundedReceiver<ShipAck>,
+    /// Encoded [`crate::control::wire::chunk::BinChunk`]s; `None` when the
+    /// server is too old to take them (send JSON `recording_chunk`s then).
+    pub frames: Option<mpsc::Sender<Vec<u8>>>,
 }
 
 impl Drop for ControlClient {
@@ -381,7 +386,9 @@ impl ControlClient {
             };
             match msg {
                 ServerMsg::Error { code, message } => return Err(ControlError::Refused { code, message }),
-                ServerMsg::LoginOk { new_node, node, domain, keepalive_secs } => login = Some((new_node, node, domain, keepalive_secs)),
+                ServerMsg::LoginOk { new_node, node, domain, keepalive_secs, binary_chunks } => {
+                    login = Some((new_node, node, domain, keepalive_secs, binary_chunks))
+                }
                 ServerMsg::MapFull(full) => break NetMap::from_full(full),
                 // The server's keepalives show it is alive while we wait.
                 ServerMsg::KeepAlive if hello.interactive => deadline = tokio::time::Instant::now() + SIGN_IN_TIMEOUT,
@@ -396,7 +403,7 @@ impl ControlClient {
                 other => return Err(ControlError::Protocol(format!("unexpected {other:?} before the first map"))),
             }
         };
-        let Some((new_node, _node, _domain, keepalive_secs)) = login else {
+        let Some((new_node, _node, _domain, keepalive_secs, binary_chunks)) = login else {
             return Err(ControlError::Protocol("map before login answer".into()));
         };
         let (utx, urx) = mpsc::channel(256);
@@ -404,12 +411,19 @@ impl ControlClient {
         let keepalive = Duration::from_secs(keepalive_secs.max(1) as u64);
         let pending = Pending::default();
         let (atx, arx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(s, chan, utx, crx, keepalive, pending.clone(), atx));
+        // Room for one shipper batch, written in one go; the shipper keeps
+        // its own window.
+        let (ftx, frx) = mpsc::channel(32);
+        // The environment knob makes this node ship like one from before
+        // binary chunks (for testing that mix against a current server).
+        let binary_chunks = binary_chunks && std::env::var_os("TAILGATE_SHIP_JSON_CHUNKS").is_none();
+        let task = tokio::spawn(run(s, chan, utx, crx, frx, keepalive, pending.clone(), atx));
         let client = ControlClient {
             map: map.clone(),
             new_node,
             updates: urx,
             cmds: ctx,
+            frames: binary_chunks.then_some(ftx),
             task,
             done: false,
             pending,
@@ -427,7 +441,7 @@ impl ControlClient {
 
     /// The audit shipper's link over this connection (once per connection).
     pub(crate) fn ship_link(&mut self) -> Option<ShipLink> {
-        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()? })
+        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()?, frames: self.frames.clone() })
     }
 
     /// Did this connection create the node (first registration)?
@@ -535,6 +549,7 @@ async fn run<S: Stream>(
     mut chan: SecureChannel,
     updates: mpsc::Sender<Result<MapDelta, ControlError>>,
     mut cmds: mpsc::Receiver<ClientMsg>,
+    mut frames: mpsc::Receiver<Vec<u8>>,
     keepalive: Duration,
     pending: Pending,
     acks: mpsc::UnboundedSender<ShipAck>,
@@ -597,6 +612,19 @@ async fn run<S: Stream>(
                 let Some(c) = c else { break Ok(()) };
                 out.clear();
                 if let Err(e) = seal(&mut chan, &c, &mut out) { break Err(e); }
+                if let Err(e) = w.write_all(&out).await { break Err(ControlError::Closed(e.to_string())); }
+            }
+            Some(f) = frames.recv() => {
+                out.clear();
+                // Whatever else is queued goes in the same write.
+                let mut next = Some(f);
+                let mut sealed = Ok(());
+                while let Some(f) = next.take() {
+                    sealed = chan.seal_frame(&f, &mut out).map_err(chan_err);
+                    if sealed.is_err() || out.len() >= 1 << 20 { break; }
+                    next = frames.try_recv().ok();
+                }
+                if let Err(e) = sealed { break Err(e); }
                 if let Err(e) = w.write_all(&out).await { break Err(ControlError::Closed(e.to_string())); }
             }
             _ = ka.tick() => {

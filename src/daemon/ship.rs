@@ -15,7 +15,7 @@
 //! the files hold (sans-IO, unit-tested); [`run`] moves bytes.
 #![warn(missing_docs)]
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -28,17 +28,22 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::control::client::ShipLink;
+use crate::control::wire::chunk::{BinChunk, MAX_HEADER};
+use crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME;
 use crate::control::wire::proto::{ClientMsg, ShipAck};
-use crate::ssh::journal::{Journal, Shared};
+use crate::ssh::journal::{Journal, LiveRec, Shared};
 
 /// Cursor file in the node's state directory.
 pub(crate) const STATE_FILE: &str = "ship.json";
 /// Marker written next to a recording once control holds all of it.
 const SHIPPED_SUFFIX: &str = ".cast.shipped";
-/// Raw recording bytes per chunk: as many as fit one client frame (64 KiB)
-/// after base64 and the JSON around them, so a bulk session costs as few
-/// frames, ingest commands and acks as possible.
+/// Raw recording bytes per JSON chunk (to a server without binary chunks):
+/// as many as fit one client frame (64 KiB) after base64 and the JSON
+/// around them, so a bulk session costs as few frames, ingest commands and
+/// acks as possible.
 const CHUNK: usize = 46 * 1024;
+/// Raw recording bytes per binary chunk: a full client frame.
+const BIN_CHUNK: usize = DEFAULT_MAX_CLIENT_FRAME - MAX_HEADER;
 /// JSON-escaped audit lines per message.
 const EVENTS_BATCH: usize = 40 * 1024;
 /// Silence after which unacknowledged shipments are sent again.
@@ -98,12 +103,16 @@ pub(crate) struct ShipCore {
     recs: BTreeMap<String, RecState>,
     /// Recordings control holds completely (marker to write).
     pub finished: Vec<String>,
+    /// The server takes binary chunks (this connection).
+    pub binary: bool,
 }
 
 /// One message to send.
 #[derive(Debug)]
-pub(crate) struct Shipment {
-    pub msg: ClientMsg,
+pub(crate) enum Shipment {
+    Msg(ClientMsg),
+    /// A recording chunk as a binary frame.
+    Chunk(BinChunk),
 }
 
 impl ShipCore {
@@ -181,7 +190,7 @@ impl ShipCore {
         }
         let (id, end) = last?;
         self.inflight_events.push_back((id, end, size as u64));
-        Some(Shipment { msg: ClientMsg::AuditEvents { lines } })
+        Some(Shipment::Msg(ClientMsg::AuditEvents { lines }))
     }
 
     /// The next recording chunk (`read(session, offset, len)` reads bytes).
@@ -192,7 +201,7 @@ impl ShipCore {
             if st.fin_sent {
                 continue;
             }
-            let want = (r.size.saturating_sub(st.sent) as usize).min(CHUNK);
+            let want = (r.size.saturating_sub(st.sent) as usize).min(if self.binary { BIN_CHUNK } else { CHUNK });
             let data = if want > 0 { read(&r.session, st.sent, want) } else { Vec::new() };
             let fin = !r.open && st.sent + data.len() as u64 >= r.size;
             if data.is_empty() && !fin {
@@ -201,8 +210,8 @@ impl ShipCore {
             let offset = st.sent;
             st.sent += data.len() as u64;
             st.fin_sent = fin;
-            let data = base64::engine::general_purpose::STANDARD.encode(&data);
-            return Some(Shipment { msg: ClientMsg::RecordingChunk { session: r.session.clone(), offset, data, fin } });
+            let c = BinChunk { session: r.session.clone(), offset, fin, data };
+            return Some(if self.binary { Shipment::Chunk(c) } else { Shipment::Msg(json_chunk(c)) });
         }
         None
     }
@@ -245,6 +254,12 @@ impl ShipCore {
         }
         moved
     }
+}
+
+/// A chunk as the JSON message a server without binary chunks takes.
+fn json_chunk(c: BinChunk) -> ClientMsg {
+    let data = base64::engine::general_purpose::STANDARD.encode(&c.data);
+    ClientMsg::RecordingChunk { session: c.session, offset: c.offset, data, fin: c.fin }
 }
 
 /// Whether to hold recording chunks back for now. Shipping a recording costs
@@ -297,6 +312,8 @@ struct Files {
     state_dir: PathBuf,
     audit: PathBuf,
     recordings: PathBuf,
+    /// The recording read last, open.
+    last: std::sync::Mutex<Option<(String, std::fs::File)>>,
 }
 
 impl Files {
@@ -318,26 +335,23 @@ impl Files {
         }
     }
 
-    /// The order matters: the writer marks a recording open before it
-    /// creates the file and unmarks it after the last flush. So: list the
-    /// files, then read the open set, then the sizes. A listed file not open
-    /// then is closed for good, and its size is final.
-    fn scan(&self, shared: &Shared) -> Vec<RecFile> {
-        let Ok(rd) = std::fs::read_dir(&self.recordings) else { return Vec::new() };
-        let names: Vec<String> = rd
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".cast")).map(String::from))
-            .filter(|s| crate::control::wire::proto::valid_session_id(s) && !self.recordings.join(format!("{s}{SHIPPED_SUFFIX}")).exists())
-            .collect();
-        let open: HashSet<String> = shared.open.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut v = Vec::new();
-        for session in names {
+    /// Recordings left from before this start (the writer tells the
+    /// shipper about its own in [`Shared::recs`]): each file not yet shipped
+    /// is added there as closed, with its size, unless the writer has it
+    /// (it adds its entry before it creates the file, so a file listed here
+    /// and still being written is never taken for a closed one).
+    fn scan_once(&self, shared: &Shared) {
+        let Ok(rd) = std::fs::read_dir(&self.recordings) else { return };
+        for e in rd.flatten() {
+            let Some(session) = e.file_name().to_str().and_then(|n| n.strip_suffix(".cast")).map(String::from) else { continue };
+            if !crate::control::wire::proto::valid_session_id(&session)
+                || self.recordings.join(format!("{session}{SHIPPED_SUFFIX}")).exists()
+            {
+                continue;
+            }
             let Ok(m) = std::fs::metadata(self.recordings.join(format!("{session}.cast"))) else { continue };
-            let is_open = open.contains(&session);
-            v.push(RecFile { session, size: m.len(), open: is_open });
+            shared.recs().entry(session).or_insert(LiveRec { size: m.len(), open: false });
         }
-        v.sort_by(|a, b| a.session.cmp(&b.session));
-        v
     }
 
     fn read_lines(&self, offset: u64) -> Vec<(String, u64)> {
@@ -365,9 +379,15 @@ impl Files {
     }
 
     fn read_chunk(&self, session: &str, offset: u64, len: usize) -> Vec<u8> {
-        let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
+        // A bulk session is read chunk after chunk from one file: keep it open.
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_none_or(|(s, _)| s != session) {
+            let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
+            *last = Some((session.to_string(), f));
+        }
+        let Some((_, f)) = last.as_ref() else { return Vec::new() };
         let mut buf = vec![0u8; len];
-        match std::os::unix::fs::FileExt::read_at(&f, &mut buf, offset) {
+        match std::os::unix::fs::FileExt::read_at(f, &mut buf, offset) {
             Ok(n) => {
                 buf.truncate(n);
                 buf
@@ -377,6 +397,11 @@ impl Files {
     }
 
     fn mark_shipped(&self, session: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_some_and(|(s, _)| s == session) {
+            *last = None;
+        }
+        drop(last);
         let p = self.recordings.join(format!("{session}{SHIPPED_SUFFIX}"));
         let _ = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(p);
     }
@@ -385,11 +410,12 @@ impl Files {
 /// Produces the next messages (file reads happen here, off the runtime).
 fn produce(core: &mut ShipCore, files: &Files, shared: &Shared, hold: bool) -> Vec<Shipment> {
     let audit_len = std::fs::metadata(&files.audit).map(|m| m.len()).unwrap_or(0);
-    let recs = files.scan(shared);
-    shared.backlog.store(core.backlog(audit_len, &recs), Ordering::Release);
     for s in core.finished.drain(..) {
+        shared.recs().remove(&s);
         files.mark_shipped(&s);
     }
+    let recs: Vec<RecFile> = shared.recs().iter().map(|(s, l)| RecFile { session: s.clone(), size: l.size, open: l.open }).collect();
+    shared.backlog.store(core.backlog(audit_len, &recs), Ordering::Release);
     let mut out = Vec::new();
     while core.window_open() && out.len() < 32 {
         if let Some(m) = core.next_events(audit_len, &mut |o| files.read_lines(o)) {
@@ -416,14 +442,22 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
         state_dir: state_dir.clone(),
         audit: journal.audit_path().to_path_buf(),
         recordings: state_dir.join(crate::ssh::RECORDINGS_DIR),
+        last: Default::default(),
     });
-    let f2 = files.clone();
-    let cursors = tokio::task::spawn_blocking(move || f2.load_cursors()).await.unwrap_or_default();
+    let (f2, s2) = (files.clone(), shared.clone());
+    let cursors = tokio::task::spawn_blocking(move || {
+        f2.scan_once(&s2);
+        f2.load_cursors()
+    })
+    .await
+    .unwrap_or_default();
     let mut core = Some(ShipCore::new(cursors));
     let mut written = shared.written.subscribe();
     let mut next_link = None;
     let (mut dirty, mut saved) = (false, tokio::time::Instant::now());
     let mut hold = Hold::default();
+    // For measuring what the hold buys (`bench/ssh.sh record`): ship at once.
+    let never_hold = std::env::var_os("TAILGATE_SHIP_NO_HOLD").is_some();
     loop {
         let mut link = match next_link.take() {
             Some(l) => l,
@@ -435,16 +469,18 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
         shared.connected.store(true, Ordering::Release);
         if let Some(c) = core.as_mut() {
             c.rewind();
+            c.binary = link.frames.is_some();
         }
         let mut progress = tokio::time::Instant::now();
         'conn: loop {
             // Read what to send on the blocking pool, then send it.
-            let held = hold.update(
-                std::time::Instant::now(),
-                shared.recorded.load(Ordering::Relaxed),
-                shared.backlog.load(Ordering::Acquire),
-                shared.limit.load(Ordering::Acquire),
-            );
+            let held = !never_hold
+                && hold.update(
+                    std::time::Instant::now(),
+                    shared.recorded.load(Ordering::Relaxed),
+                    shared.backlog.load(Ordering::Acquire),
+                    shared.limit.load(Ordering::Acquire),
+                );
             let (c, batch) = {
                 let (mut c, files, shared) = (core.take().unwrap_or_default(), files.clone(), shared.clone());
                 tokio::task::spawn_blocking(move || {
@@ -457,7 +493,12 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
             core = Some(c);
             let more = !batch.is_empty();
             for s in batch {
-                if link.cmds.send(s.msg).await.is_err() {
+                let sent = match (s, &link.frames) {
+                    (Shipment::Msg(m), _) => link.cmds.send(m).await.is_ok(),
+                    (Shipment::Chunk(c), Some(f)) => f.send(c.encode()).await.is_ok(),
+                    (Shipment::Chunk(c), None) => link.cmds.send(json_chunk(c)).await.is_ok(),
+                };
+                if !sent {
                     break 'conn;
                 }
             }
@@ -549,8 +590,8 @@ mod tests {
     }
 
     fn ids(m: &Shipment) -> Vec<u64> {
-        match &m.msg {
-            ClientMsg::AuditEvents { lines } => {
+        match m {
+            Shipment::Msg(ClientMsg::AuditEvents { lines }) => {
                 lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap()).collect()
             }
             other => panic!("{other:?}"),
@@ -594,8 +635,8 @@ mod tests {
         let open = [RecFile { session: "s".into(), size: (5 * CHUNK / 4) as u64, open: true }];
         let mut got = Vec::new();
         while let Some(m) = c.next_chunk(&open, &mut rd) {
-            match m.msg {
-                ClientMsg::RecordingChunk { offset, data, fin, .. } => {
+            match m {
+                Shipment::Msg(ClientMsg::RecordingChunk { offset, data, fin, .. }) => {
                     assert!(!fin);
                     assert_eq!(offset as usize, got.len());
                     got.extend(base64::engine::general_purpose::STANDARD.decode(data).unwrap());
@@ -611,7 +652,7 @@ mod tests {
         let mut offsets = Vec::new();
         let mut fins = 0;
         while let Some(m) = c.next_chunk(&closed, &mut rd) {
-            if let ClientMsg::RecordingChunk { offset, fin, .. } = m.msg {
+            if let Shipment::Msg(ClientMsg::RecordingChunk { offset, fin, .. }) = m {
                 offsets.push(offset);
                 fins += usize::from(fin);
             }
@@ -665,10 +706,33 @@ mod tests {
         let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
         let session = "f".repeat(64);
         let mut c = ShipCore::new(Cursors::default());
-        let m = c.next_chunk(&[RecFile { session, size: data.len() as u64, open: false }], &mut rd).unwrap();
-        let json = serde_json::to_vec(&m.msg).unwrap();
+        let recs = [RecFile { session, size: data.len() as u64, open: false }];
+        let Some(Shipment::Msg(m)) = c.next_chunk(&recs, &mut rd) else { panic!("a JSON chunk") };
+        let json = serde_json::to_vec(&m).unwrap();
         assert!(json.len() <= crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME, "{} bytes", json.len());
         assert!(json.len() > crate::control::wire::frame::DEFAULT_MAX_CLIENT_FRAME * 9 / 10, "chunks should fill frames: {}", json.len());
+    }
+
+    #[test]
+    fn a_binary_chunk_fills_a_client_frame_and_decodes() {
+        let data: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
+        let mut c = ShipCore { binary: true, ..ShipCore::new(Cursors::default()) };
+        let recs = [RecFile { session: "f".repeat(64), size: data.len() as u64, open: false }];
+        let mut got = Vec::new();
+        let mut fins = 0;
+        while let Some(m) = c.next_chunk(&recs, &mut rd) {
+            let Shipment::Chunk(ch) = m else { panic!("{m:?}") };
+            let frame = ch.encode();
+            assert!(frame.len() <= DEFAULT_MAX_CLIENT_FRAME, "{} bytes", frame.len());
+            let back = BinChunk::decode(frame, DEFAULT_MAX_CLIENT_FRAME).unwrap();
+            assert_eq!(back.offset as usize, got.len());
+            fins += usize::from(back.fin);
+            got.extend(back.data);
+        }
+        assert_eq!(got, data);
+        assert_eq!(fins, 1);
+        assert_eq!(c.inflight(), data.len() as u64 + 64, "a binary chunk counts its raw bytes against the window");
     }
 
     #[test]

@@ -133,12 +133,28 @@ pub(crate) struct Shared {
     /// busy session from its rate.
     pub recorded: AtomicU64,
     full_logged: AtomicBool,
-    /// Recordings still being written (their sessions run). Marked before
-    /// the file exists, unmarked after its last flush (the shipper relies on it).
-    pub open: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Recordings this writer made and the shipper has not finished, with
+    /// how many bytes are on disk: the shipper reads sizes here instead of
+    /// asking the file system on every pass. An entry appears before its
+    /// file exists and its size only grows after a flush; `open` turns
+    /// false after the last flush, with the final size.
+    pub recs: std::sync::Mutex<std::collections::BTreeMap<String, LiveRec>>,
+}
+
+/// A recording as the writer last flushed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LiveRec {
+    /// Bytes in the file (flushed).
+    pub size: u64,
+    /// Still being written (its session runs).
+    pub open: bool,
 }
 
 impl Shared {
+    pub(crate) fn recs(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, LiveRec>> {
+        self.recs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn spool_full(&self) -> bool {
         self.shipping.load(Ordering::Acquire) && self.backlog.load(Ordering::Acquire) > self.limit.load(Ordering::Acquire)
     }
@@ -202,7 +218,7 @@ impl Journal {
             limit: AtomicU64::new(limit),
             recorded: AtomicU64::new(0),
             full_logged: AtomicBool::new(false),
-            open: Default::default(),
+            recs: Default::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut w = Writer {
@@ -310,6 +326,8 @@ struct OpenRec {
     out: std::io::BufWriter<File>,
     path: PathBuf,
     failed: Arc<AtomicBool>,
+    /// Bytes handed to `out` (on disk after the next flush).
+    written: u64,
 }
 
 struct Writer {
@@ -337,9 +355,19 @@ impl Writer {
                 n += 1;
                 next = if n < 1024 { rx.try_recv().ok() } else { None };
             }
-            for r in self.open.values_mut() {
-                if let Err(e) = r.out.flush() {
-                    fail(r, &e);
+            let mut flushed = Vec::with_capacity(self.open.len());
+            for (s, r) in self.open.iter_mut() {
+                match r.out.flush() {
+                    Ok(()) => flushed.push((s, r.written)),
+                    Err(e) => fail(r, &e),
+                }
+            }
+            if !flushed.is_empty() {
+                let mut recs = self.shared.recs();
+                for (s, size) in flushed {
+                    if let Some(l) = recs.get_mut(s) {
+                        l.size = size;
+                    }
                 }
             }
             self.shared.written.send_modify(|g| *g += 1);
@@ -375,6 +403,7 @@ impl Writer {
                 self.shared.full_logged.store(false, Ordering::Release);
                 match r.out.write_all(line.as_bytes()) {
                     Ok(()) => {
+                        r.written += line.len() as u64;
                         self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
                         self.shared.recorded.fetch_add(line.len() as u64, Ordering::Relaxed);
                     }
@@ -382,13 +411,14 @@ impl Writer {
                 }
             }
             Cmd::Close { session } => {
-                if let Some(mut r) = self.open.remove(&session)
-                    && let Err(e) = r.out.flush()
-                {
+                let Some(mut r) = self.open.remove(&session) else { return };
+                if let Err(e) = r.out.flush() {
                     fail(&mut r, &e);
                 }
-                // After the flush: the shipper reads "closed" before the size.
-                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&session);
+                // The file's length, not the count: after a failed write the
+                // file may hold a part the count missed, and it ships as is.
+                let size = r.out.get_ref().metadata().map(|m| m.len()).unwrap_or(r.written);
+                self.shared.recs().insert(session, LiveRec { size, open: false });
             }
             Cmd::Flush(_) => {}
         }
@@ -414,23 +444,25 @@ impl Writer {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| SshError::io(dir, e))?;
         }
         let path = dir.join(format!("{session}.cast"));
-        self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_string());
+        self.shared.recs().insert(session.to_string(), LiveRec { size: 0, open: true });
         let created = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
         let file = match created {
             Ok(f) => f,
             Err(e) => {
-                self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+                self.shared.recs().remove(session);
                 return Err(SshError::io(&path, e));
             }
         };
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
         if let Err(e) = out.write_all(header.as_bytes()).and_then(|_| out.flush()) {
             // Nothing will be written: not open, and the shipper ships the stub.
-            self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            self.shared.recs().insert(session.to_string(), LiveRec { size, open: false });
             return Err(SshError::io(&path, e));
         }
         self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
-        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed });
+        self.shared.recs().insert(session.to_string(), LiveRec { size: header.len() as u64, open: true });
+        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed, written: header.len() as u64 });
         Ok(path)
     }
 }
@@ -527,6 +559,8 @@ mod tests {
             j.flush().await;
             let text = std::fs::read_to_string(r.path()).unwrap();
             assert_eq!(text.lines().count(), 1001);
+            // The shipper learns the final size without asking the disk.
+            assert_eq!(j.shared.recs().get("s1"), Some(&LiveRec { size: text.len() as u64, open: false }));
             assert!(text.lines().nth(1000).unwrap().starts_with("[999,"));
             assert_eq!(std::fs::metadata(r.path()).unwrap().permissions().mode() & 0o777, 0o600);
             // The spool bound: once shipping is on and the backlog is over

@@ -98,6 +98,13 @@ impl CastEncoder {
     /// An `"o"` event for `data` received at `t` since the start, or `None` when
     /// everything is held back (an incomplete character).
     pub(crate) fn output(&mut self, t: Duration, data: &[u8]) -> Option<String> {
+        // Bulk output is whole characters nearly always: encode it straight
+        // from the caller's buffer, without the two copies through `pending`.
+        if self.pending.is_empty()
+            && let Ok(text) = std::str::from_utf8(data)
+        {
+            return if text.is_empty() { None } else { Some(event_line(t, "o", text)) };
+        }
         self.pending.extend_from_slice(data);
         let text = self.take_decodable(false);
         if text.is_empty() { None } else { Some(event_line(t, "o", &text)) }

@@ -22,9 +22,13 @@ use crate::control::server::audit::ingest::{IngestCmd, Reply};
 use crate::control::server::hub::ConnId;
 use crate::control::server::metrics;
 use crate::control::upgrade::{HandshakeError, Stream, accept_noise};
+use crate::control::wire::chunk::BinChunk;
 use crate::control::wire::noise::{ChannelError, SecureChannel};
 use crate::control::wire::proto::{ClientMsg, ErrorCode, ServerOut};
 use crate::key::ShortKey;
+
+/// Read buffer of a connection that ships in bulk (the others keep 4 KiB).
+const BULK_READ: usize = 256 * 1024;
 
 /// Why a control connection ended. The message is what the server logs
 /// and, for protocol errors, what it tells the node before closing.
@@ -42,6 +46,8 @@ pub(crate) enum ConnError {
     Malformed(#[source] serde_json::Error),
     #[error("recording chunk: bad base64")]
     BadChunk,
+    #[error(transparent)]
+    Binary(#[from] crate::control::wire::chunk::ChunkError),
     #[error("sign-in: {0}")]
     SignIn(#[from] signin::SignInError),
     #[error("server shutting down")]
@@ -185,6 +191,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 n = self.r.read(&mut self.rbuf) => {
                     let n = match n { Ok(0) => return Ok(()), Ok(n) => n, Err(e) => return Err(ConnError::Read(e)) };
                     last_rx = tokio::time::Instant::now();
+                    // A node that fills the buffer is shipping a recording:
+                    // 4 KiB reads would cost a syscall and a wakeup per 4 KiB.
+                    if n == self.rbuf.len() && n < BULK_READ {
+                        self.rbuf.resize(BULK_READ, 0);
+                    }
                     bad = match self.chan.push_wire(&self.rbuf[..n]) {
                         Err(e @ ChannelError::Decrypt) => return Err(e.into()),
                         Err(e) => Some(e.into()),
@@ -271,18 +282,27 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
     async fn drain_frames(&mut self, acks: &ConnTx) -> Result<(), ConnError> {
         let shared = &self.shared;
         while let Some(f) = self.chan.next_frame()? {
+            // JSON starts with `{`; anything else is a binary frame.
+            if f.first().is_some_and(|&b| b != b'{') {
+                let c = BinChunk::decode(f, shared.opts.max_client_frame)?;
+                // Before login there is no node to store it for (as with JSON chunks).
+                let Some(node) = self.node else { continue };
+                let cmd = IngestCmd::Chunk { node, session: c.session, offset: c.offset, data: c.data, fin: c.fin, reply: ack_reply(acks) };
+                shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                continue;
+            }
             let msg = parse_client(&f)?;
             let msg = match (self.node, msg) {
                 (Some(node), ClientMsg::AuditEvents { lines }) => {
                     let cmd = IngestCmd::Events { node, lines, reply: ack_reply(acks) };
-                    shared.ingest.tx.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                    shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                     continue;
                 }
                 (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
                     use base64::Engine;
                     let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| ConnError::BadChunk)?;
                     let cmd = IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
-                    shared.ingest.tx.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
+                    shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                     continue;
                 }
                 (_, m) => m,

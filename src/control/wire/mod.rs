@@ -2,6 +2,7 @@
 //! framing, the Noise channel, the HTTP upgrade head, the messages and the
 //! auth-key tokens. Sans-IO, no sockets.
 
+pub mod chunk;
 pub mod frame;
 pub mod http;
 pub mod noise;

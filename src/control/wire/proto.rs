@@ -266,6 +266,10 @@ pub enum ServerMsg {
         domain: String,
         /// The node should send something at least this often (seconds).
         keepalive_secs: u32,
+        /// The server takes recording chunks as binary frames
+        /// ([`crate::control::wire::chunk`]); absent from older servers.
+        #[serde(default)]
+        binary_chunks: bool,
     },
     /// A refusal (of the first message, or of a request later); the server
     /// closes the connection after it.
@@ -633,6 +637,7 @@ pub(crate) enum ServerOut {
         node: SelfInfo,
         domain: String,
         keepalive_secs: u32,
+        binary_chunks: bool,
     },
     Error {
         code: ErrorCode,

@@ -3,6 +3,7 @@
 //! Each node numbers its events 1, 2, 3, ... and puts the SHA-256 of the
 //! previous line in `prev`. Lines arrive in order and possibly more than
 //! once. What an arriving event means, given the chain head stored so far:
+#![warn(missing_docs)]
 
 /// What to do with an arriving event.
 #[derive(Debug, PartialEq, Eq)]

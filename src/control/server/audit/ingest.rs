@@ -1,14 +1,13 @@
 //! The ingest thread: stores what nodes ship, then acknowledges it.
 //!
 //! It has its own SQLite connection (`synchronous = FULL`: an ack promises
-//! the data survives a crash) and writes recording files itself, so bulk
-//! recording bytes never pass through the hub thread that distributes maps.
-//! Acks go out only after the commit (events) or the fsync (recordings).
+//! the data survives a crash), so nothing nodes ship passes through the hub
+//! thread that distributes maps. Audit events are stored here; recording
+//! chunks go on to the recording writer ([`super::recordings`]), so bulk
+//! recording bytes never delay anyone's events. Acks go out only after the
+//! commit (events) or the fsync (recordings).
+#![warn(missing_docs)]
 
-use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
 use super::chain::{Verdict, judge};
-use crate::control::wire::proto::{ShipAck, valid_session_id};
+use super::recordings::Chunk;
+use crate::control::wire::proto::ShipAck;
 use crate::ssh::journal::line_hash;
 
 /// Sends an ack to the node's connection (dropped if it is gone).
@@ -33,6 +33,21 @@ pub enum IngestCmd {
 #[derive(Clone)]
 pub struct Ingest {
     pub tx: mpsc::Sender<IngestCmd>,
+    /// The recording writer's queue (chunks go there, not to `tx`).
+    chunks: mpsc::Sender<Chunk>,
+}
+
+impl Ingest {
+    /// Queues a shipment for the thread that stores it; `Err` when the
+    /// server is shutting down.
+    pub async fn send(&self, cmd: IngestCmd) -> Result<(), ()> {
+        match cmd {
+            IngestCmd::Chunk { node, session, offset, data, fin, reply } => {
+                self.chunks.send(Chunk { node, session, offset, data, fin, reply }).await.map_err(|_| ())
+            }
+            other => self.tx.send(other).await.map_err(|_| ()),
+        }
+    }
 }
 
 /// Asks for pruning now and then: a quarter of the retention, 1 s to 1 h.
@@ -56,10 +71,11 @@ pub fn recordings_dir(state_dir: &Path) -> PathBuf {
 pub fn start(state_dir: &Path) -> anyhow::Result<(Ingest, std::thread::JoinHandle<()>)> {
     let conn = open_db(state_dir)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    let chunks = super::recordings::start(state_dir, recordings_dir(state_dir))?;
     let (tx, rx) = mpsc::channel(256);
-    let mut w = Worker { conn, dir: recordings_dir(state_dir), rows: Default::default() };
+    let mut w = Worker { conn, dir: recordings_dir(state_dir) };
     let h = std::thread::Builder::new().name("control-audit".into()).spawn(move || w.run(rx))?;
-    Ok((Ingest { tx }, h))
+    Ok((Ingest { tx, chunks }, h))
 }
 
 pub fn open_db(state_dir: &Path) -> anyhow::Result<Connection> {
@@ -83,84 +99,32 @@ fn event_ms(v: &serde_json::Value) -> i64 {
         .unwrap_or_else(now_ms)
 }
 
-/// How often the `recordings` row of a live recording is brought up to date.
-const ROW_EVERY: Duration = Duration::from_secs(1);
-
 struct Worker {
     conn: Connection,
     dir: PathBuf,
-    /// Live recordings whose row exists, and when it was last written.
-    rows: std::collections::HashMap<(i64, String), std::time::Instant>,
-}
-
-struct Pending {
-    reply: Reply,
-    fin: bool,
 }
 
 impl Worker {
     fn run(&mut self, mut rx: mpsc::Receiver<IngestCmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            // Everything queued is one batch: one fsync per recording file.
-            let mut batch = vec![first];
-            while batch.len() < 256 {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
-            }
-            let mut chunks: BTreeMap<(i64, String), Vec<Pending>> = BTreeMap::new();
-            let mut files: BTreeMap<(i64, String), File> = BTreeMap::new();
-            for cmd in batch {
-                match cmd {
-                    IngestCmd::Events { node, lines, reply } => match self.events(node, &lines) {
-                        Ok(upto) => reply(ShipAck { events: Some(upto), ..Default::default() }),
-                        Err(e) => tracing::error!("audit: storing events of node #{node}: {e:#}; not acknowledged, the node resends"),
-                    },
-                    IngestCmd::Chunk { node, session, offset, data, fin, reply } => {
-                        if !valid_session_id(&session) {
-                            reply(ShipAck { session: Some(session), error: Some("invalid session id".into()), ..Default::default() });
-                            continue;
-                        }
-                        match self.chunk(node, &session, offset, &data, &mut files) {
-                            Ok(Some(done)) => reply(done),
-                            Ok(None) => chunks.entry((node, session)).or_default().push(Pending { reply, fin }),
-                            Err(e) => tracing::error!("audit: recording {session} of node #{node}: {e:#}; not acknowledged"),
-                        }
+        while let Some(cmd) = rx.blocking_recv() {
+            match cmd {
+                IngestCmd::Events { node, lines, reply } => match self.events(node, &lines) {
+                    Ok(upto) => reply(ShipAck { events: Some(upto), ..Default::default() }),
+                    Err(e) => tracing::error!("audit: storing events of node #{node}: {e:#}; not acknowledged, the node resends"),
+                },
+                IngestCmd::Chunk { session, .. } => tracing::error!("audit: recording {session} reached the event thread; dropped"),
+                IngestCmd::Prune { older_than_ms } => {
+                    if let Err(e) = super::query::prune(&self.conn, &self.dir, older_than_ms) {
+                        tracing::error!("audit: retention pruning failed: {e:#}");
                     }
-                    IngestCmd::Prune { older_than_ms } => {
-                        if let Err(e) = super::query::prune(&self.conn, &self.dir, older_than_ms) {
-                            tracing::error!("audit: retention pruning failed: {e:#}");
-                        }
-                    }
-                }
-            }
-            for ((node, session), pend) in chunks {
-                let Some(f) = files.remove(&(node, session.clone())) else { continue };
-                match self.commit_chunks(node, &session, f, pend.iter().any(|p| p.fin)) {
-                    Ok((len, fin)) => {
-                        for p in pend {
-                            (p.reply)(ShipAck { session: Some(session.clone()), offset: len, fin: fin && p.fin, ..Default::default() });
-                        }
-                    }
-                    Err(e) => tracing::error!("audit: recording {session} of node #{node}: {e:#}; not acknowledged"),
                 }
             }
         }
     }
 
-    fn node_name(&self, node: i64) -> String {
-        self.conn
-            .query_row("SELECT name FROM nodes WHERE id = ?1", [node], |r| r.get(0))
-            .optional()
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| format!("#{node}"))
-    }
-
     /// Stores a batch in one transaction; returns the highest id handled.
     fn events(&mut self, node: i64, lines: &[String]) -> anyhow::Result<u64> {
-        let name = self.node_name(node);
+        let name = node_name(&self.conn, node);
         let now = now_ms();
         let tx = self.conn.transaction()?;
         let mut head: Option<(u64, String)> = tx
@@ -241,115 +205,20 @@ impl Worker {
         tx.commit()?;
         Ok(upto)
     }
-
-    fn paths(&self, node: i64, session: &str) -> (PathBuf, PathBuf) {
-        let d = self.dir.join(node.to_string());
-        (d.join(format!("{session}.cast")), d.join(format!("{session}.cast.gz")))
-    }
-
-    /// Appends the new part of a chunk. `Some(ack)`: nothing to write (the
-    /// recording is complete already).
-    fn chunk(
-        &mut self,
-        node: i64,
-        session: &str,
-        offset: u64,
-        data: &[u8],
-        files: &mut BTreeMap<(i64, String), File>,
-    ) -> anyhow::Result<Option<ShipAck>> {
-        let (live, done) = self.paths(node, session);
-        if done.exists() {
-            let len: i64 = self
-                .conn
-                .query_row("SELECT bytes FROM recordings WHERE node_id = ?1 AND session = ?2", params![node, session], |r| r.get(0))
-                .optional()?
-                .unwrap_or(0);
-            return Ok(Some(ShipAck { session: Some(session.into()), offset: len as u64, fin: true, ..Default::default() }));
-        }
-        let key = (node, session.to_string());
-        if !files.contains_key(&key) {
-            if let Some(d) = live.parent() {
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
-            }
-            let f = OpenOptions::new().create(true).append(true).mode(0o600).open(&live)?;
-            files.insert(key.clone(), f);
-        }
-        let f = files.get_mut(&key).expect("inserted above");
-        let cur = f.metadata()?.len();
-        // At least once on the wire, once on disk: skip what we have.
-        let skip = cur.saturating_sub(offset) as usize;
-        if offset > cur {
-            let name = self.node_name(node);
-            integrity(
-                &self.conn,
-                node,
-                &name,
-                now_ms(),
-                "recording_gap",
-                0,
-                &format!("recording {session}: bytes {cur}..{offset} never arrived"),
-            )?;
-        }
-        if skip < data.len() {
-            f.write_all(&data[skip..])?;
-        }
-        Ok(None)
-    }
-
-    /// fsync, record the length, and compress a finished recording.
-    fn commit_chunks(&mut self, node: i64, session: &str, f: File, fin: bool) -> anyhow::Result<(u64, bool)> {
-        f.sync_data()?;
-        let len = f.metadata()?.len();
-        drop(f);
-        let (live, done) = self.paths(node, session);
-        let now = now_ms();
-        // The live file's length is what is stored (and what a resend is
-        // deduplicated against); the row only lists the recording and its
-        // progress. Writing it once a second, not once per batch, saves a
-        // WAL fsync per batch on a bulk session.
-        let key = (node, session.to_string());
-        let stale = self.rows.get(&key).is_none_or(|t| t.elapsed() >= ROW_EVERY);
-        if stale || fin {
-            let name = self.node_name(node);
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO recordings(node_id, session, node, bytes, started, path) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(node_id, session) DO UPDATE SET bytes = ?4",
-                )?
-                .execute(params![node, session, name, len as i64, now, live.display().to_string()])?;
-            self.rows.insert(key.clone(), std::time::Instant::now());
-        }
-        if fin {
-            self.rows.remove(&key);
-            compress(&live, &done)?;
-            self.conn.execute(
-                "UPDATE recordings SET finished = ?3, path = ?4 WHERE node_id = ?1 AND session = ?2",
-                params![node, session, now, done.display().to_string()],
-            )?;
-            std::fs::remove_file(&live)?;
-        }
-        Ok((len, fin))
-    }
 }
 
-/// `live` -> `done` (gzip), fsynced before the original goes.
-fn compress(live: &Path, done: &Path) -> anyhow::Result<()> {
-    let tmp = done.with_extension("gz.tmp");
-    let out = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-    std::io::copy(&mut File::open(live)?, &mut enc)?;
-    let out = enc.finish()?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, done)?;
-    if let Some(d) = done.parent() {
-        File::open(d)?.sync_all()?;
-    }
-    Ok(())
+/// The node's name for the audit tables (`#id` if it is gone).
+pub(crate) fn node_name(conn: &Connection, node: i64) -> String {
+    conn.query_row("SELECT name FROM nodes WHERE id = ?1", [node], |r| r.get(0))
+        .optional()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("#{node}"))
 }
 
 /// Records a chain problem in the node-audit integrity table and as an
 /// admin audit row, so it shows in `control audit admin` too.
-fn integrity(conn: &Connection, node: i64, name: &str, now: i64, kind: &str, seq: u64, detail: &str) -> anyhow::Result<()> {
+pub(crate) fn integrity(conn: &Connection, node: i64, name: &str, now: i64, kind: &str, seq: u64, detail: &str) -> anyhow::Result<()> {
     tracing::warn!("audit chain of node {name}: {kind} at event {seq}: {detail}");
     conn.execute(
         "INSERT INTO audit_integrity(node_id, node, at, kind, seq, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -1,7 +1,8 @@
 //! The fleet audit trail on the control server: what nodes ship (audit
 //! events with their hash chain, recordings), stored, verified, queried.
 //!
-//! - [`ingest`]: the thread that stores shipments and acknowledges them.
+//! - [`ingest`]: the thread that stores audit events and acknowledges them.
+//! - [`recordings`]: the threads that write, fsync and compress recordings.
 //! - [`chain`]: the hash-chain rules (pure).
 //! - [`query`]: listings, verification, recording bytes, retention.
 //! - [`cli`]: `tailgate control audit ...` / `recordings ...`.
@@ -10,10 +11,11 @@
 //! hub's, tagged `audit_op` instead of `op`, and are answered here from a
 //! connection of their own (reads only), never by the hub thread.
 
-pub mod chain;
+pub(crate) mod chain;
 pub mod cli;
-pub mod ingest;
-pub mod query;
+pub(crate) mod ingest;
+pub(crate) mod query;
+pub(crate) mod recordings;
 
 use std::path::Path;
 

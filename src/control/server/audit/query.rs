@@ -1,5 +1,6 @@
 //! Reads of the fleet audit store: listings, chain verification, recording
 //! bytes; and retention pruning.
+#![warn(missing_docs)]
 
 use std::io::Read;
 use std::path::Path;

@@ -105,6 +105,7 @@ impl Hub {
                 node: me,
                 domain: self.cfg.domain.clone(),
                 keepalive_secs: self.cfg.keepalive.as_secs().max(1) as u32,
+                binary_chunks: true,
             },
         ));
         self.out.push(Out::send(conn, ServerOut::MapFull(full)));
