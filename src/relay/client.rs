@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::RELAY_PATH;
-use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME};
+use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME, push_frame};
 use crate::control::UPGRADE_RELAY;
 use crate::control::transport::{ControlUrl, DialError, dial};
 use crate::control::upgrade::Stream;
@@ -489,7 +489,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let mut ka = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(64 * 1024);
-    let mut frame = Vec::with_capacity(2048);
+    let mut plain = Vec::with_capacity(64 * 1024);
     let mut senders_gone = false;
     let c = &shared.counters;
     let end: Option<RelayError> = loop {
@@ -499,28 +499,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = stop.wait_for(|v| *v) => break None,
             m = out_rx.recv(), if !senders_gone => {
                 let Some(mut m) = m else { senders_gone = true; continue };
-                let sealed = {
-                    let mut ch = chan.lock().unwrap_or_else(|e| e.into_inner());
-                    loop {
-                        frame.clear();
-                        Frame::Send { dst: m.0, datagram: &m.1 }.encode(&mut frame);
-                        if let Err(e) = ch.seal_frame(&frame, &mut out) {
-                            break Err(proto_err(e));
-                        }
-                        c.sent_packets.fetch_add(1, Ordering::Relaxed);
-                        c.sent_bytes.fetch_add(m.1.len() as u64, Ordering::Relaxed);
-                        if out.len() >= BATCH {
-                            break Ok(());
-                        }
-                        match out_rx.try_recv() {
-                            Ok(next) => m = next,
-                            Err(_) => break Ok(()),
-                        }
+                // Everything queued (up to BATCH) framed back to back and
+                // sealed as full-size Noise messages, not one per datagram.
+                plain.clear();
+                let (mut packets, mut bytes) = (0u64, 0u64);
+                loop {
+                    push_frame(&Frame::Send { dst: m.0, datagram: &m.1 }, &mut plain);
+                    packets += 1;
+                    bytes += m.1.len() as u64;
+                    if plain.len() >= BATCH {
+                        break;
                     }
-                };
-                if let Err(e) = sealed {
-                    break Some(e);
+                    match out_rx.try_recv() {
+                        Ok(next) => m = next,
+                        Err(_) => break,
+                    }
                 }
+                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_raw(&plain, &mut out) {
+                    break Some(proto_err(e));
+                }
+                c.sent_packets.fetch_add(packets, Ordering::Relaxed);
+                c.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
             _ = ka.tick() => {
                 if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_frame(&Frame::KeepAlive.to_vec(), &mut out) {
