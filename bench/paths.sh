@@ -6,8 +6,8 @@
 # upgrade to direct once UDP is allowed again, and (FAIR=1) two nodes sending
 # through the relay to the same node at once.
 #   RUNS=3 SECS=5 RELAY_RATE=<MB/s, 0 = none> FAIR=1 NAT_KINDS=1 bench/paths.sh
-#   PERF=1: `perf record -g` the control process during the last relay run
-#   and print its top entries.
+#   PERF=1: `perf record -g` the control process and both nodes during the
+#   last relay run; prints each process's share and the top symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
@@ -42,7 +42,7 @@ src = "bencher"
 dst = "tag:bench"
 reach = [5201]
 CONF
-(ip netns exec $C $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml ${RELAY_RATE:+--relay-rate $RELAY_RATE} > $D/ctl.log 2>&1 &)
+(ip netns exec $C $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml --metrics-listen 10.204.0.1:9464 ${RELAY_RATE:+--relay-rate $RELAY_RATE} > $D/ctl.log 2>&1 &)
 sleep 1
 ip netns exec $C $BIN control --state-dir $D/ctl users add bencher >/dev/null
 VK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --tag tag:bench | tail -1)
@@ -80,7 +80,9 @@ bulk() { ip netns exec ${1:-$L} iperf3 -c 127.0.0.1 -p ${2:-15201} -t $SECS | mb
 # median and min-max of the arguments
 stat3() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%7.2f (%.2f-%.2f)", m, v[1], v[NR]}'; }
 # Relay CPU: the control process's utime+stime (clock ticks).
-CPID=$(ip netns pids $C | head -1)
+tgpid() { for p in $(ip netns pids $1); do [ "$(cat /proc/$p/comm)" = tailgate ] && echo $p && break; done; }
+CPID=$(tgpid $C); LPID=$(tgpid $L); VPID=$(tgpid $V)
+metric() { ip netns exec $C curl -s http://10.204.0.1:9464/metrics | awk -v m="$1" '$1 ~ m {print $2}'; }
 cpu() { awk '{print $14 + $15}' /proc/$CPID/stat; }
 
 wait_path direct
@@ -91,7 +93,7 @@ for r in $(seq $RUNS); do
   db=$(bulk)
   block_udp $L; wait_path relay
   if [ "$PERF" = 1 ] && [ $r = $RUNS ]; then
-    perf record -g -o $D/perf.data -p $CPID -- sleep $SECS >/dev/null 2>&1 &
+    perf record -g -o $D/perf.data -p $CPID,$LPID,$VPID -- sleep $SECS >/dev/null 2>&1 &
     PP=$!
   fi
   c0=$(cpu); rb=$(bulk); c1=$(cpu)
@@ -120,10 +122,14 @@ if [ "$FAIR" = 1 ]; then
   done
   printf "relay, two senders at once: laptop %s MB/s   m %s MB/s\n" "$(stat3 ${FA[@]})" "$(stat3 ${FB[@]})"
 fi
+printf "relay drops (queue full): %s of %s datagrams\n" "$(metric 'relay_dropped.*queue_full')" "$(metric 'relay_forwarded_packets')"
 if [ "$PERF" = 1 ]; then
-  echo "perf: control process during the last relay run (children, top 25)"
-  perf report -i $D/perf.data --children --stdio --no-demangle 2>/dev/null | grep -E '^ +[0-9]' | head -25 | cut -c1-150
-  perf report -i $D/perf.data --no-children --stdio --sort symbol 2>/dev/null | grep -E '^ +[0-9]' | head -25 | cut -c1-150
+  echo "perf, last relay run: share by process (control $CPID, laptop $LPID, vps $VPID)"
+  perf report -i $D/perf.data --no-children --stdio --sort pid 2>/dev/null | grep -E '^ +[0-9]' | head -5
+  for p in $CPID $LPID $VPID; do
+    echo "-- pid $p, top symbols (self)"
+    perf report -i $D/perf.data --no-children --stdio --pid $p --sort symbol 2>/dev/null | grep -E '^ +[0-9]' | head -12 | cut -c1-120
+  done
 fi
 [ "$NAT_KINDS" = 1 ] || exit 0
 # Each NAT router kind: the path reached and the time to reach it.
