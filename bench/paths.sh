@@ -93,8 +93,9 @@ for r in $(seq $RUNS); do
   db=$(bulk)
   block_udp $L; wait_path relay
   if [ "$PERF" = 1 ] && [ $r = $RUNS ]; then
-    perf record -g -o $D/perf.data -p $CPID,$LPID,$VPID -- sleep $SECS >/dev/null 2>&1 &
-    PP=$!
+    PP=""; for p in $CPID $LPID $VPID; do
+      perf record -g -o $D/perf.$p -p $p -- sleep $SECS >$D/perf.$p.log 2>&1 & PP="$PP $!"
+    done
   fi
   c0=$(cpu); rb=$(bulk); c1=$(cpu)
   [ "$PERF" = 1 ] && [ $r = $RUNS ] && wait $PP
@@ -124,11 +125,11 @@ if [ "$FAIR" = 1 ]; then
 fi
 printf "relay drops (queue full): %s of %s datagrams\n" "$(metric 'relay_dropped.*queue_full')" "$(metric 'relay_forwarded_packets')"
 if [ "$PERF" = 1 ]; then
-  echo "perf, last relay run: share by process (control $CPID, laptop $LPID, vps $VPID)"
-  perf report -i $D/perf.data --no-children --stdio --sort pid 2>/dev/null | grep -E '^ +[0-9]' | head -5
+  echo "perf, last relay run: samples and top symbols (self) of control $CPID, laptop $LPID, vps $VPID"
   for p in $CPID $LPID $VPID; do
-    echo "-- pid $p, top symbols (self)"
-    perf report -i $D/perf.data --no-children --stdio --pid $p --sort symbol 2>/dev/null | grep -E '^ +[0-9]' | head -12 | cut -c1-120
+    echo "-- pid $p: $(perf report -i $D/perf.$p --stdio 2>/dev/null | awk '/^# Samples/ {print $3, $4; exit}') samples"
+    grep -i error $D/perf.$p.log || true
+    perf report -i $D/perf.$p --no-children --stdio --sort symbol 2>/dev/null | grep -E '^ +[0-9]' | head -12 | cut -c1-110 || true
   done
 fi
 [ "$NAT_KINDS" = 1 ] || exit 0
