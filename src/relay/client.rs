@@ -21,9 +21,12 @@
 //! server (the old one ends with `Closed("replaced ...")`).
 //!
 //! Two background tasks own the socket (reader, writer); dropping the
-//! [`RelayReceiver`] stops them and closes the connection. Datagrams that
-//! arrive while the receive queue is full are dropped and counted (UDP
-//! semantics: the socket keeps being read so keepalives are not delayed).
+//! [`RelayReceiver`] stops them and closes the connection. When the receive
+//! queue is full the reader waits a little for room (a busy owner catches
+//! up, and TCP pushes back on the relay, whose per-destination fair queue
+//! then decides whose datagrams are dropped); if no room comes, datagrams
+//! are dropped and counted until there is room again (UDP semantics: an
+//! owner that stopped reading does not stall the socket or keepalives).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -399,21 +402,20 @@ async fn handshake<S: Stream>(
     Ok((RelaySender { tx: out_tx, shared: shared.clone() }, RelayReceiver { rx: in_rx, shared, tasks: vec![reader, writer] }))
 }
 
-/// Handles one frame from the relay; `Err` ends the connection.
-fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<(), RelayError> {
+/// How long the reader waits for room in a full receive queue before it
+/// drops: enough for a busy owner to catch up, little enough that an
+/// owner that stopped reading costs one wait, not one per datagram.
+const RECV_WAIT: Duration = Duration::from_millis(50);
+
+/// Handles one frame from the relay: a datagram to deliver, or nothing;
+/// `Err` ends the connection.
+fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<Option<RelayEvent>, RelayError> {
     let c = &shared.counters;
     match Frame::decode(f).map_err(proto_err)? {
         Frame::Recv { src, datagram } => {
-            let ev = RelayEvent::Datagram { src, data: datagram.to_vec() };
             c.received_packets.fetch_add(1, Ordering::Relaxed);
             c.received_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            match in_tx.try_send(ev) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    c.dropped_recv_full.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(RelayError::Closed("receiver dropped".into())),
-            }
+            return Ok(Some(RelayEvent::Datagram { src, data: datagram.to_vec() }));
         }
         Frame::PeerGone { key } => {
             let _ = in_tx.try_send(RelayEvent::PeerGone(key));
@@ -422,6 +424,30 @@ fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Resu
         Frame::Closing { reason } => return Err(RelayError::Closed(reason.to_string())),
         other => return Err(RelayError::Protocol(format!("unexpected frame from the relay: {other:?}"))),
     }
+    Ok(None)
+}
+
+/// Queues a datagram for the owner, waiting up to [`RECV_WAIT`] for room
+/// unless the last wait already ran out (`stuck`, cleared once there is
+/// room); what does not fit is dropped and counted.
+async fn deliver(ev: RelayEvent, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared, stuck: &mut bool) -> Result<(), RelayError> {
+    let closed = || RelayError::Closed("receiver dropped".into());
+    let ev = match in_tx.try_send(ev) {
+        Ok(()) => {
+            *stuck = false;
+            return Ok(());
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+    };
+    if !*stuck {
+        match tokio::time::timeout(RECV_WAIT, in_tx.send(ev)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(closed()),
+            Err(_) => *stuck = true,
+        }
+    }
+    shared.counters.dropped_recv_full.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -437,6 +463,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut stop = shared.stop.subscribe();
     let mut last_rx = Instant::now();
     let mut frames = Vec::new();
+    let mut stuck = false;
     let end = 'outer: loop {
         // Frames may already be buffered (they can arrive with Accepted).
         {
@@ -450,7 +477,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         for f in frames.drain(..) {
-            if let Err(e) = on_frame(&f, &in_tx, &shared) {
+            let delivered = match on_frame(&f, &in_tx, &shared) {
+                Ok(Some(ev)) => deliver(ev, &in_tx, &shared, &mut stuck).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = delivered {
                 break 'outer e;
             }
         }
