@@ -409,13 +409,17 @@ const RECV_WAIT: Duration = Duration::from_millis(50);
 
 /// Handles one frame from the relay: a datagram to deliver, or nothing;
 /// `Err` ends the connection.
-fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<Option<RelayEvent>, RelayError> {
+fn on_frame(f: Vec<u8>, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<Option<RelayEvent>, RelayError> {
     let c = &shared.counters;
-    match Frame::decode(f).map_err(proto_err)? {
+    match Frame::decode(&f).map_err(proto_err)? {
         Frame::Recv { src, datagram } => {
             c.received_packets.fetch_add(1, Ordering::Relaxed);
             c.received_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            return Ok(Some(RelayEvent::Datagram { src, data: datagram.to_vec() }));
+            // The frame's own buffer becomes the datagram: no allocation.
+            let header = f.len() - datagram.len();
+            let mut data = f;
+            data.drain(..header);
+            return Ok(Some(RelayEvent::Datagram { src, data }));
         }
         Frame::PeerGone { key } => {
             let _ = in_tx.try_send(RelayEvent::PeerGone(key));
@@ -477,7 +481,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         for f in frames.drain(..) {
-            let delivered = match on_frame(&f, &in_tx, &shared) {
+            let delivered = match on_frame(f, &in_tx, &shared) {
                 Ok(Some(ev)) => deliver(ev, &in_tx, &shared, &mut stuck).await,
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
