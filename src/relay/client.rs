@@ -21,9 +21,12 @@
 //! server (the old one ends with `Closed("replaced ...")`).
 //!
 //! Two background tasks own the socket (reader, writer); dropping the
-//! [`RelayReceiver`] stops them and closes the connection. Datagrams that
-//! arrive while the receive queue is full are dropped and counted (UDP
-//! semantics: the socket keeps being read so keepalives are not delayed).
+//! [`RelayReceiver`] stops them and closes the connection. When the receive
+//! queue is full the reader waits a little for room (a busy owner catches
+//! up, and TCP pushes back on the relay, whose per-destination fair queue
+//! then decides whose datagrams are dropped); if no room comes, datagrams
+//! are dropped and counted until there is room again (UDP semantics: an
+//! owner that stopped reading does not stall the socket or keepalives).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::RELAY_PATH;
-use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME};
+use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME, push_frame};
 use crate::control::UPGRADE_RELAY;
 use crate::control::transport::{ControlUrl, DialError, dial};
 use crate::control::upgrade::Stream;
@@ -399,21 +402,24 @@ async fn handshake<S: Stream>(
     Ok((RelaySender { tx: out_tx, shared: shared.clone() }, RelayReceiver { rx: in_rx, shared, tasks: vec![reader, writer] }))
 }
 
-/// Handles one frame from the relay; `Err` ends the connection.
-fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<(), RelayError> {
+/// How long the reader waits for room in a full receive queue before it
+/// drops: enough for a busy owner to catch up, little enough that an
+/// owner that stopped reading costs one wait, not one per datagram.
+const RECV_WAIT: Duration = Duration::from_millis(50);
+
+/// Handles one frame from the relay: a datagram to deliver, or nothing;
+/// `Err` ends the connection.
+fn on_frame(f: Vec<u8>, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<Option<RelayEvent>, RelayError> {
     let c = &shared.counters;
-    match Frame::decode(f).map_err(proto_err)? {
+    match Frame::decode(&f).map_err(proto_err)? {
         Frame::Recv { src, datagram } => {
-            let ev = RelayEvent::Datagram { src, data: datagram.to_vec() };
             c.received_packets.fetch_add(1, Ordering::Relaxed);
             c.received_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            match in_tx.try_send(ev) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    c.dropped_recv_full.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(RelayError::Closed("receiver dropped".into())),
-            }
+            // The frame's own buffer becomes the datagram: no allocation.
+            let header = f.len() - datagram.len();
+            let mut data = f;
+            data.drain(..header);
+            return Ok(Some(RelayEvent::Datagram { src, data }));
         }
         Frame::PeerGone { key } => {
             let _ = in_tx.try_send(RelayEvent::PeerGone(key));
@@ -422,6 +428,30 @@ fn on_frame(f: &[u8], in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Resu
         Frame::Closing { reason } => return Err(RelayError::Closed(reason.to_string())),
         other => return Err(RelayError::Protocol(format!("unexpected frame from the relay: {other:?}"))),
     }
+    Ok(None)
+}
+
+/// Queues a datagram for the owner, waiting up to [`RECV_WAIT`] for room
+/// unless the last wait already ran out (`stuck`, cleared once there is
+/// room); what does not fit is dropped and counted.
+async fn deliver(ev: RelayEvent, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared, stuck: &mut bool) -> Result<(), RelayError> {
+    let closed = || RelayError::Closed("receiver dropped".into());
+    let ev = match in_tx.try_send(ev) {
+        Ok(()) => {
+            *stuck = false;
+            return Ok(());
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+    };
+    if !*stuck {
+        match tokio::time::timeout(RECV_WAIT, in_tx.send(ev)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(closed()),
+            Err(_) => *stuck = true,
+        }
+    }
+    shared.counters.dropped_recv_full.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -437,6 +467,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut stop = shared.stop.subscribe();
     let mut last_rx = Instant::now();
     let mut frames = Vec::new();
+    let mut stuck = false;
     let end = 'outer: loop {
         // Frames may already be buffered (they can arrive with Accepted).
         {
@@ -450,7 +481,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         for f in frames.drain(..) {
-            if let Err(e) = on_frame(&f, &in_tx, &shared) {
+            let delivered = match on_frame(f, &in_tx, &shared) {
+                Ok(Some(ev)) => deliver(ev, &in_tx, &shared, &mut stuck).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = delivered {
                 break 'outer e;
             }
         }
@@ -489,7 +525,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let mut ka = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(64 * 1024);
-    let mut frame = Vec::with_capacity(2048);
+    let mut plain = Vec::with_capacity(64 * 1024);
     let mut senders_gone = false;
     let c = &shared.counters;
     let end: Option<RelayError> = loop {
@@ -499,28 +535,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = stop.wait_for(|v| *v) => break None,
             m = out_rx.recv(), if !senders_gone => {
                 let Some(mut m) = m else { senders_gone = true; continue };
-                let sealed = {
-                    let mut ch = chan.lock().unwrap_or_else(|e| e.into_inner());
-                    loop {
-                        frame.clear();
-                        Frame::Send { dst: m.0, datagram: &m.1 }.encode(&mut frame);
-                        if let Err(e) = ch.seal_frame(&frame, &mut out) {
-                            break Err(proto_err(e));
-                        }
-                        c.sent_packets.fetch_add(1, Ordering::Relaxed);
-                        c.sent_bytes.fetch_add(m.1.len() as u64, Ordering::Relaxed);
-                        if out.len() >= BATCH {
-                            break Ok(());
-                        }
-                        match out_rx.try_recv() {
-                            Ok(next) => m = next,
-                            Err(_) => break Ok(()),
-                        }
+                // Everything queued (up to BATCH) framed back to back and
+                // sealed as full-size Noise messages, not one per datagram.
+                plain.clear();
+                let (mut packets, mut bytes) = (0u64, 0u64);
+                loop {
+                    push_frame(&Frame::Send { dst: m.0, datagram: &m.1 }, &mut plain);
+                    packets += 1;
+                    bytes += m.1.len() as u64;
+                    if plain.len() >= BATCH {
+                        break;
                     }
-                };
-                if let Err(e) = sealed {
-                    break Some(e);
+                    match out_rx.try_recv() {
+                        Ok(next) => m = next,
+                        Err(_) => break,
+                    }
                 }
+                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_raw(&plain, &mut out) {
+                    break Some(proto_err(e));
+                }
+                c.sent_packets.fetch_add(packets, Ordering::Relaxed);
+                c.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
             _ = ka.tick() => {
                 if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_frame(&Frame::KeepAlive.to_vec(), &mut out) {

@@ -25,12 +25,22 @@
 //! messages. It is not a trust anchor: a node still only accepts WireGuard
 //! traffic from peers it has keys for.
 //!
+//! Both ends frame many relay frames back to back and seal them as
+//! full-size Noise messages (64 KiB) rather than one message per datagram.
+//! The decrypted byte stream is the same as with one frame per message, and
+//! frame decoders read it as a stream, so this needs no version change:
+//! older nodes and relays that seal frame by frame interoperate.
+//!
 //! ## Flow control ([`limits`])
 //!
-//! - Per destination: a bounded queue (packets and bytes). A full queue
-//!   drops the datagram and counts it; a slow node never blocks senders.
-//! - Per sending node: a token bucket (default 50 MB/s, 4 MiB burst). A
-//!   node in debt is simply not read for a while, so TCP slows it down.
+//! - Per destination: a bounded fair queue (packets and bytes), one
+//!   sub-queue per sender served by deficit round robin. A full queue drops
+//!   the newest frame of the sender holding the most and counts it; a slow
+//!   node never blocks senders, and senders to one node share it equally.
+//! - Per sending node, only if the operator sets `--relay-rate`: a token
+//!   bucket (4 MiB burst). A node in debt is simply not read for a while,
+//!   so TCP slows it down. Without it a node alone may use all the relay
+//!   can carry.
 //! - One connection per node key: a new one replaces the old.
 //!
 //! ## Modules

@@ -177,6 +177,39 @@ impl<'a> Frame<'a> {
     }
 }
 
+/// Appends `body` (an encoded relay frame) as one control-wire frame,
+/// `[version][u32 BE length][body]`, to `plain`. Many of these are sealed
+/// together (one Noise message per 64 KiB instead of one per datagram); the
+/// receiver's frame decoder reads a byte stream, so nodes and relays that
+/// seal one frame per message and those that batch understand each other.
+pub(crate) fn push_framed(body: &[u8], plain: &mut Vec<u8>) {
+    plain.push(crate::control::PROTOCOL_VERSION);
+    plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    plain.extend_from_slice(body);
+}
+
+/// [`push_framed`] of `f`, encoded in place (no intermediate buffer).
+pub(crate) fn push_frame(f: &Frame<'_>, plain: &mut Vec<u8>) {
+    let start = plain.len();
+    plain.push(crate::control::PROTOCOL_VERSION);
+    plain.extend_from_slice(&[0; 4]);
+    f.encode(plain);
+    let len = (plain.len() - start - 5) as u32;
+    plain[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Turns an encoded `Send { dst, datagram }` into `Recv { src, datagram }`
+/// in place: the relay forwards the buffer it decrypted without copying
+/// the datagram. `None` if `f` is not a well-formed `Send`.
+pub(crate) fn send_into_recv(mut f: Vec<u8>, src: &Key) -> Option<Vec<u8>> {
+    if f.len() < 33 || f[0] != T_SEND || f.len() - 33 > MAX_DATAGRAM {
+        return None;
+    }
+    f[0] = T_RECV;
+    f[1..33].copy_from_slice(src);
+    Some(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +268,43 @@ mod tests {
             Frame::Closing { reason: r } => assert_eq!(r.len(), MAX_REASON),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn batched_frames_decode_like_single_ones() {
+        use crate::control::wire::frame::FrameDecoder;
+        let frames = [
+            Frame::Send { dst: [1; 32], datagram: b"one" },
+            Frame::KeepAlive,
+            Frame::Recv { src: [2; 32], datagram: &[7; 1400] },
+            Frame::PeerGone { key: [3; 32] },
+        ];
+        let mut batched = Vec::new();
+        for f in &frames {
+            push_frame(f, &mut batched);
+        }
+        let mut single = Vec::new();
+        for f in &frames {
+            single.extend_from_slice(&crate::control::wire::frame::encode_frame(&f.to_vec()));
+        }
+        assert_eq!(batched, single, "the same bytes as frame-at-a-time sealing");
+        let mut dec = FrameDecoder::new(MAX_FRAME);
+        dec.push(&batched);
+        for f in &frames {
+            assert_eq!(Frame::decode(&dec.next_frame().unwrap().unwrap()).unwrap(), *f);
+        }
+        let mut raw = Vec::new();
+        push_framed(&Frame::KeepAlive.to_vec(), &mut raw);
+        assert_eq!(raw, crate::control::wire::frame::encode_frame(&[3]));
+    }
+
+    #[test]
+    fn a_send_becomes_a_recv_in_place() {
+        let send = Frame::Send { dst: [1; 32], datagram: b"dg" }.to_vec();
+        let recv = send_into_recv(send, &[9; 32]).unwrap();
+        assert_eq!(Frame::decode(&recv), Ok(Frame::Recv { src: [9; 32], datagram: b"dg" }));
+        assert_eq!(send_into_recv(Frame::KeepAlive.to_vec(), &[9; 32]), None);
+        assert_eq!(send_into_recv(vec![1; 32], &[9; 32]), None);
     }
 
     proptest! {

@@ -4,12 +4,15 @@
 //! Per connection: one reader (this handler's task) and one writer task,
 //! sharing the Noise channel behind a mutex held only to encrypt or decrypt.
 //!
-//! - **Reader**: decrypts `Send` frames and pushes each datagram into the
-//!   destination's queue (never waits for it); then charges the bytes read
-//!   to the node's token bucket and, when in debt, stops reading for the
-//!   debt's duration (TCP pushes back on that node alone).
-//! - **Writer**: drains its own queue (coalescing up to 256 KiB per write),
-//!   sends keepalives, and the final `Closing`.
+//! - **Reader**: decrypts `Send` frames and pushes each one, turned into a
+//!   `Recv` in place, into the destination's fair queue (never waits for
+//!   it); with a `--relay-rate` cap it then charges the bytes read to the
+//!   node's token bucket and, when in debt, stops reading for the debt's
+//!   duration (TCP pushes back on that node alone). Its read buffer grows
+//!   from 16 KiB to 256 KiB while reads fill it (busy nodes only).
+//! - **Writer**: drains its own queue, up to 256 KiB per write, sealed as
+//!   few Noise messages (64 KiB each) rather than one per datagram; sends
+//!   keepalives, and the final `Closing`.
 //! - **Registry**: node key → connection. A new connection of the same key
 //!   replaces (closes) the old one.
 
@@ -28,8 +31,8 @@ use tracing::Instrument;
 use super::RELAY_PATH;
 use super::auth::NodeAuthorizer;
 use super::error::{ProtocolError, RelayConnError};
-use super::limits::{DatagramQueue, TokenBucket};
-use super::proto::{Frame, MAX_FRAME};
+use super::limits::{FairQueue, TokenBucket};
+use super::proto::{Frame, MAX_FRAME, push_frame, push_framed, send_into_recv};
 use crate::control::UPGRADE_RELAY;
 use crate::control::server::{PreAuthPermit, UpgradeHandler};
 use crate::control::upgrade::{Stream, accept_noise, write_and_close};
@@ -40,7 +43,9 @@ use crate::key::{Key, PrivateKey, ShortKey};
 /// Relay limits and timers.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// Per-node rate limit on what a node sends, bytes/s (0 = none).
+    /// Per-node cap on what a node sends, bytes/s (0 = none, the default:
+    /// fairness comes from the per-destination fair queues, so a node alone
+    /// may use all the relay can carry).
     pub rate_bytes_per_sec: u64,
     /// Token bucket depth, bytes.
     pub burst_bytes: u64,
@@ -56,14 +61,14 @@ pub struct RelayConfig {
     pub handshake_timeout: Duration,
     /// How often a connected node's authorization is checked again.
     pub reauth_interval: Duration,
-    /// Read buffer per connection.
+    /// Initial read buffer per connection (grows to 256 KiB while reads fill it).
     pub read_buffer: usize,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            rate_bytes_per_sec: 50_000_000,
+            rate_bytes_per_sec: 0,
             burst_bytes: 4 * 1024 * 1024,
             queue_packets: 1024,
             queue_bytes: 2 * 1024 * 1024,
@@ -139,9 +144,15 @@ const MAX_GONE_QUEUED: usize = 64;
 const PEER_GONE_EVERY: Duration = Duration::from_secs(5);
 /// Bytes coalesced into one write.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Largest read buffer a busy connection grows to.
+const MAX_READ_BUFFER: usize = 256 * 1024;
+/// Bytes each sender may have written to one destination per round of its
+/// fair queue: a few datagrams, so senders interleave finely.
+const FAIR_QUANTUM: usize = 8 * 1024;
 
 struct OutQueue {
-    data: DatagramQueue,
+    /// Encoded `Recv` frames by sender.
+    data: FairQueue,
     gone: Vec<Key>,
 }
 
@@ -155,8 +166,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn push(&self, src: Key, datagram: Vec<u8>) -> bool {
-        let ok = lock(&self.out).data.push(src, datagram);
+    fn push(&self, src: Key, recv_frame: Vec<u8>) -> bool {
+        let ok = lock(&self.out).data.push(src, recv_frame);
         if ok {
             self.notify.notify_one();
         }
@@ -368,7 +379,7 @@ async fn serve_node<S: Stream>(
     let conn = Arc::new(Conn {
         id: inner.next_id.fetch_add(1, Ordering::Relaxed),
         key: node_key,
-        out: Mutex::new(OutQueue { data: DatagramQueue::new(inner.cfg.queue_packets, inner.cfg.queue_bytes), gone: Vec::new() }),
+        out: Mutex::new(OutQueue { data: FairQueue::new(inner.cfg.queue_packets, inner.cfg.queue_bytes, FAIR_QUANTUM), gone: Vec::new() }),
         notify: Notify::new(),
         close,
     });
@@ -443,6 +454,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     bump(&inner.counters.protocol_errors, 1);
                     return Err(e.into());
                 }
+                if n == rbuf.len() && rbuf.len() < MAX_READ_BUFFER {
+                    // More was waiting: fewer, larger reads for a busy node.
+                    rbuf.resize((rbuf.len() * 2).min(MAX_READ_BUFFER), 0);
+                }
                 let wait = bucket.take(n, std::time::Instant::now());
                 if !wait.is_zero() {
                     bump(&inner.counters.rate_limited, 1);
@@ -476,7 +491,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), ProtocolError> {
+fn handle_frame(inner: &Inner, conn: &Conn, f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), ProtocolError> {
     let dst = match Frame::decode(&f)? {
         Frame::Send { dst, .. } => dst,
         Frame::KeepAlive => return Ok(()),
@@ -486,9 +501,11 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
     let c = &inner.counters;
     match target {
         Some(t) => {
-            f.drain(..33);
-            let len = f.len() as u64;
-            if t.push(conn.key, f) {
+            let len = (f.len() - 33) as u64;
+            let Some(recv) = send_into_recv(f, &conn.key) else {
+                return Err(ProtocolError::Unexpected("malformed Send".into()));
+            };
+            if t.push(conn.key, recv) {
                 bump(&c.forwarded_packets, 1);
                 bump(&c.forwarded_bytes, len);
             } else {
@@ -507,27 +524,24 @@ fn handle_frame(inner: &Inner, conn: &Conn, mut f: Vec<u8>, gone_sent: &mut Hash
     Ok(())
 }
 
-/// Encrypts queued `PeerGone` notices and datagrams into `out` (emptying
-/// `gone` and `batch`).
+/// Encrypts queued `PeerGone` notices and `Recv` frames into `out`
+/// (emptying `gone` and `batch`): framed back to back in `plain`, then
+/// sealed as full-size Noise messages.
 fn seal_batch(
     chan: &Mutex<SecureChannel>,
     gone: &mut Vec<Key>,
     batch: &mut Vec<(Key, Vec<u8>)>,
+    plain: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<(), ChannelError> {
-    let mut ch = lock(chan);
-    let mut frame = Vec::with_capacity(2048);
+    plain.clear();
     for key in gone.drain(..) {
-        frame.clear();
-        Frame::PeerGone { key }.encode(&mut frame);
-        ch.seal_frame(&frame, out)?;
+        push_frame(&Frame::PeerGone { key }, plain);
     }
-    for (src, d) in batch.drain(..) {
-        frame.clear();
-        Frame::Recv { src, datagram: &d }.encode(&mut frame);
-        ch.seal_frame(&frame, out)?;
+    for (_, recv) in batch.drain(..) {
+        push_framed(&recv, plain);
     }
-    Ok(())
+    lock(chan).seal_raw(plain, out)
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, chan: Arc<Mutex<SecureChannel>>, mut w: W) {
@@ -538,6 +552,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
     let mut ka = tokio::time::interval_at(Instant::now() + cfg.keepalive, cfg.keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(64 * 1024);
+    let mut plain = Vec::new();
     let mut batch: Vec<(Key, Vec<u8>)> = Vec::new();
     let mut gone: Vec<Key> = Vec::new();
     let reason: RelayConnError = 'outer: loop {
@@ -552,7 +567,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
                     let mut bytes = 0;
                     while bytes < WRITE_BATCH {
                         let Some(it) = q.data.pop() else { break };
-                        bytes += it.1.len() + 64;
+                        bytes += it.1.len() + 5;
                         batch.push(it);
                     }
                 }
@@ -560,7 +575,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(inner: Arc<Inner>, conn: Arc<Conn>, c
                     break;
                 }
                 out.clear();
-                let sealed = seal_batch(&chan, &mut gone, &mut batch, &mut out);
+                let sealed = seal_batch(&chan, &mut gone, &mut batch, &mut plain, &mut out);
                 if let Err(e) = sealed {
                     break 'outer RelayConnError::Encrypt(e);
                 }

@@ -104,8 +104,8 @@ pub(crate) struct ServeArgs {
     pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) oidc: crate::control::server::oidc::OidcArgs,
-    /// What one node may send through the relay, in MB/s (fairness between
-    /// nodes; 0 = no limit) [default: 50].
+    /// Cap on what one node may send through the relay, in MB/s (0 = no cap;
+    /// nodes already get fair shares of each destination without one) [default: 0].
     #[arg(long, value_name = "MB_PER_SEC")]
     pub(crate) relay_rate: Option<u64>,
 }
