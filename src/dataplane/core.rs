@@ -40,12 +40,22 @@ pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
 /// First retry of an unanswered STUN request; doubles up to [`STUN_INTERVAL`].
 /// A lost request must not leave us without a public endpoint for long.
 pub const STUN_RETRY: Duration = Duration::from_secs(1);
+/// The TTL (hop limit) of an opener: past our own router (one hop for a
+/// node directly behind it), not as far as the peer's. Two routers can only
+/// be this close on a LAN, where there is no NAT to open.
+pub const OPENER_HOPS: u8 = 2;
+/// An opener's payload: nothing any receiver accepts (not WireGuard, disco
+/// or STUN), in case one does arrive.
+pub const OPENER: &[u8] = b"\0tailgate-opener";
 
 /// Where the core's output goes. Implemented by the tokio driver (socket,
 /// relay link, stack) and by the simulated network.
 pub trait Transmit {
     /// Send `data` as one UDP datagram to `to`.
     fn udp(&mut self, to: SocketAddr, data: &[u8]);
+    /// Send `data` as one UDP datagram to `to` with this TTL / hop limit
+    /// (an opener: see [`crate::dataplane::path::Action::Open`]).
+    fn udp_hops(&mut self, to: SocketAddr, data: &[u8], hops: u8);
     /// Send `data` through the relay to the node `to`; false if the link
     /// dropped it (down or full).
     fn relay(&mut self, to: &Key, data: &[u8]) -> bool;
@@ -196,7 +206,12 @@ impl Core {
     }
 
     /// Whether a relay link exists to send through.
-    pub fn set_relay_up(&mut self, up: bool) {
+    pub fn set_relay_up(&mut self, up: bool, now: Instant) {
+        if up && !self.relay_up {
+            for st in self.paths.values_mut() {
+                st.relay_came_up(now);
+            }
+        }
         self.relay_up = up;
     }
 
@@ -432,11 +447,22 @@ impl Core {
                     let d = self.seal(&k, &disco::Message::Ping { tx_id }, now);
                     tx.udp(to, &d);
                 }
+                PathAction::Open { to } => {
+                    tracing::debug!(%to, "opener");
+                    tx.udp_hops(to, OPENER, OPENER_HOPS);
+                }
                 PathAction::CallMeMaybe => {
                     tracing::debug!(relay = self.relay_up, "call me maybe");
+                    let mut sent = false;
                     if self.relay_up {
                         let d = self.seal(&k, &disco::Message::CallMeMaybe { endpoints: self.my_endpoints.clone() }, now);
-                        tx.relay(&k, &d);
+                        sent = tx.relay(&k, &d);
+                    }
+                    // Before STUN answers, our pings would come from a public
+                    // address the peer was never told (nor opened its NAT to).
+                    let told = sent && (self.stun_server.is_none() || self.public_endpoint.is_some());
+                    if !told && let Some(st) = self.paths.get_mut(&k) {
+                        st.call_me_maybe_undelivered();
                     }
                 }
             }
