@@ -507,8 +507,8 @@ impl Dispatch<'_> {
                     Route::Direct(a) => Dest::Udp(a),
                     Route::Relay if self.relay_up => Dest::Relay(k),
                     // No relay: best effort straight at what WireGuard knows,
-                    // under the same address rule as probes.
-                    Route::Relay => to.filter(is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
+                    // under the same address and timing rules as probes.
+                    Route::Relay => to.filter(|a| is_valid_endpoint(a) && st.may_send_unproven(now)).map_or(Dest::Nowhere, Dest::Udp),
                 };
             }
         }

@@ -558,6 +558,14 @@ impl PathState {
         self.told_at.map_or(self.probing_since + UNTOLD_LEAD, |t| t + OPEN_LEAD)
     }
 
+    /// Whether something unproven may go straight to the peer now (the
+    /// driver's best effort without a relay): only once our pings may,
+    /// since any full-TTL datagram that reaches the peer's router before
+    /// the peer's opener spoils that router's mapping toward us.
+    pub fn may_send_unproven(&self, now: Instant) -> bool {
+        matches!(self.state, State::Lost(_)) || self.pings_ready() <= now
+    }
+
     /// The call-me-maybe [`PathState::poll`] asked for could not go out (no
     /// relay): the peer was not told, so hold the pings back, and ask
     /// again next round.
