@@ -70,6 +70,10 @@ one_case() {
     ip -n $H link set ${P}u$i master br0; ip -n $H link set ${P}u$i up
     ip -n $n addr add $NET.$i/24 dev ${P}v$i; ip -n $n link set ${P}v$i up; i=$((i+1))
   done
+  # The routers reach each other through the hub as a router (one hop, as on
+  # the Internet), so an opener (TTL 2) passes its own NAT and dies before the other.
+  ip -n $H addr add $NET.254/24 dev br0; ip netns exec $H sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.br0.send_redirects=0
+  ip -n $RA route add $NET.3/32 via $NET.254; ip -n $RB route add $NET.2/32 via $NET.254
   router $RA $NA 192.168.1 $1; router $RB $NB 192.168.2 $2
   rm -rf $D/s; mkdir -p $D/s
   printf '[tag_owners]\n"tag:bench" = ["bencher"]\n[[acl]]\nsrc = ["bencher"]\ndst = ["tag:bench:*"]\n' > $D/s/policy.toml

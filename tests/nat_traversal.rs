@@ -339,7 +339,7 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     // "internet" uses a public-looking prefix that exists only in its namespaces.
     let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
     let (_ctl, vps, mut laptop) = start_pair(&lab);
-    laptop.wait_log("NAT-PMP: the gateway maps a public port to us", 10);
+    laptop.wait_log("the gateway maps a public port to us", 10);
     let took = time_to_direct(&lab, &vps, &laptop, 10);
     eprintln!("masquerade both sides + NAT-PMP: direct after {:.1} s", took.as_secs_f64());
     let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");

@@ -8,6 +8,7 @@ pub mod filter;
 pub mod netstack;
 pub mod node;
 pub mod path;
+pub mod pcp;
 pub mod portmap;
 #[cfg(test)]
 mod sim;
