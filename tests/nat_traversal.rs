@@ -37,7 +37,8 @@ enum Kind {
     /// Plain `masquerade` with a WAN input firewall that drops what no
     /// connection expects (like OpenWrt's default zone rules).
     MasqueradeFirewall,
-    /// [`Kind::Masquerade`] plus miniupnpd answering NAT-PMP on the LAN side.
+    /// [`Kind::Masquerade`] plus miniupnpd answering PCP and NAT-PMP (one
+    /// switch in miniupnpd) on the LAN side.
     MasqueradeNatPmp,
 }
 
@@ -339,9 +340,10 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     // "internet" uses a public-looking prefix that exists only in its namespaces.
     let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
     let (_ctl, vps, mut laptop) = start_pair(&lab);
-    laptop.wait_log("the gateway maps a public port to us", 10);
+    // miniupnpd speaks PCP and NAT-PMP; PCP is asked first.
+    laptop.wait_log("PCP: the gateway maps a public port to us", 10);
     let took = time_to_direct(&lab, &vps, &laptop, 10);
-    eprintln!("masquerade both sides + NAT-PMP: direct after {:.1} s", took.as_secs_f64());
+    eprintln!("masquerade both sides + PCP: direct after {:.1} s", took.as_secs_f64());
     let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
     assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
     let (code, out, err) = lab.ssh("echo natpmp-ok", 20);

@@ -13,6 +13,8 @@
 //! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
 //! answer; the task then stays quiet and tries again every [`RETRY`].
 
+#![warn(missing_docs)]
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
@@ -23,11 +25,11 @@ use tokio::sync::watch;
 use crate::dataplane::pcp;
 
 /// NAT-PMP's port on the gateway.
-pub const SERVER_PORT: u16 = 5351;
+pub(crate) const SERVER_PORT: u16 = 5351;
 /// The lifetime we ask for; RFC 6886 recommends two hours.
-pub const LIFETIME: u32 = 7200;
+pub(crate) const LIFETIME: u32 = 7200;
 /// How long to wait before asking again when nothing answered.
-pub const RETRY: Duration = Duration::from_secs(300);
+pub(crate) const RETRY: Duration = Duration::from_secs(300);
 /// RFC 6886 starts at 250 ms and doubles; three tries are enough on a LAN.
 const ATTEMPTS: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1)];
 
@@ -38,10 +40,18 @@ pub enum Request {
     ExternalAddress,
     /// Map UDP `internal` to (preferably) `external` for `lifetime` seconds;
     /// lifetime 0 with external 0 deletes the mapping.
-    MapUdp { internal: u16, external: u16, lifetime: u32 },
+    MapUdp {
+        /// Our port.
+        internal: u16,
+        /// The public port we would like.
+        external: u16,
+        /// Seconds; 0 deletes.
+        lifetime: u32,
+    },
 }
 
 impl Request {
+    /// The request's bytes (RFC 6886 section 3).
     pub fn encode(&self) -> Vec<u8> {
         match *self {
             Request::ExternalAddress => vec![0, 0],
@@ -59,14 +69,26 @@ impl Request {
 /// A successful answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Response {
+    /// The gateway's public address.
     ExternalAddress(Ipv4Addr),
-    MappedUdp { internal: u16, external: u16, lifetime: u32 },
+    /// UDP `internal` is mapped to public `external` for `lifetime` seconds.
+    MappedUdp {
+        /// Our port.
+        internal: u16,
+        /// The public port.
+        external: u16,
+        /// Seconds.
+        lifetime: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why an answer is not what was asked.
 pub enum Error {
+    /// Not a NAT-PMP answer of a known opcode and length.
     #[error("not a NAT-PMP response")]
     Malformed,
+    /// The gateway said no, with this result code.
     #[error("the gateway refused the request (NAT-PMP result code {0})")]
     Refused(u16),
 }
@@ -89,7 +111,7 @@ pub fn parse_response(b: &[u8]) -> Result<Response, Error> {
 }
 
 /// The IPv4 default gateway from `/proc/net/route` (Linux), if any.
-pub fn default_gateway() -> Option<Ipv4Addr> {
+pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
     parse_default_gateway(&std::fs::read_to_string("/proc/net/route").ok()?)
 }
 
@@ -110,7 +132,7 @@ fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
 
 /// The running mapper: the mapped public address (if any) on [`PortMapper::mapped`];
 /// dropping it stops the task and deletes the mapping.
-pub struct PortMapper {
+pub(crate) struct PortMapper {
     mapped: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
     gateway: Ipv4Addr,
@@ -119,7 +141,7 @@ pub struct PortMapper {
 }
 
 impl PortMapper {
-    pub fn mapped(&self) -> watch::Receiver<Option<SocketAddr>> {
+    pub(crate) fn mapped(&self) -> watch::Receiver<Option<SocketAddr>> {
         self.mapped.clone()
     }
 }
@@ -141,7 +163,7 @@ impl Drop for PortMapper {
 
 /// Start mapping UDP `internal` (our WireGuard port) on the default gateway.
 /// `None` when there is no IPv4 default gateway.
-pub fn start(internal: u16) -> Option<PortMapper> {
+pub(crate) fn start(internal: u16) -> Option<PortMapper> {
     let gateway = default_gateway()?;
     let (tx, rx) = watch::channel(None);
     let delete = Arc::new(Mutex::new(None));
