@@ -5,6 +5,8 @@
 //!
 //! ra and rb are routers doing nftables masquerade (endpoint-independent
 //! mapping, like a home router); rb can also drop UDP or use a symmetric NAT.
+//! The bridge's namespace also routes (.254): ra and rb reach each other
+//! through it, one hop, as two NATs on the Internet do.
 
 mod common;
 use common::*;
@@ -35,7 +37,8 @@ enum Kind {
     /// Plain `masquerade` with a WAN input firewall that drops what no
     /// connection expects (like OpenWrt's default zone rules).
     MasqueradeFirewall,
-    /// [`Kind::Masquerade`] plus miniupnpd answering NAT-PMP on the LAN side.
+    /// [`Kind::Masquerade`] plus miniupnpd answering PCP and NAT-PMP (one
+    /// switch in miniupnpd) on the LAN side.
     MasqueradeNatPmp,
 }
 
@@ -111,6 +114,7 @@ impl Lab {
     fn with(a: Kind, b: Kind) -> Lab {
         Lab::on("10.50.0", a, b)
     }
+
     fn on(net: &'static str, a: Kind, b: Kind) -> Lab {
         let ctl = Netns::new("ntc");
         let ra = Netns::new("nra");
@@ -118,6 +122,15 @@ impl Lab {
         let na = Netns::new("nna");
         let nb = Netns::new("nnb");
         let hub = lan(&[&ctl, &ra, &rb], &[&format!("{net}.1"), &format!("{net}.2"), &format!("{net}.3")]);
+        // The routers reach each other through a router (the hub), as on
+        // the Internet, so a datagram with a TTL of 2 (an opener) passes
+        // its own NAT but never reaches the other one.
+        hub.exec(&format!(
+            "ip addr add {net}.254/24 dev br0 && sysctl -qw net.ipv4.ip_forward=1 && \
+             sysctl -qw net.ipv4.conf.all.send_redirects=0 && sysctl -qw net.ipv4.conf.br0.send_redirects=0"
+        ));
+        ra.exec(&format!("ip route add {net}.3/32 via {net}.254"));
+        rb.exec(&format!("ip route add {net}.2/32 via {net}.254"));
         let dir = tempdir();
         router(&ra, &na, "192.168.1", a, dir.path(), net);
         router(&rb, &nb, "192.168.2", b, dir.path(), net);
@@ -292,6 +305,28 @@ fn masquerade_both_sides_goes_direct() {
 }
 
 #[test]
+fn masquerade_both_sides_without_firewall_goes_direct() {
+    if !require(&["nft", "ssh", "conntrack"]) {
+        return;
+    }
+    // Plain masquerade that accepts WAN input (Docker hosts, cloud NAT
+    // gateways): a probe that reaches a router before the node behind it
+    // sent anything to its source is kept as a flow to the router, and the
+    // node's own packets to that peer then leave from a random port. Openers
+    // (TTL 2, past our router only) announced by call-me-maybe, with pings
+    // held back behind them, keep every first probe on the right side.
+    let kind = Kind::Masquerade;
+    let lab = Lab::with(kind, kind);
+    let (_ctl, vps, laptop) = start_pair(&lab);
+    let took = time_to_direct(&lab, &vps, &laptop, 5);
+    eprintln!("masquerade both sides ({kind:?}): direct after {:.1} s", took.as_secs_f64());
+    let (code, out, err) = lab.ssh("echo masq-nofw-ok", 20);
+    assert_eq!((code, out.trim()), (0, "masq-nofw-ok"), "{err}");
+    // Both routers kept the port (no clash): the path is the announced one.
+    assert!(lab.path_of_vps().starts_with("direct 10.50.0.2:41641"), "{}", lab.path_of_vps());
+}
+
+#[test]
 fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     if !require(&["nft", "ssh", "conntrack", "miniupnpd"]) {
         return;
@@ -305,9 +340,10 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     // "internet" uses a public-looking prefix that exists only in its namespaces.
     let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
     let (_ctl, vps, mut laptop) = start_pair(&lab);
-    laptop.wait_log("NAT-PMP: the gateway maps a public port to us", 10);
+    // miniupnpd speaks PCP and NAT-PMP; PCP is asked first.
+    laptop.wait_log("PCP: the gateway maps a public port to us", 10);
     let took = time_to_direct(&lab, &vps, &laptop, 10);
-    eprintln!("masquerade both sides + NAT-PMP: direct after {:.1} s", took.as_secs_f64());
+    eprintln!("masquerade both sides + PCP: direct after {:.1} s", took.as_secs_f64());
     let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
     assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
     let (code, out, err) = lab.ssh("echo natpmp-ok", 20);

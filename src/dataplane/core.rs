@@ -41,12 +41,22 @@ pub(crate) const STUN_INTERVAL: Duration = Duration::from_secs(20);
 /// First retry of an unanswered STUN request; doubles up to [`STUN_INTERVAL`].
 /// A lost request must not leave us without a public endpoint for long.
 pub(crate) const STUN_RETRY: Duration = Duration::from_secs(1);
+/// The TTL (hop limit) of an opener: past our own router (one hop for a
+/// node directly behind it), not as far as the peer's. Two routers can only
+/// be this close on a LAN, where there is no NAT to open.
+pub(crate) const OPENER_HOPS: u8 = 2;
+/// An opener's payload: nothing any receiver accepts (not WireGuard, disco
+/// or STUN), in case one does arrive.
+pub(crate) const OPENER: &[u8] = b"\0tailgate-opener";
 
 /// Where the core's output goes. Implemented by the tokio driver (socket,
 /// relay link, stack) and by the simulated network.
 pub(crate) trait Transmit {
     /// Send `data` as one UDP datagram to `to`.
     fn udp(&mut self, to: SocketAddr, data: &[u8]);
+    /// Send `data` as one UDP datagram to `to` with this TTL / hop limit
+    /// (an opener: see [`crate::dataplane::path::Action::Open`]).
+    fn udp_hops(&mut self, to: SocketAddr, data: &[u8], hops: u8);
     /// Send `data` through the relay to the node `to`; false if the link
     /// dropped it (down or full).
     fn relay(&mut self, to: &Key, data: &[u8]) -> bool;
@@ -199,7 +209,12 @@ impl Core {
     }
 
     /// Whether a relay link exists to send through.
-    pub(crate) fn set_relay_up(&mut self, up: bool) {
+    pub(crate) fn set_relay_up(&mut self, up: bool, now: Instant) {
+        if up && !self.relay_up {
+            for st in self.paths.values_mut() {
+                st.relay_came_up(now);
+            }
+        }
         self.relay_up = up;
     }
 
@@ -425,11 +440,22 @@ impl Core {
                     let d = self.seal(&k, &disco::Message::Ping { tx_id }, now);
                     tx.udp(to, &d);
                 }
+                PathAction::Open { to } => {
+                    tracing::debug!(%to, "opener");
+                    tx.udp_hops(to, OPENER, OPENER_HOPS);
+                }
                 PathAction::CallMeMaybe => {
                     tracing::debug!(relay = self.relay_up, "call me maybe");
+                    let mut sent = false;
                     if self.relay_up {
                         let d = self.seal(&k, &disco::Message::CallMeMaybe { endpoints: self.my_endpoints.clone() }, now);
-                        tx.relay(&k, &d);
+                        sent = tx.relay(&k, &d);
+                    }
+                    // Before STUN answers, our pings would come from a public
+                    // address the peer was never told (nor opened its NAT to).
+                    let told = sent && (self.stun_server.is_none() || self.public_endpoint.is_some());
+                    if !told && let Some(st) = self.paths.get_mut(&k) {
+                        st.call_me_maybe_undelivered();
                     }
                 }
             }
@@ -474,8 +500,8 @@ impl Dispatch<'_> {
                     Route::Direct(a) => Dest::Udp(a),
                     Route::Relay if self.relay_up => Dest::Relay(k),
                     // No relay: best effort straight at what WireGuard knows,
-                    // under the same address rule as probes.
-                    Route::Relay => to.filter(is_valid_endpoint).map_or(Dest::Nowhere, Dest::Udp),
+                    // under the same address and timing rules as probes.
+                    Route::Relay => to.filter(|a| is_valid_endpoint(a) && st.may_send_unproven(now)).map_or(Dest::Nowhere, Dest::Udp),
                 };
             }
         }

@@ -10,7 +10,8 @@ pub(crate) mod filter;
 pub mod netstack;
 pub mod node;
 pub mod path;
-pub(crate) mod portmap;
+pub mod pcp;
+pub mod portmap;
 #[cfg(test)]
 mod sim;
 pub mod stun;

@@ -289,7 +289,7 @@ impl Node {
     /// Use this relay for peers without a proven direct path (`None`: no relay).
     pub(crate) fn set_relay(&self, link: Option<Arc<dyn RelayLink>>) {
         let mut engine = self.inner.engine();
-        engine.core.set_relay_up(link.is_some());
+        engine.core.set_relay_up(link.is_some(), Instant::now());
         engine.relay = link;
         drop(engine);
         self.inner.shared.wake.notify_one();
@@ -440,6 +440,9 @@ struct Io<'a> {
 impl Transmit for Io<'_> {
     fn udp(&mut self, to: SocketAddr, data: &[u8]) {
         self.udp.push(to, data)
+    }
+    fn udp_hops(&mut self, to: SocketAddr, data: &[u8], hops: u8) {
+        self.udp.push_with_hops(to, data, hops)
     }
     fn relay(&mut self, to: &Key, data: &[u8]) -> bool {
         self.relay.is_some_and(|r| r.send(to, data))

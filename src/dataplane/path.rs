@@ -68,6 +68,20 @@ pub const PING_RATE: (u64, u64) = (10, 2 * MAX_CANDIDATES as u64);
 /// Received call-me-maybes per second (and burst) per peer; peers send one
 /// per [`CALL_ME_MAYBE_INTERVAL`].
 pub(crate) const CALL_ME_MAYBE_RATE: (u64, u64) = (1, 3);
+/// How long a round's full pings wait after the call-me-maybe that told the
+/// peer our endpoints (and after our openers). Behind NATs that accept WAN
+/// input, a ping that reaches the peer's router before the peer's own first
+/// packet toward us is kept there as a flow to the router itself, and the
+/// peer's later packets to us get a new, unannounced port (conntrack's clash
+/// handling). The peer answers a call-me-maybe with openers at once, so
+/// pinging only after this lead lets its router map our address first. It
+/// must cover one trip over the relay; the cost is this much on the first
+/// direct path.
+pub(crate) const OPEN_LEAD: Duration = Duration::from_millis(300);
+/// Without a relay to send call-me-maybe through, the peer only learns our
+/// endpoints from the netmap: give that this long from the start of
+/// probing before pinging.
+pub(crate) const UNTOLD_LEAD: Duration = Duration::from_secs(2);
 
 /// Where packets for the peer should go now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,10 +121,12 @@ enum Timer {
     Trust,
     /// The earliest moment another call-me-maybe may go out.
     CallMeMaybe,
+    /// This round's full pings, held back [`OPEN_LEAD`] behind its openers.
+    Pings,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-struct Timers([Option<Instant>; 4]);
+struct Timers([Option<Instant>; 5]);
 
 impl Timers {
     fn arm(&mut self, t: Timer, at: Instant) {
@@ -142,6 +158,10 @@ pub(crate) enum Action {
     Ping { to: SocketAddr, tx_id: [u8; 12] },
     /// Ask the peer (via the relay) to ping our endpoints now.
     CallMeMaybe,
+    /// A datagram that only goes far enough to open our own NAT's mapping
+    /// toward this address (a small TTL), so the peer's ping, arriving
+    /// later, finds it instead of creating a flow that clashes with it.
+    Open { to: SocketAddr },
 }
 
 #[derive(Clone, Debug)]
@@ -180,6 +200,11 @@ pub(crate) struct PathState {
     replay: ReplayWindow,
     pings_in: TokenBucket,
     call_me_maybes_in: TokenBucket,
+    /// When our last call-me-maybe (with our endpoints as they are now)
+    /// went out; `None` after a network change or while the relay is down.
+    told_at: Option<Instant>,
+    /// When this search for a direct path began (or our endpoints changed).
+    probing_since: Instant,
 }
 
 impl PathState {
@@ -198,6 +223,8 @@ impl PathState {
             replay: ReplayWindow::default(),
             pings_in: TokenBucket::new(PING_RATE.0, PING_RATE.1, now),
             call_me_maybes_in: TokenBucket::new(CALL_ME_MAYBE_RATE.0, CALL_ME_MAYBE_RATE.1, now),
+            told_at: None,
+            probing_since: now,
         }
     }
 
@@ -253,6 +280,9 @@ impl PathState {
         }
         self.forget_best_if_gone(now);
         if added || before != self.candidates.len() {
+            if added && self.best().is_none() {
+                self.probing_since = now;
+            }
             // New addresses are worth trying right away.
             self.probe_now(now);
             self.probe_interval = PROBE_INTERVAL;
@@ -310,6 +340,7 @@ impl PathState {
     /// Leave `Direct` (or restart probing) in `state` (`Probing` or `Lost`).
     fn enter_probing(&mut self, state: State, now: Instant) {
         self.state = state;
+        self.probing_since = now;
         self.timers.disarm(Timer::Trust);
         self.timers.disarm(Timer::Reprobe);
         self.probe_now(now);
@@ -398,6 +429,10 @@ impl PathState {
             c.proven_at = None;
         }
         self.pending.clear();
+        // Our endpoints may be new: the peer must hear them (and open its
+        // NAT toward them) before our pings arrive.
+        self.told_at = None;
+        self.timers.disarm(Timer::CallMeMaybe);
         self.enter_probing(State::Probing, now);
     }
 
@@ -469,6 +504,12 @@ impl PathState {
             self.enter_probing(State::Lost(b), now);
         }
         let mut out = Vec::new();
+        if self.timers.due(Timer::Pings, now) {
+            self.timers.disarm(Timer::Pings);
+            if self.best().is_none() {
+                self.ping_all(now, &mut out);
+            }
+        }
         if !self.timers.due(Timer::Probe, now) || self.candidates.is_empty() {
             return out;
         }
@@ -483,12 +524,25 @@ impl PathState {
                 self.timers.arm(Timer::Reprobe, now + REPROBE_INTERVAL);
             }
             State::Probing | State::Lost(_) | State::RelayOnly => {
-                self.ping_all(now, &mut out);
-                // Ask the peer to ping us back at the same moment, so both
-                // NATs see outbound traffic before the other side's arrives.
+                // Open our NAT toward every candidate, ask the peer to do
+                // the same toward us (call-me-maybe answers with openers
+                // at once), and ping once both had time: see [`OPEN_LEAD`].
+                let mut targets: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+                targets.sort();
+                out.extend(targets.into_iter().map(|to| Action::Open { to }));
                 if self.timers.free(Timer::CallMeMaybe, now) {
                     out.push(Action::CallMeMaybe);
                     self.timers.arm(Timer::CallMeMaybe, now + CALL_ME_MAYBE_INTERVAL);
+                    self.told_at = Some(now);
+                }
+                // A path that just stopped answering had the peer's mapping
+                // a moment ago: no need to wait for its openers.
+                let ready = if matches!(self.state, State::Lost(_)) { now } else { self.pings_ready() };
+                if ready <= now {
+                    self.timers.disarm(Timer::Pings);
+                    self.ping_all(now, &mut out);
+                } else {
+                    self.timers.arm(Timer::Pings, ready);
                 }
                 self.timers.arm(Timer::Probe, now + self.probe_interval);
                 if self.probe_interval >= PROBE_MAX_INTERVAL {
@@ -498,6 +552,40 @@ impl PathState {
             }
         }
         out
+    }
+
+    /// When this round's pings may go: [`OPEN_LEAD`] after the peer was
+    /// told our endpoints, else [`UNTOLD_LEAD`] into the search.
+    fn pings_ready(&self) -> Instant {
+        self.told_at.map_or(self.probing_since + UNTOLD_LEAD, |t| t + OPEN_LEAD)
+    }
+
+    /// Whether something unproven may go straight to the peer now (the
+    /// driver's best effort without a relay): only once our pings may,
+    /// since any full-TTL datagram that reaches the peer's router before
+    /// the peer's opener spoils that router's mapping toward us.
+    pub fn may_send_unproven(&self, now: Instant) -> bool {
+        matches!(self.state, State::Lost(_)) || self.pings_ready() <= now
+    }
+
+    /// The call-me-maybe [`PathState::poll`] asked for could not go out (no
+    /// relay): the peer was not told, so hold the pings back, and ask
+    /// again next round.
+    pub fn call_me_maybe_undelivered(&mut self) {
+        self.told_at = None;
+        self.timers.disarm(Timer::CallMeMaybe);
+        if let Some(t) = self.timers.get(Timer::Pings) {
+            self.timers.arm(Timer::Pings, t.max(self.pings_ready()));
+        }
+    }
+
+    /// The relay link came up: a search still under way tells the peer our
+    /// endpoints now rather than at the next round.
+    pub fn relay_came_up(&mut self, now: Instant) {
+        if self.best().is_none() && self.told_at.is_none() {
+            self.timers.disarm(Timer::CallMeMaybe);
+            self.timers.arm(Timer::Probe, now);
+        }
     }
 
     fn ping_all(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -519,6 +607,19 @@ impl PathState {
         let mut t = self.timers;
         t.disarm(Timer::CallMeMaybe);
         t.earliest()
+    }
+}
+
+#[cfg(test)]
+impl PathState {
+    /// One probe round whole: `poll` at `now`, then at the moment its
+    /// pings were held back to, if they were.
+    pub(crate) fn poll_round(&mut self, now: Instant) -> Vec<Action> {
+        let mut a = self.poll(now);
+        if let Some(t) = self.timers.get(Timer::Pings) {
+            a.extend(self.poll(t.max(now)));
+        }
+        a
     }
 }
 
@@ -546,7 +647,7 @@ mod tests {
         let mut p = PathState::new(t0);
         assert_eq!(p.route(t0), Route::Relay);
         p.set_candidates(&[addr("10.0.0.1:5000"), addr("192.0.2.7:41641")], t0);
-        let a = p.poll(t0);
+        let a = p.poll_round(t0);
         assert!(a.contains(&Action::CallMeMaybe));
         let sent = pings(&a);
         assert_eq!(sent.len(), 2);
@@ -568,7 +669,7 @@ mod tests {
         let mut p = PathState::new(t0);
         let ep = addr("192.0.2.7:41641");
         p.set_candidates(&[ep], t0);
-        let (to, tx) = pings(&p.poll(t0))[0];
+        let (to, tx) = pings(&p.poll_round(t0))[0];
         p.on_pong(to, tx, t0);
         // Keepalive pings go unanswered.
         let mut now = t0;
@@ -579,7 +680,7 @@ mod tests {
         assert_eq!(p.route(now), Route::Relay, "unanswered keepalives end trust");
         assert!(p.last_result.as_deref().unwrap().contains("stopped answering"));
         // Probing resumes with call-me-maybe; an answer restores the path.
-        let a = p.poll(now + PROBE_MAX_INTERVAL + CALL_ME_MAYBE_INTERVAL);
+        let a = p.poll_round(now + PROBE_MAX_INTERVAL + CALL_ME_MAYBE_INTERVAL);
         assert!(a.contains(&Action::CallMeMaybe));
         let (to, tx) = pings(&a)[0];
         let later = now + PROBE_MAX_INTERVAL + CALL_ME_MAYBE_INTERVAL;
@@ -593,7 +694,9 @@ mod tests {
         let mut p = PathState::new(t0);
         let (slow, fast) = (addr("192.0.2.7:1"), addr("10.0.0.7:1"));
         p.set_candidates(&[slow, fast], t0);
-        let sent = pings(&p.poll(t0));
+        let sent = pings(&p.poll_round(t0));
+        // The pings left after the openers' lead.
+        let t0 = t0 + OPEN_LEAD;
         for (to, tx) in sent {
             let rtt = if to == fast { 1 } else { 40 };
             p.on_pong(to, tx, t0 + Duration::from_millis(rtt));
@@ -612,7 +715,7 @@ mod tests {
         let mut now = t0;
         let mut rounds = 0;
         while now < t0 + Duration::from_secs(60) {
-            if !p.poll(now).is_empty() {
+            if p.poll(now).iter().any(|a| matches!(a, Action::Ping { .. })) {
                 rounds += 1;
             }
             now = p.next_deadline().expect("a peer with candidates has a deadline").max(now + Duration::from_millis(1));
@@ -778,7 +881,7 @@ mod hardening {
             p.on_direct_traffic(*b, t0);
         }
         assert_eq!(p.candidates().count(), 0);
-        assert!(p.poll(t0).iter().all(|a| !matches!(a, Action::Ping { .. })));
+        assert!(p.poll_round(t0).iter().all(|a| !matches!(a, Action::Ping { .. })));
         assert_eq!(p.route(t0), Route::Relay);
     }
 }
@@ -825,7 +928,7 @@ mod states {
         // The peer calls with a new endpoint: probing restarts at the fastest pace.
         assert!(p.on_call_me_maybe(&[addr("198.51.100.9:41641")], now));
         assert_eq!(p.state(), State::Probing);
-        let a = p.poll(now);
+        let a = p.poll_round(now);
         assert_eq!(a.iter().filter(|a| matches!(a, Action::Ping { .. })).count(), 2);
         let a = p.poll(now + PROBE_INTERVAL);
         assert!(!a.is_empty(), "the next round comes after {PROBE_INTERVAL:?}, not {PROBE_MAX_INTERVAL:?}");
@@ -837,7 +940,7 @@ mod states {
         let mut p = PathState::new(t0);
         let ep = addr("192.0.2.7:41641");
         p.set_candidates(&[ep], t0);
-        let (to, tx) = first_ping(&p.poll(t0));
+        let (to, tx) = first_ping(&p.poll_round(t0));
         assert!(p.on_pong(to, tx, t0 + Duration::from_millis(5)));
         assert_eq!(p.state(), State::Direct(ep));
         // The trust timer is the deadline to watch besides the keepalive.
@@ -868,7 +971,7 @@ mod states {
         let mut p = PathState::new(t0);
         let ep = addr("192.0.2.7:41641");
         p.set_candidates(&[ep], t0);
-        let (to, tx) = first_ping(&p.poll(t0));
+        let (to, tx) = first_ping(&p.poll_round(t0));
         p.on_pong(to, tx, t0);
         let mut now = t0;
         for _ in 0..20 {

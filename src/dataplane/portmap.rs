@@ -1,20 +1,29 @@
-//! Port mapping with NAT-PMP (RFC 6886): ask the default gateway to forward
+//! Port mapping with PCP (RFC 6887, see [`crate::dataplane::pcp`]) or, where
+//! the gateway only knows its predecessor, NAT-PMP (RFC 6886): ask the default gateway to forward
 //! a public port (a random one we then keep) to our WireGuard socket, so peers can reach us even when
 //! hole punching cannot work (both sides behind a NAT that moves our mapping
 //! when the peer's probe lands first, or a symmetric NAT). The mapped address
 //! is one more candidate endpoint we announce; peers still prove it with
 //! sealed pings before using it.
 //!
-//! Sans-IO codec ([`Request`], [`parse_response`]) plus a small task
+//! PCP goes first: it is what current gateways speak, and a NAT-PMP-only
+//! one answers it at once with "unsupported version", so the fallback costs
+//! one round trip. Sans-IO NAT-PMP codec ([`Request`], [`parse_response`]) plus a small task
 //! ([`start`]) that maps, renews at half the granted lifetime, and deletes the
 //! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
 //! answer; the task then stays quiet and tries again every [`RETRY`].
 #![warn(missing_docs)]
 
+#![warn(missing_docs)]
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::watch;
+
+use crate::dataplane::pcp;
 
 /// NAT-PMP's port on the gateway.
 pub(crate) const SERVER_PORT: u16 = 5351;
@@ -32,11 +41,19 @@ pub(crate) enum Request {
     ExternalAddress,
     /// Map UDP `internal` to (preferably) `external` for `lifetime` seconds;
     /// lifetime 0 with external 0 deletes the mapping.
-    MapUdp { internal: u16, external: u16, lifetime: u32 },
+    MapUdp {
+        /// Our port.
+        internal: u16,
+        /// The public port we would like.
+        external: u16,
+        /// Seconds; 0 deletes.
+        lifetime: u32,
+    },
 }
 
 impl Request {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The request's bytes (RFC 6886 section 3).
+    pub fn encode(&self) -> Vec<u8> {
         match *self {
             Request::ExternalAddress => vec![0, 0],
             Request::MapUdp { internal, external, lifetime } => {
@@ -52,15 +69,27 @@ impl Request {
 
 /// A successful answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Response {
+pub enum Response {
+    /// The gateway's public address.
     ExternalAddress(Ipv4Addr),
-    MappedUdp { internal: u16, external: u16, lifetime: u32 },
+    /// UDP `internal` is mapped to public `external` for `lifetime` seconds.
+    MappedUdp {
+        /// Our port.
+        internal: u16,
+        /// The public port.
+        external: u16,
+        /// Seconds.
+        lifetime: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub(crate) enum Error {
+/// Why an answer is not what was asked.
+pub enum Error {
+    /// Not a NAT-PMP answer of a known opcode and length.
     #[error("not a NAT-PMP response")]
     Malformed,
+    /// The gateway said no, with this result code.
     #[error("the gateway refused the request (NAT-PMP result code {0})")]
     Refused(u16),
 }
@@ -108,7 +137,8 @@ pub(crate) struct PortMapper {
     mapped: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
     gateway: Ipv4Addr,
-    internal: u16,
+    /// The datagram that deletes the current mapping, in the protocol that made it.
+    delete: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl PortMapper {
@@ -123,8 +153,8 @@ impl Drop for PortMapper {
         if self.mapped.borrow().is_none() {
             return;
         }
+        let Some(del) = self.delete.lock().ok().and_then(|mut d| d.take()) else { return };
         // Best effort, one datagram: a mapping left behind expires on its own.
-        let del = Request::MapUdp { internal: self.internal, external: 0, lifetime: 0 }.encode();
         if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") {
             let _ = s.send_to(&del, SocketAddrV4::new(self.gateway, SERVER_PORT));
             tracing::debug!(gateway = %self.gateway, "port mapping deleted");
@@ -137,25 +167,42 @@ impl Drop for PortMapper {
 pub(crate) fn start(internal: u16) -> Option<PortMapper> {
     let gateway = default_gateway()?;
     let (tx, rx) = watch::channel(None);
-    let task = tokio::spawn(run(gateway, internal, tx));
-    Some(PortMapper { mapped: rx, task, gateway, internal })
+    let delete = Arc::new(Mutex::new(None));
+    let task = tokio::spawn(run(gateway, internal, tx, delete.clone()));
+    Some(PortMapper { mapped: rx, task, gateway, delete })
 }
 
-async fn run(gateway: Ipv4Addr, internal: u16, tx: watch::Sender<Option<SocketAddr>>) {
+async fn run(gateway: Ipv4Addr, internal: u16, tx: watch::Sender<Option<SocketAddr>>, delete: Arc<Mutex<Option<Vec<u8>>>>) {
     let server = SocketAddr::from((gateway, SERVER_PORT));
+    // One PCP mapping across renewals, and its delete.
+    let nonce: [u8; 12] = rand::random();
     // Not our own port: peers may already be probing `gateway_ip:internal`
     // (what STUN saw), and the router keeps each such flow with the NAT
     // decision of its first packet, taken before the mapping existed. A
     // port nobody has probed yet gets the mapping from its first packet.
     let mut external = 20_000 + rand::random::<u16>() % 40_000;
     loop {
-        let wait = match map_once(server, internal, external).await {
-            Ok((addr, lifetime)) => {
+        let pcp = map_pcp(server, internal, external, nonce).await;
+        if let Err(e) = &pcp {
+            tracing::debug!(%server, "PCP: {e}");
+        }
+        let mapped = match pcp {
+            Ok(m) => Ok(m),
+            Err(_) => map_once(server, internal, external).await.map(|(addr, lifetime)| {
+                let del = Request::MapUdp { internal, external: 0, lifetime: 0 }.encode();
+                (addr, lifetime, "NAT-PMP", del)
+            }),
+        };
+        let wait = match mapped {
+            Ok((addr, lifetime, proto, del)) => {
                 external = addr.port();
+                if let Ok(mut d) = delete.lock() {
+                    *d = Some(del);
+                }
                 tx.send_if_modified(|cur| {
                     let changed = *cur != Some(addr);
                     if changed {
-                        tracing::info!(%addr, lifetime, "NAT-PMP: the gateway maps a public port to us");
+                        tracing::info!(%addr, lifetime, "{proto}: the gateway maps a public port to us");
                     }
                     *cur = Some(addr);
                     changed
@@ -181,6 +228,43 @@ enum MapError {
     Protocol(#[from] Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// A PCP MAP request; returns the mapped address, its lifetime, the
+/// protocol's name and the datagram that deletes the mapping.
+async fn map_pcp(
+    server: SocketAddr,
+    internal: u16,
+    external: u16,
+    nonce: [u8; 12],
+) -> Result<(SocketAddr, u32, &'static str, Vec<u8>), MapError> {
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    sock.connect(server).await?;
+    // The gateway checks this against the datagram's source address.
+    let client = sock.local_addr()?.ip();
+    let req = pcp::MapRequest { client, nonce, internal_port: internal, suggested_port: external, lifetime: LIFETIME };
+    let mut buf = [0u8; 1100];
+    for wait in ATTEMPTS {
+        sock.send(&req.encode()).await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+            let n = r?;
+            // Version 0: a NAT-PMP gateway saying it does not speak PCP.
+            if buf[..n].first() == Some(&0) {
+                return Err(Error::Malformed.into());
+            }
+            let Ok(m) = pcp::parse_map_response(&buf[..n]) else { continue };
+            if m.nonce != nonce || m.internal_port != internal {
+                continue;
+            }
+            if m.external.port() == 0 || m.lifetime == 0 {
+                return Err(Error::Malformed.into());
+            }
+            let del = pcp::MapRequest { lifetime: 0, ..req }.encode();
+            return Ok((m.external, m.lifetime, "PCP", del));
+        }
+    }
+    Err(MapError::NoAnswer)
 }
 
 /// Ask for the public address and a mapping; returns the mapped address

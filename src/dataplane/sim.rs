@@ -37,6 +37,12 @@ pub(crate) enum Nat {
     Symmetric,
     /// No UDP in or out (only the relay, over TCP, works).
     UdpBlocked,
+    /// Linux `masquerade` on a router without an input firewall: the port
+    /// is kept per destination, only that destination may answer, and a
+    /// datagram that arrives before we sent to its source is kept as a flow
+    /// to the router, so our own first datagram to that source then clashes
+    /// and leaves from a new port.
+    Masquerade,
 }
 
 /// How a packet reached the stack.
@@ -65,6 +71,8 @@ pub(crate) struct Host {
     mappings: HashMap<Option<SocketAddr>, u16>,
     /// (public port, remote) pairs the NAT lets in under port-restricted filtering.
     permits: HashSet<(u16, SocketAddr)>,
+    /// (public port, remote) flows a [`Nat::Masquerade`] router keeps to itself.
+    inbound: HashSet<(u16, SocketAddr)>,
     next_port: u16,
     /// Tailnet packets the stack received, with the path they came by.
     pub(crate) received: Vec<(Via, Vec<u8>)>,
@@ -108,6 +116,8 @@ pub(crate) struct Sim {
 #[derive(Default)]
 struct Out {
     udp: Vec<(SocketAddr, Vec<u8>)>,
+    /// Openers: they pass the host's own NAT and die on the wire after it.
+    openers: Vec<SocketAddr>,
     relay: Vec<(Key, Vec<u8>)>,
     tunnel: Vec<Vec<u8>>,
     relay_up: bool,
@@ -116,6 +126,9 @@ struct Out {
 impl Transmit for Out {
     fn udp(&mut self, to: SocketAddr, data: &[u8]) {
         self.udp.push((to, data.to_vec()));
+    }
+    fn udp_hops(&mut self, to: SocketAddr, _data: &[u8], _hops: u8) {
+        self.openers.push(to);
     }
     fn relay(&mut self, to: &Key, data: &[u8]) -> bool {
         if self.relay_up {
@@ -149,7 +162,7 @@ impl Sim {
         for (i, nat) in nats.iter().enumerate() {
             let n = i as u8 + 1;
             let mut core = Core::new(keys[i].clone(), true, now, 1_700_000_000_000_000);
-            core.set_relay_up(true);
+            core.set_relay_up(true, now);
             hosts.push(Host {
                 core,
                 private_key: keys[i].clone(),
@@ -160,6 +173,7 @@ impl Sim {
                 public_ip: Ipv4Addr::new(203, 0, 113, n),
                 mappings: HashMap::new(),
                 permits: HashSet::new(),
+                inbound: HashSet::new(),
                 next_port: 20000,
                 received: Vec::new(),
                 stun_endpoint: None,
@@ -235,7 +249,7 @@ impl Sim {
     /// nothing mapped yet).
     pub(crate) fn public_addr(&self, i: usize, to: SocketAddr) -> Option<SocketAddr> {
         let h = &self.hosts[i];
-        let key = if h.nat == Nat::Symmetric { Some(to) } else { None };
+        let key = if matches!(h.nat, Nat::Symmetric | Nat::Masquerade) { Some(to) } else { None };
         h.mappings.get(&key).map(|p| SocketAddr::new(IpAddr::V4(h.public_ip), *p))
     }
 
@@ -245,6 +259,7 @@ impl Sim {
         let h = &mut self.hosts[i];
         h.mappings.clear();
         h.permits.clear();
+        h.inbound.clear();
         h.next_port += 1000;
     }
 
@@ -255,7 +270,7 @@ impl Sim {
         let now = self.now;
         let had_stun = self.hosts[i].stun_endpoint.is_some();
         let mut core = Core::new(self.hosts[i].private_key.clone(), true, now, 1_700_000_000_000_000);
-        core.set_relay_up(true);
+        core.set_relay_up(true, now);
         for j in (0..self.hosts.len()).filter(|j| *j != i) {
             let cfg = PeerConfig {
                 public_key: self.hosts[j].key,
@@ -307,6 +322,9 @@ impl Sim {
         for p in out.tunnel {
             self.hosts[i].received.push((via, p));
         }
+        for to in out.openers {
+            self.nat_out(i, to);
+        }
         for (to, data) in out.udp {
             self.egress(i, to, data);
         }
@@ -316,6 +334,9 @@ impl Sim {
         }
         if stun_changed {
             self.control();
+            // As the agent does when its endpoints change.
+            let now = self.now;
+            self.hosts[i].core.network_changed(now);
         }
     }
 
@@ -334,17 +355,31 @@ impl Sim {
 
     /// A datagram leaves host `i` for `to`: through its NAT onto the wire.
     fn egress(&mut self, i: usize, to: SocketAddr, data: Vec<u8>) {
+        let Some(from) = self.nat_out(i, to) else { return };
+        self.wire.push(Wire { from, to, data: data.clone() });
+        self.put_on_wire(from, to, data);
+    }
+
+    /// Host `i`'s NAT maps a datagram for `to`: the public source it leaves
+    /// with, `None` if it goes nowhere.
+    fn nat_out(&mut self, i: usize, to: SocketAddr) -> Option<SocketAddr> {
         let h = &mut self.hosts[i];
         if h.nat == Nat::UdpBlocked {
-            return;
+            return None;
         }
         if to.ip().is_ipv4() && matches!(to.ip(), IpAddr::V4(a) if a.is_private()) {
             // Another LAN's private address: every host has its own LAN.
-            return;
+            return None;
         }
-        let key = if h.nat == Nat::Symmetric { Some(to) } else { None };
+        let key = if matches!(h.nat, Nat::Symmetric | Nat::Masquerade) { Some(to) } else { None };
         let port = match h.mappings.get(&key) {
             Some(p) => *p,
+            // Linux masquerade keeps the port unless the flow would clash
+            // with one the router already keeps toward itself.
+            None if h.nat == Nat::Masquerade && !h.inbound.contains(&(LOCAL_PORT, to)) => {
+                h.mappings.insert(key, LOCAL_PORT);
+                LOCAL_PORT
+            }
             None => {
                 h.next_port += 1;
                 h.mappings.insert(key, h.next_port);
@@ -352,9 +387,7 @@ impl Sim {
             }
         };
         h.permits.insert((port, to));
-        let from = SocketAddr::new(IpAddr::V4(h.public_ip), port);
-        self.wire.push(Wire { from, to, data: data.clone() });
-        self.put_on_wire(from, to, data);
+        Some(SocketAddr::new(IpAddr::V4(h.public_ip), port))
     }
 
     /// Send a datagram from an address on the Internet (not behind a NAT).
@@ -382,9 +415,13 @@ impl Sim {
             Nat::UdpBlocked => false,
             Nat::FullCone => h.mappings.values().any(|p| *p == to.port()),
             Nat::PortRestricted => h.permits.contains(&(to.port(), from)),
-            Nat::Symmetric => h.mappings.get(&Some(from)) == Some(&to.port()),
+            Nat::Symmetric | Nat::Masquerade => h.mappings.get(&Some(from)) == Some(&to.port()),
         };
         if !admitted {
+            if h.nat == Nat::Masquerade {
+                // No input firewall: kept as a flow to the router itself.
+                self.hosts[i].inbound.insert((to.port(), from));
+            }
             return;
         }
         let now = self.now;

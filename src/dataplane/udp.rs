@@ -38,6 +38,8 @@ const MAX_SEND: usize = 65_507;
 /// Datagrams held while the socket is not writable; beyond this new ones
 /// are dropped (TCP inside recovers), so a stalled socket cannot grow memory.
 const MAX_QUEUED: usize = 4096;
+/// Openers held per flush: one per candidate of every probing peer.
+const MAX_OPENERS: usize = 1024;
 
 /// The node's UDP socket with its batching state.
 pub(crate) struct UdpSocket {
@@ -102,6 +104,30 @@ impl UdpSocket {
 
     fn send(&self, t: &Transmit<'_>) -> io::Result<()> {
         self.io.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&self.io), t))
+    }
+
+    /// Send one datagram with its own TTL (IPv4) or hop limit (IPv6), as
+    /// ancillary data: the socket's default stays as it is for everything
+    /// else sent concurrently. quinn-udp's `Transmit` has no such field.
+    pub(crate) fn send_with_hops(&self, to: SocketAddr, data: &[u8], hops: u8) -> io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        use std::os::fd::AsRawFd;
+        let v6_socket = self.io.local_addr()?.is_ipv6();
+        // A dual-stack socket reaches IPv4 peers at their IPv4-mapped address
+        // and still takes IPv4's TTL option for them.
+        let (dest, v4) = match to {
+            SocketAddr::V4(a) if v6_socket => (SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()), true),
+            SocketAddr::V4(_) => (to, true),
+            SocketAddr::V6(a) => (to, a.ip().to_ipv4_mapped().is_some()),
+        };
+        let addr = SockaddrStorage::from(dest);
+        let hops = libc::c_int::from(hops);
+        let cmsg = if v4 { ControlMessage::Ipv4Ttl(&hops) } else { ControlMessage::Ipv6HopLimit(&hops) };
+        let iov = [io::IoSlice::new(data)];
+        self.io.try_io(Interest::WRITABLE, || {
+            sendmsg(self.io.as_raw_fd(), &iov, &[cmsg], MsgFlags::empty(), Some(&addr)).map_err(io::Error::from)
+        })?;
+        Ok(())
     }
 }
 
@@ -201,6 +227,8 @@ pub(crate) struct SendQueue {
     head: usize,
     /// Bytes of `buf` before `items[head]`.
     head_off: usize,
+    /// Openers (destination, payload, TTL): few, sent one by one ahead of the rest.
+    openers: Vec<(SocketAddr, Vec<u8>, u8)>,
 }
 
 struct Queued {
@@ -225,6 +253,13 @@ impl SendQueue {
         self.items.push(Queued { to, len: data.len() });
     }
 
+    /// Queue one datagram with its own TTL (an opener); dropped when full.
+    pub(crate) fn push_with_hops(&mut self, to: SocketAddr, data: &[u8], hops: u8) {
+        if self.openers.len() < MAX_OPENERS {
+            self.openers.push((to, data.to_vec(), hops));
+        }
+    }
+
     /// Datagrams not yet sent.
     pub(crate) fn len(&self) -> usize {
         self.items.len() - self.head
@@ -240,6 +275,13 @@ impl SendQueue {
     /// Returns how many send calls were made.
     pub(crate) fn flush(&mut self, sock: &UdpSocket) -> usize {
         let mut calls = 0;
+        for (to, data, hops) in self.openers.drain(..) {
+            calls += 1;
+            // Best effort, like every probe: the next round sends another.
+            if let Err(e) = sock.send_with_hops(to, &data, hops) {
+                tracing::debug!(%to, error = %e, "opener not sent");
+            }
+        }
         while self.head < self.items.len() {
             let (count, bytes) = self.run(sock.max_segments());
             let first = &self.items[self.head];

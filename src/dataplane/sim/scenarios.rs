@@ -250,3 +250,33 @@ fn a_peer_without_endpoints_does_not_make_the_core_spin() {
     let mut sim = Sim::new(&[Nat::FullCone, Nat::FullCone]);
     sim.run_for(secs(5));
 }
+
+#[test]
+fn masquerade_on_both_sides_goes_direct() {
+    // Routers that keep an early probe as a flow to themselves: a ping may
+    // only arrive once the peer's own NAT has mapped our address (its
+    // opener), or the peer's answers leave from a port we never hear of.
+    let mut sim = upgraded(&[Nat::Masquerade, Nat::Masquerade]);
+    for i in [A, B] {
+        assert_eq!(sim.hosts[i].stun_endpoint.map(|e| e.port()), Some(41641), "masquerade keeps the port");
+    }
+    let (at_b, at_a) = exchange(&mut sim, "masq");
+    assert_eq!((at_b, at_a), (vec![Via::Direct], vec![Via::Direct]));
+}
+
+#[test]
+fn masquerade_peer_that_probes_before_we_know_it_still_goes_direct() {
+    // B knows A's public address a while before A learns B's (B's first
+    // STUN request is lost): B's pings would reach A's router first and be kept
+    // there, so A's answers would leave from a new port. The call-me-maybe
+    // with openers that B's new endpoint sets off lets A open first.
+    let mut sim = on_relay(&[Nat::Masquerade, Nat::Masquerade]);
+    sim.loss_ppm = 1_000_000;
+    sim.hosts[B].core.set_stun_server(Some(STUN), sim.now);
+    sim.run_for(Duration::from_millis(10));
+    sim.loss_ppm = 0;
+    sim.hosts[A].core.set_stun_server(Some(STUN), sim.now);
+    sim.run_for(secs(3));
+    assert_eq!(sim.route(A, B), direct_to(&sim, A, B));
+    assert_eq!(sim.route(B, A), direct_to(&sim, B, A));
+}
