@@ -13,7 +13,6 @@
 //! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
 //! answer; the task then stays quiet and tries again every [`RETRY`].
 #![warn(missing_docs)]
-
 #![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
