@@ -417,7 +417,7 @@ impl ControlClient {
         // The environment knob makes this node ship like one from before
         // binary chunks (for testing that mix against a current server).
         let binary_chunks = binary_chunks && std::env::var_os("TAILGATE_SHIP_JSON_CHUNKS").is_none();
-        let task = tokio::spawn(run(s, chan, utx, crx, frx, keepalive, pending.clone(), atx));
+        let task = tokio::spawn(run(s, chan, utx, Outgoing { cmds: crx, frames: frx }, keepalive, pending.clone(), atx));
         let client = ControlClient {
             map: map.clone(),
             new_node,
@@ -542,18 +542,25 @@ fn next_msg(chan: &mut SecureChannel) -> Result<Option<ServerMsg>, ControlError>
     }
 }
 
+/// What the node's side queues for the server: JSON commands, and
+/// pre-encoded binary frames (recording chunks).
+struct Outgoing {
+    cmds: mpsc::Receiver<ClientMsg>,
+    frames: mpsc::Receiver<Vec<u8>>,
+}
+
 /// The background task: reads messages, forwards deltas, writes commands
 /// and keepalives, notices a silent server.
 async fn run<S: Stream>(
     s: S,
     mut chan: SecureChannel,
     updates: mpsc::Sender<Result<MapDelta, ControlError>>,
-    mut cmds: mpsc::Receiver<ClientMsg>,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    out: Outgoing,
     keepalive: Duration,
     pending: Pending,
     acks: mpsc::UnboundedSender<ShipAck>,
 ) {
+    let Outgoing { mut cmds, mut frames } = out;
     let (mut r, mut w) = tokio::io::split(s);
     let mut rbuf = vec![0u8; 16 * 1024];
     let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);

@@ -13,7 +13,6 @@
 //! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
 //! answer; the task then stays quiet and tries again every [`RETRY`].
 #![warn(missing_docs)]
-#![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -95,7 +94,7 @@ pub enum Error {
 
 /// Parse a gateway's answer. Anything but an exact version 0 response of a
 /// known opcode and length is [`Error::Malformed`].
-pub(crate) fn parse_response(b: &[u8]) -> Result<Response, Error> {
+pub fn parse_response(b: &[u8]) -> Result<Response, Error> {
     let be16 = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
     let be32 = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     if b.len() < 8 || b[0] != 0 {

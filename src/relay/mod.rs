@@ -46,7 +46,7 @@
 //! ## Modules
 //! - [`proto`]: frame codec (sans-IO).
 //! - [`limits`]: token bucket and datagram queue (sans-IO).
-//! - [`auth`]: [`NodeAuthorizer`].
+//! - [`auth`]: the [`NodeAuthorizer`] trait.
 //! - `error`: why a relay connection ended (`RelayConnError`), logged in
 //!   its `relay_conn{peer}` span and told to the node in `Closing`.
 //! - [`server`]: [`RelayServer`], the `UpgradeHandler` the control server
