@@ -426,7 +426,6 @@ pub(crate) async fn start(opts: AgentOptions) -> Result<Agent> {
         tracing::info!(server = ?stun, "STUN: the control server's UDP port");
         node.set_stun_server(stun);
     }
-    tokio::spawn(keep_relay(node.clone(), target.clone(), key.clone()));
     let resolver = TableResolver::new(placeholder_identity(&key), []);
     // Until a netmap arrives the resolver knows no peers, so every SSH
     // connection is reset; the default policy is never consulted.
@@ -492,6 +491,11 @@ pub(crate) async fn start(opts: AgentOptions) -> Result<Agent> {
         },
         Err(e) => bail!("{e}"),
     };
+    // Only now: the relay admits registered node keys only. Started before
+    // the first login, a new node was refused and then waited out a growing
+    // backoff (0.5-3.5 s at start, up to 30 s after a slow browser sign-in)
+    // before it had a relay, and with it its first direct path.
+    tokio::spawn(keep_relay(node.clone(), target.clone(), key.clone()));
     // Registered: from now on we log in with the node key.
     hello.auth_key = None;
     hello.force_reauth = false;
