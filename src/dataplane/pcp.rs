@@ -44,8 +44,7 @@ fn to_16(ip: IpAddr) -> [u8; 16] {
 }
 
 fn from_16(b: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(b);
-    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    Ipv6Addr::from(b).to_canonical()
 }
 
 impl MapRequest {

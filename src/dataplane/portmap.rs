@@ -241,28 +241,22 @@ async fn map_pcp(
     // The gateway checks this against the datagram's source address.
     let client = sock.local_addr()?.ip();
     let req = pcp::MapRequest { client, nonce, internal_port: internal, suggested_port: external, lifetime: LIFETIME };
-    let mut buf = [0u8; 1100];
-    for wait in ATTEMPTS {
-        sock.send(&req.encode()).await?;
-        let deadline = tokio::time::Instant::now() + wait;
-        while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-            let n = r?;
-            // Version 0: a NAT-PMP gateway saying it does not speak PCP.
-            if buf[..n].first() == Some(&0) {
-                return Err(Error::Malformed.into());
-            }
-            let Ok(m) = pcp::parse_map_response(&buf[..n]) else { continue };
-            if m.nonce != nonce || m.internal_port != internal {
-                continue;
-            }
-            if m.external.port() == 0 || m.lifetime == 0 {
-                return Err(Error::Malformed.into());
-            }
-            let del = pcp::MapRequest { lifetime: 0, ..req }.encode();
-            return Ok((m.external, m.lifetime, "PCP", del));
+    exchange(&sock, &req.encode(), |d| {
+        // Version 0: a NAT-PMP gateway saying it does not speak PCP.
+        if d.first() == Some(&0) {
+            return Some(Err(Error::Malformed.into()));
         }
-    }
-    Err(MapError::NoAnswer)
+        let m = pcp::parse_map_response(d).ok()?;
+        if m.nonce != nonce || m.internal_port != internal {
+            return None;
+        }
+        if m.external.port() == 0 || m.lifetime == 0 {
+            return Some(Err(Error::Malformed.into()));
+        }
+        let del = pcp::MapRequest { lifetime: 0, ..req }.encode();
+        Some(Ok((m.external, m.lifetime, "PCP", del)))
+    })
+    .await
 }
 
 /// Ask for the public address and a mapping; returns the mapped address
@@ -289,15 +283,27 @@ async fn ask(sock: &tokio::net::UdpSocket, req: Request) -> Result<Response, Map
         Request::ExternalAddress => 128,
         Request::MapUdp { .. } => 129,
     };
-    let mut buf = [0u8; 64];
+    exchange(sock, &req.encode(), |d| (d.get(1) == Some(&want)).then(|| parse_response(d).map_err(MapError::from))).await
+}
+
+/// Sends `req` with the [`ATTEMPTS`] back-off until `answer` takes a
+/// datagram (`Some`); datagrams it passes over (`None`) are ignored. The
+/// one request/answer loop both protocols use.
+async fn exchange<T>(
+    sock: &tokio::net::UdpSocket,
+    req: &[u8],
+    mut answer: impl FnMut(&[u8]) -> Option<Result<T, MapError>>,
+) -> Result<T, MapError> {
+    // PCP's largest message (RFC 6887 section 7).
+    let mut buf = [0u8; 1100];
     for wait in ATTEMPTS {
-        sock.send(&req.encode()).await?;
+        sock.send(req).await?;
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-            // ICMP port unreachable: no NAT-PMP server there.
+            // ICMP port unreachable: no server there.
             let n = r?;
-            if buf[..n].get(1) == Some(&want) {
-                return Ok(parse_response(&buf[..n])?);
+            if let Some(a) = answer(&buf[..n]) {
+                return a;
             }
         }
     }
