@@ -177,25 +177,13 @@ impl<'a> Frame<'a> {
     }
 }
 
-/// Appends `body` (an encoded relay frame) as one control-wire frame,
-/// `[version][u32 BE length][body]`, to `plain`. Many of these are sealed
-/// together (one Noise message per 64 KiB instead of one per datagram); the
-/// receiver's frame decoder reads a byte stream, so nodes and relays that
-/// seal one frame per message and those that batch understand each other.
-pub(crate) fn push_framed(body: &[u8], plain: &mut Vec<u8>) {
-    plain.push(crate::control::PROTOCOL_VERSION);
-    plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    plain.extend_from_slice(body);
-}
-
-/// [`push_framed`] of `f`, encoded in place (no intermediate buffer).
+/// Appends `f` as one control-wire frame, encoded in place, to `plain`.
+/// Many of these are sealed together (one Noise message per 64 KiB instead
+/// of one per datagram); the receiver's frame decoder reads a byte stream,
+/// so nodes and relays that seal one frame per message and those that
+/// batch understand each other.
 pub(crate) fn push_frame(f: &Frame<'_>, plain: &mut Vec<u8>) {
-    let start = plain.len();
-    plain.push(crate::control::PROTOCOL_VERSION);
-    plain.extend_from_slice(&[0; 4]);
-    f.encode(plain);
-    let len = (plain.len() - start - 5) as u32;
-    plain[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    crate::control::wire::frame::append_frame_with(plain, |p| f.encode(p));
 }
 
 /// Turns an encoded `Send { dst, datagram }` into `Recv { src, datagram }`
@@ -294,7 +282,7 @@ mod tests {
             assert_eq!(Frame::decode(&dec.next_frame().unwrap().unwrap()).unwrap(), *f);
         }
         let mut raw = Vec::new();
-        push_framed(&Frame::KeepAlive.to_vec(), &mut raw);
+        crate::control::wire::frame::append_frame(&Frame::KeepAlive.to_vec(), &mut raw);
         assert_eq!(raw, crate::control::wire::frame::encode_frame(&[3]));
     }
 

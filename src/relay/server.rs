@@ -32,7 +32,7 @@ use super::RELAY_PATH;
 use super::auth::NodeAuthorizer;
 use super::error::{ProtocolError, RelayConnError};
 use super::limits::{FairQueue, TokenBucket};
-use super::proto::{Frame, MAX_FRAME, push_frame, push_framed, send_into_recv};
+use super::proto::{Frame, MAX_FRAME, push_frame, send_into_recv};
 use crate::control::UPGRADE_RELAY;
 use crate::control::server::{PreAuthPermit, UpgradeHandler};
 use crate::control::upgrade::{Stream, accept_noise, write_and_close};
@@ -539,7 +539,7 @@ fn seal_batch(
         push_frame(&Frame::PeerGone { key }, plain);
     }
     for (_, recv) in batch.drain(..) {
-        push_framed(&recv, plain);
+        crate::control::wire::frame::append_frame(&recv, plain);
     }
     lock(chan).seal_raw(plain, out)
 }

@@ -98,10 +98,25 @@ impl WireDecoder {
 /// Header + payload of one frame.
 pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
-    out.push(PROTOCOL_VERSION);
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
+    append_frame(payload, &mut out);
     out
+}
+
+/// Appends header + payload of one frame to `out`. Many frames may be
+/// sealed together: [`FrameDecoder`] reads a byte stream.
+pub(crate) fn append_frame(payload: &[u8], out: &mut Vec<u8>) {
+    append_frame_with(out, |o| o.extend_from_slice(payload));
+}
+
+/// Appends one frame whose payload `write` appends to `out` in place (no
+/// intermediate buffer); the length is filled in afterwards.
+pub(crate) fn append_frame_with(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.push(PROTOCOL_VERSION);
+    out.extend_from_slice(&[0; 4]);
+    write(out);
+    let len = (out.len() - start - FRAME_HEADER) as u32;
+    out[start + 1..start + FRAME_HEADER].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Reassembles frames from decrypted bytes, enforcing a maximum size.
