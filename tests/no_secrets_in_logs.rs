@@ -21,12 +21,12 @@ fn forms(key: &[u8; 32]) -> Vec<(String, Vec<u8>)> {
     let debug = format!("{:?}", &key[..12]);
     let debug = debug.trim_end_matches(']').to_string();
     vec![
-        ("base64".into(), b64[..16].as_bytes().to_vec()),
-        ("base64 tail".into(), b64[16..40].as_bytes().to_vec()),
-        ("base64url".into(), url[..16].as_bytes().to_vec()),
-        ("hex".into(), hex[..24].as_bytes().to_vec()),
+        ("base64".into(), b64.as_bytes()[..16].to_vec()),
+        ("base64 tail".into(), b64.as_bytes()[16..40].to_vec()),
+        ("base64url".into(), url.as_bytes()[..16].to_vec()),
+        ("hex".into(), hex.as_bytes()[..24].to_vec()),
         ("HEX".into(), hex[..24].to_uppercase().into_bytes()),
-        ("hex tail".into(), hex[40..].as_bytes().to_vec()),
+        ("hex tail".into(), hex.as_bytes()[40..].to_vec()),
         ("debug bytes".into(), debug.into_bytes()),
         ("raw".into(), key[..12].to_vec()),
     ]

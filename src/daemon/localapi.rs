@@ -418,7 +418,7 @@ mod tests {
             .expect("a data frame must reach the output while the pipe stays open")
             .unwrap();
         assert_eq!(got, [1, 2, 3]);
-        daemon.write_all(&[b'E']).await.unwrap();
+        daemon.write_all(b"E").await.unwrap();
         task.await.unwrap().unwrap();
     }
 
