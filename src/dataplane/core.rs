@@ -98,9 +98,9 @@ pub(crate) struct Core {
     /// Choose per peer between proven direct UDP and the relay. Off (static
     /// WireGuard configurations), datagrams go to WireGuard's endpoint.
     manage_paths: bool,
-    /// Seals and opens disco; holds our public key so that opening a
-    /// datagram does not derive it again.
-    disco_key: disco::DiscoKey,
+    /// Seals and opens disco with box keys derived once per peer, learned
+    /// and forgotten with the WireGuard peers below.
+    disco: disco::PeerBoxes,
     paths: HashMap<Key, PathState>,
     /// Our own candidate endpoints, offered in call-me-maybe.
     my_endpoints: Vec<SocketAddr>,
@@ -135,7 +135,7 @@ impl Core {
         Core {
             wg: Wg::new(&private_key, now),
             manage_paths,
-            disco_key: disco::DiscoKey::new(private_key),
+            disco: disco::PeerBoxes::new(disco::DiscoKey::new(private_key)),
             paths: HashMap::new(),
             my_endpoints: Vec::new(),
             relay_up: false,
@@ -163,12 +163,18 @@ impl Core {
     }
 
     pub(crate) fn add_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
-        self.wg.add_peer(config).map(drop)
+        let key = config.public_key;
+        self.wg.add_peer(config)?;
+        self.disco.learn(&key);
+        Ok(())
     }
 
     /// Add a peer, or update its AllowedIPs/endpoint keeping its session.
     pub(crate) fn upsert_peer(&mut self, config: PeerConfig) -> Result<(), WgError> {
-        self.wg.upsert_peer(config).map(drop)
+        let key = config.public_key;
+        self.wg.upsert_peer(config)?;
+        self.disco.learn(&key);
+        Ok(())
     }
 
     /// Start a handshake with `key` at the next [`Core::handle_timeout`],
@@ -186,6 +192,7 @@ impl Core {
     pub(crate) fn remove_peer(&mut self, key: &Key) {
         self.wg.remove_peer(key);
         self.paths.remove(key);
+        self.disco.forget(key);
     }
 
     /// Candidate endpoints for a peer, from the netmap (path management only).
@@ -333,8 +340,7 @@ impl Core {
                 if !self.manage_paths {
                     return;
                 }
-                let wg = &self.wg;
-                if let Some(opened) = disco::open(&self.disco_key, data, |k: &Key| wg.peer_id(k).is_some()) {
+                if let Some(opened) = self.disco.open(data) {
                     self.on_disco(opened, from, now, tx);
                 }
             }
@@ -381,7 +387,7 @@ impl Core {
 
     fn seal(&mut self, to: &Key, msg: &disco::Message, now: Instant) -> Vec<u8> {
         let counter = self.disco_counter.next(self.wall.micros(now));
-        disco::seal(&self.disco_key, to, counter, msg)
+        self.disco.seal(to, counter, msg)
     }
 
     /// Handle an authenticated disco message that arrived from `from` (or via the relay).
