@@ -539,3 +539,45 @@ impl Dispatch<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::wg::generate_private_key;
+
+    fn peer(key: Key, last: u8) -> PeerConfig {
+        PeerConfig {
+            public_key: key,
+            preshared_key: None,
+            allowed_ips: vec![ipnet::IpNet::from(std::net::IpAddr::from([100, 64, 0, last]))],
+            endpoint: None,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn disco_boxes_follow_the_wireguard_peers() {
+        let now = Instant::now();
+        let ours = generate_private_key();
+        let our_pub = wg::public_key_of(&ours);
+        let mut core = Core::new(ours, true, now, 1);
+        let (old, new) = (disco::DiscoKey::new(generate_private_key()), disco::DiscoKey::new(generate_private_key()));
+        let ping = disco::Message::Ping { tx_id: [1; 12] };
+        let from_old = disco::seal(&old, &our_pub, 1, &ping);
+        assert_eq!(core.disco.open(&from_old), None, "not a peer yet");
+        core.add_peer(peer(*old.public(), 2)).unwrap();
+        assert!(core.disco.open(&from_old).is_some());
+        core.upsert_peer(peer(*old.public(), 3)).unwrap();
+        assert!(core.disco.open(&from_old).is_some(), "an update keeps the box");
+        // A key rotation reaches the core as remove + add.
+        core.remove_peer(old.public());
+        assert_eq!(core.disco.open(&from_old), None, "a removed peer's box is gone");
+        core.upsert_peer(peer(*new.public(), 2)).unwrap();
+        assert_eq!(core.disco.open(&from_old), None);
+        let from_new = disco::seal(&new, &our_pub, 2, &ping);
+        assert_eq!(core.disco.open(&from_new).map(|o| o.counter), Some(2));
+        let to_new = core.seal(new.public(), &ping, now);
+        assert!(disco::open(&new, &to_new, |k| *k == our_pub).is_some());
+        assert_eq!(disco::open(&old, &to_new, |k| *k == our_pub), None);
+    }
+}
