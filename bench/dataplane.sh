@@ -6,6 +6,7 @@
 #             one and leaves through --forward on the other (userspace TCP
 #             both ends, plus a loopback hop each side that the anchor lacks)
 # and prints MB/s, the ratio, TCP connect + first byte latency, and idle RSS.
+# SECS=8 per bulk run (SECS=2 for a quick look). Set-up helpers: bench/lib.sh.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bench_init tgbench
@@ -29,26 +30,8 @@ ip -n $A link del $WA; ip -n $B link del $WB
 for p in $(ip netns pids $B); do if [ "$(cat /proc/$p/comm 2>/dev/null)" = iperf3 ]; then kill $p; fi; done; sleep 0.2
 
 echo "== tailgate: two userspace nodes"
-cat > $D/ta.conf <<CONF
-[Interface]
-PrivateKey = $(cat $D/ta.key)
-Address = 100.64.0.1/32
-ListenPort = 51820
-[Peer]
-PublicKey = $(cat $D/tb.pub)
-AllowedIPs = 100.64.0.2/32
-Endpoint = 10.202.0.2:51820
-CONF
-cat > $D/tb.conf <<CONF
-[Interface]
-PrivateKey = $(cat $D/tb.key)
-Address = 100.64.0.2/32
-ListenPort = 51820
-[Peer]
-# tailgate-user = bencher
-PublicKey = $(cat $D/ta.pub)
-AllowedIPs = 100.64.0.1/32
-CONF
+tgconf $D/ta.key 100.64.0.1 $D/tb.pub 100.64.0.2 10.202.0.2:51820 bencher > $D/ta.conf
+tgconf $D/tb.key 100.64.0.2 $D/ta.pub 100.64.0.1 "" bencher > $D/tb.conf
 # The inbound filter opens only what the policy grants.
 cat > $D/policy.toml <<CONF
 [[acl]]

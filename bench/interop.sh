@@ -9,6 +9,7 @@
 #   tg -> tg      two `tailgate up` nodes, --local-forward into --forward
 # Each figure is the median of REPS runs of SECS seconds (receiver side), with
 # the spread (min..max). Two namespaces joined by a veth; nothing is left up.
+# SECS=5 REPS=3 by default (SECS=2 REPS=1 for a quick look). Set-up: bench/lib.sh.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bench_init tgiop
@@ -26,11 +27,6 @@ measure() {
     echo
     sleep 0.5
   done | median_spread
-}
-tgconf() { # $1 own key, $2 address, $3 peer pub, $4 peer address, $5 endpoint or "", $6 user
-  printf '[Interface]\nPrivateKey = %s\nAddress = %s/32\nListenPort = 51820\n[Peer]\n# tailgate-user = %s\nPublicKey = %s\nAllowedIPs = %s/32\n' \
-    "$(cat $1)" $2 $6 "$(cat $3)" $4
-  [ -z "$5" ] || printf 'Endpoint = %s\n' $5
 }
 printf '[[acl]]\nsrc = ["bencher"]\ndst = ["*:5201"]\n' > $D/policy.toml
 up_server() { # tailgate in B forwarding :5201 to a local iperf3; $1 config

@@ -77,6 +77,15 @@ wggo() {
   ip -n "$1" addr add "$4/32" dev "$2"; ip -n "$1" link set "$2" up
 }
 
+# tgconf OWN_KEY ADDRESS PEER_PUB PEER_ADDRESS ENDPOINT|"" USER: a static
+# WireGuard config for `tailgate up --wg-config` with one peer, who signs in
+# to SSH and the inbound filter as USER.
+tgconf() {
+  printf '[Interface]\nPrivateKey = %s\nAddress = %s/32\nListenPort = 51820\n[Peer]\n# tailgate-user = %s\nPublicKey = %s\nAllowedIPs = %s/32\n' \
+    "$(cat "$1")" "$2" "$6" "$(cat "$3")" "$4"
+  [ -z "$5" ] || printf 'Endpoint = %s\n' "$5"
+}
+
 # tg_status NS NAME: `tailgate status --json` of the node with state dir $D/NAME.
 tg_status() { ip netns exec "$1" "$BIN" status --json --state-dir "$D/$2" 2>/dev/null; }
 
