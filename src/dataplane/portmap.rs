@@ -1,17 +1,22 @@
-//! Port mapping with PCP (RFC 6887, see [`crate::dataplane::pcp`]) or, where
-//! the gateway only knows its predecessor, NAT-PMP (RFC 6886): ask the default gateway to forward
-//! a public port (a random one we then keep) to our WireGuard socket, so peers can reach us even when
-//! hole punching cannot work (both sides behind a NAT that moves our mapping
-//! when the peer's probe lands first, or a symmetric NAT). The mapped address
-//! is one more candidate endpoint we announce; peers still prove it with
-//! sealed pings before using it.
+//! Port mapping with PCP (RFC 6887, see [`crate::dataplane::pcp`]), NAT-PMP
+//! (RFC 6886) where the gateway only knows PCP's predecessor, or UPnP IGD
+//! ([`crate::dataplane::upnp`]) where it offers only that: ask the default
+//! gateway to forward a public port (a random one we then keep) to our
+//! WireGuard socket, so peers can reach us even when hole punching cannot
+//! work (both sides behind a NAT that moves our mapping when the peer's
+//! probe lands first, or a symmetric NAT). The mapped address is one more
+//! candidate endpoint we announce; peers still prove it with sealed pings
+//! before using it.
 //!
 //! PCP goes first: it is what current gateways speak, and a NAT-PMP-only
 //! one answers it at once with "unsupported version", so the fallback costs
-//! one round trip. Sans-IO NAT-PMP codec ([`Request`], [`parse_response`]) plus a small task
-//! ([`start`]) that maps, renews at half the granted lifetime, and deletes the
-//! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
-//! answer; the task then stays quiet and tries again every [`RETRY`].
+//! one round trip. UPnP discovery (SSDP) runs alongside them and maps only
+//! when they fail ([`map_any`]). Sans-IO NAT-PMP codec ([`Request`],
+//! [`parse_response`]) and LAN table ([`Lan`]) plus a small task ([`start`])
+//! that maps, renews at half the granted lifetime ([`renew_after`]), and
+//! deletes the mapping when its [`PortMapper`] is dropped. Routers with none
+//! of the three never answer; the task then stays quiet and tries again
+//! every [`RETRY`].
 #![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
