@@ -87,7 +87,7 @@ one_case() {
   LK=$(ip netns exec $C $BIN control --state-dir $D/s/ctl keys create --user bencher | tail -1)
   (ip netns exec $NA $BIN up --authkey $VK --state-dir $D/s/vps --hostname vps --no-ssh --listen-port 41641 > $D/s/vps.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/vps.log 2>/dev/null && break; sleep 0.1; done
-  (ip netns exec $NB $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
+  (ip netns exec $NB env RUST_LOG=warn,tailgate::dataplane::portmap=info $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/laptop.log 2>/dev/null && break; sleep 0.1; done
   t0=$(date +%s.%N); p=none
   while [ "$(echo "$(date +%s.%N) - $t0 < 20" | bc -l)" = 1 ]; do
@@ -98,8 +98,10 @@ except Exception: print("none")')
     sleep 0.1
   done
   t1=$(date +%s.%N)
-  # Which protocol mapped a port on the laptop's router, if any.
-  m=$(grep -o '[A-Za-z-]*: the gateway maps' $D/s/laptop.log | head -1 | cut -d: -f1)
+  # Which protocol mapped a port on the laptop's router, if any (waiting up
+  # to 3 s more for it; the path may have come first).
+  for i in $(seq 30); do grep -q "the gateway maps" $D/s/laptop.log && break; sleep 0.1; done
+  m=$(grep -o '[A-Za-z-]*: the gateway maps' $D/s/laptop.log | head -1 | cut -d: -f1 || true)
   teardown
   echo "${p%% *} $(echo "$t1 - $t0" | bc -l) ${m:--}" > $D/result
 }

@@ -16,7 +16,7 @@
 //! that maps, renews at half the granted lifetime ([`renew_after`]), and
 //! deletes the mapping when its [`PortMapper`] is dropped. Routers with none
 //! of the three never answer; the task then stays quiet and tries again
-//! every [`RETRY`].
+//! after 5 s, doubling up to every [`RETRY`] ([`retry_after`]).
 #![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -32,8 +32,10 @@ use crate::dataplane::{pcp, upnp};
 pub(crate) const SERVER_PORT: u16 = 5351;
 /// The lifetime we ask for; RFC 6886 recommends two hours.
 pub(crate) const LIFETIME: u32 = 7200;
-/// How long to wait before asking again when nothing answered.
+/// The longest wait before asking again when nothing answered.
 pub(crate) const RETRY: Duration = Duration::from_secs(300);
+/// The first wait after a round got no mapping; doubles up to [`RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
 /// How often a permanent (UPnP lease 0) mapping is added again.
 pub(crate) const PERMANENT_CHECK: Duration = Duration::from_secs(1200);
 /// RFC 6886 starts at 250 ms and doubles; three tries are enough on a LAN.
@@ -172,6 +174,14 @@ pub(crate) fn renew_after(lifetime: u32) -> Duration {
     }
 }
 
+/// The wait after the `failures`-th round in a row without a mapping:
+/// [`FIRST_RETRY`], doubling, at most [`RETRY`]. A gateway still starting
+/// (a router after a reboot, the lab's miniupnpd) refuses the first
+/// round; one with no mapping service costs one round every 5 min.
+pub(crate) fn retry_after(failures: u32) -> Duration {
+    FIRST_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY)
+}
+
 /// How a mapping was made, which says how to renew and delete it.
 #[derive(Clone)]
 enum How {
@@ -252,6 +262,7 @@ async fn run(lan: Lan, internal: u16, tx: watch::Sender<Option<SocketAddr>>, del
     let mut external = 20_000 + rand::random::<u16>() % 40_000;
     // The UPnP gateway that mapped us: renewals go straight to it.
     let mut upnp_gw: Option<Box<upnp::UpnpGateway>> = None;
+    let mut failures = 0;
     loop {
         let mapped = match upnp_gw.take() {
             Some(gw) => match map_upnp(*gw, &lan, internal, external).await {
@@ -265,6 +276,7 @@ async fn run(lan: Lan, internal: u16, tx: watch::Sender<Option<SocketAddr>>, del
         };
         let wait = match mapped {
             Ok(Mapped { addr, lifetime, how }) => {
+                failures = 0;
                 external = addr.port();
                 let proto = how.proto();
                 if let How::Upnp(gw) = &how {
@@ -292,7 +304,8 @@ async fn run(lan: Lan, internal: u16, tx: watch::Sender<Option<SocketAddr>>, del
             Err(e) => {
                 tracing::debug!(gateway = %lan.gateway, "no port mapping: {e}");
                 tx.send_if_modified(|cur| cur.take().is_some());
-                RETRY
+                failures += 1;
+                retry_after(failures)
             }
         };
         tokio::time::sleep(wait).await;
@@ -513,5 +526,13 @@ mod tests {
         assert_eq!(renew_after(10), Duration::from_secs(60));
         assert_eq!(renew_after(u32::MAX), Duration::from_secs(u64::from(u32::MAX / 2)));
         assert_eq!(renew_after(0), PERMANENT_CHECK);
+    }
+
+    #[test]
+    fn rounds_without_a_mapping_back_off_to_five_minutes() {
+        let secs: Vec<u64> = (1..=9).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_after(u32::MAX), RETRY);
+        assert_eq!(retry_after(0), FIRST_RETRY);
     }
 }
