@@ -99,8 +99,9 @@ except Exception: print("none")')
   done
   t1=$(date +%s.%N)
   # Which protocol mapped a port on the laptop's router, if any (waiting up
-  # to 3 s more for it; the path may have come first).
-  for i in $(seq 30); do grep -q "the gateway maps" $D/s/laptop.log && break; sleep 0.1; done
+  # to 8 s more for it: the path may come first, and a gateway still
+  # starting is asked again 5 s later).
+  for i in $(seq 80); do grep -q "the gateway maps" $D/s/laptop.log && break; sleep 0.1; done
   m=$(grep -o '[A-Za-z-]*: the gateway maps' $D/s/laptop.log | head -1 | cut -d: -f1 || true)
   teardown
   echo "${p%% *} $(echo "$t1 - $t0" | bc -l) ${m:--}" > $D/result
