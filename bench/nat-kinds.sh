@@ -20,8 +20,9 @@ teardown() {
 }
 trap 'teardown; rm -rf "$D"' EXIT
 
-# router NS NODE_NS LAN KIND: KIND is fullcone | masq | masqfw | symmetric | udpblock | natpmp
-# (natpmp: miniupnpd answering PCP and NAT-PMP; tailgate maps with PCP there)
+# router NS NODE_NS LAN KIND: KIND is fullcone | masq | masqfw | symmetric | udpblock | natpmp | upnp
+# (natpmp: miniupnpd answering PCP and NAT-PMP; tailgate maps with PCP there;
+# upnp: miniupnpd offering UPnP IGD only, SSDP on the LAN interface)
 router() {
   local r=$1 n=$2 lan=$3 kind=$4 x
   ip link add ${r}l type veth peer name ${n}l; ip link set ${r}l netns $r; ip link set ${n}l netns $n
@@ -35,7 +36,7 @@ router() {
     fullcone|udpblock) $x add rule ip nat post oifname != ${r}l masquerade persistent
               $x add rule ip nat pre iifname != ${r}l udp dport 41641 dnat to $lan.2:41641 ;;
     symmetric) $x add rule ip nat post oifname != ${r}l masquerade fully-random ;;
-    masq|masqfw|natpmp) $x add rule ip nat post oifname != ${r}l masquerade ;;
+    masq|masqfw|natpmp|upnp) $x add rule ip nat post oifname != ${r}l masquerade ;;
   esac
   [ $kind = udpblock ] && $x add rule ip filter forwarding meta l4proto udp drop
   if [ $kind = masqfw ]; then
@@ -43,7 +44,8 @@ router() {
     $x add rule ip filter input iifname "{ lo, ${r}l }" accept
     $x add rule ip filter input ct state established,related accept
   fi
-  if [ $kind = natpmp ]; then
+  if [ $kind = natpmp ] || [ $kind = upnp ]; then
+    local pmp=yes igd=no; [ $kind = upnp ] && pmp=no igd=yes
     local wan; wan=$(ip -n $r -o -4 addr show | awk "/$NET./ {print \$2}")
     $x -f - <<'EOF'
 table inet filter {
@@ -55,15 +57,15 @@ table inet filter {
     chain postrouting_miniupnpd { }
 }
 EOF
-    printf 'ext_ifname=%s\next_ip=%s\nlistening_ip=%s\nenable_natpmp=yes\nenable_upnp=no\nsecure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\nallow 1024-65535 %s.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n' \
-      "$wan" "$NET.3" "${r}l" "$lan" > $D/upnp-$r.conf
+    printf 'ext_ifname=%s\next_ip=%s\nlistening_ip=%s\nenable_natpmp=%s\nenable_upnp=%s\nsecure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\nallow 1024-65535 %s.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n' \
+      "$wan" "$NET.3" "${r}l" $pmp $igd "$lan" > $D/upnp-$r.conf
     ip netns exec $r miniupnpd -f $D/upnp-$r.conf -P $D/upnp-$r.pid
   fi
 }
 
 # one_case KIND_A KIND_B: prints "PATH SECONDS"
 one_case() {
-  local H=${P}h C=${P}c RA=${P}ra RB=${P}rb NA=${P}na NB=${P}nb i n p t0 t1
+  local H=${P}h C=${P}c RA=${P}ra RB=${P}rb NA=${P}na NB=${P}nb i n p t0 t1 m
   for n in $NSS; do ip netns add $n; ip -n $n link set lo up; done
   ip -n $H link add br0 type bridge; ip -n $H link set br0 up
   i=1; for n in $C $RA $RB; do
@@ -85,7 +87,7 @@ one_case() {
   LK=$(ip netns exec $C $BIN control --state-dir $D/s/ctl keys create --user bencher | tail -1)
   (ip netns exec $NA $BIN up --authkey $VK --state-dir $D/s/vps --hostname vps --no-ssh --listen-port 41641 > $D/s/vps.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/vps.log 2>/dev/null && break; sleep 0.1; done
-  (ip netns exec $NB $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
+  (ip netns exec $NB env RUST_LOG=warn,tailgate::dataplane::portmap=info $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/laptop.log 2>/dev/null && break; sleep 0.1; done
   t0=$(date +%s.%N); p=none
   while [ "$(echo "$(date +%s.%N) - $t0 < 20" | bc -l)" = 1 ]; do
@@ -96,15 +98,21 @@ except Exception: print("none")')
     sleep 0.1
   done
   t1=$(date +%s.%N)
+  # Which protocol mapped a port on the laptop's router, if any (waiting up
+  # to 8 s more for it: the path may come first, and a gateway still
+  # starting is asked again 5 s later).
+  for i in $(seq 80); do grep -q "the gateway maps" $D/s/laptop.log && break; sleep 0.1; done
+  m=$(grep -o '[A-Za-z-]*: the gateway maps' $D/s/laptop.log | head -1 | cut -d: -f1 || true)
   teardown
-  echo "${p%% *} $(echo "$t1 - $t0" | bc -l)" > $D/result
+  echo "${p%% *} $(echo "$t1 - $t0" | bc -l) ${m:--}" > $D/result
 }
 
-printf "\n%-44s %-8s %s\n" "routers (vps side / laptop side)" "path" "seconds to that path (each run)"
+printf "\n%-44s %-8s %-10s %s\n" "routers (vps side / laptop side)" "path" "mapped by" "seconds to that path (each run)"
 # CASES="masq masq,masq symmetric" runs only those pairs.
-IFS=, read -ra cases <<< "${CASES:-fullcone fullcone,masqfw masqfw,masq masq,fullcone symmetric,masq symmetric,symmetric symmetric,fullcone udpblock,masq natpmp}"
+IFS=, read -ra cases <<< "${CASES:-fullcone fullcone,masqfw masqfw,masq masq,fullcone symmetric,masq symmetric,symmetric symmetric,fullcone udpblock,masq natpmp,masq upnp}"
 for c in "${cases[@]}"; do
-  paths=""; times=""
-  for r in $(seq $REPEAT); do one_case $c >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; done
-  printf "%-44s %-8s %s\n" "$c" "$(echo $paths | tr ' ' '\n' | sort | uniq -c | awk '{printf "%s%sx%s", sep, $1, $2; sep=","}')" "$times"
+  paths=""; times=""; maps=""
+  for r in $(seq $REPEAT); do one_case $c >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; maps="$maps $3"; done
+  printf "%-44s %-8s %-10s %s\n" "$c" "$(echo $paths | tr ' ' '\n' | sort | uniq -c | awk '{printf "%s%sx%s", sep, $1, $2; sep=","}')" \
+    "$(echo $maps | tr ' ' '\n' | sort -u | paste -sd,)" "$times"
 done

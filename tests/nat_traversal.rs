@@ -40,6 +40,9 @@ enum Kind {
     /// [`Kind::Masquerade`] plus miniupnpd answering PCP and NAT-PMP (one
     /// switch in miniupnpd) on the LAN side.
     MasqueradeNatPmp,
+    /// [`Kind::Masquerade`] plus miniupnpd offering UPnP IGD only (SSDP on
+    /// the LAN interface), no PCP or NAT-PMP: most home routers' "UPnP".
+    MasqueradeUpnp,
 }
 
 fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path, net: &str) {
@@ -59,8 +62,8 @@ fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path,
              nft add rule ip nat post oifname != {ri} masquerade && \
              nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'"
         ));
-        if kind == Kind::MasqueradeNatPmp {
-            natpmp(r, &ri, lan, dir, net);
+        if kind == Kind::MasqueradeNatPmp || kind == Kind::MasqueradeUpnp {
+            natpmp(r, &ri, lan, dir, net, kind == Kind::MasqueradeUpnp);
         }
         if kind == Kind::MasqueradeFirewall {
             r.exec(&format!(
@@ -80,9 +83,10 @@ fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path,
     ));
 }
 
-/// miniupnpd (nftables backend) in the router, NAT-PMP only, mapping for its
-/// LAN. Killed with the router's namespace.
-fn natpmp(r: &Netns, lan_if: &str, lan: &str, dir: &std::path::Path, net: &str) {
+/// miniupnpd (nftables backend) in the router, mapping for its LAN with
+/// PCP/NAT-PMP only, or (`upnp`) with UPnP IGD only. Killed with the
+/// router's namespace.
+fn natpmp(r: &Netns, lan_if: &str, lan: &str, dir: &std::path::Path, net: &str, upnp: bool) {
     let wan_if = r.exec(&format!("ip -o -4 addr show | awk '/{net}./ {{print $2}}'")).trim().to_string();
     let wan_ip = r.exec(&format!("ip -o -4 addr show | awk '/{net}./ {{print $4}}'")).trim().trim_end_matches("/24").to_string();
     r.exec(
@@ -98,8 +102,9 @@ table inet filter {
 EOF",
     );
     let dir = dir.display();
+    let (natpmp, upnp) = if upnp { ("no", "yes") } else { ("yes", "no") };
     let conf = format!(
-        "ext_ifname={wan_if}\next_ip={wan_ip}\nlistening_ip={lan_if}\nenable_natpmp=yes\nenable_upnp=no\n\
+        "ext_ifname={wan_if}\next_ip={wan_ip}\nlistening_ip={lan_if}\nenable_natpmp={natpmp}\nenable_upnp={upnp}\n\
          secure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\n\
          allow 1024-65535 {lan}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
     );
@@ -250,6 +255,18 @@ fn direct_when_possible_relay_when_not() {
     eprintln!("symmetric NAT: path = {path}");
 }
 
+/// The sizes of the laptop's router's answers to a PCP ANNOUNCE and a
+/// NAT-PMP public-address request (0: no answer within 2 s).
+fn gateway_answers(lab: &Lab) -> (usize, usize) {
+    // ANNOUNCE: version 2, opcode 0, lifetime 0, client ::ffff:192.168.2.2.
+    let pcp = format!("\\002{}\\377\\377\\300\\250\\002\\002", "\\000".repeat(17));
+    let ask = |req: &str| {
+        let (_, n, _) = lab.nb.run(&format!("printf '{req}' | socat -T2 - UDP:192.168.2.1:5351 2>/dev/null | wc -c"), 10);
+        n.trim().parse().unwrap_or(0)
+    };
+    (ask(&pcp), ask("\\000\\000"))
+}
+
 /// Control, then the vps, then the laptop (which joins with an auth key
 /// each): the three processes, in that order.
 fn start_pair(lab: &Lab) -> (Proc, Proc, Proc) {
@@ -339,6 +356,8 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     // miniupnpd maps nothing on a private WAN address: this lab's
     // "internet" uses a public-looking prefix that exists only in its namespaces.
     let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
+    let (pcp, natpmp) = gateway_answers(&lab);
+    assert!(pcp >= 24 && natpmp == 12, "miniupnpd's answers: PCP {pcp} bytes, NAT-PMP {natpmp} bytes");
     let (_ctl, vps, mut laptop) = start_pair(&lab);
     // miniupnpd speaks PCP and NAT-PMP; PCP is asked first.
     laptop.wait_log("PCP: the gateway maps a public port to us", 10);
@@ -354,6 +373,38 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
         eventually(10, || !lab.rb.exec("nft list chain inet filter prerouting_miniupnpd").contains("192.168.2.2")),
         "mapping left behind: {}",
         lab.rb.exec("nft list chain inet filter prerouting_miniupnpd")
+    );
+    drop(laptop);
+}
+
+#[test]
+fn upnp_mapping_gives_a_direct_path_where_punching_cannot() {
+    if !require(&["nft", "ssh", "conntrack", "miniupnpd", "socat"]) {
+        return;
+    }
+    // As the NAT-PMP test, but the laptop's router offers UPnP IGD only
+    // (SSDP multicast on its LAN, SOAP over HTTP), like most home routers.
+    let lab = Lab::on("45.51.0", Kind::Masquerade, Kind::MasqueradeUpnp);
+    // PCP and NAT-PMP really get no answer from this router (the NAT-PMP
+    // test shows the same probes get one from miniupnpd with them on).
+    assert_eq!(gateway_answers(&lab), (0, 0), "PCP or NAT-PMP answered on the UPnP-only router");
+    let (_ctl, vps, mut laptop) = start_pair(&lab);
+    laptop.wait_log("UPnP: the gateway maps a public port to us", 15);
+    let log = laptop.log_text();
+    assert!(!log.contains("PCP: the gateway maps") && !log.contains("NAT-PMP: the gateway maps"), "{log}");
+    let took = time_to_direct(&lab, &vps, &laptop, 10);
+    eprintln!("masquerade both sides + UPnP: direct after {:.1} s", took.as_secs_f64());
+    let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
+    assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
+    let (code, out, err) = lab.ssh("echo upnp-ok", 20);
+    assert_eq!((code, out.trim()), (0, "upnp-ok"), "{err}");
+    // A clean shutdown deletes the mapping (a SOAP call, not a datagram).
+    must(&format!("kill -TERM {}", laptop.pid()));
+    assert!(
+        eventually(10, || !lab.rb.exec("nft list chain inet filter prerouting_miniupnpd").contains("192.168.2.2")),
+        "mapping left behind: {}\n{}",
+        lab.rb.exec("nft list chain inet filter prerouting_miniupnpd"),
+        laptop.log_text()
     );
     drop(laptop);
 }

@@ -16,4 +16,5 @@ pub mod portmap;
 mod sim;
 pub mod stun;
 pub(crate) mod udp;
+pub(crate) mod upnp;
 pub mod wg;

@@ -1,17 +1,22 @@
-//! Port mapping with PCP (RFC 6887, see [`crate::dataplane::pcp`]) or, where
-//! the gateway only knows its predecessor, NAT-PMP (RFC 6886): ask the default gateway to forward
-//! a public port (a random one we then keep) to our WireGuard socket, so peers can reach us even when
-//! hole punching cannot work (both sides behind a NAT that moves our mapping
-//! when the peer's probe lands first, or a symmetric NAT). The mapped address
-//! is one more candidate endpoint we announce; peers still prove it with
-//! sealed pings before using it.
+//! Port mapping with PCP (RFC 6887, see [`crate::dataplane::pcp`]), NAT-PMP
+//! (RFC 6886) where the gateway only knows PCP's predecessor, or UPnP IGD
+//! ([`crate::dataplane::upnp`]) where it offers only that: ask the default
+//! gateway to forward a public port (a random one we then keep) to our
+//! WireGuard socket, so peers can reach us even when hole punching cannot
+//! work (both sides behind a NAT that moves our mapping when the peer's
+//! probe lands first, or a symmetric NAT). The mapped address is one more
+//! candidate endpoint we announce; peers still prove it with sealed pings
+//! before using it.
 //!
 //! PCP goes first: it is what current gateways speak, and a NAT-PMP-only
 //! one answers it at once with "unsupported version", so the fallback costs
-//! one round trip. Sans-IO NAT-PMP codec ([`Request`], [`parse_response`]) plus a small task
-//! ([`start`]) that maps, renews at half the granted lifetime, and deletes the
-//! mapping when its [`PortMapper`] is dropped. Routers without NAT-PMP never
-//! answer; the task then stays quiet and tries again every [`RETRY`].
+//! one round trip. UPnP discovery (SSDP) runs alongside them and maps only
+//! when they fail ([`map_any`]). Sans-IO NAT-PMP codec ([`Request`],
+//! [`parse_response`]) and LAN table ([`Lan`]) plus a small task ([`start`])
+//! that maps, renews at half the granted lifetime ([`renew_after`]), and
+//! deletes the mapping when its [`PortMapper`] is dropped. Routers with none
+//! of the three never answer; the task then stays quiet and tries again
+//! after 5 s, doubling up to every [`RETRY`] ([`retry_after`]).
 #![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -21,14 +26,18 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::dataplane::pcp;
+use crate::dataplane::{pcp, upnp};
 
 /// NAT-PMP's port on the gateway.
 pub(crate) const SERVER_PORT: u16 = 5351;
 /// The lifetime we ask for; RFC 6886 recommends two hours.
 pub(crate) const LIFETIME: u32 = 7200;
-/// How long to wait before asking again when nothing answered.
+/// The longest wait before asking again when nothing answered.
 pub(crate) const RETRY: Duration = Duration::from_secs(300);
+/// The first wait after a round got no mapping; doubles up to [`RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// How often a permanent (UPnP lease 0) mapping is added again.
+pub(crate) const PERMANENT_CHECK: Duration = Duration::from_secs(1200);
 /// RFC 6886 starts at 250 ms and doubles; three tries are enough on a LAN.
 const ATTEMPTS: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1)];
 
@@ -109,24 +118,93 @@ pub fn parse_response(b: &[u8]) -> Result<Response, Error> {
     }
 }
 
-/// The IPv4 default gateway from `/proc/net/route` (Linux), if any.
-pub(crate) fn default_gateway() -> Option<Ipv4Addr> {
-    parse_default_gateway(&std::fs::read_to_string("/proc/net/route").ok()?)
+/// The default route's LAN, from `/proc/net/route` (Linux): the IPv4
+/// default gateway and the networks directly on the default route's
+/// interface. Only devices inside those networks are asked for mappings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Lan {
+    pub(crate) gateway: Ipv4Addr,
+    /// (network, mask) of each on-link route of the default route's interface.
+    nets: Vec<(u32, u32)>,
 }
 
-fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // Iface Destination Gateway Flags ...; the kernel prints addresses
-        // as host-order (little-endian) hex.
-        if f.len() < 4 || f[1] != "00000000" {
-            return None;
-        }
-        let gw = u32::from_str_radix(f[2], 16).ok()?;
-        let flags = u32::from_str_radix(f[3], 16).ok()?;
+impl Lan {
+    /// The running system's, if it has an IPv4 default route.
+    pub(crate) fn of_system() -> Option<Lan> {
+        Lan::parse(&std::fs::read_to_string("/proc/net/route").ok()?)
+    }
+
+    pub(crate) fn parse(table: &str) -> Option<Lan> {
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; the
+        // kernel prints addresses as host-order (little-endian) hex.
+        let rows: Vec<(&str, u32, u32, u32, u32)> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let hex = |i: usize| f.get(i).and_then(|v| u32::from_str_radix(v, 16).ok()).map(u32::swap_bytes);
+                Some((*f.first()?, hex(1)?, hex(2)?, u32::from_str_radix(f.get(3)?, 16).ok()?, hex(7)?))
+            })
+            .collect();
         // RTF_UP | RTF_GATEWAY
-        (flags & 0x3 == 0x3 && gw != 0).then(|| Ipv4Addr::from(gw.swap_bytes()))
-    })
+        let (iface, gw) = rows.iter().find(|r| r.1 == 0 && r.3 & 0x3 == 0x3 && r.2 != 0).map(|r| (r.0, Ipv4Addr::from(r.2)))?;
+        let nets = rows.iter().filter(|r| r.0 == iface && r.1 != 0 && r.3 & 0x3 == 0x1 && r.4 != 0).map(|r| (r.1 & r.4, r.4)).collect();
+        Some(Lan { gateway: gw, nets })
+    }
+
+    /// Whether `ip` is a host address on the LAN (or the gateway itself).
+    pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let std::net::IpAddr::V4(ip) = ip else { return false };
+        if ip == self.gateway {
+            return true;
+        }
+        let a = u32::from(ip);
+        self.nets.iter().any(|&(net, mask)| a & mask == net && a != net && a != net | !mask)
+    }
+}
+
+/// Renew a mapping granted for `lifetime` seconds at half of it, as RFC
+/// 6886 asks (at least a minute apart); a permanent one (UPnP lease 0)
+/// is re-added every [`PERMANENT_CHECK`], in case the router restarted
+/// and forgot it.
+pub(crate) fn renew_after(lifetime: u32) -> Duration {
+    match lifetime {
+        0 => PERMANENT_CHECK,
+        l => Duration::from_secs(u64::from(l.max(120) / 2)),
+    }
+}
+
+/// The wait after the `failures`-th round in a row without a mapping:
+/// [`FIRST_RETRY`], doubling, at most [`RETRY`]. A gateway still starting
+/// (a router after a reboot, the lab's miniupnpd) refuses the first
+/// round; one with no mapping service costs one round every 5 min.
+pub(crate) fn retry_after(failures: u32) -> Duration {
+    FIRST_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY)
+}
+
+/// How a mapping was made, which says how to renew and delete it.
+#[derive(Clone)]
+enum How {
+    /// PCP or NAT-PMP: `delete` is the datagram that deletes it.
+    Datagram { proto: &'static str, delete: Vec<u8> },
+    /// UPnP IGD, on this gateway.
+    Upnp(Box<upnp::UpnpGateway>),
+}
+
+impl How {
+    fn proto(&self) -> &'static str {
+        match self {
+            How::Datagram { proto, .. } => proto,
+            How::Upnp(_) => "UPnP",
+        }
+    }
+}
+
+/// A mapping: its public address and lifetime (0: permanent).
+struct Mapped {
+    addr: SocketAddr,
+    lifetime: u32,
+    how: How,
 }
 
 /// The running mapper: the mapped public address (if any) on [`PortMapper::mapped`];
@@ -135,8 +213,8 @@ pub(crate) struct PortMapper {
     mapped: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
     gateway: Ipv4Addr,
-    /// The datagram that deletes the current mapping, in the protocol that made it.
-    delete: Arc<Mutex<Option<Vec<u8>>>>,
+    /// How the current mapping was made, to delete it in the same protocol.
+    delete: Arc<Mutex<Option<How>>>,
 }
 
 impl PortMapper {
@@ -148,14 +226,17 @@ impl PortMapper {
 impl Drop for PortMapper {
     fn drop(&mut self) {
         self.task.abort();
-        if self.mapped.borrow().is_none() {
-            return;
-        }
-        let Some(del) = self.delete.lock().ok().and_then(|mut d| d.take()) else { return };
-        // Best effort, one datagram: a mapping left behind expires on its own.
-        if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") {
-            let _ = s.send_to(&del, SocketAddrV4::new(self.gateway, SERVER_PORT));
-            tracing::debug!(gateway = %self.gateway, "port mapping deleted");
+        let Some(addr) = *self.mapped.borrow() else { return };
+        let Some(how) = self.delete.lock().ok().and_then(|mut d| d.take()) else { return };
+        match how {
+            // Best effort, one datagram: a mapping left behind expires on its own.
+            How::Datagram { delete, .. } => {
+                if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") {
+                    let _ = s.send_to(&delete, SocketAddrV4::new(self.gateway, SERVER_PORT));
+                    tracing::debug!(gateway = %self.gateway, "port mapping deleted");
+                }
+            }
+            How::Upnp(gw) => upnp::unmap_blocking(*gw, addr.port()),
         }
     }
 }
@@ -163,15 +244,15 @@ impl Drop for PortMapper {
 /// Start mapping UDP `internal` (our WireGuard port) on the default gateway.
 /// `None` when there is no IPv4 default gateway.
 pub(crate) fn start(internal: u16) -> Option<PortMapper> {
-    let gateway = default_gateway()?;
+    let lan = Lan::of_system()?;
+    let gateway = lan.gateway;
     let (tx, rx) = watch::channel(None);
     let delete = Arc::new(Mutex::new(None));
-    let task = tokio::spawn(run(gateway, internal, tx, delete.clone()));
+    let task = tokio::spawn(run(lan, internal, tx, delete.clone()));
     Some(PortMapper { mapped: rx, task, gateway, delete })
 }
 
-async fn run(gateway: Ipv4Addr, internal: u16, tx: watch::Sender<Option<SocketAddr>>, delete: Arc<Mutex<Option<Vec<u8>>>>) {
-    let server = SocketAddr::from((gateway, SERVER_PORT));
+async fn run(lan: Lan, internal: u16, tx: watch::Sender<Option<SocketAddr>>, delete: Arc<Mutex<Option<How>>>) {
     // One PCP mapping across renewals, and its delete.
     let nonce: [u8; 12] = rand::random();
     // Not our own port: peers may already be probing `gateway_ip:internal`
@@ -179,42 +260,127 @@ async fn run(gateway: Ipv4Addr, internal: u16, tx: watch::Sender<Option<SocketAd
     // decision of its first packet, taken before the mapping existed. A
     // port nobody has probed yet gets the mapping from its first packet.
     let mut external = 20_000 + rand::random::<u16>() % 40_000;
+    // The UPnP gateway that mapped us: renewals go straight to it.
+    let mut upnp_gw: Option<Box<upnp::UpnpGateway>> = None;
+    let mut failures = 0;
     loop {
-        let pcp = map_pcp(server, internal, external, nonce).await;
-        if let Err(e) = &pcp {
-            tracing::debug!(%server, "PCP: {e}");
-        }
-        let mapped = match pcp {
-            Ok(m) => Ok(m),
-            Err(_) => map_once(server, internal, external).await.map(|(addr, lifetime)| {
-                let del = Request::MapUdp { internal, external: 0, lifetime: 0 }.encode();
-                (addr, lifetime, "NAT-PMP", del)
-            }),
+        let mapped = match upnp_gw.take() {
+            Some(gw) => match map_upnp(*gw, &lan, internal, external).await {
+                Ok(m) => Ok(m),
+                Err(e) => {
+                    tracing::debug!("UPnP renewal: {e}");
+                    map_any(&lan, internal, external, nonce).await
+                }
+            },
+            None => map_any(&lan, internal, external, nonce).await,
         };
         let wait = match mapped {
-            Ok((addr, lifetime, proto, del)) => {
+            Ok(Mapped { addr, lifetime, how }) => {
+                failures = 0;
                 external = addr.port();
+                let proto = how.proto();
+                if let How::Upnp(gw) = &how {
+                    upnp_gw = Some(gw.clone());
+                }
                 if let Ok(mut d) = delete.lock() {
-                    *d = Some(del);
+                    *d = Some(how);
                 }
                 tx.send_if_modified(|cur| {
                     let changed = *cur != Some(addr);
                     if changed {
                         tracing::info!(%addr, lifetime, "{proto}: the gateway maps a public port to us");
+                        if lifetime == 0 {
+                            tracing::info!(
+                                "{proto}: the gateway grants only permanent mappings; ours is deleted when tailgate stops \
+                                 cleanly, otherwise it stays until the router restarts"
+                            );
+                        }
                     }
                     *cur = Some(addr);
                     changed
                 });
-                // Renew at half the lifetime, as RFC 6886 asks.
-                Duration::from_secs(u64::from(lifetime.max(120) / 2))
+                renew_after(lifetime)
             }
             Err(e) => {
-                tracing::debug!(%server, "NAT-PMP: {e}");
+                tracing::debug!(gateway = %lan.gateway, "no port mapping: {e}");
                 tx.send_if_modified(|cur| cur.take().is_some());
-                RETRY
+                failures += 1;
+                retry_after(failures)
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// One round: PCP, then NAT-PMP, with UPnP discovery running alongside
+/// (SSDP takes its own time, and a gateway that speaks only UPnP usually
+/// drops PCP silently, which costs the full PCP and NAT-PMP back-off,
+/// 3.5 s, before UPnP would even start). UPnP maps only when PCP/NAT-PMP
+/// failed or have not answered within [`UPNP_GRACE`]: a gateway speaking
+/// PCP answers it within milliseconds, so one speaking both keeps PCP.
+async fn map_any(lan: &Lan, internal: u16, external: u16, nonce: [u8; 12]) -> Result<Mapped, MapError> {
+    let server = SocketAddr::from((lan.gateway, SERVER_PORT));
+    let start = tokio::time::Instant::now();
+    let chain = async {
+        let pcp = map_pcp(server, internal, external, nonce).await;
+        match pcp {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                tracing::debug!(%server, "PCP: {e}");
+                let (addr, lifetime) = map_once(server, internal, external).await.inspect_err(|e| {
+                    tracing::debug!(%server, "NAT-PMP: {e}");
+                })?;
+                let delete = Request::MapUdp { internal, external: 0, lifetime: 0 }.encode();
+                Ok(Mapped { addr, lifetime, how: How::Datagram { proto: "NAT-PMP", delete } })
+            }
+        }
+    };
+    let search = async {
+        let local = local_addr_toward(lan.gateway).await?;
+        let gw = upnp::search(lan, local).await?;
+        tokio::time::sleep_until(start + UPNP_GRACE).await;
+        Ok::<_, MapError>(gw)
+    };
+    tokio::pin!(chain, search);
+    tokio::select! {
+        biased;
+        r = &mut chain => match r {
+            Ok(m) => Ok(m),
+            Err(_) => map_upnp(search.await?, lan, internal, external).await,
+        },
+        g = &mut search => {
+            let up = match g {
+                Ok(gw) => map_upnp(gw, lan, internal, external).await,
+                Err(e) => Err(e),
+            };
+            match up {
+                Ok(m) => Ok(m),
+                Err(e) => {
+                    tracing::debug!(gateway = %lan.gateway, "{e}");
+                    chain.await
+                }
+            }
+        }
+    }
+}
+
+/// PCP/NAT-PMP's head start over a UPnP gateway that answered first.
+const UPNP_GRACE: Duration = Duration::from_millis(500);
+
+async fn map_upnp(gw: upnp::UpnpGateway, lan: &Lan, internal: u16, external: u16) -> Result<Mapped, MapError> {
+    let local = SocketAddrV4::new(local_addr_toward(lan.gateway).await?, internal);
+    let (addr, lifetime) = upnp::map(&gw, local, external).await?;
+    Ok(Mapped { addr: addr.into(), lifetime, how: How::Upnp(Box::new(gw)) })
+}
+
+/// Our address on the default route's LAN (the mapping's internal client,
+/// and where SSDP multicast leaves from).
+async fn local_addr_toward(gateway: Ipv4Addr) -> Result<Ipv4Addr, MapError> {
+    let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    sock.connect((gateway, SERVER_PORT)).await?;
+    match sock.local_addr()?.ip() {
+        std::net::IpAddr::V4(ip) => Ok(ip),
+        std::net::IpAddr::V6(_) => Err(MapError::NoAnswer),
     }
 }
 
@@ -226,16 +392,12 @@ enum MapError {
     Protocol(#[from] Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Upnp(#[from] upnp::UpnpError),
 }
 
-/// A PCP MAP request; returns the mapped address, its lifetime, the
-/// protocol's name and the datagram that deletes the mapping.
-async fn map_pcp(
-    server: SocketAddr,
-    internal: u16,
-    external: u16,
-    nonce: [u8; 12],
-) -> Result<(SocketAddr, u32, &'static str, Vec<u8>), MapError> {
+/// A PCP MAP request.
+async fn map_pcp(server: SocketAddr, internal: u16, external: u16, nonce: [u8; 12]) -> Result<Mapped, MapError> {
     let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
     sock.connect(server).await?;
     // The gateway checks this against the datagram's source address.
@@ -253,8 +415,8 @@ async fn map_pcp(
         if m.external.port() == 0 || m.lifetime == 0 {
             return Some(Err(Error::Malformed.into()));
         }
-        let del = pcp::MapRequest { lifetime: 0, ..req }.encode();
-        Some(Ok((m.external, m.lifetime, "PCP", del)))
+        let delete = pcp::MapRequest { lifetime: 0, ..req }.encode();
+        Some(Ok(Mapped { addr: m.external, lifetime: m.lifetime, how: How::Datagram { proto: "PCP", delete } }))
     })
     .await
 }
@@ -336,11 +498,41 @@ mod tests {
     }
 
     #[test]
-    fn default_gateway_from_proc_net_route() {
+    fn default_route_lan_from_proc_net_route() {
         let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
                      eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth0\t0000000A\t0102A8C0\t0003\t0\t0\t0\t000000FF\t0\t0\t0\n\
                      eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
-        assert_eq!(parse_default_gateway(table), Some(Ipv4Addr::new(192, 168, 2, 1)));
-        assert_eq!(parse_default_gateway("Iface\tDestination\n"), None);
+        let lan = Lan::parse(table).unwrap();
+        assert_eq!(lan.gateway, Ipv4Addr::new(192, 168, 2, 1));
+        let on = |ip: &str| lan.contains(ip.parse().unwrap());
+        assert!(on("192.168.2.1") && on("192.168.2.77"));
+        // Not the network or broadcast address; not another interface's
+        // network (docker0); not a network reached through a gateway.
+        for ip in ["192.168.2.0", "192.168.2.255", "172.17.0.2", "10.0.0.1", "8.8.8.8", "::1"] {
+            assert!(!on(ip), "{ip}");
+        }
+        assert_eq!(Lan::parse("Iface\tDestination\n"), None);
+        assert_eq!(Lan::parse("Iface\n eth0 00000000 zz 0003\n\u{0}junk"), None);
+        // A gateway with no on-link route (point-to-point): only the gateway.
+        let ptp = Lan::parse("h\nppp0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\n").unwrap();
+        assert!(ptp.contains("192.168.2.1".parse().unwrap()) && !ptp.contains("192.168.2.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn renewals_come_at_half_the_lease_and_permanent_ones_are_checked() {
+        assert_eq!(renew_after(7200), Duration::from_secs(3600));
+        assert_eq!(renew_after(10), Duration::from_secs(60));
+        assert_eq!(renew_after(u32::MAX), Duration::from_secs(u64::from(u32::MAX / 2)));
+        assert_eq!(renew_after(0), PERMANENT_CHECK);
+    }
+
+    #[test]
+    fn rounds_without_a_mapping_back_off_to_five_minutes() {
+        let secs: Vec<u64> = (1..=9).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_after(u32::MAX), RETRY);
+        assert_eq!(retry_after(0), FIRST_RETRY);
     }
 }
