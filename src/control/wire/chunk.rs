@@ -29,7 +29,7 @@ const FIN: u8 = 0x01;
 const GZIP: u8 = 0x02;
 /// Most raw bytes one gzip chunk may stand for: bounds what control inflates
 /// per chunk to check it (a member that inflates further is refused).
-pub const MAX_RAW: u32 = 4 << 20;
+pub(crate) const MAX_RAW: u32 = 4 << 20;
 /// Bytes before the session id: kind, flags, offset, session length.
 const FIXED: usize = 1 + 1 + 8 + 1;
 /// Longest session id ([`valid_session_id`]).
@@ -52,13 +52,6 @@ pub struct BinChunk {
     pub data: Vec<u8>,
     /// `Some(n)`: `data` is a gzip member of `n` raw recording bytes.
     pub raw_len: Option<u32>,
-}
-
-impl BinChunk {
-    /// Recording bytes this chunk stands for.
-    pub fn raw_len(&self) -> u64 {
-        self.raw_len.map_or(self.data.len() as u64, u64::from)
-    }
 }
 
 /// Why a binary frame was refused.
@@ -249,7 +242,7 @@ mod tests {
         assert!(c.data.len() < raw.len() / 10);
         let back = BinChunk::decode(c.encode(), 1024).unwrap();
         assert_eq!(back, c);
-        assert_eq!(back.raw_len(), raw.len() as u64);
+        assert_eq!(back.raw_len, Some(raw.len() as u32));
         assert_eq!(gzip_member_len(&back.data, raw.len() as u32), Ok(()));
         // Another length than claimed, a cut member, trailing bytes, two members, garbage.
         assert!(gzip_member_len(&back.data, raw.len() as u32 - 1).is_err());
