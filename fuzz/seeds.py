@@ -16,6 +16,9 @@ def wire(m): return struct.pack(">H", len(m)) + m
 add("control_frame", "frames", struct.pack(">HB", 256, 4) + bytes([3, 1, 0, 7]) + frame(b'{"type":"keep_alive"}') + frame(b""))
 add("control_frame", "wire", struct.pack(">HB", 64, 1) + bytes([2]) + wire(b"abc") + wire(b"\x01" * 40))
 add("control_frame", "too-large", struct.pack(">HB", 8, 0) + frame(b"x" * 9))
+def gz(b): c = zlib.compressobj(1, zlib.DEFLATED, 31); return c.compress(b) + c.flush()
+raw = b'[0.5,"o","hello hello hello"]\n' * 20
+add("control_frame", "gzip-chunk", struct.pack(">HB", 4096, 0) + frame(b"\x01\x02" + struct.pack(">QIB", 0, len(raw), 8) + b"0123abcd" + gz(raw)))
 
 # control_http: raw heads
 add("control_http", "upgrade", "GET /tailgate/control HTTP/1.1\r\nHost: h:1\r\nConnection: Upgrade\r\nUpgrade: tailgate-control\r\nUser-Agent: tailgate/0.1.0\r\n\r\n\x00\x20noise")

@@ -378,10 +378,11 @@ fn retention_prunes_events_and_recordings() {
     assert!(!lab.local_events().is_empty());
 }
 
-/// Both wire forms of recording chunks reach control whole: a node that
+/// Every wire form of recording chunks reaches control whole: a node that
 /// ships them as JSON (as nodes did before binary chunks, and as a node
 /// does to a control server too old to take them: it never says
-/// `binary_chunks`), then the same node shipping binary frames.
+/// `binary_chunks`), then the same node shipping plain binary frames (as
+/// before gzip chunks), then gzip members.
 #[test]
 fn json_and_binary_recording_chunks_both_arrive_whole() {
     if !is_root() || !require(&["ssh"]) {
@@ -412,10 +413,34 @@ fn json_and_binary_recording_chunks_both_arrive_whole() {
     lab.kill_control();
     lab.ssh_ok("for i in $(seq 1 3000); do printf 'half-%d \\t \"q\"\\n' $i; done");
     lab.restart_control("", 2);
-    restart_vps(&mut lab, "", 3);
+    restart_vps(&mut lab, "TAILGATE_SHIP_PLAIN_CHUNKS=1", 3);
     lab.ssh_ok("for i in $(seq 1 3000); do printf 'binary-%d \\t \"q\"\\n' $i; done");
+    lab.wait_recordings_identical();
+    restart_vps(&mut lab, "", 4);
+    // Enough to fill several gzip chunks of 1 MiB each.
+    lab.ssh_ok("for i in $(seq 1 200000); do printf 'gzip-%d \\t \"q\" é\\n' $i; done");
     let ids = lab.wait_recordings_identical();
-    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let gz = must(&format!("find {d}/ctl/recordings -name '*.cast.gz'"));
+    assert_eq!(gz.lines().count(), 4, "{gz}");
     let v = lab.admin_json("audit verify");
     assert_eq!(v["ok"], true, "{v}");
+}
+
+/// A frame limit below what nodes put in one frame (a full recording chunk,
+/// an audit batch) is refused when control starts, saying what to do,
+/// instead of refusing those frames from every node later.
+#[tokio::test]
+async fn a_frame_limit_below_a_full_chunk_is_refused_at_start() {
+    use tailgate::control::{ControlServer, ServerOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    o.max_client_frame = 32 * 1024;
+    let e = ControlServer::start(o).await.err().expect("a 32 KiB frame limit is refused");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("max_client_frame is 32768 bytes") && msg.contains("use at least 65536"), "{msg}");
+    let mut o = ServerOptions::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    o.max_client_frame = 64 * 1024;
+    let s = ControlServer::start(o).await.expect("64 KiB starts");
+    drop(s);
 }

@@ -8,11 +8,12 @@
 //! consumed; the frame decoder never yields a frame above its limit. Each
 //! frame that is not JSON goes through the binary recording-chunk decoder
 //! (src/control/wire/chunk.rs) as the server does: no panic, and what it
-//! accepts re-encodes to the same frame with at most `max` data bytes.
+//! accepts re-encodes to the same frame with at most `max` data bytes; a
+//! gzip chunk's member goes through the check control runs before storing.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tailgate::control::wire::chunk::BinChunk;
+use tailgate::control::wire::chunk::{BinChunk, gzip_member_len};
 use tailgate::control::wire::frame::{FrameDecoder, FrameError, WireDecoder, encode_frame, encode_wire};
 
 /// Input layout (simple, so seeds can be written by hand):
@@ -97,6 +98,10 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(c) = BinChunk::decode(f.clone(), max) {
                 assert!(c.data.len() <= max);
                 assert_eq!(&c.encode(), f, "a binary chunk does not re-encode to its frame");
+                // A gzip chunk's member is checked as control checks it: never a panic.
+                if let Some(n) = c.raw_len {
+                    let _ = gzip_member_len(&c.data, n);
+                }
             }
         }
     }

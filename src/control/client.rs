@@ -199,6 +199,8 @@ pub struct ControlClient {
     cmds: mpsc::Sender<ClientMsg>,
     /// Binary recording chunks, when the server takes them.
     frames: Option<mpsc::Sender<Vec<u8>>>,
+    /// The server takes gzip members in binary chunks (`LoginOk.gzip_chunks`).
+    gzip_chunks: bool,
     task: tokio::task::JoinHandle<()>,
     done: bool,
     acks: Option<mpsc::UnboundedReceiver<ShipAck>>,
@@ -273,6 +275,8 @@ pub(crate) struct ShipLink {
     /// Encoded [`crate::control::wire::chunk::BinChunk`]s; `None` when the
     /// server is too old to take them (send JSON `recording_chunk`s then).
     pub frames: Option<mpsc::Sender<Vec<u8>>>,
+    /// The server takes binary chunks holding gzip members.
+    pub gzip: bool,
 }
 
 impl Drop for ControlClient {
@@ -386,8 +390,8 @@ impl ControlClient {
             };
             match msg {
                 ServerMsg::Error { code, message } => return Err(ControlError::Refused { code, message }),
-                ServerMsg::LoginOk { new_node, node, domain, keepalive_secs, binary_chunks } => {
-                    login = Some((new_node, node, domain, keepalive_secs, binary_chunks))
+                ServerMsg::LoginOk { new_node, node, domain, keepalive_secs, binary_chunks, gzip_chunks } => {
+                    login = Some((new_node, node, domain, keepalive_secs, binary_chunks, gzip_chunks))
                 }
                 ServerMsg::MapFull(full) => break NetMap::from_full(full),
                 // The server's keepalives show it is alive while we wait.
@@ -403,7 +407,7 @@ impl ControlClient {
                 other => return Err(ControlError::Protocol(format!("unexpected {other:?} before the first map"))),
             }
         };
-        let Some((new_node, _node, _domain, keepalive_secs, binary_chunks)) = login else {
+        let Some((new_node, _node, _domain, keepalive_secs, binary_chunks, gzip_chunks)) = login else {
             return Err(ControlError::Protocol("map before login answer".into()));
         };
         let (utx, urx) = mpsc::channel(256);
@@ -417,6 +421,8 @@ impl ControlClient {
         // The environment knob makes this node ship like one from before
         // binary chunks (for testing that mix against a current server).
         let binary_chunks = binary_chunks && std::env::var_os("TAILGATE_SHIP_JSON_CHUNKS").is_none();
+        // Likewise for a node from before gzip chunks.
+        let gzip_chunks = binary_chunks && gzip_chunks && std::env::var_os("TAILGATE_SHIP_PLAIN_CHUNKS").is_none();
         let task = tokio::spawn(run(s, chan, utx, Outgoing { cmds: crx, frames: frx }, keepalive, pending.clone(), atx));
         let client = ControlClient {
             map: map.clone(),
@@ -424,6 +430,7 @@ impl ControlClient {
             updates: urx,
             cmds: ctx,
             frames: binary_chunks.then_some(ftx),
+            gzip_chunks,
             task,
             done: false,
             pending,
@@ -441,7 +448,7 @@ impl ControlClient {
 
     /// The audit shipper's link over this connection (once per connection).
     pub(crate) fn ship_link(&mut self) -> Option<ShipLink> {
-        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()?, frames: self.frames.clone() })
+        Some(ShipLink { cmds: self.cmds.clone(), acks: self.acks.take()?, frames: self.frames.clone(), gzip: self.gzip_chunks })
     }
 
     /// Did this connection create the node (first registration)?

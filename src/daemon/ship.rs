@@ -44,6 +44,15 @@ const SHIPPED_SUFFIX: &str = ".cast.shipped";
 const CHUNK: usize = 46 * 1024;
 /// Raw recording bytes per binary chunk: a full client frame.
 const BIN_CHUNK: usize = DEFAULT_MAX_CLIENT_FRAME - MAX_HEADER;
+/// Most raw recording bytes per gzip chunk: terminal output shrinks several
+/// times, so one frame carries far more than [`BIN_CHUNK`].
+const GZ_RAW: usize = 1 << 20;
+/// Raw bytes compressed at a time into a gzip chunk, until the next piece
+/// might not fit the frame any more (it may not shrink at all).
+const GZ_PIECE: usize = 32 * 1024;
+/// [`WINDOW`] in raw bytes when chunks are gzipped: what control holds in
+/// memory is the compressed bytes, so more raw bytes may be in flight.
+const GZ_WINDOW: u64 = 16 * 1024 * 1024;
 /// JSON-escaped audit lines per message.
 const EVENTS_BATCH: usize = 40 * 1024;
 /// Silence after which unacknowledged shipments are sent again.
@@ -105,6 +114,8 @@ pub(crate) struct ShipCore {
     pub finished: Vec<String>,
     /// The server takes binary chunks (this connection).
     pub binary: bool,
+    /// The server takes gzip members in binary chunks (this connection).
+    pub gzip: bool,
 }
 
 /// One message to send.
@@ -136,7 +147,7 @@ impl ShipCore {
     }
 
     pub(crate) fn window_open(&self) -> bool {
-        self.inflight() < WINDOW
+        self.inflight() < if self.gzip && self.binary { GZ_WINDOW } else { WINDOW }
     }
 
     fn inflight(&self) -> u64 {
@@ -201,16 +212,24 @@ impl ShipCore {
             if st.fin_sent {
                 continue;
             }
-            let want = (r.size.saturating_sub(st.sent) as usize).min(if self.binary { BIN_CHUNK } else { CHUNK });
+            let gzip = self.gzip && self.binary;
+            let most = match (self.binary, gzip) {
+                (true, true) => GZ_RAW,
+                (true, false) => BIN_CHUNK,
+                _ => CHUNK,
+            };
+            let want = (r.size.saturating_sub(st.sent) as usize).min(most);
             let data = if want > 0 { read(&r.session, st.sent, want) } else { Vec::new() };
-            let fin = !r.open && st.sent + data.len() as u64 >= r.size;
-            if data.is_empty() && !fin {
+            let (data, raw_len) = if gzip && !data.is_empty() { gzip_chunk(data) } else { (data, None) };
+            let n = raw_len.map_or(data.len() as u64, u64::from);
+            let fin = !r.open && st.sent + n >= r.size;
+            if n == 0 && !fin {
                 continue;
             }
             let offset = st.sent;
-            st.sent += data.len() as u64;
+            st.sent += n;
             st.fin_sent = fin;
-            let c = BinChunk { session: r.session.clone(), offset, fin, data };
+            let c = BinChunk { session: r.session.clone(), offset, fin, data, raw_len };
             return Some(if self.binary { Shipment::Chunk(c) } else { Shipment::Msg(json_chunk(c)) });
         }
         None
@@ -256,6 +275,30 @@ impl ShipCore {
     }
 }
 
+/// Compresses a prefix of `raw` into one gzip member that fits a frame,
+/// [`GZ_PIECE`] at a time, each flushed so the size so far is known; every
+/// byte is compressed once, however well it shrinks. Returns the member and
+/// the raw bytes it holds.
+fn gzip_chunk(raw: Vec<u8>) -> (Vec<u8>, Option<u32>) {
+    use std::io::Write;
+    // Room left after a piece that does not shrink at all: its stored
+    // blocks, the flush marker, the gzip trailer.
+    let room = |out: usize| out + GZ_PIECE + 64 <= BIN_CHUNK;
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(BIN_CHUNK), flate2::Compression::fast());
+    let mut n = 0;
+    for piece in raw.chunks(GZ_PIECE) {
+        if !room(enc.get_ref().len()) || enc.write_all(piece).and_then(|()| enc.flush()).is_err() {
+            break;
+        }
+        n += piece.len();
+    }
+    match enc.finish() {
+        Ok(member) if member.len() <= BIN_CHUNK => (member, Some(n as u32)),
+        // Not reached (a Vec does not fail, and each piece had room); plain then.
+        _ => (raw[..raw.len().min(BIN_CHUNK)].to_vec(), None),
+    }
+}
+
 /// A chunk as the JSON message a server without binary chunks takes.
 fn json_chunk(c: BinChunk) -> ClientMsg {
     let data = base64::engine::general_purpose::STANDARD.encode(&c.data);
@@ -268,7 +311,8 @@ fn json_chunk(c: BinChunk) -> ClientMsg {
 /// halve the session's speed on a busy box. Bytes are already durable in the
 /// spool, so they wait for the burst to end — but never longer than
 /// [`MAX_HOLD`] behind, and never past 3/4 of the spool limit. Audit events
-/// are never held.
+/// are never held, and neither are gzip chunks: compressed, shipping costs
+/// the session little, and holding only added the lag.
 #[derive(Debug)]
 pub(crate) struct Hold<T> {
     last: Option<(T, u64)>,
@@ -470,11 +514,15 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
         if let Some(c) = core.as_mut() {
             c.rewind();
             c.binary = link.frames.is_some();
+            c.gzip = link.gzip;
         }
         let mut progress = tokio::time::Instant::now();
         'conn: loop {
-            // Read what to send on the blocking pool, then send it.
+            // Read what to send on the blocking pool, then send it. Gzip
+            // chunks cost the session too little to be worth holding back
+            // (see ARCHITECTURE, "Recording cost"); plain ones still are.
             let held = !never_hold
+                && !(link.gzip && link.frames.is_some())
                 && hold.update(
                     std::time::Instant::now(),
                     shared.recorded.load(Ordering::Relaxed),
@@ -733,6 +781,49 @@ mod tests {
         assert_eq!(got, data);
         assert_eq!(fins, 1);
         assert_eq!(c.inflight(), data.len() as u64 + 64, "a binary chunk counts its raw bytes against the window");
+    }
+
+    /// Gzip chunks: text goes in far fewer frames, each one member control
+    /// can check; output that does not shrink still fits a frame.
+    #[test]
+    fn gzip_chunks_carry_more_text_per_frame_and_fit_a_frame() {
+        let mut text = Vec::new();
+        let mut i = 0u64;
+        while text.len() < 3 << 20 {
+            text.extend_from_slice(format!("[{i}.5,\"o\",\"line {i} of the output\\r\\n\"]\n").as_bytes());
+            i += 1;
+        }
+        let mut seed = 7u32;
+        let noise: Vec<u8> = (0..300 * 1024)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (seed >> 16) as u8
+            })
+            .collect();
+        // Text: at least 3x fewer frames than plain binary chunks.
+        for (data, most_frames) in [(&text, text.len() / BIN_CHUNK / 3), (&noise, 300 * 1024 / GZ_PIECE + 1)] {
+            let mut rd = |_: &str, o: u64, l: usize| data[o as usize..(o as usize + l).min(data.len())].to_vec();
+            let mut c = ShipCore { binary: true, gzip: true, ..ShipCore::new(Cursors::default()) };
+            let recs = [RecFile { session: "ab".repeat(32), size: data.len() as u64, open: false }];
+            let (mut got, mut frames, mut fins) = (Vec::new(), 0, 0);
+            while let Some(m) = c.next_chunk(&recs, &mut rd) {
+                let Shipment::Chunk(ch) = m else { panic!("{m:?}") };
+                let frame = ch.encode();
+                assert!(frame.len() <= DEFAULT_MAX_CLIENT_FRAME, "{} bytes", frame.len());
+                let back = BinChunk::decode(frame, DEFAULT_MAX_CLIENT_FRAME).unwrap();
+                assert_eq!(back.offset as usize, got.len());
+                let n = back.raw_len.expect("gzipped");
+                crate::control::wire::chunk::gzip_member_len(&back.data, n).unwrap();
+                let mut raw = Vec::new();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&back.data[..]), &mut raw).unwrap();
+                got.extend(raw);
+                fins += usize::from(back.fin);
+                frames += 1;
+            }
+            assert_eq!(&got, data);
+            assert_eq!(fins, 1);
+            assert!(frames <= most_frames, "{frames} frames for {} bytes", data.len());
+        }
     }
 
     #[test]

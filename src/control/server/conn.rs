@@ -287,7 +287,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 let c = BinChunk::decode(f, shared.opts.max_client_frame)?;
                 // Before login there is no node to store it for (as with JSON chunks).
                 let Some(node) = self.node else { continue };
-                let cmd = IngestCmd::Chunk { node, session: c.session, offset: c.offset, data: c.data, fin: c.fin, reply: ack_reply(acks) };
+                let cmd = IngestCmd::Chunk {
+                    node,
+                    session: c.session,
+                    offset: c.offset,
+                    data: c.data,
+                    gzip: c.raw_len,
+                    fin: c.fin,
+                    reply: ack_reply(acks),
+                };
                 shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                 continue;
             }
@@ -301,7 +309,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 (Some(node), ClientMsg::RecordingChunk { session, offset, data, fin }) => {
                     use base64::Engine;
                     let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| ConnError::BadChunk)?;
-                    let cmd = IngestCmd::Chunk { node, session, offset, data, fin, reply: ack_reply(acks) };
+                    let cmd = IngestCmd::Chunk { node, session, offset, data, gzip: None, fin, reply: ack_reply(acks) };
                     shared.ingest.send(cmd).await.map_err(|_| ConnError::ShuttingDown)?;
                     continue;
                 }

@@ -219,6 +219,15 @@ fn default_url(listen: SocketAddr, tls: Option<&crate::control::server::tls::Tls
 impl ControlServer {
     /// Opens the state, binds, and starts serving.
     pub async fn start(opts: ServerOptions) -> Result<ControlServer> {
+        // Nodes fill frames up to this size (audit batches, recording
+        // chunks); a smaller limit would refuse them and never store them.
+        if opts.max_client_frame < DEFAULT_MAX_CLIENT_FRAME {
+            anyhow::bail!(
+                "max_client_frame is {} bytes, below the {DEFAULT_MAX_CLIENT_FRAME} bytes nodes send in one frame \
+                 (audit batches and recording chunks would be refused); use at least {DEFAULT_MAX_CLIENT_FRAME}",
+                opts.max_client_frame
+            );
+        }
         ensure_private_dir(&opts.state_dir)?;
         let lock = lock_state_dir(&opts.state_dir)?;
         let (private, created_key) = load_or_create_server_key(&opts.state_dir)?;

@@ -270,6 +270,10 @@ pub enum ServerMsg {
         /// ([`crate::control::wire::chunk`]); absent from older servers.
         #[serde(default)]
         binary_chunks: bool,
+        /// The server takes binary chunks holding gzip members
+        /// ([`crate::control::wire::chunk`]); absent from older servers.
+        #[serde(default)]
+        gzip_chunks: bool,
     },
     /// A refusal (of the first message, or of a request later); the server
     /// closes the connection after it.
@@ -638,6 +642,7 @@ pub(crate) enum ServerOut {
         domain: String,
         keepalive_secs: u32,
         binary_chunks: bool,
+        gzip_chunks: bool,
     },
     Error {
         code: ErrorCode,

@@ -23,9 +23,24 @@ use crate::ssh::journal::line_hash;
 pub type Reply = Box<dyn Fn(ShipAck) + Send>;
 
 pub enum IngestCmd {
-    Events { node: i64, lines: Vec<String>, reply: Reply },
-    Chunk { node: i64, session: String, offset: u64, data: Vec<u8>, fin: bool, reply: Reply },
-    Prune { older_than_ms: i64 },
+    Events {
+        node: i64,
+        lines: Vec<String>,
+        reply: Reply,
+    },
+    /// `gzip`: `data` is one gzip member of that many raw bytes.
+    Chunk {
+        node: i64,
+        session: String,
+        offset: u64,
+        data: Vec<u8>,
+        gzip: Option<u32>,
+        fin: bool,
+        reply: Reply,
+    },
+    Prune {
+        older_than_ms: i64,
+    },
 }
 
 /// Handle: a bounded queue, so a node shipping faster than the disk is read
@@ -42,8 +57,8 @@ impl Ingest {
     /// server is shutting down.
     pub async fn send(&self, cmd: IngestCmd) -> Result<(), ()> {
         match cmd {
-            IngestCmd::Chunk { node, session, offset, data, fin, reply } => {
-                self.chunks.send(Chunk { node, session, offset, data, fin, reply }).await.map_err(|_| ())
+            IngestCmd::Chunk { node, session, offset, data, gzip, fin, reply } => {
+                self.chunks.send(Chunk { node, session, offset, data, gzip, fin, reply }).await.map_err(|_| ())
             }
             other => self.tx.send(other).await.map_err(|_| ()),
         }

@@ -106,6 +106,7 @@ impl Hub {
                 domain: self.cfg.domain.clone(),
                 keepalive_secs: self.cfg.keepalive.as_secs().max(1) as u32,
                 binary_chunks: true,
+                gzip_chunks: true,
             },
         ));
         self.out.push(Out::send(conn, ServerOut::MapFull(full)));
