@@ -109,7 +109,7 @@ except Exception: print("none")')
 
 printf "\n%-44s %-8s %-10s %s\n" "routers (vps side / laptop side)" "path" "mapped by" "seconds to that path (each run)"
 # CASES="masq masq,masq symmetric" runs only those pairs.
-IFS=, read -ra cases <<< "${CASES:-fullcone fullcone,masqfw masqfw,masq masq,fullcone symmetric,masq symmetric,symmetric symmetric,fullcone udpblock,masq natpmp,masq upnp}"
+IFS=, read -ra cases <<< "${CASES:-fullcone fullcone,masqfw masqfw,masq masq,fullcone symmetric,masq symmetric,symmetric symmetric,fullcone udpblock,masq natpmp,masq upnp,symmetric masq,symmetric natpmp,symmetric upnp}"
 for c in "${cases[@]}"; do
   paths=""; times=""; maps=""
   for r in $(seq $REPEAT); do one_case $c >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; maps="$maps $3"; done

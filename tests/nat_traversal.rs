@@ -43,6 +43,11 @@ enum Kind {
     /// [`Kind::Masquerade`] plus miniupnpd offering UPnP IGD only (SSDP on
     /// the LAN interface), no PCP or NAT-PMP: most home routers' "UPnP".
     MasqueradeUpnp,
+    /// `masquerade fully-random`: a new random port for every remote
+    /// endpoint (a symmetric NAT). Punching cannot reach a node behind it;
+    /// it can only reach out, so a direct path needs the other side to be
+    /// reachable (full cone or a port mapping).
+    Symmetric,
 }
 
 fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path, net: &str) {
@@ -59,8 +64,9 @@ fn router(r: &Netns, node: &Netns, lan: &str, kind: Kind, dir: &std::path::Path,
     if kind != Kind::FullCone {
         r.exec(&format!(
             "nft add table ip nat && nft 'add chain ip nat post {{ type nat hook postrouting priority 100; }}' && \
-             nft add rule ip nat post oifname != {ri} masquerade && \
-             nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'"
+             nft add rule ip nat post oifname != {ri} masquerade{} && \
+             nft add table ip filter && nft 'add chain ip filter forwarding {{ type filter hook forward priority 0; }}'",
+            if kind == Kind::Symmetric { " fully-random" } else { "" }
         ));
         if kind == Kind::MasqueradeNatPmp || kind == Kind::MasqueradeUpnp {
             natpmp(r, &ri, lan, dir, net, kind == Kind::MasqueradeUpnp);
@@ -348,21 +354,22 @@ fn natpmp_mapping_gives_a_direct_path_where_punching_cannot() {
     if !require(&["nft", "ssh", "conntrack", "miniupnpd"]) {
         return;
     }
-    // Plain masquerade with no input firewall (a Docker host): the first
-    // probe to reach a router is kept by conntrack as a flow to the router
-    // itself, and the node behind it then gets a new, unannounced port for
-    // that peer. Punching loses on both sides; a NAT-PMP mapping on the
-    // laptop's router gives the vps an address that always reaches it.
+    // The vps is behind a symmetric NAT (a new random port per peer) and the
+    // laptop behind plain masquerade, which admits only replies: punching
+    // cannot work (bench/nat-kinds.sh: "masq symmetric" stays on the relay).
+    // A PCP mapping on the laptop's router gives the vps an address that
+    // always reaches the laptop, so a direct path here proves the mapping
+    // is announced and used.
     // miniupnpd maps nothing on a private WAN address: this lab's
     // "internet" uses a public-looking prefix that exists only in its namespaces.
-    let lab = Lab::on("45.50.0", Kind::Masquerade, Kind::MasqueradeNatPmp);
+    let lab = Lab::on("45.50.0", Kind::Symmetric, Kind::MasqueradeNatPmp);
     let (pcp, natpmp) = gateway_answers(&lab);
     assert!(pcp >= 24 && natpmp == 12, "miniupnpd's answers: PCP {pcp} bytes, NAT-PMP {natpmp} bytes");
     let (_ctl, vps, mut laptop) = start_pair(&lab);
     // miniupnpd speaks PCP and NAT-PMP; PCP is asked first.
     laptop.wait_log("PCP: the gateway maps a public port to us", 10);
     let took = time_to_direct(&lab, &vps, &laptop, 10);
-    eprintln!("masquerade both sides + PCP: direct after {:.1} s", took.as_secs_f64());
+    eprintln!("symmetric vps, laptop behind masquerade + PCP: direct after {:.1} s", took.as_secs_f64());
     let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
     assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
     let (code, out, err) = lab.ssh("echo natpmp-ok", 20);
@@ -382,9 +389,10 @@ fn upnp_mapping_gives_a_direct_path_where_punching_cannot() {
     if !require(&["nft", "ssh", "conntrack", "miniupnpd", "socat"]) {
         return;
     }
-    // As the NAT-PMP test, but the laptop's router offers UPnP IGD only
+    // As the PCP test (symmetric NAT at the vps: only the mapping can give a
+    // direct path), but the laptop's router offers UPnP IGD only
     // (SSDP multicast on its LAN, SOAP over HTTP), like most home routers.
-    let lab = Lab::on("45.51.0", Kind::Masquerade, Kind::MasqueradeUpnp);
+    let lab = Lab::on("45.51.0", Kind::Symmetric, Kind::MasqueradeUpnp);
     // PCP and NAT-PMP really get no answer from this router (the NAT-PMP
     // test shows the same probes get one from miniupnpd with them on).
     assert_eq!(gateway_answers(&lab), (0, 0), "PCP or NAT-PMP answered on the UPnP-only router");
@@ -393,7 +401,7 @@ fn upnp_mapping_gives_a_direct_path_where_punching_cannot() {
     let log = laptop.log_text();
     assert!(!log.contains("PCP: the gateway maps") && !log.contains("NAT-PMP: the gateway maps"), "{log}");
     let took = time_to_direct(&lab, &vps, &laptop, 10);
-    eprintln!("masquerade both sides + UPnP: direct after {:.1} s", took.as_secs_f64());
+    eprintln!("symmetric vps, laptop behind masquerade + UPnP: direct after {:.1} s", took.as_secs_f64());
     let mapped = lab.rb.exec("nft list chain inet filter prerouting_miniupnpd");
     assert!(mapped.contains("192.168.2.2") && mapped.contains("41641"), "{mapped}");
     let (code, out, err) = lab.ssh("echo upnp-ok", 20);
