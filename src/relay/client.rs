@@ -545,8 +545,6 @@ fn take_frames(
         let body = at + FRAME_HEADER..at + FRAME_HEADER + len;
         match Frame::decode(&plain[body.clone()]).map_err(proto_err)? {
             Frame::Recv { src, datagram } => {
-                c.received_packets.fetch_add(1, Ordering::Relaxed);
-                c.received_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
                 batch.push((src, body.end - datagram.len()..body.end));
             }
             Frame::PeerGone { key } => {
@@ -569,6 +567,10 @@ fn take_frames(
 /// room); the datagrams that do not fit are dropped and counted.
 async fn deliver(mut b: RelayBatch, in_tx: &mpsc::UnboundedSender<Inbound>, shared: &Shared, stuck: &mut bool) -> Result<(), RelayError> {
     let room = &shared.recv_room;
+    let c = &shared.counters;
+    // Counted once the batch's fate is decided (a reader of the counters
+    // sees received = delivered + dropped).
+    let bytes: usize = b.datagrams.iter().map(|(_, r)| r.len()).sum();
     let want = b.len().min(u32::MAX as usize) as u32;
     let got = match room.try_acquire_many(want) {
         Ok(p) => {
@@ -599,7 +601,9 @@ async fn deliver(mut b: RelayBatch, in_tx: &mpsc::UnboundedSender<Inbound>, shar
             }
         }
     };
-    shared.counters.dropped_recv_full.fetch_add((want - got) as u64, Ordering::Relaxed);
+    c.dropped_recv_full.fetch_add((want - got) as u64, Ordering::Relaxed);
+    c.received_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    c.received_packets.fetch_add(b.len() as u64, Ordering::Relaxed);
     b.datagrams.truncate(got as usize);
     if !b.is_empty() && in_tx.send(Inbound::Batch(b)).is_err() {
         return Err(RelayError::Closed("receiver dropped".into()));
