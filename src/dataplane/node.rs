@@ -116,6 +116,8 @@ pub(crate) struct PeerStatus {
     pub(crate) last_probe: Option<String>,
     /// New connections (SYNs, pings) from this peer the inbound filter refused.
     pub(crate) refused_inbound: u64,
+    /// Bytes exchanged with this peer through the relay.
+    pub(crate) relayed: crate::dataplane::core::Relayed,
     #[serde(flatten)]
     pub(crate) stats: wg::PeerStats,
 }
@@ -352,6 +354,7 @@ impl Node {
                         }),
                         last_probe: path.and_then(|p| p.last_probe),
                         refused_inbound: 0,
+                        relayed: core.relayed(&cfg.public_key),
                         public_key: wg::key_to_base64(&cfg.public_key),
                         allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
                         endpoint: wg.peer_endpoint(id),

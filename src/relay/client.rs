@@ -539,7 +539,6 @@ fn take_frames(
     in_tx: &mpsc::UnboundedSender<Inbound>,
     shared: &Shared,
 ) -> Result<usize, RelayError> {
-    let c = &shared.counters;
     let mut at = 0;
     while let Some(len) = frame_at(&plain[at..], MAX_FRAME).map_err(proto_err)? {
         let body = at + FRAME_HEADER..at + FRAME_HEADER + len;
