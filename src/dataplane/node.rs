@@ -27,7 +27,7 @@ use crate::dataplane::path::Route;
 use crate::dataplane::udp::{RecvBatch, SendQueue, UdpSocket};
 use crate::dataplane::wg::{self, PeerConfig};
 use crate::key::{Key, PrivateKey};
-use crate::relay::RelayBatch;
+use crate::relay::client::RelayBatch;
 
 /// Datagrams handled per wake before the stack runs; bounds latency.
 const RX_BATCH: usize = 128;

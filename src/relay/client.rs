@@ -260,24 +260,24 @@ impl RelaySender {
 /// Datagrams from one read of the relay connection, left where they were
 /// decrypted: one buffer per batch instead of one allocation and one task
 /// hop per datagram.
-pub struct RelayBatch {
+pub(crate) struct RelayBatch {
     buf: Vec<u8>,
     datagrams: Vec<(Key, std::ops::Range<usize>)>,
 }
 
 impl RelayBatch {
     /// (source node key, datagram) in arrival order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Key, &[u8])> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &[u8])> {
         self.datagrams.iter().map(|(k, r)| (k, &self.buf[r.clone()]))
     }
 
     /// How many datagrams.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.datagrams.len()
     }
 
     /// No datagrams?
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.datagrams.is_empty()
     }
 }
@@ -344,7 +344,7 @@ impl RelayReceiver {
     /// The datagrams of the next read from the relay, all at once (what the
     /// data plane takes: one wakeup per batch). `PeerGone` notices are
     /// skipped.
-    pub async fn recv_batch(&mut self) -> Result<RelayBatch, RelayError> {
+    pub(crate) async fn recv_batch(&mut self) -> Result<RelayBatch, RelayError> {
         if let Some((mut b, i)) = self.current.take() {
             b.datagrams.drain(..i);
             self.shared.recv_room.add_permits(b.len());

@@ -67,9 +67,7 @@ pub mod proto;
 pub mod server;
 
 pub use auth::NodeAuthorizer;
-pub use client::{
-    RelayBatch, RelayClient, RelayClientOptions, RelayClientStats, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError,
-};
+pub use client::{RelayClient, RelayClientOptions, RelayClientStats, RelayError, RelayEvent, RelayReceiver, RelaySender, SendError};
 pub use server::{RelayConfig, RelayServer, RelayStats};
 
 /// HTTP path of the relay upgrade (token: [`crate::control::UPGRADE_RELAY`]).
