@@ -8,11 +8,17 @@
 #   RUNS=3 SECS=5 RELAY_RATE=<MB/s, 0 = none> FAIR=1 NAT_KINDS=1 bench/paths.sh
 #   PERF=1: `perf record -g` the control process and both nodes during the
 #   last relay run; prints each process's share and the top symbols.
+#   PIN=1: the relay as deployed, on its own CPU: the control process on
+#   CPU 1, both nodes and iperf3 on CPU 0 (direct and relay runs alike, so
+#   both get the same node CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
 [ -x "$BIN" ] || cargo build --release --quiet
-SECS=${SECS:-5}; RUNS=${RUNS:-3}; FAIR=${FAIR:-1}; NAT_KINDS=${NAT_KINDS:-1}; PERF=${PERF:-0}
+SECS=${SECS:-5}; RUNS=${RUNS:-3}; FAIR=${FAIR:-1}; NAT_KINDS=${NAT_KINDS:-1}; PERF=${PERF:-0}; PIN=${PIN:-0}
+# PC runs the control process, PN the nodes and iperf3.
+PC=""; PN=""
+if [ "$PIN" = 1 ]; then PC="taskset -c 1"; PN="taskset -c 0"; fi
 # Names carry our pid so two runs (or engineers) never share a namespace.
 C=tgpb_c$$; V=tgpb_v$$; L=tgpb_l$$; M=tgpb_m$$; H=tgpb_h$$
 D=$(mktemp -d /tmp/tgpathbench.XXXX)
@@ -42,18 +48,18 @@ src = "bencher"
 dst = "tag:bench"
 reach = [5201]
 CONF
-(ip netns exec $C $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml --metrics-listen 10.204.0.1:9464 ${RELAY_RATE:+--relay-rate $RELAY_RATE} > $D/ctl.log 2>&1 &)
+(ip netns exec $C $PC $BIN control --state-dir $D/ctl --listen 10.204.0.1:8443 --policy $D/policy.toml --metrics-listen 10.204.0.1:9464 ${RELAY_RATE:+--relay-rate $RELAY_RATE} > $D/ctl.log 2>&1 &)
 sleep 1
 ip netns exec $C $BIN control --state-dir $D/ctl users add bencher >/dev/null
-VK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --tag tag:bench | tail -1)
-LK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
-MK=$(ip netns exec $C $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
-ip netns exec $V iperf3 -s -D -B 127.0.0.1 -p 5201
-ip netns exec $V iperf3 -s -D -B 127.0.0.1 -p 5202
-(ip netns exec $V $BIN up --authkey $VK --state-dir $D/vps --hostname vps --forward 5201=127.0.0.1:5201 --forward 5202=127.0.0.1:5202 > $D/vps.log 2>&1 &)
+VK=$(ip netns exec $C $PC $BIN control --state-dir $D/ctl keys create --tag tag:bench | tail -1)
+LK=$(ip netns exec $C $PC $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
+MK=$(ip netns exec $C $PC $BIN control --state-dir $D/ctl keys create --user bencher | tail -1)
+ip netns exec $V $PN iperf3 -s -D -B 127.0.0.1 -p 5201
+ip netns exec $V $PN iperf3 -s -D -B 127.0.0.1 -p 5202
+(ip netns exec $V $PN $BIN up --authkey $VK --state-dir $D/vps --hostname vps --forward 5201=127.0.0.1:5201 --forward 5202=127.0.0.1:5202 > $D/vps.log 2>&1 &)
 for i in $(seq 50); do ip netns exec $V $BIN status --state-dir $D/vps >/dev/null 2>&1 && break; sleep 0.1; done
 VIP=$(ip netns exec $V $BIN status --json --state-dir $D/vps | python3 -c 'import json,sys; print(json.load(sys.stdin)["addresses"][0])')
-(ip netns exec $L $BIN up --authkey $LK --state-dir $D/laptop --hostname laptop --no-ssh --local-forward 127.0.0.1:15201=$VIP:5201 > $D/laptop.log 2>&1 &)
+(ip netns exec $L $PN $BIN up --authkey $LK --state-dir $D/laptop --hostname laptop --no-ssh --local-forward 127.0.0.1:15201=$VIP:5201 > $D/laptop.log 2>&1 &)
 block_udp() { # only TCP to the control port gets out of namespace $1
   ip netns exec $1 nft add table inet f
   ip netns exec $1 nft "add chain inet f out { type filter hook output priority 0; }"
@@ -64,7 +70,7 @@ block_udp() { # only TCP to the control port gets out of namespace $1
 # The second laptop never has UDP: it always relays (the fairness run).
 if [ "$FAIR" = 1 ]; then
   block_udp $M
-  (ip netns exec $M $BIN up --authkey $MK --state-dir $D/m --hostname m --no-ssh --local-forward 127.0.0.1:15202=$VIP:5202 > $D/m.log 2>&1 &)
+  (ip netns exec $M $PN $BIN up --authkey $MK --state-dir $D/m --hostname m --no-ssh --local-forward 127.0.0.1:15202=$VIP:5202 > $D/m.log 2>&1 &)
 fi
 path() { ip netns exec ${2:-$L} $BIN status --json --state-dir $D/${3:-laptop} 2>/dev/null | python3 -c 'import json,sys
 try: print([p["path"] for p in json.load(sys.stdin)["peers"] if p["name"].split(".")[0] == "vps"][0])
@@ -76,7 +82,7 @@ ttfb() { # mean ms of 20 connect + SSH banner through the daemon
   t1=$(now); echo "($t1 - $t0) * 1000 / 20" | bc -l
 }
 mbps() { awk '/sender/ {for(i=1;i<=NF;i++) if($i ~ /bits\/sec/){v=$(i-1); u=$i}} END { if(u ~ /^G/) v*=1000; if (u ~ /^K/) v/=1000; printf "%.1f", v/8 }'; }
-bulk() { ip netns exec ${1:-$L} iperf3 -c 127.0.0.1 -p ${2:-15201} -t $SECS | mbps; }
+bulk() { ip netns exec ${1:-$L} $PN iperf3 -c 127.0.0.1 -p ${2:-15201} -t $SECS | mbps; }
 # median and min-max of the arguments
 stat3() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%7.2f (%.2f-%.2f)", m, v[1], v[NR]}'; }
 # Relay CPU: the control process's utime+stime (clock ticks).
@@ -106,7 +112,7 @@ for r in $(seq $RUNS); do
   echo "run $r: direct $db MB/s, relay $rb MB/s" >&2
 done
 echo
-echo "median (min-max) of $RUNS interleaved runs, ${SECS}s each, relay rate ${RELAY_RATE:-default}"
+echo "median (min-max) of $RUNS interleaved runs, ${SECS}s each, relay rate ${RELAY_RATE:-default}$([ "$PIN" = 1 ] && echo ", pinned: control on CPU 1, nodes + iperf3 on CPU 0")"
 printf "direct: connect+banner %6.1f ms   bulk %s MB/s\n" "$DT" "$(stat3 ${DBS[@]})"
 printf "relay:  connect+banner %6.1f ms   bulk %s MB/s\n" "$RT" "$(stat3 ${RBS[@]})"
 printf "relay/direct bulk:                      %s x\n" "$(stat3 ${RATIO[@]})"
@@ -117,7 +123,7 @@ if [ "$FAIR" = 1 ]; then
   block_udp $L; wait_path relay; wait_path relay $M m
   FA=(); FB=()
   for r in $(seq $RUNS); do
-    ip netns exec $M iperf3 -c 127.0.0.1 -p 15202 -t $SECS | mbps > $D/fair_m &
+    ip netns exec $M $PN iperf3 -c 127.0.0.1 -p 15202 -t $SECS | mbps > $D/fair_m &
     a=$(bulk); wait; b=$(cat $D/fair_m)
     FA+=($a); FB+=($b)
   done

@@ -572,7 +572,7 @@ fn format_status(st: &serde_json::Value) -> String {
             first_ip(p),
             who(p),
             online,
-            p["path"].as_str().unwrap_or("-"),
+            relayed_path(p),
             hs,
             p["rx_bytes"].as_u64().unwrap_or(0),
             p["tx_bytes"].as_u64().unwrap_or(0),
@@ -580,6 +580,14 @@ fn format_status(st: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// The peer's path, with the bytes relayed so far when there were any
+/// (a peer now direct that used the relay shows how much it did).
+fn relayed_path(p: &serde_json::Value) -> String {
+    let path = p["path"].as_str().unwrap_or("-");
+    let n = p["relayed_rx_bytes"].as_u64().unwrap_or(0) + p["relayed_tx_bytes"].as_u64().unwrap_or(0);
+    if n == 0 { path.to_string() } else { format!("{path} (relayed {:.1} MB)", n as f64 / 1e6) }
 }
 
 /// Copy stdin to `wr` and run `downstream` (the remote's bytes to stdout).

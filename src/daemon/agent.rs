@@ -525,9 +525,9 @@ async fn keep_relay(node: Arc<Node>, target: ControlTarget, key: PrivateKey) {
                 backoff = BACKOFF_MIN;
                 node.set_relay(Some(Arc::new(RelayAdapter(tx))));
                 loop {
-                    match rx.recv().await {
-                        Ok(d) => {
-                            if inbound.send(d).await.is_err() {
+                    match rx.recv_batch().await {
+                        Ok(b) => {
+                            if inbound.send(b).await.is_err() {
                                 return; // node gone
                             }
                         }

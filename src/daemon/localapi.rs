@@ -119,6 +119,8 @@ impl Daemon {
                     "tx_bytes": live.map(|p| p.stats.tx_bytes).unwrap_or(0),
                     "spoofed_dropped": live.map(|p| p.stats.spoofed).unwrap_or(0),
                     "refused_inbound": live.map(|p| p.refused_inbound).unwrap_or(0),
+                    "relayed_rx_bytes": live.map(|p| p.relayed.rx_bytes).unwrap_or(0),
+                    "relayed_tx_bytes": live.map(|p| p.relayed.tx_bytes).unwrap_or(0),
                 })
             })
             .collect();

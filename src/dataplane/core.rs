@@ -111,14 +111,23 @@ pub(crate) struct Core {
     stun_retry: Duration,
     public_endpoint: Option<SocketAddr>,
     events: VecDeque<Event>,
-    relayed_out: u64,
-    relayed_in: u64,
+    /// Bytes sent to and received from each peer through the relay
+    /// (what `status` shows: whether, and how much, a peer relays).
+    relayed: HashMap<Key, Relayed>,
     /// Numbers every disco message we send (peers drop replays by it).
     disco_counter: disco::Counter,
     wall: WallClock,
     /// Peers to send a handshake initiation at the next `handle_timeout`
     /// (see [`Core::greet`]).
     greet: Vec<Key>,
+}
+
+/// Datagram bytes exchanged with one peer through the relay (WireGuard and
+/// disco, as sent: what the relay carried for this peer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Relayed {
+    pub(crate) tx_bytes: u64,
+    pub(crate) rx_bytes: u64,
 }
 
 /// What `status` shows of one peer's path.
@@ -145,8 +154,7 @@ impl Core {
             stun_retry: STUN_RETRY,
             public_endpoint: None,
             events: VecDeque::new(),
-            relayed_out: 0,
-            relayed_in: 0,
+            relayed: HashMap::new(),
             disco_counter: disco::Counter::default(),
             wall: WallClock { at: now, unix_micros },
             greet: Vec::new(),
@@ -193,6 +201,12 @@ impl Core {
         self.wg.remove_peer(key);
         self.paths.remove(key);
         self.disco.forget(key);
+        self.relayed.remove(key);
+    }
+
+    /// Bytes exchanged with `key` through the relay so far.
+    pub(crate) fn relayed(&self, key: &Key) -> Relayed {
+        self.relayed.get(key).copied().unwrap_or_default()
     }
 
     /// Candidate endpoints for a peer, from the netmap (path management only).
@@ -288,8 +302,8 @@ impl Core {
 
     /// Run WireGuard timers, probes and STUN that are due at `now`.
     pub(crate) fn handle_timeout(&mut self, now: Instant, tx: &mut impl Transmit) {
-        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
-        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
+        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
+        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed };
         wg.poll_timers(now, &mut |o| {
             if let Output::Network { peer, to, data } = o {
                 ctx.send(now, peer, to, data, tx)
@@ -307,8 +321,8 @@ impl Core {
 
     /// Encrypt an IP packet from the stack and send it along its peer's path.
     pub(crate) fn send_ip(&mut self, now: Instant, packet: &[u8], tx: &mut impl Transmit) {
-        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
-        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out };
+        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
+        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed };
         wg.send_ip(packet, &mut |o| {
             if let Output::Network { peer, to, data } = o {
                 ctx.send(now, peer, to, data, tx)
@@ -322,7 +336,7 @@ impl Core {
         if self.wg.peer_id(src).is_none() {
             return;
         }
-        self.relayed_in += 1;
+        self.relayed.entry(*src).or_default().rx_bytes += data.len() as u64;
         self.handle(now, wg::RELAYED, data, tx);
     }
 
@@ -350,9 +364,9 @@ impl Core {
     }
 
     fn on_wireguard(&mut self, now: Instant, from: SocketAddr, data: &[u8], tx: &mut impl Transmit) {
-        let Core { wg, paths, manage_paths, relay_up, relayed_out, .. } = self;
+        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
         let manage = *manage_paths;
-        let mut ctx = Dispatch { paths, manage_paths: manage, relay_up: *relay_up, relayed_out };
+        let mut ctx = Dispatch { paths, manage_paths: manage, relay_up: *relay_up, relayed };
         wg.recv_datagram(from, data, now, &mut |o| match o {
             // An answer to an authenticated handshake that came straight from
             // `from` goes straight back: that path just worked.
@@ -479,8 +493,8 @@ impl Core {
     }
 
     fn send(&mut self, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8], tx: &mut impl Transmit) {
-        let Core { paths, manage_paths, relay_up, relayed_out, .. } = self;
-        Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed_out }.send(now, peer, to, data, tx)
+        let Core { paths, manage_paths, relay_up, relayed, .. } = self;
+        Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed }.send(now, peer, to, data, tx)
     }
 }
 
@@ -490,7 +504,7 @@ struct Dispatch<'a> {
     paths: &'a mut HashMap<Key, PathState>,
     manage_paths: bool,
     relay_up: bool,
-    relayed_out: &'a mut u64,
+    relayed: &'a mut HashMap<Key, Relayed>,
 }
 
 impl Dispatch<'_> {
@@ -523,7 +537,7 @@ impl Dispatch<'_> {
             Dest::Udp(a) => tx.udp(a, data),
             Dest::Relay(k) => {
                 if tx.relay(&k, data) {
-                    *self.relayed_out += 1;
+                    self.relayed.entry(k).or_default().tx_bytes += data.len() as u64;
                 }
             }
             Dest::Nowhere => {}

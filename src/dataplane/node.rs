@@ -27,6 +27,7 @@ use crate::dataplane::path::Route;
 use crate::dataplane::udp::{RecvBatch, SendQueue, UdpSocket};
 use crate::dataplane::wg::{self, PeerConfig};
 use crate::key::{Key, PrivateKey};
+use crate::relay::client::RelayBatch;
 
 /// Datagrams handled per wake before the stack runs; bounds latency.
 const RX_BATCH: usize = 128;
@@ -100,7 +101,7 @@ pub struct Node {
     addresses: std::sync::RwLock<Vec<IpAddr>>,
     udp_addr: SocketAddr,
     task: JoinHandle<()>,
-    relay_tx: mpsc::Sender<(Key, Vec<u8>)>,
+    relay_tx: mpsc::Sender<RelayBatch>,
 }
 
 /// One peer as `status` shows it.
@@ -115,6 +116,8 @@ pub(crate) struct PeerStatus {
     pub(crate) last_probe: Option<String>,
     /// New connections (SYNs, pings) from this peer the inbound filter refused.
     pub(crate) refused_inbound: u64,
+    /// Bytes exchanged with this peer through the relay.
+    pub(crate) relayed: crate::dataplane::core::Relayed,
     #[serde(flatten)]
     pub(crate) stats: wg::PeerStats,
 }
@@ -158,7 +161,7 @@ impl Node {
         let mut stack = Stack::new(&config.addresses, now);
         stack.set_filter(config.inbound.map(Filter::new));
         let (public_endpoint, _) = tokio::sync::watch::channel(None);
-        let (relay_tx, relay_rx) = mpsc::channel(4096);
+        let (relay_tx, relay_rx) = mpsc::channel(RELAY_BATCHES);
         let inner = Arc::new(Inner {
             engine: Mutex::new(Engine { core, relay: None }),
             shared: Shared::new(stack),
@@ -295,8 +298,9 @@ impl Node {
         self.inner.shared.wake.notify_one();
     }
 
-    /// Where a relay task delivers inbound datagrams: (source node key, datagram).
-    pub(crate) fn relay_inbound(&self) -> mpsc::Sender<(Key, Vec<u8>)> {
+    /// Where a relay task delivers inbound datagrams, a batch per read of
+    /// the relay connection (one wakeup of the driver per batch).
+    pub(crate) fn relay_inbound(&self) -> mpsc::Sender<RelayBatch> {
         self.relay_tx.clone()
     }
 
@@ -350,6 +354,7 @@ impl Node {
                         }),
                         last_probe: path.and_then(|p| p.last_probe),
                         refused_inbound: 0,
+                        relayed: core.relayed(&cfg.public_key),
                         public_key: wg::key_to_base64(&cfg.public_key),
                         allowed_ips: cfg.allowed_ips.iter().map(|n| n.to_string()).collect(),
                         endpoint: wg.peer_endpoint(id),
@@ -392,6 +397,10 @@ impl Drop for Node {
         self.task.abort();
     }
 }
+
+/// Relay batches queued for the driver (each holds one read's datagrams,
+/// 64 KiB or so).
+const RELAY_BATCHES: usize = 64;
 
 /// A connection to the relay as the data plane sees it: fire-and-forget
 /// datagrams addressed by node key (inbound ones arrive on the channel from
@@ -480,18 +489,18 @@ fn with_core<R>(
     r
 }
 
-async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(Key, Vec<u8>)>) {
+async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<RelayBatch>) {
     let mut sendq = SendQueue::default();
     let mut rx = RecvBatch::default();
     let mut accepted = Vec::new();
     let mut outbound = Vec::new();
     let mut inbound = Batch::default();
-    let mut relayed: Vec<(Key, Vec<u8>)> = Vec::new();
+    let mut relayed: Vec<RelayBatch> = Vec::new();
     with_core(&inner, &udp, &mut sendq, &mut inbound, |core, io| core.start(Instant::now(), io));
     loop {
         let now = Instant::now();
         // Inbound: datagrams (UDP and relayed) and timers through the core.
-        while relayed.len() < RX_BATCH {
+        while relayed.iter().map(RelayBatch::len).sum::<usize>() < RX_BATCH {
             match relay_rx.try_recv() {
                 Ok(d) => relayed.push(d),
                 Err(_) => break,
@@ -520,8 +529,10 @@ async fn drive(inner: Arc<Inner>, udp: UdpSocket, mut relay_rx: mpsc::Receiver<(
                     }
                 }
             }
-            for (src, d) in relayed.drain(..) {
-                core.handle_relay(now, &src, &d, io);
+            for b in relayed.drain(..) {
+                for (src, d) in b.iter() {
+                    core.handle_relay(now, src, d, io);
+                }
             }
             core.handle_timeout(now, io);
         });

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use super::RELAY_PATH;
@@ -41,9 +41,9 @@ use super::proto::{Frame, MAX_DATAGRAM, MAX_FRAME, push_frame};
 use crate::control::UPGRADE_RELAY;
 use crate::control::transport::{ControlUrl, DialError, dial};
 use crate::control::upgrade::Stream;
-use crate::control::wire::frame::WireDecoder;
+use crate::control::wire::frame::{FRAME_HEADER, WireDecoder, frame_at};
 use crate::control::wire::http;
-use crate::control::wire::noise::{Initiator, SecureChannel};
+use crate::control::wire::noise::{Initiator, Plain, SecureChannel};
 use crate::key::{Key, PrivateKey};
 
 /// Why a relay connection could not be made or ended.
@@ -172,10 +172,26 @@ impl Counters {
     }
 }
 
+/// Send frames waiting for the writer, framed back to back as they will be
+/// sealed: `send` encodes into it directly (no allocation, no channel hop
+/// per datagram) and the writer swaps it for its empty spare.
+#[derive(Default)]
+struct Pending {
+    plain: Vec<u8>,
+    packets: u64,
+    bytes: u64,
+}
+
 struct Shared {
     counters: Counters,
     end: Mutex<Option<RelayError>>,
     stop: watch::Sender<bool>,
+    pending: Mutex<Pending>,
+    /// `send` made `pending` non-empty.
+    wake_writer: Notify,
+    send_queue: u64,
+    /// Room in the receive queue, in datagrams (the owner gives it back as it reads).
+    recv_room: Semaphore,
 }
 
 impl Shared {
@@ -188,12 +204,18 @@ impl Shared {
         drop(end);
         self.stop.send_replace(true);
     }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
+
+/// Most bytes queued for sending, whatever the datagram count.
+const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 
 /// The sending half: cheap to clone, usable from sync code (never blocks).
 #[derive(Clone)]
 pub struct RelaySender {
-    tx: mpsc::Sender<(Key, Vec<u8>)>,
     shared: Arc<Shared>,
 }
 
@@ -207,19 +229,26 @@ impl RelaySender {
         if *self.shared.stop.borrow() {
             return Err(SendError::Closed);
         }
-        match self.tx.try_send((*dst, datagram.to_vec())) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.counters.dropped_send_full.fetch_add(1, Ordering::Relaxed);
-                Err(SendError::Full)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        let mut p = self.shared.pending();
+        if p.packets >= self.shared.send_queue || p.plain.len() + datagram.len() > MAX_PENDING_BYTES {
+            drop(p);
+            self.shared.counters.dropped_send_full.fetch_add(1, Ordering::Relaxed);
+            return Err(SendError::Full);
         }
+        push_frame(&Frame::Send { dst: *dst, datagram }, &mut p.plain);
+        p.packets += 1;
+        p.bytes += datagram.len() as u64;
+        let first = p.packets == 1;
+        drop(p);
+        if first {
+            self.shared.wake_writer.notify_one();
+        }
+        Ok(())
     }
 
     /// Has the connection ended?
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed() || *self.shared.stop.borrow()
+        *self.shared.stop.borrow()
     }
 
     /// Counters of this connection (shared by both halves).
@@ -228,9 +257,42 @@ impl RelaySender {
     }
 }
 
+/// Datagrams from one read of the relay connection, left where they were
+/// decrypted: one buffer per batch instead of one allocation and one task
+/// hop per datagram.
+pub(crate) struct RelayBatch {
+    buf: Vec<u8>,
+    datagrams: Vec<(Key, std::ops::Range<usize>)>,
+}
+
+impl RelayBatch {
+    /// (source node key, datagram) in arrival order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &[u8])> {
+        self.datagrams.iter().map(|(k, r)| (k, &self.buf[r.clone()]))
+    }
+
+    /// How many datagrams.
+    pub(crate) fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+
+    /// No datagrams?
+    pub(crate) fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
+}
+
+/// What the reader hands the owner.
+enum Inbound {
+    Batch(RelayBatch),
+    PeerGone(Key),
+}
+
 /// The receiving half; owns the connection (dropping it closes it).
 pub struct RelayReceiver {
-    rx: mpsc::Receiver<RelayEvent>,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    /// A batch being read datagram by datagram, and how far.
+    current: Option<(RelayBatch, usize)>,
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -258,18 +320,68 @@ impl RelayReceiver {
 
     /// The next datagram or `PeerGone` notice.
     pub async fn recv_event(&mut self) -> Result<RelayEvent, RelayError> {
+        if let Some(ev) = self.from_current() {
+            return Ok(ev);
+        }
         match self.rx.recv().await {
-            Some(ev) => Ok(ev),
+            Some(i) => Ok(self.open(i)),
             None => Err(self.end_reason()),
         }
     }
 
     /// Non-blocking: `Ok(None)` when nothing is queued.
     pub fn try_recv_event(&mut self) -> Result<Option<RelayEvent>, RelayError> {
+        if let Some(ev) = self.from_current() {
+            return Ok(Some(ev));
+        }
         match self.rx.try_recv() {
-            Ok(ev) => Ok(Some(ev)),
+            Ok(i) => Ok(Some(self.open(i))),
             Err(mpsc::error::TryRecvError::Empty) => Ok(None),
             Err(mpsc::error::TryRecvError::Disconnected) => Err(self.end_reason()),
+        }
+    }
+
+    /// The datagrams of the next read from the relay, all at once (what the
+    /// data plane takes: one wakeup per batch). `PeerGone` notices are
+    /// skipped.
+    pub(crate) async fn recv_batch(&mut self) -> Result<RelayBatch, RelayError> {
+        if let Some((mut b, i)) = self.current.take() {
+            b.datagrams.drain(..i);
+            self.shared.recv_room.add_permits(b.len());
+            return Ok(b);
+        }
+        loop {
+            match self.rx.recv().await {
+                Some(Inbound::Batch(b)) => {
+                    self.shared.recv_room.add_permits(b.len());
+                    return Ok(b);
+                }
+                Some(Inbound::PeerGone(_)) => {}
+                None => return Err(self.end_reason()),
+            }
+        }
+    }
+
+    fn from_current(&mut self) -> Option<RelayEvent> {
+        let (b, i) = self.current.as_mut()?;
+        let (src, r) = b.datagrams.get(*i)?.clone();
+        *i += 1;
+        let ev = RelayEvent::Datagram { src, data: b.buf[r].to_vec() };
+        if *i == b.datagrams.len() {
+            self.current = None;
+        }
+        self.shared.recv_room.add_permits(1);
+        Some(ev)
+    }
+
+    fn open(&mut self, i: Inbound) -> RelayEvent {
+        match i {
+            Inbound::PeerGone(k) => RelayEvent::PeerGone(k),
+            Inbound::Batch(b) => {
+                self.current = Some((b, 0));
+                // A batch is never empty.
+                self.from_current().unwrap_or(RelayEvent::PeerGone([0; 32]))
+            }
         }
     }
 
@@ -392,14 +504,21 @@ async fn handshake<S: Stream>(
     };
 
     let (stop, _) = watch::channel(false);
-    let shared = Arc::new(Shared { counters: Counters::default(), end: Mutex::new(None), stop });
-    let (out_tx, out_rx) = mpsc::channel(opts.send_queue.max(1));
-    let (in_tx, in_rx) = mpsc::channel(opts.recv_queue.max(1));
+    let shared = Arc::new(Shared {
+        counters: Counters::default(),
+        end: Mutex::new(None),
+        stop,
+        pending: Mutex::new(Pending::default()),
+        wake_writer: Notify::new(),
+        send_queue: opts.send_queue.max(1) as u64,
+        recv_room: Semaphore::new(opts.recv_queue.clamp(1, Semaphore::MAX_PERMITS)),
+    });
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
     let chan = Arc::new(Mutex::new(chan));
     let (r, w) = tokio::io::split(s);
     let reader = tokio::spawn(read_loop(r, chan.clone(), in_tx, shared.clone(), keepalive, rbuf));
-    let writer = tokio::spawn(write_loop(w, chan, out_rx, shared.clone(), keepalive));
-    Ok((RelaySender { tx: out_tx, shared: shared.clone() }, RelayReceiver { rx: in_rx, shared, tasks: vec![reader, writer] }))
+    let writer = tokio::spawn(write_loop(w, chan, shared.clone(), keepalive));
+    Ok((RelaySender { shared: shared.clone() }, RelayReceiver { rx: in_rx, current: None, shared, tasks: vec![reader, writer] }))
 }
 
 /// How long the reader waits for room in a full receive queue before it
@@ -407,58 +526,94 @@ async fn handshake<S: Stream>(
 /// owner that stopped reading costs one wait, not one per datagram.
 const RECV_WAIT: Duration = Duration::from_millis(50);
 
-/// Handles one frame from the relay: a datagram to deliver, or nothing;
-/// `Err` ends the connection.
-fn on_frame(f: Vec<u8>, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared) -> Result<Option<RelayEvent>, RelayError> {
-    let c = &shared.counters;
-    match Frame::decode(&f).map_err(proto_err)? {
-        Frame::Recv { src, datagram } => {
-            c.received_packets.fetch_add(1, Ordering::Relaxed);
-            c.received_bytes.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-            // The frame's own buffer becomes the datagram: no allocation.
-            let header = f.len() - datagram.len();
-            let mut data = f;
-            data.drain(..header);
-            return Ok(Some(RelayEvent::Datagram { src, data }));
+/// Bytes the reader decrypts into before handing a batch over: the size
+/// of its largest read plus a frame cut by it.
+const PLAIN_BUFFER: usize = 128 * 1024;
+
+/// Takes the frames `plain` holds: datagrams into `batch` (by range),
+/// notices to the owner; `Err` ends the connection. Returns how many bytes
+/// of `plain` were whole frames.
+fn take_frames(
+    plain: &[u8],
+    batch: &mut Vec<(Key, std::ops::Range<usize>)>,
+    in_tx: &mpsc::UnboundedSender<Inbound>,
+    shared: &Shared,
+) -> Result<usize, RelayError> {
+    let mut at = 0;
+    while let Some(len) = frame_at(&plain[at..], MAX_FRAME).map_err(proto_err)? {
+        let body = at + FRAME_HEADER..at + FRAME_HEADER + len;
+        match Frame::decode(&plain[body.clone()]).map_err(proto_err)? {
+            Frame::Recv { src, datagram } => {
+                batch.push((src, body.end - datagram.len()..body.end));
+            }
+            Frame::PeerGone { key } => {
+                if let Ok(p) = shared.recv_room.try_acquire() {
+                    p.forget();
+                    let _ = in_tx.send(Inbound::PeerGone(key));
+                }
+            }
+            Frame::KeepAlive => {}
+            Frame::Closing { reason } => return Err(RelayError::Closed(reason.to_string())),
+            other => return Err(RelayError::Protocol(format!("unexpected frame from the relay: {other:?}"))),
         }
-        Frame::PeerGone { key } => {
-            let _ = in_tx.try_send(RelayEvent::PeerGone(key));
-        }
-        Frame::KeepAlive => {}
-        Frame::Closing { reason } => return Err(RelayError::Closed(reason.to_string())),
-        other => return Err(RelayError::Protocol(format!("unexpected frame from the relay: {other:?}"))),
+        at = body.end;
     }
-    Ok(None)
+    Ok(at)
 }
 
-/// Queues a datagram for the owner, waiting up to [`RECV_WAIT`] for room
+/// Queues a batch for the owner, waiting up to [`RECV_WAIT`] for room
 /// unless the last wait already ran out (`stuck`, cleared once there is
-/// room); what does not fit is dropped and counted.
-async fn deliver(ev: RelayEvent, in_tx: &mpsc::Sender<RelayEvent>, shared: &Shared, stuck: &mut bool) -> Result<(), RelayError> {
-    let closed = || RelayError::Closed("receiver dropped".into());
-    let ev = match in_tx.try_send(ev) {
-        Ok(()) => {
+/// room); the datagrams that do not fit are dropped and counted.
+async fn deliver(mut b: RelayBatch, in_tx: &mpsc::UnboundedSender<Inbound>, shared: &Shared, stuck: &mut bool) -> Result<(), RelayError> {
+    let room = &shared.recv_room;
+    let c = &shared.counters;
+    // Counted once the batch's fate is decided (a reader of the counters
+    // sees received = delivered + dropped).
+    let bytes: usize = b.datagrams.iter().map(|(_, r)| r.len()).sum();
+    let want = b.len().min(u32::MAX as usize) as u32;
+    let got = match room.try_acquire_many(want) {
+        Ok(p) => {
             *stuck = false;
-            return Ok(());
+            p.forget();
+            want
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
-        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+        Err(_) => {
+            let waited = match *stuck {
+                false => tokio::time::timeout(RECV_WAIT, room.acquire_many(want)).await.ok(),
+                true => None,
+            };
+            match waited {
+                Some(Ok(p)) => {
+                    p.forget();
+                    want
+                }
+                Some(Err(_)) => return Err(RelayError::Closed("receiver dropped".into())),
+                None => {
+                    *stuck = true;
+                    // What fits goes through; the rest is dropped.
+                    let n = (room.available_permits() as u32).min(want);
+                    if n > 0 {
+                        room.try_acquire_many(n).map(|p| p.forget()).ok();
+                    }
+                    n
+                }
+            }
+        }
     };
-    if !*stuck {
-        match tokio::time::timeout(RECV_WAIT, in_tx.send(ev)).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(closed()),
-            Err(_) => *stuck = true,
-        }
+    c.dropped_recv_full.fetch_add((want - got) as u64, Ordering::Relaxed);
+    c.received_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    c.received_packets.fetch_add(b.len() as u64, Ordering::Relaxed);
+    b.datagrams.truncate(got as usize);
+    if !b.is_empty() && in_tx.send(Inbound::Batch(b)).is_err() {
+        return Err(RelayError::Closed("receiver dropped".into()));
     }
-    shared.counters.dropped_recv_full.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut r: R,
     chan: Arc<Mutex<SecureChannel>>,
-    in_tx: mpsc::Sender<RelayEvent>,
+    in_tx: mpsc::UnboundedSender<Inbound>,
     shared: Arc<Shared>,
     keepalive: Duration,
     mut rbuf: Vec<u8>,
@@ -466,28 +621,30 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let idle_limit = keepalive * 3 + Duration::from_secs(5);
     let mut stop = shared.stop.subscribe();
     let mut last_rx = Instant::now();
-    let mut frames = Vec::new();
     let mut stuck = false;
-    let end = 'outer: loop {
-        // Frames may already be buffered (they can arrive with Accepted).
-        {
-            let mut ch = chan.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                match ch.next_frame() {
-                    Ok(Some(f)) => frames.push(f),
-                    Ok(None) => break,
-                    Err(e) => break 'outer proto_err(e),
-                }
-            }
+    let mut plain = Plain::default();
+    // Frames may already be buffered (they can arrive with Accepted).
+    let mut fresh = 0;
+    let end = loop {
+        if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).open_into(&rbuf[..fresh], &mut plain) {
+            break proto_err(e);
         }
-        for f in frames.drain(..) {
-            let delivered = match on_frame(f, &in_tx, &shared) {
-                Ok(Some(ev)) => deliver(ev, &in_tx, &shared, &mut stuck).await,
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = delivered {
-                break 'outer e;
+        let mut datagrams = Vec::new();
+        let whole = match take_frames(plain.data(), &mut datagrams, &in_tx, &shared) {
+            Ok(n) => n,
+            Err(e) => break e,
+        };
+        if datagrams.is_empty() {
+            plain.consume(whole);
+        } else {
+            // The batch takes the buffer as it is; only a frame cut by the
+            // read is copied, into the next buffer.
+            let (buf, range) = plain.take(whole, PLAIN_BUFFER);
+            for (_, r) in &mut datagrams {
+                *r = r.start + range.start..r.end + range.start;
+            }
+            if let Err(e) = deliver(RelayBatch { buf, datagrams }, &in_tx, &shared, &mut stuck).await {
+                break e;
             }
         }
         tokio::select! {
@@ -500,9 +657,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     Err(e) => break RelayError::Closed(e.to_string()),
                 };
                 last_rx = Instant::now();
-                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).push_wire(&rbuf[..n]) {
-                    break proto_err(e);
-                }
+                fresh = n;
             }
             _ = tokio::time::sleep_until(last_rx + idle_limit) => {
                 break RelayError::Timeout(format!("the relay has been silent for {:?}", last_rx.elapsed()));
@@ -512,46 +667,32 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared.finish(end);
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    chan: Arc<Mutex<SecureChannel>>,
-    mut out_rx: mpsc::Receiver<(Key, Vec<u8>)>,
-    shared: Arc<Shared>,
-    keepalive: Duration,
-) {
-    const BATCH: usize = 256 * 1024;
+async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, chan: Arc<Mutex<SecureChannel>>, shared: Arc<Shared>, keepalive: Duration) {
     let stall_limit = keepalive * 3 + Duration::from_secs(5);
     let mut stop = shared.stop.subscribe();
     let mut ka = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(64 * 1024);
-    let mut plain = Vec::with_capacity(64 * 1024);
-    let mut senders_gone = false;
+    let mut spare = Vec::with_capacity(64 * 1024);
     let c = &shared.counters;
     let end: Option<RelayError> = loop {
         out.clear();
         tokio::select! {
             biased;
             _ = stop.wait_for(|v| *v) => break None,
-            m = out_rx.recv(), if !senders_gone => {
-                let Some(mut m) = m else { senders_gone = true; continue };
-                // Everything queued (up to BATCH) framed back to back and
-                // sealed as full-size Noise messages, not one per datagram.
-                plain.clear();
-                let (mut packets, mut bytes) = (0u64, 0u64);
-                loop {
-                    push_frame(&Frame::Send { dst: m.0, datagram: &m.1 }, &mut plain);
-                    packets += 1;
-                    bytes += m.1.len() as u64;
-                    if plain.len() >= BATCH {
-                        break;
-                    }
-                    match out_rx.try_recv() {
-                        Ok(next) => m = next,
-                        Err(_) => break,
-                    }
+            _ = shared.wake_writer.notified() => {
+                // Everything queued since the last write, framed back to
+                // back by `send` and sealed as full-size Noise messages.
+                spare.clear();
+                let (packets, bytes) = {
+                    let mut p = shared.pending();
+                    std::mem::swap(&mut p.plain, &mut spare);
+                    (std::mem::take(&mut p.packets), std::mem::take(&mut p.bytes))
+                };
+                if spare.is_empty() {
+                    continue;
                 }
-                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_raw(&plain, &mut out) {
+                if let Err(e) = chan.lock().unwrap_or_else(|e| e.into_inner()).seal_raw(&spare, &mut out) {
                     break Some(proto_err(e));
                 }
                 c.sent_packets.fetch_add(packets, Ordering::Relaxed);
@@ -571,10 +712,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
     };
+    // Sends fail with `Closed` from now on (`stop` is set).
     if let Some(e) = end {
         shared.finish(e);
     }
-    // Dropping `out_rx` makes further sends fail with `Closed`.
-    drop(out_rx);
     let _ = tokio::time::timeout(Duration::from_secs(2), w.shutdown()).await;
 }

@@ -186,16 +186,18 @@ pub(crate) fn push_frame(f: &Frame<'_>, plain: &mut Vec<u8>) {
     crate::control::wire::frame::append_frame_with(plain, |p| f.encode(p));
 }
 
-/// Turns an encoded `Send { dst, datagram }` into `Recv { src, datagram }`
-/// in place: the relay forwards the buffer it decrypted without copying
-/// the datagram. `None` if `f` is not a well-formed `Send`.
-pub(crate) fn send_into_recv(mut f: Vec<u8>, src: &Key) -> Option<Vec<u8>> {
+/// The encoded `Recv { src, datagram }` for an encoded `Send { dst, datagram }`:
+/// the one copy the relay makes of a datagram, straight from the buffer it
+/// decrypted into. `None` if `f` is not a well-formed `Send`.
+pub(crate) fn recv_from_send(f: &[u8], src: &Key) -> Option<Vec<u8>> {
     if f.len() < 33 || f[0] != T_SEND || f.len() - 33 > MAX_DATAGRAM {
         return None;
     }
-    f[0] = T_RECV;
-    f[1..33].copy_from_slice(src);
-    Some(f)
+    let mut r = Vec::with_capacity(f.len());
+    r.push(T_RECV);
+    r.extend_from_slice(src);
+    r.extend_from_slice(&f[33..]);
+    Some(r)
 }
 
 #[cfg(test)]
@@ -287,12 +289,12 @@ mod tests {
     }
 
     #[test]
-    fn a_send_becomes_a_recv_in_place() {
+    fn a_send_becomes_a_recv() {
         let send = Frame::Send { dst: [1; 32], datagram: b"dg" }.to_vec();
-        let recv = send_into_recv(send, &[9; 32]).unwrap();
+        let recv = recv_from_send(&send, &[9; 32]).unwrap();
         assert_eq!(Frame::decode(&recv), Ok(Frame::Recv { src: [9; 32], datagram: b"dg" }));
-        assert_eq!(send_into_recv(Frame::KeepAlive.to_vec(), &[9; 32]), None);
-        assert_eq!(send_into_recv(vec![1; 32], &[9; 32]), None);
+        assert_eq!(recv_from_send(&Frame::KeepAlive.to_vec(), &[9; 32]), None);
+        assert_eq!(recv_from_send(&[1; 32], &[9; 32]), None);
     }
 
     proptest! {

@@ -32,12 +32,13 @@ use super::RELAY_PATH;
 use super::auth::NodeAuthorizer;
 use super::error::{ProtocolError, RelayConnError};
 use super::limits::{FairQueue, TokenBucket};
-use super::proto::{Frame, MAX_FRAME, push_frame, send_into_recv};
+use super::proto::{Frame, MAX_FRAME, push_frame, recv_from_send};
 use crate::control::UPGRADE_RELAY;
 use crate::control::server::{PreAuthPermit, UpgradeHandler};
 use crate::control::upgrade::{Stream, accept_noise, write_and_close};
+use crate::control::wire::frame::{FRAME_HEADER, frame_at};
 use crate::control::wire::http::{self, RequestHead};
-use crate::control::wire::noise::{ChannelError, SecureChannel};
+use crate::control::wire::noise::{ChannelError, Plain, SecureChannel};
 use crate::key::{Key, PrivateKey, ShortKey};
 
 /// Relay limits and timers.
@@ -424,7 +425,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut reauth = tokio::time::interval_at(Instant::now() + cfg.reauth_interval, cfg.reauth_interval);
     reauth.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gone_sent: HashMap<Key, Instant> = HashMap::new();
-    let mut frames = Vec::new();
+    let mut plain = Plain::default();
     loop {
         tokio::select! {
             biased;
@@ -437,18 +438,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     Err(e) => return Err(RelayConnError::Read(e)),
                 };
                 last_rx = Instant::now();
-                let decoded = {
-                    let mut ch = lock(chan);
-                    ch.push_wire(&rbuf[..n]).and_then(|()| loop {
-                        match ch.next_frame() {
-                            Ok(Some(f)) => frames.push(f),
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
-                    })
-                };
+                let decoded = lock(chan).open_into(&rbuf[..n], &mut plain);
                 let handled = decoded.map_err(ProtocolError::from).and_then(|()| {
-                    frames.drain(..).try_for_each(|f| handle_frame(inner, conn, f, &mut gone_sent))
+                    // Frames are taken where they were decrypted: each
+                    // datagram is copied once, into its `Recv`.
+                    while let Some(len) = frame_at(plain.data(), MAX_FRAME).map_err(ChannelError::from)? {
+                        handle_frame(inner, conn, &plain.data()[FRAME_HEADER..FRAME_HEADER + len], &mut gone_sent)?;
+                        plain.consume(FRAME_HEADER + len);
+                    }
+                    Ok(())
                 });
                 if let Err(e) = handled {
                     bump(&inner.counters.protocol_errors, 1);
@@ -491,8 +489,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-fn handle_frame(inner: &Inner, conn: &Conn, f: Vec<u8>, gone_sent: &mut HashMap<Key, Instant>) -> Result<(), ProtocolError> {
-    let dst = match Frame::decode(&f)? {
+fn handle_frame(inner: &Inner, conn: &Conn, f: &[u8], gone_sent: &mut HashMap<Key, Instant>) -> Result<(), ProtocolError> {
+    let dst = match Frame::decode(f)? {
         Frame::Send { dst, .. } => dst,
         Frame::KeepAlive => return Ok(()),
         other => return Err(ProtocolError::Unexpected(format!("{other:?}"))),
@@ -502,7 +500,7 @@ fn handle_frame(inner: &Inner, conn: &Conn, f: Vec<u8>, gone_sent: &mut HashMap<
     match target {
         Some(t) => {
             let len = (f.len() - 33) as u64;
-            let Some(recv) = send_into_recv(f, &conn.key) else {
+            let Some(recv) = recv_from_send(f, &conn.key) else {
                 return Err(ProtocolError::Unexpected("malformed Send".into()));
             };
             if t.push(conn.key, recv) {

@@ -93,6 +93,36 @@ impl WireDecoder {
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
+
+    /// How many more bytes the message being buffered needs before
+    /// [`next_message`](Self::next_message) can return it (or its length
+    /// can be read); 0 when nothing is buffered.
+    pub(crate) fn missing(&self) -> usize {
+        match self.buf.len() {
+            0 => 0,
+            1 => 1,
+            n => (2 + u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize).saturating_sub(n),
+        }
+    }
+}
+
+/// Reads the frame header at the start of `buf`: the payload length once the
+/// whole frame is in `buf`, `None` while it is incomplete. Version and size
+/// are checked as soon as the header is in, so an oversized frame is
+/// refused without waiting for (or buffering) its body. Lets a reader that
+/// keeps decrypted bytes in its own buffer take frames where they lie
+/// instead of copying them through a [`FrameDecoder`].
+pub(crate) fn frame_at(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(&v) = buf.first() else { return Ok(None) };
+    if v != PROTOCOL_VERSION {
+        return Err(FrameError::Version { got: v });
+    }
+    let Some(h) = buf.get(1..FRAME_HEADER) else { return Ok(None) };
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok((buf.len() >= FRAME_HEADER + len).then_some(len))
 }
 
 /// Header + payload of one frame.
@@ -140,24 +170,15 @@ impl FrameDecoder {
     /// the header is in, so an oversized frame is refused without waiting
     /// for (or buffering) its body.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        if self.buf.is_empty() {
-            return Ok(None);
-        }
-        if self.buf[0] != PROTOCOL_VERSION {
-            return Err(FrameError::Version { got: self.buf[0] });
-        }
-        if self.buf.len() < FRAME_HEADER {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > self.max {
-            return Err(FrameError::TooLarge { len, max: self.max });
-        }
-        if self.buf.len() < FRAME_HEADER + len {
-            return Ok(None);
-        }
+        let Some(len) = frame_at(&self.buf, self.max)? else { return Ok(None) };
         self.buf.advance(FRAME_HEADER);
         Ok(Some(self.buf.split_to(len).to_vec()))
+    }
+
+    /// Moves the buffered (not yet returned) bytes to the end of `out`.
+    pub(crate) fn take_into(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.buf);
+        self.buf.clear();
     }
 
     /// Bytes buffered but not yet returned.

@@ -167,6 +167,50 @@ impl SecureChannel {
         Ok(())
     }
 
+    /// Takes received bytes and appends the plaintext of every complete wire
+    /// message to `plain`, bypassing this channel's frame decoder (which
+    /// would copy every byte once more): the caller takes frames where they
+    /// lie with [`frame_at`](crate::control::wire::frame::frame_at). Whole
+    /// messages are decrypted straight from `bytes`; only a message cut by
+    /// the read is buffered. Plaintext the frame decoder still held (frames
+    /// that came with the handshake) comes first.
+    pub(crate) fn open_into(&mut self, mut bytes: &[u8], plain: &mut Plain) -> Result<(), ChannelError> {
+        if self.frames.buffered() > 0 {
+            let mut held = Vec::new();
+            self.frames.take_into(&mut held);
+            plain.extend(&held);
+        }
+        loop {
+            while let Some(msg) = self.wire.next_message()? {
+                self.open_one(&msg, plain)?;
+            }
+            if self.wire.buffered() == 0 || bytes.is_empty() {
+                break;
+            }
+            let take = self.wire.missing().min(bytes.len());
+            self.wire.push(&bytes[..take]);
+            bytes = &bytes[take..];
+        }
+        while let [a, b, rest @ ..] = bytes {
+            let len = u16::from_be_bytes([*a, *b]) as usize;
+            if len == 0 {
+                return Err(FrameError::EmptyWireMessage.into());
+            }
+            let Some(msg) = rest.get(..len) else { break };
+            self.open_one(msg, plain)?;
+            bytes = &rest[len..];
+        }
+        self.wire.push(bytes);
+        Ok(())
+    }
+
+    fn open_one(&mut self, msg: &[u8], plain: &mut Plain) -> Result<(), ChannelError> {
+        let out = plain.spare(msg.len());
+        let n = self.ts.read_message(msg, out).map_err(|_| ChannelError::Decrypt)?;
+        plain.end += n;
+        Ok(())
+    }
+
     /// The next complete frame payload, if any.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
         // Bytes that arrived with the last handshake message.
@@ -174,6 +218,63 @@ impl SecureChannel {
             self.drain_wire()?;
         }
         Ok(self.frames.next_frame()?)
+    }
+}
+
+/// Decrypted bytes waiting to be taken as frames: `buf[start..end]`. The
+/// buffer is zeroed once, when it grows, not for every message decrypted
+/// into it, and consumed frames only move the start; the few bytes of a
+/// frame cut by a message boundary move to the front when room is needed.
+#[derive(Default)]
+pub(crate) struct Plain {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Plain {
+    /// The bytes not yet consumed.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Marks the first `n` bytes of [`data`](Self::data) as taken.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// Appends `b`.
+    pub(crate) fn extend(&mut self, b: &[u8]) {
+        self.spare(b.len())[..b.len()].copy_from_slice(b);
+        self.end += b.len();
+    }
+
+    /// At least `n` writable bytes after the data.
+    fn spare(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < n && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.buf.len() - self.end < n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Hands over the whole buffer with the range its data occupies, keeping
+    /// a copy of the data from `keep_from` on (a frame cut by the read) in a
+    /// fresh buffer of `capacity` bytes.
+    pub(crate) fn take(&mut self, keep_from: usize, capacity: usize) -> (Vec<u8>, std::ops::Range<usize>) {
+        let tail = self.start + keep_from..self.end;
+        let range = self.start..self.start + keep_from;
+        let mut fresh = vec![0u8; capacity.max(tail.len())];
+        fresh[..tail.len()].copy_from_slice(&self.buf[tail.clone()]);
+        let old = std::mem::replace(&mut self.buf, fresh);
+        (self.start, self.end) = (0, tail.len());
+        (old, range)
     }
 }
 
@@ -219,6 +320,59 @@ mod tests {
         sc.seal_frame(b"reply", &mut back).unwrap();
         cc.push_wire(&back).unwrap();
         assert_eq!(cc.next_frame().unwrap().unwrap(), b"reply");
+    }
+
+    #[test]
+    fn open_into_reads_frames_in_place_however_the_stream_is_cut() {
+        use crate::control::wire::frame::{FRAME_HEADER, frame_at};
+        let (c, s) = (generate_private_key(), generate_private_key());
+        let (mut cc, mut sc, _) = handshake(&c, &s, &public_key_of(&s)).unwrap();
+        let frames: Vec<Vec<u8>> = (0..40u32).map(|i| vec![i as u8; (i as usize * 997) % 9000]).collect();
+        let mut wire = Vec::new();
+        // Frames that arrived before the switch to open_into stay first.
+        cc.seal_frame(b"early", &mut wire).unwrap();
+        sc.push_wire(&wire).unwrap();
+        wire.clear();
+        let mut plain_stream = Vec::new();
+        for f in &frames {
+            crate::control::wire::frame::append_frame(f, &mut plain_stream);
+        }
+        // Sealed as messages of up to 64 KiB: frames straddle messages.
+        cc.seal_raw(&plain_stream, &mut wire).unwrap();
+        for cut in [1usize, 2, 3, 1000, 65537, 200_000] {
+            let (mut cc2, mut sc2, _) = handshake(&c, &s, &public_key_of(&s)).unwrap();
+            let mut w = Vec::new();
+            cc2.seal_raw(&plain_stream, &mut w).unwrap();
+            let mut plain = Plain::default();
+            let mut got = Vec::new();
+            for piece in w.chunks(cut) {
+                sc2.open_into(piece, &mut plain).unwrap();
+                while let Some(len) = frame_at(plain.data(), 1 << 20).unwrap() {
+                    got.push(plain.data()[FRAME_HEADER..FRAME_HEADER + len].to_vec());
+                    plain.consume(FRAME_HEADER + len);
+                }
+            }
+            assert_eq!(got, frames, "cut {cut}");
+            assert!(plain.data().is_empty());
+        }
+        let mut plain = Plain::default();
+        sc.open_into(&wire, &mut plain).unwrap();
+        let len = frame_at(plain.data(), 1 << 20).unwrap().unwrap();
+        assert_eq!(&plain.data()[FRAME_HEADER..FRAME_HEADER + len], b"early");
+        // A zero-length wire message is refused, not skipped.
+        assert!(matches!(sc.open_into(&[0, 0, 1], &mut plain), Err(ChannelError::Frame(FrameError::EmptyWireMessage))));
+    }
+
+    #[test]
+    fn plain_take_keeps_the_cut_frame() {
+        let mut p = Plain::default();
+        p.extend(b"abcdef");
+        p.consume(1);
+        let (old, range) = p.take(3, 16);
+        assert_eq!(&old[range], b"bcd");
+        assert_eq!(p.data(), b"ef");
+        p.consume(2);
+        assert!(p.data().is_empty());
     }
 
     #[test]

@@ -232,6 +232,21 @@ fn symmetric_nat_against_full_cone_goes_direct() {
 }
 
 #[test]
+fn relayed_bytes_are_counted_per_peer_until_the_path_goes_direct() {
+    let mut sim = on_relay(&[Nat::FullCone, Nat::PortRestricted]);
+    let (kb, ka) = (sim.hosts[B].key, sim.hosts[A].key);
+    let (a, b) = (sim.hosts[A].core.relayed(&kb), sim.hosts[B].core.relayed(&ka));
+    assert!(a.tx_bytes > 0 && a.rx_bytes > 0, "{a:?}");
+    assert_eq!((a.tx_bytes, a.rx_bytes), (b.rx_bytes, b.tx_bytes), "what one sent through the relay the other received");
+    sim.enable_stun();
+    sim.run_for(secs(3));
+    let before = sim.hosts[A].core.relayed(&kb);
+    let (at_b, _) = exchange(&mut sim, "direct now");
+    assert_eq!(at_b, vec![Via::Direct]);
+    assert_eq!(sim.hosts[A].core.relayed(&kb), before, "direct traffic is not counted as relayed");
+}
+
+#[test]
 fn udp_blocked_stays_on_relay() {
     let mut sim = on_relay(&[Nat::UdpBlocked, Nat::FullCone]);
     sim.enable_stun();
