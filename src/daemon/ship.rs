@@ -521,8 +521,8 @@ pub(crate) async fn run(journal: Journal, state_dir: PathBuf, mut links: mpsc::R
             // Read what to send on the blocking pool, then send it. Gzip
             // chunks cost the session too little to be worth holding back
             // (see ARCHITECTURE, "Recording cost"); plain ones still are.
-            let held = !never_hold
-                && !(link.gzip && link.frames.is_some())
+            let gzip = link.gzip && link.frames.is_some();
+            let held = !(never_hold || gzip)
                 && hold.update(
                     std::time::Instant::now(),
                     shared.recorded.load(Ordering::Relaxed),

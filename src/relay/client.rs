@@ -320,7 +320,7 @@ impl RelayReceiver {
 
     /// The next datagram or `PeerGone` notice.
     pub async fn recv_event(&mut self) -> Result<RelayEvent, RelayError> {
-        if let Some(ev) = self.from_current() {
+        if let Some(ev) = self.take_current() {
             return Ok(ev);
         }
         match self.rx.recv().await {
@@ -331,7 +331,7 @@ impl RelayReceiver {
 
     /// Non-blocking: `Ok(None)` when nothing is queued.
     pub fn try_recv_event(&mut self) -> Result<Option<RelayEvent>, RelayError> {
-        if let Some(ev) = self.from_current() {
+        if let Some(ev) = self.take_current() {
             return Ok(Some(ev));
         }
         match self.rx.try_recv() {
@@ -362,7 +362,7 @@ impl RelayReceiver {
         }
     }
 
-    fn from_current(&mut self) -> Option<RelayEvent> {
+    fn take_current(&mut self) -> Option<RelayEvent> {
         let (b, i) = self.current.as_mut()?;
         let (src, r) = b.datagrams.get(*i)?.clone();
         *i += 1;
@@ -380,7 +380,7 @@ impl RelayReceiver {
             Inbound::Batch(b) => {
                 self.current = Some((b, 0));
                 // A batch is never empty.
-                self.from_current().unwrap_or(RelayEvent::PeerGone([0; 32]))
+                self.take_current().unwrap_or(RelayEvent::PeerGone([0; 32]))
             }
         }
     }
