@@ -280,6 +280,26 @@ impl RelayBatch {
     pub(crate) fn is_empty(&self) -> bool {
         self.datagrams.is_empty()
     }
+
+    /// A read that brought few bytes would otherwise pin a whole read
+    /// buffer (128 KiB or more) in the receive queue, which is bounded in
+    /// datagrams, not bytes: a peer trickling single datagrams while we are
+    /// slow to read could make 1024 of them hold 128 MiB. Such a batch gets
+    /// a buffer of its datagrams' size; a bulk read (mostly datagrams) keeps
+    /// its buffer and costs no copy.
+    fn compact_if_sparse(&mut self) {
+        let used: usize = self.datagrams.iter().map(|(_, r)| r.len()).sum();
+        if used.saturating_mul(4) >= self.buf.capacity() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(used);
+        for (_, r) in &mut self.datagrams {
+            let start = buf.len();
+            buf.extend_from_slice(&self.buf[r.clone()]);
+            *r = start..buf.len();
+        }
+        self.buf = buf;
+    }
 }
 
 /// What the reader hands the owner.
@@ -643,7 +663,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             for (_, r) in &mut datagrams {
                 *r = r.start + range.start..r.end + range.start;
             }
-            if let Err(e) = deliver(RelayBatch { buf, datagrams }, &in_tx, &shared, &mut stuck).await {
+            let mut batch = RelayBatch { buf, datagrams };
+            batch.compact_if_sparse();
+            if let Err(e) = deliver(batch, &in_tx, &shared, &mut stuck).await {
                 break e;
             }
         }
@@ -717,4 +739,26 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, chan: Arc<Mutex<SecureChann
         shared.finish(e);
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), w.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sparse_batch_does_not_pin_its_read_buffer() {
+        let mut buf = vec![0u8; 128 * 1024];
+        buf[1000..1100].fill(7);
+        buf[5000..5050].fill(9);
+        let mut b = RelayBatch { buf, datagrams: vec![([1; 32], 1000..1100), ([2; 32], 5000..5050)] };
+        b.compact_if_sparse();
+        assert!(b.buf.capacity() < 1024, "{} bytes kept", b.buf.capacity());
+        let got: Vec<(Key, Vec<u8>)> = b.iter().map(|(k, d)| (*k, d.to_vec())).collect();
+        assert_eq!(got, vec![([1; 32], vec![7; 100]), ([2; 32], vec![9; 50])]);
+        // A full read keeps its buffer: no copy on the bulk path.
+        let mut full = RelayBatch { buf: vec![3u8; 4096], datagrams: vec![([1; 32], 0..2000), ([2; 32], 2000..4000)] };
+        let ptr = full.buf.as_ptr();
+        full.compact_if_sparse();
+        assert_eq!(full.buf.as_ptr(), ptr);
+    }
 }
