@@ -58,12 +58,16 @@ table inet filter {
 }
 EOF
     printf 'ext_ifname=%s\next_ip=%s\nlistening_ip=%s\nenable_natpmp=%s\nenable_upnp=%s\nsecure_mode=yes\nsystem_uptime=yes\nuuid=bab1079e-342b-48ae-b32e-d198949be7c7\nallow 1024-65535 %s.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n' \
-      "$wan" "$NET.3" "${r}l" $pmp $igd "$lan" > $D/upnp-$r.conf
-    ip netns exec $r miniupnpd -f $D/upnp-$r.conf -P $D/upnp-$r.pid
+      "$wan" "$NET.3" "${r}l" $pmp $igd "$lan" > $D/s/upnp-$r.conf
+    # A fresh pid file per run: miniupnpd refuses to start ("already
+    # running") while the pid in an old file still exists, and the previous
+    # run's miniupnpd, killed with its namespace, can linger as a zombie.
+    # -d: stay in the foreground and log to stderr, kept with the run's logs.
+    (ip netns exec $r miniupnpd -d -f $D/s/upnp-$r.conf -P $D/s/upnp-$r.pid > $D/s/miniupnpd-$r.log 2>&1 &)
   fi
 }
 
-# one_case KIND_A KIND_B: prints "PATH SECONDS"
+# one_case KIND_A KIND_B RUN: prints "PATH SECONDS"
 one_case() {
   local H=${P}h C=${P}c RA=${P}ra RB=${P}rb NA=${P}na NB=${P}nb i n p t0 t1 m
   for n in $NSS; do ip netns add $n; ip -n $n link set lo up; done
@@ -77,8 +81,8 @@ one_case() {
   # the Internet), so an opener (TTL 2) passes its own NAT and dies before the other.
   ip -n $H addr add $NET.254/24 dev br0; ip netns exec $H sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.br0.send_redirects=0
   ip -n $RA route add $NET.3/32 via $NET.254; ip -n $RB route add $NET.2/32 via $NET.254
-  router $RA $NA 192.168.1 $1; router $RB $NB 192.168.2 $2
   rm -rf $D/s; mkdir -p $D/s
+  router $RA $NA 192.168.1 $1; router $RB $NB 192.168.2 $2
   printf '[tag_owners]\n"tag:bench" = ["bencher"]\n[[acl]]\nsrc = ["bencher"]\ndst = ["tag:bench:*"]\n' > $D/s/policy.toml
   (ip netns exec $C $BIN control --state-dir $D/s/ctl --listen $NET.1:8443 --policy $D/s/policy.toml > $D/s/ctl.log 2>&1 &)
   for i in $(seq 50); do grep -q "listening on" $D/s/ctl.log 2>/dev/null && break; sleep 0.1; done
@@ -87,7 +91,7 @@ one_case() {
   LK=$(ip netns exec $C $BIN control --state-dir $D/s/ctl keys create --user bencher | tail -1)
   (ip netns exec $NA $BIN up --authkey $VK --state-dir $D/s/vps --hostname vps --no-ssh --listen-port 41641 > $D/s/vps.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/vps.log 2>/dev/null && break; sleep 0.1; done
-  (ip netns exec $NB env RUST_LOG=warn,tailgate::dataplane::portmap=info $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
+  (ip netns exec $NB env RUST_LOG=${LAPTOP_LOG:-warn,tailgate::dataplane::portmap=info} $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/laptop.log 2>/dev/null && break; sleep 0.1; done
   t0=$(date +%s.%N); p=none
   while [ "$(echo "$(date +%s.%N) - $t0 < 20" | bc -l)" = 1 ]; do
@@ -104,6 +108,8 @@ except Exception: print("none")')
   for i in $(seq 80); do grep -q "the gateway maps" $D/s/laptop.log && break; sleep 0.1; done
   m=$(grep -o '[A-Za-z-]*: the gateway maps' $D/s/laptop.log | head -1 | cut -d: -f1 || true)
   teardown
+  # LOG_DIR=dir keeps each run's logs (control, vps, laptop, miniupnpd) in dir/CASE-RUN.
+  if [ -n "${LOG_DIR:-}" ]; then mkdir -p "$LOG_DIR/$1-$2-$3"; cp $D/s/*.log "$LOG_DIR/$1-$2-$3/"; fi
   echo "${p%% *} $(echo "$t1 - $t0" | bc -l) ${m:--}" > $D/result
 }
 
@@ -112,7 +118,7 @@ printf "\n%-44s %-8s %-10s %s\n" "routers (vps side / laptop side)" "path" "mapp
 IFS=, read -ra cases <<< "${CASES:-fullcone fullcone,masqfw masqfw,masq masq,fullcone symmetric,masq symmetric,symmetric symmetric,fullcone udpblock,masq natpmp,masq upnp,symmetric masq,symmetric natpmp,symmetric upnp}"
 for c in "${cases[@]}"; do
   paths=""; times=""; maps=""
-  for r in $(seq $REPEAT); do one_case $c >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; maps="$maps $3"; done
+  for r in $(seq $REPEAT); do one_case $c $r >/dev/null; set -- $(cat $D/result); paths="$paths $1"; times="$times $(printf %.1f $2)"; maps="$maps $3"; done
   printf "%-44s %-8s %-10s %s\n" "$c" "$(echo $paths | tr ' ' '\n' | sort | uniq -c | awk '{printf "%s%sx%s", sep, $1, $2; sep=","}')" \
     "$(echo $maps | tr ' ' '\n' | sort -u | paste -sd,)" "$times"
 done
