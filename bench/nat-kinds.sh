@@ -5,20 +5,19 @@
 # the seconds from its `tailgate up` returning to that path (20 s at most).
 # Sourced by bench/paths.sh; REPEAT=N runs each case N times.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
-[ -x "$BIN" ] || cargo build --release --quiet
+source "$(dirname "$0")/lib.sh"
+bench_init tgnk
 REPEAT=${REPEAT:-3}
 NET=45.50.0   # public-looking (miniupnpd maps nothing on private WAN addresses); exists only in these namespaces
-P=tgnk$$
 NSS="${P}h ${P}c ${P}ra ${P}rb ${P}na ${P}nb"
-D=$(mktemp -d /tmp/tgnatkinds.XXXX)
+# Each case builds its namespaces afresh; the EXIT trap (bench_cleanup)
+# covers the case that is running when we stop.
 teardown() {
-  local n q   # bash scoping: one_case's $p must survive this
-  for n in $NSS; do for q in $(ip netns pids $n 2>/dev/null); do kill -9 $q 2>/dev/null || true; done; done
-  sleep 0.2; for n in $NSS; do ip netns del $n 2>/dev/null || true; done
+  local n   # bash scoping: one_case's $p must survive this
+  ns_kill $NSS
+  for n in $NSS; do ip netns del $n 2>/dev/null || true; done
+  BENCH_NSS=()
 }
-trap 'teardown; rm -rf "$D"' EXIT
 
 # router NS NODE_NS LAN KIND: KIND is fullcone | masq | masqfw | symmetric | udpblock | natpmp | upnp
 # (natpmp: miniupnpd answering PCP and NAT-PMP; tailgate maps with PCP there;
@@ -70,7 +69,7 @@ EOF
 # one_case KIND_A KIND_B RUN: prints "PATH SECONDS"
 one_case() {
   local H=${P}h C=${P}c RA=${P}ra RB=${P}rb NA=${P}na NB=${P}nb i n p t0 t1 m
-  for n in $NSS; do ip netns add $n; ip -n $n link set lo up; done
+  ns_add $NSS
   ip -n $H link add br0 type bridge; ip -n $H link set br0 up
   i=1; for n in $C $RA $RB; do
     ip link add ${P}u$i type veth peer name ${P}v$i; ip link set ${P}u$i netns $H; ip link set ${P}v$i netns $n
@@ -93,15 +92,13 @@ one_case() {
   for i in $(seq 100); do grep -q "up at" $D/s/vps.log 2>/dev/null && break; sleep 0.1; done
   (ip netns exec $NB env RUST_LOG=${LAPTOP_LOG:-warn,tailgate::dataplane::portmap=info} $BIN up --authkey $LK --state-dir $D/s/laptop --hostname laptop --no-ssh --listen-port 41641 > $D/s/laptop.log 2>&1 &)
   for i in $(seq 100); do grep -q "up at" $D/s/laptop.log 2>/dev/null && break; sleep 0.1; done
-  t0=$(date +%s.%N); p=none
-  while [ "$(echo "$(date +%s.%N) - $t0 < 20" | bc -l)" = 1 ]; do
-    p=$(ip netns exec $NB $BIN status --json --state-dir $D/s/laptop 2>/dev/null | python3 -c 'import json,sys
-try: print(json.load(sys.stdin)["peers"][0]["path"] or "none")
-except Exception: print("none")')
+  t0=$(now); p=none
+  while [ "$(echo "$(now) - $t0 < 20" | bc -l)" = 1 ]; do
+    p=$(peer_field $NB s/laptop path)
     case "$p" in direct*) break;; esac
     sleep 0.1
   done
-  t1=$(date +%s.%N)
+  t1=$(now)
   # Which protocol mapped a port on the laptop's router, if any (waiting up
   # to 8 s more for it: the path may come first, and a gateway still
   # starting is asked again 5 s later).

@@ -12,29 +12,21 @@
 #   CPU 1, both nodes and iperf3 on CPU 0 (direct and relay runs alike, so
 #   both get the same node CPU).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=$(realpath ${TAILGATE_BIN:-target/release/tailgate})
-[ -x "$BIN" ] || cargo build --release --quiet
+source "$(dirname "$0")/lib.sh"
+bench_init tgpb
 SECS=${SECS:-5}; RUNS=${RUNS:-3}; FAIR=${FAIR:-1}; NAT_KINDS=${NAT_KINDS:-1}; PERF=${PERF:-0}; PIN=${PIN:-0}
 # PC runs the control process, PN the nodes and iperf3.
 PC=""; PN=""
 if [ "$PIN" = 1 ]; then PC="taskset -c 1"; PN="taskset -c 0"; fi
-# Names carry our pid so two runs (or engineers) never share a namespace.
-C=tgpb_c$$; V=tgpb_v$$; L=tgpb_l$$; M=tgpb_m$$; H=tgpb_h$$
-D=$(mktemp -d /tmp/tgpathbench.XXXX)
-cleanup() {
-  for n in $C $V $L $M $H; do for p in $(ip netns pids $n 2>/dev/null); do kill -9 $p 2>/dev/null || true; done; done
-  sleep 0.2; for n in $C $V $L $M $H; do ip netns del $n 2>/dev/null || true; done; rm -rf "$D"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-for n in $C $V $L $M $H; do ip netns add $n; ip -n $n link set lo up; done
+C=${P}c; V=${P}v; L=${P}l; M=${P}m; H=${P}h
+ns_add $C $V $L $M $H
+# One LAN: a bridge in the hub namespace, each node's veth end on it.
 ip -n $H link add br0 type bridge; ip -n $H link set br0 up
 i=1; for n in $C $V $L $M; do
-  ip link add tgpb$$u$i type veth peer name tgpb$$v$i
-  ip link set tgpb$$u$i netns $H; ip link set tgpb$$v$i netns $n
-  ip -n $H link set tgpb$$u$i master br0; ip -n $H link set tgpb$$u$i up
-  ip -n $n addr add 10.204.0.$i/24 dev tgpb$$v$i; ip -n $n link set tgpb$$v$i up
+  ip link add ${P}u$i type veth peer name ${P}w$i
+  ip link set ${P}u$i netns $H; ip link set ${P}w$i netns $n
+  ip -n $H link set ${P}u$i master br0; ip -n $H link set ${P}u$i up
+  ip -n $n addr add 10.204.0.$i/24 dev ${P}w$i; ip -n $n link set ${P}w$i up
   i=$((i+1))
 done
 cat > $D/policy.toml <<CONF
@@ -72,32 +64,29 @@ if [ "$FAIR" = 1 ]; then
   block_udp $M
   (ip netns exec $M $PN $BIN up --authkey $MK --state-dir $D/m --hostname m --no-ssh --local-forward 127.0.0.1:15202=$VIP:5202 > $D/m.log 2>&1 &)
 fi
-path() { ip netns exec ${2:-$L} $BIN status --json --state-dir $D/${3:-laptop} 2>/dev/null | python3 -c 'import json,sys
-try: print([p["path"] for p in json.load(sys.stdin)["peers"] if p["name"].split(".")[0] == "vps"][0])
-except Exception: print("none")'; }
-wait_path() { for i in $(seq 300); do p=$(path "$@"); case "$p" in $1*) return 0;; esac; sleep 0.1; done; echo "path stayed $p" >&2; return 1; }
+# wait_for_path WANT [NS NAME]: the laptop's (or NAME's) path to the vps.
+wait_for_path() { wait_path "$1" "${2:-$L}" "${3:-laptop}" vps; }
 ttfb() { # mean ms of 20 connect + SSH banner through the daemon
   local t0 t1; t0=$(now)
   for i in $(seq 20); do ip netns exec $L bash -c "$BIN nc --state-dir $D/laptop vps 22 </dev/null | head -c 4 >/dev/null"; done
   t1=$(now); echo "($t1 - $t0) * 1000 / 20" | bc -l
 }
-mbps() { awk '/sender/ {for(i=1;i<=NF;i++) if($i ~ /bits\/sec/){v=$(i-1); u=$i}} END { if(u ~ /^G/) v*=1000; if (u ~ /^K/) v/=1000; printf "%.1f", v/8 }'; }
+mbps() { iperf_mbps sender; }
 bulk() { ip netns exec ${1:-$L} $PN iperf3 -c 127.0.0.1 -p ${2:-15201} -t $SECS | mbps; }
 # median and min-max of the arguments
 stat3() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {m = NR % 2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%7.2f (%.2f-%.2f)", m, v[1], v[NR]}'; }
 # Relay CPU: the control process's utime+stime (clock ticks).
-tgpid() { for p in $(ip netns pids $1); do [ "$(cat /proc/$p/comm)" = tailgate ] && echo $p && break; done; }
-CPID=$(tgpid $C); LPID=$(tgpid $L); VPID=$(tgpid $V)
+CPID=$(tg_pid $C); LPID=$(tg_pid $L); VPID=$(tg_pid $V)
 metric() { ip netns exec $C curl -s http://10.204.0.1:9464/metrics | awk -v m="$1" '$1 ~ m {print $2}'; }
 cpu() { awk '{print $14 + $15}' /proc/$CPID/stat; }
 
-wait_path direct
+wait_for_path direct
 DT=$(ttfb)
-block_udp $L; wait_path relay; RT=$(ttfb); ip netns exec $L nft delete table inet f; wait_path direct
+block_udp $L; wait_for_path relay; RT=$(ttfb); ip netns exec $L nft delete table inet f; wait_for_path direct
 DBS=(); RBS=(); RATIO=(); MSPMB=(); UPS=()
 for r in $(seq $RUNS); do
   db=$(bulk)
-  block_udp $L; wait_path relay
+  block_udp $L; wait_for_path relay
   if [ "$PERF" = 1 ] && [ $r = $RUNS ]; then
     PP=""; for p in $CPID $LPID $VPID; do
       perf record -g -o $D/perf.$p -p $p -- sleep $SECS >$D/perf.$p.log 2>&1 & PP="$PP $!"
@@ -106,7 +95,7 @@ for r in $(seq $RUNS); do
   c0=$(cpu); rb=$(bulk); c1=$(cpu)
   [ "$PERF" = 1 ] && [ $r = $RUNS ] && wait $PP
   ip netns exec $L nft delete table inet f
-  t0=$(now); wait_path direct; t1=$(now)
+  t0=$(now); wait_for_path direct; t1=$(now)
   DBS+=($db); RBS+=($rb); RATIO+=($(echo "$rb / $db" | bc -l)); UPS+=($(echo "$t1 - $t0" | bc -l))
   MSPMB+=($(echo "($c1 - $c0) * 1000 / $(getconf CLK_TCK) / ($rb * $SECS)" | bc -l))
   echo "run $r: direct $db MB/s, relay $rb MB/s" >&2
@@ -120,7 +109,7 @@ printf "relay CPU (control process):            %s ms/MB\n" "$(stat3 ${MSPMB[@]}
 printf "relay -> direct upgrade after UDP returns: %s s\n" "$(stat3 ${UPS[@]})"
 if [ "$FAIR" = 1 ]; then
   # Both laptops relay to the vps at once, each its own iperf3.
-  block_udp $L; wait_path relay; wait_path relay $M m
+  block_udp $L; wait_for_path relay; wait_for_path relay $M m
   FA=(); FB=()
   for r in $(seq $RUNS); do
     ip netns exec $M $PN iperf3 -c 127.0.0.1 -p 15202 -t $SECS | mbps > $D/fair_m &
@@ -140,5 +129,5 @@ if [ "$PERF" = 1 ]; then
 fi
 [ "$NAT_KINDS" = 1 ] || exit 0
 # Each NAT router kind: the path reached and the time to reach it.
-cleanup; trap - EXIT
+bench_cleanup; trap - EXIT
 exec bench/nat-kinds.sh

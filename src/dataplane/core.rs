@@ -120,6 +120,10 @@ pub(crate) struct Core {
     /// Peers to send a handshake initiation at the next `handle_timeout`
     /// (see [`Core::greet`]).
     greet: Vec<Key>,
+    /// Peers to send a fresh initiation at the next timeout (within one
+    /// WireGuard timer tick, 250 ms) if no handshake with them ever
+    /// completed: the relay link just came up.
+    reshake: Vec<Key>,
 }
 
 /// Datagram bytes exchanged with one peer through the relay (WireGuard and
@@ -158,6 +162,7 @@ impl Core {
             disco_counter: disco::Counter::default(),
             wall: WallClock { at: now, unix_micros },
             greet: Vec::new(),
+            reshake: Vec::new(),
         }
     }
 
@@ -232,8 +237,12 @@ impl Core {
     /// Whether a relay link exists to send through.
     pub(crate) fn set_relay_up(&mut self, up: bool, now: Instant) {
         if up && !self.relay_up {
-            for st in self.paths.values_mut() {
+            for (k, st) in self.paths.iter_mut() {
                 st.relay_came_up(now);
+                // A greeting sent before the link existed went nowhere.
+                if !self.reshake.contains(k) {
+                    self.reshake.push(*k);
+                }
             }
         }
         self.relay_up = up;
@@ -311,6 +320,13 @@ impl Core {
         });
         for key in std::mem::take(&mut self.greet) {
             wg.initiate(&key, &mut |o| {
+                if let Output::Network { peer, to, data } = o {
+                    ctx.send(now, peer, to, data, tx)
+                }
+            });
+        }
+        for key in std::mem::take(&mut self.reshake) {
+            wg.reinitiate(&key, true, &mut |o| {
                 if let Output::Network { peer, to, data } = o {
                     ctx.send(now, peer, to, data, tx)
                 }
@@ -426,8 +442,12 @@ impl Core {
                 }
             }
             disco::Message::Pong { tx_id, observed } => {
+                let was_direct = matches!(st.route(now), Route::Direct(_));
                 if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
                     tracing::debug!(%from, %observed, "direct path confirmed");
+                    if !was_direct && matches!(st.route(now), Route::Direct(_)) {
+                        self.reinitiate(sender, false, now, tx);
+                    }
                 }
             }
             disco::Message::CallMeMaybe { endpoints } => {
@@ -490,6 +510,17 @@ impl Core {
             self.next_stun = now + self.stun_retry;
             self.stun_retry = (self.stun_retry * 2).min(STUN_INTERVAL);
         }
+    }
+
+    /// [`Wg::reinitiate`] along the peer's current path.
+    fn reinitiate(&mut self, key: Key, never_shaken: bool, now: Instant, tx: &mut impl Transmit) {
+        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
+        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed };
+        wg.reinitiate(&key, never_shaken, &mut |o| {
+            if let Output::Network { peer, to, data } = o {
+                ctx.send(now, peer, to, data, tx)
+            }
+        });
     }
 
     fn send(&mut self, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8], tx: &mut impl Transmit) {

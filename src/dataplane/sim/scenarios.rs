@@ -151,6 +151,45 @@ fn a_restarted_peer_greets_and_traffic_resumes_at_once() {
 }
 
 #[test]
+fn a_greeting_lost_before_any_path_is_sent_again_when_the_direct_path_opens() {
+    // A node that just joined greets its peers before either path exists
+    // (here: the relay drops it). WireGuard resends only after its 5 s
+    // rekey timeout (real time, so never here), and the first connection
+    // would wait that long behind the lost initiation.
+    let mut sim = Sim::new(&[Nat::FullCone, Nat::PortRestricted]);
+    sim.relay_up = false;
+    let b = sim.hosts[B].key;
+    sim.hosts[A].core.greet(&b);
+    sim.send(A, B, b"first");
+    sim.run_for(secs(1));
+    assert!(sim.received(B, b"first").is_empty(), "no path carried the greeting");
+    sim.enable_stun();
+    sim.run_for(secs(3));
+    assert_eq!(sim.route(A, B), direct_to(&sim, A, B));
+    assert_eq!(sim.received(B, b"first"), vec![Via::Direct], "the packet queued behind the lost handshake arrived");
+    let (at_b, at_a) = exchange(&mut sim, "then");
+    assert_eq!(at_b, vec![Via::Direct]);
+    assert_eq!(at_a, vec![Via::Direct]);
+}
+
+#[test]
+fn a_greeting_sent_before_the_relay_link_is_sent_again_when_it_comes_up() {
+    // A has no UDP at all, and its relay link is not up yet when it greets.
+    let mut sim = Sim::new(&[Nat::UdpBlocked, Nat::FullCone]);
+    let now = sim.now;
+    sim.hosts[A].core.set_relay_up(false, now);
+    let b = sim.hosts[B].key;
+    sim.hosts[A].core.greet(&b);
+    sim.send(A, B, b"first");
+    sim.run_for(secs(1));
+    assert!(sim.received(B, b"first").is_empty(), "no path yet");
+    let now = sim.now;
+    sim.hosts[A].core.set_relay_up(true, now);
+    sim.run_for(secs(1));
+    assert_eq!(sim.received(B, b"first"), vec![Via::Relay], "the packet queued behind the lost handshake arrived");
+}
+
+#[test]
 fn relay_loss_and_recovery() {
     // Relay only (A has no UDP): an outage loses packets, recovery resumes them.
     let mut sim = on_relay(&[Nat::UdpBlocked, Nat::FullCone]);
