@@ -45,6 +45,10 @@ pub(crate) const STUN_RETRY: Duration = Duration::from_secs(1);
 /// node directly behind it), not as far as the peer's. Two routers can only
 /// be this close on a LAN, where there is no NAT to open.
 pub(crate) const OPENER_HOPS: u8 = 2;
+/// How long the higher key waits before re-sending a lost initiation when a
+/// direct path opens, so the two ends' initiations do not cross (see
+/// `Core::on_disco`). A round trip or two on most paths.
+const RESHAKE_DEFER: Duration = Duration::from_millis(500);
 /// An opener's payload: nothing any receiver accepts (not WireGuard, disco
 /// or STUN), in case one does arrive.
 pub(crate) const OPENER: &[u8] = b"\0tailgate-opener";
@@ -120,10 +124,9 @@ pub(crate) struct Core {
     /// Peers to send a handshake initiation at the next `handle_timeout`
     /// (see [`Core::greet`]).
     greet: Vec<Key>,
-    /// Peers to send a fresh initiation at the next timeout (within one
-    /// WireGuard timer tick, 250 ms) if no handshake with them ever
-    /// completed: the relay link just came up.
-    reshake: Vec<Key>,
+    /// When to send a peer a fresh initiation if none of its handshake
+    /// messages ever reached us ([`Wg::reinitiate`]): a path to it opened.
+    reshake: Vec<(Instant, Key)>,
 }
 
 /// Datagram bytes exchanged with one peer through the relay (WireGuard and
@@ -240,9 +243,7 @@ impl Core {
             for (k, st) in self.paths.iter_mut() {
                 st.relay_came_up(now);
                 // A greeting sent before the link existed went nowhere.
-                if !self.reshake.contains(k) {
-                    self.reshake.push(*k);
-                }
+                self.reshake.push((now, *k));
             }
         }
         self.relay_up = up;
@@ -282,6 +283,9 @@ impl Core {
     /// When [`Core::handle_timeout`] must run next.
     pub(crate) fn poll_timeout(&self) -> Instant {
         let mut d = self.wg.next_deadline();
+        if let Some(at) = self.reshake.iter().map(|(at, _)| *at).min() {
+            d = d.min(at);
+        }
         if self.manage_paths {
             let due = self.paths.values().filter_map(PathState::next_deadline).min();
             if let Some(p) = due {
@@ -325,8 +329,10 @@ impl Core {
                 }
             });
         }
-        for key in std::mem::take(&mut self.reshake) {
-            wg.reinitiate(&key, true, &mut |o| {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reshake).into_iter().partition(|(at, _)| *at <= now);
+        self.reshake = later;
+        for (_, key) in due {
+            wg.reinitiate(&key, &mut |o| {
                 if let Output::Network { peer, to, data } = o {
                     ctx.send(now, peer, to, data, tx)
                 }
@@ -446,7 +452,13 @@ impl Core {
                 if from != wg::RELAYED && st.on_pong(from, tx_id, now) {
                     tracing::debug!(%from, %observed, "direct path confirmed");
                     if !was_direct && matches!(st.route(now), Route::Direct(_)) {
-                        self.reinitiate(sender, false, now, tx);
+                        // Both ends see the path open within a round trip;
+                        // two initiations that cross leave both sides with
+                        // only a responder session, which WireGuard sorts
+                        // out after its 5 s rekey timeout. So the higher key
+                        // waits, and by then has usually heard the other's.
+                        let due = if self.wg.public_key() < sender { now } else { now + RESHAKE_DEFER };
+                        self.reshake.push((due, sender));
                     }
                 }
             }
@@ -510,17 +522,6 @@ impl Core {
             self.next_stun = now + self.stun_retry;
             self.stun_retry = (self.stun_retry * 2).min(STUN_INTERVAL);
         }
-    }
-
-    /// [`Wg::reinitiate`] along the peer's current path.
-    fn reinitiate(&mut self, key: Key, never_shaken: bool, now: Instant, tx: &mut impl Transmit) {
-        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
-        let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed };
-        wg.reinitiate(&key, never_shaken, &mut |o| {
-            if let Output::Network { peer, to, data } = o {
-                ctx.send(now, peer, to, data, tx)
-            }
-        });
     }
 
     fn send(&mut self, now: Instant, peer: Option<Key>, to: Option<SocketAddr>, data: &[u8], tx: &mut impl Transmit) {

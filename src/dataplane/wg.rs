@@ -475,17 +475,18 @@ impl Wg {
         }
     }
 
-    /// Send a fresh handshake initiation to `key` when we hold no session
-    /// with it, even while one is in flight. `never_shaken`: only if no
-    /// handshake with it ever completed in this process. An initiation sent
-    /// before any path to the peer existed (a node that just joined greets
-    /// peers before its relay link is up, or before the peer has learnt its
-    /// key) is lost, and WireGuard would only resend it after its 5 s
-    /// rekey timeout, stalling the first connection that long.
-    pub(crate) fn reinitiate(&mut self, key: &Key, never_shaken: bool, out: &mut impl FnMut(Output<'_>)) {
+    /// Send a fresh handshake initiation to `key` if no handshake message
+    /// from it ever reached us in this process, even while an initiation is
+    /// in flight. One sent before any path to the peer existed (a node that
+    /// just joined greets peers before its relay link is up, or before the
+    /// peer has learnt its key) is lost, and WireGuard would only resend it
+    /// after its 5 s rekey timeout, stalling the first connection that long.
+    /// A peer that sent us anything holds or is completing a session: a new
+    /// initiation would only cross it.
+    pub(crate) fn reinitiate(&mut self, key: &Key, out: &mut impl FnMut(Output<'_>)) {
         let Some(id) = self.peer_id(key) else { return };
         let Some(peer) = self.peers[id].as_mut() else { return };
-        if peer.tunn.stats().0.is_some() || (never_shaken && peer.stats.handshakes > 0) {
+        if peer.stats.handshakes > 0 {
             return;
         }
         if let TunnResult::WriteToNetwork(b) = peer.tunn.format_handshake_initiation(&mut self.buf, true) {
