@@ -33,6 +33,10 @@ pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000
 /// control frame (64 KiB) with room to spare.
 const MAX_LINE: usize = 16 * 1024;
 const QUEUE: usize = 4096;
+/// Recording bytes queued for the writer, in KiB, before a session's output
+/// pump waits: a batch is up to 256 KiB, so the queue's message bound alone
+/// would let a stalled disk pin a gigabyte.
+const DATA_BUDGET_KIB: usize = 64 * 1024;
 
 /// SHA-256 of one audit line (without its newline), hex.
 pub(crate) fn line_hash(line: &str) -> String {
@@ -170,7 +174,9 @@ enum Cmd {
     },
     Data {
         session: String,
-        line: String,
+        bytes: Vec<u8>,
+        /// KiB of [`Journal::budget`] to give back once written.
+        permits: u32,
     },
     Close {
         session: String,
@@ -185,6 +191,8 @@ pub(crate) struct Journal {
     tx: mpsc::Sender<Cmd>,
     pub shared: Arc<Shared>,
     audit_path: PathBuf,
+    /// Bounds the recording bytes in the queue.
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Default backlog bound (`TAILGATE_SPOOL_LIMIT_MB` overrides).
@@ -221,7 +229,9 @@ impl Journal {
             recs: Default::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
+        let budget = Arc::new(tokio::sync::Semaphore::new(DATA_BUDGET_KIB));
         let mut w = Writer {
+            budget: budget.clone(),
             audit: file,
             audit_path: audit_path.to_path_buf(),
             chain,
@@ -231,7 +241,7 @@ impl Journal {
             shared: shared.clone(),
         };
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx)).map_err(|e| SshError::io(audit_path, e))?;
-        Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf() })
+        Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf(), budget })
     }
 
     /// Path of `audit.jsonl` (the shipper reads it back).
@@ -283,7 +293,7 @@ impl Journal {
         let gone = || SshError::io(&self.audit_path, std::io::Error::other("audit writer stopped"));
         self.tx.send(Cmd::Open { session: session.into(), header, failed: failed.clone(), reply }).await.map_err(|_| gone())?;
         let path = rx.await.map_err(|_| gone())??;
-        Ok(RecHandle { journal: self.clone(), session: session.into(), path, failed })
+        Ok(RecHandle { journal: self.clone(), session: session.into(), path, failed, order: Default::default() })
     }
 
     /// Waits until everything queued so far is written.
@@ -303,19 +313,27 @@ pub(crate) struct RecHandle {
     path: PathBuf,
     /// Set by the writer when output could not be recorded (disk error, spool full).
     pub failed: Arc<AtomicBool>,
+    /// Held from taking a batch until it is queued, so that batches taken by
+    /// the session's two output pumps reach the file in the order taken.
+    pub order: tokio::sync::Mutex<()>,
 }
 
 impl RecHandle {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
-    /// Queues one asciicast line, waiting for room in the queue.
-    pub(crate) async fn send(&self, line: String) {
-        let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), line }).await;
+    /// Queues a batch of asciicast lines, waiting for room in the queue
+    /// (backpressure on the session when the disk falls behind).
+    pub(crate) async fn send(&self, bytes: Vec<u8>) {
+        let kib = bytes.len().div_ceil(1024).clamp(1, DATA_BUDGET_KIB) as u32;
+        let Ok(p) = self.journal.budget.acquire_many(kib).await else { return };
+        p.forget();
+        let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), bytes, permits: kib }).await;
     }
-    /// Queues one line from synchronous code (resize events).
-    pub(crate) fn send_sync(&self, line: String) {
-        self.journal.send_sync(Cmd::Data { session: self.session.clone(), line });
+    /// Queues lines from synchronous code (resize events, the last batch);
+    /// outside the byte budget, which is at most one batch per session.
+    pub(crate) fn send_sync(&self, bytes: Vec<u8>) {
+        self.journal.send_sync(Cmd::Data { session: self.session.clone(), bytes, permits: 0 });
     }
     pub(crate) fn close(&self) {
         self.journal.send_sync(Cmd::Close { session: self.session.clone() });
@@ -331,6 +349,7 @@ struct OpenRec {
 }
 
 struct Writer {
+    budget: Arc<tokio::sync::Semaphore>,
     audit: File,
     audit_path: PathBuf,
     chain: Chain,
@@ -383,7 +402,9 @@ impl Writer {
             Cmd::Open { session, header, failed, reply } => {
                 let _ = reply.send(self.open(&session, &header, failed));
             }
-            Cmd::Data { session, line } => {
+            Cmd::Data { session, bytes, permits } => {
+                self.budget.add_permits(permits as usize);
+                let line = bytes;
                 let Some(r) = self.open.get_mut(&session) else { return };
                 if r.failed.load(Ordering::Relaxed) {
                     return;
@@ -401,7 +422,7 @@ impl Writer {
                     return;
                 }
                 self.shared.full_logged.store(false, Ordering::Release);
-                match r.out.write_all(line.as_bytes()) {
+                match r.out.write_all(&line) {
                     Ok(()) => {
                         r.written += line.len() as u64;
                         self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
@@ -553,7 +574,7 @@ mod tests {
             let j = Journal::open(dir.path(), &dir.path().join("audit.jsonl"), &dir.path().join("rec")).unwrap();
             let r = j.open_recording("s1", "{\"version\":2}\n".into()).await.unwrap();
             for i in 0..1000 {
-                r.send(format!("[{i},\"o\",\"x\"]\n")).await;
+                r.send(format!("[{i},\"o\",\"x\"]\n").into_bytes()).await;
             }
             r.close();
             j.flush().await;
@@ -568,7 +589,7 @@ mod tests {
             j.shared.shipping.store(true, Ordering::Release);
             j.shared.limit.store(10, Ordering::Release);
             let r2 = j.open_recording("s2", "{}\n".into()).await.unwrap();
-            r2.send("[0,\"o\",\"y\"]\n".into()).await;
+            r2.send(b"[0,\"o\",\"y\"]\n".to_vec()).await;
             j.flush().await;
             assert!(r2.failed.load(Ordering::Acquire));
         });
