@@ -183,17 +183,24 @@ echo "== recording cost: $MIB MiB of text over \`tailgate ssh vps\`, unrecorded 
 PLAINS=(); RECS=(); LAGS=(); RATIOS=(); CRATIOS=()
 for r in $(seq $REPS); do
   set_record false
+  # PERF_ALL=1 (with PERF_DIR): also sample the whole machine during both runs,
+  # to see what every process (client, laptop, node, kernel threads) spends.
+  perf_all() { [ -n "${PERF_DIR:-}" ] && [ -n "${PERF_ALL:-}" ] && { perf record -q -a -F 999 -o "$PERF_DIR/all-$MIB-$r-$1.data" >/dev/null 2>&1 & echo $!; } || true; }
+  PA=$(perf_all plain)
   c0=$(cpu3); read P PC < <(bulk_ctl); c1=$(cpu3)
+  [ -n "$PA" ] && { kill -INT $PA; wait $PA 2>/dev/null || true; }
   set_record true
   before=$(complete_recordings)
   # PERF_DIR=dir: profile the node and control during the recorded run (`perf report -i dir/...`).
   PERFS=()
   if [ -n "${PERF_DIR:-}" ]; then
     for w in "node:state-dir $D/vps" "control:state-dir $D/ctl --listen"; do
-      perf record -q -F 499 -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
+      perf record -q -F ${PERF_FREQ:-499} -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
     done
   fi
+  PA=$(perf_all rec)
   c2=$(cpu3); read R RC < <(bulk_ctl); t1=$(now); c3=$(cpu3)
+  [ -n "$PA" ] && { kill -INT $PA; wait $PA 2>/dev/null || true; }
   for p in "${PERFS[@]}"; do kill -INT $p 2>/dev/null || true; wait $p 2>/dev/null || true; done
   # Shipping lag: from the end of the session until control holds all of it.
   for i in $(seq 3000); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done

@@ -337,32 +337,34 @@ async fn pump<R, W>(
             Ok(n) => n,
         };
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some((rec, lost_signal)) = &recorder {
-            // Encode under the lock, queue outside it: the write happens on
-            // the journal's thread, and waiting for room there is backpressure.
-            let (full, lost, pending) = {
-                let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
-                (r.encode_output(&buf[..n]), r.required && r.failed(), r.pending())
-            };
-            if !pending {
-                flush_at = None;
-            } else if flush_at.is_none() {
-                flush_at = Some(tokio::time::Instant::now() + REC_FLUSH);
-            }
-            if lost {
-                // Fail closed: this output is not passed on unrecorded.
-                lost_signal.notify_one();
-                break;
-            }
-            if full {
-                flush_recording(rec).await;
-                flush_at = None;
-            }
+        if let Some((rec, lost_signal)) = &recorder
+            && rec.lock().unwrap_or_else(|e| e.into_inner()).lost()
+        {
+            // Fail closed: this output is not passed on unrecorded.
+            lost_signal.notify_one();
+            break;
         }
         flow.output_busy.fetch_add(1, Ordering::AcqRel);
         flow.wake.notify_waiters();
         let res = w.write_all(&buf[..n]).await;
         flow.output_busy.fetch_sub(1, Ordering::AcqRel);
+        if let Some((rec, _)) = &recorder {
+            // Encoded once the client has it: the session's next read does
+            // not wait for the encoding. The write happens on the journal's
+            // thread, and waiting for room there is backpressure.
+            let (full, pending) = {
+                let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                (r.encode_output(&buf[..n]), r.pending())
+            };
+            if full {
+                flush_recording(rec).await;
+                flush_at = None;
+            } else if !pending {
+                flush_at = None;
+            } else if flush_at.is_none() {
+                flush_at = Some(tokio::time::Instant::now() + REC_FLUSH);
+            }
+        }
         if res.is_err() {
             break;
         }
