@@ -346,6 +346,8 @@ struct OpenRec {
     failed: Arc<AtomicBool>,
     /// Bytes handed to `out` (on disk after the next flush).
     written: u64,
+    /// Bytes whose writeback has been started (see [`start_writeback`]).
+    started: u64,
 }
 
 struct Writer {
@@ -377,7 +379,10 @@ impl Writer {
             let mut flushed = Vec::with_capacity(self.open.len());
             for (s, r) in self.open.iter_mut() {
                 match r.out.flush() {
-                    Ok(()) => flushed.push((s, r.written)),
+                    Ok(()) => {
+                        start_writeback(r);
+                        flushed.push((s, r.written))
+                    }
                     Err(e) => fail(r, &e),
                 }
             }
@@ -483,9 +488,31 @@ impl Writer {
         }
         self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
         self.shared.recs().insert(session.to_string(), LiveRec { size: header.len() as u64, open: true });
-        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed, written: header.len() as u64 });
+        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed, written: header.len() as u64, started: 0 });
         Ok(path)
     }
+}
+
+/// Dirty recording bytes after which their writeback is started.
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+/// Starts writing a bulk recording's new bytes to disk now, a few MiB at a
+/// time, instead of leaving them dirty in the page cache: hundreds of MiB of
+/// dirty spool would otherwise be written back in one burst half a minute
+/// later (`dirty_expire_centisecs`), or, past the kernel's dirty limits,
+/// throttle this thread in one long stall. `SYNC_FILE_RANGE_WRITE` only
+/// queues the I/O; it neither waits for it nor promises durability (control
+/// acknowledges what it stored, not what the node wrote).
+fn start_writeback(r: &mut OpenRec) {
+    use std::os::fd::AsRawFd;
+    if r.written - r.started < WRITEBACK_EVERY {
+        return;
+    }
+    let fd = r.out.get_ref().as_raw_fd();
+    // SAFETY: a plain syscall on a descriptor this writer owns; a failure
+    // (e.g. a file system without it) only leaves writeback to the kernel.
+    unsafe { libc::sync_file_range(fd, r.started as i64, (r.written - r.started) as i64, libc::SYNC_FILE_RANGE_WRITE) };
+    r.started = r.written;
 }
 
 fn fail(r: &mut OpenRec, e: &std::io::Error) {
