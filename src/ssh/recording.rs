@@ -518,6 +518,50 @@ mod tests {
     }
 
     #[test]
+    fn batches_and_resizes_reach_the_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let text = rt.block_on(async {
+            let j = Journal::open(dir.path(), &dir.path().join("audit.jsonl"), &dir.path().join("rec")).unwrap();
+            let mut r = Recorder::create(&j, "s1", &CastHeader::new(80, 24, SystemTime::now())).await.unwrap();
+            let handle = r.handle();
+            let mut fulls = 0;
+            for i in 0..20u8 {
+                // 20 reads of 32 KiB: more than two full batches.
+                if r.encode_output(&vec![b'a' + i; 32 * 1024]) {
+                    fulls += 1;
+                    let b = r.take_batch().unwrap();
+                    handle.send(b).await;
+                }
+                if i == 10 {
+                    // A pump is between taking a batch and queueing it: the
+                    // resize must wait in the batch rather than overtake it.
+                    let order = handle.order.lock().await;
+                    r.resize(100, 40);
+                    assert!(r.pending());
+                    drop(order);
+                }
+            }
+            assert_eq!(fulls, 2);
+            r.resize(120, 50);
+            assert!(!r.pending(), "with nobody holding the order, a resize goes at once");
+            r.finish();
+            j.flush().await;
+            std::fs::read_to_string(r.path()).unwrap()
+        });
+        let events: Vec<(f64, String, String)> = text.lines().skip(1).map(data_of).collect();
+        let want: Vec<String> = (0..20u8)
+            .flat_map(|i| {
+                let o = String::from_utf8(vec![b'a' + i; 32 * 1024]).unwrap();
+                if i == 10 { vec![o, "100x40".into()] } else { vec![o] }
+            })
+            .chain(["120x50".to_string()])
+            .collect();
+        assert_eq!(events.iter().map(|e| e.2.clone()).collect::<Vec<_>>(), want);
+        assert!(events.windows(2).all(|w| w[0].0 <= w[1].0), "times never go back");
+    }
+
+    #[test]
     fn header_and_resize() {
         let mut h = CastHeader::new(0, 0, UNIX_EPOCH + Duration::from_secs(42));
         h.command = Some("/bin/bash".into());
