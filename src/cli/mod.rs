@@ -652,12 +652,7 @@ async fn nc(args: NcArgs) -> Result<()> {
             // An older daemon: a reset looks like a clean end on its pipe.
             return pipe_stdio(to_stdout(rd), wr).await;
         }
-        // Buffered: tokio's stdout writes through the blocking pool, a thread
-        // hop per write; copy_framed flushes whenever the daemon has nothing
-        // more queued, so a bulk transfer costs a hop per batch of frames,
-        // not per frame, and interactive output is not held back.
-        let out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::io::stdout());
-        return pipe_stdio(localapi::copy_framed(rd, out), wr).await;
+        return pipe_stdio(localapi::copy_framed(rd, tokio::io::stdout()), wr).await;
     };
     nc_static(wg_config, &args.host, args.port).await
 }

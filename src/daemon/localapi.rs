@@ -334,17 +334,10 @@ where
     // we know when the daemon has nothing more queued: that is when `out`
     // must be flushed (std's stdout under tokio's is line-buffered, and an
     // SSH key exchange has no newlines; unflushed, it waits forever).
-    // Room for several frames: a bulk transfer is read a few frames per
-    // syscall, and flushed once per batch (tailgate nc buffers stdout).
-    let mut rd = tokio::io::BufReader::with_capacity(4 * (MAX_FRAME + 5), rd);
+    let mut rd = tokio::io::BufReader::with_capacity(MAX_FRAME + 5, rd);
     loop {
         if rd.buffer().is_empty() {
-            use futures::FutureExt;
-            // More already waiting on the socket: flush with it, not now.
-            let more = rd.fill_buf().now_or_never().is_some_and(|r| r.is_ok_and(|b| !b.is_empty()));
-            if !more {
-                out.flush().await?;
-            }
+            out.flush().await?;
         }
         let tag = rd.read_u8().await.map_err(vanished)?;
         match tag {

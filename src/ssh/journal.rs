@@ -326,6 +326,10 @@ impl RecHandle {
     /// (backpressure on the session when the disk falls behind).
     pub(crate) async fn send(&self, bytes: Vec<u8>) {
         let kib = bytes.len().div_ceil(1024).clamp(1, DATA_BUDGET_KIB) as u32;
+        // A writer that is gone refills nothing: do not wait for it.
+        if self.journal.tx.is_closed() {
+            return;
+        }
         let Ok(p) = self.journal.budget.acquire_many(kib).await else { return };
         p.forget();
         let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), bytes, permits: kib }).await;
