@@ -10,8 +10,11 @@
 # unrecorded / record = true over the same warm daemon, each figure, the
 # median and spread of the time ratio and of the CPU ratio (client + node +
 # control, shipping included), and how long after each recorded session ended
-# control held the complete recording (the shipping lag). PERF_DIR=dir also
-# profiles the node and control (perf record -g) during each recorded run.
+# control held the complete recording (the shipping lag), and the node's CPU
+# ratio per pair (what recording adds where the session runs). PERF_DIR=dir also
+# profiles the node and control (perf record -g) during each recorded run
+# (PERF_FREQ, default 499 Hz); with PERF_ALL=1 also the whole machine during
+# both runs of each pair (perf record -a), to see the client and the kernel.
 set -euo pipefail
 MODE=${1:-all}; REPS=${REPS:-3}
 cd "$(dirname "$0")/.."
@@ -168,6 +171,10 @@ cpu_sum() { # total CPU seconds between two cpu3 snapshots
   local a=($1) b=($2)
   echo "${b[0]} + ${b[1]} + ${b[2]} - ${a[0]} - ${a[1]} - ${a[2]}" | bc -l
 }
+node_cpu() { # the node's CPU seconds between two cpu3 snapshots
+  local a=($1) b=($2)
+  echo "${b[1]} - ${a[1]}" | bc -l
+}
 cpu_diff() { # "laptop node control" CPU seconds between two cpu3 snapshots
   local a=($1) b=($2)
   printf "laptop %.2f + node %.2f + control %.2f = %.2f s" "$(echo "${b[0]} - ${a[0]}" | bc -l)" "$(echo "${b[1]} - ${a[1]}" | bc -l)" \
@@ -180,20 +187,27 @@ SUMMARY=()
 for MIB in $RECORD_MIB; do
 BYTES=$((MIB*1024*1024))
 echo "== recording cost: $MIB MiB of text over \`tailgate ssh vps\`, unrecorded vs record = true (spooled + shipped to control), $REPS interleaved pairs"
-PLAINS=(); RECS=(); LAGS=(); RATIOS=(); CRATIOS=()
+PLAINS=(); RECS=(); LAGS=(); RATIOS=(); CRATIOS=(); NRATIOS=()
 for r in $(seq $REPS); do
   set_record false
+  # PERF_ALL=1 (with PERF_DIR): also sample the whole machine during both runs,
+  # to see what every process (client, laptop, node, kernel threads) spends.
+  perf_all() { [ -n "${PERF_DIR:-}" ] && [ -n "${PERF_ALL:-}" ] && { perf record -q -a -F 999 -o "$PERF_DIR/all-$MIB-$r-$1.data" >/dev/null 2>&1 & echo $!; } || true; }
+  PA=$(perf_all plain)
   c0=$(cpu3); read P PC < <(bulk_ctl); c1=$(cpu3)
+  [ -n "$PA" ] && { kill -INT $PA; wait $PA 2>/dev/null || true; }
   set_record true
   before=$(complete_recordings)
   # PERF_DIR=dir: profile the node and control during the recorded run (`perf report -i dir/...`).
   PERFS=()
   if [ -n "${PERF_DIR:-}" ]; then
     for w in "node:state-dir $D/vps" "control:state-dir $D/ctl --listen"; do
-      perf record -q -F 499 -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
+      perf record -q -F ${PERF_FREQ:-499} -g -o "$PERF_DIR/${w%%:*}-$MIB-$r.data" -p "$(pgrep -f "${w#*:}" | head -1)" >/dev/null 2>&1 & PERFS+=($!)
     done
   fi
+  PA=$(perf_all rec)
   c2=$(cpu3); read R RC < <(bulk_ctl); t1=$(now); c3=$(cpu3)
+  [ -n "$PA" ] && { kill -INT $PA; wait $PA 2>/dev/null || true; }
   for p in "${PERFS[@]}"; do kill -INT $p 2>/dev/null || true; wait $p 2>/dev/null || true; done
   # Shipping lag: from the end of the session until control holds all of it.
   for i in $(seq 3000); do [ "$(complete_recordings)" -gt "$before" ] && break; sleep 0.1; done
@@ -202,6 +216,9 @@ for r in $(seq $REPS); do
   # CPU ratio: everything the recorded session cost (client, node, control,
   # including shipping after it ended) over the same for the unrecorded one.
   CR=$(echo "($RC + $(cpu_sum "$c2" "$c4")) / ($PC + $(cpu_sum "$c0" "$c1"))" | bc -l)
+  # The node's own CPU during each session: what recording adds where the
+  # session runs, less swayed than wall time by the client and by other load.
+  NRATIOS+=("$(echo "$(node_cpu "$c2" "$c3") / $(node_cpu "$c0" "$c1")" | bc -l)")
   PLAINS+=("$P"); RECS+=("$R"); LAGS+=("$L"); RATIOS+=("$(echo "$R / $P" | bc -l)"); CRATIOS+=("$CR")
   printf "pair %d: unrecorded %6.2f s (%6.1f MB/s)   record=true %6.2f s (%6.1f MB/s)   ratio %.2fx   CPU ratio %.2fx   complete at control %.2f s after the session\n" \
     "$r" "$P" "$(echo "$BYTES/1000000/$P" | bc -l)" "$R" "$(echo "$BYTES/1000000/$R" | bc -l)" "$(echo "$R / $P" | bc -l)" "$CR" "$L"
@@ -211,11 +228,12 @@ for r in $(seq $REPS); do
 done
 ls $D/vps/recordings/*.cast >/dev/null 2>&1 || { echo "recording bench: no recording was made" >&2; exit 1; }
 read PM PS < <(stats "${PLAINS[@]}"); read RM RS < <(stats "${RECS[@]}")
-read QM QS < <(stats "${RATIOS[@]}"); read LM LS < <(stats "${LAGS[@]}"); read CM CS < <(stats "${CRATIOS[@]}")
+read QM QS < <(stats "${RATIOS[@]}"); read LM LS < <(stats "${LAGS[@]}"); read CM CS < <(stats "${CRATIOS[@]}"); read NM NS < <(stats "${NRATIOS[@]}")
 SUMMARY+=("$(printf "unrecorded   %5d MiB: median %6.2f s (%6.1f MB/s), spread %.2f s" "$MIB" "$PM" "$(echo "$BYTES/1000000/$PM" | bc -l)" "$PS")")
 SUMMARY+=("$(printf "record=true  %5d MiB: median %6.2f s (%6.1f MB/s), spread %.2f s" "$MIB" "$RM" "$(echo "$BYTES/1000000/$RM" | bc -l)" "$RS")")
 SUMMARY+=("$(printf "recording cost %d MiB (recorded/unrecorded time per pair, 1.00 = free; target <= 1.10): median %.2fx, spread %.2f" "$MIB" "$QM" "$QS")")
 SUMMARY+=("$(printf "CPU cost %d MiB (client + node + control CPU-s, shipping included, per pair): median %.2fx, spread %.2f" "$MIB" "$CM" "$CS")")
+SUMMARY+=("$(printf "node CPU during the session %d MiB (recorded/unrecorded, per pair): median %.2fx, spread %.2f" "$MIB" "$NM" "$NS")")
 SUMMARY+=("$(printf "shipping lag %d MiB (session end -> complete at control): median %.2f s, spread %.2f s" "$MIB" "$LM" "$LS")")
 done
 printf "%s\n" "${SUMMARY[@]}"

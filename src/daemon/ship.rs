@@ -429,13 +429,14 @@ impl Files {
             let Ok(f) = std::fs::File::open(self.recordings.join(format!("{session}.cast"))) else { return Vec::new() };
             *last = Some((session.to_string(), f));
         }
-        let Some((_, f)) = last.as_ref() else { return Vec::new() };
-        let mut buf = vec![0u8; len];
-        match std::os::unix::fs::FileExt::read_at(f, &mut buf, offset) {
-            Ok(n) => {
-                buf.truncate(n);
-                buf
-            }
+        let Some((_, file)) = last.as_ref() else { return Vec::new() };
+        let mut f: &std::fs::File = file;
+        // Read into spare capacity: a zeroed buffer cost a memset of every
+        // byte shipped. The file is only read here, under the lock, so
+        // seeking it is safe.
+        let mut buf = Vec::with_capacity(len);
+        match f.seek(SeekFrom::Start(offset)).and_then(|_| f.take(len as u64).read_to_end(&mut buf)) {
+            Ok(_) => buf,
             Err(_) => Vec::new(),
         }
     }

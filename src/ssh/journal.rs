@@ -33,6 +33,10 @@ pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000
 /// control frame (64 KiB) with room to spare.
 const MAX_LINE: usize = 16 * 1024;
 const QUEUE: usize = 4096;
+/// Recording bytes queued for the writer, in KiB, before a session's output
+/// pump waits: a batch is up to 256 KiB, so the queue's message bound alone
+/// would let a stalled disk pin a gigabyte.
+const DATA_BUDGET_KIB: usize = 64 * 1024;
 
 /// SHA-256 of one audit line (without its newline), hex.
 pub(crate) fn line_hash(line: &str) -> String {
@@ -170,7 +174,9 @@ enum Cmd {
     },
     Data {
         session: String,
-        line: String,
+        bytes: Vec<u8>,
+        /// KiB of [`Journal::budget`] to give back once written.
+        permits: u32,
     },
     Close {
         session: String,
@@ -185,6 +191,8 @@ pub(crate) struct Journal {
     tx: mpsc::Sender<Cmd>,
     pub shared: Arc<Shared>,
     audit_path: PathBuf,
+    /// Bounds the recording bytes in the queue.
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Default backlog bound (`TAILGATE_SPOOL_LIMIT_MB` overrides).
@@ -221,7 +229,9 @@ impl Journal {
             recs: Default::default(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
+        let budget = Arc::new(tokio::sync::Semaphore::new(DATA_BUDGET_KIB));
         let mut w = Writer {
+            budget: budget.clone(),
             audit: file,
             audit_path: audit_path.to_path_buf(),
             chain,
@@ -231,7 +241,7 @@ impl Journal {
             shared: shared.clone(),
         };
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || w.run(rx)).map_err(|e| SshError::io(audit_path, e))?;
-        Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf() })
+        Ok(Journal { tx, shared, audit_path: audit_path.to_path_buf(), budget })
     }
 
     /// Path of `audit.jsonl` (the shipper reads it back).
@@ -283,7 +293,7 @@ impl Journal {
         let gone = || SshError::io(&self.audit_path, std::io::Error::other("audit writer stopped"));
         self.tx.send(Cmd::Open { session: session.into(), header, failed: failed.clone(), reply }).await.map_err(|_| gone())?;
         let path = rx.await.map_err(|_| gone())??;
-        Ok(RecHandle { journal: self.clone(), session: session.into(), path, failed })
+        Ok(RecHandle { journal: self.clone(), session: session.into(), path, failed, order: Default::default() })
     }
 
     /// Waits until everything queued so far is written.
@@ -303,19 +313,31 @@ pub(crate) struct RecHandle {
     path: PathBuf,
     /// Set by the writer when output could not be recorded (disk error, spool full).
     pub failed: Arc<AtomicBool>,
+    /// Held from taking a batch until it is queued, so that batches taken by
+    /// the session's two output pumps reach the file in the order taken.
+    pub order: tokio::sync::Mutex<()>,
 }
 
 impl RecHandle {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
-    /// Queues one asciicast line, waiting for room in the queue.
-    pub(crate) async fn send(&self, line: String) {
-        let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), line }).await;
+    /// Queues a batch of asciicast lines, waiting for room in the queue
+    /// (backpressure on the session when the disk falls behind).
+    pub(crate) async fn send(&self, bytes: Vec<u8>) {
+        let kib = bytes.len().div_ceil(1024).clamp(1, DATA_BUDGET_KIB) as u32;
+        // A writer that is gone refills nothing: do not wait for it.
+        if self.journal.tx.is_closed() {
+            return;
+        }
+        let Ok(p) = self.journal.budget.acquire_many(kib).await else { return };
+        p.forget();
+        let _ = self.journal.tx.send(Cmd::Data { session: self.session.clone(), bytes, permits: kib }).await;
     }
-    /// Queues one line from synchronous code (resize events).
-    pub(crate) fn send_sync(&self, line: String) {
-        self.journal.send_sync(Cmd::Data { session: self.session.clone(), line });
+    /// Queues lines from synchronous code (resize events, the last batch);
+    /// outside the byte budget, which is at most one batch per session.
+    pub(crate) fn send_sync(&self, bytes: Vec<u8>) {
+        self.journal.send_sync(Cmd::Data { session: self.session.clone(), bytes, permits: 0 });
     }
     pub(crate) fn close(&self) {
         self.journal.send_sync(Cmd::Close { session: self.session.clone() });
@@ -328,9 +350,12 @@ struct OpenRec {
     failed: Arc<AtomicBool>,
     /// Bytes handed to `out` (on disk after the next flush).
     written: u64,
+    /// Bytes whose writeback has been started (see [`start_writeback`]).
+    started: u64,
 }
 
 struct Writer {
+    budget: Arc<tokio::sync::Semaphore>,
     audit: File,
     audit_path: PathBuf,
     chain: Chain,
@@ -358,7 +383,10 @@ impl Writer {
             let mut flushed = Vec::with_capacity(self.open.len());
             for (s, r) in self.open.iter_mut() {
                 match r.out.flush() {
-                    Ok(()) => flushed.push((s, r.written)),
+                    Ok(()) => {
+                        start_writeback(r);
+                        flushed.push((s, r.written))
+                    }
                     Err(e) => fail(r, &e),
                 }
             }
@@ -383,7 +411,9 @@ impl Writer {
             Cmd::Open { session, header, failed, reply } => {
                 let _ = reply.send(self.open(&session, &header, failed));
             }
-            Cmd::Data { session, line } => {
+            Cmd::Data { session, bytes, permits } => {
+                self.budget.add_permits(permits as usize);
+                let line = bytes;
                 let Some(r) = self.open.get_mut(&session) else { return };
                 if r.failed.load(Ordering::Relaxed) {
                     return;
@@ -401,7 +431,7 @@ impl Writer {
                     return;
                 }
                 self.shared.full_logged.store(false, Ordering::Release);
-                match r.out.write_all(line.as_bytes()) {
+                match r.out.write_all(&line) {
                     Ok(()) => {
                         r.written += line.len() as u64;
                         self.shared.backlog.fetch_add(line.len() as u64, Ordering::AcqRel);
@@ -462,9 +492,31 @@ impl Writer {
         }
         self.shared.backlog.fetch_add(header.len() as u64, Ordering::AcqRel);
         self.shared.recs().insert(session.to_string(), LiveRec { size: header.len() as u64, open: true });
-        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed, written: header.len() as u64 });
+        self.open.insert(session.to_string(), OpenRec { out, path: path.clone(), failed, written: header.len() as u64, started: 0 });
         Ok(path)
     }
+}
+
+/// Dirty recording bytes after which their writeback is started.
+const WRITEBACK_EVERY: u64 = 8 * 1024 * 1024;
+
+/// Starts writing a bulk recording's new bytes to disk now, a few MiB at a
+/// time, instead of leaving them dirty in the page cache: hundreds of MiB of
+/// dirty spool would otherwise be written back in one burst half a minute
+/// later (`dirty_expire_centisecs`), or, past the kernel's dirty limits,
+/// throttle this thread in one long stall. `SYNC_FILE_RANGE_WRITE` only
+/// queues the I/O; it neither waits for it nor promises durability (control
+/// acknowledges what it stored, not what the node wrote).
+fn start_writeback(r: &mut OpenRec) {
+    use std::os::fd::AsRawFd;
+    if r.written - r.started < WRITEBACK_EVERY {
+        return;
+    }
+    let fd = r.out.get_ref().as_raw_fd();
+    // SAFETY: a plain syscall on a descriptor this writer owns; a failure
+    // (e.g. a file system without it) only leaves writeback to the kernel.
+    unsafe { libc::sync_file_range(fd, r.started as i64, (r.written - r.started) as i64, libc::SYNC_FILE_RANGE_WRITE) };
+    r.started = r.written;
 }
 
 fn fail(r: &mut OpenRec, e: &std::io::Error) {
@@ -553,7 +605,7 @@ mod tests {
             let j = Journal::open(dir.path(), &dir.path().join("audit.jsonl"), &dir.path().join("rec")).unwrap();
             let r = j.open_recording("s1", "{\"version\":2}\n".into()).await.unwrap();
             for i in 0..1000 {
-                r.send(format!("[{i},\"o\",\"x\"]\n")).await;
+                r.send(format!("[{i},\"o\",\"x\"]\n").into_bytes()).await;
             }
             r.close();
             j.flush().await;
@@ -568,7 +620,7 @@ mod tests {
             j.shared.shipping.store(true, Ordering::Release);
             j.shared.limit.store(10, Ordering::Release);
             let r2 = j.open_recording("s2", "{}\n".into()).await.unwrap();
-            r2.send("[0,\"o\",\"y\"]\n".into()).await;
+            r2.send(b"[0,\"o\",\"y\"]\n".to_vec()).await;
             j.flush().await;
             assert!(r2.failed.load(Ordering::Acquire));
         });

@@ -36,6 +36,10 @@ use super::recording::Recorder;
 /// once the pipes/pty stay silent this long we stop waiting for EOF (a
 /// background process may hold them open forever).
 const DRAIN_IDLE: Duration = Duration::from_millis(1500);
+/// How long recorded output may wait in the recorder's batch (see
+/// [`super::recording::BATCH`]): well below what a person notices in the
+/// shipping lag, and a bulk session fills a batch long before.
+const REC_FLUSH: Duration = Duration::from_millis(20);
 /// Between SIGHUP/SIGTERM and SIGKILL when we end a session.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Queued client bytes above which the handler waits for the child (if its output is idle).
@@ -306,6 +310,8 @@ async fn pump<R, W>(
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 32 * 1024];
+    // When output left in the recorder's batch is handed to the journal.
+    let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         let n = if *exited.borrow() {
             match tokio::time::timeout(DRAIN_IDLE, r.read(&mut buf)).await {
@@ -317,6 +323,13 @@ async fn pump<R, W>(
                 res = r.read(&mut buf) => res,
                 // Re-enter the loop to apply the idle limit from now on.
                 _ = exited.changed() => continue,
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
+                    flush_at = None;
+                    if let Some((rec, _)) = &recorder {
+                        flush_recording(rec).await;
+                    }
+                    continue;
+                }
             }
         };
         let n = match n {
@@ -324,29 +337,50 @@ async fn pump<R, W>(
             Ok(n) => n,
         };
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some((rec, lost_signal)) = &recorder {
-            // Encode under the lock, queue outside it: the write happens on
-            // the journal's thread, and waiting for room there is backpressure.
-            let (line, handle, lost) = {
-                let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
-                (r.encode_output(&buf[..n]), r.handle(), r.required && r.failed())
-            };
-            if lost {
-                // Fail closed: this output is not passed on unrecorded.
-                lost_signal.notify_one();
-                break;
-            }
-            if let Some(line) = line {
-                handle.send(line).await;
-            }
+        if let Some((rec, lost_signal)) = &recorder
+            && rec.lock().unwrap_or_else(|e| e.into_inner()).lost()
+        {
+            // Fail closed: this output is not passed on unrecorded.
+            lost_signal.notify_one();
+            break;
         }
         flow.output_busy.fetch_add(1, Ordering::AcqRel);
         flow.wake.notify_waiters();
         let res = w.write_all(&buf[..n]).await;
         flow.output_busy.fetch_sub(1, Ordering::AcqRel);
+        if let Some((rec, _)) = &recorder {
+            // Encoded once the client has it: the session's next read does
+            // not wait for the encoding. The write happens on the journal's
+            // thread, and waiting for room there is backpressure.
+            let (full, pending) = {
+                let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                (r.encode_output(&buf[..n]), r.pending())
+            };
+            if full {
+                flush_recording(rec).await;
+                flush_at = None;
+            } else if !pending {
+                flush_at = None;
+            } else if flush_at.is_none() {
+                flush_at = Some(tokio::time::Instant::now() + REC_FLUSH);
+            }
+        }
         if res.is_err() {
             break;
         }
+    }
+    if let Some((rec, _)) = &recorder {
+        flush_recording(rec).await;
+    }
+}
+
+/// Hands what waits in the recorder's batch to the journal.
+async fn flush_recording(rec: &Mutex<Recorder>) {
+    let handle = rec.lock().unwrap_or_else(|e| e.into_inner()).handle();
+    let _order = handle.order.lock().await;
+    let batch = rec.lock().unwrap_or_else(|e| e.into_inner()).take_batch();
+    if let Some(b) = batch {
+        handle.send(b).await;
     }
 }
 
