@@ -278,8 +278,11 @@ pub fn write(dir: &Path, name: &str, body: &str) -> String {
     p.display().to_string()
 }
 
+/// A test's directory (state dirs, logs). `TAILGATE_TEST_KEEP=1` keeps it
+/// after the test, to read the logs of a failure.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("tailgate-test").tempdir().unwrap()
+    let keep = std::env::var_os("TAILGATE_TEST_KEEP").is_some();
+    tempfile::Builder::new().prefix("tailgate-test").disable_cleanup(keep).tempdir().unwrap()
 }
 
 /// Put namespaces on one LAN: a bridge in its own namespace, a veth to each.

@@ -88,7 +88,7 @@ pub fn start(state_dir: &Path) -> anyhow::Result<(Ingest, std::thread::JoinHandl
     conn.pragma_update(None, "synchronous", "FULL")?;
     let chunks = super::recordings::start(state_dir, recordings_dir(state_dir))?;
     let (tx, rx) = mpsc::channel(256);
-    let mut w = Worker { conn, dir: recordings_dir(state_dir) };
+    let mut w = Worker { conn, dir: recordings_dir(state_dir), unstored: Default::default() };
     let h = std::thread::Builder::new().name("control-audit".into()).spawn(move || w.run(rx))?;
     Ok((Ingest { tx, chunks }, h))
 }
@@ -117,16 +117,34 @@ fn event_ms(v: &serde_json::Value) -> i64 {
 struct Worker {
     conn: Connection,
     dir: PathBuf,
+    /// Nodes whose last batch could not be stored (e.g. a busy database).
+    unstored: std::collections::HashSet<i64>,
 }
 
 impl Worker {
     fn run(&mut self, mut rx: mpsc::Receiver<IngestCmd>) {
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
-                IngestCmd::Events { node, lines, reply } => match self.events(node, &lines) {
-                    Ok(upto) => reply(ShipAck { events: Some(upto), ..Default::default() }),
-                    Err(e) => tracing::error!("audit: storing events of node #{node}: {e:#}; not acknowledged, the node resends"),
-                },
+                IngestCmd::Events { node, lines, reply } => {
+                    if self.unstored.contains(&node) && !self.resumes(node, &lines) {
+                        // The node pipelines batches: one sent after a batch
+                        // we could not store would look like a gap. It gets
+                        // no ack either, so the node resends from the first
+                        // unacknowledged event.
+                        tracing::debug!("audit: events of node #{node} after an unstored batch; waiting for its resend");
+                        continue;
+                    }
+                    match self.events(node, &lines) {
+                        Ok(upto) => {
+                            self.unstored.remove(&node);
+                            reply(ShipAck { events: Some(upto), ..Default::default() })
+                        }
+                        Err(e) => {
+                            self.unstored.insert(node);
+                            tracing::error!("audit: storing events of node #{node}: {e:#}; not acknowledged, the node resends")
+                        }
+                    }
+                }
                 IngestCmd::Chunk { session, .. } => tracing::error!("audit: recording {session} reached the event thread; dropped"),
                 IngestCmd::Prune { older_than_ms } => {
                     if let Err(e) = super::query::prune(&self.conn, &self.dir, older_than_ms) {
@@ -137,11 +155,29 @@ impl Worker {
         }
     }
 
+    /// Whether `lines` carry on where the stored chain of `node` ends (the
+    /// node's resend after an unstored batch), or start before it.
+    fn resumes(&self, node: i64, lines: &[String]) -> bool {
+        let first = lines.iter().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["id"].as_u64()));
+        let head: u64 = self
+            .conn
+            .query_row("SELECT last_seq FROM node_chains WHERE node_id = ?1", [node], |r| r.get::<_, i64>(0))
+            .optional()
+            .ok()
+            .flatten()
+            .map_or(0, |s| s as u64);
+        first.is_none_or(|f| f <= head + 1)
+    }
+
     /// Stores a batch in one transaction; returns the highest id handled.
     fn events(&mut self, node: i64, lines: &[String]) -> anyhow::Result<u64> {
         let name = node_name(&self.conn, node);
         let now = now_ms();
-        let tx = self.conn.transaction()?;
+        // Immediate: take the write lock first, waiting out `busy_timeout`.
+        // A deferred transaction that reads and then writes fails at once
+        // with "database is locked" when another connection (an admin
+        // command) wrote in between.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut head: Option<(u64, String)> = tx
             .query_row("SELECT last_seq, last_hash FROM node_chains WHERE node_id = ?1", [node], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
@@ -244,4 +280,67 @@ pub(crate) fn integrity(conn: &Connection, node: i64, name: &str, now: i64, kind
         params![now / 1000, format!("audit.{kind}"), name, format!("event {seq}: {detail}")],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::journal::GENESIS;
+
+    fn worker() -> (tempfile::TempDir, Worker) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_db(dir.path()).unwrap();
+        conn.execute_batch(super::super::query::MIGRATION).unwrap();
+        conn.execute_batch("CREATE TABLE audit(at, actor, action, target, detail)").unwrap();
+        (dir, Worker { conn, dir: PathBuf::new(), unstored: Default::default() })
+    }
+
+    /// `n` chained audit lines, ids from 1.
+    fn chain(n: u64) -> Vec<String> {
+        let mut prev = GENESIS.to_string();
+        (1..=n)
+            .map(|id| {
+                let line = format!(r#"{{"id":{id},"prev":"{prev}","event":"auth","time":"2026-11-27T10:00:00Z"}}"#);
+                prev = line_hash(&line);
+                line
+            })
+            .collect()
+    }
+
+    fn gaps(w: &Worker) -> i64 {
+        w.conn.query_row("SELECT count(*) FROM audit_integrity", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_batch_waits_for_a_busy_database_instead_of_failing() {
+        // An admin command holds the write lock while a batch arrives, and
+        // commits in the middle of it: a deferred transaction (read, then
+        // write) failed at once with "database is locked" there.
+        let (dir, mut w) = worker();
+        let other = open_db(dir.path()).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE; INSERT INTO audit VALUES (1, 'admin', 'x', 'y', 'z');").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        let lines = chain(2);
+        assert_eq!(w.events(1, &lines).expect("stored once the lock is free"), 2);
+        release.join().unwrap();
+        assert_eq!(gaps(&w), 0);
+    }
+
+    #[test]
+    fn after_an_unstored_batch_only_the_resend_is_taken() {
+        let (_dir, mut w) = worker();
+        let lines = chain(4);
+        assert_eq!(w.events(1, &lines[..1]).unwrap(), 1);
+        // Event 2's batch could not be stored; event 3's, sent behind it,
+        // must not be taken as a gap, and the resend from 2 must be.
+        w.unstored.insert(1);
+        assert!(!w.resumes(1, &lines[2..3]));
+        assert!(w.resumes(1, &lines[1..]));
+        assert!(w.resumes(1, &lines[..]), "a resend from before the head only repeats what is stored");
+        assert_eq!(w.events(1, &lines[1..]).unwrap(), 4);
+        assert_eq!(gaps(&w), 0);
+    }
 }

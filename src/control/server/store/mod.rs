@@ -290,15 +290,17 @@ impl Store {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
-    /// Runs `f` in one transaction.
     /// Makes every audit write fail (a full disk, a broken table), for tests.
     #[cfg(test)]
     pub(crate) fn break_audit(&self) {
         self.conn.execute_batch("DROP TABLE audit").expect("drop audit table");
     }
 
+    /// Runs `f` in one transaction.
     pub(crate) fn tx<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
-        let tx = self.conn.unchecked_transaction()?;
+        // Immediate: see `audit::ingest` (a deferred read-then-write
+        // transaction fails at once when another connection wrote between).
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
         let out = f(self)?;
         tx.commit()?;
         Ok(out)
