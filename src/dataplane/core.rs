@@ -25,7 +25,7 @@
 #![warn(missing_docs)]
 
 use crate::dataplane::dualstack::normalize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,9 @@ pub(crate) struct Core {
     /// When to send a peer a fresh initiation if none of its handshake
     /// messages ever reached us ([`Wg::reinitiate`]): a path to it opened.
     reshake: Vec<(Instant, Key)>,
+    /// Peers ever greeted (the agent greets only peers it sees online): the
+    /// ones whose greeting a relay link coming up may have to carry again.
+    greeted: HashSet<Key>,
 }
 
 /// Datagram bytes exchanged with one peer through the relay (WireGuard and
@@ -166,6 +169,7 @@ impl Core {
             wall: WallClock { at: now, unix_micros },
             greet: Vec::new(),
             reshake: Vec::new(),
+            greeted: HashSet::new(),
         }
     }
 
@@ -201,6 +205,7 @@ impl Core {
     pub(crate) fn greet(&mut self, key: &Key) {
         if self.wg.peer_id(key).is_some() && !self.greet.contains(key) {
             self.greet.push(*key);
+            self.greeted.insert(*key);
         }
     }
 
@@ -210,6 +215,7 @@ impl Core {
         self.paths.remove(key);
         self.disco.forget(key);
         self.relayed.remove(key);
+        self.greeted.remove(key);
     }
 
     /// Bytes exchanged with `key` through the relay so far.
@@ -240,11 +246,13 @@ impl Core {
     /// Whether a relay link exists to send through.
     pub(crate) fn set_relay_up(&mut self, up: bool, now: Instant) {
         if up && !self.relay_up {
-            for (k, st) in self.paths.iter_mut() {
+            for st in self.paths.values_mut() {
                 st.relay_came_up(now);
-                // A greeting sent before the link existed went nowhere.
-                self.reshake.push((now, *k));
             }
+            // A greeting sent before the link existed went nowhere. Only
+            // greeted peers: an initiation to one that is offline would be
+            // retried by WireGuard for 90 s.
+            self.reshake.extend(self.greeted.iter().map(|k| (now, *k)));
         }
         self.relay_up = up;
     }
