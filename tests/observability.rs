@@ -60,6 +60,9 @@ fn metrics_validate_and_scrape_and_json_logs_hold_no_secrets() {
     let (code, _, _) = w.on_laptop(&format!("{TAILGATE} ssh nobody@vps true"), 20);
     assert_ne!(code, 0, "a denied login, for the denial counter");
 
+    // The first login may have gone through the relay while the direct
+    // path was being proven; the path gauge below wants the direct one.
+    w.wait_direct(30);
     // Both outputs pass promtool and reflect what happened.
     let ctl_m = promtool_ok(&w.ctl, "http://10.98.0.1:9100/metrics", &d, "control");
     assert_eq!(sample(&ctl_m, "tailgate_control_nodes "), Some(2.0), "{ctl_m}");
