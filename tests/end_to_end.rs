@@ -97,14 +97,9 @@ fn control_vps_laptop_end_to_end() {
 
     // status lists the peer with its path (the first login may have gone
     // through the relay while the direct path was being proven).
-    let mut out = String::new();
-    assert!(
-        eventually(10, || {
-            out = w.on_laptop(&format!("{TAILGATE} status"), 10).1;
-            out.contains("vps") && out.contains("tag:prod") && out.contains("direct 10.96.0.2")
-        }),
-        "{out}"
-    );
+    w.wait_direct(10);
+    let (_, out, _) = w.on_laptop(&format!("{TAILGATE} status"), 10);
+    assert!(out.contains("vps") && out.contains("tag:prod") && out.contains("direct 10.96.0.2"), "{out}");
 
     // Plain ssh / scp / sftp / rsync through `tailgate ssh-config`.
     w.on_laptop(&format!("{TAILGATE} ssh-config > {d}/ssh_config"), 10);

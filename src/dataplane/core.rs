@@ -323,28 +323,21 @@ impl Core {
 
     /// Run WireGuard timers, probes and STUN that are due at `now`.
     pub(crate) fn handle_timeout(&mut self, now: Instant, tx: &mut impl Transmit) {
-        let Core { wg, paths, manage_paths, relay_up, relayed, .. } = self;
+        let Core { wg, paths, manage_paths, relay_up, relayed, greet, reshake, .. } = self;
         let mut ctx = Dispatch { paths, manage_paths: *manage_paths, relay_up: *relay_up, relayed };
-        wg.poll_timers(now, &mut |o| {
+        let mut out = |o: Output<'_>| {
             if let Output::Network { peer, to, data } = o {
                 ctx.send(now, peer, to, data, tx)
             }
-        });
-        for key in std::mem::take(&mut self.greet) {
-            wg.initiate(&key, &mut |o| {
-                if let Output::Network { peer, to, data } = o {
-                    ctx.send(now, peer, to, data, tx)
-                }
-            });
+        };
+        wg.poll_timers(now, &mut out);
+        for key in std::mem::take(greet) {
+            wg.initiate(&key, &mut out);
         }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reshake).into_iter().partition(|(at, _)| *at <= now);
-        self.reshake = later;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(reshake).into_iter().partition(|(at, _)| *at <= now);
+        *reshake = later;
         for (_, key) in due {
-            wg.reinitiate(&key, &mut |o| {
-                if let Output::Network { peer, to, data } = o {
-                    ctx.send(now, peer, to, data, tx)
-                }
-            });
+            wg.reinitiate(&key, &mut out);
         }
         self.poll_paths(now, tx);
     }

@@ -159,13 +159,7 @@ impl Worker {
     /// node's resend after an unstored batch), or start before it.
     fn resumes(&self, node: i64, lines: &[String]) -> bool {
         let first = lines.iter().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["id"].as_u64()));
-        let head: u64 = self
-            .conn
-            .query_row("SELECT last_seq FROM node_chains WHERE node_id = ?1", [node], |r| r.get::<_, i64>(0))
-            .optional()
-            .ok()
-            .flatten()
-            .map_or(0, |s| s as u64);
+        let head = chain_head(&self.conn, node).ok().flatten().map_or(0, |(seq, _)| seq);
         first.is_none_or(|f| f <= head + 1)
     }
 
@@ -178,11 +172,7 @@ impl Worker {
         // with "database is locked" when another connection (an admin
         // command) wrote in between.
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut head: Option<(u64, String)> = tx
-            .query_row("SELECT last_seq, last_hash FROM node_chains WHERE node_id = ?1", [node], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
-            })
-            .optional()?;
+        let mut head = chain_head(&tx, node)?;
         let mut upto = 0;
         for line in lines {
             let v: serde_json::Value = match serde_json::from_str(line) {
@@ -259,6 +249,14 @@ impl Worker {
 }
 
 /// The node's name for the audit tables (`#id` if it is gone).
+/// The last stored event of a node's chain: its seq and hash.
+fn chain_head(conn: &Connection, node: i64) -> rusqlite::Result<Option<(u64, String)>> {
+    conn.query_row("SELECT last_seq, last_hash FROM node_chains WHERE node_id = ?1", [node], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+    })
+    .optional()
+}
+
 pub(crate) fn node_name(conn: &Connection, node: i64) -> String {
     conn.query_row("SELECT name FROM nodes WHERE id = ?1", [node], |r| r.get(0))
         .optional()
